@@ -1,0 +1,21 @@
+"""Build script: compiles the Cython data plane (shrimpio/_fastpath.pyx)."""
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+extensions = [
+    Extension(
+        "shrimpio._fastpath",
+        ["shrimpio/_fastpath.pyx"],
+        include_dirs=["shrimpio"],
+        depends=["shrimpio/_fastpath_core.h", "shrimpio/_fastpath.pxd"],
+        extra_compile_args=["-O3", "-std=gnu11"],
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+    )
+)

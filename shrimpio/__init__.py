@@ -1,0 +1,27 @@
+"""shrimpio: SHRIMP's virtual memory-mapped communication (VMMC) for Python.
+
+Processes of one host exchange data through shared memory with no system
+call on the data path.  Layers (see docs/ and the design notes):
+
+* ``shrimpio.vmmc`` - the VMMC API: ``Endpoint``, exported and imported
+  buffers, deliberate update, remote fetch, notifications.
+* ``shrimpio._fastpath`` - the data plane in Cython: ``Segment``, ``Ring``.
+* ``shrimpio._control`` - the control plane: registry, handshake, fd passing.
+"""
+
+from ._fastpath import Ring, RingCorruptedError, Segment, get_busy_poll_us, set_busy_poll_us
+from .vmmc import Endpoint, ExportedBuffer, ImportedBuffer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Endpoint",
+    "ExportedBuffer",
+    "ImportedBuffer",
+    "Ring",
+    "RingCorruptedError",
+    "Segment",
+    "get_busy_poll_us",
+    "set_busy_poll_us",
+    "__version__",
+]

@@ -1,0 +1,534 @@
+"""shrimpio control plane: registry, control messages, fd passing, credentials.
+
+Theory of operation
+-------------------
+Processes of one user on one host find each other through a *registry*: a
+directory that only that user can enter (``SHRIMPIO_REGISTRY``, else
+``/tmp/shrimpio-<euid>``), with one subdirectory per network namespace
+(``net-<inode of /proc/self/ns/net>``) so that "same host" means "same network
+namespace".  Both levels are checked on every open: a real directory (not a
+symlink), owned by us, mode ``& 0o077 == 0``.  Because nobody else can enter
+the directory, nobody else can bind, unlink or even connect to the entries.
+
+An *entry* is a listening ``AF_UNIX``/``SOCK_SEQPACKET`` socket bound at
+``<registry>/<name>.sock``.  Entries are not cleaned up by the kernel when a
+process dies, so liveness is decided by connecting: ``ECONNREFUSED`` means the
+file is there but nobody listens (stale), and a stale file is unlinked by
+whoever notices first (``listen``, ``connect`` or ``sweep``).  Probing means
+that a live listener occasionally accepts a connection that closes at once
+without a message; listeners must shrug that off.
+
+The check-then-unlink steps race with concurrent ``listen`` calls (a socket is
+connectable only after ``listen()``, not right after ``bind()``), so every
+"decide an entry is stale, unlink, bind, listen" sequence runs under an
+exclusive ``flock`` on the registry directory.  The lock is taken only on
+those rare paths, never around a plain successful ``connect``.
+
+``remove`` unlinks an entry only if it is still the file this ``Registry``
+bound.  Files are identified by ``(st_dev, st_ino)``; inode numbers can be
+reused (ext4 does so readily), but a bound socket pins its inode for as long
+as it is open, so the identity is exact while our listener is open, and once
+it is closed we only unlink the file if it is also stale.
+
+Credentials are checked on both sides with ``SO_PEERCRED``: ``connect``
+refuses a listener of another uid; listeners call :func:`peer_credentials`.
+
+A control message is one datagram (``SOCK_SEQPACKET`` keeps boundaries)::
+
+    '!4sHHI'  magic b'SHRM', version, flags (reserved, sent as 0, ignored),
+              payload length
+    payload   compact UTF-8 JSON object {"kind": str, ...body}
+
+plus at most ``MAX_FDS`` descriptors in one ``SCM_RIGHTS`` control message.
+Everything received is untrusted: any malformed datagram raises
+:class:`ProtocolError`, and descriptors that came with it are closed first,
+so a misbehaving peer can never make us leak an fd.  Received descriptors are
+close-on-exec.  This module knows nothing about shared memory rings.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import json
+import operator
+import os
+import re
+import select
+import socket
+import stat
+import struct
+import time
+import weakref
+from typing import Iterator, NamedTuple, Sequence
+
+__all__ = [
+    "PROTOCOL_VERSION", "MAX_MESSAGE", "MAX_FDS", "ProtocolError",
+    "registry_root", "check_name", "peer_credentials", "Registry",
+    "send_message", "Message", "recv_message", "expect", "error_reply",
+]
+
+PROTOCOL_VERSION: int = 1
+MAX_MESSAGE: int = 4096        # bytes of one datagram, header included
+MAX_FDS: int = 4               # fds one message may carry
+
+_MAGIC = b"SHRM"
+_HEADER = struct.Struct("!4sHHI")
+_UCRED = struct.Struct("iII")          # struct ucred: pid_t, uid_t, gid_t
+_TIMEVAL = struct.Struct("ll")         # struct timeval for SO_SNDTIMEO
+_SUN_PATH_MAX = 107                    # sizeof(sun_path) minus the NUL
+_SUFFIX = ".sock"
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,96}")
+_INT_SIZE = array.array("i").itemsize
+_ANCBUF = socket.CMSG_SPACE(MAX_FDS * _INT_SIZE)
+_MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_SOCK_CLOEXEC = getattr(socket, "SOCK_CLOEXEC", 0)
+_ERROR_TEXT_MAX = 600                  # chars; keeps any 'error' reply < MAX_MESSAGE
+
+
+class ProtocolError(ConnectionError):
+    """A peer sent something that is not a valid control message (bad magic, version, length, JSON, too many fds, truncated)."""
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (errno.EPROTO, args[0])      # give it an errno for error_reply
+        super().__init__(*args)
+
+
+# --------------------------------------------------------------------------- names, paths
+
+def registry_root() -> str:
+    """os.environ['SHRIMPIO_REGISTRY'] if set (non-empty), else f'/tmp/shrimpio-{os.geteuid()}'."""
+    env = os.environ.get("SHRIMPIO_REGISTRY")
+    return env if env else f"/tmp/shrimpio-{os.geteuid()}"
+
+
+def check_name(name: str) -> str:
+    """Validate an entry name: str, 1..96 chars of [A-Za-z0-9_.:@+-], not starting with '.'; return it."""
+    if not isinstance(name, str):
+        raise TypeError(f"shrimpio endpoint name must be str, not {type(name).__name__}")
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(f"invalid shrimpio endpoint name {name!r}: "
+                         "use 1 to 96 characters from A-Z a-z 0-9 _ . : @ + -")
+    if name.startswith("."):
+        raise ValueError(f"invalid shrimpio endpoint name {name!r}: must not start with '.'")
+    return name
+
+
+def _netns_id() -> int:
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:        # no /proc: every process of the user shares one registry
+        return 0
+
+
+def _ensure_private_dir(path: str) -> None:
+    """Create `path` (leaf only, mode 0700) if missing, then check it is safe to use."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass                      # someone (maybe a concurrent opener) made it: check it below
+    except FileNotFoundError:
+        parent = os.path.dirname(path.rstrip("/")) or "/"
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"cannot create shrimpio registry directory: its parent {parent!r} does not "
+            "exist (create the parent directory, or unset SHRIMPIO_REGISTRY to use the "
+            "default)", path) from None
+    else:
+        os.chmod(path, 0o700)     # mkdir's mode went through the umask
+    st = os.lstat(path)
+    euid = os.geteuid()
+    if stat.S_ISLNK(st.st_mode):
+        reason = "it is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        reason = "it is not a directory"
+    elif st.st_uid != euid:
+        reason = f"it is owned by uid {st.st_uid}, not by this user (uid {euid})"
+    elif st.st_mode & 0o077:
+        reason = (f"its mode {stat.S_IMODE(st.st_mode):04o} lets group or others in "
+                  "(it must be 0700)")
+    else:
+        return
+    raise PermissionError(errno.EACCES, f"refusing to use shrimpio registry directory: {reason}",
+                          path)
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _set_sndtimeo(sock: socket.socket, seconds: float) -> None:
+    usec = 0 if seconds <= 0 else max(1, round(seconds * 1e6))   # 0 would mean "forever"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    _TIMEVAL.pack(usec // 1_000_000, usec % 1_000_000))
+
+
+def _dial(path: str, timeout: float | None) -> tuple[socket.socket | None, int]:
+    """Connect a blocking SEQPACKET socket to `path`: (socket, 0) or (None, errno).
+
+    A Unix connect() only ever blocks while the listener's backlog is full; it
+    honours SO_SNDTIMEO for that wait (then fails with EAGAIN), so the timeout is
+    applied that way and reset afterwards.  timeout <= 0 means do not wait."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | _SOCK_CLOEXEC)
+    try:
+        if timeout is None:
+            err = sock.connect_ex(path)
+        elif timeout <= 0:
+            sock.setblocking(False)
+            err = sock.connect_ex(path)
+            sock.setblocking(True)
+        else:
+            _set_sndtimeo(sock, timeout)
+            err = sock.connect_ex(path)
+            _set_sndtimeo(sock, 0)
+    except BaseException:
+        sock.close()
+        raise
+    if err:
+        sock.close()
+        return None, err
+    return sock, 0
+
+
+def _is_stale(path: str) -> bool:
+    """True if a file is at `path` but nobody listens there."""
+    sock, err = _dial(path, 0)
+    if sock is not None:
+        sock.close()
+    return err == errno.ECONNREFUSED
+
+
+def peer_credentials(sock) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer of a connected AF_UNIX socket, via SO_PEERCRED."""
+    if isinstance(sock, int):
+        s = socket.socket(fileno=sock)
+        try:
+            return peer_credentials(s)
+        finally:
+            s.detach()
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return _UCRED.unpack(raw)
+
+
+# --------------------------------------------------------------------------- registry
+
+class Registry:
+    """The per-user, per-network-namespace directory of named control sockets."""
+
+    path: str   # the per-network-namespace directory actually used
+    root: str   # the per-user directory above it
+
+    def __init__(self, root: str, path: str) -> None:
+        self.root = root
+        self.path = path
+        # name -> (st_dev, st_ino, weakref to the listening socket) of what we bound
+        self._bound: dict[str, tuple[int, int, weakref.ref]] = {}
+
+    def __repr__(self) -> str:
+        return f"<shrimpio Registry {self.path!r}>"
+
+    @classmethod
+    def open(cls, root: str | None = None) -> "Registry":
+        """Open (creating if needed) and check the registry; see the module docstring."""
+        root = os.path.abspath(os.fspath(root) if root else registry_root())
+        _ensure_private_dir(root)
+        path = os.path.join(root, f"net-{_netns_id()}")
+        _ensure_private_dir(path)
+        return cls(root, path)
+
+    # -- helpers
+
+    def _entry_path(self, name: str) -> str:
+        path = os.path.join(self.path, check_name(name) + _SUFFIX)
+        n = len(os.fsencode(path))
+        if n > _SUN_PATH_MAX:
+            raise ValueError(
+                f"shrimpio endpoint path {path!r} is {n} bytes, more than the {_SUN_PATH_MAX} "
+                "a Unix socket address can hold: use a shorter name or a shorter "
+                "SHRIMPIO_REGISTRY")
+        return path
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)        # releases the lock
+
+    # -- API
+
+    def listen(self, name: str, backlog: int = 128) -> socket.socket:
+        """Bind and listen at <registry>/<name>.sock, replacing a stale entry; FileExistsError if live."""
+        path = self._entry_path(name)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | _SOCK_CLOEXEC)
+        try:
+            with self._locked():
+                try:
+                    sock.bind(path)
+                except OSError as e:
+                    if e.errno != errno.EADDRINUSE:
+                        raise
+                    if not _is_stale(path) and os.path.lexists(path):
+                        raise FileExistsError(
+                            errno.EADDRINUSE,
+                            f"shrimpio endpoint {name!r} is already served by a live "
+                            "listener", path) from None
+                    _unlink_quiet(path)
+                    sock.bind(path)
+                try:
+                    sock.listen(backlog)
+                    st = os.lstat(path)
+                except BaseException:
+                    _unlink_quiet(path)
+                    raise
+        except BaseException:
+            sock.close()
+            raise
+        self._bound[name] = (st.st_dev, st.st_ino, weakref.ref(sock))
+        return sock
+
+    def connect(self, name: str, timeout: float | None = 5.0) -> socket.socket:
+        """Connect to a live entry of this user: a blocking socket with no timeout set."""
+        path = self._entry_path(name)
+        sock, err = _dial(path, timeout)
+        if err == errno.ECONNREFUSED:
+            # Stale, or a listener between bind() and listen(): decide under the lock.
+            with self._locked():
+                sock, err = _dial(path, 0)
+                if err == errno.ECONNREFUSED:
+                    _unlink_quiet(path)
+                    err = errno.ENOENT
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK):     # live but busy: wait as asked
+                sock, err = _dial(path, timeout)
+        if err:
+            if err in (errno.ENOENT, errno.ECONNREFUSED):
+                raise FileNotFoundError(
+                    errno.ENOENT, f"no shrimpio endpoint named {name!r} in {self.path}", path)
+            if err in (errno.EACCES, errno.EPERM):
+                raise PermissionError(
+                    err, f"not allowed to connect to shrimpio endpoint {name!r}", path)
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise TimeoutError(
+                    errno.ETIMEDOUT,
+                    f"shrimpio endpoint {name!r} did not accept within {timeout}s "
+                    "(listen backlog full)", path)
+            raise OSError(err, os.strerror(err), path)
+        assert sock is not None
+        try:
+            pid, uid, _gid = peer_credentials(sock)
+        except BaseException:
+            sock.close()
+            raise
+        if uid != os.geteuid():
+            sock.close()
+            raise PermissionError(
+                errno.EACCES,
+                f"shrimpio endpoint {name!r} is served by uid {uid} (pid {pid}), "
+                f"not by this user (uid {os.geteuid()})", path)
+        return sock
+
+    def remove(self, name: str, sock: socket.socket | None = None) -> None:
+        """Unlink the entry if it is still the file we bound for `name`; close `sock` if given."""
+        try:
+            record = self._bound.pop(name, None)
+            if record is None:
+                return
+            dev, ino, ref = record
+            path = os.path.join(self.path, name + _SUFFIX)
+            try:
+                with self._locked():
+                    try:
+                        st = os.lstat(path)
+                    except FileNotFoundError:
+                        return
+                    if (st.st_dev, st.st_ino) != (dev, ino):
+                        return                       # re-created by someone else
+                    # While our listener is open it pins the inode, so the identity is
+                    # exact; once closed the number may have been reused: unlink only
+                    # if nobody listens there either.
+                    ours_open = any(s is not None and s.fileno() != -1 for s in (ref(), sock))
+                    if ours_open or _is_stale(path):
+                        _unlink_quiet(path)
+            except FileNotFoundError:
+                return                               # the registry directory itself is gone
+        finally:
+            if sock is not None:
+                sock.close()
+
+    def names(self) -> list[str]:
+        """Names of the entries present (without '.sock'), sorted."""
+        try:
+            entries = os.listdir(self.path)
+        except FileNotFoundError:
+            return []
+        out = []
+        for entry in entries:
+            name = entry[:-len(_SUFFIX)]
+            if entry.endswith(_SUFFIX) and _NAME_RE.fullmatch(name) and not name.startswith("."):
+                out.append(name)
+        return sorted(out)
+
+    def sweep(self) -> list[str]:
+        """Remove stale entries (connect refused), return their names."""
+        removed = []
+        with self._locked():
+            for name in self.names():
+                path = os.path.join(self.path, name + _SUFFIX)
+                if _is_stale(path):
+                    _unlink_quiet(path)
+                    removed.append(name)
+        return removed
+
+
+# --------------------------------------------------------------------------- messages
+
+class Message(NamedTuple):
+    kind: str
+    body: dict       # the JSON object without 'kind'
+    fds: list[int]   # received fds, now owned by the caller (close-on-exec set on them)
+
+
+def _close_fds(fds: list[int]) -> None:
+    """Close every fd in `fds` and empty the list, so nobody closes them twice."""
+    while fds:
+        fd = fds.pop()
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def send_message(sock: socket.socket, kind: str, body: dict | None = None,
+                 fds: Sequence[int] = ()) -> None:
+    """Send one control datagram {'kind': kind, **body}, with `fds` passed by SCM_RIGHTS."""
+    if not isinstance(kind, str):
+        raise TypeError(f"message kind must be str, not {type(kind).__name__}")
+    obj: dict = {"kind": kind}
+    if body:
+        if "kind" in body:
+            raise ValueError("message body must not contain the key 'kind'")
+        obj.update(body)
+    fd_list = [operator.index(fd) for fd in fds]
+    if len(fd_list) > MAX_FDS:
+        raise ValueError(f"a control message carries at most {MAX_FDS} fds, not {len(fd_list)}")
+    payload = json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
+                         allow_nan=False).encode("utf-8")
+    data = _HEADER.pack(_MAGIC, PROTOCOL_VERSION, 0, len(payload)) + payload
+    if len(data) > MAX_MESSAGE:
+        raise ValueError(f"{kind!r} control message is {len(data)} bytes, "
+                         f"more than MAX_MESSAGE ({MAX_MESSAGE})")
+    ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fd_list))] if fd_list else []
+    sent = sock.sendmsg([data], ancdata, socket.MSG_NOSIGNAL)
+    if sent != len(data):        # cannot happen on SOCK_SEQPACKET; never send half a message
+        raise OSError(errno.EMSGSIZE, f"short send of a control message ({sent}/{len(data)})")
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse(data: bytes, msg_flags: int, fds: list[int]) -> Message:
+    if msg_flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"control message longer than MAX_MESSAGE ({MAX_MESSAGE} bytes)")
+    if msg_flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
+        raise ProtocolError(f"control message carried more than {MAX_FDS} fds "
+                            "(ancillary data truncated)")
+    if len(data) < _HEADER.size:
+        raise ProtocolError(f"short control message ({len(data)} bytes, "
+                            f"the header alone is {_HEADER.size})")
+    magic, version, _flags, length = _HEADER.unpack_from(data)
+    if magic != _MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}: not a shrimpio control message")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"peer speaks control protocol v{version}, "
+                            f"this is v{PROTOCOL_VERSION}")
+    payload = data[_HEADER.size:]
+    if length != len(payload):
+        raise ProtocolError(f"control message length field says {length} bytes "
+                            f"but {len(payload)} arrived")
+    try:
+        obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:     # UnicodeDecodeError, JSONDecodeError too
+        raise ProtocolError(f"control message payload is not UTF-8 JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"control message payload is a JSON {type(obj).__name__}, "
+                            "not an object")
+    kind = obj.pop("kind", None)
+    if not isinstance(kind, str):
+        raise ProtocolError("control message has no string 'kind'")
+    return Message(kind, obj, fds)
+
+
+def recv_message(sock: socket.socket, timeout: float | None = None) -> Message:
+    """Receive and validate one control datagram; see the module docstring."""
+    flags = _MSG_CMSG_CLOEXEC
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if deadline is not None:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            remaining = max(0.0, deadline - time.monotonic())
+            if not poller.poll(remaining * 1000.0):
+                raise TimeoutError(errno.ETIMEDOUT,
+                                   f"no control message within {timeout}s")
+            flags |= socket.MSG_DONTWAIT
+        try:
+            data, ancdata, msg_flags, _addr = sock.recvmsg(MAX_MESSAGE + 1, _ANCBUF, flags)
+        except BlockingIOError:
+            if deadline is None:
+                raise
+            continue            # readiness was a false alarm (another reader won): wait again
+        break
+    fds: list[int] = []
+    try:
+        for level, ctype, cdata in ancdata:
+            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(cdata[:len(cdata) - len(cdata) % _INT_SIZE])
+                fds.extend(got)
+        if not _MSG_CMSG_CLOEXEC:
+            for fd in fds:
+                os.set_inheritable(fd, False)
+        if not data and not fds and not msg_flags & socket.MSG_CTRUNC:
+            raise ConnectionResetError(errno.ECONNRESET, "peer closed the control connection")
+        return _parse(data, msg_flags, fds)
+    except BaseException:
+        _close_fds(fds)
+        raise
+
+
+def expect(message: Message, kind: str) -> Message:
+    """Return `message` if it is of `kind`; raise the OSError an 'error' reply carries, or ProtocolError."""
+    if message.kind == "error":
+        _close_fds(message.fds)
+        code = message.body.get("errno")
+        text = message.body.get("message", "")
+        if isinstance(code, bool) or not isinstance(code, int) or not isinstance(text, str):
+            raise ProtocolError(f"malformed error reply: {message.body!r}"[:300])
+        raise OSError(code, text or os.strerror(code))
+    if message.kind != kind:
+        _close_fds(message.fds)
+        raise ProtocolError(f"expected a {kind!r} control message, got {message.kind!r}")
+    return message
+
+
+def error_reply(sock, exc: OSError | int, message: str = "") -> None:
+    """Send an 'error' message {'errno', 'message'}; a vanished asker is not an error."""
+    if isinstance(exc, OSError):
+        code = exc.errno or errno.EIO
+        text = message or exc.strerror or str(exc) or os.strerror(code)
+    else:
+        code = operator.index(exc)
+        text = message or os.strerror(code)
+    try:
+        send_message(sock, "error", {"errno": code, "message": str(text)[:_ERROR_TEXT_MAX]})
+    except (BrokenPipeError, ConnectionResetError):
+        pass

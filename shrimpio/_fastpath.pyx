@@ -1,0 +1,1226 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""shrimpio data plane: shared segments, SPSC byte rings, doorbells, waits.
+
+Nothing here knows about sockets, asyncio or the registry.  The C core (ring
+header, atomics, the spin-then-sleep wait) is in ``_fastpath_core.h``; this
+module wraps it in three kinds of object:
+
+* ``Segment`` - anonymous shared memory (memfd, or ``shm_open`` + immediate
+  unlink), mapped, with the buffer protocol, passable as an fd.
+* ``Ring`` - one single-producer/single-consumer byte ring inside a segment.
+* ``Proxy`` / ``Export`` - the two ends of a VMMC buffer: bounds-checked
+  deliberate update and fetch on the importing side, notification delivery
+  on the exporting side.  ``shrimpio.vmmc`` builds the public API on them.
+
+Everything read from shared memory is validated before use: the peer is not
+trusted.  A bad value raises ``RingCorruptedError`` and marks the ring broken.
+"""
+
+import errno as _errno
+import os as _os
+import secrets as _secrets
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.pythread cimport (PyThread_acquire_lock, PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_release_lock, PyThread_type_lock)
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+
+cdef extern from "_fastpath_core.h" nogil:
+    int SHR_RING_HEADER
+    int SHR_BELL_SOCKET
+    int SHR_BELL_EVENTFD
+    int SHR_READY, SHR_TIMEOUT, SHR_ERROR, SHR_GONE, SHR_EINTR, SHR_LOCAL
+    int SHR_MAX_WAIT
+    ctypedef struct shr_cond:
+        shr_ring_hdr *h
+        uint64_t pos
+        uint64_t need
+        uint64_t cap
+        int writable
+    uint64_t shr_load_head(shr_ring_hdr *h)
+    uint64_t shr_load_tail(shr_ring_hdr *h)
+    uint32_t shr_load_wshut(shr_ring_hdr *h)
+    uint32_t shr_load_rshut(shr_ring_hdr *h)
+    void shr_init(shr_ring_hdr *h, uint64_t cap)
+    int shr_header_ok(shr_ring_hdr *h)
+    uint64_t shr_header_cap(shr_ring_hdr *h)
+    void shr_set_wshut(shr_ring_hdr *h)
+    void shr_set_rshut(shr_ring_hdr *h)
+    void shr_release_fence()
+    int64_t shr_now_ns()
+    int64_t shr_coarse_ns()
+    int shr_bell_ring(int fd, int kind)
+    int shr_bell_drain(int fd, int kind)
+    int shr_bell_peer_gone(int fd)
+    int shr_wake_reader(shr_ring_hdr *h, int fd, int kind)
+    int shr_wake_writer(shr_ring_hdr *h, int fd, int kind)
+    void shr_publish_head(shr_ring_hdr *h, uint64_t v)
+    void shr_publish_tail(shr_ring_hdr *h, uint64_t v)
+    int shr_wait_any(const shr_cond *conds, int n, const int *bells, const int *kinds, int local_fd,
+                     int64_t spin_ns, int64_t timeout_ns, int *which, int *spun)
+
+cdef extern from "Python.h" nogil:
+    ctypedef enum PyLockStatus:
+        PY_LOCK_FAILURE, PY_LOCK_ACQUIRED, PY_LOCK_INTR
+    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds,
+                                             int intr_flag)
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    int PROT_READ, PROT_WRITE, MAP_SHARED
+    void *MAP_FAILED
+    int shm_open(const char *name, int oflag, int mode)
+    int shm_unlink(const char *name)
+
+cdef extern from "<fcntl.h>" nogil:
+    int O_RDWR, O_CREAT, O_EXCL
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+    int ftruncate(int fd, long length)
+
+
+# ---------------------------------------------------------------------------
+# configuration
+
+cdef int64_t _default_spin_ns = 50000
+try:
+    _default_spin_ns = <int64_t>(float(_os.environ.get("SHRIMPIO_BUSY_POLL_US", "50")) * 1000)
+except ValueError:
+    raise ValueError("SHRIMPIO_BUSY_POLL_US must be a number of microseconds, got %r"
+                     % _os.environ.get("SHRIMPIO_BUSY_POLL_US"))
+if _default_spin_ns < 0:
+    raise ValueError("SHRIMPIO_BUSY_POLL_US must not be negative")
+
+#: Copies at least this large run with the GIL released.
+cdef Py_ssize_t NOGIL_COPY = 64 * 1024
+#: Longest uninterrupted sleep, so that signals get a look-in (seconds).
+cdef double SLEEP_SLICE = 1.0
+cdef uint64_t MIN_CAPACITY = 64
+cdef uint64_t MAX_CAPACITY = (<uint64_t>1) << 40
+cdef Py_ssize_t PAGE = _os.sysconf("SC_PAGE_SIZE")
+
+RING_HEADER = SHR_RING_HEADER
+NOTIFY_RECORD = 16
+
+
+def get_busy_poll_us():
+    """The default spin budget of new rings, in microseconds."""
+    return _default_spin_ns / 1000.0
+
+
+def set_busy_poll_us(us):
+    """Set the default spin budget of rings created from now on (microseconds, >= 0)."""
+    global _default_spin_ns
+    if us < 0:
+        raise ValueError("busy-poll budget must be >= 0")
+    _default_spin_ns = <int64_t>(us * 1000)
+
+
+class RingCorruptedError(ConnectionError):
+    """The peer wrote an impossible value into shared memory; the ring is broken."""
+
+
+# ---------------------------------------------------------------------------
+# Segment
+
+
+cdef inline Py_ssize_t _page_round(Py_ssize_t n):
+    return (n + PAGE - 1) // PAGE * PAGE
+
+
+cdef int _default_kind_is_shm() except -1:
+    kind = _os.environ.get("SHRIMPIO_SEGMENT", "memfd")
+    if kind not in ("memfd", "shm"):
+        raise ValueError("SHRIMPIO_SEGMENT must be 'memfd' or 'shm', got %r" % (kind,))
+    return kind == "shm" or not hasattr(_os, "memfd_create")
+
+
+def _seal(int fd):
+    import fcntl
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+
+
+def _seals(int fd):
+    """The fd's seals, or None if it cannot carry seals (not a memfd)."""
+    import fcntl
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as e:
+        if e.errno == _errno.EINVAL:
+            return None
+        raise
+
+
+cdef class Segment:
+    """Anonymous shared memory, mapped read-write into this process.
+
+    ``Segment(size)`` creates one: a sealed memfd (it cannot shrink, so a peer
+    can never make our accesses fault), or, with ``SHRIMPIO_SEGMENT=shm`` or
+    where memfd is missing, a POSIX shared memory object that is unlinked at
+    once.  Either way nothing is left named anywhere: the memory lives as long
+    as an fd or a mapping of it does.
+
+    ``Segment.from_fd(fd)`` maps one received from another process.
+    ``memoryview(segment)`` gives the bytes; ``fileno()`` the fd to pass on.
+    """
+
+    def __cinit__(self, size=None, *, kind=None):
+        self.base = NULL
+        self.fd = -1
+        self.exports = 0
+        if size is None:          # from_fd() fills the object in
+            return
+        if not isinstance(size, int):
+            raise TypeError("segment size must be an int, not %s" % type(size).__name__)
+        if size <= 0:
+            raise ValueError("segment size must be positive, got %d" % size)
+        if kind is None:
+            use_shm = _default_kind_is_shm()
+        elif kind in ("memfd", "shm"):
+            use_shm = kind == "shm"
+        else:
+            raise ValueError("kind must be 'memfd' or 'shm', got %r" % (kind,))
+        cdef Py_ssize_t mapped = _page_round(size)
+        cdef int fd
+        cdef bytes name
+        if use_shm:
+            name = ("/shrimpio-%d-%s" % (_os.getpid(), _secrets.token_hex(8))).encode()
+            fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0o600)
+            if fd < 0:
+                PyErr_SetFromErrno(OSError)
+            shm_unlink(name)
+            self.kind = "shm"
+        else:
+            fd = _os.memfd_create("shrimpio", _os.MFD_CLOEXEC | _os.MFD_ALLOW_SEALING)
+            self.kind = "memfd"
+        self.fd = fd
+        try:
+            if ftruncate(fd, mapped) != 0:
+                PyErr_SetFromErrno(OSError)
+            if not use_shm:
+                _seal(fd)
+            self._map(size, mapped)
+        except BaseException:
+            close(fd)
+            self.fd = -1
+            raise
+
+    cdef _map(self, Py_ssize_t size, Py_ssize_t mapped):
+        cdef void *p = mmap(NULL, mapped, PROT_READ | PROT_WRITE, MAP_SHARED, self.fd, 0)
+        if p == MAP_FAILED:
+            PyErr_SetFromErrno(OSError)
+        self.base = <char *>p
+        self.size = size
+        self.mapped = mapped
+
+    @staticmethod
+    def from_fd(int fd, size=None, *, bint keep_fd=True, allow_unsealed=None):
+        """Map a segment received from a peer; takes ownership of ``fd``.
+
+        ``size`` is what the peer announced; the file must be at least that
+        large (page-rounded).  A memfd must be sealed against shrinking, or a
+        peer could truncate it under us and crash us with SIGBUS.  Unsealable
+        objects (the ``shm`` fallback) are accepted only if ``allow_unsealed``
+        (default: this process itself uses ``SHRIMPIO_SEGMENT=shm``).
+        ``keep_fd=False`` closes the fd once mapped (the mapping stays).
+        """
+        import stat
+        cdef Segment seg = Segment.__new__(Segment)
+        try:
+            st = _os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError("fd %d is not a shared memory object" % fd)
+            if size is None:
+                size = st.st_size
+            if not isinstance(size, int) or size <= 0:
+                raise ValueError("bad segment size %r" % (size,))
+            mapped = _page_round(size)
+            if st.st_size < mapped:
+                raise ValueError("segment fd holds %d bytes, %d announced" % (st.st_size, size))
+            seals = _seals(fd)
+            if seals is None:
+                if allow_unsealed is None:
+                    allow_unsealed = bool(_default_kind_is_shm())
+                if not allow_unsealed:
+                    raise PermissionError(_errno.EPERM, "segment is not a sealed memfd "
+                                          "(set SHRIMPIO_SEGMENT=shm to accept the shm fallback)")
+                seg.kind = "shm"
+            else:
+                import fcntl
+                if not seals & fcntl.F_SEAL_SHRINK:
+                    raise PermissionError(_errno.EPERM, "memfd segment is not sealed against shrinking")
+                seg.kind = "memfd"
+            seg.fd = fd
+            seg._map(size, mapped)
+        except BaseException:
+            seg.fd = -1
+            _os.close(fd)
+            raise
+        if not keep_fd:
+            close(fd)
+            seg.fd = -1
+        return seg
+
+    @property
+    def closed(self):
+        return self.base == NULL
+
+    def fileno(self):
+        """The fd of the shared memory object, for passing to another process."""
+        if self.base == NULL:
+            raise ValueError("segment is closed")
+        if self.fd < 0:
+            raise ValueError("segment was mapped without keeping its fd")
+        return self.fd
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        if self.base == NULL:
+            raise ValueError("segment is closed")
+        PyBuffer_FillInfo(buffer, self, self.base, self.size, 0, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        self.exports -= 1
+
+    def close(self):
+        """Unmap and close the fd.  BufferError while views or rings use it."""
+        if self.base == NULL:
+            return
+        if self.exports:
+            raise BufferError("segment still has %d buffer users (memoryviews or rings)" % self.exports)
+        munmap(self.base, self.mapped)
+        self.base = NULL
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __dealloc__(self):
+        if self.base != NULL:
+            munmap(self.base, self.mapped)
+        if self.fd >= 0:
+            close(self.fd)
+
+    def __repr__(self):
+        if self.base == NULL:
+            return "<Segment closed>"
+        return "<Segment %s size=%d fd=%d>" % (self.kind, self.size, self.fd)
+
+
+def _ref_store(Segment seg, Py_ssize_t offset, uint64_t value):
+    """Reference for benchmarks: one release store of a word (the minimal 'send')."""
+    if offset < 0 or offset + 8 > seg.size or offset % 8:
+        raise ValueError("bad offset")
+    shr_release_fence()
+    (<uint64_t *>(seg.base + offset))[0] = value
+
+
+def _ref_wait(Segment seg, Py_ssize_t offset, uint64_t value):
+    """Reference for benchmarks: spin (GIL released) until the word equals value."""
+    if offset < 0 or offset + 8 > seg.size or offset % 8:
+        raise ValueError("bad offset")
+    cdef volatile uint64_t *p = <volatile uint64_t *>(seg.base + offset)
+    if p[0] == value:
+        return
+    with nogil:
+        while p[0] != value:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# locks held per role (reader / writer) of a ring end
+
+
+cdef inline int _lock(PyThread_type_lock lock, double timeout) except -1:
+    """Take a role lock; timeout < 0 waits forever.  0 = acquired, raises TimeoutError."""
+    cdef int r
+    cdef long long us
+    if PyThread_acquire_lock(lock, 0):
+        return 0
+    if timeout == 0:
+        raise BlockingIOError(_errno.EAGAIN, "another thread is using this ring")
+    us = -1 if timeout < 0 else <long long>(timeout * 1e6)
+    with nogil:
+        r = PyThread_acquire_lock_timed(lock, us, 0)
+    if r != PY_LOCK_ACQUIRED:
+        raise TimeoutError(_errno.ETIMEDOUT, "timed out")
+    return 0
+
+
+cdef inline double _timeout_arg(object timeout) except? -2.0:
+    if timeout is None:
+        return -1.0
+    cdef double t = timeout
+    if t < 0:
+        raise ValueError("timeout must be None or >= 0")
+    return t
+
+
+cdef inline int _bell_kind(str bell) except -1:
+    if bell == "socket":
+        return SHR_BELL_SOCKET
+    if bell == "eventfd":
+        return SHR_BELL_EVENTFD
+    raise ValueError("bell must be 'socket' or 'eventfd', got %r" % (bell,))
+
+
+# ---------------------------------------------------------------------------
+# Ring
+
+
+cdef class Ring:
+    """One end of a single-producer/single-consumer byte ring in a Segment.
+
+    Layout at ``offset`` (64-byte aligned): a 256-byte header (magic and
+    capacity; producer index and flags on one cache line, consumer index and
+    flags on another), then ``capacity`` bytes of data, a power of two.
+
+    ``create=True`` initialises the header; otherwise the header must already
+    hold a ring of that capacity.  Doorbells are fds of this process:
+    ``data_bell`` is rung by the producer when the consumer sleeps and slept on
+    by the consumer; ``space_bell`` the other way round.  With socket bells,
+    the two ends of a socketpair (one end per process) are the same doorbell.
+
+    The producer methods (``write``, ``writev``, ``write_all``,
+    ``shutdown_write``) and the consumer methods (``read_into``, ``read``,
+    ``peek``, ``consume``, ``close_read``) may each be called from one thread
+    at a time; a per-role lock makes concurrent callers take turns.
+
+    Timeouts: ``0`` never blocks (``BlockingIOError`` if nothing can be done),
+    ``None`` waits for ever, a number waits that many seconds
+    (``TimeoutError``).  Waiting spins ``busy_poll_us`` then sleeps.
+    """
+
+    def __cinit__(self, Segment segment not None, Py_ssize_t offset=0, capacity=None, *,
+                  bint create=False, int data_bell=-1, int space_bell=-1, str bell="socket",
+                  busy_poll_us=None):
+        cdef uint64_t cap
+        cdef shr_ring_hdr *hdr
+        self.attached = False
+        self.rlock = PyThread_allocate_lock()
+        self.wlock = PyThread_allocate_lock()
+        if self.rlock == NULL or self.wlock == NULL:
+            raise MemoryError()
+        self.bell_kind = _bell_kind(bell)
+        self.data_bell = data_bell
+        self.space_bell = space_bell
+        if busy_poll_us is None:
+            self.spin_max_ns = _default_spin_ns
+        else:
+            if busy_poll_us < 0:
+                raise ValueError("busy_poll_us must be >= 0")
+            self.spin_max_ns = <int64_t>(busy_poll_us * 1000)
+        self.spin_ns = self.spin_max_ns
+        if segment.base == NULL:
+            raise ValueError("segment is closed")
+        if offset < 0 or offset % 64:
+            raise ValueError("ring offset must be a non-negative multiple of 64, got %d" % offset)
+        if offset + SHR_RING_HEADER > segment.size:
+            raise ValueError("no room for a ring header at offset %d" % offset)
+        hdr = <shr_ring_hdr *>(segment.base + offset)
+        if capacity is None:
+            if create:
+                raise ValueError("capacity is required to create a ring")
+            if not shr_header_ok(hdr):
+                raise RingCorruptedError("no shrimpio ring at offset %d" % offset)
+            cap = shr_header_cap(hdr)
+        else:
+            cap = capacity
+        if cap < MIN_CAPACITY or cap > MAX_CAPACITY or (cap & (cap - 1)):
+            raise ValueError("ring capacity must be a power of two in [%d, 2**40], got %d"
+                             % (MIN_CAPACITY, cap))
+        if <uint64_t>(segment.size - offset - SHR_RING_HEADER) < cap:
+            raise ValueError("a ring of capacity %d does not fit in the segment at offset %d"
+                             % (cap, offset))
+        if create:
+            shr_init(hdr, cap)
+        elif not shr_header_ok(hdr) or shr_header_cap(hdr) != cap:
+            raise RingCorruptedError("no shrimpio ring of capacity %d at offset %d" % (cap, offset))
+        PyObject_GetBuffer(segment, &self.view, PyBUF_WRITABLE)
+        self.attached = True
+        self.h = hdr
+        self.data = segment.base + offset + SHR_RING_HEADER
+        self.cap = cap
+        self.head = shr_load_head(hdr)
+        self.tail = shr_load_tail(hdr)
+        if self.head - self.tail > cap:
+            self.broken = True
+            raise RingCorruptedError("ring indices are inconsistent (head %d, tail %d)"
+                                     % (self.head, self.tail))
+        self.seen_head = self.head
+        self.seen_tail = self.tail
+
+    def __dealloc__(self):
+        if self.attached:
+            PyBuffer_Release(&self.view)
+        if self.rlock != NULL:
+            PyThread_free_lock(self.rlock)
+        if self.wlock != NULL:
+            PyThread_free_lock(self.wlock)
+
+    @staticmethod
+    def footprint(capacity):
+        """Bytes a ring of this capacity takes in a segment (header included)."""
+        return SHR_RING_HEADER + capacity
+
+    # -- internals ---------------------------------------------------------
+
+    cdef int _check_open(self) except -1:
+        if not self.attached or self.closing:
+            raise ValueError("ring is closed")
+        if self.broken:
+            raise RingCorruptedError("ring is broken: the peer wrote impossible values")
+        return 0
+
+    cdef int _corrupt(self, str what) except -1:
+        self.broken = True
+        raise RingCorruptedError("peer corrupted the ring: " + what)
+
+    cdef uint64_t _avail(self) except? 0xffffffffffffffff:
+        """Bytes readable (consumer side), validating the producer's index."""
+        cdef uint64_t head = shr_load_head(self.h)
+        if head - self.tail > self.cap or head - self.seen_head > self.cap:
+            self._corrupt("producer index %d with consumer at %d" % (head, self.tail))
+        self.seen_head = head
+        return head - self.tail
+
+    cdef uint64_t _room(self) except? 0xffffffffffffffff:
+        """Bytes writable (producer side), validating the consumer's index."""
+        cdef uint64_t tail = shr_load_tail(self.h)
+        if self.head - tail > self.cap or tail - self.seen_tail > self.cap:
+            self._corrupt("consumer index %d with producer at %d" % (tail, self.head))
+        self.seen_tail = tail
+        return self.cap - (self.head - tail)
+
+    cdef int _publish(self, uint64_t new_head) except -1:
+        self.head = new_head
+        shr_publish_head(self.h, new_head)
+        shr_wake_reader(self.h, self.data_bell, self.bell_kind)
+        return 0
+
+    cdef int _release(self, uint64_t new_tail) except -1:
+        self.tail = new_tail
+        shr_publish_tail(self.h, new_tail)
+        shr_wake_writer(self.h, self.space_bell, self.bell_kind)
+        return 0
+
+    cdef Py_ssize_t _copy_in(self, uint64_t at, const char *src, Py_ssize_t n) noexcept nogil:
+        """Copy n bytes (n <= room) to stream position ``at``; does not publish."""
+        cdef uint64_t mask = self.cap - 1
+        cdef uint64_t pos = at & mask
+        cdef uint64_t first = self.cap - pos
+        if <uint64_t>n <= first:
+            memcpy(self.data + pos, src, n)
+        else:
+            memcpy(self.data + pos, src, first)
+            memcpy(self.data, src + first, n - first)
+        return n
+
+    cdef Py_ssize_t _copy_out(self, char *dst, Py_ssize_t n) noexcept nogil:
+        """Copy n bytes (n <= avail) from the consumer position; does not release."""
+        cdef uint64_t mask = self.cap - 1
+        cdef uint64_t pos = self.tail & mask
+        cdef uint64_t first = self.cap - pos
+        if <uint64_t>n <= first:
+            memcpy(dst, self.data + pos, n)
+        else:
+            memcpy(dst, self.data + pos, first)
+            memcpy(dst + first, self.data, n - first)
+        return n
+
+    cdef int _wait(self, int writable, uint64_t need, double timeout) except -2:
+        """Spin, then sleep on the doorbell.  1 ready, 0 timed out, 2 peer gone.
+
+        The caller holds the role lock and re-validates after a return of 1.
+        """
+        cdef shr_cond c
+        cdef int bell = self.space_bell if writable else self.data_bell
+        cdef int kind = self.bell_kind
+        cdef int which = 0, spun = 0, rc
+        cdef int64_t spin = self.spin_ns, slice_ns, t0, limit
+        cdef double deadline = -1.0
+        if bell < 0:
+            raise ValueError("this ring has no doorbell for blocking waits; use timeout=0")
+        c.h = self.h
+        c.pos = self.head if writable else self.tail
+        c.need = need
+        c.cap = self.cap
+        c.writable = writable
+        t0 = shr_now_ns()
+        limit = -1 if timeout < 0 else t0 + <int64_t>(timeout * 1e9)
+        while True:
+            if limit < 0:
+                slice_ns = <int64_t>(SLEEP_SLICE * 1e9)
+            else:
+                slice_ns = limit - shr_now_ns()
+                if slice_ns < 0:
+                    slice_ns = 0
+                if slice_ns > <int64_t>(SLEEP_SLICE * 1e9):
+                    slice_ns = <int64_t>(SLEEP_SLICE * 1e9)
+            with nogil:
+                rc = shr_wait_any(&c, 1, &bell, &kind, -1, spin, slice_ns, &which, &spun)
+            spin = 0
+            if rc == SHR_READY:
+                break
+            if rc == SHR_GONE:
+                return 2
+            if rc == SHR_ERROR:
+                PyErr_SetFromErrno(OSError)
+            PyErr_CheckSignals()
+            if self.closing:
+                raise ValueError("ring was closed while waiting")
+            if rc == SHR_TIMEOUT and limit >= 0 and shr_now_ns() >= limit:
+                return 0
+        # Adapt the spin budget: spinning paid off -> keep (or grow) it; we had
+        # to sleep -> halve it, so a peer that shares our core is not starved.
+        if spun:
+            self.spin_ns = min(self.spin_max_ns, self.spin_ns * 2 + 1000)
+        else:
+            self.spin_ns = max(self.spin_max_ns // 16, self.spin_ns // 2)
+        return 1
+
+    # -- properties --------------------------------------------------------
+
+    @property
+    def capacity(self):
+        """Bytes the ring holds when full."""
+        return self.cap
+
+    @property
+    def closed(self):
+        return not self.attached
+
+    @property
+    def busy_poll_us(self):
+        """Spin budget before sleeping, in microseconds (settable)."""
+        return self.spin_max_ns / 1000.0
+
+    @busy_poll_us.setter
+    def busy_poll_us(self, value):
+        if value < 0:
+            raise ValueError("busy_poll_us must be >= 0")
+        self.spin_max_ns = <int64_t>(value * 1000)
+        self.spin_ns = self.spin_max_ns
+
+    def readable(self):
+        """Bytes that can be read now (consumer side)."""
+        self._check_open()
+        return self._avail()
+
+    def free(self):
+        """Bytes that can be written now (producer side)."""
+        self._check_open()
+        return self._room()
+
+    def at_eof(self):
+        """True once the producer shut its side and every byte was consumed."""
+        self._check_open()
+        if self.eof:
+            return True
+        if shr_load_wshut(self.h) and self._avail() == 0:
+            self.eof = True
+        return self.eof
+
+    @property
+    def write_shut(self):
+        """True once this end shut the writing side (``shutdown_write``)."""
+        return self.wshut
+
+    @property
+    def read_shut(self):
+        """True once the consumer announced it reads no more (``close_read``)."""
+        self._check_open()
+        return shr_load_rshut(self.h) != 0
+
+    # -- producer ----------------------------------------------------------
+
+    cdef int _writable_check(self) except -1:
+        self._check_open()
+        if self.wshut:
+            raise BrokenPipeError(_errno.EPIPE, "ring write side is shut")
+        if shr_load_rshut(self.h):
+            raise BrokenPipeError(_errno.EPIPE, "the reading side is closed")
+        return 0
+
+    cdef Py_ssize_t _write_bufs(self, Py_buffer *bufs, Py_ssize_t nbufs, Py_ssize_t total,
+                                double timeout, bint all_) except -1:
+        """Gather-write; returns bytes written (all of them if all_)."""
+        cdef Py_ssize_t done = 0, i = 0, off = 0, chunk, room, n, m
+        cdef uint64_t at
+        cdef int64_t limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)
+        cdef double left
+        cdef int rc
+        _lock(self.wlock, timeout)
+        try:
+            self._writable_check()
+            while True:
+                room = self._room()
+                if room > 0 and done < total:
+                    n = min(room, total - done)
+                    chunk = n
+                    at = self.head
+                    while chunk > 0:
+                        m = min(chunk, bufs[i].len - off)
+                        if m >= NOGIL_COPY:
+                            with nogil:
+                                self._copy_in(at, <char *>bufs[i].buf + off, m)
+                        else:
+                            self._copy_in(at, <char *>bufs[i].buf + off, m)
+                        at += m
+                        chunk -= m
+                        off += m
+                        if off == bufs[i].len:
+                            i += 1
+                            off = 0
+                    self._publish(at)
+                    done += n
+                    if not all_ or done == total:
+                        return done
+                    continue
+                if done == total:
+                    return done
+                if timeout == 0:
+                    if done:
+                        return done
+                    raise BlockingIOError(_errno.EAGAIN, "ring is full")
+                left = -1.0 if limit < 0 else max(0.0, (limit - shr_now_ns()) / 1e9)
+                rc = self._wait(1, 1, left)
+                if rc == 0:
+                    raise TimeoutError(_errno.ETIMEDOUT, "timed out waiting for ring space")
+                if rc == 2:
+                    raise BrokenPipeError(_errno.EPIPE, "the reading side is gone")
+                self._writable_check()
+        finally:
+            PyThread_release_lock(self.wlock)
+
+    cdef int _write_raw(self, const char *src, Py_ssize_t n, double timeout) except -1:
+        """Write all of a C buffer (used for notification records)."""
+        cdef Py_buffer b
+        b.buf = <void *>src
+        b.len = n
+        self._write_bufs(&b, 1, n, timeout, True)
+        return 0
+
+    def write(self, data, timeout=0.0):
+        """Write as much of ``data`` as fits, waiting until something fits.
+
+        Returns the number of bytes written (like ``socket.send``)."""
+        cdef Py_buffer buf
+        cdef double t = _timeout_arg(timeout)
+        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+        try:
+            if buf.len == 0:
+                self._writable_check()
+                return 0
+            return self._write_bufs(&buf, 1, buf.len, t, False)
+        finally:
+            PyBuffer_Release(&buf)
+
+    def write_all(self, data, timeout=None):
+        """Write all of ``data``, waiting for space as needed (like ``sendall``)."""
+        cdef Py_buffer buf
+        cdef double t = _timeout_arg(timeout)
+        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+        try:
+            if buf.len == 0:
+                self._writable_check()
+                return None
+            self._write_bufs(&buf, 1, buf.len, t, True)
+        finally:
+            PyBuffer_Release(&buf)
+
+    def writev(self, buffers, timeout=0.0, bint all=False):
+        """Gather-write a sequence of buffers as one stream of bytes.
+
+        Returns bytes written; with ``all=True`` writes everything."""
+        cdef double t = _timeout_arg(timeout)
+        cdef list items = list(buffers)
+        cdef Py_ssize_t n = len(items), k, got = 0, total = 0
+        cdef Py_buffer *bufs
+        cdef bytes holder = PyBytes_FromStringAndSize(NULL, max(1, n) * sizeof(Py_buffer))
+        bufs = <Py_buffer *>PyBytes_AS_STRING(holder)
+        try:
+            for k in range(n):
+                PyObject_GetBuffer(items[k], &bufs[k], PyBUF_SIMPLE)
+                got += 1
+                total += bufs[k].len
+            if total == 0:
+                self._writable_check()
+                return 0
+            return self._write_bufs(bufs, n, total, t, all)
+        finally:
+            for k in range(got):
+                PyBuffer_Release(&bufs[k])
+
+    def shutdown_write(self):
+        """Announce that no more bytes follow; the reader sees EOF after the last."""
+        self._check_open()
+        _lock(self.wlock, -1)
+        try:
+            if not self.wshut:
+                self.wshut = True
+                shr_set_wshut(self.h)
+                shr_wake_reader(self.h, self.data_bell, self.bell_kind)
+        finally:
+            PyThread_release_lock(self.wlock)
+
+    # -- consumer ----------------------------------------------------------
+
+    cdef Py_ssize_t _read(self, char *dst, Py_ssize_t n, double timeout) except -1:
+        cdef uint64_t avail
+        cdef int64_t limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)
+        cdef double left
+        cdef int rc
+        _lock(self.rlock, timeout)
+        try:
+            self._check_open()
+            while True:
+                avail = self._avail()
+                if avail:
+                    if avail > <uint64_t>n:
+                        avail = n
+                    if <Py_ssize_t>avail >= NOGIL_COPY:
+                        with nogil:
+                            self._copy_out(dst, avail)
+                    else:
+                        self._copy_out(dst, avail)
+                    self._release(self.tail + avail)
+                    return avail
+                if n == 0 or self.eof:
+                    return 0
+                if shr_load_wshut(self.h):
+                    if self._avail() == 0:
+                        self.eof = True
+                        return 0
+                    continue
+                if timeout == 0:
+                    raise BlockingIOError(_errno.EAGAIN, "ring is empty")
+                left = -1.0 if limit < 0 else max(0.0, (limit - shr_now_ns()) / 1e9)
+                rc = self._wait(0, 1, left)
+                if rc == 0:
+                    raise TimeoutError(_errno.ETIMEDOUT, "timed out waiting for data")
+                if rc == 2:
+                    if self._avail():
+                        continue
+                    if shr_load_wshut(self.h):
+                        continue
+                    raise ConnectionResetError(_errno.ECONNRESET, "the writing side is gone")
+                self._check_open()
+        finally:
+            PyThread_release_lock(self.rlock)
+
+    def read_into(self, buffer, Py_ssize_t nbytes=-1, timeout=0.0):
+        """Read up to ``nbytes`` (default: len(buffer)) into a writable buffer.
+
+        Returns the count; 0 means end of stream.  Empty ring: ``timeout``
+        decides (``BlockingIOError`` for 0).  The writer vanishing without
+        shutting down gives ``ConnectionResetError``."""
+        cdef Py_buffer buf
+        cdef double t = _timeout_arg(timeout)
+        PyObject_GetBuffer(buffer, &buf, PyBUF_WRITABLE)
+        try:
+            if nbytes < 0 or nbytes > buf.len:
+                nbytes = buf.len
+            return self._read(<char *>buf.buf, nbytes, t)
+        finally:
+            PyBuffer_Release(&buf)
+
+    def read(self, Py_ssize_t nbytes, timeout=0.0):
+        """Read up to ``nbytes`` and return them as bytes (b'' at end of stream)."""
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        cdef double t = _timeout_arg(timeout)
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, nbytes)
+        cdef Py_ssize_t n = self._read(PyBytes_AS_STRING(out), nbytes, t)
+        if n == nbytes:
+            return out
+        return out[:n]
+
+    def peek(self, Py_ssize_t nbytes=-1):
+        """Zero-copy view of readable bytes, up to ``nbytes``, without consuming.
+
+        The view stops at the wrap-around point, so it may be shorter than
+        what is readable: ``consume()`` it, then peek again.  It is valid until
+        ``consume()``: after that the producer may overwrite those bytes."""
+        self._check_open()
+        cdef uint64_t avail = self._avail()
+        cdef uint64_t pos = self.tail & (self.cap - 1)
+        cdef uint64_t n = min(avail, self.cap - pos)
+        if 0 <= nbytes < <Py_ssize_t>n:
+            n = nbytes
+        cdef Py_ssize_t start = (self.data - <char *>self.view.buf) + pos
+        return memoryview(self.view.obj)[start:start + <Py_ssize_t>n].toreadonly()
+
+    def consume(self, Py_ssize_t nbytes):
+        """Drop ``nbytes`` readable bytes (after ``peek``)."""
+        self._check_open()
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        _lock(self.rlock, -1)
+        try:
+            if <uint64_t>nbytes > self._avail():
+                raise ValueError("cannot consume %d bytes, only %d readable" % (nbytes, self._avail()))
+            if nbytes:
+                self._release(self.tail + nbytes)
+        finally:
+            PyThread_release_lock(self.rlock)
+
+    def close_read(self):
+        """Announce that this consumer reads no more; the writer gets EPIPE."""
+        self._check_open()
+        shr_set_rshut(self.h)
+        shr_wake_writer(self.h, self.space_bell, self.bell_kind)
+
+    # -- waiting -----------------------------------------------------------
+
+    def wait_readable(self, timeout=None):
+        """Wait until data, end of stream or a dead writer; False on timeout."""
+        cdef double t = _timeout_arg(timeout)
+        cdef int rc
+        _lock(self.rlock, t)
+        try:
+            self._check_open()
+            if self._avail() or shr_load_wshut(self.h) or t == 0:
+                return bool(self._avail() or shr_load_wshut(self.h))
+            rc = self._wait(0, 1, t)
+            return rc != 0
+        finally:
+            PyThread_release_lock(self.rlock)
+
+    def wait_writable(self, Py_ssize_t nbytes=1, timeout=None):
+        """Wait until ``nbytes`` of room (or a closed reader); False on timeout."""
+        cdef double t = _timeout_arg(timeout)
+        cdef int rc
+        if nbytes < 1 or <uint64_t>nbytes > self.cap:
+            raise ValueError("nbytes must be in [1, capacity]")
+        _lock(self.wlock, t)
+        try:
+            self._check_open()
+            if self._room() >= <uint64_t>nbytes or shr_load_rshut(self.h) or t == 0:
+                return bool(self._room() >= <uint64_t>nbytes or shr_load_rshut(self.h))
+            rc = self._wait(1, nbytes, t)
+            return rc != 0
+        finally:
+            PyThread_release_lock(self.wlock)
+
+    def close(self):
+        """Detach from the segment.  Threads blocked in this ring must have been
+        woken first (shut the doorbell); close waits for them to leave."""
+        if not self.attached:
+            return
+        self.closing = True
+        with nogil:
+            PyThread_acquire_lock(self.rlock, 1)
+            PyThread_acquire_lock(self.wlock, 1)
+        if self.attached:
+            self.attached = False
+            self.h = NULL
+            self.data = NULL
+            PyBuffer_Release(&self.view)
+        PyThread_release_lock(self.wlock)
+        PyThread_release_lock(self.rlock)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        if not self.attached:
+            return "<Ring closed>"
+        return "<Ring capacity=%d head=%d tail=%d%s>" % (
+            self.cap, self.head, self.tail, " broken" if self.broken else "")
+
+
+# ---------------------------------------------------------------------------
+# VMMC buffer ends
+
+cdef inline int _liveness(int fd, int64_t *last, bint *gone) noexcept:
+    """Is the peer behind a socket still there?  At most one poll(0) per
+    clock tick of CLOCK_MONOTONIC_COARSE, so the data path stays free of
+    system calls in the steady state."""
+    cdef int64_t now
+    if gone[0]:
+        return 1
+    now = shr_coarse_ns()
+    if now != last[0]:
+        last[0] = now
+        if shr_bell_peer_gone(fd):
+            gone[0] = True
+    return gone[0]
+
+
+cdef class Proxy:
+    """The importing side of a VMMC buffer (the SHRIMP 'proxy').
+
+    ``send`` is a deliberate update: it copies into the remote buffer, checks
+    bounds, and optionally queues a notification ``(offset, nbytes)``;
+    ``fetch`` reads the buffer where the exporter allowed it.
+    """
+
+    def __cinit__(self, Segment segment not None, Ring notes not None, int ctrl_fd, *,
+                  bint readable=False, size=None):
+        self._seg = segment
+        self._notes = notes
+        self._ctrl_fd = ctrl_fd
+        self.readable = readable
+        self.size = segment.size if size is None else size
+        if self.size < 0 or self.size > segment.size:
+            raise ValueError("buffer size %d does not fit the segment" % self.size)
+
+    cdef inline int _usable(self) except -1:
+        if self._seg is None:
+            raise ValueError("imported buffer is closed")
+        if _liveness(self._ctrl_fd, &self._last_check, &self._gone):
+            raise ConnectionResetError(_errno.ECONNRESET, "the exporter of this buffer is gone")
+        return 0
+
+    def send(self, data, Py_ssize_t offset=0, *, bint notify=False):
+        """Copy ``data`` (any bytes-like object) into the remote buffer at
+        ``offset``; with ``notify=True`` the exporter's handler (or ``wait()``)
+        gets ``(offset, len(data))`` once the data is in place."""
+        cdef Py_buffer buf
+        cdef uint64_t rec[2]
+        self._usable()
+        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+        try:
+            if offset < 0 or offset > self.size or buf.len > self.size - offset:
+                raise ValueError("send of %d bytes at offset %d is outside the %d-byte buffer"
+                                 % (buf.len, offset, self.size))
+            if buf.len >= NOGIL_COPY:
+                with nogil:
+                    memcpy(self._seg.base + offset, buf.buf, buf.len)
+            else:
+                memcpy(self._seg.base + offset, buf.buf, buf.len)
+            shr_release_fence()
+            if notify:
+                rec[0] = offset
+                rec[1] = buf.len
+                try:
+                    self._notes._write_raw(<char *>rec, 16, -1.0)
+                except BrokenPipeError:
+                    self._gone = True
+                    raise ConnectionResetError(_errno.ECONNRESET, "the exporter of this buffer is gone")
+        finally:
+            PyBuffer_Release(&buf)
+
+    def fetch(self, Py_ssize_t offset, Py_ssize_t nbytes):
+        """Remote fetch: read ``nbytes`` at ``offset`` of the remote buffer."""
+        if not self.readable:
+            raise PermissionError(_errno.EACCES, "the exporter did not allow fetching this buffer")
+        self._usable()
+        if offset < 0 or nbytes < 0 or offset > self.size or nbytes > self.size - offset:
+            raise ValueError("fetch of %d bytes at offset %d is outside the %d-byte buffer"
+                             % (nbytes, offset, self.size))
+        shr_release_fence()
+        return PyBytes_FromStringAndSize(self._seg.base + offset, nbytes)
+
+    def _detach(self):
+        """Forget the mappings (the owner closes them)."""
+        self._seg = None
+        self._notes = None
+
+
+cdef class Export:
+    """The exporting side of a VMMC buffer: the memory, plus the notification
+    rings of its importers (one ring and one control socket per importer).
+
+    ``wait()`` is the polling-then-blocking receive of notifications.
+    Notifications can be blocked (nesting); while blocked they stay queued in
+    the importers' rings and are delivered after the last unblock.
+    """
+
+    def __cinit__(self, Segment segment not None, *, bint has_handler=False):
+        self.segment = segment
+        self.size = segment.size
+        self._links = []
+        self._has_handler = has_handler
+        self._lock = PyThread_allocate_lock()
+        if self._lock == NULL:
+            raise MemoryError()
+        self._local_bell = _os.eventfd(0, _os.EFD_NONBLOCK | _os.EFD_CLOEXEC)
+
+    def __dealloc__(self):
+        if self._lock != NULL:
+            PyThread_free_lock(self._lock)
+        if self._local_bell >= 0:
+            close(self._local_bell)
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        if self._closed or self.segment.base == NULL:
+            raise ValueError("exported buffer is closed")
+        PyBuffer_FillInfo(buffer, self, self.segment.base, self.segment.size, 0, flags)
+        self._exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        self._exports -= 1
+
+    cdef _poke(self):
+        shr_bell_ring(self._local_bell, SHR_BELL_EVENTFD)
+
+    def _add_link(self, Ring ring not None, closer):
+        """A new importer: its notification ring (consumer end) and a callable
+        that releases it (closes its socket and segment)."""
+        if self._closed:
+            closer()
+            raise ValueError("exported buffer is closed")
+        self._links.append([ring, closer])
+        self._poke()
+
+    cdef _drop(self, Py_ssize_t i):
+        ring, closer = self._links.pop(i)
+        try:
+            ring.close()
+        finally:
+            closer()
+
+    @property
+    def importers(self):
+        """Number of live importers."""
+        return len(self._links)
+
+    @property
+    def blocked(self):
+        """Nesting depth of block_notifications()."""
+        return self._blocked
+
+    def block_notifications(self):
+        """Defer notification delivery until the matching unblock (nests)."""
+        self._blocked += 1
+
+    def unblock_notifications(self):
+        """Undo one block_notifications(); at zero, queued ones are delivered."""
+        if self._blocked == 0:
+            raise RuntimeError("notifications are not blocked")
+        self._blocked -= 1
+        if self._blocked == 0 and self._waiting:
+            self._poke()
+
+    cdef object _take(self):
+        """Next valid record from any importer, round robin; None if none."""
+        cdef Py_ssize_t n = len(self._links), k, i
+        cdef Ring ring
+        cdef uint64_t avail
+        cdef uint64_t rec[2]
+        k = 0
+        while k < n:
+            i = (self._rr + k) % n
+            ring = <Ring>(<list>self._links[i])[0]
+            try:
+                avail = ring._avail()
+                if avail == 0:
+                    k += 1
+                    continue
+                if avail < 16:
+                    ring._corrupt("partial notification record")
+                ring._copy_out(<char *>rec, 16)
+                ring._release(ring.tail + 16)
+                if rec[1] > <uint64_t>self.size or rec[0] > <uint64_t>self.size - rec[1]:
+                    ring._corrupt("notification (%d, %d) outside the %d-byte buffer"
+                                  % (rec[0], rec[1], self.size))
+            except RingCorruptedError:
+                self._drop(i)       # a misbehaving importer loses its own link only
+                n -= 1
+                continue
+            self._rr = i + 1
+            return (<Py_ssize_t>rec[0], <Py_ssize_t>rec[1])
+        return None
+
+    cdef object _next(self, double timeout):
+        cdef shr_cond conds[64]
+        cdef int bells[64]
+        cdef int kinds[64]
+        cdef int n, k, rc, which = 0, spun = 0
+        cdef int64_t limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)
+        cdef int64_t slice_ns, spin = -1
+        cdef Ring ring
+        _lock(self._lock, timeout)
+        try:
+            while True:
+                if self._closed:
+                    raise ValueError("exported buffer is closed")
+                n = 0
+                if self._blocked == 0:
+                    rec = self._take()
+                    if rec is not None:
+                        return rec
+                    n = min(len(self._links), 64)
+                    for k in range(n):
+                        ring = <Ring>(<list>self._links[k])[0]
+                        conds[k].h = ring.h
+                        conds[k].pos = ring.tail
+                        conds[k].need = 16
+                        conds[k].cap = ring.cap
+                        conds[k].writable = 0
+                        bells[k] = ring.data_bell
+                        kinds[k] = ring.bell_kind
+                        if spin < 0 or ring.spin_max_ns < spin:
+                            spin = ring.spin_max_ns
+                if timeout == 0:
+                    return None
+                if limit < 0:
+                    slice_ns = <int64_t>(SLEEP_SLICE * 1e9)
+                else:
+                    slice_ns = min(max(limit - shr_now_ns(), 0), <int64_t>(SLEEP_SLICE * 1e9))
+                self._waiting = 1
+                with nogil:
+                    rc = shr_wait_any(conds, n, bells, kinds, self._local_bell,
+                                      max(spin, 0), slice_ns, &which, &spun)
+                self._waiting = 0
+                spin = 0
+                if rc == SHR_GONE:
+                    self._drop(which)
+                elif rc == SHR_ERROR:
+                    PyErr_SetFromErrno(OSError)
+                elif rc == SHR_TIMEOUT:
+                    PyErr_CheckSignals()
+                    if limit >= 0 and shr_now_ns() >= limit:
+                        return None
+                elif rc == SHR_EINTR:
+                    PyErr_CheckSignals()
+        finally:
+            PyThread_release_lock(self._lock)
+
+    def wait(self, timeout=None):
+        """Next notification as ``(offset, nbytes)``, or None after ``timeout``
+        seconds.  Spins for the busy-poll budget, then sleeps."""
+        if self._has_handler:
+            raise RuntimeError("this buffer delivers notifications to its handler; wait() is "
+                               "for buffers exported without notify=")
+        return self._next(_timeout_arg(timeout))
+
+    def _wait_for_handler(self, timeout=None):
+        return self._next(_timeout_arg(timeout))
+
+    def close(self):
+        """Stop delivering, release every importer (they see the exporter gone)."""
+        if self._closed:
+            return
+        if self._exports:
+            raise BufferError("exported buffer still has %d memoryviews" % self._exports)
+        self._closed = True
+        self._poke()
+        with nogil:
+            PyThread_acquire_lock(self._lock, 1)
+        try:
+            while self._links:
+                self._drop(len(self._links) - 1)
+        finally:
+            PyThread_release_lock(self._lock)
+
+    @property
+    def closed(self):
+        return self._closed

@@ -1,0 +1,344 @@
+/*
+ * shrimpio data plane, the part that must be C: the shared ring header with
+ * C11 atomics, the doorbell system calls and the spin-then-sleep wait.
+ *
+ * Theory of operation
+ * -------------------
+ * A ring is a single-producer/single-consumer byte queue in shared memory.
+ * The producer owns `head` (bytes ever written), the consumer owns `tail`
+ * (bytes ever consumed); both only grow.  Each side keeps its own index in
+ * private memory and only *stores* it to the shared header, so a peer that
+ * scribbles over the header can never make us trust a wrong value of our own
+ * index.  The peer's index is loaded, then validated (0 <= head - tail <= cap,
+ * never going backwards) before use.
+ *
+ * Wake-ups follow the Dekker pattern with sequentially consistent operations:
+ *
+ *   producer:  head = h (seq_cst);  if xchg(reader_sleeping, 0): ring doorbell
+ *   consumer:  reader_sleeping = 1 (seq_cst);  if head != tail: don't sleep
+ *
+ * One of the two always sees the other's store, so the consumer never sleeps
+ * with data in the ring (no lost wake-up), and the producer only makes a
+ * system call when the consumer is actually asleep (notification
+ * suppression).  The same holds for space, with writer_sleeping.
+ *
+ * The doorbell is an fd: a Unix socket (one byte per ring, EOF = the peer is
+ * gone) or an eventfd (8-byte counter, no liveness).  docs/data-plane.md says
+ * why sockets are the default.
+ */
+#ifndef SHRIMPIO_FASTPATH_CORE_H
+#define SHRIMPIO_FASTPATH_CORE_H
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SHR_RING_MAGIC 0x52524853u /* "SHRR" */
+#define SHR_RING_VERSION 1u
+#define SHR_RING_HEADER 256
+
+typedef struct {
+    /* line 0: written once by the creator */
+    uint32_t magic;
+    uint32_t version;
+    uint64_t capacity;
+    char pad0[48];
+    /* line 1: the producer's */
+    _Atomic uint64_t head;
+    _Atomic uint32_t writer_sleeping; /* set by producer, cleared by consumer */
+    _Atomic uint32_t write_shut;      /* producer will write no more */
+    char pad1[48];
+    /* line 2: the consumer's */
+    _Atomic uint64_t tail;
+    _Atomic uint32_t reader_sleeping; /* set by consumer, cleared by producer */
+    _Atomic uint32_t read_shut;       /* consumer will read no more */
+    char pad2[48];
+    char pad3[64];
+} shr_ring_hdr;
+
+_Static_assert(sizeof(shr_ring_hdr) == SHR_RING_HEADER, "ring header size");
+
+static inline uint64_t shr_load_head(shr_ring_hdr *h) {
+    return atomic_load_explicit(&h->head, memory_order_acquire);
+}
+static inline uint64_t shr_load_tail(shr_ring_hdr *h) {
+    return atomic_load_explicit(&h->tail, memory_order_acquire);
+}
+static inline uint32_t shr_load_wshut(shr_ring_hdr *h) {
+    return atomic_load_explicit(&h->write_shut, memory_order_acquire);
+}
+static inline uint32_t shr_load_rshut(shr_ring_hdr *h) {
+    return atomic_load_explicit(&h->read_shut, memory_order_acquire);
+}
+static inline void shr_init(shr_ring_hdr *h, uint64_t cap) {
+    memset((void *)h, 0, sizeof(*h));
+    h->capacity = cap;
+    h->version = SHR_RING_VERSION;
+    atomic_thread_fence(memory_order_seq_cst);
+    h->magic = SHR_RING_MAGIC;
+    atomic_thread_fence(memory_order_seq_cst);
+}
+static inline int shr_header_ok(shr_ring_hdr *h) {
+    return h->magic == SHR_RING_MAGIC && h->version == SHR_RING_VERSION;
+}
+static inline uint64_t shr_header_cap(shr_ring_hdr *h) { return h->capacity; }
+
+static inline void shr_set_wshut(shr_ring_hdr *h) {
+    atomic_store_explicit(&h->write_shut, 1, memory_order_seq_cst);
+}
+static inline void shr_set_rshut(shr_ring_hdr *h) {
+    atomic_store_explicit(&h->read_shut, 1, memory_order_seq_cst);
+}
+static inline void shr_release_fence(void) {
+    atomic_thread_fence(memory_order_release);
+}
+
+static inline int64_t shr_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+/* Jiffy-resolution clock from the vDSO: cheap enough for every call. */
+static inline int64_t shr_coarse_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline void shr_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#else
+    atomic_signal_fence(memory_order_seq_cst);
+#endif
+}
+
+/* ---- doorbells ---------------------------------------------------------- */
+
+#define SHR_BELL_SOCKET 0
+#define SHR_BELL_EVENTFD 1
+
+/* Ring: 0 sent (or already pending), -2 peer gone, -1 other error. */
+static inline int shr_bell_ring(int fd, int kind) {
+    if (fd < 0) return 0;
+    for (;;) {
+        ssize_t r;
+        if (kind == SHR_BELL_SOCKET) {
+            static const char one = 1;
+            r = send(fd, &one, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } else {
+            uint64_t one = 1;
+            r = write(fd, &one, sizeof one);
+        }
+        if (r >= 0) return 0;
+        if (errno == EINTR) continue;
+        /* A full socket buffer already holds a wake for the peer. */
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+        if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN) return -2;
+        return -1;
+    }
+}
+
+/* Drain pending rings. 0 ok, -2 the peer is gone (EOF), -1 error. */
+static inline int shr_bell_drain(int fd, int kind) {
+    char buf[64];
+    for (;;) {
+        ssize_t r;
+        if (kind == SHR_BELL_SOCKET)
+            r = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+        else
+            r = read(fd, buf, 8);
+        if (r > 0) {
+            if (kind != SHR_BELL_SOCKET) return 0;
+            continue;
+        }
+        if (r == 0) return -2;
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+        if (errno == ECONNRESET) return -2;
+        return -1;
+    }
+}
+
+/* Is the peer behind a socket doorbell gone?  One poll(0), no blocking. */
+static inline int shr_bell_peer_gone(int fd) {
+    struct pollfd p = {fd, POLLIN, 0};
+    int r = poll(&p, 1, 0);
+    if (r <= 0) return 0;
+    if (p.revents & (POLLHUP | POLLERR | POLLNVAL)) return 1;
+    if (p.revents & POLLIN) {
+        char c;
+        ssize_t n = recv(fd, &c, 1, MSG_DONTWAIT | MSG_PEEK);
+        if (n == 0) return 1;
+        if (n < 0 && errno == ECONNRESET) return 1;
+    }
+    return 0;
+}
+
+/* ---- waiting ------------------------------------------------------------ */
+
+/* What a waiter waits for, on one ring.  `pos` is the waiter's own index. */
+typedef struct {
+    shr_ring_hdr *h;
+    uint64_t pos;
+    uint64_t need; /* bytes of room (writable) or of data (readable) */
+    uint64_t cap;
+    int writable;
+} shr_cond;
+
+static inline int shr_cond_ready(const shr_cond *c) {
+    shr_ring_hdr *h = c->h;
+    if (c->writable) {
+        uint64_t used = c->pos - atomic_load_explicit(&h->tail, memory_order_acquire);
+        /* Impossible values count as "ready": the caller validates and raises. */
+        if (used > c->cap || c->cap - used >= c->need) return 1;
+        return atomic_load_explicit(&h->read_shut, memory_order_relaxed) != 0;
+    } else {
+        uint64_t avail = atomic_load_explicit(&h->head, memory_order_acquire) - c->pos;
+        if (avail >= c->need) return 1; /* includes impossible (huge) values */
+        return atomic_load_explicit(&h->write_shut, memory_order_relaxed) != 0;
+    }
+}
+
+static inline void shr_cond_arm(const shr_cond *c, uint32_t v) {
+    if (c->writable)
+        atomic_store_explicit(&c->h->writer_sleeping, v, memory_order_seq_cst);
+    else
+        atomic_store_explicit(&c->h->reader_sleeping, v, memory_order_seq_cst);
+}
+
+/* After publishing: wake the other side if (and only if) it sleeps. */
+static inline int shr_wake_reader(shr_ring_hdr *h, int fd, int kind) {
+    if (atomic_load_explicit(&h->reader_sleeping, memory_order_seq_cst) &&
+        atomic_exchange_explicit(&h->reader_sleeping, 0, memory_order_seq_cst))
+        return shr_bell_ring(fd, kind);
+    return 0;
+}
+static inline int shr_wake_writer(shr_ring_hdr *h, int fd, int kind) {
+    if (atomic_load_explicit(&h->writer_sleeping, memory_order_seq_cst) &&
+        atomic_exchange_explicit(&h->writer_sleeping, 0, memory_order_seq_cst))
+        return shr_bell_ring(fd, kind);
+    return 0;
+}
+static inline void shr_publish_head(shr_ring_hdr *h, uint64_t v) {
+    atomic_store_explicit(&h->head, v, memory_order_seq_cst);
+}
+static inline void shr_publish_tail(shr_ring_hdr *h, uint64_t v) {
+    atomic_store_explicit(&h->tail, v, memory_order_seq_cst);
+}
+
+#define SHR_READY 1
+#define SHR_TIMEOUT 0
+#define SHR_ERROR -1
+#define SHR_GONE -2
+#define SHR_EINTR -3
+#define SHR_LOCAL -4
+
+/*
+ * Wait until any of `conds` is ready.
+ *   spin_ns:  spin budget (the GIL is released by the caller);
+ *   timeout_ns: < 0 means no limit;
+ *   bells[i], kinds[i]: doorbell fds to sleep on, one per cond (-1 = none);
+ *   local_fd: an eventfd for wake-ups from this process (-1 = none).
+ * Returns SHR_READY (with *which = index), SHR_TIMEOUT, SHR_GONE (*which =
+ * the cond whose doorbell reported the peer gone and which is not ready),
+ * SHR_LOCAL (local_fd fired), SHR_EINTR, or SHR_ERROR (errno set).
+ * *spun is set to 1 if readiness was found while spinning.
+ */
+#define SHR_MAX_WAIT 64
+static int shr_wait_any(const shr_cond *conds, int n, const int *bells, const int *kinds,
+                        int local_fd, int64_t spin_ns, int64_t timeout_ns, int *which,
+                        int *spun) {
+    int i;
+    int64_t now = shr_now_ns();
+    int64_t deadline = timeout_ns < 0 ? INT64_MAX : now + timeout_ns;
+    *spun = 0;
+    if (n > SHR_MAX_WAIT) { errno = EINVAL; return SHR_ERROR; }
+    for (i = 0; i < n; i++)
+        if (shr_cond_ready(&conds[i])) { *which = i; return SHR_READY; }
+
+    /* Phase 1: spin.  Clock reads are amortised over 64 checks. */
+    if (spin_ns > 0) {
+        int64_t spin_end = now + spin_ns < deadline ? now + spin_ns : deadline;
+        while (now < spin_end) {
+            int k;
+            for (k = 0; k < 64; k++) {
+                for (i = 0; i < n; i++)
+                    if (shr_cond_ready(&conds[i])) { *which = i; *spun = 1; return SHR_READY; }
+                shr_cpu_relax();
+            }
+            now = shr_now_ns();
+        }
+    }
+
+    /* Phase 2: arm, fence, re-check, sleep on the doorbells. */
+    for (;;) {
+        struct pollfd pfd[SHR_MAX_WAIT + 1];
+        int owner[SHR_MAX_WAIT + 1];
+        int np = 0, r, gone = -1;
+        struct timespec ts, *tsp = NULL;
+
+        for (i = 0; i < n; i++) shr_cond_arm(&conds[i], 1);
+        for (i = 0; i < n; i++)
+            if (shr_cond_ready(&conds[i])) {
+                int j;
+                for (j = 0; j < n; j++) shr_cond_arm(&conds[j], 0);
+                *which = i;
+                return SHR_READY;
+            }
+        for (i = 0; i < n; i++) {
+            int dup = 0, j;
+            if (bells[i] < 0) continue;
+            for (j = 0; j < np; j++) if (pfd[j].fd == bells[i]) dup = 1;
+            if (dup) continue;
+            pfd[np].fd = bells[i]; pfd[np].events = POLLIN; pfd[np].revents = 0;
+            owner[np++] = i;
+        }
+        if (local_fd >= 0) {
+            pfd[np].fd = local_fd; pfd[np].events = POLLIN; pfd[np].revents = 0;
+            owner[np++] = -1;
+        }
+        if (deadline != INT64_MAX) {
+            int64_t left = deadline - shr_now_ns();
+            if (left < 0) left = 0;
+            ts.tv_sec = left / 1000000000LL;
+            ts.tv_nsec = left % 1000000000LL;
+            tsp = &ts;
+        }
+        r = ppoll(pfd, (nfds_t)np, tsp, NULL);
+        for (i = 0; i < n; i++) shr_cond_arm(&conds[i], 0);
+        if (r < 0) {
+            if (errno == EINTR) return SHR_EINTR;
+            return SHR_ERROR;
+        }
+        if (r == 0) {
+            for (i = 0; i < n; i++)
+                if (shr_cond_ready(&conds[i])) { *which = i; return SHR_READY; }
+            return SHR_TIMEOUT;
+        }
+        for (i = 0; i < np; i++) {
+            if (!pfd[i].revents) continue;
+            if (pfd[i].revents & POLLNVAL) { errno = EBADF; return SHR_ERROR; }
+            if (owner[i] < 0) {
+                shr_bell_drain(pfd[i].fd, SHR_BELL_EVENTFD);
+                return SHR_LOCAL;
+            }
+            r = shr_bell_drain(pfd[i].fd, kinds[owner[i]]);
+            if (r == -2 || (pfd[i].revents & (POLLHUP | POLLERR))) gone = owner[i];
+        }
+        for (i = 0; i < n; i++)
+            if (shr_cond_ready(&conds[i])) { *which = i; return SHR_READY; }
+        if (gone >= 0) { *which = gone; return SHR_GONE; }
+    }
+}
+
+#endif
