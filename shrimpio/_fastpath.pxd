@@ -10,6 +10,16 @@ cdef extern from "_fastpath_core.h":
         pass
 
 
+# Exclusion per role of a ring end (and per exported buffer).  The GIL makes
+# code that keeps it atomic, so entering costs one flag test; only a thread
+# that is about to release the GIL inside an operation (to wait or to copy a
+# lot) takes the lock, and later arrivals queue on it.
+ctypedef struct gate_t:
+    PyThread_type_lock lock
+    int busy        # a thread is inside
+    int held        # ... and holds `lock`
+
+
 cdef class Segment:
     cdef char *base
     cdef readonly Py_ssize_t size   # usable bytes (the mapping is page-rounded)
@@ -31,6 +41,7 @@ cdef class Ring:
     cdef uint64_t tail          # consumer index, authoritative on the reading side
     cdef uint64_t seen_head     # last validated value of the peer's producer index
     cdef uint64_t seen_tail     # last validated value of the peer's consumer index
+    cdef uint64_t room_cache    # room known to exist without re-reading the consumer's index
     cdef int data_bell
     cdef int space_bell
     cdef int bell_kind
@@ -40,8 +51,8 @@ cdef class Ring:
     cdef bint eof
     cdef bint wshut
     cdef bint closing
-    cdef PyThread_type_lock rlock
-    cdef PyThread_type_lock wlock
+    cdef gate_t rgate
+    cdef gate_t wgate
 
     cdef int _check_open(self) except -1
     cdef int _corrupt(self, str what) except -1
@@ -81,7 +92,7 @@ cdef class Export:
     cdef bint _closed
     cdef bint _has_handler
     cdef Py_ssize_t _rr
-    cdef PyThread_type_lock _lock
+    cdef gate_t _gate
     cdef readonly Py_ssize_t size
 
     cdef _poke(self)

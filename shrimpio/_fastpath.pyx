@@ -343,20 +343,52 @@ def _ref_wait(Segment seg, Py_ssize_t offset, uint64_t value):
 # locks held per role (reader / writer) of a ring end
 
 
-cdef inline int _lock(PyThread_type_lock lock, double timeout) except -1:
-    """Take a role lock; timeout < 0 waits forever.  0 = acquired, raises TimeoutError."""
+cdef int _gate_init(gate_t *g) except -1:
+    g.lock = PyThread_allocate_lock()
+    if g.lock == NULL:
+        raise MemoryError()
+    g.busy = 0
+    g.held = 0
+    return 0
+
+
+cdef void _gate_free(gate_t *g) noexcept:
+    if g.lock != NULL:
+        PyThread_free_lock(g.lock)
+        g.lock = NULL
+
+
+cdef int _gate_enter(gate_t *g, double timeout) except -1:
+    """Enter (GIL held).  If another thread is inside, it has released the
+    GIL and holds the lock: queue on the lock.  timeout < 0 waits for ever."""
     cdef int r
     cdef long long us
-    if PyThread_acquire_lock(lock, 0):
-        return 0
-    if timeout == 0:
-        raise BlockingIOError(_errno.EAGAIN, "another thread is using this ring")
-    us = -1 if timeout < 0 else <long long>(timeout * 1e6)
-    with nogil:
-        r = PyThread_acquire_lock_timed(lock, us, 0)
-    if r != PY_LOCK_ACQUIRED:
-        raise TimeoutError(_errno.ETIMEDOUT, "timed out")
+    while g.busy:
+        if timeout == 0:
+            raise BlockingIOError(_errno.EAGAIN, "another thread is using this ring")
+        us = -1 if timeout < 0 else <long long>(timeout * 1e6)
+        with nogil:
+            r = PyThread_acquire_lock_timed(g.lock, us, 0)
+        if r != PY_LOCK_ACQUIRED:
+            raise TimeoutError(_errno.ETIMEDOUT, "timed out")
+        PyThread_release_lock(g.lock)
+    g.busy = 1
     return 0
+
+
+cdef inline void _gate_hold(gate_t *g) noexcept:
+    """Called inside, before releasing the GIL: make later arrivals queue."""
+    if not g.held:
+        with nogil:
+            PyThread_acquire_lock(g.lock, 1)
+        g.held = 1
+
+
+cdef inline void _gate_leave(gate_t *g) noexcept:
+    g.busy = 0
+    if g.held:
+        g.held = 0
+        PyThread_release_lock(g.lock)
 
 
 cdef inline double _timeout_arg(object timeout) except? -2.0:
@@ -409,10 +441,8 @@ cdef class Ring:
         cdef uint64_t cap
         cdef shr_ring_hdr *hdr
         self.attached = False
-        self.rlock = PyThread_allocate_lock()
-        self.wlock = PyThread_allocate_lock()
-        if self.rlock == NULL or self.wlock == NULL:
-            raise MemoryError()
+        _gate_init(&self.rgate)
+        _gate_init(&self.wgate)
         self.bell_kind = _bell_kind(bell)
         self.data_bell = data_bell
         self.space_bell = space_bell
@@ -465,10 +495,8 @@ cdef class Ring:
     def __dealloc__(self):
         if self.attached:
             PyBuffer_Release(&self.view)
-        if self.rlock != NULL:
-            PyThread_free_lock(self.rlock)
-        if self.wlock != NULL:
-            PyThread_free_lock(self.wlock)
+        _gate_free(&self.rgate)
+        _gate_free(&self.wgate)
 
     @staticmethod
     def footprint(capacity):
@@ -502,9 +530,11 @@ cdef class Ring:
         if self.head - tail > self.cap or tail - self.seen_tail > self.cap:
             self._corrupt("consumer index %d with producer at %d" % (tail, self.head))
         self.seen_tail = tail
-        return self.cap - (self.head - tail)
+        self.room_cache = self.cap - (self.head - tail)
+        return self.room_cache
 
     cdef int _publish(self, uint64_t new_head) except -1:
+        self.room_cache -= new_head - self.head
         self.head = new_head
         shr_publish_head(self.h, new_head)
         shr_wake_reader(self.h, self.data_bell, self.bell_kind)
@@ -553,6 +583,7 @@ cdef class Ring:
         cdef double deadline = -1.0
         if bell < 0:
             raise ValueError("this ring has no doorbell for blocking waits; use timeout=0")
+        _gate_hold(&self.wgate if writable else &self.rgate)
         c.h = self.h
         c.pos = self.head if writable else self.tail
         c.need = need
@@ -659,14 +690,18 @@ cdef class Ring:
         """Gather-write; returns bytes written (all of them if all_)."""
         cdef Py_ssize_t done = 0, i = 0, off = 0, chunk, room, n, m
         cdef uint64_t at
-        cdef int64_t limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)
+        cdef int64_t limit = 0      # computed on the first wait only
         cdef double left
         cdef int rc
-        _lock(self.wlock, timeout)
+        _gate_enter(&self.wgate, timeout)
         try:
             self._writable_check()
             while True:
-                room = self._room()
+                # Re-read the consumer's index only when the room we already
+                # know of is not enough: saves a cache-line transfer per write.
+                room = self.room_cache
+                if <Py_ssize_t>room < total - done:
+                    room = self._room()
                 if room > 0 and done < total:
                     n = min(room, total - done)
                     chunk = n
@@ -674,6 +709,7 @@ cdef class Ring:
                     while chunk > 0:
                         m = min(chunk, bufs[i].len - off)
                         if m >= NOGIL_COPY:
+                            _gate_hold(&self.wgate)
                             with nogil:
                                 self._copy_in(at, <char *>bufs[i].buf + off, m)
                         else:
@@ -695,6 +731,8 @@ cdef class Ring:
                     if done:
                         return done
                     raise BlockingIOError(_errno.EAGAIN, "ring is full")
+                if limit == 0:
+                    limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)
                 left = -1.0 if limit < 0 else max(0.0, (limit - shr_now_ns()) / 1e9)
                 rc = self._wait(1, 1, left)
                 if rc == 0:
@@ -703,7 +741,7 @@ cdef class Ring:
                     raise BrokenPipeError(_errno.EPIPE, "the reading side is gone")
                 self._writable_check()
         finally:
-            PyThread_release_lock(self.wlock)
+            _gate_leave(&self.wgate)
 
     cdef int _write_raw(self, const char *src, Py_ssize_t n, double timeout) except -1:
         """Write all of a C buffer (used for notification records)."""
@@ -767,23 +805,23 @@ cdef class Ring:
     def shutdown_write(self):
         """Announce that no more bytes follow; the reader sees EOF after the last."""
         self._check_open()
-        _lock(self.wlock, -1)
+        _gate_enter(&self.wgate, -1)
         try:
             if not self.wshut:
                 self.wshut = True
                 shr_set_wshut(self.h)
                 shr_wake_reader(self.h, self.data_bell, self.bell_kind)
         finally:
-            PyThread_release_lock(self.wlock)
+            _gate_leave(&self.wgate)
 
     # -- consumer ----------------------------------------------------------
 
     cdef Py_ssize_t _read(self, char *dst, Py_ssize_t n, double timeout) except -1:
         cdef uint64_t avail
-        cdef int64_t limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)
+        cdef int64_t limit = 0      # computed on the first wait only
         cdef double left
         cdef int rc
-        _lock(self.rlock, timeout)
+        _gate_enter(&self.rgate, timeout)
         try:
             self._check_open()
             while True:
@@ -792,6 +830,7 @@ cdef class Ring:
                     if avail > <uint64_t>n:
                         avail = n
                     if <Py_ssize_t>avail >= NOGIL_COPY:
+                        _gate_hold(&self.rgate)
                         with nogil:
                             self._copy_out(dst, avail)
                     else:
@@ -807,6 +846,8 @@ cdef class Ring:
                     continue
                 if timeout == 0:
                     raise BlockingIOError(_errno.EAGAIN, "ring is empty")
+                if limit == 0:
+                    limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)
                 left = -1.0 if limit < 0 else max(0.0, (limit - shr_now_ns()) / 1e9)
                 rc = self._wait(0, 1, left)
                 if rc == 0:
@@ -819,7 +860,7 @@ cdef class Ring:
                     raise ConnectionResetError(_errno.ECONNRESET, "the writing side is gone")
                 self._check_open()
         finally:
-            PyThread_release_lock(self.rlock)
+            _gate_leave(&self.rgate)
 
     def read_into(self, buffer, Py_ssize_t nbytes=-1, timeout=0.0):
         """Read up to ``nbytes`` (default: len(buffer)) into a writable buffer.
@@ -868,14 +909,14 @@ cdef class Ring:
         self._check_open()
         if nbytes < 0:
             raise ValueError("nbytes must be >= 0")
-        _lock(self.rlock, -1)
+        _gate_enter(&self.rgate, -1)
         try:
             if <uint64_t>nbytes > self._avail():
                 raise ValueError("cannot consume %d bytes, only %d readable" % (nbytes, self._avail()))
             if nbytes:
                 self._release(self.tail + nbytes)
         finally:
-            PyThread_release_lock(self.rlock)
+            _gate_leave(&self.rgate)
 
     def close_read(self):
         """Announce that this consumer reads no more; the writer gets EPIPE."""
@@ -889,7 +930,7 @@ cdef class Ring:
         """Wait until data, end of stream or a dead writer; False on timeout."""
         cdef double t = _timeout_arg(timeout)
         cdef int rc
-        _lock(self.rlock, t)
+        _gate_enter(&self.rgate, t)
         try:
             self._check_open()
             if self._avail() or shr_load_wshut(self.h) or t == 0:
@@ -897,7 +938,7 @@ cdef class Ring:
             rc = self._wait(0, 1, t)
             return rc != 0
         finally:
-            PyThread_release_lock(self.rlock)
+            _gate_leave(&self.rgate)
 
     def wait_writable(self, Py_ssize_t nbytes=1, timeout=None):
         """Wait until ``nbytes`` of room (or a closed reader); False on timeout."""
@@ -905,7 +946,7 @@ cdef class Ring:
         cdef int rc
         if nbytes < 1 or <uint64_t>nbytes > self.cap:
             raise ValueError("nbytes must be in [1, capacity]")
-        _lock(self.wlock, t)
+        _gate_enter(&self.wgate, t)
         try:
             self._check_open()
             if self._room() >= <uint64_t>nbytes or shr_load_rshut(self.h) or t == 0:
@@ -913,7 +954,7 @@ cdef class Ring:
             rc = self._wait(1, nbytes, t)
             return rc != 0
         finally:
-            PyThread_release_lock(self.wlock)
+            _gate_leave(&self.wgate)
 
     def close(self):
         """Detach from the segment.  Threads blocked in this ring must have been
@@ -921,16 +962,15 @@ cdef class Ring:
         if not self.attached:
             return
         self.closing = True
-        with nogil:
-            PyThread_acquire_lock(self.rlock, 1)
-            PyThread_acquire_lock(self.wlock, 1)
+        _gate_enter(&self.rgate, -1)
+        _gate_enter(&self.wgate, -1)
         if self.attached:
             self.attached = False
             self.h = NULL
             self.data = NULL
             PyBuffer_Release(&self.view)
-        PyThread_release_lock(self.wlock)
-        PyThread_release_lock(self.rlock)
+        _gate_leave(&self.wgate)
+        _gate_leave(&self.rgate)
 
     def __enter__(self):
         return self
@@ -1048,14 +1088,11 @@ cdef class Export:
         self.size = segment.size
         self._links = []
         self._has_handler = has_handler
-        self._lock = PyThread_allocate_lock()
-        if self._lock == NULL:
-            raise MemoryError()
+        _gate_init(&self._gate)
         self._local_bell = _os.eventfd(0, _os.EFD_NONBLOCK | _os.EFD_CLOEXEC)
 
     def __dealloc__(self):
-        if self._lock != NULL:
-            PyThread_free_lock(self._lock)
+        _gate_free(&self._gate)
         if self._local_bell >= 0:
             close(self._local_bell)
 
@@ -1144,10 +1181,10 @@ cdef class Export:
         cdef int bells[64]
         cdef int kinds[64]
         cdef int n, k, rc, which = 0, spun = 0
-        cdef int64_t limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)
+        cdef int64_t limit = 0      # computed on the first wait only
         cdef int64_t slice_ns, spin = -1
         cdef Ring ring
-        _lock(self._lock, timeout)
+        _gate_enter(&self._gate, timeout)
         try:
             while True:
                 if self._closed:
@@ -1171,11 +1208,14 @@ cdef class Export:
                             spin = ring.spin_max_ns
                 if timeout == 0:
                     return None
+                if limit == 0:
+                    limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)
                 if limit < 0:
                     slice_ns = <int64_t>(SLEEP_SLICE * 1e9)
                 else:
                     slice_ns = min(max(limit - shr_now_ns(), 0), <int64_t>(SLEEP_SLICE * 1e9))
                 self._waiting = 1
+                _gate_hold(&self._gate)
                 with nogil:
                     rc = shr_wait_any(conds, n, bells, kinds, self._local_bell,
                                       max(spin, 0), slice_ns, &which, &spun)
@@ -1192,7 +1232,7 @@ cdef class Export:
                 elif rc == SHR_EINTR:
                     PyErr_CheckSignals()
         finally:
-            PyThread_release_lock(self._lock)
+            _gate_leave(&self._gate)
 
     def wait(self, timeout=None):
         """Next notification as ``(offset, nbytes)``, or None after ``timeout``
@@ -1213,13 +1253,12 @@ cdef class Export:
             raise BufferError("exported buffer still has %d memoryviews" % self._exports)
         self._closed = True
         self._poke()
-        with nogil:
-            PyThread_acquire_lock(self._lock, 1)
+        _gate_enter(&self._gate, -1)
         try:
             while self._links:
                 self._drop(len(self._links) - 1)
         finally:
-            PyThread_release_lock(self._lock)
+            _gate_leave(&self._gate)
 
     @property
     def closed(self):

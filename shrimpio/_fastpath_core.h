@@ -52,15 +52,18 @@ typedef struct {
     char pad0[48];
     /* line 1: the producer's */
     _Atomic uint64_t head;
-    _Atomic uint32_t writer_sleeping; /* set by producer, cleared by consumer */
     _Atomic uint32_t write_shut;      /* producer will write no more */
-    char pad1[48];
+    char pad1[52];
     /* line 2: the consumer's */
     _Atomic uint64_t tail;
+    char pad2[56];
+    /* line 3: flags written only on the way to sleep, to ring, or to shut,
+     * so in the steady state both sides read them from their own cache and
+     * publishing an index costs one line transfer. */
     _Atomic uint32_t reader_sleeping; /* set by consumer, cleared by producer */
+    _Atomic uint32_t writer_sleeping; /* set by producer, cleared by consumer */
     _Atomic uint32_t read_shut;       /* consumer will read no more */
-    char pad2[48];
-    char pad3[64];
+    char pad3[52];
 } shr_ring_hdr;
 
 _Static_assert(sizeof(shr_ring_hdr) == SHR_RING_HEADER, "ring header size");
