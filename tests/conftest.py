@@ -1,0 +1,91 @@
+"""Shared fixtures.  Every test runs with its own registry directory and is
+checked for leaks afterwards: file descriptors, /dev/shm files, registry
+entries and child processes."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+import pytest
+
+
+def _fds() -> set[int]:
+    """Open fds, less multiprocessing's heap arenas (``/dev/shm/pym-*``), which
+    the stdlib keeps for the life of the process by design."""
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the fd listing itself, already closed
+        if not target.startswith("/dev/shm/pym-"):
+            fds.add(int(fd))
+    return fds
+
+
+def _shm() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except FileNotFoundError:
+        return set()
+
+
+def _children() -> set[int]:
+    """Live (or zombie) children of this process."""
+    me = os.getpid()
+    kids = set()
+    for task in os.listdir(f"/proc/{me}/task"):
+        try:
+            with open(f"/proc/{me}/task/{task}/children") as f:
+                kids.update(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    return kids
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.001, what: str = "condition"):
+    """Poll ``predicate`` until it returns a true value; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def registry(tmp_path, monkeypatch):
+    """A private registry root for the test; must be empty of entries after."""
+    root = tmp_path / "registry"
+    monkeypatch.setenv("SHRIMPIO_REGISTRY", str(root))
+    yield root
+    gc.collect()
+    leftovers = []
+    if root.exists():
+        for dirpath, _dirs, files in os.walk(root):
+            leftovers += [os.path.join(dirpath, f) for f in files if not f.startswith(".")]
+    assert not leftovers, f"registry entries left behind: {leftovers}"
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    """No fds, /dev/shm files or child processes may outlive a test."""
+    gc.collect()
+    fds, shm, kids = _fds(), _shm(), _children()
+    yield
+    if request.node.get_closest_marker("allow_leaks"):
+        return
+    gc.collect()
+    # Children we started must be gone (reaped) by the end of the test.
+    wait_for(lambda: not (_children() - kids), timeout=10, what="child processes to exit")
+    # Threads that close fds (endpoint servers) finish promptly: allow a moment.
+    wait_for(lambda: not (_fds() - fds), timeout=5, what=f"fds to close: {sorted(_fds() - fds)}")
+    assert not (_shm() - shm), f"/dev/shm files left behind: {sorted(_shm() - shm)}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "allow_leaks: skip the leak check (for tests that check leaks themselves)")
