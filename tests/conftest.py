@@ -59,9 +59,14 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.001, what: st
 
 @pytest.fixture(autouse=True)
 def registry(tmp_path, monkeypatch):
-    """A private registry root for the test; must be empty of entries after."""
+    """A private registry root for the test; must be empty of entries after.
+
+    The test also runs in ``tmp_path``: a child ``python -c`` started from
+    the source tree would import the uncompiled ``shrimpio/`` there instead
+    of the installed package."""
     root = tmp_path / "registry"
     monkeypatch.setenv("SHRIMPIO_REGISTRY", str(root))
+    monkeypatch.chdir(tmp_path)
     yield root
     gc.collect()
     leftovers = []
