@@ -3,6 +3,9 @@
 Processes of one host exchange data through shared memory with no system
 call on the data path.  Layers (see docs/ and the design notes):
 
+* ``import shrimpio.patch`` / ``shrimpio run prog.py`` - unmodified socket
+  programs get shared-memory connections; ``shrimpio.info(sock)`` says which
+  path a connection took and why.
 * ``shrimpio.vmmc`` - the VMMC API: ``Endpoint``, exported and imported
   buffers, deliberate update, remote fetch, notifications.
 * ``shrimpio._fastpath`` - the data plane in Cython: ``Segment``, ``Ring``.
@@ -10,6 +13,7 @@ call on the data path.  Layers (see docs/ and the design notes):
 """
 
 from ._fastpath import Ring, RingCorruptedError, Segment, get_busy_poll_us, set_busy_poll_us
+from .socket import info
 from .vmmc import Endpoint, ExportedBuffer, ImportedBuffer
 
 __version__ = "0.1.0"
@@ -22,6 +26,7 @@ __all__ = [
     "RingCorruptedError",
     "Segment",
     "get_busy_poll_us",
+    "info",
     "set_busy_poll_us",
     "__version__",
 ]

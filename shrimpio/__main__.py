@@ -1,31 +1,68 @@
-"""The ``shrimpio`` command.
+"""The ``shrimpio`` command (also ``python -m shrimpio``).
 
+    shrimpio run prog.py [args...]      run an unmodified program over shrimpio
+    shrimpio run -m module [args...]    the same for ``python -m module``
     shrimpio pingpong [--quick] [--json] [--doorbells]
         VMMC put + notify round trip and 1 MiB put bandwidth between two
         processes pinned to two cores, beside a Unix socket and a minimal
         Cython spin loop, measured in the same run.
-
-Later layers add ``run`` (an unmodified program over shrimpio), ``stat`` and
-``bench``.
+    shrimpio bench-socket [--quick] [--json]
+        blocking 64-byte round trip and 1 MiB bandwidth: shrimpio over shared
+        memory beside kernel TCP loopback and a Unix socket, same code.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def _run(argv: list[str]) -> int:
+    """Replace this process with ``python prog args`` patched from its first
+    import on (and its Python children too)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: shrimpio run prog.py [args...] | shrimpio run -m module [args...]")
+        return 0 if argv else 2
+    if argv[0] == "-m":
+        if len(argv) < 2:
+            print("shrimpio run: -m needs a module name", file=sys.stderr)
+            return 2
+        cmd = [sys.executable, "-m", argv[1], *argv[2:]]
+    else:
+        if not os.path.exists(argv[0]):
+            print(f"shrimpio run: {argv[0]}: no such file", file=sys.stderr)
+            return 2
+        cmd = [sys.executable, argv[0], *argv[1:]]
+    from .patch import child_environment  # importing patch also patches us: harmless, we exec
+    env = dict(os.environ)
+    child_environment(env)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)
+    return 127   # not reached
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``shrimpio`` and ``python -m shrimpio``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "run":        # everything after 'run' belongs to the program
+        return _run(argv[1:])
     ap = argparse.ArgumentParser(prog="shrimpio", description="shared-memory communication for Python")
     sub = ap.add_subparsers(dest="command", required=True)
     from . import _bench
 
+    sub.add_parser("run", help="run an unmodified program (prog.py or -m module) over shrimpio")
     pp = sub.add_parser("pingpong", help="VMMC round trip and bandwidth beside a Unix socket")
     _bench.add_arguments(pp)
+    from . import _bench_socket
+    bs = sub.add_parser("bench-socket", help="blocking sockets: shrimpio vs TCP vs Unix socket")
+    _bench_socket.add_arguments(bs)
     args = ap.parse_args(argv)
     if args.command == "pingpong":
         _bench.main(args)
+    elif args.command == "bench-socket":
+        _bench_socket.main(args)
     return 0
 
 

@@ -89,14 +89,32 @@ cdef extern from "<unistd.h>" nogil:
 # ---------------------------------------------------------------------------
 # configuration
 
+#: Largest busy-poll budget (microseconds): spinning longer than a sleep slice
+#: is never useful, and the bound keeps the nanosecond arithmetic in range.
+MAX_BUSY_POLL_US = 1000000
+
+
+cdef int64_t _spin_ns_arg(object us, str what) except -1:
+    """Validate a busy-poll budget in microseconds; return it in nanoseconds."""
+    cdef double v
+    if isinstance(us, (str, bytes)) or us is None:
+        raise TypeError("%s must be a number of microseconds, not %s" % (what, type(us).__name__))
+    v = us
+    if not (0 <= v <= MAX_BUSY_POLL_US):     # also rejects NaN
+        raise ValueError("%s must be a number of microseconds in [0, %d], got %r"
+                         % (what, MAX_BUSY_POLL_US, us))
+    return <int64_t>(v * 1000)
+
+
 cdef int64_t _default_spin_ns = 50000
-try:
-    _default_spin_ns = <int64_t>(float(_os.environ.get("SHRIMPIO_BUSY_POLL_US", "50")) * 1000)
-except ValueError:
-    raise ValueError("SHRIMPIO_BUSY_POLL_US must be a number of microseconds, got %r"
-                     % _os.environ.get("SHRIMPIO_BUSY_POLL_US"))
-if _default_spin_ns < 0:
-    raise ValueError("SHRIMPIO_BUSY_POLL_US must not be negative")
+_env_busy_poll = _os.environ.get("SHRIMPIO_BUSY_POLL_US")
+if _env_busy_poll is not None:
+    try:
+        _env_busy_poll_value = float(_env_busy_poll)
+    except ValueError:
+        raise ValueError("SHRIMPIO_BUSY_POLL_US must be a number of microseconds, got %r"
+                         % _env_busy_poll) from None
+    _default_spin_ns = _spin_ns_arg(_env_busy_poll_value, "SHRIMPIO_BUSY_POLL_US")
 
 #: Copies at least this large run with the GIL released.
 cdef Py_ssize_t NOGIL_COPY = 64 * 1024
@@ -118,9 +136,7 @@ def get_busy_poll_us():
 def set_busy_poll_us(us):
     """Set the default spin budget of rings created from now on (microseconds, >= 0)."""
     global _default_spin_ns
-    if us < 0:
-        raise ValueError("busy-poll budget must be >= 0")
-    _default_spin_ns = <int64_t>(us * 1000)
+    _default_spin_ns = _spin_ns_arg(us, "busy-poll budget")
 
 
 class RingCorruptedError(ConnectionError):
@@ -241,22 +257,28 @@ cdef class Segment:
                 size = st.st_size
             if not isinstance(size, int) or size <= 0:
                 raise ValueError("bad segment size %r" % (size,))
+            # Compare before rounding: a huge announced size would overflow it.
+            if size > st.st_size:
+                raise ValueError("segment fd holds %d bytes, %d announced" % (st.st_size, size))
             mapped = _page_round(size)
             if st.st_size < mapped:
                 raise ValueError("segment fd holds %d bytes, %d announced" % (st.st_size, size))
+            import fcntl
             seals = _seals(fd)
-            if seals is None:
+            if seals is not None and seals & fcntl.F_SEAL_SHRINK:
+                seg.kind = "memfd"
+            elif seals is not None and not seals & fcntl.F_SEAL_SEAL:
+                # Sealable, yet the sender did not seal it: refuse whatever the settings.
+                raise PermissionError(_errno.EPERM, "memfd segment is not sealed against shrinking")
+            else:
+                # Cannot carry seals: the shm fallback.  (Linux tmpfs files answer
+                # F_GET_SEALS with F_SEAL_SEAL alone, other systems with EINVAL.)
                 if allow_unsealed is None:
                     allow_unsealed = bool(_default_kind_is_shm())
                 if not allow_unsealed:
                     raise PermissionError(_errno.EPERM, "segment is not a sealed memfd "
                                           "(set SHRIMPIO_SEGMENT=shm to accept the shm fallback)")
                 seg.kind = "shm"
-            else:
-                import fcntl
-                if not seals & fcntl.F_SEAL_SHRINK:
-                    raise PermissionError(_errno.EPERM, "memfd segment is not sealed against shrinking")
-                seg.kind = "memfd"
             seg.fd = fd
             seg._map(size, mapped)
         except BaseException:
@@ -395,8 +417,10 @@ cdef inline double _timeout_arg(object timeout) except? -2.0:
     if timeout is None:
         return -1.0
     cdef double t = timeout
-    if t < 0:
-        raise ValueError("timeout must be None or >= 0")
+    if not t >= 0:      # negative or NaN
+        raise ValueError("timeout must be None or >= 0, got %r" % (timeout,))
+    if t > 1e9:         # ~31 years, or inf: for ever (keeps the ns arithmetic in range)
+        return -1.0
     return t
 
 
@@ -424,6 +448,9 @@ cdef class Ring:
     ``data_bell`` is rung by the producer when the consumer sleeps and slept on
     by the consumer; ``space_bell`` the other way round.  With socket bells,
     the two ends of a socketpair (one end per process) are the same doorbell.
+    In one process, an fd may be slept on by one role only (say, this ring's
+    reader): two waiters sleeping on one doorbell would drain each other's
+    wake-ups, and the loser would sleep until its 1 s slice ends.
 
     The producer methods (``write``, ``writev``, ``write_all``,
     ``shutdown_write``) and the consumer methods (``read_into``, ``read``,
@@ -449,9 +476,7 @@ cdef class Ring:
         if busy_poll_us is None:
             self.spin_max_ns = _default_spin_ns
         else:
-            if busy_poll_us < 0:
-                raise ValueError("busy_poll_us must be >= 0")
-            self.spin_max_ns = <int64_t>(busy_poll_us * 1000)
+            self.spin_max_ns = _spin_ns_arg(busy_poll_us, "busy_poll_us")
         self.spin_ns = self.spin_max_ns
         if segment.base == NULL:
             raise ValueError("segment is closed")
@@ -466,7 +491,17 @@ cdef class Ring:
             if not shr_header_ok(hdr):
                 raise RingCorruptedError("no shrimpio ring at offset %d" % offset)
             cap = shr_header_cap(hdr)
+            # The header is the peer's word: an impossible capacity is corruption.
+            if (cap < MIN_CAPACITY or cap > MAX_CAPACITY or (cap & (cap - 1))
+                    or <uint64_t>(segment.size - offset - SHR_RING_HEADER) < cap):
+                raise RingCorruptedError("ring header at offset %d announces an impossible "
+                                         "capacity %d" % (offset, cap))
         else:
+            if not isinstance(capacity, int):
+                raise TypeError("ring capacity must be an int, not %s" % type(capacity).__name__)
+            if capacity < <object>MIN_CAPACITY or capacity > <object>MAX_CAPACITY:
+                raise ValueError("ring capacity must be a power of two in [%d, 2**40], got %d"
+                                 % (MIN_CAPACITY, capacity))
             cap = capacity
         if cap < MIN_CAPACITY or cap > MAX_CAPACITY or (cap & (cap - 1)):
             raise ValueError("ring capacity must be a power of two in [%d, 2**40], got %d"
@@ -640,9 +675,7 @@ cdef class Ring:
 
     @busy_poll_us.setter
     def busy_poll_us(self, value):
-        if value < 0:
-            raise ValueError("busy_poll_us must be >= 0")
-        self.spin_max_ns = <int64_t>(value * 1000)
+        self.spin_max_ns = _spin_ns_arg(value, "busy_poll_us")
         self.spin_ns = self.spin_max_ns
 
     def readable(self):
@@ -728,9 +761,10 @@ cdef class Ring:
                 if done == total:
                     return done
                 if timeout == 0:
-                    if done:
+                    if done and not all_:
                         return done
-                    raise BlockingIOError(_errno.EAGAIN, "ring is full")
+                    # all_: a silent short write would lose data; say how much went in.
+                    raise BlockingIOError(_errno.EAGAIN, "ring is full", done)
                 if limit == 0:
                     limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)
                 left = -1.0 if limit < 0 else max(0.0, (limit - shr_now_ns()) / 1e9)
@@ -767,7 +801,10 @@ cdef class Ring:
             PyBuffer_Release(&buf)
 
     def write_all(self, data, timeout=None):
-        """Write all of ``data``, waiting for space as needed (like ``sendall``)."""
+        """Write all of ``data``, waiting for space as needed (like ``sendall``).
+
+        With ``timeout=0``, ``BlockingIOError`` if it does not all fit: its
+        ``characters_written`` says how many bytes went in."""
         cdef Py_buffer buf
         cdef double t = _timeout_arg(timeout)
         PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
@@ -1003,6 +1040,18 @@ cdef inline int _liveness(int fd, int64_t *last, bint *gone) noexcept:
     return gone[0]
 
 
+cdef extern from "Python.h":
+    # PyNumber_AsSsize_t(o, NULL): an integer argument (``__index__``) as
+    # Py_ssize_t, TypeError for other types; values beyond Py_ssize_t clamp to
+    # its limits (they are out of bounds either way, and the caller's bounds
+    # check says so with a ValueError instead of an OverflowError).
+    Py_ssize_t _index_clamped_c "PyNumber_AsSsize_t"(object o, void *exc) except? -1
+
+
+cdef inline Py_ssize_t _index_clamped(object value) except? -1:
+    return _index_clamped_c(value, NULL)
+
+
 cdef class Proxy:
     """The importing side of a VMMC buffer (the SHRIMP 'proxy').
 
@@ -1028,45 +1077,58 @@ cdef class Proxy:
             raise ConnectionResetError(_errno.ECONNRESET, "the exporter of this buffer is gone")
         return 0
 
-    def send(self, data, Py_ssize_t offset=0, *, bint notify=False):
+    def send(self, data, offset=0, *, bint notify=False):
         """Copy ``data`` (any bytes-like object) into the remote buffer at
         ``offset``; with ``notify=True`` the exporter's handler (or ``wait()``)
         gets ``(offset, len(data))`` once the data is in place."""
         cdef Py_buffer buf
         cdef uint64_t rec[2]
+        cdef Py_ssize_t off = _index_clamped(offset)
         self._usable()
+        # Own references: close() in another thread may reset the attributes
+        # while this thread copies with the GIL released.
+        cdef Segment seg = self._seg
+        cdef Ring notes = self._notes
         PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
         try:
-            if offset < 0 or offset > self.size or buf.len > self.size - offset:
+            if off < 0 or off > self.size or buf.len > self.size - off:
                 raise ValueError("send of %d bytes at offset %d is outside the %d-byte buffer"
                                  % (buf.len, offset, self.size))
             if buf.len >= NOGIL_COPY:
-                with nogil:
-                    memcpy(self._seg.base + offset, buf.buf, buf.len)
+                # Pin the mapping: Segment.close() refuses (BufferError) while
+                # the copy runs, instead of unmapping it under our feet.
+                seg.exports += 1
+                try:
+                    with nogil:
+                        memcpy(seg.base + off, buf.buf, buf.len)
+                finally:
+                    seg.exports -= 1
             else:
-                memcpy(self._seg.base + offset, buf.buf, buf.len)
+                memcpy(seg.base + off, buf.buf, buf.len)
             shr_release_fence()
             if notify:
-                rec[0] = offset
+                rec[0] = off
                 rec[1] = buf.len
                 try:
-                    self._notes._write_raw(<char *>rec, 16, -1.0)
+                    notes._write_raw(<char *>rec, 16, -1.0)
                 except BrokenPipeError:
                     self._gone = True
                     raise ConnectionResetError(_errno.ECONNRESET, "the exporter of this buffer is gone")
         finally:
             PyBuffer_Release(&buf)
 
-    def fetch(self, Py_ssize_t offset, Py_ssize_t nbytes):
+    def fetch(self, offset, nbytes):
         """Remote fetch: read ``nbytes`` at ``offset`` of the remote buffer."""
+        cdef Py_ssize_t off = _index_clamped(offset)
+        cdef Py_ssize_t n = _index_clamped(nbytes)
         if not self.readable:
             raise PermissionError(_errno.EACCES, "the exporter did not allow fetching this buffer")
         self._usable()
-        if offset < 0 or nbytes < 0 or offset > self.size or nbytes > self.size - offset:
+        if off < 0 or n < 0 or off > self.size or n > self.size - off:
             raise ValueError("fetch of %d bytes at offset %d is outside the %d-byte buffer"
                              % (nbytes, offset, self.size))
         shr_release_fence()
-        return PyBytes_FromStringAndSize(self._seg.base + offset, nbytes)
+        return PyBytes_FromStringAndSize(self._seg.base + off, n)
 
     def _detach(self):
         """Forget the mappings (the owner closes them)."""
@@ -1088,6 +1150,7 @@ cdef class Export:
         self.size = segment.size
         self._links = []
         self._has_handler = has_handler
+        self._local_bell = -1       # __dealloc__ must not close fd 0 if eventfd() fails
         _gate_init(&self._gate)
         self._local_bell = _os.eventfd(0, _os.EFD_NONBLOCK | _os.EFD_CLOEXEC)
 
@@ -1112,10 +1175,46 @@ cdef class Export:
         """A new importer: its notification ring (consumer end) and a callable
         that releases it (closes its socket and segment)."""
         if self._closed:
-            closer()
+            try:
+                ring.close()        # the closer releases the segment the ring uses
+            finally:
+                closer()
             raise ValueError("exported buffer is closed")
+        self._prune()
         self._links.append([ring, closer])
         self._poke()
+
+    def _prune(self):
+        """Release importers that are gone and left nothing queued.  A waiter
+        does this itself (its doorbells report the hang-up); this is for
+        buffers nobody waits on, which would otherwise keep every importer
+        that ever came (a socket and a segment each) until unexported."""
+        cdef Ring ring
+        cdef Py_ssize_t i
+        cdef list dead = []
+        if self._gate.busy:
+            return                  # a waiter is inside and handles them itself
+        _gate_enter(&self._gate, 0)
+        try:
+            i = len(self._links) - 1
+            while i >= 0:
+                ring = <Ring>(<list>self._links[i])[0]
+                if shr_bell_peer_gone(ring.data_bell):
+                    try:
+                        if ring._avail() == 0:
+                            dead.append(self._links.pop(i))
+                    except RingCorruptedError:
+                        dead.append(self._links.pop(i))
+                i -= 1
+        finally:
+            _gate_leave(&self._gate)
+        # Outside the gate: closing sockets releases the GIL, and a wait(0)
+        # meanwhile must not find the gate busy.
+        for ring, closer in dead:
+            try:
+                ring.close()
+            finally:
+                closer()
 
     cdef _drop(self, Py_ssize_t i):
         ring, closer = self._links.pop(i)
@@ -1184,7 +1283,10 @@ cdef class Export:
         cdef int64_t limit = 0      # computed on the first wait only
         cdef int64_t slice_ns, spin = -1
         cdef Ring ring
-        _gate_enter(&self._gate, timeout)
+        try:
+            _gate_enter(&self._gate, timeout)
+        except (BlockingIOError, TimeoutError):
+            return None             # another thread waited (and took) for that long
         try:
             while True:
                 if self._closed:
@@ -1258,8 +1360,17 @@ cdef class Export:
             while self._links:
                 self._drop(len(self._links) - 1)
         finally:
+            # No waiter is inside (we hold the gate) and none can enter
+            # (closed); a late _poke() on -1 is a no-op.  Releasing the fd
+            # here, not at collection, keeps close() from leaking it.
+            if self._local_bell >= 0:
+                close(self._local_bell)
+                self._local_bell = -1
             _gate_leave(&self._gate)
 
     @property
     def closed(self):
         return self._closed
+
+
+include "_fastpath_poll.pxi"

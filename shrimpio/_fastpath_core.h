@@ -151,9 +151,12 @@ static inline int shr_bell_ring(int fd, int kind) {
     }
 }
 
-/* Drain pending rings. 0 ok, -2 the peer is gone (EOF), -1 error. */
+/* Drain pending rings. 0 ok, -2 the peer is gone (EOF), -1 error.
+ * Bounded: a peer flooding the doorbell must not keep us here (past our
+ * deadline, deaf to signals); whatever is left just wakes the next ppoll(). */
 static inline int shr_bell_drain(int fd, int kind) {
-    char buf[64];
+    char buf[256];
+    int reads = 0;
     for (;;) {
         ssize_t r;
         if (kind == SHR_BELL_SOCKET)
@@ -161,7 +164,7 @@ static inline int shr_bell_drain(int fd, int kind) {
         else
             r = read(fd, buf, 8);
         if (r > 0) {
-            if (kind != SHR_BELL_SOCKET) return 0;
+            if (kind != SHR_BELL_SOCKET || ++reads >= 16) return 0;
             continue;
         }
         if (r == 0) return -2;
@@ -217,6 +220,11 @@ static inline void shr_cond_arm(const shr_cond *c, uint32_t v) {
         atomic_store_explicit(&c->h->writer_sleeping, v, memory_order_seq_cst);
     else
         atomic_store_explicit(&c->h->reader_sleeping, v, memory_order_seq_cst);
+    /* Arming is the waiter's half of Dekker, and the re-check after it loads
+     * with acquire, not seq_cst: a seq_cst store followed by an acquire load
+     * of another location may be reordered (e.g. STLR then LDAPR on arm64).
+     * The full fence orders store(flag) -> load(index). */
+    if (v) atomic_thread_fence(memory_order_seq_cst);
 }
 
 /* After publishing: wake the other side if (and only if) it sleeps. */
@@ -290,7 +298,7 @@ static int shr_wait_any(const shr_cond *conds, int n, const int *bells, const in
         int np = 0, r, gone = -1;
         struct timespec ts, *tsp = NULL;
 
-        for (i = 0; i < n; i++) shr_cond_arm(&conds[i], 1);
+        for (i = 0; i < n; i++) shr_cond_arm(&conds[i], 1);   /* each with a full fence */
         for (i = 0; i < n; i++)
             if (shr_cond_ready(&conds[i])) {
                 int j;
@@ -341,6 +349,9 @@ static int shr_wait_any(const shr_cond *conds, int n, const int *bells, const in
         for (i = 0; i < n; i++)
             if (shr_cond_ready(&conds[i])) { *which = i; return SHR_READY; }
         if (gone >= 0) { *which = gone; return SHR_GONE; }
+        /* A wake-up for nothing (a stale or flooded doorbell): the deadline
+         * still holds, or a busy doorbell would keep us here for ever. */
+        if (deadline != INT64_MAX && shr_now_ns() >= deadline) return SHR_TIMEOUT;
     }
 }
 

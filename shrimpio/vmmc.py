@@ -92,7 +92,8 @@ class ExportedBuffer(Export):
             except Exception:
                 log.exception("notification handler of %s/%s failed", self._endpoint.name, self.name)
             finally:
-                self.unblock_notifications()
+                if self.blocked:        # unless the handler unblocked itself: the
+                    self.unblock_notifications()   # thread must live on either way
 
     def _serve_import(self, conn: socket.socket) -> None:
         """Give one importer the buffer and a fresh notification ring."""
@@ -108,15 +109,38 @@ class ExportedBuffer(Export):
             nseg.close()
             conn.close()
 
+        # Our own copies of the fds to pass: a concurrent unexport may close
+        # the originals (and the numbers be reused) before the reply goes.
+        fds: list[int] = []
         try:
-            _control.send_message(conn, "ok", {"size": self.size, "readable": self.readable,
-                                               "notify_capacity": NOTIFY_CAPACITY},
-                                  fds=[self.segment.fileno(), nseg.fileno()])
+            fds.append(os.dup(self.segment.fileno()))     # ValueError if unexported meanwhile
+            fds.append(os.dup(nseg.fileno()))
         except BaseException:
+            for fd in fds:
+                os.close(fd)
             ring.close()
             release()
             raise
-        self._add_link(ring, release)
+        try:
+            # Link first, reply second: once import_buffer() returns, this
+            # exporter counts the importer and its waiters watch its ring.
+            self._add_link(ring, release)   # on failure it has released both
+            try:
+                _control.send_message(conn, "ok", {"size": self.size, "readable": self.readable,
+                                                   "notify_capacity": NOTIFY_CAPACITY}, fds=fds)
+            except OSError as e:
+                # The asker is gone.  The link owns conn now (it must not be
+                # closed under a waiter): hang it up, and the link is dropped
+                # like any gone importer's.
+                log.debug("endpoint %s: import reply for %s failed: %s", self._endpoint.name,
+                          self.name, e)
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def close(self) -> None:
         """Unexport: importers are released and see the exporter gone."""
@@ -158,7 +182,13 @@ class ImportedBuffer(Proxy):
         self._detach()
         self._notify_ring.close()
         self._notify_segment.close()
-        self._segment.close()
+        seg, self._segment = self._segment, None
+        try:
+            seg.close()
+        except BufferError:
+            # A send() in another thread is still copying into the mapping
+            # (it pins it): the mapping goes with that thread's reference.
+            pass
         self._sock.close()
         self._sock = None
         self._owner._forget_import(self)

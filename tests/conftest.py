@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import gc
 import os
+import pathlib
+import shutil
+import tempfile
 import time
 
 import pytest
@@ -64,16 +67,20 @@ def registry(tmp_path, monkeypatch):
     The test also runs in ``tmp_path``: a child ``python -c`` started from
     the source tree would import the uncompiled ``shrimpio/`` there instead
     of the installed package."""
-    root = tmp_path / "registry"
+    # Short, under /tmp: a Unix socket path must fit in 107 bytes, and
+    # tmp_path (with the test's name in it) often does not.
+    root = pathlib.Path(tempfile.mkdtemp(prefix="shr-", dir="/tmp"))
     monkeypatch.setenv("SHRIMPIO_REGISTRY", str(root))
     monkeypatch.chdir(tmp_path)
-    yield root
-    gc.collect()
-    leftovers = []
-    if root.exists():
+    try:
+        yield root
+        gc.collect()
+        leftovers = []
         for dirpath, _dirs, files in os.walk(root):
             leftovers += [os.path.join(dirpath, f) for f in files if not f.startswith(".")]
-    assert not leftovers, f"registry entries left behind: {leftovers}"
+        assert not leftovers, f"registry entries left behind: {leftovers}"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

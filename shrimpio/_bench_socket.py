@@ -1,0 +1,161 @@
+"""Blocking-socket benchmark: the same client/server code over shrimpio
+shared memory, kernel TCP loopback and a Unix socket, in one run.
+
+* 64-byte ping-pong round trip: ``sendall`` 64 bytes, ``recv_into`` 64 back;
+* 1 MiB bandwidth: ``sendall`` 1 MiB, the peer ``recv_into``s it all and
+  answers 8 bytes.
+
+The two processes are pinned to two different cores.  Each figure is the
+median of three repeats (one with ``--quick``).
+
+    python -m shrimpio bench-socket [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import socket as _std
+import tempfile
+import time
+
+from ._bench import _pin, _stats, machine
+from .socket import socket as ShmSocket
+
+MIB = 1 << 20
+
+
+def _recv_exact(sock, view, n: int) -> None:
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:n], n - got)
+        if k == 0:
+            raise ConnectionError("peer closed")
+        got += k
+
+
+def _serve(listener, rounds: int, size: int, reply: int) -> None:
+    """The server: the same code whatever the transport."""
+    _pin(1)
+    conn, _ = listener.accept()
+    listener.close()
+    buf = memoryview(bytearray(max(size, reply)))
+    out = b"r" * reply
+    for _ in range(rounds):
+        _recv_exact(conn, buf, size)
+        conn.sendall(out)
+    conn.close()
+
+
+def _client(sock, rounds: int, size: int, reply: int) -> list[int]:
+    _pin(0)
+    msg = b"p" * size
+    buf = memoryview(bytearray(reply))
+    clock = time.perf_counter_ns
+    out = []
+    for _ in range(rounds):
+        t0 = clock()
+        sock.sendall(msg)
+        _recv_exact(sock, buf, reply)
+        out.append(clock() - t0)
+    sock.close()
+    return out
+
+
+def _listener(kind: str, path: str):
+    if kind == "unix":
+        lst = _std.socket(_std.AF_UNIX, _std.SOCK_STREAM)
+        lst.bind(path)
+        lst.listen()
+        return lst, path
+    cls = ShmSocket if kind == "shrimpio" else _std.socket
+    lst = cls(_std.AF_INET, _std.SOCK_STREAM)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen()
+    return lst, lst.getsockname()
+
+
+def run_one(kind: str, rounds: int, size: int, reply: int) -> list[int]:
+    with tempfile.TemporaryDirectory(prefix="shrimpio-bench-") as tmp:
+        lst, addr = _listener(kind, os.path.join(tmp, "unix.sock"))
+        p = mp.get_context("fork").Process(target=_serve, args=(lst, rounds, size, reply))
+        p.start()
+        lst.close()
+        if kind == "unix":
+            sock = _std.socket(_std.AF_UNIX, _std.SOCK_STREAM)
+        else:
+            sock = (ShmSocket if kind == "shrimpio" else _std.socket)(_std.AF_INET, _std.SOCK_STREAM)
+            sock.setsockopt(_std.IPPROTO_TCP, _std.TCP_NODELAY, 1)
+        sock.connect(addr)
+        try:
+            return _client(sock, rounds, size, reply)
+        finally:
+            p.join(60)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+
+
+KINDS = ("shrimpio", "tcp", "unix")
+
+
+def run(quick: bool = False) -> dict:
+    repeats = 1 if quick else 3
+    n_rt = 5000 if quick else 50000
+    n_bw = 100 if quick else 1000
+    own_registry = "SHRIMPIO_REGISTRY" not in os.environ
+    tmp = tempfile.TemporaryDirectory(prefix="shrimpio-bench-reg-") if own_registry else None
+    if tmp is not None:
+        os.environ["SHRIMPIO_REGISTRY"] = tmp.name
+    try:
+        def best(*args):
+            runs = sorted((_stats(run_one(*args)) for _ in range(repeats)), key=lambda r: r["median_us"])
+            return runs[len(runs) // 2]
+        res = {"machine": machine(), "rtt_64B": {}, "bw_1MiB": {}}
+        for kind in KINDS:
+            res["rtt_64B"][kind] = best(kind, n_rt, 64, 64)
+        for kind in KINDS:
+            r = best(kind, n_bw, MIB, 8)
+            r["MiB_per_s"] = 1e6 / r["median_us"]
+            res["bw_1MiB"][kind] = r
+    finally:
+        if tmp is not None:
+            del os.environ["SHRIMPIO_REGISTRY"]
+            tmp.cleanup()
+    rt, bw = res["rtt_64B"], res["bw_1MiB"]
+    res["ratios"] = {
+        "tcp_rtt_over_shrimpio": rt["tcp"]["median_us"] / rt["shrimpio"]["median_us"],
+        "unix_rtt_over_shrimpio": rt["unix"]["median_us"] / rt["shrimpio"]["median_us"],
+        "shrimpio_bw_over_unix": bw["shrimpio"]["MiB_per_s"] / bw["unix"]["MiB_per_s"],
+        "shrimpio_bw_over_tcp": bw["shrimpio"]["MiB_per_s"] / bw["tcp"]["MiB_per_s"],
+    }
+    return res
+
+
+def report(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Linux {m['kernel']}",
+             "", "blocking 64-byte round trip   median      p99"]
+    for k, v in res["rtt_64B"].items():
+        lines.append(f"  {k:<26}{v['median_us']:8.2f} us {v['p99_us']:8.2f} us")
+    lines += ["", "1 MiB sendall + 8-byte ack    MiB/s    median      p99"]
+    for k, v in res["bw_1MiB"].items():
+        lines.append(f"  {k:<26}{v['MiB_per_s']:6.0f} {v['median_us']:8.1f} us {v['p99_us']:8.1f} us")
+    r = res["ratios"]
+    lines += ["", f"round trip: shrimpio is {r['tcp_rtt_over_shrimpio']:.1f}x faster than TCP, "
+                  f"{r['unix_rtt_over_shrimpio']:.1f}x faster than a Unix socket",
+              f"bandwidth: shrimpio is {r['shrimpio_bw_over_unix']:.1f}x a Unix socket, "
+              f"{r['shrimpio_bw_over_tcp']:.1f}x TCP"]
+    return "\n".join(lines)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="fewer iterations, one repeat")
+    ap.add_argument("--json", action="store_true", help="print JSON")
+
+
+def main(args: argparse.Namespace) -> None:
+    res = run(quick=args.quick)
+    print(json.dumps(res, indent=2) if args.json else report(res))

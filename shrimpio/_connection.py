@@ -1,0 +1,255 @@
+"""A shared-memory stream connection: two rings, two doorbells, one control socket.
+
+Theory of operation
+-------------------
+The *client* builds the connection: one segment holding two rings (client to
+server at offset 0, server to client after it) and a socketpair for the
+"space" doorbell.  It connects to the listener's registry entry (an
+``AF_UNIX``/``SOCK_SEQPACKET`` socket; that connected socket is the
+connection's control socket from then on) and sends one ``stream`` message
+carrying the segment and the server's end of the socketpair.  It does not
+wait for an answer: like a TCP connect, the connection exists once it is in
+the listener's backlog, and bytes written before ``accept()`` wait in the ring.
+(DESIGN.md puts each ring in the receiver's segment; building both on the
+client is what lets ``connect()`` finish before the server accepts.  The
+server validates everything in the segment, so nothing is lost in safety.)
+
+Doorbells, per side:
+
+* the control socket is the *data* doorbell: the peer rings it (one byte)
+  when it wrote and our reader sleeps; its fd is the socket's ``fileno()``, so
+  select/poll/epoll see data and EOF on it;
+* the space socket is the *space* doorbell: rung when the peer consumed and
+  our writer sleeps.
+
+Two sockets, because a reader thread and a writer thread of one connection
+may sleep at the same time, and one socket would let one of them swallow the
+other's wake-up.  The kernel closes both when a process exits, however it
+exits: EOF on either means the peer is gone.
+
+Closing: ``close()`` of the last reference in a process that never forked
+shuts our write side (the peer reads EOF after the last byte) and our read
+side (the peer's writes fail with ``EPIPE``), as TCP's FIN and RST would.
+After a fork, several processes may hold the connection; then ``close()``
+only drops this process's fds and the peer sees EOF when the last holder
+closes or dies.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket as _std
+import threading
+from typing import Optional
+
+from . import _control
+from ._fastpath import Ring, RingCorruptedError, Segment
+
+__all__ = ["Connection", "DEFAULT_RING", "HELLO_KIND", "ring_capacity"]
+
+#: Default bytes per direction (about a Unix socket's default buffer).
+DEFAULT_RING = 256 * 1024
+MIN_RING = 4096
+MAX_RING = 64 * 1024 * 1024
+HELLO_KIND = "stream"
+PROTOCOL_VERSION = 1
+
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+    Connection._forked_parent_gen = -1
+
+
+def _before_fork() -> None:
+    # Every connection that exists now is shared with the child.
+    Connection._shared_below = Connection._next_id
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def ring_capacity(nbytes: int) -> int:
+    """Ring size for a requested buffer size: a power of two in [4 KiB, 64 MiB]."""
+    nbytes = max(MIN_RING, min(MAX_RING, int(nbytes)))
+    return 1 << (nbytes - 1).bit_length()
+
+
+def _align(n: int, to: int = 4096) -> int:
+    return (n + to - 1) // to * to
+
+
+class Connection:
+    """The shared-memory half of a connected shrimpio socket.
+
+    The socket objects own the user-visible fds of the control socket; this
+    object owns its own fd of it (``bell_fd``, the data doorbell, so that
+    closing one user fd of several never pulls the doorbell away), the
+    segment and the space socket.  ``local`` and ``peer`` are the emulated
+    TCP addresses.
+    """
+
+    _next_id = 0
+    _shared_below = 0            # ids below this existed at a fork
+    _forked_parent_gen = 0
+
+    def __init__(self, segment: Segment, bell_fd: int, space: _std.socket, *, client: bool,
+                 caps: tuple[int, int], local: tuple = (), peer: tuple = ()) -> None:
+        self.id = Connection._next_id
+        Connection._next_id += 1
+        self.segment = segment
+        self.bell_fd = bell_fd
+        self.space = space
+        self.local = local
+        self.peer = peer
+        self.client = client
+        c2s, s2c = caps
+        off2 = _align(Ring.footprint(c2s), 64)
+        bells = dict(data_bell=bell_fd, space_bell=space.fileno())
+        ring_c2s = Ring(segment, 0, c2s, **bells)
+        ring_s2c = Ring(segment, off2, s2c, **bells)
+        self.tx, self.rx = (ring_c2s, ring_s2c) if client else (ring_s2c, ring_c2s)
+        self.refs = 1                 # socket objects of this process using it
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.closed = False
+        self.gone = False             # EOF seen on a doorbell: the peer is gone
+        self.rd_shut = False          # shutdown(SHUT_RD) was called in this process
+        self.lock = threading.Lock()
+
+    # -- building ----------------------------------------------------------
+
+    @staticmethod
+    def layout(c2s: int, s2c: int) -> tuple[int, int]:
+        """(offset of the second ring, segment size) for two capacities."""
+        off2 = _align(Ring.footprint(c2s), 64)
+        return off2, _align(off2 + Ring.footprint(s2c))
+
+    @classmethod
+    def connect(cls, ctl: _std.socket, target_fd: int, local: tuple, peer: tuple, sndbuf: int,
+                rcvbuf: int) -> "Connection":
+        """Client side, over a connected registry socket ``ctl``: build the
+        rings, send the hello, then ``dup2`` the control socket onto
+        ``target_fd`` (the user's socket, whose fd number must not change).
+        ``ctl``'s own fd becomes the connection's doorbell fd."""
+        c2s, s2c = ring_capacity(sndbuf), ring_capacity(rcvbuf)
+        off2, size = cls.layout(c2s, s2c)
+        seg = Segment(size)
+        mine, theirs = _std.socketpair(_std.AF_UNIX, _std.SOCK_SEQPACKET)
+        try:
+            Ring(seg, 0, c2s, create=True).close()
+            Ring(seg, off2, s2c, create=True).close()
+            _control.send_message(ctl, HELLO_KIND, {
+                "v": PROTOCOL_VERSION, "c2s": c2s, "s2c": s2c, "size": size,
+                "client": list(local), "server": list(peer)},
+                fds=[seg.fileno(), theirs.fileno()])
+        except BaseException:
+            seg.close()
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        os.dup2(ctl.fileno(), target_fd, inheritable=False)
+        return cls(seg, ctl.detach(), mine, client=True, caps=(c2s, s2c), local=local, peer=peer)
+
+    @classmethod
+    def accept(cls, ctl: _std.socket) -> tuple["Connection", tuple, tuple]:
+        """Server side: read the hello from an accepted registry socket and
+        map the client's segment.  Returns (connection, client address,
+        server address).  Anything malformed raises ``ProtocolError`` and
+        closes what came with it."""
+        msg = _control.recv_message(ctl, timeout=5.0)
+        fds = list(msg.fds)
+        try:
+            _control.expect(msg, HELLO_KIND)
+            body = msg.body
+            if body.get("v") != PROTOCOL_VERSION:
+                raise _control.ProtocolError(f"unsupported stream protocol version {body.get('v')!r}")
+            if len(fds) != 2:
+                raise _control.ProtocolError("stream hello must carry two fds")
+            try:
+                c2s, s2c, size = int(body["c2s"]), int(body["s2c"]), int(body["size"])
+                client, server = tuple(body["client"]), tuple(body["server"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise _control.ProtocolError(f"bad stream hello: {exc}") from None
+            for cap in (c2s, s2c):
+                if ring_capacity(cap) != cap:
+                    raise _control.ProtocolError(f"bad ring capacity {cap}")
+            if size != cls.layout(c2s, s2c)[1]:
+                raise _control.ProtocolError("segment size does not match the rings")
+            if (len(client) < 2 or len(server) < 2 or not isinstance(client[0], str)
+                    or not isinstance(server[0], str)):
+                raise _control.ProtocolError("bad addresses in stream hello")
+            fd0, fds[0] = fds[0], -1
+            seg = Segment.from_fd(fd0, size, keep_fd=False)    # closes fd0 on failure
+        except BaseException:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        try:
+            space = _std.socket(fileno=fds[1])
+            if space.type != _std.SOCK_SEQPACKET or space.family != _std.AF_UNIX:
+                space.detach()
+                raise _control.ProtocolError("space doorbell is not a Unix seqpacket socket")
+        except BaseException:
+            os.close(fds[1])
+            seg.close()
+            raise
+        own = -1
+        try:
+            own = os.dup(ctl.fileno())
+            conn = cls(seg, own, space, client=False, caps=(c2s, s2c))
+        except BaseException:
+            if own >= 0:
+                os.close(own)
+            seg.close()
+            space.close()
+            raise
+        return conn, client, server
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def shared_with_child(self) -> bool:
+        """Has this process forked while the connection existed?"""
+        return self.id < Connection._shared_below or _fork_generation > 0
+
+    def release(self) -> None:
+        """One socket object of this process lets go; the last one closes."""
+        with self.lock:
+            self.refs -= 1
+            last = self.refs <= 0
+        if last:
+            self.close()
+
+    def close(self) -> None:
+        """Drop this process's share of the connection (see the module
+        docstring for what the peer sees)."""
+        if self.closed:
+            return
+        if not self.shared_with_child:
+            for action in (self.tx.shutdown_write, self.rx.close_read):
+                try:
+                    action()
+                except (OSError, ValueError):
+                    pass     # already broken or the peer is gone: nothing to tell
+        self.closed = True
+        self.tx.close()
+        self.rx.close()
+        self.segment.close()
+        self.space.close()
+        os.close(self.bell_fd)
+
+
+def describe_error(exc: BaseException) -> str:
+    """Short fallback reason for a failed handshake."""
+    if isinstance(exc, RingCorruptedError):
+        return "handshake refused: bad segment"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"handshake refused: {errno.errorcode.get(exc.errno, exc.errno)}"
+    return f"handshake refused: {exc}"

@@ -1,0 +1,53 @@
+# Included at the end of _fastpath.pyx: what select/poll/epoll need from a
+# ring.  Kept apart because it is the pollers' interface, not the ring's own.
+
+cdef extern from "_fastpath_core.h" nogil:
+    int shr_cond_ready(const shr_cond *c)
+    void shr_cond_arm(const shr_cond *c, uint32_t v)
+
+
+def ring_arm(Ring ring not None, bint writable):
+    """Is the ring ready now (data or end of stream; or room, or a closed
+    reader)?  If not, set its sleeping flag (a full fence, then a re-check)
+    so that the peer rings the doorbell at its next change, and return False.
+
+    A flag left set after the poller moves on costs the peer one spare ring
+    and us one spare wake-up; clearing it could steal the wake-up of a thread
+    blocked in a read on the same ring, so it is never cleared here."""
+    cdef shr_cond c
+    ring._check_open()
+    c.h = ring.h
+    c.pos = ring.head if writable else ring.tail
+    c.need = 1
+    c.cap = ring.cap
+    c.writable = writable
+    if shr_cond_ready(&c):
+        return True
+    shr_cond_arm(&c, 1)
+    return bool(shr_cond_ready(&c))
+
+
+def drain_bell(int fd):
+    """Swallow the pending rings of a socket doorbell without blocking.
+    True if the peer is gone (end of file or reset)."""
+    return shr_bell_drain(fd, SHR_BELL_SOCKET) == -2
+
+
+def ring_peek_into(Ring ring not None, buffer, Py_ssize_t nbytes=-1):
+    """Copy up to ``nbytes`` readable bytes into ``buffer`` without consuming
+    them, across the wrap-around point (``recv(n, MSG_PEEK)`` needs all of
+    them, where ``Ring.peek`` gives a zero-copy view up to the wrap only).
+    Returns the count, 0 when nothing is readable."""
+    cdef Py_buffer buf
+    cdef uint64_t avail
+    ring._check_open()
+    PyObject_GetBuffer(buffer, &buf, PyBUF_WRITABLE)
+    try:
+        if nbytes < 0 or nbytes > buf.len:
+            nbytes = buf.len
+        avail = ring._avail()
+        if avail > <uint64_t>nbytes:
+            avail = nbytes
+        return ring._copy_out(<char *>buf.buf, avail)
+    finally:
+        PyBuffer_Release(&buf)

@@ -1,0 +1,389 @@
+"""select / poll / epoll that understand shrimpio sockets.
+
+Theory of operation
+-------------------
+A shared-memory connection is ready when its *rings* say so, not its fd: the
+peer rings the doorbell (one byte on the control socket, or on the space
+socket) only when our side has said it sleeps.  So before the kernel waits,
+each shrimpio fd of interest is *armed*:
+
+* read interest: if the receive ring holds data or end-of-stream, the fd is
+  ready now; else set the ring's reader-sleeping flag (full fence, re-check)
+  and let the kernel watch the control socket (the data doorbell, which also
+  reports the peer's death as EOF);
+* write interest: if the send ring has room, ready now; else set the
+  writer-sleeping flag and let the kernel watch the space socket.
+
+If anything was ready at arming time, the kernel is asked with a zero
+timeout only.  After the kernel returns, doorbell bytes are drained, the rings
+are asked again, and only what the rings confirm is reported: level-triggered,
+and no spurious readiness (a non-blocking ``recv`` after ``select`` says
+readable does not raise ``BlockingIOError``).  A listener is ready when its TCP
+socket or its registry socket has a connection waiting.
+
+Everything that is not a shrimpio socket goes to the kernel unchanged.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import select as _select
+import socket as _std
+import time
+from typing import Any, Iterable, Optional
+
+from . import socket as _ss
+from ._fastpath import drain_bell, ring_arm
+
+__all__ = ["select", "poll", "epoll", "drain"]
+
+_real_select = _select.select
+_real_poll = _select.poll
+_real_epoll = getattr(_select, "epoll", None)
+
+POLLIN = _select.POLLIN
+POLLOUT = _select.POLLOUT
+POLLERR = _select.POLLERR
+POLLHUP = _select.POLLHUP
+POLLPRI = _select.POLLPRI
+_IN_BITS = POLLIN | POLLPRI | getattr(_select, "POLLRDNORM", 0)
+_OUT_BITS = POLLOUT | getattr(_select, "POLLWRNORM", 0)
+
+
+def _fd_of(obj: Any) -> int:
+    if isinstance(obj, int):
+        fd = obj
+    else:
+        try:
+            fd = obj.fileno()
+        except AttributeError:
+            raise TypeError("argument must be an int, or have a fileno() method.") from None
+        if not isinstance(fd, int):
+            raise TypeError("fileno() returned a non-integer")
+    if fd < 0:
+        raise ValueError(f"file descriptor cannot be a negative integer ({fd})")
+    return fd
+
+
+def _shrimp(fd: int) -> Any:
+    """The shrimpio socket behind ``fd`` if it is a listener or an shm
+    connection, else None."""
+    sock = _ss._by_fd.get(fd)
+    if sock is None or sock.fileno() != fd:
+        return None
+    if sock._shm is not None and not sock._shm.closed:
+        return sock
+    if sock._lst is not None:
+        return sock
+    return None
+
+
+def drain(conn: Any) -> None:
+    """Swallow pending doorbell bytes of a connection; note the peer's death."""
+    data_eof = drain_bell(conn.bell_fd)
+    space_eof = drain_bell(conn.space.fileno())
+    # After our own shutdown(SHUT_RD) the control socket reports EOF (that is
+    # how blocked readers are woken): not a sign of the peer's death, which
+    # the space socket still reports.
+    if data_eof and conn.rd_shut:
+        data_eof = False
+    if data_eof or space_eof:
+        conn.gone = True
+
+
+def _want(sock: Any, read: bool, write: bool) -> tuple[bool, bool, list[tuple[int, int]]]:
+    """Arm ``sock`` for the interests given.  Returns (readable now, writable
+    now, [(kernel fd, POLLIN)...] to watch if nothing is ready)."""
+    lst = sock._lst
+    if lst is not None:
+        return False, False, ([(sock.fileno(), POLLIN), (lst.usock.fileno(), POLLIN)] if read else [])
+    conn = sock._shm
+    r = w = False
+    watch: list[tuple[int, int]] = []
+    if conn.gone:
+        return read, write, []
+    if read:
+        if conn.rd_shut or ring_arm(conn.rx, False):
+            r = True
+        else:
+            watch.append((conn.bell_fd, POLLIN))
+    if write:
+        if ring_arm(conn.tx, True):
+            w = True
+        else:
+            watch.append((conn.space.fileno(), POLLIN))
+            watch.append((conn.bell_fd, POLLIN))     # EOF there = peer gone
+    return r, w, watch
+
+
+def _ready(sock: Any, read: bool, write: bool) -> tuple[bool, bool]:
+    """After the kernel wait: what the rings confirm (drains doorbells)."""
+    lst = sock._lst
+    if lst is not None:
+        if not read:
+            return False, False
+        r = _real_poll_once([sock.fileno(), lst.usock.fileno()])
+        return r, False
+    conn = sock._shm
+    if conn is None or conn.closed:
+        return read, write            # closed under us: let the call raise EBADF
+    drain(conn)
+    if conn.gone:
+        return read, write
+    r = read and (conn.rd_shut or conn.rx.readable() > 0 or conn.rx.at_eof())
+    w = write and (conn.tx.free() > 0 or conn.tx.read_shut)
+    return r, w
+
+
+def _hup(conn: Any) -> bool:
+    """POLLHUP as Linux TCP reports it: only once *both* directions are
+    finished (end of stream from the peer, or its death, or our SHUT_RD;
+    and our own write side shut).  Not merely "the peer closed": TCP then
+    says POLLIN only, and poll loops that drop a connection on POLLHUP
+    before reading would lose the peer's last bytes."""
+    if conn is None or conn.closed:
+        return False
+    try:
+        return conn.tx.write_shut and (conn.rd_shut or conn.gone or conn.rx.at_eof())
+    except ValueError:          # closed under us
+        return False
+
+
+def _real_poll_once(fds: list[int]) -> bool:
+    p = _real_poll()
+    for fd in fds:
+        p.register(fd, POLLIN)
+    return bool(p.poll(0))
+
+
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)):
+        raise TypeError("timeout must be an integer or None")
+    if math.isnan(timeout):
+        raise ValueError("Invalid value NaN (not a number)")
+    if timeout < 0:
+        raise ValueError("timeout must be non-negative")
+    return time.monotonic() + timeout
+
+
+def _left(deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+# ---------------------------------------------------------------------------
+# select.select
+
+
+def select(rlist: Iterable[Any], wlist: Iterable[Any], xlist: Iterable[Any],
+           timeout: Optional[float] = None) -> tuple[list, list, list]:
+    """``select.select`` that understands shrimpio sockets."""
+    rlist, wlist, xlist = list(rlist), list(wlist), list(xlist)
+    rfds = [_fd_of(o) for o in rlist]
+    wfds = [_fd_of(o) for o in wlist]
+    xfds = [_fd_of(o) for o in xlist]
+    shm = {fd: _shrimp(fd) for fd in set(rfds) | set(wfds)}
+    shm = {fd: s for fd, s in shm.items() if s is not None}
+    if not shm:
+        return _real_select(rlist, wlist, xlist, timeout)
+    deadline = _deadline(timeout)
+    while True:
+        now_r, now_w, kr = set(), set(), set()
+        for fd, sock in shm.items():
+            r, w, watch = _want(sock, fd in rfds, fd in wfds)
+            if r:
+                now_r.add(fd)
+            if w:
+                now_w.add(fd)
+            kr.update(k for k, _ in watch)
+        plain_r = [fd for fd in rfds if fd not in shm]
+        plain_w = [fd for fd in wfds if fd not in shm]
+        wait = 0.0 if (now_r or now_w) else _left(deadline)
+        try:
+            kr_ready, kw_ready, kx_ready = _real_select(plain_r + sorted(kr), plain_w, xfds, wait)
+        except BaseException:
+            for sock in shm.values():
+                _ready(sock, False, False)
+            raise
+        got_r = {fd for fd in plain_r if fd in kr_ready}
+        got_w = set(kw_ready)
+        for fd, sock in shm.items():
+            r, w = _ready(sock, fd in rfds, fd in wfds)
+            if r:
+                got_r.add(fd)
+            if w:
+                got_w.add(fd)
+        got_x = set(kx_ready)
+        if got_r or got_w or got_x or (deadline is not None and time.monotonic() >= deadline):
+            return ([o for o, fd in zip(rlist, rfds) if fd in got_r],
+                    [o for o, fd in zip(wlist, wfds) if fd in got_w],
+                    [o for o, fd in zip(xlist, xfds) if fd in got_x])
+
+
+# ---------------------------------------------------------------------------
+# select.poll
+
+
+class poll:
+    """``select.poll`` that understands shrimpio sockets."""
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}
+
+    def register(self, fd: Any, eventmask: int = POLLIN | POLLPRI | POLLOUT) -> None:
+        self._fds[_fd_of(fd)] = eventmask
+
+    def modify(self, fd: Any, eventmask: int) -> None:
+        fd = _fd_of(fd)
+        if fd not in self._fds:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        self._fds[fd] = eventmask
+
+    def unregister(self, fd: Any) -> None:
+        del self._fds[_fd_of(fd)]
+
+    def poll(self, timeout: Optional[float] = None) -> list[tuple[int, int]]:
+        if timeout is not None:
+            if not isinstance(timeout, (int, float)):
+                raise TypeError("timeout must be an integer or None")
+            timeout = None if timeout < 0 else timeout / 1000.0
+        return _poll_many(self._fds, timeout, -1)
+
+
+def _poll_many(interest: dict[int, int], timeout: Optional[float], maxevents: int,
+               epoll_bits: bool = False) -> list[tuple[int, int]]:
+    """Shared by poll and epoll: ``interest`` maps fd -> poll-style mask."""
+    shm = {fd: s for fd in interest if (s := _shrimp(fd)) is not None}
+    deadline = _deadline(timeout)
+    while True:
+        kernel = _real_poll()
+        now: dict[int, int] = {}
+        owners: dict[int, list[int]] = {}
+        for fd, mask in interest.items():
+            sock = shm.get(fd)
+            if sock is None:
+                kernel.register(fd, mask)
+                continue
+            r, w, watch = _want(sock, bool(mask & _IN_BITS), bool(mask & _OUT_BITS))
+            ev = (POLLIN if r else 0) | (POLLOUT if w else 0)
+            if ev:
+                now[fd] = ev
+            for kfd, kmask in watch:
+                owners.setdefault(kfd, []).append(fd)
+        for kfd in owners:
+            # A listener watches its own fd (TCP clients) besides its registry
+            # socket: that fd is in `interest` but, being a shrimpio fd, was
+            # not registered above.
+            if kfd not in interest or kfd in shm:
+                kernel.register(kfd, POLLIN)
+        left = _left(deadline)
+        wait_ms = 0 if now else (-1 if left is None else math.ceil(left * 1000))
+        try:
+            events = kernel.poll(wait_ms)
+        except BaseException:
+            for sock in shm.values():
+                _ready(sock, False, False)
+            raise
+        out: dict[int, int] = {}
+        for kfd, ev in events:
+            if kfd in interest and kfd not in shm:
+                out[kfd] = ev
+        for fd, sock in shm.items():
+            mask = interest[fd]
+            r, w = _ready(sock, bool(mask & _IN_BITS), bool(mask & _OUT_BITS))
+            ev = (POLLIN if r else 0) | (POLLOUT if w else 0)
+            if _hup(sock._shm):
+                ev |= POLLHUP
+            if ev:
+                out[fd] = ev
+        if out or (deadline is not None and time.monotonic() >= deadline):
+            items = list(out.items())
+            return items if maxevents < 0 else items[:maxevents]
+
+
+# ---------------------------------------------------------------------------
+# select.epoll
+
+
+class epoll:
+    """``select.epoll`` that understands shrimpio sockets (level-triggered;
+    ``EPOLLET`` and ``EPOLLONESHOT`` are honoured for kernel fds only)."""
+
+    def __init__(self, sizehint: int = -1, flags: int = 0) -> None:
+        self._ep = _real_epoll(sizehint, flags)
+        self._shm: dict[int, int] = {}       # shrimpio fd -> mask
+
+    def fileno(self) -> int:
+        return self._ep.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._ep.closed
+
+    def close(self) -> None:
+        self._ep.close()
+        self._shm.clear()
+
+    def __enter__(self) -> "epoll":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check(self) -> None:
+        if self._ep.closed:
+            raise ValueError("I/O operation on closed epoll object")
+
+    def register(self, fd: Any, eventmask: int = _select.EPOLLIN | _select.EPOLLPRI | _select.EPOLLOUT) -> None:
+        self._check()
+        fd = _fd_of(fd)
+        if _shrimp(fd) is not None:
+            if fd in self._shm:
+                raise FileExistsError(errno.EEXIST, "File exists")
+            self._shm[fd] = eventmask
+            return
+        self._ep.register(fd, eventmask)
+
+    def modify(self, fd: Any, eventmask: int) -> None:
+        self._check()
+        fd = _fd_of(fd)
+        if fd in self._shm:
+            self._shm[fd] = eventmask
+            return
+        self._ep.modify(fd, eventmask)
+
+    def unregister(self, fd: Any) -> None:
+        self._check()
+        fd = _fd_of(fd)
+        if fd in self._shm:
+            del self._shm[fd]
+            return
+        self._ep.unregister(fd)
+
+    def poll(self, timeout: Optional[float] = None, maxevents: int = -1) -> list[tuple[int, int]]:
+        self._check()
+        if timeout is not None and timeout < 0:
+            timeout = None
+        live = {fd: m for fd, m in self._shm.items() if _shrimp(fd) is not None}
+        if not live:
+            return self._ep.poll(-1 if timeout is None else timeout, maxevents)
+        # The kernel fds of the epoll join as one more pollable fd.
+        interest = {fd: _to_poll(mask) for fd, mask in live.items()}
+        interest[self._ep.fileno()] = POLLIN
+        events = _poll_many(interest, timeout, -1)
+        out = [(fd, _to_epoll(ev)) for fd, ev in events if fd != self._ep.fileno()]
+        if any(fd == self._ep.fileno() for fd, _ in events):
+            out += self._ep.poll(0, maxevents)
+        return out if maxevents is None or maxevents < 0 else out[:maxevents]
+
+
+def _to_poll(mask: int) -> int:
+    return ((POLLIN if mask & (_select.EPOLLIN | _select.EPOLLPRI) else 0)
+            | (POLLOUT if mask & _select.EPOLLOUT else 0))
+
+
+def _to_epoll(ev: int) -> int:
+    return ((_select.EPOLLIN if ev & POLLIN else 0) | (_select.EPOLLOUT if ev & POLLOUT else 0)
+            | (_select.EPOLLHUP if ev & POLLHUP else 0))

@@ -1,0 +1,181 @@
+"""The one place that decides: shared memory or kernel TCP, and why.
+
+Theory of operation
+-------------------
+A stream connection goes over shared memory when all of these hold, checked
+in this order (the first that fails is the recorded *reason*):
+
+1. shrimpio is enabled (``SHRIMPIO_DISABLE`` unset) - reason ``"disabled"``;
+2. no user rule keeps this port/address on TCP - ``"disabled by rule"``;
+3. the destination is an address of this host, in this network namespace -
+   ``"remote host"``;
+4. a shrimpio listener for that address and port is in the registry -
+   ``"no shrimpio listener"``;
+5. it is served by this user - ``"other user"``;
+6. the handshake succeeds - ``"handshake refused: ..."``.
+
+Rules come from ``SHRIMPIO_TCP`` (a comma-separated list of ``port``,
+``host``, ``host:port`` or ``[v6]:port``; such destinations stay on TCP) and
+from :func:`add_tcp_rule` at run time.  Listeners obey the same rules for
+their own address, so a rule can keep a whole service on TCP.
+
+"Address of this host" is decided by the kernel: an address we can bind a UDP
+socket to is local (``EADDRNOTAVAIL`` means it is not).  Results are cached
+per address; the network namespace does not change under a running process.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket as _std
+import threading
+from typing import NamedTuple, Optional
+
+__all__ = ["Route", "decide_client", "listener_allowed", "is_local_address", "add_tcp_rule",
+           "clear_tcp_rules", "entry_name", "enabled"]
+
+SHM = "shm"
+TCP = "tcp"
+
+_local_cache: dict[str, bool] = {}
+_rules_lock = threading.Lock()
+_runtime_rules: list[tuple[Optional[str], Optional[int]]] = []
+
+
+class Route(NamedTuple):
+    """Where a connection goes: ``path`` is ``"shm"`` or ``"tcp"``;
+    ``reason`` says why it is TCP (empty for shm)."""
+
+    path: str
+    reason: str
+
+
+def enabled() -> bool:
+    """False when ``SHRIMPIO_DISABLE`` is set to anything but ``""``/``"0"``."""
+    return os.environ.get("SHRIMPIO_DISABLE", "") in ("", "0")
+
+
+def _parse_rule(text: str) -> tuple[Optional[str], Optional[int]]:
+    text = text.strip()
+    if not text:
+        raise ValueError("empty rule")
+    if text.isdigit():
+        return None, int(text)
+    if text.startswith("["):                       # [v6] or [v6]:port
+        host, _, rest = text[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else None
+        return str(ipaddress.ip_address(host)), port
+    if text.count(":") == 1:                       # host:port
+        host, port = text.split(":")
+        return str(ipaddress.ip_address(host)) if host else None, int(port)
+    return str(ipaddress.ip_address(text)), None
+
+
+def _env_rules() -> list[tuple[Optional[str], Optional[int]]]:
+    spec = os.environ.get("SHRIMPIO_TCP", "")
+    try:
+        return [_parse_rule(part) for part in spec.split(",") if part.strip()]
+    except ValueError as exc:
+        raise ValueError(f"bad SHRIMPIO_TCP rule in {spec!r}: {exc}") from None
+
+
+def add_tcp_rule(rule: str) -> None:
+    """Keep connections matching ``rule`` (``"8080"``, ``"127.0.0.2"``,
+    ``"127.0.0.1:8080"``, ``"[::1]:8080"``) on kernel TCP."""
+    parsed = _parse_rule(rule)
+    with _rules_lock:
+        _runtime_rules.append(parsed)
+
+
+def clear_tcp_rules() -> None:
+    """Forget the rules added with :func:`add_tcp_rule`."""
+    with _rules_lock:
+        _runtime_rules.clear()
+
+
+def _ruled_out(host: str, port: int) -> bool:
+    try:
+        host = str(ipaddress.ip_address(host.split("%")[0]))
+    except ValueError:
+        pass
+    for rhost, rport in _env_rules() + _runtime_rules:
+        if (rhost is None or rhost == host) and (rport is None or rport == port):
+            return True
+    return False
+
+
+def is_local_address(host: str) -> bool:
+    """Is ``host`` (a numeric address) an address of this host?"""
+    cached = _local_cache.get(host)
+    if cached is not None:
+        return cached
+    try:
+        addr = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if addr.is_loopback:
+        local = True
+    elif addr.is_unspecified or addr.is_multicast:
+        local = addr.is_unspecified        # connect() to 0.0.0.0 / :: reaches this host
+    else:
+        family = _std.AF_INET6 if addr.version == 6 else _std.AF_INET
+        probe = _std.socket(family, _std.SOCK_DGRAM)
+        try:
+            probe.bind((host, 0))
+            local = True
+        except OSError as exc:
+            local = exc.errno != errno.EADDRNOTAVAIL
+        finally:
+            probe.close()
+    _local_cache[host] = local
+    return local
+
+
+def entry_name(family: int, host: str, port: int) -> str:
+    """Registry entry of a listener on ``(host, port)``; wildcard hosts are
+    spelt ``0.0.0.0`` / ``::`` so that clients can find them."""
+    host = str(ipaddress.ip_address(host.split("%")[0]))
+    return f"tcp{6 if family == _std.AF_INET6 else 4}-{host}-{port}"
+
+
+def candidate_entries(family: int, host: str, port: int) -> list[str]:
+    """Registry entries a client to ``(host, port)`` tries, most specific first."""
+    addr = ipaddress.ip_address(host.split("%")[0])
+    names = [entry_name(family, host, port)]
+    if family == _std.AF_INET6:
+        if addr.ipv4_mapped is not None:          # ::ffff:a.b.c.d reaches v4 listeners too
+            names += [entry_name(_std.AF_INET, str(addr.ipv4_mapped), port),
+                      entry_name(_std.AF_INET, "0.0.0.0", port)]
+        names.append(entry_name(family, "::", port))
+    else:
+        if addr.is_unspecified:
+            names.append(entry_name(family, "127.0.0.1", port))
+        names.append(entry_name(family, "0.0.0.0", port))
+        names.append(entry_name(_std.AF_INET6, "::", port))   # dual-stack wildcard listener
+    seen: list[str] = []
+    for n in names:
+        if n not in seen:
+            seen.append(n)
+    return seen
+
+
+def decide_client(host: str, port: int) -> Route:
+    """Static checks before looking at the registry (steps 1-3)."""
+    if not enabled():
+        return Route(TCP, "disabled")
+    if _ruled_out(host, port):
+        return Route(TCP, "disabled by rule")
+    if not is_local_address(host):
+        return Route(TCP, "remote host")
+    return Route(SHM, "")
+
+
+def listener_allowed(host: str, port: int) -> Route:
+    """May a listener on ``(host, port)`` offer shared memory?"""
+    if not enabled():
+        return Route(TCP, "disabled")
+    if _ruled_out(host, port):
+        return Route(TCP, "disabled by rule")
+    return Route(SHM, "")

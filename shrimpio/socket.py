@@ -1,0 +1,861 @@
+"""A drop-in ``socket.socket`` whose local TCP connections run over shared memory.
+
+Theory of operation
+-------------------
+``shrimpio.socket.socket`` subclasses the stdlib class, so ``isinstance``
+checks, ``family``/``type``/``proto``, timeouts and ``fileno()`` keep their
+stdlib meaning.  Each object is in one of three states:
+
+* **kernel**: an ordinary socket (UDP, Unix, a TCP connection that fell back,
+  or not yet connected).  Every call goes to the stdlib; only byte counters
+  are added.
+* **shm connection** (``self._shm`` is a :class:`~shrimpio._connection.Connection`):
+  ``connect()`` found a shrimpio listener of this user in the registry,
+  handed it a segment, and then ``dup2``-ed the connected registry socket
+  onto the fd the object already had.  The fd number never changes, so code
+  that saved ``fileno()`` keeps working, and select/poll/epoll on it see the
+  data doorbell and peer death.  Data calls go to the rings.
+* **shm listener** (``self._lst``): a real TCP listening socket (for remote
+  and unpatched clients) plus a registry entry for shrimpio clients;
+  ``accept()`` serves both.
+
+Decisions about the path are made in :mod:`shrimpio._route` and recorded on
+the object (``shrimpio.info(sock)``).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import select as _select
+import _socket as _csocket
+import socket as _std
+import struct
+import threading
+import weakref
+from typing import Any, Optional
+
+from . import _control, _route
+from ._fastpath import ring_peek_into
+from ._connection import DEFAULT_RING, Connection, describe_error
+
+__all__ = ["socket", "info", "StdSocket"]
+
+#: The stdlib class, whatever ``shrimpio.patch`` does to the module attribute.
+StdSocket = _std.socket
+_STREAM = _std.SOCK_STREAM
+_TYPE_MASK = ~(getattr(_std, "SOCK_NONBLOCK", 0) | getattr(_std, "SOCK_CLOEXEC", 0))
+
+# SOL_SOCKET options whose value is a struct (its size), not an int: read
+# with a buflen, an unset one is that many zero bytes, as from the kernel.
+_STRUCT_OPTS = {_std.SO_LINGER: struct.calcsize("ii"),
+                _std.SO_RCVTIMEO: struct.calcsize("ll"),
+                _std.SO_SNDTIMEO: struct.calcsize("ll")}
+
+# fd -> socket object, for the pollers and fromfd (weak: objects die normally).
+_by_fd: "weakref.WeakValueDictionary[int, socket]" = weakref.WeakValueDictionary()
+# (st_dev, st_ino) of a control socket -> its Connection, so that an fd made
+# by os.dup/socket.fromfd/inheritance finds the connection again.
+_by_inode: "weakref.WeakValueDictionary[tuple[int, int], Connection]" = weakref.WeakValueDictionary()
+# Connections whose socket object was detach()ed: the bare fd owns them until
+# a new socket object adopts the fd.
+_detached: "dict[tuple[int, int], Connection]" = {}
+_registries: dict[str, _control.Registry] = {}
+_reg_lock = threading.Lock()
+
+
+def _registry() -> _control.Registry:
+    root = _control.registry_root()
+    reg = _registries.get(root)
+    if reg is None:
+        with _reg_lock:
+            reg = _registries.get(root) or _control.Registry.open(root)
+            _registries[root] = reg
+    return reg
+
+
+def _inode(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _ebadf() -> OSError:
+    return OSError(errno.EBADF, "Bad file descriptor")
+
+
+def _timeout_for(sock: StdSocket, flags: int) -> Optional[float]:
+    # As CPython: MSG_DONTWAIT makes a *blocking* socket's call non-blocking,
+    # but a socket with a timeout first waits (up to the timeout) for
+    # readiness, flag or not, and raises TimeoutError if none comes.
+    timeout = sock.gettimeout()
+    if flags & _std.MSG_DONTWAIT and timeout is None:
+        return 0.0
+    return timeout
+
+
+def _numeric(family: int, host: str, port: int) -> Optional[str]:
+    """Numeric form of a destination host, or None if it cannot be resolved
+    without the network (then the kernel decides, on TCP)."""
+    try:
+        return str(ipaddress.ip_address(host.split("%")[0]))
+    except ValueError:
+        pass
+    try:
+        infos = _std.getaddrinfo(host, port, family, _std.SOCK_STREAM)
+    except OSError:
+        return None
+    return infos[0][4][0] if infos else None
+
+
+def _addr_tuple(family: int, addr: Any) -> tuple:
+    """An address as a socket of ``family`` reports it.  Like the kernel, an
+    IPv6 socket sees an IPv4 peer as ``::ffff:a.b.c.d`` (dual-stack
+    listener), and an IPv4 socket sees a v4-mapped address unmapped."""
+    host, port = addr[0], int(addr[1])
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if family == _std.AF_INET6:
+        if ip is not None and ip.version == 4:
+            host = f"::ffff:{ip}"
+        elif ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+            host = f"::ffff:{ip.ipv4_mapped}"      # inet_ntop's spelling, not ::ffff:7f00:1
+        return (host, port, 0, 0)
+    if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+        host = str(ip.ipv4_mapped)
+    return (host, port)
+
+
+class _Listener:
+    """The registry half of a listening shrimpio socket."""
+
+    def __init__(self, name: str, usock: StdSocket) -> None:
+        self.name = name
+        self.usock = usock
+        self.pid = os.getpid()
+
+    def close(self) -> None:
+        if os.getpid() != self.pid:
+            # A forked child letting go of its inherited copy: as with a TCP
+            # listener, the parent's stays open and must stay findable, so
+            # the registry entry is the creator's to remove.
+            self.usock.close()
+            return
+        try:
+            _registry().remove(self.name, self.usock)
+        except OSError:
+            pass
+        self.usock.close()
+
+
+class socket(StdSocket):
+    """``socket.socket`` with shared-memory connections between shrimpio
+    sockets of one host and user (see the module docstring)."""
+
+    __slots__ = ("_shm", "_lst", "_route", "_sent", "_received", "_bufs", "_opts",
+                 "_local", "_peer")
+
+    def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
+                 fileno: Optional[int] = None) -> None:
+        # An fd of a shared-memory connection (detached, os.dup-ed, inherited)
+        # is really a Unix socket: the kernel would auto-detect AF_UNIX /
+        # SOCK_SEQPACKET for it.  Find its connection first, so that the
+        # object reports the TCP family and type it stands for.
+        conn: Optional[Connection] = None
+        detached = False
+        if fileno is not None and (_by_inode or _detached):
+            try:
+                key: Optional[tuple[int, int]] = _inode(int(fileno))
+            except (OSError, TypeError, ValueError, OverflowError):
+                key = None       # the stdlib raises its own error below
+            if key is not None:
+                conn = _detached.get(key)
+                detached = conn is not None
+                if conn is None:
+                    conn = _by_inode.get(key)
+                    if conn is not None and conn.closed:
+                        conn = None
+            if conn is not None:
+                if family == -1:
+                    family = _std.AF_INET6 if len(conn.local) == 4 else _std.AF_INET
+                if type == -1:
+                    type = _STREAM
+                if proto == -1:
+                    proto = _std.IPPROTO_TCP
+        super().__init__(family, type, proto, fileno)
+        self._shm: Optional[Connection] = None
+        self._lst: Optional[_Listener] = None
+        self._route: Optional[_route.Route] = None
+        self._sent = self._received = 0
+        self._bufs: dict[int, int] = {}
+        self._opts: dict[tuple[int, int], int] = {}
+        self._local: tuple = ()
+        self._peer: tuple = ()
+        if conn is not None:
+            if detached:
+                del _detached[key]
+            self._adopt(conn, counted=detached)
+        elif fileno is not None and self._is_tcp():
+            # fromfd / socket(fileno=) / detach-and-adopt of a kernel socket:
+            # say why it is not shared memory (accept() and dup() overwrite
+            # this with what they know).
+            self._route = _route.Route(_route.TCP, "kernel socket from a file descriptor")
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def _adopt(self, conn: Connection, counted: bool) -> None:
+        if not counted:
+            with conn.lock:
+                conn.refs += 1
+        self._shm = conn
+        self._local, self._peer = conn.local, conn.peer
+        self._route = _route.Route(_route.SHM, "")
+        _by_fd[self.fileno()] = self
+
+    def _is_tcp(self) -> bool:
+        return (self.family in (_std.AF_INET, _std.AF_INET6)
+                and self.type & _TYPE_MASK == _STREAM)
+
+    def _conn(self) -> Connection:
+        conn = self._shm
+        if conn is None or conn.closed or self.fileno() < 0:
+            raise _ebadf()
+        return conn
+
+    # -- connecting ------------------------------------------------------------
+
+    def connect(self, address: Any) -> None:
+        """As ``socket.connect``; over shared memory when the listener is a
+        shrimpio socket of this user on this host."""
+        if self._shm is not None or self._lst is not None:
+            if self.fileno() < 0:
+                raise _ebadf()
+            raise OSError(errno.EISCONN, "Transport endpoint is already connected")
+        if self._is_tcp() and self.fileno() >= 0 and self._try_shm(address):
+            return
+        super().connect(address)
+        self._remember_peer()
+
+    def _remember_peer(self) -> None:
+        """Keep a kernel connection's peer address for the report: by the
+        time the socket closes, the kernel may no longer say (ENOTCONN)."""
+        if _report_wanted():
+            try:
+                self._peer = super().getpeername()
+            except OSError:
+                pass
+
+    def connect_ex(self, address: Any) -> int:
+        """As ``socket.connect_ex``: an errno instead of an exception."""
+        try:
+            self.connect(address)
+        except (BlockingIOError, InterruptedError) as exc:
+            return exc.errno or errno.EINPROGRESS
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            return exc.errno
+        return 0
+
+    def _try_shm(self, address: Any) -> bool:
+        if not isinstance(address, tuple) or len(address) < 2:
+            return False        # let the stdlib raise its own TypeError
+        host, port = address[0], address[1]
+        if not isinstance(host, str) or not isinstance(port, int):
+            return False
+        numeric = _numeric(self.family, host, port)
+        if numeric is None:
+            self._route = _route.Route(_route.TCP, "unresolvable host")
+            return False
+        route = _route.decide_client(numeric, port)
+        if route.path != _route.SHM:
+            self._route = route
+            return False
+        ctl = None
+        reason = "no shrimpio listener"
+        try:
+            reg = _registry()
+        except (OSError, ValueError) as exc:
+            # An unusable registry (bad owner or mode...) costs the fast
+            # path, never the connection.
+            self._route = _route.Route(_route.TCP, f"registry unusable: {exc}")
+            return False
+        for name in _route.candidate_entries(self.family, numeric, port):
+            try:
+                ctl = reg.connect(name, timeout=self.gettimeout())
+                break
+            except FileNotFoundError:
+                continue
+            except PermissionError:
+                reason = "other user"
+                break
+            except OSError as exc:
+                reason = describe_error(exc)
+                break
+            except ValueError as exc:   # e.g. entry path too long for a Unix socket
+                reason = f"registry unusable: {exc}"
+                break
+        if ctl is None:
+            self._route = _route.Route(_route.TCP, reason)
+            return False
+        if ipaddress.ip_address(numeric.split("%")[0]).is_unspecified:
+            # connect() to 0.0.0.0 / :: reaches this host over loopback, and
+            # the kernel reports the loopback address as the peer.
+            numeric = "::1" if self.family == _std.AF_INET6 else "127.0.0.1"
+        try:
+            local = self._local_address(numeric)
+            peer = _addr_tuple(self.family, (numeric, port))
+            conn = Connection.connect(
+                ctl, self.fileno(), local, peer,
+                self._bufs.get(_std.SO_SNDBUF, DEFAULT_RING),
+                self._bufs.get(_std.SO_RCVBUF, DEFAULT_RING))
+        except OSError as exc:
+            ctl.close()
+            self._route = _route.Route(_route.TCP, describe_error(exc))
+            return False
+        timeout = self.gettimeout()
+        ctl.close()
+        self.settimeout(timeout)       # O_NONBLOCK went with the old file
+        self._install(conn)
+        return True
+
+    def _local_address(self, dest: str) -> tuple:
+        """Our address as the peer sees it: bound if the user bound us, else
+        a real ephemeral port reserved by binding (released when the fd is
+        replaced, as a closed TCP port would be)."""
+        try:
+            host, port = StdSocket.getsockname(self)[:2]
+        except OSError:
+            host, port = "", 0
+        if port == 0:
+            src = dest if not ipaddress.ip_address(dest).is_unspecified else (
+                "::1" if self.family == _std.AF_INET6 else "127.0.0.1")
+            StdSocket.bind(self, (src, 0))
+            host, port = StdSocket.getsockname(self)[:2]
+        if ipaddress.ip_address(host.split("%")[0]).is_unspecified:
+            host = dest
+        return _addr_tuple(self.family, (host, port))
+
+    def _install(self, conn: Connection) -> None:
+        self._shm = conn
+        self._local, self._peer = conn.local, conn.peer
+        self._route = _route.Route(_route.SHM, "")
+        _by_inode[_inode(self.fileno())] = conn
+        _by_fd[self.fileno()] = self
+
+    # -- listening ------------------------------------------------------------
+
+    def listen(self, backlog: int = -1) -> None:
+        """As ``socket.listen``; a TCP listener also registers for shrimpio
+        clients of this host."""
+        if backlog == -1:
+            super().listen()
+        else:
+            super().listen(backlog)
+        if self._lst is not None or not self._is_tcp():
+            return
+        host, port = StdSocket.getsockname(self)[:2]
+        route = _route.listener_allowed(host, port)
+        if route.path != _route.SHM:
+            self._route = route
+            return
+        name = _route.entry_name(self.family, host, port)
+        try:
+            usock = _registry().listen(name, max(backlog, 128) if backlog >= 0 else 128)
+        except FileExistsError:
+            self._route = _route.Route(_route.TCP, "another listener holds the shrimpio entry")
+            return
+        except (OSError, ValueError) as exc:
+            # The TCP listener is up; a registry we cannot use (entry path
+            # longer than a Unix socket address, bad permissions...) only
+            # costs the fast path: listen() must not fail for it.
+            self._route = _route.Route(_route.TCP, f"registry unusable: {exc}")
+            return
+        usock.setblocking(False)
+        os.set_blocking(self.fileno(), False)
+        self._lst = _Listener(name, usock)
+        _by_fd[self.fileno()] = self
+
+    def settimeout(self, value: Optional[float]) -> None:
+        super().settimeout(value)
+        if self._lst is not None:
+            os.set_blocking(self.fileno(), False)   # accept() does its own waiting
+
+    def setblocking(self, flag: bool) -> None:
+        self.settimeout(None if flag else 0.0)
+
+    def accept(self) -> tuple["socket", Any]:
+        """As ``socket.accept``; serves TCP and shared-memory clients."""
+        lst = self._lst
+        if lst is None:
+            fd, addr = self._accept()
+            sock = self._kernel_accepted(fd, addr)
+            if _std.getdefaulttimeout() is None and self.gettimeout():
+                sock.setblocking(True)
+            return sock, addr
+        timeout = self.gettimeout()
+        deadline = None if not timeout else _monotonic() + timeout
+        poller = _select.poll()
+        poller.register(self.fileno(), _select.POLLIN)
+        poller.register(lst.usock.fileno(), _select.POLLIN)
+        while True:
+            got = self._accept_shm(lst)
+            if got is not None:
+                return got
+            try:
+                fd, addr = self._accept_nowait()
+            except (BlockingIOError, InterruptedError):
+                pass
+            else:
+                sock = self._kernel_accepted(fd, addr)
+                if _std.getdefaulttimeout() is None:
+                    sock.setblocking(True)
+                return sock, addr
+            if timeout == 0:
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+            wait_ms = None if deadline is None else max(0, int((deadline - _monotonic()) * 1000) + 1)
+            if wait_ms == 0:
+                raise TimeoutError("timed out")
+            poller.poll(wait_ms)
+            if self.fileno() < 0 or self._lst is None:
+                raise _ebadf()
+
+    def _kernel_accepted(self, fd: int, addr: Any) -> "socket":
+        """The socket object for a connection accepted by the kernel, with
+        its reason: the listener's own (disabled, ruled out, no registry) if
+        it offered no shared memory, else the client's not being shrimpio."""
+        sock = type(self)(self.family, self.type, self.proto, fileno=fd)
+        if self._is_tcp():
+            if self._lst is None and self._route is not None and self._route.path == _route.TCP:
+                sock._route = self._route
+            else:
+                sock._route = _route.Route(_route.TCP, "peer is not shrimpio")
+            sock._peer = addr
+        return sock
+
+    def _accept_nowait(self) -> tuple[int, Any]:
+        """Accept a pending TCP connection, or raise BlockingIOError at once.
+        (``_accept`` on this object would first wait up to its timeout for
+        the TCP side, while shared-memory clients queue unseen.)"""
+        tmp = _csocket.socket(self.family, self.type, self.proto, self.fileno())
+        try:
+            tmp.settimeout(0.0)
+            return tmp._accept()
+        finally:
+            tmp.detach()
+
+    def _accept_shm(self, lst: _Listener) -> Optional[tuple["socket", Any]]:
+        while True:
+            try:
+                ctl, _ = lst.usock.accept()
+            except (BlockingIOError, InterruptedError):
+                return None
+            try:
+                pid, uid, _gid = _control.peer_credentials(ctl)
+                if uid != os.geteuid():
+                    raise PermissionError(errno.EPERM, "shrimpio client of another user")
+                ctl.setblocking(True)
+                conn, client, server = Connection.accept(ctl)
+            except (OSError, _control.ProtocolError):
+                ctl.close()             # a prober or a broken client: not a connection
+                continue
+            sock = type(self)(self.family, _STREAM, self.proto, fileno=ctl.detach())
+            conn.local = _addr_tuple(self.family, server)
+            conn.peer = _addr_tuple(self.family, client)
+            sock._install(conn)
+            if _std.getdefaulttimeout() is None:
+                sock.setblocking(True)
+            else:
+                sock.settimeout(_std.getdefaulttimeout())
+            return sock, conn.peer
+
+    # -- data --------------------------------------------------------------------
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        """As ``socket.send``."""
+        conn = self._shm
+        if conn is None:
+            n = super().send(data, flags)
+            self._sent += n
+            return n
+        timeout = _timeout_for(self, flags)
+        if timeout is None:
+            n = self._send_blocking(conn, data)
+        else:
+            n = self._ring_call(conn.tx.write, data, timeout, True)
+        conn.bytes_sent += n
+        return n
+
+    def _send_blocking(self, conn: Connection, data: Any) -> int:
+        """A blocking ``send()`` on Linux TCP returns only once all of
+        ``data`` is queued (programs rely on it, knowingly or not); an
+        error after some bytes went in reports those bytes, the next call
+        the error.  The ring's ``write`` returns after what fits: loop."""
+        with memoryview(data) as view, view.cast("B") as flat:
+            total, done = flat.nbytes, 0
+            while True:
+                try:
+                    done += self._ring_call(conn.tx.write, flat[done:], None, True)
+                except OSError:
+                    if done:
+                        return done
+                    raise
+                if done >= total:
+                    return done
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        """As ``socket.sendall``."""
+        conn = self._shm
+        if conn is None:
+            super().sendall(data, flags)
+            self._sent += memoryview(data).nbytes
+            return
+        with memoryview(data) as view:
+            nbytes = view.nbytes
+        self._ring_call(conn.tx.write_all, data, _timeout_for(self, flags), True)
+        conn.bytes_sent += nbytes
+
+    def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0, address: Any = None) -> int:
+        """As ``socket.sendmsg`` (gather); no ancillary data over shared memory."""
+        conn = self._shm
+        if conn is None:
+            n = super().sendmsg(buffers, ancdata, flags, *([address] if address is not None else []))
+            self._sent += n
+            return n
+        if list(ancdata):
+            raise OSError(errno.EINVAL, "ancillary data is not supported on TCP sockets")
+        timeout = _timeout_for(self, flags)
+        # Blocking: all of it, as a blocking send() (see _send_blocking).
+        n = self._ring_call(lambda bufs, t: conn.tx.writev(bufs, t, all=t is None),
+                            list(buffers), timeout, True)
+        conn.bytes_sent += n
+        return n
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        """As ``socket.sendto``; a connected stream ignores the address."""
+        if self._shm is None:
+            n = super().sendto(data, *args)
+            self._sent += n
+            return n
+        flags = args[0] if len(args) == 2 else 0
+        return self.send(data, flags)
+
+    def sendfile(self, file: Any, offset: int = 0, count: Optional[int] = None) -> int:
+        """As ``socket.sendfile``; shared-memory connections copy via send()."""
+        if self._shm is None:
+            n = super().sendfile(file, offset, count)
+            return n
+        return self._sendfile_use_send(file, offset, count)
+
+    def _ring_call(self, fn: Any, arg: Any, timeout: Optional[float], sending: bool) -> Any:
+        try:
+            return fn(arg, timeout)
+        except TimeoutError:
+            raise TimeoutError("timed out") from None
+        except ValueError:
+            if self._shm is None or self._shm.closed:
+                raise _ebadf() from None
+            raise
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """As ``socket.recv``."""
+        conn = self._shm
+        if conn is None:
+            data = super().recv(bufsize, flags)
+            self._received += len(data)
+            return data
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        buf = bytearray(bufsize)
+        n = self._recv_shm(conn, buf, bufsize, flags)
+        return bytes(buf) if n == bufsize else bytes(memoryview(buf)[:n])
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """As ``socket.recv_into``."""
+        conn = self._shm
+        if conn is None:
+            n = super().recv_into(buffer, nbytes, flags)
+            self._received += n
+            return n
+        with memoryview(buffer) as view:
+            size = view.nbytes
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recv_into")
+        if nbytes > size:
+            raise ValueError("buffer too small for requested bytes")
+        return self._recv_shm(conn, buffer, nbytes or size, flags)
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+        """As ``socket.recvfrom``; a connected stream has no source address."""
+        if self._shm is None:
+            data, addr = super().recvfrom(bufsize, flags)
+            self._received += len(data)
+            return data, addr
+        return self.recv(bufsize, flags), None
+
+    def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
+        """As ``socket.recvfrom_into``."""
+        if self._shm is None:
+            n, addr = super().recvfrom_into(buffer, nbytes, flags)
+            self._received += n
+            return n, addr
+        return self.recv_into(buffer, nbytes, flags), None
+
+    def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> tuple:
+        """As ``socket.recvmsg``; no ancillary data over shared memory."""
+        if self._shm is None:
+            res = super().recvmsg(bufsize, ancbufsize, flags)
+            self._received += len(res[0])
+            return res
+        return self.recv(bufsize, flags), [], 0, None
+
+    def _recv_shm(self, conn: Connection, buffer: Any, nbytes: int, flags: int) -> int:
+        if nbytes == 0:
+            if conn.closed or self.fileno() < 0:
+                raise _ebadf()
+            return 0
+        timeout = _timeout_for(self, flags)
+        if conn.rd_shut:
+            # As Linux after shutdown(SHUT_RD): a read never waits; it gets
+            # what is there (the peer may still send), else end of file.
+            timeout = 0.0
+        rx = conn.rx
+        try:
+            if flags & _std.MSG_PEEK:
+                if not rx.readable() and not rx.at_eof() and timeout != 0:
+                    if not rx.wait_readable(timeout):
+                        raise TimeoutError("timed out")
+                n = ring_peek_into(rx, buffer, nbytes)
+                if n == 0 and not rx.at_eof() and timeout == 0:
+                    raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+                return n
+            if flags & _std.MSG_WAITALL and timeout != 0:
+                view = memoryview(buffer).cast("B")
+                got = 0
+                while got < nbytes:
+                    n = rx.read_into(view[got:nbytes], nbytes - got, timeout)
+                    if n == 0:
+                        break
+                    got += n
+                conn.bytes_received += got
+                return got
+            n = rx.read_into(buffer, nbytes, timeout)
+        except ConnectionResetError:
+            return 0                # the peer is gone: as TCP after its FIN, EOF
+        except BlockingIOError:
+            if conn.rd_shut:
+                return 0
+            raise
+        except TimeoutError:
+            raise TimeoutError("timed out") from None
+        except ValueError:
+            if conn.closed:
+                raise _ebadf() from None
+            raise
+        conn.bytes_received += n
+        return n
+
+    # -- shutdown and close --------------------------------------------------------
+
+    def shutdown(self, how: int) -> None:
+        """As ``socket.shutdown``: half-close either direction, or both."""
+        conn = self._shm
+        if conn is None:
+            return super().shutdown(how)
+        if how not in (_std.SHUT_RD, _std.SHUT_WR, _std.SHUT_RDWR):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        self._conn()
+        if how in (_std.SHUT_RD, _std.SHUT_RDWR):
+            conn.rd_shut = True
+            if how == _std.SHUT_RDWR:
+                # Linux TCP answers data that arrives after SHUT_RDWR with a
+                # reset; after SHUT_RD alone it still accepts (and we can
+                # still read) it.  So only SHUT_RDWR fails the peer's writes.
+                try:
+                    conn.rx.close_read()
+                except (OSError, ValueError):
+                    pass
+            # Threads blocked in recv() on this connection sleep on the data
+            # doorbell (our control socket), which only the peer rings.  As
+            # with TCP, SHUT_RD must wake them with EOF: shutting the control
+            # socket's read side makes it report end of file, their wait
+            # returns "peer gone", and the read sees b"".  (The peer is not
+            # disturbed: its rings of this doorbell just fail, ignored; the
+            # pollers know this EOF is ours, see _poll.drain.)
+            try:
+                StdSocket.shutdown(self, _std.SHUT_RD)
+            except OSError:
+                pass
+        if how in (_std.SHUT_WR, _std.SHUT_RDWR):
+            try:
+                conn.tx.shutdown_write()
+            except (OSError, ValueError):
+                pass
+
+    def _real_close(self, _ss: Any = _csocket.socket) -> None:
+        fd = self.fileno()
+        if fd >= 0 and _report_wanted():
+            self._report()
+        conn, self._shm = self._shm, None
+        lst, self._lst = self._lst, None
+        if fd >= 0 and _by_fd.get(fd) is self:
+            del _by_fd[fd]
+        if conn is not None:
+            conn.release()
+        if lst is not None:
+            lst.close()
+        _ss.close(self)
+
+    def _report(self) -> None:
+        from ._report import connection_closing
+        record = _report_record(self)
+        if record is not None:
+            connection_closing(record)
+
+    def detach(self) -> int:
+        """As ``socket.detach``; a shared-memory connection stays reachable
+        through the fd (``socket.socket(fileno=fd)`` picks it up again)."""
+        fd = self.fileno()
+        if fd >= 0 and _by_fd.get(fd) is self:
+            del _by_fd[fd]
+        conn, self._shm = self._shm, None
+        if conn is not None:
+            _detached[_inode(fd)] = conn    # the bare fd keeps it; a new object adopts it
+        return super().detach()
+
+    def dup(self) -> "socket":
+        """As ``socket.dup``: a new object (and fd) on the same connection."""
+        sock = type(self)(self.family, self.type, self.proto, fileno=os.dup(self.fileno()))
+        sock.settimeout(self.gettimeout())
+        if self._shm is None:
+            sock._route = self._route
+        return sock
+
+    # -- addresses and options -------------------------------------------------------
+
+    def getsockname(self) -> Any:
+        """As ``socket.getsockname``."""
+        if self._shm is not None:
+            self._conn()
+            return self._local
+        return super().getsockname()
+
+    def getpeername(self) -> Any:
+        """As ``socket.getpeername``."""
+        if self._shm is not None:
+            self._conn()
+            return self._peer
+        return super().getpeername()
+
+    def setsockopt(self, level: int, optname: int, value: Any, optlen: Optional[int] = None) -> None:
+        """As ``socket.setsockopt``; buffer sizes before connect size the rings."""
+        if level == _std.SOL_SOCKET and optname in (_std.SO_SNDBUF, _std.SO_RCVBUF) \
+                and isinstance(value, int):
+            self._bufs[optname] = value
+        if self._shm is None:
+            if optlen is None:
+                return super().setsockopt(level, optname, value)
+            return super().setsockopt(level, optname, value, optlen)
+        self._conn()
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            # Kept whole: struct options (SO_LINGER, ...) read back with a
+            # buflen as the bytes that were set.
+            self._opts[(level, optname)] = bytes(value)
+            return
+        self._opts[(level, optname)] = 0 if value is None else int(value)
+
+    def getsockopt(self, level: int, optname: int, buflen: Optional[int] = None) -> Any:
+        """As ``socket.getsockopt``."""
+        if self._shm is None:
+            if buflen is None:
+                return super().getsockopt(level, optname)
+            return super().getsockopt(level, optname, buflen)
+        conn = self._conn()
+        value = self._opts.get((level, optname), 0)
+        raw = None
+        if (level, optname) not in self._opts and level == _std.SOL_SOCKET \
+                and optname in _STRUCT_OPTS:
+            raw = bytes(_STRUCT_OPTS[optname])     # unset struct option: zeros of its size
+        if isinstance(value, bytes):
+            raw = value
+            value = struct.unpack("i", raw[:4].ljust(4, b"\0"))[0]
+        if level == _std.SOL_SOCKET:
+            value = {
+                _std.SO_TYPE: _STREAM,
+                _std.SO_ERROR: 0,
+                _std.SO_SNDBUF: conn.tx.capacity,
+                _std.SO_RCVBUF: conn.rx.capacity,
+                _std.SO_ACCEPTCONN: 0,
+                getattr(_std, "SO_DOMAIN", -100): self.family,
+                getattr(_std, "SO_PROTOCOL", -100): _std.IPPROTO_TCP,
+            }.get(optname, value)
+        if buflen is None:
+            return value
+        if raw is not None and value == struct.unpack("i", raw[:4].ljust(4, b"\0"))[0]:
+            return raw[:buflen]
+        return struct.pack("i", value)[:buflen].ljust(min(buflen, 4), b"\0")
+
+
+def _report_wanted() -> bool:
+    return bool(os.environ.get("SHRIMPIO_REPORT"))
+
+
+def _report_record(sock: "socket") -> Optional[dict]:
+    """What ``SHRIMPIO_REPORT`` says about a connected socket (None for
+    listeners and unconnected or non-TCP sockets)."""
+    if sock._lst is not None or not sock._is_tcp():
+        return None
+    try:
+        local = sock.getsockname()
+    except OSError:
+        return None
+    try:
+        peer = sock.getpeername()
+    except OSError:          # a kernel connection the peer already closed
+        peer = sock._peer
+    if not peer:
+        return None          # never connected
+    out = info(sock)
+    out.update(local=local, peer=peer)
+    return out
+
+
+def _monotonic() -> float:
+    import time
+    return time.monotonic()
+
+
+def info(sock: Any) -> dict:
+    """Which path a socket's connection took, why, and its byte counts.
+
+    ``{"path": "shm" | "tcp" | None, "reason": str, "bytes_sent": int,
+    "bytes_received": int}``; ``path`` is None for sockets that are neither
+    (UDP, Unix, unconnected)."""
+    if not isinstance(sock, socket):
+        return {"path": "tcp" if _is_stream_inet(sock) else None,
+                "reason": "not a shrimpio socket", "bytes_sent": 0, "bytes_received": 0}
+    conn = sock._shm
+    if conn is not None or sock._lst is not None:
+        out: dict = {"path": "shm", "reason": ""}
+    elif sock._route is not None:
+        out = {"path": sock._route.path, "reason": sock._route.reason}
+    else:
+        out = {"path": "tcp" if sock._is_tcp() else None, "reason": ""}
+    if conn is not None:
+        out.update(bytes_sent=conn.bytes_sent, bytes_received=conn.bytes_received,
+                   ring_bytes=(conn.tx.capacity, conn.rx.capacity))
+    else:
+        out.update(bytes_sent=sock._sent, bytes_received=sock._received)
+    if sock._lst is not None:
+        out["listener"] = sock._lst.name
+    return out
+
+
+def _is_stream_inet(sock: Any) -> bool:
+    try:
+        return (sock.family in (_std.AF_INET, _std.AF_INET6)
+                and sock.type & _TYPE_MASK == _STREAM)
+    except (AttributeError, OSError):
+        return False
