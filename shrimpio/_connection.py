@@ -44,7 +44,7 @@ import threading
 from typing import Optional
 
 from . import _control
-from ._fastpath import Ring, RingCorruptedError, Segment
+from ._fastpath import Ring, RingCorruptedError, Segment, Stream
 
 __all__ = ["Connection", "DEFAULT_RING", "HELLO_KIND", "ring_capacity"]
 
@@ -64,7 +64,14 @@ def _after_fork_in_child() -> None:
     Connection._forked_parent_gen = -1
 
 
+#: Forks this process made or came from; objects compare it with the value
+#: they saw at creation to know whether another process may share them.
+forks = 0
+
+
 def _before_fork() -> None:
+    global forks
+    forks += 1
     # Every connection that exists now is shared with the child.
     Connection._shared_below = Connection._next_id
 
@@ -114,12 +121,23 @@ class Connection:
         ring_s2c = Ring(segment, off2, s2c, **bells)
         self.tx, self.rx = (ring_c2s, ring_s2c) if client else (ring_s2c, ring_c2s)
         self.refs = 1                 # socket objects of this process using it
-        self.bytes_sent = 0
-        self.bytes_received = 0
+        self.stream = Stream(self.tx, self.rx)
         self.closed = False
         self.gone = False             # EOF seen on a doorbell: the peer is gone
-        self.rd_shut = False          # shutdown(SHUT_RD) was called in this process
         self.lock = threading.Lock()
+
+    # The per-call state lives in the Stream (C), where send/recv update it.
+    bytes_sent = property(lambda self: self.stream.bytes_sent, doc="bytes written to the peer")
+    bytes_received = property(lambda self: self.stream.bytes_received, doc="bytes read from the peer")
+
+    @property
+    def rd_shut(self) -> bool:
+        """shutdown(SHUT_RD) was called in this process."""
+        return self.stream.rd_shut
+
+    @rd_shut.setter
+    def rd_shut(self, value: bool) -> None:
+        self.stream.rd_shut = value
 
     # -- building ----------------------------------------------------------
 
@@ -239,6 +257,7 @@ class Connection:
                 except (OSError, ValueError):
                     pass     # already broken or the peer is gone: nothing to tell
         self.closed = True
+        self.stream.closed = True
         self.tx.close()
         self.rx.close()
         self.segment.close()

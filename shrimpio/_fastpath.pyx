@@ -424,6 +424,21 @@ cdef inline double _timeout_arg(object timeout) except? -2.0:
     return t
 
 
+cdef inline int64_t _adapt_spin(int64_t cur, int64_t top, int spun, int64_t waited) noexcept:
+    """The next spin budget, after a wait that took ``waited`` ns.
+
+    Spinning paid off: keep (or grow) it.  We slept, but the event came
+    within the full budget: a longer spin would have caught it, so grow to
+    cover it (without this, a budget once shrunk never recovers: short spins
+    always fail).  We slept long: halve, down to 1/16, so that a peer that
+    is not running (same core, or idle) does not cost us a core."""
+    if spun:
+        return min(top, cur * 2 + 1000)
+    if waited <= top:
+        return min(top, max(cur * 2, waited + waited // 4))
+    return max(top // 16, cur // 2)
+
+
 cdef inline int _bell_kind(str bell) except -1:
     if bell == "socket":
         return SHR_BELL_SOCKET
@@ -649,12 +664,7 @@ cdef class Ring:
                 raise ValueError("ring was closed while waiting")
             if rc == SHR_TIMEOUT and limit >= 0 and shr_now_ns() >= limit:
                 return 0
-        # Adapt the spin budget: spinning paid off -> keep (or grow) it; we had
-        # to sleep -> halve it, so a peer that shares our core is not starved.
-        if spun:
-            self.spin_ns = min(self.spin_max_ns, self.spin_ns * 2 + 1000)
-        else:
-            self.spin_ns = max(self.spin_max_ns // 16, self.spin_ns // 2)
+        self.spin_ns = _adapt_spin(self.spin_ns, self.spin_max_ns, spun, shr_now_ns() - t0)
         return 1
 
     # -- properties --------------------------------------------------------
@@ -1374,3 +1384,4 @@ cdef class Export:
 
 
 include "_fastpath_poll.pxi"
+include "_fastpath_stream.pxi"

@@ -36,7 +36,7 @@ import threading
 import weakref
 from typing import Any, Optional
 
-from . import _control, _route
+from . import _connection, _control, _route
 from ._fastpath import ring_peek_into
 from ._connection import DEFAULT_RING, Connection, describe_error
 
@@ -134,14 +134,19 @@ class _Listener:
     def __init__(self, name: str, usock: StdSocket) -> None:
         self.name = name
         self.usock = usock
-        self.pid = os.getpid()
+        self.forks = _connection.forks
 
     def close(self) -> None:
-        if os.getpid() != self.pid:
-            # A forked child letting go of its inherited copy: as with a TCP
-            # listener, the parent's stays open and must stay findable, so
-            # the registry entry is the creator's to remove.
+        if _connection.forks != self.forks:
+            # Shared across a fork: as with a TCP listener, the entry must stay
+            # findable while any process still holds the listener.  Let go of
+            # our copy, then remove the entry only if nobody listens there
+            # any more (the registry probes it).
             self.usock.close()
+            try:
+                _registry().remove(self.name)
+            except OSError:
+                pass
             return
         try:
             _registry().remove(self.name, self.usock)
@@ -480,30 +485,7 @@ class socket(StdSocket):
             n = super().send(data, flags)
             self._sent += n
             return n
-        timeout = _timeout_for(self, flags)
-        if timeout is None:
-            n = self._send_blocking(conn, data)
-        else:
-            n = self._ring_call(conn.tx.write, data, timeout, True)
-        conn.bytes_sent += n
-        return n
-
-    def _send_blocking(self, conn: Connection, data: Any) -> int:
-        """A blocking ``send()`` on Linux TCP returns only once all of
-        ``data`` is queued (programs rely on it, knowingly or not); an
-        error after some bytes went in reports those bytes, the next call
-        the error.  The ring's ``write`` returns after what fits: loop."""
-        with memoryview(data) as view, view.cast("B") as flat:
-            total, done = flat.nbytes, 0
-            while True:
-                try:
-                    done += self._ring_call(conn.tx.write, flat[done:], None, True)
-                except OSError:
-                    if done:
-                        return done
-                    raise
-                if done >= total:
-                    return done
+        return conn.stream.send(data, flags, self.gettimeout())
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         """As ``socket.sendall``."""
@@ -512,10 +494,7 @@ class socket(StdSocket):
             super().sendall(data, flags)
             self._sent += memoryview(data).nbytes
             return
-        with memoryview(data) as view:
-            nbytes = view.nbytes
-        self._ring_call(conn.tx.write_all, data, _timeout_for(self, flags), True)
-        conn.bytes_sent += nbytes
+        conn.stream.sendall(data, flags, self.gettimeout())
 
     def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0, address: Any = None) -> int:
         """As ``socket.sendmsg`` (gather); no ancillary data over shared memory."""
@@ -530,7 +509,7 @@ class socket(StdSocket):
         # Blocking: all of it, as a blocking send() (see _send_blocking).
         n = self._ring_call(lambda bufs, t: conn.tx.writev(bufs, t, all=t is None),
                             list(buffers), timeout, True)
-        conn.bytes_sent += n
+        conn.stream.bytes_sent += n
         return n
 
     def sendto(self, data: Any, *args: Any) -> int:
@@ -566,11 +545,7 @@ class socket(StdSocket):
             data = super().recv(bufsize, flags)
             self._received += len(data)
             return data
-        if bufsize < 0:
-            raise ValueError("negative buffersize in recv")
-        buf = bytearray(bufsize)
-        n = self._recv_shm(conn, buf, bufsize, flags)
-        return bytes(buf) if n == bufsize else bytes(memoryview(buf)[:n])
+        return conn.stream.recv(bufsize, flags, self.gettimeout())
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """As ``socket.recv_into``."""
@@ -579,13 +554,7 @@ class socket(StdSocket):
             n = super().recv_into(buffer, nbytes, flags)
             self._received += n
             return n
-        with memoryview(buffer) as view:
-            size = view.nbytes
-        if nbytes < 0:
-            raise ValueError("negative buffersize in recv_into")
-        if nbytes > size:
-            raise ValueError("buffer too small for requested bytes")
-        return self._recv_shm(conn, buffer, nbytes or size, flags)
+        return conn.stream.recv_into(buffer, nbytes, flags, self.gettimeout())
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
         """As ``socket.recvfrom``; a connected stream has no source address."""
@@ -610,52 +579,6 @@ class socket(StdSocket):
             self._received += len(res[0])
             return res
         return self.recv(bufsize, flags), [], 0, None
-
-    def _recv_shm(self, conn: Connection, buffer: Any, nbytes: int, flags: int) -> int:
-        if nbytes == 0:
-            if conn.closed or self.fileno() < 0:
-                raise _ebadf()
-            return 0
-        timeout = _timeout_for(self, flags)
-        if conn.rd_shut:
-            # As Linux after shutdown(SHUT_RD): a read never waits; it gets
-            # what is there (the peer may still send), else end of file.
-            timeout = 0.0
-        rx = conn.rx
-        try:
-            if flags & _std.MSG_PEEK:
-                if not rx.readable() and not rx.at_eof() and timeout != 0:
-                    if not rx.wait_readable(timeout):
-                        raise TimeoutError("timed out")
-                n = ring_peek_into(rx, buffer, nbytes)
-                if n == 0 and not rx.at_eof() and timeout == 0:
-                    raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
-                return n
-            if flags & _std.MSG_WAITALL and timeout != 0:
-                view = memoryview(buffer).cast("B")
-                got = 0
-                while got < nbytes:
-                    n = rx.read_into(view[got:nbytes], nbytes - got, timeout)
-                    if n == 0:
-                        break
-                    got += n
-                conn.bytes_received += got
-                return got
-            n = rx.read_into(buffer, nbytes, timeout)
-        except ConnectionResetError:
-            return 0                # the peer is gone: as TCP after its FIN, EOF
-        except BlockingIOError:
-            if conn.rd_shut:
-                return 0
-            raise
-        except TimeoutError:
-            raise TimeoutError("timed out") from None
-        except ValueError:
-            if conn.closed:
-                raise _ebadf() from None
-            raise
-        conn.bytes_received += n
-        return n
 
     # -- shutdown and close --------------------------------------------------------
 

@@ -1,0 +1,170 @@
+# Included by _fastpath.pyx: the per-call data path of a shared-memory stream
+# socket, in C so that socket.send/recv_into over shared memory cost little
+# more than the ring operations themselves.  It implements socket semantics
+# (flags, timeouts, errors) on top of two rings; shrimpio/socket.py calls it.
+
+import socket as _pysocket
+
+cdef int _MSG_DONTWAIT = int(_pysocket.MSG_DONTWAIT)
+cdef int _MSG_PEEK = int(_pysocket.MSG_PEEK)
+cdef int _MSG_WAITALL = int(_pysocket.MSG_WAITALL)
+
+
+cdef class Stream:
+    """The data path of one shared-memory stream connection: ``tx`` carries
+    our bytes to the peer, ``rx`` the peer's to us.  Methods take the
+    socket's timeout (``None``, ``0.0`` or seconds) and flags and behave as
+    the stdlib socket's methods of the same name."""
+
+    cdef public Ring tx
+    cdef public Ring rx
+    cdef public unsigned long long bytes_sent
+    cdef public unsigned long long bytes_received
+    cdef public bint rd_shut       # shutdown(SHUT_RD) in this process
+    cdef public bint closed
+
+    def __cinit__(self, Ring tx not None, Ring rx not None):
+        self.tx = tx
+        self.rx = rx
+
+    cdef inline double _t(self, int flags, object timeout) except? -2.0:
+        # As CPython: MSG_DONTWAIT makes a blocking socket's call non-blocking;
+        # a socket with a timeout still waits up to it.
+        if timeout is None:
+            return 0.0 if flags & _MSG_DONTWAIT else -1.0
+        return _timeout_arg(timeout)
+
+    def send(self, data, int flags=0, timeout=None):
+        """As ``socket.send``: blocking sends queue everything (as Linux TCP);
+        otherwise what fits."""
+        cdef Py_buffer buf
+        cdef double t = self._t(flags, timeout)
+        cdef Py_ssize_t done = 0, n
+        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+        try:
+            if buf.len == 0:
+                self._call_check(self.tx)
+                return 0
+            while True:
+                try:
+                    n = self.tx._write_bufs(&buf, 1, buf.len, t, False) if done == 0 else \
+                        self._write_rest(&buf, done, t)
+                except OSError:
+                    if done:
+                        break           # report what went in; the error comes next call
+                    self._translate()
+                except ValueError:
+                    if done:
+                        break
+                    self._translate()
+                done += n
+                if t >= 0 or done >= buf.len:
+                    break
+            self.bytes_sent += done
+            return done
+        finally:
+            PyBuffer_Release(&buf)
+
+    cdef Py_ssize_t _write_rest(self, Py_buffer *buf, Py_ssize_t done, double t) except -1:
+        cdef Py_buffer rest
+        rest.buf = <char *>buf.buf + done
+        rest.len = buf.len - done
+        return self.tx._write_bufs(&rest, 1, rest.len, t, False)
+
+    cdef int _call_check(self, Ring ring) except -1:
+        try:
+            ring._writable_check()
+        except ValueError:
+            self._translate()
+        return 0
+
+    cdef int _translate(self) except -1:
+        """Re-raise the ring exception being handled as the socket's."""
+        import sys
+        exc = sys.exc_info()[1]
+        if isinstance(exc, TimeoutError):
+            raise TimeoutError("timed out") from None
+        if isinstance(exc, ValueError) and (self.closed or self.tx.h == NULL or self.rx.h == NULL):
+            raise OSError(_errno.EBADF, "Bad file descriptor") from None
+        raise exc
+
+    def sendall(self, data, int flags=0, timeout=None):
+        """As ``socket.sendall`` (the timeout covers the whole call)."""
+        cdef Py_buffer buf
+        cdef double t = self._t(flags, timeout)
+        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+        try:
+            try:
+                if buf.len == 0:
+                    self.tx._writable_check()
+                else:
+                    self.tx._write_bufs(&buf, 1, buf.len, t, True)
+            except (OSError, ValueError):
+                self._translate()
+            self.bytes_sent += buf.len
+        finally:
+            PyBuffer_Release(&buf)
+
+    def recv(self, Py_ssize_t bufsize, int flags=0, timeout=None):
+        """As ``socket.recv``."""
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        out = PyBytes_FromStringAndSize(NULL, bufsize)
+        cdef Py_ssize_t n = self._recv(PyBytes_AS_STRING(out), bufsize, flags, timeout)
+        return out if n == bufsize else out[:n]
+
+    def recv_into(self, buffer, Py_ssize_t nbytes=0, int flags=0, timeout=None):
+        """As ``socket.recv_into``."""
+        cdef Py_buffer buf
+        PyObject_GetBuffer(buffer, &buf, PyBUF_WRITABLE)
+        try:
+            if nbytes < 0:
+                raise ValueError("negative buffersize in recv_into")
+            if nbytes > buf.len:
+                raise ValueError("buffer too small for requested bytes")
+            return self._recv(<char *>buf.buf, nbytes or buf.len, flags, timeout)
+        finally:
+            PyBuffer_Release(&buf)
+
+    cdef Py_ssize_t _recv(self, char *dst, Py_ssize_t nbytes, int flags, object timeout) except -1:
+        cdef double t = self._t(flags, timeout)
+        cdef Py_ssize_t n, got
+        cdef Ring rx = self.rx
+        if nbytes == 0:
+            if self.closed or rx.h == NULL:
+                raise OSError(_errno.EBADF, "Bad file descriptor")
+            return 0
+        if self.rd_shut:
+            # As Linux after shutdown(SHUT_RD): a read never waits; it gets
+            # what is there (the peer may still send), else end of file.
+            t = 0.0
+        try:
+            if flags & _MSG_PEEK:
+                if t != 0 and not rx._avail() and not rx.at_eof():
+                    if not rx.wait_readable(None if t < 0 else t):
+                        raise TimeoutError("timed out")
+                n = <Py_ssize_t>min(rx._avail(), <uint64_t>nbytes)
+                rx._copy_out(dst, n)        # a copy across the wrap; nothing consumed
+                if n == 0 and t == 0 and not rx.at_eof():
+                    raise BlockingIOError(_errno.EAGAIN, "Resource temporarily unavailable")
+                return n
+            if flags & _MSG_WAITALL and t != 0:
+                got = 0
+                while got < nbytes:
+                    n = rx._read(dst + got, nbytes - got, t)
+                    if n == 0:
+                        break
+                    got += n
+                self.bytes_received += got
+                return got
+            n = rx._read(dst, nbytes, t)
+        except ConnectionResetError:
+            return 0                # the peer is gone: as TCP after its FIN, end of file
+        except BlockingIOError:
+            if self.rd_shut:
+                return 0
+            raise
+        except (TimeoutError, ValueError):
+            self._translate()
+        self.bytes_received += n
+        return n
