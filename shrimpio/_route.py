@@ -27,6 +27,7 @@ per address; the network namespace does not change under a running process.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket as _std
@@ -73,10 +74,14 @@ def _parse_rule(text: str) -> tuple[Optional[str], Optional[int]]:
     return str(ipaddress.ip_address(text)), None
 
 
-def _env_rules() -> list[tuple[Optional[str], Optional[int]]]:
-    spec = os.environ.get("SHRIMPIO_TCP", "")
+def _env_rules() -> "tuple[tuple[Optional[str], Optional[int]], ...]":
+    return _parse_rules(os.environ.get("SHRIMPIO_TCP", ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_rules(spec: str) -> "tuple[tuple[Optional[str], Optional[int]], ...]":
     try:
-        return [_parse_rule(part) for part in spec.split(",") if part.strip()]
+        return tuple(_parse_rule(part) for part in spec.split(",") if part.strip())
     except ValueError as exc:
         raise ValueError(f"bad SHRIMPIO_TCP rule in {spec!r}: {exc}") from None
 
@@ -96,11 +101,13 @@ def clear_tcp_rules() -> None:
 
 
 def _ruled_out(host: str, port: int) -> bool:
+    if not _runtime_rules and not os.environ.get("SHRIMPIO_TCP"):
+        return False
     try:
         host = str(ipaddress.ip_address(host.split("%")[0]))
     except ValueError:
         pass
-    for rhost, rport in _env_rules() + _runtime_rules:
+    for rhost, rport in _env_rules() + tuple(_runtime_rules):
         if (rhost is None or rhost == host) and (rport is None or rport == port):
             return True
     return False
@@ -133,6 +140,7 @@ def is_local_address(host: str) -> bool:
     return local
 
 
+@functools.lru_cache(maxsize=1024)
 def entry_name(family: int, host: str, port: int) -> str:
     """Registry entry of a listener on ``(host, port)``; wildcard hosts are
     spelt ``0.0.0.0`` / ``::`` so that clients can find them."""
@@ -140,7 +148,8 @@ def entry_name(family: int, host: str, port: int) -> str:
     return f"tcp{6 if family == _std.AF_INET6 else 4}-{host}-{port}"
 
 
-def candidate_entries(family: int, host: str, port: int) -> list[str]:
+@functools.lru_cache(maxsize=1024)
+def candidate_entries(family: int, host: str, port: int) -> "tuple[str, ...]":
     """Registry entries a client to ``(host, port)`` tries, most specific first."""
     addr = ipaddress.ip_address(host.split("%")[0])
     names = [entry_name(family, host, port)]
@@ -154,11 +163,7 @@ def candidate_entries(family: int, host: str, port: int) -> list[str]:
             names.append(entry_name(family, "127.0.0.1", port))
         names.append(entry_name(family, "0.0.0.0", port))
         names.append(entry_name(_std.AF_INET6, "::", port))   # dual-stack wildcard listener
-    seen: list[str] = []
-    for n in names:
-        if n not in seen:
-            seen.append(n)
-    return seen
+    return tuple(dict.fromkeys(names))
 
 
 def decide_client(host: str, port: int) -> Route:

@@ -26,6 +26,7 @@ the object (``shrimpio.info(sock)``).
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import select as _select
@@ -94,13 +95,21 @@ def _timeout_for(sock: StdSocket, flags: int) -> Optional[float]:
     return timeout
 
 
-def _numeric(family: int, host: str, port: int) -> Optional[str]:
-    """Numeric form of a destination host, or None if it cannot be resolved
-    without the network (then the kernel decides, on TCP)."""
+@functools.lru_cache(maxsize=1024)
+def _literal(host: str) -> Optional[str]:
+    """Canonical form of a numeric address, None for a name."""
     try:
         return str(ipaddress.ip_address(host.split("%")[0]))
     except ValueError:
-        pass
+        return None
+
+
+def _numeric(family: int, host: str, port: int) -> Optional[str]:
+    """Numeric form of a destination host, or None if it cannot be resolved
+    without the network (then the kernel decides, on TCP)."""
+    literal = _literal(host)
+    if literal is not None:
+        return literal
     try:
         infos = _std.getaddrinfo(host, port, family, _std.SOCK_STREAM)
     except OSError:
