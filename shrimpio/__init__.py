@@ -18,8 +18,23 @@ from .vmmc import Endpoint, ExportedBuffer, ImportedBuffer
 
 __version__ = "0.1.0"
 
+_ASYNCIO_NAMES = ("EventLoopPolicy", "Loop", "install", "new_event_loop", "run")
+
+
+def __getattr__(name: str):
+    # asyncio and uvloop are imported only by programs that use them.
+    if name in _ASYNCIO_NAMES:
+        from . import transport
+        return getattr(transport, name)
+    raise AttributeError(f"module 'shrimpio' has no attribute {name!r}")
+
 __all__ = [
     "Endpoint",
+    "EventLoopPolicy",
+    "Loop",
+    "install",
+    "new_event_loop",
+    "run",
     "ExportedBuffer",
     "ImportedBuffer",
     "Ring",

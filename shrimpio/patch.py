@@ -69,12 +69,28 @@ def enable() -> None:
     _selectors.PollSelector._selector_cls = _poll.poll
     if hasattr(_selectors, "EpollSelector"):
         _selectors.EpollSelector._selector_cls = _poll.epoll
+    _install_loop_policy()
     _saved_env.update({k: os.environ.get(k) for k in ("PYTHONPATH", "SHRIMPIO_PATCH")})
     child_environment(os.environ)
 
 
+def _install_loop_policy() -> None:
+    """Plain ``asyncio.run()`` gets the shrimpio loop (uvloop-based)."""
+    import asyncio
+
+    from .transport import EventLoopPolicy
+    _saved_policy.append(asyncio.get_event_loop_policy())
+    asyncio.set_event_loop_policy(EventLoopPolicy())
+
+
+_saved_policy: list = []
+
+
 def disable() -> None:
     """Put the stdlib's socket class and pollers back."""
+    if _saved_policy:
+        import asyncio
+        asyncio.set_event_loop_policy(_saved_policy.pop())
     for (owner, name), value in _saved.items():
         if value is not None:
             setattr(owner, name, value)

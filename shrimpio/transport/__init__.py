@@ -1,6 +1,11 @@
-"""asyncio over shrimpio connections (transports, the uvloop-based loop).
+"""asyncio over shrimpio: a uvloop-based loop with shared-memory transports.
 
-Empty until the asyncio layer lands; see docs/ and the design notes.
+``shrimpio.run(main)``, ``shrimpio.new_event_loop()``, ``EventLoopPolicy``
+and ``install()`` (re-exported by ``shrimpio``); ``import shrimpio.patch``
+makes plain ``asyncio.run`` use the shrimpio loop.
 """
 
-__all__: list[str] = []
+from ._loop import EventLoopPolicy, Loop, install, new_event_loop, run
+from ._transport import ShmTransport
+
+__all__ = ["EventLoopPolicy", "Loop", "ShmTransport", "install", "new_event_loop", "run"]

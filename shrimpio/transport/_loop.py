@@ -1,0 +1,464 @@
+"""The shrimpio event loop: uvloop, plus shared-memory connections.
+
+``Loop`` subclasses ``uvloop.Loop``.  Where a connection can go over shared
+memory (the decision is :mod:`shrimpio._route`'s, made by the socket layer's
+connect), it builds a :class:`ShmTransport`; everything else is uvloop's
+own, unchanged.  A server listens with a shrimpio listener socket: uvloop
+serves its TCP side, and the loop watches its registry socket for
+shared-memory clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket as _std
+import sys
+import warnings
+from asyncio import sslproto, trsock
+from typing import Any, Callable, Optional
+
+import uvloop
+
+from ..socket import socket as ShmSocket
+from ._transport import ShmTransport
+
+__all__ = ["Loop", "new_event_loop", "run", "EventLoopPolicy", "install"]
+
+
+def _is_shm(sock: Any) -> bool:
+    return isinstance(sock, ShmSocket) and sock._shm is not None
+
+
+class _Server(asyncio.AbstractServer):
+    """uvloop's server(s) for the TCP side plus the registry sockets of
+    shrimpio listeners for the shared-memory side."""
+
+    def __init__(self, loop: "Loop", listeners: list, factory: Callable, ssl: Any,
+                 ssl_handshake_timeout: Any, ssl_shutdown_timeout: Any) -> None:
+        self._loop = loop
+        self._listeners = listeners
+        self._factory = factory
+        self._ssl = ssl
+        self._hs_timeout = ssl_handshake_timeout
+        self._sd_timeout = ssl_shutdown_timeout
+        self._tcp: list = []
+        self._serving = False
+        self._serving_shm = False
+        self._closed = False
+        self._active = 0
+        self._waiters: list = []
+        self._serving_forever: Optional[asyncio.Future] = None
+
+    def _attach(self) -> None:
+        self._active += 1
+
+    def _detach(self) -> None:
+        self._active -= 1
+        if self._active == 0 and self._closed:
+            self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    @property
+    def sockets(self) -> tuple:
+        return tuple(trsock.TransportSocket(s) for s in self._listeners if s.fileno() >= 0)
+
+    async def start_serving(self) -> None:
+        if self._serving or self._closed:
+            return
+        self._serving = True
+        for srv in self._tcp:
+            await srv.start_serving()
+        for lsock in self._listeners:
+            if lsock._lst is not None:
+                self._loop.add_reader(lsock._lst.usock.fileno(), self._accept_shm, lsock)
+        self._serving_shm = True
+
+    def _accept_shm(self, lsock: Any) -> None:
+        for _ in range(64):
+            lst = lsock._lst
+            if lst is None:
+                return
+            try:
+                got = lsock._accept_shm(lst)
+            except OSError as exc:
+                self._loop.call_exception_handler({"message": "shrimpio accept failed",
+                                                   "exception": exc})
+                return
+            if got is None:
+                return
+            conn, _addr = got
+            conn.setblocking(False)
+            self._loop.create_task(self._loop._serve_shm(conn, self._factory, self._ssl, self,
+                                                          self._hs_timeout, self._sd_timeout))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._serving = False
+        for lsock in self._listeners:
+            if lsock._lst is not None:
+                if self._serving_shm:
+                    self._loop.remove_reader(lsock._lst.usock.fileno())
+                lsock._unlisten()
+        self._serving_shm = False
+        for srv in self._tcp:
+            srv.close()            # closes the listener socket objects (uvloop owns them)
+        for lsock in self._listeners:
+            lsock.close()
+        if self._serving_forever is not None and not self._serving_forever.done():
+            self._serving_forever.cancel()
+        if self._active == 0:
+            self._wake()
+
+    async def wait_closed(self) -> None:
+        for srv in self._tcp:
+            await srv.wait_closed()
+        if self._closed and self._active == 0:
+            return
+        w = self._loop.create_future()
+        self._waiters.append(w)
+        await w
+
+    async def serve_forever(self) -> None:
+        if self._serving_forever is not None:
+            raise RuntimeError(f"server {self!r} is already being awaited on serve_forever()")
+        if self._closed:
+            raise RuntimeError(f"server {self!r} is closed")
+        await self.start_serving()
+        self._serving_forever = self._loop.create_future()
+        try:
+            await self._serving_forever
+        except asyncio.CancelledError:
+            try:
+                self.close()
+                await self.wait_closed()
+            finally:
+                raise
+        finally:
+            self._serving_forever = None
+
+    async def __aenter__(self) -> "_Server":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+class Loop(uvloop.Loop):
+    """``uvloop.Loop`` that runs shrimpio connections over shared memory."""
+
+    # -- building transports ----------------------------------------------
+
+    async def _serve_shm(self, sock: Any, factory: Callable, ssl: Any, server: Any,
+                         hs_timeout: Any, sd_timeout: Any) -> None:
+        try:
+            await self._make_shm_transport(sock, factory, ssl, server_side=True, server=server,
+                                           ssl_handshake_timeout=hs_timeout,
+                                           ssl_shutdown_timeout=sd_timeout)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            if self.get_debug():
+                self.call_exception_handler({"message": "shrimpio connection setup failed",
+                                             "exception": exc})
+
+    async def _make_shm_transport(self, sock: Any, factory: Callable, ssl: Any = None, *,
+                                  server_side: bool = False, server_hostname: Optional[str] = None,
+                                  server: Any = None, ssl_handshake_timeout: Any = None,
+                                  ssl_shutdown_timeout: Any = None) -> tuple:
+        protocol = factory()
+        waiter = self.create_future()
+        if ssl:
+            sslcontext = ssl if not isinstance(ssl, bool) else None
+            if sslcontext is None:
+                import ssl as _ssl
+                sslcontext = _ssl.create_default_context()
+            ssl_protocol = sslproto.SSLProtocol(
+                self, protocol, sslcontext, waiter, server_side, server_hostname,
+                ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout)
+            transport = ShmTransport(self, sock, ssl_protocol, None, server)
+        else:
+            transport = ShmTransport(self, sock, protocol, waiter, server)
+        try:
+            await waiter
+        except BaseException:
+            transport.close()
+            raise
+        if ssl:
+            return ssl_protocol._app_transport, protocol
+        return transport, protocol
+
+    # -- client side ---------------------------------------------------------
+
+    async def create_connection(self, protocol_factory: Callable, host: Any = None, port: Any = None,
+                                *, ssl: Any = None, family: int = 0, proto: int = 0, flags: int = 0,
+                                sock: Any = None, local_addr: Any = None,
+                                server_hostname: Optional[str] = None, **kw: Any) -> tuple:
+        if sock is None and host is not None and port is not None and local_addr is None:
+            sock = await self._shm_connect(host, port, family, proto, flags)
+            if sock is not None:
+                return await self._make_shm_transport(
+                    sock, protocol_factory, ssl, server_hostname=server_hostname or (host if ssl else None),
+                    ssl_handshake_timeout=kw.get("ssl_handshake_timeout"),
+                    ssl_shutdown_timeout=kw.get("ssl_shutdown_timeout"))
+        elif sock is not None and _is_shm(sock):
+            sock.setblocking(False)
+            return await self._make_shm_transport(
+                sock, protocol_factory, ssl, server_hostname=server_hostname,
+                ssl_handshake_timeout=kw.get("ssl_handshake_timeout"),
+                ssl_shutdown_timeout=kw.get("ssl_shutdown_timeout"))
+        return await super().create_connection(
+            protocol_factory, host, port, ssl=ssl, family=family, proto=proto, flags=flags, sock=sock,
+            local_addr=local_addr, server_hostname=server_hostname, **kw)
+
+    async def _shm_connect(self, host: Any, port: Any, family: int, proto: int, flags: int) -> Any:
+        """A shrimpio socket connected over shared memory, or None (then the
+        caller lets uvloop connect by TCP)."""
+        try:
+            infos = await self.getaddrinfo(host, port, family=family, type=_std.SOCK_STREAM,
+                                           proto=proto, flags=flags)
+        except OSError:
+            return None
+        for fam, typ, prt, _canon, addr in infos:
+            if fam not in (_std.AF_INET, _std.AF_INET6):
+                continue
+            sock = ShmSocket(fam, typ, prt)
+            try:
+                sock.setblocking(False)
+                if sock._try_shm(addr):
+                    return sock
+            except OSError:
+                pass
+            sock.close()
+            return None          # the first address decides, as a TCP connect would try it first
+        return None
+
+    async def connect_accepted_socket(self, protocol_factory: Callable, sock: Any, *, ssl: Any = None,
+                                      **kw: Any) -> tuple:
+        if _is_shm(sock):
+            sock.setblocking(False)
+            return await self._make_shm_transport(
+                sock, protocol_factory, ssl, server_side=True,
+                ssl_handshake_timeout=kw.get("ssl_handshake_timeout"),
+                ssl_shutdown_timeout=kw.get("ssl_shutdown_timeout"))
+        return await super().connect_accepted_socket(protocol_factory, sock, ssl=ssl, **kw)
+
+    # -- server side -----------------------------------------------------------
+
+    async def create_server(self, protocol_factory: Callable, host: Any = None, port: Any = None,
+                            *, family: int = _std.AF_UNSPEC, flags: int = _std.AI_PASSIVE,
+                            sock: Any = None, backlog: int = 100, ssl: Any = None,
+                            reuse_address: Optional[bool] = None, reuse_port: Optional[bool] = None,
+                            ssl_handshake_timeout: Any = None, ssl_shutdown_timeout: Any = None,
+                            start_serving: bool = True) -> Any:
+        if sock is not None:
+            if not isinstance(sock, ShmSocket) or sock._lst is None:
+                return await super().create_server(
+                    protocol_factory, sock=sock, backlog=backlog, ssl=ssl,
+                    ssl_handshake_timeout=ssl_handshake_timeout,
+                    ssl_shutdown_timeout=ssl_shutdown_timeout, start_serving=start_serving)
+            listeners = [sock]
+        else:
+            listeners = await self._listeners(host, port, family, flags, backlog, reuse_address,
+                                              reuse_port)
+        server = _Server(self, listeners, protocol_factory, ssl, ssl_handshake_timeout,
+                         ssl_shutdown_timeout)
+        try:
+            for lsock in listeners:
+                lsock.setblocking(False)
+                server._tcp.append(await super().create_server(
+                    protocol_factory, sock=lsock, backlog=backlog, ssl=ssl,
+                    ssl_handshake_timeout=ssl_handshake_timeout,
+                    ssl_shutdown_timeout=ssl_shutdown_timeout, start_serving=False))
+        except BaseException:
+            server.close()
+            raise
+        if start_serving:
+            await server.start_serving()
+        return server
+
+    async def _listeners(self, host: Any, port: Any, family: int, flags: int, backlog: int,
+                         reuse_address: Optional[bool], reuse_port: Optional[bool]) -> list:
+        hosts = [None] if host in (None, "") else ([host] if isinstance(host, str) else list(host))
+        infos = []
+        for h in hosts:
+            infos += await self.getaddrinfo(h, port, family=family, type=_std.SOCK_STREAM, flags=flags)
+        infos = list(dict.fromkeys(infos))
+        if reuse_address is None:
+            reuse_address = True
+        listeners = []
+        try:
+            for fam, typ, prt, _canon, addr in infos:
+                sock = ShmSocket(fam, typ, prt)
+                listeners.append(sock)
+                if reuse_address:
+                    sock.setsockopt(_std.SOL_SOCKET, _std.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(_std.SOL_SOCKET, _std.SO_REUSEPORT, 1)
+                if fam == _std.AF_INET6:
+                    sock.setsockopt(_std.IPPROTO_IPV6, _std.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind(addr)
+                except OSError as err:
+                    raise OSError(err.errno, f"error while attempting to bind on address {addr!r}: "
+                                             f"{err.strerror.lower()}") from None
+                sock.listen(backlog)
+        except BaseException:
+            for s in listeners:
+                s.close()
+            raise
+        return listeners
+
+    # -- sock_* ------------------------------------------------------------------
+
+    async def _shm_wait(self, sock: Any, writable: bool) -> None:
+        """Wait until a shm socket's ring is readable (or writable)."""
+        from .._fastpath import drain_bell, ring_arm
+        conn = sock._shm
+        ring = conn.tx if writable else conn.rx
+        if ring_arm(ring, writable) or conn.gone:
+            return
+        fd = conn.space.fileno() if writable else conn.bell_fd
+        fut = self.create_future()
+        self.add_reader(fd, _done, fut)
+        try:
+            await fut
+        finally:
+            self.remove_reader(fd)
+            if drain_bell(fd):
+                conn.gone = True
+
+    async def sock_recv(self, sock: Any, n: int) -> bytes:
+        if not _is_shm(sock):
+            return await super().sock_recv(sock, n)
+        while True:
+            try:
+                return sock._shm.stream.recv(n, 0, 0.0)
+            except BlockingIOError:
+                if sock._shm.gone:
+                    return b""
+                await self._shm_wait(sock, False)
+
+    async def sock_recv_into(self, sock: Any, buf: Any) -> int:
+        if not _is_shm(sock):
+            return await super().sock_recv_into(sock, buf)
+        while True:
+            try:
+                return sock._shm.stream.recv_into(buf, 0, 0, 0.0)
+            except BlockingIOError:
+                if sock._shm.gone:
+                    return 0
+                await self._shm_wait(sock, False)
+
+    async def sock_sendall(self, sock: Any, data: Any) -> None:
+        if not _is_shm(sock):
+            return await super().sock_sendall(sock, data)
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                n = sock._shm.stream.send(view, 0, 0.0)
+            except BlockingIOError:
+                n = 0
+            view = view[n:]
+            if view:
+                await self._shm_wait(sock, True)
+
+    async def sock_connect(self, sock: Any, address: Any) -> None:
+        if isinstance(sock, ShmSocket) and sock._is_tcp() and sock._shm is None and sock._lst is None:
+            if sock._try_shm(address):
+                return
+        return await super().sock_connect(sock, address)
+
+    async def sock_accept(self, sock: Any) -> tuple:
+        if not isinstance(sock, ShmSocket) or sock._lst is None:
+            return await super().sock_accept(sock)
+        while True:
+            try:
+                conn, addr = sock.accept()
+                conn.setblocking(False)
+                return conn, addr
+            except BlockingIOError:
+                pass
+            fut = self.create_future()
+            fds = (sock.fileno(), sock._lst.usock.fileno())
+            for fd in fds:
+                self.add_reader(fd, _done, fut)
+            try:
+                await fut
+            finally:
+                for fd in fds:
+                    self.remove_reader(fd)
+
+    # -- TLS ---------------------------------------------------------------------
+
+    async def start_tls(self, transport: Any, protocol: Any, sslcontext: Any, *,
+                        server_side: bool = False, server_hostname: Optional[str] = None,
+                        ssl_handshake_timeout: Any = None, ssl_shutdown_timeout: Any = None) -> Any:
+        if not isinstance(transport, ShmTransport):
+            return await super().start_tls(
+                transport, protocol, sslcontext, server_side=server_side,
+                server_hostname=server_hostname, ssl_handshake_timeout=ssl_handshake_timeout,
+                ssl_shutdown_timeout=ssl_shutdown_timeout)
+        waiter = self.create_future()
+        ssl_protocol = sslproto.SSLProtocol(
+            self, protocol, sslcontext, waiter, server_side, server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout,
+            call_connection_made=False)
+        transport.pause_reading()
+        transport.set_protocol(ssl_protocol)
+        conmade = self.call_soon(ssl_protocol.connection_made, transport)
+        resume = self.call_soon(transport.resume_reading)
+        try:
+            await waiter
+        except BaseException:
+            transport.close()
+            conmade.cancel()
+            resume.cancel()
+            raise
+        return ssl_protocol._app_transport
+
+
+def _done(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def new_event_loop() -> Loop:
+    """A new shrimpio event loop (a ``uvloop.Loop`` subclass)."""
+    return Loop()
+
+
+def run(main: Any, *, loop_factory: Callable[[], asyncio.AbstractEventLoop] = new_event_loop,
+        debug: Optional[bool] = None, **run_kwargs: Any) -> Any:
+    """Run a coroutine on a shrimpio loop, as ``uvloop.run`` / ``asyncio.run``."""
+    with asyncio.Runner(debug=debug, loop_factory=loop_factory, **run_kwargs) as runner:
+        return runner.run(main)
+
+
+class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """Event loop policy whose loops are shrimpio loops (as uvloop's)."""
+
+    def _loop_factory(self) -> Loop:       # type: ignore[override]
+        return new_event_loop()
+
+
+def install() -> None:
+    """Make shrimpio loops the default (``asyncio.set_event_loop_policy``)."""
+    if sys.version_info >= (3, 12):
+        warnings.warn("shrimpio.install() is deprecated in favor of shrimpio.run() "
+                      "(asyncio event loop policies are deprecated since Python 3.12)",
+                      DeprecationWarning, stacklevel=1)
+    asyncio.set_event_loop_policy(EventLoopPolicy())

@@ -1,0 +1,405 @@
+"""The asyncio transport of a shared-memory connection.
+
+Theory of operation
+-------------------
+The transport drives the same :class:`~shrimpio._fastpath.Stream` as the
+blocking socket (never a copy of its logic), with timeout ``0`` only.
+
+Reading: after a callback that moved data, the ring is polled again through
+``call_soon`` for up to the busy-poll budget (the loop stays hot: each turn
+is one ``epoll_wait(0)``); when the budget runs out the transport *arms* the
+ring (sets reader-sleeping, fence, re-check) and leaves the wake-up to the
+loop's reader on the data doorbell, which the peer rings only when armed.  An
+idle connection therefore costs no CPU, and a busy one no system call.
+
+Writing: ``write()`` copies into the ring at once; what does not fit is
+buffered and the transport arms the ring's writer-sleeping flag and watches
+the space doorbell.  Flow control (``pause_writing``/``resume_writing``)
+follows the buffer, as asyncio's selector transports do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import time
+from asyncio import trsock
+from typing import Any, Optional
+
+from .._fastpath import drain_bell, ring_arm
+from ..socket import info as _info
+
+__all__ = ["ShmTransport"]
+
+#: Most reads per callback before yielding to other callbacks.
+_READS_PER_TURN = 16
+_MAX_READ = 256 * 1024
+
+
+class ShmTransport(asyncio.Transport):
+    """A transport over one shared-memory connection of a shrimpio socket."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: Any, protocol: asyncio.BaseProtocol,
+                 waiter: Optional[asyncio.Future] = None, server: Any = None) -> None:
+        super().__init__({"socket": trsock.TransportSocket(sock)})
+        conn = sock._shm
+        self._loop = loop
+        self._sock = sock
+        self._conn = conn
+        self._stream = conn.stream
+        self._bell = conn.bell_fd
+        self._space = conn.space.fileno()
+        self._server = server
+        self._buffer: collections.deque = collections.deque()
+        self._buffer_size = 0
+        self._closing = False
+        self._conn_lost = 0
+        self._paused = False
+        self._protocol_paused = False
+        self._eof_requested = False
+        self._eof_done = False
+        self._read_eof = False
+        self._reader_on = False
+        self._writer_on = False
+        self._poll_scheduled = False
+        self._write_scheduled = False
+        self._last_data = 0.0
+        self._budget = conn.rx.busy_poll_us / 1e6
+        self._high = 64 * 1024
+        self._low = 16 * 1024
+        self._set_protocol(protocol)
+        if server is not None:
+            server._attach()
+        loop.call_soon(self._protocol.connection_made, self)
+        loop.call_soon(self._start_reading)
+        if waiter is not None:
+            loop.call_soon(_set_result_unless_cancelled, waiter, None)
+
+    # -- protocol ----------------------------------------------------------
+
+    def _set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name in ("sockname", "peername", "shrimpio"):
+            sock = self._sock
+            if sock is None or self._conn.closed:
+                return default
+            if name == "shrimpio":
+                return _info(sock)
+            return sock.getsockname() if name == "sockname" else sock.getpeername()
+        return super().get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    # -- reading -----------------------------------------------------------
+
+    def is_reading(self) -> bool:
+        return not self._paused and not self._closing
+
+    def pause_reading(self) -> None:
+        if self._closing or self._paused:
+            return
+        self._paused = True
+        self._stop_reader()
+
+    def resume_reading(self) -> None:
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        self._start_reading()
+
+    def _start_reading(self) -> None:
+        # Never deliver data from inside resume_reading(): callers (StreamReader)
+        # only set up their waiter after it returns, as with asyncio's transports.
+        if self._closing or self._paused or self._read_eof:
+            return
+        if not self._reader_on:
+            self._loop.add_reader(self._bell, self._on_bell)
+            self._reader_on = True
+        self._schedule_poll()
+
+    def _stop_reader(self) -> None:
+        if self._reader_on:
+            self._reader_on = False
+            self._loop.remove_reader(self._bell)
+
+    def _on_bell(self) -> None:
+        if drain_bell(self._bell):
+            self._conn.gone = True
+        self._read_ready()
+
+    def _poll(self) -> None:
+        self._poll_scheduled = False
+        self._read_ready()
+
+    def _read_ready(self) -> None:
+        if self._closing or self._paused or self._read_eof:
+            return
+        stream = self._stream
+        for _ in range(_READS_PER_TURN):
+            try:
+                if self._buffered:
+                    buf = self._protocol.get_buffer(-1)
+                    if not len(buf):
+                        raise RuntimeError("get_buffer() returned an empty buffer")
+                    n = stream.recv_into(buf, 0, 0, 0.0)
+                    if n == 0:
+                        return self._on_eof()
+                    self._protocol.buffer_updated(n)
+                else:
+                    data = stream.recv(_MAX_READ, 0, 0.0)
+                    if not data:
+                        return self._on_eof()
+                    self._protocol.data_received(data)
+            except BlockingIOError:
+                break
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                return self._fatal_error(exc, "Fatal read error on shrimpio transport")
+            self._last_data = time.monotonic()
+            if self._closing or self._paused:
+                return
+        else:
+            self._schedule_poll()          # more may be there: let others run first
+            return
+        if self._conn.gone:
+            return self._on_eof()          # the peer died without shutting down
+        # The ring is empty: poll a little longer after traffic, else arm and sleep.
+        if time.monotonic() - self._last_data < self._budget:
+            self._schedule_poll()
+        elif ring_arm(self._conn.rx, False):
+            self._schedule_poll()
+
+    def _schedule_poll(self) -> None:
+        if not self._poll_scheduled:
+            self._poll_scheduled = True
+            self._loop.call_soon(self._poll)
+
+    def _on_eof(self) -> None:
+        self._read_eof = True
+        self._stop_reader()
+        try:
+            keep_open = self._protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            return self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+        if not keep_open:
+            self.close()
+
+    # -- writing -----------------------------------------------------------
+
+    def write(self, data: Any) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
+        if self._eof_requested:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if self._conn_lost:
+            self._conn_lost += 1
+            return
+        if not data:
+            return
+        if not self._buffer:
+            try:
+                n = self._stream.send(data, 0, 0.0)
+            except BlockingIOError:
+                n = 0
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                return self._fatal_error(exc, "Fatal write error on shrimpio transport")
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
+            self._start_writing()
+        self._buffer.append(bytes(data))
+        self._buffer_size += len(data)
+        self._maybe_pause_protocol()
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def _start_writing(self) -> None:
+        if self._writer_on:
+            return
+        if ring_arm(self._conn.tx, True):
+            self._schedule_write()
+            return
+        self._writer_on = True
+        self._loop.add_reader(self._space, self._on_space)
+
+    def _schedule_write(self) -> None:
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            self._loop.call_soon(self._write_ready)
+
+    def _on_space(self) -> None:
+        if drain_bell(self._space):
+            self._conn.gone = True
+        self._write_ready()
+
+    def _write_ready(self) -> None:
+        self._write_scheduled = False
+        if self._conn_lost:
+            return
+        while self._buffer:
+            data = self._buffer[0]
+            try:
+                n = self._stream.send(data, 0, 0.0)
+            except BlockingIOError:
+                n = 0
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._stop_writer()
+                self._buffer.clear()
+                self._buffer_size = 0
+                return self._fatal_error(exc, "Fatal write error on shrimpio transport")
+            self._buffer_size -= n
+            if n == len(data):
+                self._buffer.popleft()
+                continue
+            self._buffer[0] = data[n:]
+            break
+        self._maybe_resume_protocol()
+        if self._buffer:
+            self._stop_writer()
+            self._start_writing()            # re-arm: full again
+            return
+        self._stop_writer()
+        if self._eof_requested and not self._eof_done:
+            self._do_write_eof()
+        if self._closing:
+            self._call_connection_lost_soon(None)
+
+    def _stop_writer(self) -> None:
+        if self._writer_on:
+            self._writer_on = False
+            self._loop.remove_reader(self._space)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof_requested:
+            return
+        self._eof_requested = True
+        if not self._buffer:
+            self._do_write_eof()
+
+    def _do_write_eof(self) -> None:
+        self._eof_done = True
+        try:
+            self._sock.shutdown(2 - 1)       # SHUT_WR
+        except OSError:
+            pass
+
+    def get_write_buffer_size(self) -> int:
+        return self._buffer_size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low, self._high)
+
+    def set_write_buffer_limits(self, high: Optional[int] = None, low: Optional[int] = None) -> None:
+        if high is None:
+            high = 64 * 1024 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+        self._maybe_pause_protocol()
+
+    def _maybe_pause_protocol(self) -> None:
+        if self._buffer_size <= self._high or self._protocol_paused:
+            return
+        self._protocol_paused = True
+        try:
+            self._protocol.pause_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler({
+                "message": "protocol.pause_writing() failed", "exception": exc,
+                "transport": self, "protocol": self._protocol})
+
+    def _maybe_resume_protocol(self) -> None:
+        if self._protocol_paused and self._buffer_size <= self._low:
+            self._protocol_paused = False
+            try:
+                self._protocol.resume_writing()
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._loop.call_exception_handler({
+                    "message": "protocol.resume_writing() failed", "exception": exc,
+                    "transport": self, "protocol": self._protocol})
+
+    # -- closing -----------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._stop_reader()
+        if not self._buffer:
+            self._conn_lost += 1
+            self._call_connection_lost_soon(None)
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    def _fatal_error(self, exc: BaseException, message: str) -> None:
+        if not isinstance(exc, OSError):
+            self._loop.call_exception_handler({
+                "message": message, "exception": exc, "transport": self, "protocol": self._protocol})
+        self._force_close(exc)
+
+    def _force_close(self, exc: Optional[BaseException]) -> None:
+        if self._conn_lost:
+            return
+        self._buffer.clear()
+        self._buffer_size = 0
+        self._stop_writer()
+        if not self._closing:
+            self._closing = True
+            self._stop_reader()
+        self._conn_lost += 1
+        self._call_connection_lost_soon(exc)
+
+    def _call_connection_lost_soon(self, exc: Optional[BaseException]) -> None:
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: Optional[BaseException]) -> None:
+        if self._sock is None:
+            return
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            self._stop_reader()
+            self._stop_writer()
+            self._sock.close()
+            self._sock = None
+            server, self._server = self._server, None
+            if server is not None:
+                server._detach()
+
+    def __del__(self) -> None:
+        if self._sock is not None and not self._sock._closed:
+            self._sock.close()
+
+
+def _set_result_unless_cancelled(fut: asyncio.Future, result: Any) -> None:
+    if not fut.cancelled():
+        fut.set_result(result)
