@@ -105,7 +105,8 @@ class Connection:
     _forked_parent_gen = 0
 
     def __init__(self, segment: Segment, bell_fd: int, space: _std.socket, *, client: bool,
-                 caps: tuple[int, int], local: tuple = (), peer: tuple = ()) -> None:
+                 caps: tuple[int, int], local: tuple = (), peer: tuple = (),
+                 create: bool = False) -> None:
         self.id = Connection._next_id
         Connection._next_id += 1
         self.segment = segment
@@ -116,7 +117,7 @@ class Connection:
         self.client = client
         c2s, s2c = caps
         off2 = _align(Ring.footprint(c2s), 64)
-        bells = dict(data_bell=bell_fd, space_bell=space.fileno())
+        bells = dict(data_bell=bell_fd, space_bell=space.fileno(), create=create)
         ring_c2s = Ring(segment, 0, c2s, **bells)
         ring_s2c = Ring(segment, off2, s2c, **bells)
         self.tx, self.rx = (ring_c2s, ring_s2c) if client else (ring_s2c, ring_c2s)
@@ -158,21 +159,27 @@ class Connection:
         off2, size = cls.layout(c2s, s2c)
         seg = Segment(size)
         mine, theirs = _std.socketpair(_std.AF_UNIX, _std.SOCK_SEQPACKET)
+        conn = None
         try:
-            Ring(seg, 0, c2s, create=True).close()
-            Ring(seg, off2, s2c, create=True).close()
+            # ctl's fd number is the doorbell fd the connection keeps (detached below).
+            conn = cls(seg, ctl.fileno(), mine, client=True, caps=(c2s, s2c), local=local,
+                       peer=peer, create=True)
             _control.send_message(ctl, HELLO_KIND, {
                 "v": PROTOCOL_VERSION, "c2s": c2s, "s2c": s2c, "size": size,
                 "client": list(local), "server": list(peer)},
                 fds=[seg.fileno(), theirs.fileno()])
         except BaseException:
+            if conn is not None:
+                conn.tx.close()
+                conn.rx.close()
             seg.close()
             mine.close()
             raise
         finally:
             theirs.close()
         os.dup2(ctl.fileno(), target_fd, inheritable=False)
-        return cls(seg, ctl.detach(), mine, client=True, caps=(c2s, s2c), local=local, peer=peer)
+        ctl.detach()
+        return conn
 
     @classmethod
     def accept(cls, ctl: _std.socket) -> tuple["Connection", tuple, tuple]:
