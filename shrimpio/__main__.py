@@ -9,6 +9,10 @@
     shrimpio bench-socket [--quick] [--json]
         blocking 64-byte round trip and 1 MiB bandwidth: shrimpio over shared
         memory beside kernel TCP loopback and a Unix socket, same code.
+    shrimpio bench-asyncio [--quick] [--json]
+        asyncio: streams 64-byte round trip, 10-client 1 KiB echo (Protocol
+        and streams servers), aiohttp hello world; the shrimpio loop over
+        shared memory beside uvloop over TCP loopback, same code.
 """
 
 from __future__ import annotations
@@ -58,11 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     from . import _bench_socket
     bs = sub.add_parser("bench-socket", help="blocking sockets: shrimpio vs TCP vs Unix socket")
     _bench_socket.add_arguments(bs)
+    from . import _bench_asyncio
+    ba = sub.add_parser("bench-asyncio", help="asyncio: shrimpio loop vs uvloop over TCP")
+    _bench_asyncio.add_arguments(ba)
     args = ap.parse_args(argv)
     if args.command == "pingpong":
         _bench.main(args)
     elif args.command == "bench-socket":
         _bench_socket.main(args)
+    elif args.command == "bench-asyncio":
+        _bench_asyncio.main(args)
     return 0
 
 

@@ -11,6 +11,7 @@ shared-memory clients.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket as _std
 import sys
 import warnings
@@ -34,8 +35,9 @@ class _Server(asyncio.AbstractServer):
     shrimpio listeners for the shared-memory side."""
 
     def __init__(self, loop: "Loop", listeners: list, factory: Callable, ssl: Any,
-                 ssl_handshake_timeout: Any, ssl_shutdown_timeout: Any) -> None:
+                 ssl_handshake_timeout: Any, ssl_shutdown_timeout: Any, backlog: int = 100) -> None:
         self._loop = loop
+        self._backlog = backlog
         self._listeners = listeners
         self._factory = factory
         self._ssl = ssl
@@ -77,6 +79,12 @@ class _Server(asyncio.AbstractServer):
         if self._serving or self._closed:
             return
         self._serving = True
+        # As uvloop and asyncio, a server made with start_serving=False is
+        # bound but not listening: connections are refused until it serves
+        # (listen() also publishes the registry entry; a no-op repeat for a
+        # listener passed as sock=).
+        for lsock in self._listeners:
+            lsock.listen(self._backlog)
         for srv in self._tcp:
             await srv.start_serving()
         for lsock in self._listeners:
@@ -123,6 +131,13 @@ class _Server(asyncio.AbstractServer):
             self._wake()
 
     async def wait_closed(self) -> None:
+        # As uvloop's Server (and asyncio's before 3.12): called after
+        # close(), return at once, active connections or not; called before,
+        # wait for close() and then for the last connection.  (Waiting for
+        # shared-memory connections only would make a server that uvloop
+        # closes at once hang on its keep-alive clients.)
+        if self._closed:
+            return
         for srv in self._tcp:
             await srv.wait_closed()
         if self._closed and self._active == 0:
@@ -207,6 +222,16 @@ class Loop(uvloop.Loop):
                                 *, ssl: Any = None, family: int = 0, proto: int = 0, flags: int = 0,
                                 sock: Any = None, local_addr: Any = None,
                                 server_hostname: Optional[str] = None, **kw: Any) -> tuple:
+        # uvloop's argument checks, made first: the shared-memory path must
+        # refuse what uvloop refuses (a missing server_hostname would
+        # otherwise leave the TLS handshake waiting forever).
+        if server_hostname is not None and not ssl:
+            raise ValueError("server_hostname is only meaningful with ssl")
+        if server_hostname is None and ssl and not host:
+            raise ValueError("You must set server_hostname when using ssl without a host")
+        _check_ssl_timeouts(ssl, kw)
+        if sock is not None and (host is not None or port is not None):
+            raise ValueError("host/port and sock can not be specified at the same time")
         if sock is None and host is not None and port is not None and local_addr is None:
             sock = await self._shm_connect(host, port, family, proto, flags)
             if sock is not None:
@@ -249,6 +274,7 @@ class Loop(uvloop.Loop):
     async def connect_accepted_socket(self, protocol_factory: Callable, sock: Any, *, ssl: Any = None,
                                       **kw: Any) -> tuple:
         if _is_shm(sock):
+            _check_ssl_timeouts(ssl, kw)           # as uvloop's
             sock.setblocking(False)
             return await self._make_shm_transport(
                 sock, protocol_factory, ssl, server_side=True,
@@ -275,7 +301,7 @@ class Loop(uvloop.Loop):
             listeners = await self._listeners(host, port, family, flags, backlog, reuse_address,
                                               reuse_port)
         server = _Server(self, listeners, protocol_factory, ssl, ssl_handshake_timeout,
-                         ssl_shutdown_timeout)
+                         ssl_shutdown_timeout, backlog)
         try:
             for lsock in listeners:
                 lsock.setblocking(False)
@@ -315,7 +341,7 @@ class Loop(uvloop.Loop):
                 except OSError as err:
                     raise OSError(err.errno, f"error while attempting to bind on address {addr!r}: "
                                              f"{err.strerror.lower()}") from None
-                sock.listen(backlog)
+                # listen() waits for _Server.start_serving, as uvloop's does.
         except BaseException:
             for s in listeners:
                 s.close()
@@ -374,6 +400,11 @@ class Loop(uvloop.Loop):
                 n = 0
             view = view[n:]
             if view:
+                if n == 0 and sock._shm.gone:
+                    # The peer died without shutting the ring: no room will
+                    # ever come, and _shm_wait returns at once (a busy loop
+                    # that never yields).  EPIPE, as TCP after a reset.
+                    raise BrokenPipeError(errno.EPIPE, "Broken pipe")
                 await self._shm_wait(sock, True)
 
     async def sock_connect(self, sock: Any, address: Any) -> None:
@@ -429,6 +460,12 @@ class Loop(uvloop.Loop):
             resume.cancel()
             raise
         return ssl_protocol._app_transport
+
+
+def _check_ssl_timeouts(ssl: Any, kw: dict) -> None:
+    for name in ("ssl_handshake_timeout", "ssl_shutdown_timeout"):
+        if kw.get(name) is not None and not ssl:
+            raise ValueError(f"{name} is only meaningful with ssl")
 
 
 def _done(fut: asyncio.Future) -> None:

@@ -42,7 +42,10 @@ class ShmTransport(asyncio.Transport):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: Any, protocol: asyncio.BaseProtocol,
                  waiter: Optional[asyncio.Future] = None, server: Any = None) -> None:
-        super().__init__({"socket": trsock.TransportSocket(sock)})
+        # Addresses are kept from the start, as asyncio's and uvloop's
+        # transports do: they still answer after the connection is closed.
+        super().__init__({"socket": trsock.TransportSocket(sock),
+                          "sockname": sock.getsockname(), "peername": sock.getpeername()})
         conn = sock._shm
         self._loop = loop
         self._sock = sock
@@ -68,6 +71,7 @@ class ShmTransport(asyncio.Transport):
         self._budget = conn.rx.busy_poll_us / 1e6
         self._high = 64 * 1024
         self._low = 16 * 1024
+        self._final_info: Optional[dict] = None
         self._set_protocol(protocol)
         if server is not None:
             server._attach()
@@ -89,13 +93,12 @@ class ShmTransport(asyncio.Transport):
         return self._protocol
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name in ("sockname", "peername", "shrimpio"):
+        if name == "shrimpio":
             sock = self._sock
             if sock is None or self._conn.closed:
-                return default
-            if name == "shrimpio":
-                return _info(sock)
-            return sock.getsockname() if name == "sockname" else sock.getpeername()
+                # Closed: what the connection was when it ended.
+                return self._final_info if self._final_info is not None else default
+            return _info(sock)
         return super().get_extra_info(name, default)
 
     def is_closing(self) -> bool:
@@ -274,6 +277,13 @@ class ShmTransport(asyncio.Transport):
             break
         self._maybe_resume_protocol()
         if self._buffer:
+            if self._conn.gone:
+                # The peer is gone (EOF on a doorbell) without shutting the
+                # ring (it died): nobody will ever make room, and the space
+                # doorbell stays readable, so re-arming would spin forever.
+                # Fail as TCP does after the peer's reset.
+                return self._fatal_error(BrokenPipeError(errno.EPIPE, "the peer is gone"),
+                                         "Fatal write error on shrimpio transport")
             self._stop_writer()
             self._start_writing()            # re-arm: full again
             return
@@ -389,6 +399,8 @@ class ShmTransport(asyncio.Transport):
         finally:
             self._stop_reader()
             self._stop_writer()
+            if not self._conn.closed:
+                self._final_info = _info(self._sock)
             self._sock.close()
             self._sock = None
             server, self._server = self._server, None

@@ -1,0 +1,399 @@
+"""asyncio benchmark: the shrimpio loop over shared memory beside uvloop over
+kernel TCP loopback, same code, in one run.
+
+* ``rtt_64B``: asyncio streams ping-pong, ``write`` 64 bytes then
+  ``readexactly(64)`` the echo; median and p99 round trip;
+* ``echo_1KiB``: vmbench-style echo, 10 concurrent client connections each
+  with one 1 KiB message in flight, against an ``asyncio.Protocol`` echo
+  server and against an asyncio streams echo server; requests per second;
+* ``aiohttp``: an aiohttp hello-world server and an aiohttp ``ClientSession``
+  client (keep-alive, 4 requests in flight); requests per second.
+
+Each measurement forks a fresh server and a fresh client process, pinned to
+two different cores.  For ``shrimpio`` both import ``shrimpio.patch`` (as
+``shrimpio run`` does: aiohttp's client makes its own sockets) and run a
+shrimpio loop; for ``uvloop`` both run a plain ``uvloop`` loop.  Every
+client checks which path its connections took.  Each figure is the median
+of three repeats (one with ``--quick``); the two kinds take turns within
+each repeat.
+
+    python -m shrimpio bench-asyncio [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from typing import Any, Callable
+
+from ._bench import _pin, _stats, machine
+
+KINDS = ("shrimpio", "uvloop")
+HOST = "127.0.0.1"
+ECHO_CLIENTS = 10
+ECHO_SIZE = 1024
+HTTP_CONCURRENCY = 4
+
+
+# --- per-process setup ----------------------------------------------------------
+
+def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if kind == "shrimpio":
+        from . import patch       # as ``shrimpio run``: patched sockets (enable(),
+        patch.enable()            # not the import: it may have been disabled since)
+        from .transport import new_event_loop
+        return new_event_loop
+    import uvloop
+    return uvloop.new_event_loop
+
+
+def _path_of(transport: Any) -> str:
+    """``shm`` for a shrimpio shared-memory transport, else ``tcp``."""
+    info = transport.get_extra_info("shrimpio")
+    return "shm" if info and info.get("path") == "shm" else "tcp"
+
+
+# --- servers --------------------------------------------------------------------
+
+class _EchoProtocol(asyncio.Protocol):
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+async def _streams_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            data = await reader.read(102400)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def _streams_pong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            writer.write(await reader.readexactly(64))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _start(test: str, paths: dict) -> Any:
+    loop = asyncio.get_running_loop()
+    if test == "rtt":
+        return await asyncio.start_server(_streams_pong, HOST, 0)
+    if test == "echo-protocol":
+        return await loop.create_server(_EchoProtocol, HOST, 0)
+    if test == "echo-streams":
+        return await asyncio.start_server(_streams_echo, HOST, 0)
+    from aiohttp import web
+
+    async def hello(request: Any) -> Any:
+        t = request.transport
+        if id(t) not in paths:
+            paths[id(t)] = _path_of(t)
+        return web.Response(text="Hello, World!")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, 0)
+    await site.start()
+    return runner
+
+
+def _server(kind: str, test: str, pipe: Any) -> None:
+    """Serve until the parent writes to ``pipe``; the port goes first, the
+    paths of the connections it checked (aiohttp) last."""
+    _pin(1)
+    paths: dict = {}
+
+    async def main() -> None:
+        srv = await _start(test, paths)
+        if test == "aiohttp":
+            port = srv.addresses[0][1]
+        else:
+            port = srv.sockets[0].getsockname()[1]
+        stop = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().add_reader(pipe.fileno(), lambda: stop.done() or stop.set_result(None))
+        pipe.send(port)
+        await stop
+        asyncio.get_running_loop().remove_reader(pipe.fileno())
+        if test == "aiohttp":
+            await srv.cleanup()
+        else:
+            srv.close()
+            await asyncio.wait_for(srv.wait_closed(), 5)
+
+    with asyncio.Runner(loop_factory=_loop_factory(kind)) as runner:
+        runner.run(main())
+    pipe.send(sorted(set(paths.values())))
+
+
+# --- clients --------------------------------------------------------------------
+
+async def _client_rtt(port: int, n: int) -> dict:
+    reader, writer = await asyncio.open_connection(HOST, port)
+    path = _path_of(writer.transport)
+    msg = b"p" * 64
+    clock = time.perf_counter_ns
+    out = []
+    for i in range(n + n // 10):            # the first tenth warms up
+        t0 = clock()
+        writer.write(msg)
+        await reader.readexactly(64)
+        if i >= n // 10:
+            out.append(clock() - t0)
+    writer.close()
+    await writer.wait_closed()
+    return {"samples": out, "paths": [path]}
+
+
+class _EchoClient(asyncio.Protocol):
+    """One message of ECHO_SIZE bytes in flight; the next goes out when the
+    whole echo is back."""
+
+    def __init__(self, msg: bytes, counter: list) -> None:
+        self.msg = msg
+        self.counter = counter
+        self.got = 0
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.got += len(data)
+        if self.got >= len(self.msg):
+            self.got -= len(self.msg)
+            self.counter[0] += 1
+            if self.counter[1]:
+                self.transport.write(self.msg)
+
+    def connection_lost(self, exc: Any) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def _client_echo(port: int, seconds: float) -> dict:
+    loop = asyncio.get_running_loop()
+    msg = b"x" * ECHO_SIZE
+    counter = [0, True]                     # completed requests, keep going
+    conns = [await loop.create_connection(lambda: _EchoClient(msg, counter), HOST, port)
+             for _ in range(ECHO_CLIENTS)]
+    paths = [_path_of(t) for t, _ in conns]
+    for t, _ in conns:
+        t.write(msg)
+    await asyncio.sleep(seconds / 5)         # warm-up: timed window, not a synchronisation
+    start_n, t0 = counter[0], time.perf_counter()
+    await asyncio.sleep(seconds)
+    done, elapsed = counter[0] - start_n, time.perf_counter() - t0
+    counter[1] = False
+    for t, p in conns:
+        t.close()
+        await p.closed
+    return {"rps": done / elapsed, "paths": paths}
+
+
+async def _client_aiohttp(port: int, seconds: float) -> dict:
+    import aiohttp
+    url = f"http://{HOST}:{port}/"
+    count = [0]
+    running = [True]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=HTTP_CONCURRENCY)) as session:
+
+        async def worker() -> None:
+            while running[0]:
+                async with session.get(url) as r:
+                    body = await r.read()
+                assert r.status == 200 and body == b"Hello, World!", (r.status, body)
+                count[0] += 1
+
+        workers = [asyncio.create_task(worker()) for _ in range(HTTP_CONCURRENCY)]
+        await asyncio.sleep(seconds / 5)     # warm-up: timed window, not a synchronisation
+        start_n, t0 = count[0], time.perf_counter()
+        await asyncio.sleep(seconds)
+        done, elapsed = count[0] - start_n, time.perf_counter() - t0
+        running[0] = False
+        await asyncio.gather(*workers)
+    # aiohttp gives a client no public handle on the transport of a small
+    # response (released before the caller sees it): the server checks.
+    return {"rps": done / elapsed, "paths": []}
+
+
+def _client(kind: str, test: str, port: int, amount: float, pipe: Any) -> None:
+    _pin(0)
+    if test == "rtt":
+        coro = _client_rtt(port, int(amount))
+    elif test == "aiohttp":
+        coro = _client_aiohttp(port, amount)
+    else:
+        coro = _client_echo(port, amount)
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(kind)) as runner:
+            res = runner.run(coro)
+    except BaseException as exc:          # the parent says what went wrong
+        pipe.send({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    pipe.send(res)
+
+
+# --- one measurement --------------------------------------------------------------
+
+def _join(p: mp.process.BaseProcess) -> None:
+    p.join(30)
+    if p.exitcode is None:
+        p.kill()
+        p.join()
+
+
+def run_one(kind: str, test: str, amount: float) -> dict:
+    """Fork a server and a client; the client's result."""
+    ctx = mp.get_context("fork")
+    s_here, s_there = ctx.Pipe()
+    c_here, c_there = ctx.Pipe()
+    srv = ctx.Process(target=_server, args=(kind, test, s_there))
+    srv.start()
+    s_there.close()
+    try:
+        if not s_here.poll(30):
+            raise RuntimeError(f"{kind} {test} server did not start")
+        port = s_here.recv()
+        cli = ctx.Process(target=_client, args=(kind, test, port, amount, c_there))
+        cli.start()
+        c_there.close()
+        try:
+            if not c_here.poll(120):
+                raise RuntimeError(f"{kind} {test} client gave no result")
+            res = c_here.recv()
+        finally:
+            _join(cli)
+            c_here.close()
+    finally:
+        try:
+            s_here.send("stop")
+            served = s_here.recv() if s_here.poll(30) else []
+        except (OSError, EOFError):
+            served = []
+        _join(srv)
+        s_here.close()
+    if "error" in res:
+        raise RuntimeError(f"{kind} {test}: {res['error']}")
+    res["paths"] = list(res["paths"]) + served
+    if not res["paths"]:
+        raise RuntimeError(f"{kind} {test}: no connection path checked")
+    want = "shm" if kind == "shrimpio" else "tcp"
+    if set(res["paths"]) != {want}:
+        raise RuntimeError(f"{kind} {test}: connections took {res['paths']}, expected {want}")
+    return res
+
+
+# --- the whole run ------------------------------------------------------------------
+
+def run(quick: bool = False) -> dict:
+    repeats = 1 if quick else 3
+    n_rt = 3000 if quick else 20000
+    seconds = 1.0 if quick else 3.0
+    own_registry = "SHRIMPIO_REGISTRY" not in os.environ
+    tmp = tempfile.TemporaryDirectory(prefix="shrimpio-bench-reg-") if own_registry else None
+    if tmp is not None:
+        os.environ["SHRIMPIO_REGISTRY"] = tmp.name
+    try:
+        import aiohttp  # noqa: F401  (imported once, before the forks)
+        have_aiohttp = True
+    except ImportError:
+        have_aiohttp = False
+    try:
+        # The kinds take turns within each repeat, so that a noisy spell of
+        # the machine hits both rather than one.
+        def rtt() -> dict:
+            runs: dict = {kind: [] for kind in KINDS}
+            for _ in range(repeats):
+                for kind in KINDS:
+                    runs[kind].append(_stats(run_one(kind, "rtt", n_rt)["samples"]))
+            return {kind: sorted(r, key=lambda x: x["median_us"])[len(r) // 2] for kind, r in runs.items()}
+
+        def rps(test: str) -> dict:
+            runs: dict = {kind: [] for kind in KINDS}
+            for _ in range(repeats):
+                for kind in KINDS:
+                    runs[kind].append(run_one(kind, test, seconds)["rps"])
+            return {kind: {"rps": statistics.median(r), "runs": r} for kind, r in runs.items()}
+
+        # Other work on the machine distorts these figures (they were taken
+        # on 2 cores): the load average at the start says whether there was any.
+        res: dict = {"machine": machine(), "load_before": os.getloadavg()[0], "settings": {
+            "rtt_rounds": n_rt, "seconds": seconds, "repeats": repeats, "echo_clients": ECHO_CLIENTS,
+            "echo_bytes": ECHO_SIZE, "http_concurrency": HTTP_CONCURRENCY}}
+        res["rtt_64B"] = rtt()
+        res["echo_1KiB"] = {server: rps(f"echo-{server}") for server in ("protocol", "streams")}
+        if have_aiohttp:
+            res["aiohttp"] = rps("aiohttp")
+    finally:
+        if tmp is not None:
+            del os.environ["SHRIMPIO_REGISTRY"]
+            tmp.cleanup()
+    rt = res["rtt_64B"]
+    ratios = {"rtt_uvloop_over_shrimpio": rt["uvloop"]["median_us"] / rt["shrimpio"]["median_us"]}
+    for server, r in res["echo_1KiB"].items():
+        ratios[f"echo_{server}_shrimpio_over_uvloop"] = r["shrimpio"]["rps"] / r["uvloop"]["rps"]
+    if "aiohttp" in res:
+        ah = res["aiohttp"]
+        ratios["aiohttp_shrimpio_over_uvloop"] = ah["shrimpio"]["rps"] / ah["uvloop"]["rps"]
+    res["ratios"] = ratios
+    return res
+
+
+def report(res: dict) -> str:
+    m = res["machine"]
+    s = res["settings"]
+    names = {"shrimpio": "shrimpio loop, shared memory", "uvloop": "uvloop, TCP loopback"}
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Linux {m['kernel']}; "
+             f"load average {res['load_before']:.2f} at the start",
+             "", f"{'asyncio streams 64-byte round trip':<48}  median       p99"]
+    for k, v in res["rtt_64B"].items():
+        lines.append(f"  {names[k]:<44}{v['median_us']:8.2f} us {v['p99_us']:8.2f} us")
+    title = f"echo, {s['echo_clients']} clients, {s['echo_bytes']} B messages"
+    lines += ["", f"{title:<48}requests/s"]
+    for server, r in res["echo_1KiB"].items():
+        for k, v in r.items():
+            lines.append(f"  {server + ' server, ' + names[k]:<44}{v['rps']:10.0f}")
+    if "aiohttp" in res:
+        title = f"aiohttp hello world, keep-alive, {s['http_concurrency']} in flight"
+        lines += ["", f"{title:<48}requests/s"]
+        for k, v in res["aiohttp"].items():
+            lines.append(f"  {names[k]:<44}{v['rps']:10.0f}")
+    r = res["ratios"]
+    lines += ["", f"round trip: shrimpio is {r['rtt_uvloop_over_shrimpio']:.1f}x faster than uvloop TCP",
+              "echo: shrimpio/uvloop = " + ", ".join(
+                  f"{r[f'echo_{srv}_shrimpio_over_uvloop']:.2f}x ({srv} server)"
+                  for srv in res["echo_1KiB"])]
+    if "aiohttp_shrimpio_over_uvloop" in r:
+        lines.append(f"aiohttp: shrimpio/uvloop = {r['aiohttp_shrimpio_over_uvloop']:.2f}x")
+    return "\n".join(lines)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="shorter runs, one repeat")
+    ap.add_argument("--json", action="store_true", help="print JSON")
+
+
+def main(args: argparse.Namespace) -> None:
+    res = run(quick=args.quick)
+    print(json.dumps(res, indent=2) if args.json else report(res))

@@ -1,0 +1,117 @@
+"""The asyncio layer: ``shrimpio.transport``.
+
+The transport and stream semantics live in ``asyncio_suite.py``, written
+once and run here on three kinds of connection (``[shm]``: shared memory on
+the shrimpio loop; ``[tcp]``: the shrimpio loop kept on kernel TCP by a rule;
+``[uvloop]``: plain uvloop, the reference).  Below them: the loop's entry
+points (``shrimpio.run``, ``new_event_loop``, ``EventLoopPolicy``,
+``install``, ``asyncio.Runner``, ``shrimpio.patch`` and ``asyncio.run``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+
+import pytest
+import uvloop
+
+import asyncio_suite
+import shrimpio
+from asyncio_suite import HOST, k  # noqa: F401  (k: the kind fixture the suite's tests take)
+from shrimpio.transport import Loop
+
+# The suite's tests, collected as this module's.
+globals().update({name: getattr(asyncio_suite, name)
+                  for name in vars(asyncio_suite) if name.startswith("test_")})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _uvloop_pipe() -> None:
+    """uvloop opens a process-wide pipe with its first loop and keeps it for
+    the life of the process: have it opened before the leak checks count fds."""
+    async def nothing() -> None:
+        pass
+    uvloop.run(nothing())
+
+
+async def _probe() -> tuple:
+    """Echo over a fresh server on the running loop; (loop type, the client
+    connection's shrimpio path or None)."""
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read())
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(echo, HOST, 0)
+    async with server:
+        reader, writer = await asyncio.open_connection(HOST, server.sockets[0].getsockname()[1])
+        info = writer.get_extra_info("shrimpio")
+        writer.write(b"probe")
+        writer.write_eof()
+        assert await reader.read() == b"probe"
+        writer.close()
+        await writer.wait_closed()
+    return type(asyncio.get_running_loop()), (info["path"] if info else None)
+
+
+def test_run_and_new_event_loop() -> None:
+    """shrimpio.run runs a coroutine on a Loop (a uvloop.Loop subclass) and
+    returns its result; new_event_loop() makes such loops; debug= passes."""
+    assert shrimpio.Loop is Loop and issubclass(Loop, uvloop.Loop)
+    assert shrimpio.run(_probe()) == (Loop, "shm")
+
+    async def debug() -> bool:
+        return asyncio.get_running_loop().get_debug()
+
+    assert shrimpio.run(debug(), debug=True) is True
+    loop = shrimpio.new_event_loop()
+    try:
+        assert isinstance(loop, uvloop.Loop) and type(loop) is Loop
+        assert loop.run_until_complete(_probe()) == (Loop, "shm")
+    finally:
+        loop.close()
+
+
+def test_runner_loop_factory() -> None:
+    """asyncio.Runner(loop_factory=shrimpio.new_event_loop): one Loop for
+    several runs."""
+    with asyncio.Runner(loop_factory=shrimpio.new_event_loop) as runner:
+        assert type(runner.get_loop()) is Loop
+        assert runner.run(_probe()) == (Loop, "shm")
+        assert runner.run(_probe()) == (Loop, "shm")
+
+
+def test_event_loop_policy_and_install() -> None:
+    """EventLoopPolicy makes Loops; install() sets it, so asyncio.run uses it."""
+    saved = asyncio.get_event_loop_policy()
+    try:
+        policy = shrimpio.EventLoopPolicy()
+        loop = policy.new_event_loop()
+        try:
+            assert type(loop) is Loop
+        finally:
+            loop.close()
+        assert asyncio.run(_probe()) == (asyncio.SelectorEventLoop, None)   # stdlib default
+        shrimpio.install()
+        assert isinstance(asyncio.get_event_loop_policy(), shrimpio.EventLoopPolicy)
+        assert asyncio.run(_probe()) == (Loop, "shm")
+    finally:
+        asyncio.set_event_loop_policy(saved)
+
+
+def test_patch_makes_asyncio_run_use_shrimpio_loop() -> None:
+    """Under shrimpio.patch.enable(), a plain asyncio.run gets a Loop and its
+    connections go over shared memory; disable() restores the stdlib loop."""
+    before = asyncio.run(_probe())
+    assert before[0] is not Loop and before[1] is None
+    patch = importlib.import_module("shrimpio.patch")   # importing enables it
+    try:
+        patch.enable()
+        assert patch.enabled()
+        assert asyncio.run(_probe()) == (Loop, "shm")
+    finally:
+        patch.disable()
+    assert not patch.enabled()
+    assert asyncio.run(_probe()) == before
