@@ -69,6 +69,9 @@ class ShmTransport(asyncio.Transport):
         self._write_scheduled = False
         self._last_data = 0.0
         self._budget = conn.rx.busy_poll_us / 1e6
+        # Last read or write of any shrimpio transport of this loop: the
+        # busy-poll budget runs from there.
+        self._activity = _loop_activity(loop)
         self._high = 64 * 1024
         self._low = 16 * 1024
         self._final_info: Optional[dict] = None
@@ -149,8 +152,14 @@ class ShmTransport(asyncio.Transport):
         if self._closing or self._paused or self._read_eof:
             return
         stream = self._stream
+        rx = self._conn.rx
         for _ in range(_READS_PER_TURN):
             try:
+                # Ask the ring first: an empty poll must not cost an exception
+                # (or a 256 KiB allocation): it is what a busy loop does most.
+                avail = rx.readable()
+                if not avail and not rx.at_eof() and not self._conn.gone:
+                    break
                 if self._buffered:
                     buf = self._protocol.get_buffer(-1)
                     if not len(buf):
@@ -160,7 +169,7 @@ class ShmTransport(asyncio.Transport):
                         return self._on_eof()
                     self._protocol.buffer_updated(n)
                 else:
-                    data = stream.recv(_MAX_READ, 0, 0.0)
+                    data = stream.recv(min(avail, _MAX_READ) or 1, 0, 0.0)
                     if not data:
                         return self._on_eof()
                     self._protocol.data_received(data)
@@ -170,7 +179,7 @@ class ShmTransport(asyncio.Transport):
                 raise
             except BaseException as exc:
                 return self._fatal_error(exc, "Fatal read error on shrimpio transport")
-            self._last_data = time.monotonic()
+            self._last_data = self._activity[0] = time.monotonic()
             if self._closing or self._paused:
                 return
         else:
@@ -178,8 +187,10 @@ class ShmTransport(asyncio.Transport):
             return
         if self._conn.gone:
             return self._on_eof()          # the peer died without shutting down
-        # The ring is empty: poll a little longer after traffic, else arm and sleep.
-        if time.monotonic() - self._last_data < self._budget:
+        # The ring is empty: poll a little longer after traffic on this loop
+        # (any connection's: a server that just answered one client will hear
+        # from the next soon), else arm and sleep.
+        if time.monotonic() - self._activity[0] < self._budget:
             self._schedule_poll()
         elif ring_arm(self._conn.rx, False):
             self._schedule_poll()
@@ -213,6 +224,7 @@ class ShmTransport(asyncio.Transport):
             return
         if not data:
             return
+        self._activity[0] = time.monotonic()
         if not self._buffer:
             try:
                 n = self._stream.send(data, 0, 0.0)
@@ -410,6 +422,18 @@ class ShmTransport(asyncio.Transport):
     def __del__(self) -> None:
         if self._sock is not None and not self._sock._closed:
             self._sock.close()
+
+
+def _loop_activity(loop: asyncio.AbstractEventLoop) -> list:
+    try:
+        return loop._shrimpio_activity          # type: ignore[attr-defined]
+    except AttributeError:
+        cell = [0.0]
+        try:
+            loop._shrimpio_activity = cell      # type: ignore[attr-defined]
+        except AttributeError:
+            pass                                # a loop without __dict__: per transport
+        return cell
 
 
 def _set_result_unless_cancelled(fut: asyncio.Future, result: Any) -> None:
