@@ -2,9 +2,9 @@
 
     shrimpio run examples/aiohttp_client.py [port] [requests] [in_flight]
 
-aiohttp makes its own sockets (``socket.socket``), so it needs the patch
-(``shrimpio run`` or ``import shrimpio.patch``) for shared memory;
-``shrimpio.run(main())`` alone would leave it on TCP.
+aiohttp makes its own stdlib sockets and hands them to the loop's
+``sock_connect``; the shrimpio loop connects those over shared memory too,
+so ``shrimpio.run(main())`` works as well as the patch.
 """
 
 import asyncio

@@ -115,3 +115,56 @@ def test_patch_makes_asyncio_run_use_shrimpio_loop() -> None:
         patch.disable()
     assert not patch.enabled()
     assert asyncio.run(_probe()) == before
+
+
+def test_stdlib_socket_from_a_library_gets_shared_memory_without_the_patch() -> None:
+    """aiohttp (happy eyeballs) makes a stdlib socket, ``sock_connect``s it
+    and passes it to ``create_connection(sock=...)``: on the shrimpio loop,
+    without the patch, that connection is shared memory all the same, and a
+    stdlib socket to a plain listener stays TCP."""
+    import socket
+
+    from shrimpio.socket import StdSocket
+
+    async def main() -> tuple:
+        loop = asyncio.get_running_loop()
+        got = loop.create_future()
+
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(await r.readexactly(5))
+            await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(handle, HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        sock = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (HOST, port))
+        r, w = await asyncio.open_connection(sock=sock)
+        w.write(b"hello")
+        got.set_result(await r.readexactly(5))
+        info = w.get_extra_info("shrimpio")
+        w.close()
+        await w.wait_closed()
+        server.close()
+        await server.wait_closed()
+        # A plain (non-shrimpio) listener: the same code stays on kernel TCP.
+        plain = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+        plain.bind((HOST, 0))
+        plain.listen()
+        sock2 = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+        sock2.setblocking(False)
+        await loop.sock_connect(sock2, plain.getsockname())
+        accepted, _ = plain.accept()
+        r2, w2 = await asyncio.open_connection(sock=sock2)
+        tcp_info = w2.get_extra_info("shrimpio")
+        w2.close()
+        await w2.wait_closed()
+        accepted.close()
+        plain.close()
+        return await got, info, tcp_info
+
+    data, info, tcp_info = shrimpio.run(main())
+    assert data == b"hello"
+    assert info is not None and info["path"] == "shm", info
+    assert tcp_info is None or tcp_info["path"] == "tcp"

@@ -11,6 +11,7 @@ shared-memory clients.
 from __future__ import annotations
 
 import asyncio
+import os
 import errno
 import socket as _std
 import sys
@@ -239,7 +240,9 @@ class Loop(uvloop.Loop):
                     sock, protocol_factory, ssl, server_hostname=server_hostname or (host if ssl else None),
                     ssl_handshake_timeout=kw.get("ssl_handshake_timeout"),
                     ssl_shutdown_timeout=kw.get("ssl_shutdown_timeout"))
-        elif sock is not None and _is_shm(sock):
+        elif sock is not None and (_is_shm(sock) or _adoptable(sock)):
+            if not isinstance(sock, ShmSocket):     # a stdlib socket connected by sock_connect
+                sock = ShmSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
             sock.setblocking(False)
             return await self._make_shm_transport(
                 sock, protocol_factory, ssl, server_hostname=server_hostname,
@@ -411,6 +414,8 @@ class Loop(uvloop.Loop):
         if isinstance(sock, ShmSocket) and sock._is_tcp() and sock._shm is None and sock._lst is None:
             if sock._try_shm(address):
                 return
+        elif _plain_tcp(sock) and _connect_plain_over_shm(sock, address):
+            return
         return await super().sock_connect(sock, address)
 
     async def sock_accept(self, sock: Any) -> tuple:
@@ -466,6 +471,45 @@ def _check_ssl_timeouts(ssl: Any, kw: dict) -> None:
     for name in ("ssl_handshake_timeout", "ssl_shutdown_timeout"):
         if kw.get(name) is not None and not ssl:
             raise ValueError(f"{name} is only meaningful with ssl")
+
+
+def _plain_tcp(sock: Any) -> bool:
+    """A stdlib (not shrimpio) TCP socket, not yet connected."""
+    return (isinstance(sock, _std.socket) and not isinstance(sock, ShmSocket)
+            and sock.family in (_std.AF_INET, _std.AF_INET6)
+            and sock.type & 0xF == _std.SOCK_STREAM and sock.fileno() >= 0)
+
+
+def _connect_plain_over_shm(sock: Any, address: Any) -> bool:
+    """Connect a stdlib socket over shared memory if the route allows.
+
+    Libraries that make their own sockets (aiohttp's happy eyeballs) hand
+    the loop a stdlib ``socket.socket``; the shrimpio loop should not need
+    the patch for them.  A shrimpio socket on a dup of the fd does the
+    handshake, the control socket is then put on the caller's fd too, and the
+    connection waits (as a detached one) for ``create_connection(sock=...)``
+    to adopt it by the fd's inode."""
+    twin = ShmSocket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+    try:
+        twin.setblocking(False)
+        if not twin._try_shm(address):
+            return False
+        os.dup2(twin.fileno(), sock.fileno(), inheritable=False)
+        os.close(twin.detach())       # the connection now lives on the caller's fd
+        return True
+    finally:
+        twin.close()
+
+
+def _adoptable(sock: Any) -> bool:
+    """A stdlib socket whose fd holds a detached shrimpio connection."""
+    if isinstance(sock, ShmSocket) or not isinstance(sock, _std.socket) or sock.fileno() < 0:
+        return False
+    from .. import socket as _ss
+    try:
+        return _ss._inode(sock.fileno()) in _ss._detached
+    except OSError:
+        return False
 
 
 def _done(fut: asyncio.Future) -> None:
