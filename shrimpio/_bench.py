@@ -23,15 +23,16 @@ the measurement behind the doorbell choice (docs/data-plane.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import platform
 import socket
 import statistics
-import sys
 import tempfile
 import time
+from typing import Iterator
 
 from . import _fastpath
 from ._fastpath import Ring, Segment
@@ -258,7 +259,28 @@ def machine() -> dict:
             "python": platform.python_version(), "kernel": platform.release()}
 
 
+@contextlib.contextmanager
+def private_registry() -> Iterator[None]:
+    """A throwaway registry for one benchmark run (removed after), unless the
+    user chose one with ``SHRIMPIO_REGISTRY``."""
+    if "SHRIMPIO_REGISTRY" in os.environ:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="shrimpio-bench-") as tmp:
+        os.environ["SHRIMPIO_REGISTRY"] = tmp
+        try:
+            yield
+        finally:
+            del os.environ["SHRIMPIO_REGISTRY"]
+
+
 def run(quick: bool = False, repeats: int = 3, doorbells: bool = False) -> dict:
+    """Run everything in a private registry; see :func:`_run`."""
+    with private_registry():
+        return _run(quick, repeats, doorbells)
+
+
+def _run(quick: bool, repeats: int, doorbells: bool) -> dict:
     """Run everything; each measurement is repeated and the run with the
     median median is kept (the machine is noisy)."""
     n_rt = 5000 if quick else 50000
@@ -271,7 +293,6 @@ def run(quick: bool = False, repeats: int = 3, doorbells: bool = False) -> dict:
         runs.sort(key=lambda r: r["median_us"])
         return runs[len(runs) // 2]
 
-    os.environ.setdefault("SHRIMPIO_REGISTRY", tempfile.mkdtemp(prefix="shrimpio-bench-"))
     res = {"machine": machine(), "rtt_64B": {}, "put_1MiB": {}}
     res["rtt_64B"]["reference"] = best(bench_reference, n_rt)
     res["rtt_64B"]["vmmc"] = best(bench_vmmc, n_rt, 64)

@@ -28,11 +28,10 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import tempfile
 import time
 from typing import Any, Callable
 
-from ._bench import _pin, _stats, machine
+from ._bench import _pin, _stats, machine, private_registry
 
 KINDS = ("shrimpio", "uvloop")
 HOST = "127.0.0.1"
@@ -310,16 +309,12 @@ def run(quick: bool = False) -> dict:
     repeats = 1 if quick else 3
     n_rt = 3000 if quick else 20000
     seconds = 1.0 if quick else 3.0
-    own_registry = "SHRIMPIO_REGISTRY" not in os.environ
-    tmp = tempfile.TemporaryDirectory(prefix="shrimpio-bench-reg-") if own_registry else None
-    if tmp is not None:
-        os.environ["SHRIMPIO_REGISTRY"] = tmp.name
     try:
         import aiohttp  # noqa: F401  (imported once, before the forks)
         have_aiohttp = True
     except ImportError:
         have_aiohttp = False
-    try:
+    with private_registry():
         # The kinds take turns within each repeat, so that a noisy spell of
         # the machine hits both rather than one.
         def rtt() -> dict:
@@ -345,10 +340,6 @@ def run(quick: bool = False) -> dict:
         res["echo_1KiB"] = {server: rps(f"echo-{server}") for server in ("protocol", "streams")}
         if have_aiohttp:
             res["aiohttp"] = rps("aiohttp")
-    finally:
-        if tmp is not None:
-            del os.environ["SHRIMPIO_REGISTRY"]
-            tmp.cleanup()
     rt = res["rtt_64B"]
     ratios = {"rtt_uvloop_over_shrimpio": rt["uvloop"]["median_us"] / rt["shrimpio"]["median_us"]}
     for server, r in res["echo_1KiB"].items():

@@ -21,7 +21,7 @@ import socket as _std
 import tempfile
 import time
 
-from ._bench import _pin, _stats, machine
+from ._bench import _pin, _stats, machine, private_registry
 from .socket import socket as ShmSocket
 
 MIB = 1 << 20
@@ -105,11 +105,7 @@ def run(quick: bool = False) -> dict:
     repeats = 1 if quick else 3
     n_rt = 5000 if quick else 50000
     n_bw = 100 if quick else 1000
-    own_registry = "SHRIMPIO_REGISTRY" not in os.environ
-    tmp = tempfile.TemporaryDirectory(prefix="shrimpio-bench-reg-") if own_registry else None
-    if tmp is not None:
-        os.environ["SHRIMPIO_REGISTRY"] = tmp.name
-    try:
+    with private_registry():
         def best(*args):
             runs = sorted((_stats(run_one(*args)) for _ in range(repeats)), key=lambda r: r["median_us"])
             return runs[len(runs) // 2]
@@ -120,10 +116,6 @@ def run(quick: bool = False) -> dict:
             r = best(kind, n_bw, MIB, 8)
             r["MiB_per_s"] = 1e6 / r["median_us"]
             res["bw_1MiB"][kind] = r
-    finally:
-        if tmp is not None:
-            del os.environ["SHRIMPIO_REGISTRY"]
-            tmp.cleanup()
     rt, bw = res["rtt_64B"], res["bw_1MiB"]
     res["ratios"] = {
         "tcp_rtt_over_shrimpio": rt["tcp"]["median_us"] / rt["shrimpio"]["median_us"],

@@ -41,7 +41,6 @@ import errno
 import os
 import socket as _std
 import threading
-from typing import Optional
 
 from . import _control
 from ._fastpath import Ring, RingCorruptedError, Segment, Stream

@@ -29,7 +29,6 @@ from __future__ import annotations
 import errno
 import math
 import select as _select
-import socket as _std
 import time
 from typing import Any, Iterable, Optional
 

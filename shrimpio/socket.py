@@ -38,7 +38,6 @@ import weakref
 from typing import Any, Optional
 
 from . import _connection, _control, _route
-from ._fastpath import ring_peek_into
 from ._connection import DEFAULT_RING, Connection, describe_error
 
 __all__ = ["socket", "info", "StdSocket"]
