@@ -105,6 +105,18 @@ cdef class Stream:
         finally:
             PyBuffer_Release(&buf)
 
+    def sendmsg(self, buffers, int flags=0, timeout=None):
+        """As ``socket.sendmsg`` without ancillary data: a gather write;
+        blocking, it queues everything (as ``send``)."""
+        cdef double t = self._t(flags, timeout)
+        cdef Py_ssize_t n = 0
+        try:
+            n = self.tx.writev(buffers, None if t < 0 else t, t < 0)
+        except (OSError, ValueError):
+            self._translate()
+        self.bytes_sent += n
+        return n
+
     def recv(self, Py_ssize_t bufsize, int flags=0, timeout=None):
         """As ``socket.recv``."""
         if bufsize < 0:

@@ -34,6 +34,7 @@ import _socket as _csocket
 import socket as _std
 import struct
 import threading
+import time
 import weakref
 from typing import Any, Optional
 
@@ -82,16 +83,6 @@ def _inode(fd: int) -> tuple[int, int]:
 
 def _ebadf() -> OSError:
     return OSError(errno.EBADF, "Bad file descriptor")
-
-
-def _timeout_for(sock: StdSocket, flags: int) -> Optional[float]:
-    # As CPython: MSG_DONTWAIT makes a *blocking* socket's call non-blocking,
-    # but a socket with a timeout first waits (up to the timeout) for
-    # readiness, flag or not, and raises TimeoutError if none comes.
-    timeout = sock.gettimeout()
-    if flags & _std.MSG_DONTWAIT and timeout is None:
-        return 0.0
-    return timeout
 
 
 @functools.lru_cache(maxsize=1024)
@@ -409,7 +400,7 @@ class socket(StdSocket):
                 sock.setblocking(True)
             return sock, addr
         timeout = self.gettimeout()
-        deadline = None if not timeout else _monotonic() + timeout
+        deadline = None if not timeout else time.monotonic() + timeout
         poller = _select.poll()
         poller.register(self.fileno(), _select.POLLIN)
         poller.register(lst.usock.fileno(), _select.POLLIN)
@@ -428,7 +419,7 @@ class socket(StdSocket):
                 return sock, addr
             if timeout == 0:
                 raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
-            wait_ms = None if deadline is None else max(0, int((deadline - _monotonic()) * 1000) + 1)
+            wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
             if wait_ms == 0:
                 raise TimeoutError("timed out")
             poller.poll(wait_ms)
@@ -513,12 +504,7 @@ class socket(StdSocket):
             return n
         if list(ancdata):
             raise OSError(errno.EINVAL, "ancillary data is not supported on TCP sockets")
-        timeout = _timeout_for(self, flags)
-        # Blocking: all of it, as a blocking send() (see _send_blocking).
-        n = self._ring_call(lambda bufs, t: conn.tx.writev(bufs, t, all=t is None),
-                            list(buffers), timeout, True)
-        conn.stream.bytes_sent += n
-        return n
+        return conn.stream.sendmsg(list(buffers), flags, self.gettimeout())
 
     def sendto(self, data: Any, *args: Any) -> int:
         """As ``socket.sendto``; a connected stream ignores the address."""
@@ -535,16 +521,6 @@ class socket(StdSocket):
             n = super().sendfile(file, offset, count)
             return n
         return self._sendfile_use_send(file, offset, count)
-
-    def _ring_call(self, fn: Any, arg: Any, timeout: Optional[float], sending: bool) -> Any:
-        try:
-            return fn(arg, timeout)
-        except TimeoutError:
-            raise TimeoutError("timed out") from None
-        except ValueError:
-            if self._shm is None or self._shm.closed:
-                raise _ebadf() from None
-            raise
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         """As ``socket.recv``."""
@@ -758,11 +734,6 @@ def _report_record(sock: "socket") -> Optional[dict]:
     out = info(sock)
     out.update(local=local, peer=peer)
     return out
-
-
-def _monotonic() -> float:
-    import time
-    return time.monotonic()
 
 
 def info(sock: Any) -> dict:
