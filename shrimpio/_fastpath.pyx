@@ -22,7 +22,7 @@ import secrets as _secrets
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.pythread cimport (PyThread_acquire_lock, PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_release_lock, PyThread_type_lock)
@@ -54,6 +54,7 @@ cdef extern from "_fastpath_core.h" nogil:
     void shr_release_fence()
     int64_t shr_now_ns()
     int64_t shr_coarse_ns()
+    void shr_cpu_relax()
     int shr_bell_ring(int fd, int kind)
     int shr_bell_drain(int fd, int kind)
     int shr_bell_peer_gone(int fd)
@@ -1385,3 +1386,4 @@ cdef class Export:
 
 include "_fastpath_poll.pxi"
 include "_fastpath_stream.pxi"
+include "_fastpath_transport.pxi"

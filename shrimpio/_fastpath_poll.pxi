@@ -14,6 +14,11 @@ def ring_arm(Ring ring not None, bint writable):
     A flag left set after the poller moves on costs the peer one spare ring
     and us one spare wake-up; clearing it could steal the wake-up of a thread
     blocked in a read on the same ring, so it is never cleared here."""
+    return bool(_ring_arm(ring, writable))
+
+
+cdef int _ring_arm(Ring ring, bint writable) except -1:
+    """ring_arm for C callers: 1 ready, 0 armed."""
     cdef shr_cond c
     ring._check_open()
     c.h = ring.h
@@ -22,9 +27,9 @@ def ring_arm(Ring ring not None, bint writable):
     c.cap = ring.cap
     c.writable = writable
     if shr_cond_ready(&c):
-        return True
+        return 1
     shr_cond_arm(&c, 1)
-    return bool(shr_cond_ready(&c))
+    return shr_cond_ready(&c) != 0
 
 
 def drain_bell(int fd):

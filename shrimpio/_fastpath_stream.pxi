@@ -71,6 +71,17 @@ cdef class Stream:
         rest.len = buf.len - done
         return self.tx._write_bufs(&rest, 1, rest.len, t, False)
 
+    cdef Py_ssize_t _send_now(self, Py_buffer *buf) except -1:
+        """A non-blocking send for the asyncio transport: what fits now
+        (``BlockingIOError`` if nothing does), errors as ``send``'s."""
+        cdef Py_ssize_t n = 0
+        try:
+            n = self.tx._write_bufs(buf, 1, buf.len, 0.0, False)
+        except (OSError, ValueError):
+            self._translate()
+        self.bytes_sent += n
+        return n
+
     cdef int _call_check(self, Ring ring) except -1:
         try:
             ring._writable_check()

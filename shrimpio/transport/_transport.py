@@ -5,12 +5,13 @@ Theory of operation
 The transport drives the same :class:`~shrimpio._fastpath.Stream` as the
 blocking socket (never a copy of its logic), with timeout ``0`` only.
 
-Reading: after a callback that moved data, the ring is polled again through
-``call_soon`` for up to the busy-poll budget (the loop stays hot: each turn
-is one ``epoll_wait(0)``); when the budget runs out the transport *arms* the
-ring (sets reader-sleeping, fence, re-check) and leaves the wake-up to the
-loop's reader on the data doorbell, which the peer rings only when armed.  An
-idle connection therefore costs no CPU, and a busy one no system call.
+Reading is in C (``TransportCore`` and the loop's ``LoopPoller`` in
+``_fastpath_transport.pxi``, where the theory of the polling is): one poller
+per loop reads every busy ring in one callback turn, keeps polling for the
+busy-poll budget after the loop's last traffic, then *arms* the ring
+(reader-sleeping flag, fence, re-check) and leaves the wake-up to the loop's
+reader on the data doorbell, which the peer rings only when armed.  An idle
+connection therefore costs no CPU, and a busy one no system call.
 
 Writing: ``write()`` copies into the ring at once; what does not fit is
 buffered and the transport arms the ring's writer-sleeping flag and watches
@@ -27,18 +28,29 @@ import time
 from asyncio import trsock
 from typing import Any, Optional
 
-from .._fastpath import drain_bell, ring_arm
+from .._fastpath import LoopPoller, TransportCore, drain_bell, ring_arm
 from ..socket import info as _info
 
 __all__ = ["ShmTransport"]
 
-#: Most reads per callback before yielding to other callbacks.
-_READS_PER_TURN = 16
-_MAX_READ = 256 * 1024
+def _core_field(name: str) -> property:
+    """A transport attribute kept in its TransportCore (the C fast path
+    reads and writes the same state)."""
+    return property(lambda self: getattr(self._core, name),
+                    lambda self, value: setattr(self._core, name, value))
 
 
 class ShmTransport(asyncio.Transport):
     """A transport over one shared-memory connection of a shrimpio socket."""
+
+    _protocol = _core_field("protocol")
+    _buffered = _core_field("buffered")
+    _closing = _core_field("closing")
+    _paused = _core_field("paused")
+    _read_eof = _core_field("read_eof")
+    _conn_lost = _core_field("conn_lost")
+    _eof_requested = _core_field("eof_requested")
+    _buffer_size = _core_field("buffer_size")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: Any, protocol: asyncio.BaseProtocol,
                  waiter: Optional[asyncio.Future] = None, server: Any = None) -> None:
@@ -50,28 +62,19 @@ class ShmTransport(asyncio.Transport):
         self._loop = loop
         self._sock = sock
         self._conn = conn
-        self._stream = conn.stream
+        self._core = TransportCore(self, conn.stream, _loop_poller(loop))
+        # The protocol's writes go straight to C (no Python frame per write);
+        # ShmTransport.write stays the documented entry and does the same.
+        self.write = self._core.write  # type: ignore[method-assign]
         self._bell = conn.bell_fd
         self._space = conn.space.fileno()
         self._server = server
         self._buffer: collections.deque = collections.deque()
-        self._buffer_size = 0
-        self._closing = False
-        self._conn_lost = 0
-        self._paused = False
-        self._protocol_paused = False
-        self._eof_requested = False
         self._eof_done = False
-        self._read_eof = False
+        self._protocol_paused = False
         self._reader_on = False
         self._writer_on = False
-        self._poll_scheduled = False
         self._write_scheduled = False
-        self._last_data = 0.0
-        self._budget = conn.rx.busy_poll_us / 1e6
-        # Last read or write of any shrimpio transport of this loop: the
-        # busy-poll budget runs from there.
-        self._activity = _loop_activity(loop)
         self._high = 64 * 1024
         self._low = 16 * 1024
         self._final_info: Optional[dict] = None
@@ -132,7 +135,7 @@ class ShmTransport(asyncio.Transport):
         if not self._reader_on:
             self._loop.add_reader(self._bell, self._on_bell)
             self._reader_on = True
-        self._schedule_poll()
+        self._core.activate()
 
     def _stop_reader(self) -> None:
         if self._reader_on:
@@ -141,64 +144,8 @@ class ShmTransport(asyncio.Transport):
 
     def _on_bell(self) -> None:
         if drain_bell(self._bell):
-            self._conn.gone = True
-        self._read_ready()
-
-    def _poll(self) -> None:
-        self._poll_scheduled = False
-        self._read_ready()
-
-    def _read_ready(self) -> None:
-        if self._closing or self._paused or self._read_eof:
-            return
-        stream = self._stream
-        rx = self._conn.rx
-        for _ in range(_READS_PER_TURN):
-            try:
-                # Ask the ring first: an empty poll must not cost an exception
-                # (or a 256 KiB allocation): it is what a busy loop does most.
-                avail = rx.readable()
-                if not avail and not rx.at_eof() and not self._conn.gone:
-                    break
-                if self._buffered:
-                    buf = self._protocol.get_buffer(-1)
-                    if not len(buf):
-                        raise RuntimeError("get_buffer() returned an empty buffer")
-                    n = stream.recv_into(buf, 0, 0, 0.0)
-                    if n == 0:
-                        return self._on_eof()
-                    self._protocol.buffer_updated(n)
-                else:
-                    data = stream.recv(min(avail, _MAX_READ) or 1, 0, 0.0)
-                    if not data:
-                        return self._on_eof()
-                    self._protocol.data_received(data)
-            except BlockingIOError:
-                break
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                return self._fatal_error(exc, "Fatal read error on shrimpio transport")
-            self._last_data = self._activity[0] = time.monotonic()
-            if self._closing or self._paused:
-                return
-        else:
-            self._schedule_poll()          # more may be there: let others run first
-            return
-        if self._conn.gone:
-            return self._on_eof()          # the peer died without shutting down
-        # The ring is empty: poll a little longer after traffic on this loop
-        # (any connection's: a server that just answered one client will hear
-        # from the next soon), else arm and sleep.
-        if time.monotonic() - self._activity[0] < self._budget:
-            self._schedule_poll()
-        elif ring_arm(self._conn.rx, False):
-            self._schedule_poll()
-
-    def _schedule_poll(self) -> None:
-        if not self._poll_scheduled:
-            self._poll_scheduled = True
-            self._loop.call_soon(self._poll)
+            self._conn.gone = self._core.gone = True
+        self._core.wake()
 
     def _on_eof(self) -> None:
         self._read_eof = True
@@ -215,6 +162,11 @@ class ShmTransport(asyncio.Transport):
     # -- writing -----------------------------------------------------------
 
     def write(self, data: Any) -> None:
+        self._core.write(data)
+
+    def _write_slow(self, data: Any, sent: int) -> None:
+        """What TransportCore.write does not do itself: checks that fail,
+        and buffering what did not fit (``sent`` bytes went into the ring)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
         if self._eof_requested:
@@ -224,19 +176,9 @@ class ShmTransport(asyncio.Transport):
             return
         if not data:
             return
-        self._activity[0] = time.monotonic()
+        if sent:
+            data = memoryview(data)[sent:]
         if not self._buffer:
-            try:
-                n = self._stream.send(data, 0, 0.0)
-            except BlockingIOError:
-                n = 0
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                return self._fatal_error(exc, "Fatal write error on shrimpio transport")
-            if n == len(data):
-                return
-            data = memoryview(data)[n:]
             self._start_writing()
         self._buffer.append(bytes(data))
         self._buffer_size += len(data)
@@ -261,7 +203,7 @@ class ShmTransport(asyncio.Transport):
 
     def _on_space(self) -> None:
         if drain_bell(self._space):
-            self._conn.gone = True
+            self._conn.gone = self._core.gone = True
         self._write_ready()
 
     def _write_ready(self) -> None:
@@ -271,7 +213,7 @@ class ShmTransport(asyncio.Transport):
         while self._buffer:
             data = self._buffer[0]
             try:
-                n = self._stream.send(data, 0, 0.0)
+                n = self._conn.stream.send(data, 0, 0.0)
             except BlockingIOError:
                 n = 0
             except (SystemExit, KeyboardInterrupt):
@@ -421,16 +363,17 @@ class ShmTransport(asyncio.Transport):
             self._sock.close()
 
 
-def _loop_activity(loop: asyncio.AbstractEventLoop) -> list:
+def _loop_poller(loop: asyncio.AbstractEventLoop) -> LoopPoller:
+    """The loop's one poller (made on first use)."""
     try:
-        return loop._shrimpio_activity          # type: ignore[attr-defined]
+        return loop._shrimpio_poller          # type: ignore[attr-defined]
     except AttributeError:
-        cell = [0.0]
+        poller = LoopPoller(loop)
         try:
-            loop._shrimpio_activity = cell      # type: ignore[attr-defined]
+            loop._shrimpio_poller = poller    # type: ignore[attr-defined]
         except AttributeError:
-            pass                                # a loop without __dict__: per transport
-        return cell
+            pass                              # a loop without __dict__: one per transport
+        return poller
 
 
 def _set_result_unless_cancelled(fut: asyncio.Future, result: Any) -> None:
