@@ -127,17 +127,11 @@ def test_patched_server_plain_client_falls_back(pair):
 # ---------------------------------------------------------------------------
 # Reports of connections that fell back to TCP.
 #
-# The blocking-socket layer reports them ({"path": "tcp", "reason": ...});
-# an asyncio connection that falls back is made (client) or accepted
-# (server) by uvloop itself, a libuv handle with no shrimpio socket object,
-# so nothing writes its line.  These tests state what the report should say
-# and fail (XPASS, strict) once it does.
-
-_UNREPORTED = pytest.mark.xfail(strict=True, reason=(
-    "asyncio TCP fallback connections are uvloop handles: no SHRIMPIO_REPORT line"))
+# uvloop drives them, but on a shrimpio socket that knows its path and why
+# (transport/_fallback.py): each writes its line, with the byte counts the
+# kernel kept (uvloop moved the bytes, not the socket layer).
 
 
-@_UNREPORTED
 def test_fallback_client_connection_is_reported():
     with server("streams_echo_server.py", patched=False) as srv:
         out, client = run_client("streams_echo_client.py", srv.port, patched=True)
@@ -145,7 +139,6 @@ def test_fallback_client_connection_is_reported():
         tp.assert_tcp(client, 3, "no shrimpio listener")
 
 
-@_UNREPORTED
 def test_fallback_server_connection_is_reported():
     with server("streams_echo_server.py", patched=True) as srv:
         out, _ = run_client("streams_echo_client.py", srv.port, patched=False)

@@ -22,9 +22,16 @@ from typing import Any, Callable, Optional
 import uvloop
 
 from ..socket import socket as ShmSocket
+from . import _fallback
 from ._transport import ShmTransport
 
 __all__ = ["Loop", "new_event_loop", "run", "EventLoopPolicy", "install"]
+
+
+#: create_connection keywords the shrimpio path handles; with others
+#: (happy_eyeballs_delay, interleave...) uvloop connects on its own.
+_OUR_KW = {"ssl_handshake_timeout", "ssl_shutdown_timeout"}
+_ACCEPT_RETRY_DELAY = 1.0
 
 
 def _is_shm(sock: Any) -> bool:
@@ -32,8 +39,11 @@ def _is_shm(sock: Any) -> bool:
 
 
 class _Server(asyncio.AbstractServer):
-    """uvloop's server(s) for the TCP side plus the registry sockets of
-    shrimpio listeners for the shared-memory side."""
+    """A server on shrimpio listener sockets: their registry sockets for
+    shared-memory clients, their kernel sockets for TCP clients.  Both are
+    accepted here, so that every connection is a shrimpio socket that knows
+    its path and why; TCP ones are then driven by uvloop's transports
+    (:mod:`._fallback`)."""
 
     def __init__(self, loop: "Loop", listeners: list, factory: Callable, ssl: Any,
                  ssl_handshake_timeout: Any, ssl_shutdown_timeout: Any, backlog: int = 100) -> None:
@@ -44,7 +54,7 @@ class _Server(asyncio.AbstractServer):
         self._ssl = ssl
         self._hs_timeout = ssl_handshake_timeout
         self._sd_timeout = ssl_shutdown_timeout
-        self._tcp: list = []
+        self._retry: Optional[asyncio.TimerHandle] = None
         self._serving = False
         self._serving_shm = False
         self._closed = False
@@ -86,12 +96,45 @@ class _Server(asyncio.AbstractServer):
         # listener passed as sock=).
         for lsock in self._listeners:
             lsock.listen(self._backlog)
-        for srv in self._tcp:
-            await srv.start_serving()
+        self._watch()
+
+    def _watch(self) -> None:
+        self._retry = None
         for lsock in self._listeners:
+            self._loop.add_reader(lsock.fileno(), self._accept_tcp, lsock)
             if lsock._lst is not None:
                 self._loop.add_reader(lsock._lst.usock.fileno(), self._accept_shm, lsock)
         self._serving_shm = True
+
+    def _unwatch(self) -> None:
+        if not self._serving_shm:
+            return
+        self._serving_shm = False
+        for lsock in self._listeners:
+            if lsock.fileno() >= 0:
+                self._loop.remove_reader(lsock.fileno())
+            if lsock._lst is not None:
+                self._loop.remove_reader(lsock._lst.usock.fileno())
+
+    def _accept_tcp(self, lsock: Any) -> None:
+        for _ in range(self._backlog):
+            try:
+                fd, addr = lsock._accept_nowait()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of a resource: as asyncio, stop accepting for a
+                    # second rather than spin on a listener that stays readable.
+                    self._loop.call_exception_handler({
+                        "message": "socket.accept() out of system resource", "exception": exc,
+                        "socket": trsock.TransportSocket(lsock)})
+                    self._unwatch()
+                    self._retry = self._loop.call_later(_ACCEPT_RETRY_DELAY, self._watch)
+                return                       # ECONNABORTED and the like: the next one
+            sock = lsock._kernel_accepted(fd, addr)
+            self._loop.create_task(self._loop._serve_tcp(sock, self._factory, self._ssl, self,
+                                                          self._hs_timeout, self._sd_timeout))
 
     def _accept_shm(self, lsock: Any) -> None:
         for _ in range(64):
@@ -116,14 +159,10 @@ class _Server(asyncio.AbstractServer):
             return
         self._closed = True
         self._serving = False
-        for lsock in self._listeners:
-            if lsock._lst is not None:
-                if self._serving_shm:
-                    self._loop.remove_reader(lsock._lst.usock.fileno())
-                lsock._unlisten()
-        self._serving_shm = False
-        for srv in self._tcp:
-            srv.close()            # closes the listener socket objects (uvloop owns them)
+        self._unwatch()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         for lsock in self._listeners:
             lsock.close()
         if self._serving_forever is not None and not self._serving_forever.done():
@@ -138,10 +177,6 @@ class _Server(asyncio.AbstractServer):
         # shared-memory connections only would make a server that uvloop
         # closes at once hang on its keep-alive clients.)
         if self._closed:
-            return
-        for srv in self._tcp:
-            await srv.wait_closed()
-        if self._closed and self._active == 0:
             return
         w = self._loop.create_future()
         self._waiters.append(w)
@@ -217,6 +252,22 @@ class Loop(uvloop.Loop):
             return ssl_protocol._app_transport, protocol
         return transport, protocol
 
+    async def _serve_tcp(self, sock: Any, factory: Callable, ssl: Any, server: Any,
+                         hs_timeout: Any, sd_timeout: Any) -> None:
+        server._attach()
+        handed = _fallback.handoff(sock, server._detach)
+        try:
+            await super().connect_accepted_socket(factory, handed, ssl=ssl,
+                                                  ssl_handshake_timeout=hs_timeout,
+                                                  ssl_shutdown_timeout=sd_timeout)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            handed.close()
+            if self.get_debug():
+                self.call_exception_handler({"message": "TCP connection setup failed",
+                                             "exception": exc})
+
     # -- client side ---------------------------------------------------------
 
     async def create_connection(self, protocol_factory: Callable, host: Any = None, port: Any = None,
@@ -233,13 +284,26 @@ class Loop(uvloop.Loop):
         _check_ssl_timeouts(ssl, kw)
         if sock is not None and (host is not None or port is not None):
             raise ValueError("host/port and sock can not be specified at the same time")
-        if sock is None and host is not None and port is not None and local_addr is None:
-            sock = await self._shm_connect(host, port, family, proto, flags)
-            if sock is not None:
+        if sock is None and host is not None and port is not None and local_addr is None \
+                and not set(kw) - _OUR_KW:
+            sock = await self._connect(host, port, family, proto, flags)
+            if sock is None:
+                pass                 # unresolvable: uvloop raises its own error below
+            elif sock._shm is not None:
                 return await self._make_shm_transport(
                     sock, protocol_factory, ssl, server_hostname=server_hostname or (host if ssl else None),
                     ssl_handshake_timeout=kw.get("ssl_handshake_timeout"),
                     ssl_shutdown_timeout=kw.get("ssl_shutdown_timeout"))
+            else:
+                # Kernel TCP: uvloop's transport on a socket we own (see _fallback).
+                handed = _fallback.handoff(sock)
+                try:
+                    return await super().create_connection(
+                        protocol_factory, ssl=ssl, sock=handed,
+                        server_hostname=server_hostname or (host if ssl else None), **kw)
+                except BaseException:
+                    handed.close()
+                    raise
         elif sock is not None and (_is_shm(sock) or _adoptable(sock)):
             if not isinstance(sock, ShmSocket):     # a stdlib socket connected by sock_connect
                 sock = ShmSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
@@ -252,27 +316,35 @@ class Loop(uvloop.Loop):
             protocol_factory, host, port, ssl=ssl, family=family, proto=proto, flags=flags, sock=sock,
             local_addr=local_addr, server_hostname=server_hostname, **kw)
 
-    async def _shm_connect(self, host: Any, port: Any, family: int, proto: int, flags: int) -> Any:
-        """A shrimpio socket connected over shared memory, or None (then the
-        caller lets uvloop connect by TCP)."""
+    async def _connect(self, host: Any, port: Any, family: int, proto: int, flags: int) -> Any:
+        """A connected shrimpio socket (over shared memory where the route
+        allows, else kernel TCP), trying the addresses in order as asyncio
+        does; None if the name does not resolve (uvloop then says why)."""
         try:
             infos = await self.getaddrinfo(host, port, family=family, type=_std.SOCK_STREAM,
                                            proto=proto, flags=flags)
         except OSError:
             return None
+        errors: list = []
         for fam, typ, prt, _canon, addr in infos:
             if fam not in (_std.AF_INET, _std.AF_INET6):
                 continue
             sock = ShmSocket(fam, typ, prt)
             try:
                 sock.setblocking(False)
-                if sock._try_shm(addr):
-                    return sock
-            except OSError:
-                pass
-            sock.close()
-            return None          # the first address decides, as a TCP connect would try it first
-        return None
+                await self.sock_connect(sock, addr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                errors.append(exc)
+            except BaseException:
+                sock.close()
+                raise
+        if not errors:
+            return None
+        if len(errors) == 1 or all(str(e) == str(errors[0]) for e in errors):
+            raise errors[0]
+        raise OSError("Multiple exceptions: {}".format(", ".join(str(e) for e in errors)))
 
     async def connect_accepted_socket(self, protocol_factory: Callable, sock: Any, *, ssl: Any = None,
                                       **kw: Any) -> tuple:
@@ -293,8 +365,10 @@ class Loop(uvloop.Loop):
                             reuse_address: Optional[bool] = None, reuse_port: Optional[bool] = None,
                             ssl_handshake_timeout: Any = None, ssl_shutdown_timeout: Any = None,
                             start_serving: bool = True) -> Any:
+        _check_ssl_timeouts(ssl, {"ssl_handshake_timeout": ssl_handshake_timeout,
+                                  "ssl_shutdown_timeout": ssl_shutdown_timeout})
         if sock is not None:
-            if not isinstance(sock, ShmSocket) or sock._lst is None:
+            if not isinstance(sock, ShmSocket) or sock.type & 0xF != _std.SOCK_STREAM:
                 return await super().create_server(
                     protocol_factory, sock=sock, backlog=backlog, ssl=ssl,
                     ssl_handshake_timeout=ssl_handshake_timeout,
@@ -305,16 +379,8 @@ class Loop(uvloop.Loop):
                                               reuse_port)
         server = _Server(self, listeners, protocol_factory, ssl, ssl_handshake_timeout,
                          ssl_shutdown_timeout, backlog)
-        try:
-            for lsock in listeners:
-                lsock.setblocking(False)
-                server._tcp.append(await super().create_server(
-                    protocol_factory, sock=lsock, backlog=backlog, ssl=ssl,
-                    ssl_handshake_timeout=ssl_handshake_timeout,
-                    ssl_shutdown_timeout=ssl_shutdown_timeout, start_serving=False))
-        except BaseException:
-            server.close()
-            raise
+        for lsock in listeners:
+            lsock.setblocking(False)
         if start_serving:
             await server.start_serving()
         return server
