@@ -23,8 +23,9 @@ def plot(res: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")                 # no display needed
     import matplotlib.pyplot as plt
 
-    rows = [Row.from_json(r) for r in res["rows"]]
-    rows = [r for r in rows if all(f.median > 0 for f in r.figures)]   # a log axis has no 0
+    every = [Row.from_json(r) for r in res["rows"]]
+    rows = [r for r in every if all(f.median > 0 for f in r.figures)]   # a log axis has no 0
+    left_out = [r for r in every if r not in rows]
     if not rows:
         raise ValueError("nothing to plot: no row with figures above zero")
     cols = 2 if len(rows) > 1 else 1
@@ -56,6 +57,10 @@ def plot(res: dict[str, Any], path: str) -> None:
     m = res["machine"]
     fig.suptitle(f"shrimpio bench: {m['cpu']}, {m['cores']} cores, Python {m['python']} "
                  f"(whisker: p99; (Nx): shrimpio's advantage)", fontsize=10)
-    fig.tight_layout()
+    if left_out:
+        fig.text(0.01, 0.005, "not drawn (a zero on a log axis): " + "; ".join(
+            f"{r.title} " + ", ".join(f"{f.label} {fmt(f.median)} {r.unit}" for f in r.figures)
+            for r in left_out), fontsize=8)
+    fig.tight_layout(rect=(0, 0.02 if left_out else 0, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
