@@ -361,15 +361,20 @@ def rate_figure(label: str, runs: list[float]) -> Figure:
     return Figure(label, statistics.median(runs), None, list(runs))
 
 
+def echo_title(server: str, clients: int = ECHO_CLIENTS, nbytes: int = ECHO_SIZE) -> str:
+    """The table title of the echo row for ``server`` (``protocol``, ``streams``)."""
+    name = {"protocol": "Protocol"}.get(server, server)
+    return f"asyncio echo {clients}x{nbytes // 1024} KiB, {name} server"
+
+
 def rows(res: dict) -> list[Row]:
     """The result of :func:`run` as table rows (the shrimpio loop first,
     uvloop over TCP second)."""
     s = res["settings"]
     out = [Row("asyncio_rtt", "asyncio streams 64 B round trip", "us",
                [from_stats(LABELS[k], v) for k, v in res["rtt_64B"].items()])]
-    echo = f"asyncio echo {s['echo_clients']}x{s['echo_bytes'] // 1024} KiB"
     for server, r in res["echo_1KiB"].items():
-        out.append(Row(f"echo_{server}", f"{echo}, {server} server", "req/s",
+        out.append(Row(f"echo_{server}", echo_title(server, s["echo_clients"], s["echo_bytes"]), "req/s",
                        [rate_figure(LABELS[k], v.get("runs", [v["rps"]])) for k, v in r.items()]))
     if "aiohttp" in res:
         out.append(Row("aiohttp", f"aiohttp hello world, {s['http_concurrency']} in flight", "req/s",

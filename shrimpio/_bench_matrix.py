@@ -155,7 +155,6 @@ def _idle(kind: str) -> Measure:
 def specs() -> list[Spec]:
     """Every row, in the order of the table."""
     a = _bench_asyncio
-    echo = f"asyncio echo {a.ECHO_CLIENTS}x1 KiB"
     sock = [("shm", "shrimpio"), ("TCP", "tcp"), ("Unix", "unix")]
     return [
         Spec("vmmc_rtt", "VMMC 64 B put+notify round trip", "us",
@@ -169,9 +168,9 @@ def specs() -> list[Spec]:
         Spec("connect", "connect+accept+close", "us", [(lb, _connect(k, lb)) for lb, k in sock]),
         Spec("asyncio_rtt", "asyncio streams 64 B round trip", "us",
              [(a.LABELS[k], _aio(k, "rtt")) for k in a.KINDS]),
-        Spec("echo_protocol", f"{echo}, Protocol server", "req/s",
+        Spec("echo_protocol", a.echo_title("protocol"), "req/s",
              [(a.LABELS[k], _aio(k, "echo-protocol")) for k in a.KINDS]),
-        Spec("echo_streams", f"{echo}, streams server", "req/s",
+        Spec("echo_streams", a.echo_title("streams"), "req/s",
              [(a.LABELS[k], _aio(k, "echo-streams")) for k in a.KINDS]),
         Spec("aiohttp", f"aiohttp hello world, {a.HTTP_CONCURRENCY} in flight", "req/s",
              [(a.LABELS[k], _aio(k, "aiohttp")) for k in a.KINDS], needs="aiohttp"),

@@ -43,6 +43,6 @@ def test_report_lists_every_figure():
     for needle in ("shm 9.00 p99 20.0 | uvloop TCP 90.0 (10x)",
                    "shm 300000 p99 - | uvloop TCP 100000 (3.00x)",
                    "shm 15000 p99 - | uvloop TCP 10000 (1.50x)",
-                   "asyncio echo 10x1 KiB, protocol server", "asyncio echo 10x1 KiB, streams server",
+                   "asyncio echo 10x1 KiB, Protocol server", "asyncio echo 10x1 KiB, streams server",
                    "aiohttp hello world, 4 in flight", "load average 0.10 at the start"):
         assert needle in text, (needle, text)
