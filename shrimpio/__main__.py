@@ -13,6 +13,10 @@
         asyncio: streams 64-byte round trip, 10-client 1 KiB echo (Protocol
         and streams servers), aiohttp hello world; the shrimpio loop over
         shared memory beside uvloop over TCP loopback, same code.
+    shrimpio bench [--quick] [--json] [--plot FILE.png] [--rows KEY,...]
+        all of the above in one run, plus connect+accept time and the CPU
+        of an idle connected pair, beside TCP, Unix sockets, uvloop and
+        pyzmq; a table with ratios and the project's goals (docs/bench.md).
 """
 
 from __future__ import annotations
@@ -65,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     from . import _bench_asyncio
     ba = sub.add_parser("bench-asyncio", help="asyncio: shrimpio loop vs uvloop over TCP")
     _bench_asyncio.add_arguments(ba)
+    from . import _bench_matrix
+    bm = sub.add_parser("bench", help="the whole benchmark matrix, with peers and goals")
+    _bench_matrix.add_arguments(bm)
     args = ap.parse_args(argv)
+    if args.command == "bench":
+        return _bench_matrix.main(args)
     if args.command == "pingpong":
         _bench.main(args)
     elif args.command == "bench-socket":

@@ -35,6 +35,7 @@ import time
 from typing import Iterator
 
 from . import _fastpath
+from ._bench_table import Row, format_table, from_stats, machine_line
 from ._fastpath import Ring, Segment
 from .vmmc import Endpoint
 
@@ -317,26 +318,26 @@ def _run(quick: bool, repeats: int, doorbells: bool) -> dict:
     return res
 
 
-def report(res: dict) -> str:
-    m = res["machine"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Linux {m['kernel']}",
-             "", "64-byte round trip      median      p99"]
-    for k, v in res["rtt_64B"].items():
-        lines.append(f"  {k:<20}{v['median_us']:8.2f} us {v['p99_us']:8.2f} us")
-    lines += ["", "1 MiB put + 8-byte ack   MiB/s    median      p99"]
-    for k, v in res["put_1MiB"].items():
-        lines.append(f"  {k:<20}{v['MiB_per_s']:8.0f} {v['median_us']:8.1f} us {v['p99_us']:8.1f} us")
+def rows(res: dict) -> list[Row]:
+    """The result of :func:`run` as table rows (VMMC first, its peers after)."""
+    rt, bw = res["rtt_64B"], res["put_1MiB"]
+    out = [Row("vmmc_rtt", "VMMC 64 B put+notify round trip", "us",
+               [from_stats("VMMC", rt["vmmc"]), from_stats("Unix", rt["unix"]),
+                from_stats("floor", rt["reference"])]),
+           Row("vmmc_bw", "VMMC 1 MiB put + 8 B ack", "MiB/s",
+               [from_stats(label, bw[k], MIB) for label, k in
+                (("VMMC", "vmmc"), ("Unix", "unix"), ("memcpy", "memcpy"))])]
     if "doorbell_rtt_1B" in res:
-        lines += ["", "1-byte ring round trip, every wait sleeps (busy_poll_us=0)"]
-        for k, v in res["doorbell_rtt_1B"].items():
-            lines.append(f"  {k + ' doorbell':<20}{v['median_us']:8.2f} us {v['p99_us']:8.2f} us")
-    r = res["ratios"]
-    lines += ["",
-              f"vmmc round trip = {r['vmmc_rtt_over_reference']:.2f}x the reference spin loop; "
-              f"unix socket = {r['unix_rtt_over_vmmc']:.1f}x vmmc",
-              f"vmmc 1 MiB bandwidth = {r['vmmc_bw_over_unix']:.1f}x unix socket, "
-              f"{r['vmmc_bw_over_memcpy']:.2f}x a single memcpy"]
-    return "\n".join(lines)
+        db = res["doorbell_rtt_1B"]
+        out.append(Row("doorbell_rtt", "1 B ring round trip, every wait sleeps", "us",
+                       [from_stats("socket bell", db["socket"]), from_stats("eventfd", db["eventfd"])]))
+    return out
+
+
+def report(res: dict) -> str:
+    """The text table of :func:`run`'s result."""
+    return "\n".join([machine_line(res["machine"]), "", format_table(rows(res)), "",
+                      "floor: a minimal two-call Cython spin loop; memcpy: one copy of 1 MiB"])
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

@@ -32,6 +32,7 @@ import time
 from typing import Any, Callable
 
 from ._bench import _pin, _stats, machine, private_registry
+from ._bench_table import Figure, Row, format_table, from_stats, machine_line
 
 KINDS = ("shrimpio", "uvloop")
 HOST = "127.0.0.1"
@@ -351,33 +352,41 @@ def run(quick: bool = False) -> dict:
     return res
 
 
-def report(res: dict) -> str:
-    m = res["machine"]
+LABELS = {"shrimpio": "shm", "uvloop": "uvloop TCP"}
+
+
+def rate_figure(label: str, runs: list[float]) -> Figure:
+    """A requests-per-second figure: the median of the repeats (a rate over
+    a window has no p99)."""
+    return Figure(label, statistics.median(runs), None, list(runs))
+
+
+def echo_title(server: str, clients: int = ECHO_CLIENTS, nbytes: int = ECHO_SIZE) -> str:
+    """The table title of the echo row for ``server`` (``protocol``, ``streams``)."""
+    name = {"protocol": "Protocol"}.get(server, server)
+    return f"asyncio echo {clients}x{nbytes // 1024} KiB, {name} server"
+
+
+def rows(res: dict) -> list[Row]:
+    """The result of :func:`run` as table rows (the shrimpio loop first,
+    uvloop over TCP second)."""
     s = res["settings"]
-    names = {"shrimpio": "shrimpio loop, shared memory", "uvloop": "uvloop, TCP loopback"}
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Linux {m['kernel']}; "
-             f"load average {res['load_before']:.2f} at the start",
-             "", f"{'asyncio streams 64-byte round trip':<48}  median       p99"]
-    for k, v in res["rtt_64B"].items():
-        lines.append(f"  {names[k]:<44}{v['median_us']:8.2f} us {v['p99_us']:8.2f} us")
-    title = f"echo, {s['echo_clients']} clients, {s['echo_bytes']} B messages"
-    lines += ["", f"{title:<48}requests/s"]
+    out = [Row("asyncio_rtt", "asyncio streams 64 B round trip", "us",
+               [from_stats(LABELS[k], v) for k, v in res["rtt_64B"].items()])]
     for server, r in res["echo_1KiB"].items():
-        for k, v in r.items():
-            lines.append(f"  {server + ' server, ' + names[k]:<44}{v['rps']:10.0f}")
+        out.append(Row(f"echo_{server}", echo_title(server, s["echo_clients"], s["echo_bytes"]), "req/s",
+                       [rate_figure(LABELS[k], v.get("runs", [v["rps"]])) for k, v in r.items()]))
     if "aiohttp" in res:
-        title = f"aiohttp hello world, keep-alive, {s['http_concurrency']} in flight"
-        lines += ["", f"{title:<48}requests/s"]
-        for k, v in res["aiohttp"].items():
-            lines.append(f"  {names[k]:<44}{v['rps']:10.0f}")
-    r = res["ratios"]
-    lines += ["", f"round trip: shrimpio is {r['rtt_uvloop_over_shrimpio']:.1f}x faster than uvloop TCP",
-              "echo: shrimpio/uvloop = " + ", ".join(
-                  f"{r[f'echo_{srv}_shrimpio_over_uvloop']:.2f}x ({srv} server)"
-                  for srv in res["echo_1KiB"])]
-    if "aiohttp_shrimpio_over_uvloop" in r:
-        lines.append(f"aiohttp: shrimpio/uvloop = {r['aiohttp_shrimpio_over_uvloop']:.2f}x")
-    return "\n".join(lines)
+        out.append(Row("aiohttp", f"aiohttp hello world, {s['http_concurrency']} in flight", "req/s",
+                       [rate_figure(LABELS[k], v.get("runs", [v["rps"]])) for k, v in res["aiohttp"].items()]))
+    return out
+
+
+def report(res: dict) -> str:
+    """The text table of :func:`run`'s result."""
+    return "\n".join([machine_line(res["machine"], res.get("load_before")), "",
+                      format_table(rows(res)), "",
+                      "shm: the shrimpio loop over shared memory; uvloop TCP: uvloop over TCP loopback"])
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

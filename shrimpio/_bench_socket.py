@@ -22,7 +22,8 @@ import tempfile
 import time
 
 from ._bench import _pin, _stats, machine, private_registry
-from .socket import socket as ShmSocket
+from ._bench_table import Row, format_table, from_stats, machine_line
+from .socket import info, socket as ShmSocket
 
 MIB = 1 << 20
 
@@ -78,6 +79,9 @@ def _listener(kind: str, path: str):
 
 
 def run_one(kind: str, rounds: int, size: int, reply: int) -> list[int]:
+    """Fork a server for ``kind`` (shrimpio, tcp, unix) and be its client:
+    the round-trip times in ns.  A shrimpio connection that did not take
+    shared memory is an error."""
     with tempfile.TemporaryDirectory(prefix="shrimpio-bench-") as tmp:
         lst, addr = _listener(kind, os.path.join(tmp, "unix.sock"))
         p = mp.get_context("fork").Process(target=_serve, args=(lst, rounds, size, reply))
@@ -88,10 +92,13 @@ def run_one(kind: str, rounds: int, size: int, reply: int) -> list[int]:
         else:
             sock = (ShmSocket if kind == "shrimpio" else _std.socket)(_std.AF_INET, _std.SOCK_STREAM)
             sock.setsockopt(_std.IPPROTO_TCP, _std.TCP_NODELAY, 1)
-        sock.connect(addr)
         try:
+            sock.connect(addr)
+            if kind == "shrimpio" and info(sock)["path"] != "shm":
+                raise RuntimeError(f"shrimpio connection took {info(sock)}, expected shared memory")
             return _client(sock, rounds, size, reply)
         finally:
+            sock.close()            # done, or failed: either way the server sees EOF
             p.join(60)
             if p.exitcode is None:
                 p.kill()
@@ -126,21 +133,20 @@ def run(quick: bool = False) -> dict:
     return res
 
 
+LABELS = {"shrimpio": "shm", "tcp": "TCP", "unix": "Unix"}
+
+
+def rows(res: dict) -> list[Row]:
+    """The result of :func:`run` as table rows (shrimpio first, then TCP, Unix)."""
+    return [Row("socket_rtt", "socket 64 B round trip", "us",
+                [from_stats(LABELS[k], v) for k, v in res["rtt_64B"].items()]),
+            Row("socket_bw", "socket 1 MiB sendall + 8 B ack", "MiB/s",
+                [from_stats(LABELS[k], v, MIB) for k, v in res["bw_1MiB"].items()])]
+
+
 def report(res: dict) -> str:
-    m = res["machine"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Linux {m['kernel']}",
-             "", "blocking 64-byte round trip   median      p99"]
-    for k, v in res["rtt_64B"].items():
-        lines.append(f"  {k:<26}{v['median_us']:8.2f} us {v['p99_us']:8.2f} us")
-    lines += ["", "1 MiB sendall + 8-byte ack    MiB/s    median      p99"]
-    for k, v in res["bw_1MiB"].items():
-        lines.append(f"  {k:<26}{v['MiB_per_s']:6.0f} {v['median_us']:8.1f} us {v['p99_us']:8.1f} us")
-    r = res["ratios"]
-    lines += ["", f"round trip: shrimpio is {r['tcp_rtt_over_shrimpio']:.1f}x faster than TCP, "
-                  f"{r['unix_rtt_over_shrimpio']:.1f}x faster than a Unix socket",
-              f"bandwidth: shrimpio is {r['shrimpio_bw_over_unix']:.1f}x a Unix socket, "
-              f"{r['shrimpio_bw_over_tcp']:.1f}x TCP"]
-    return "\n".join(lines)
+    """The text table of :func:`run`'s result."""
+    return "\n".join([machine_line(res["machine"]), "", format_table(rows(res))])
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

@@ -1,0 +1,87 @@
+"""The performance goals of issue 5, checked against a run's rows.
+
+Each goal reads one or two rows of ``shrimpio bench`` (by key, see
+``_bench_matrix``) and says whether this run met it; a goal whose rows were
+not measured is reported as such (``met`` is None).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from ._bench_table import Goal, Row, fmt, fmt_ratio
+
+__all__ = ["GOALS", "goals"]
+
+Rows = dict[str, Row]
+
+
+def _ratio(rows: Rows, key: str, peer: str) -> Optional[float]:
+    row = rows.get(key)
+    if row is None:
+        return None
+    try:
+        return row.ratio(row.peer(peer))
+    except KeyError:
+        return None
+
+
+def _at_least(key: str, peer: str, target: float) -> Callable[[Rows], tuple[str, Optional[bool]]]:
+    def check(rows: Rows) -> tuple[str, Optional[bool]]:
+        r = _ratio(rows, key, peer)
+        return (fmt_ratio(r), None if r is None else r >= target)
+    return check
+
+
+def _near_floor(rows: Rows) -> tuple[str, Optional[bool]]:
+    r = _ratio(rows, "socket_rtt", "floor")
+    if r is None:
+        return "-", None
+    return f"{1 / r:.1f}x the floor", 1 / r <= 8
+
+
+def _echo(rows: Rows) -> tuple[str, Optional[bool]]:
+    got = [(server, _ratio(rows, f"echo_{server}", "uvloop TCP")) for server in ("protocol", "streams")]
+    got = [(server, r) for server, r in got if r is not None]
+    if not got:
+        return "-", None
+    return ", ".join(f"{fmt_ratio(r)} {server}" for server, r in got), all(r >= 3 for _, r in got)
+
+
+def _connect(rows: Rows) -> tuple[str, Optional[bool]]:
+    row = rows.get("connect")
+    r = _ratio(rows, "connect", "TCP")
+    if row is None or r is None:
+        return "-", None
+    return f"{fmt(row.subject.median)} vs {fmt(row.peer('TCP').median)} us", r >= 1
+
+
+def _idle(rows: Rows) -> tuple[str, Optional[bool]]:
+    got = [(name, rows[key].subject.median) for name, key in (("blocking", "idle_socket"),
+                                                              ("asyncio", "idle_asyncio")) if key in rows]
+    if not got:
+        return "-", None
+    return ", ".join(f"{pct:.2f}% {name}" for name, pct in got), all(pct < 1 for _, pct in got)
+
+
+#: (what the issue asks, how to check it on a run's rows).
+GOALS: list[tuple[str, Callable[[Rows], tuple[str, Optional[bool]]]]] = [
+    ("socket 64 B rtt >= 30x faster than kernel TCP", _at_least("socket_rtt", "TCP", 30)),
+    ("socket 64 B rtt within 8x of the Cython spin loop", _near_floor),
+    ("asyncio streams rtt >= 8x faster than uvloop TCP", _at_least("asyncio_rtt", "uvloop TCP", 8)),
+    ("asyncio echo >= 3x uvloop TCP", _echo),
+    ("aiohttp >= 1.5x uvloop TCP", _at_least("aiohttp", "uvloop TCP", 1.5)),
+    ("socket 1 MiB bandwidth >= 2x Unix socket", _at_least("socket_bw", "Unix", 2)),
+    ("VMMC 1 MiB put near one memcpy (>= 0.8x its rate)", _at_least("vmmc_bw", "memcpy", 0.8)),
+    ("connect+accept no slower than kernel TCP", _connect),
+    ("idle connected pair < 1% of a core", _idle),
+]
+
+
+def goals(rows: Rows) -> list[Goal]:
+    """Each goal with this run's figure and whether it was met."""
+    out = []
+    for text, check in GOALS:
+        value, met = check(rows)
+        out.append(Goal(text, value, met))
+    return out

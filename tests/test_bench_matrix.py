@@ -1,0 +1,246 @@
+"""``shrimpio bench``: the matrix runs the rows asked for, its JSON and table
+agree with the measured numbers, connect+accept really went over shared
+memory, the idle-CPU measurement tells an idle pair from a spinning process,
+``--plot`` writes a PNG (or says clearly that matplotlib is missing), and
+the three older benchmark commands print through the shared table."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+
+import pytest
+
+import shrimpio
+from shrimpio import _bench, _bench_asyncio, _bench_conn, _bench_matrix, _bench_socket, _bench_zmq
+from shrimpio.__main__ import main
+from shrimpio._bench_goals import goals
+from shrimpio._bench_table import Figure, Row, format_goals, format_table
+
+TINY = _bench_matrix.Settings(rtt_rounds=200, bw_rounds=5, connects=20, async_rtt_rounds=100,
+                              seconds=0.1, idle_seconds=0.5, repeats=1)
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(shrimpio.__file__)))
+PNG = b"\x89PNG\r\n\x1a\n"
+MACHINE = {"cpu": "cpu", "cores": 2, "python": "3.11", "kernel": "6"}
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """``shrimpio bench`` without --quick measures TINY amounts."""
+    monkeypatch.setattr(_bench_matrix, "FULL", TINY)
+
+
+def _bench_cli(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(["bench", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_json_has_every_requested_row_with_consistent_ratios(tiny, capsys):
+    affinity = os.sched_getaffinity(0)
+    wanted = ["vmmc_rtt", "socket_rtt", "socket_bw", "connect"]
+    rc, out, err = _bench_cli(capsys, "--json", "--rows", ",".join(wanted))
+    assert rc == 0, err
+    assert os.sched_getaffinity(0) == affinity          # pinning undone
+    res = json.loads(out)
+    assert [r["key"] for r in res["rows"]] == wanted and res["skipped_rows"] == []
+    for row in res["rows"]:
+        lower = row["unit"] == "us"
+        assert row["better"] == ("lower" if lower else "higher")
+        subject, *peers = row["figures"]
+        for f in row["figures"]:
+            assert f["median"] > 0 and f["runs"] == [f["median"]]
+            # p99 is the slow tail: a longer time, or a lower rate
+            assert (f["p99"] >= f["median"]) if lower else (f["p99"] <= f["median"])
+        assert set(row["ratios"]) == {p["label"] for p in peers}
+        for p in peers:
+            want = p["median"] / subject["median"] if lower else subject["median"] / p["median"]
+            assert row["ratios"][p["label"]] == pytest.approx(want)
+    labels = {r["key"]: [f["label"] for f in r["figures"]] for r in res["rows"]}
+    assert labels["vmmc_rtt"] == ["VMMC", "Unix", "floor"]
+    assert labels["connect"] == ["shm", "TCP", "Unix"]
+    for key in ("socket_rtt", "socket_bw"):
+        row = next(r for r in res["rows"] if r["key"] == key)
+        if _bench_zmq.available():
+            assert "zmq ipc" in labels[key]
+        else:
+            assert row["skipped"] == {"zmq ipc": "pyzmq not installed"}
+    # connect+accept: every connection, seen from both ends, took the path it is labelled with
+    connect = next(r for r in res["rows"] if r["key"] == "connect")
+    assert [f["extra"]["paths"] for f in connect["figures"]] == [["shm"], ["tcp"], ["unix"]]
+    assert all(f["extra"]["n"] == TINY.connects for f in connect["figures"])
+    # goals: the measured ones are judged from those same ratios, the rest "not measured"
+    g = {x["text"]: x for x in res["goals"]}
+    tcp = next(r for r in res["rows"] if r["key"] == "socket_rtt")["ratios"]["TCP"]
+    assert g["socket 64 B rtt >= 30x faster than kernel TCP"]["met"] == (tcp >= 30)
+    assert g["asyncio echo >= 3x uvloop TCP"]["met"] is None
+    assert res["machine"]["cores"] == os.cpu_count() and "load_before" in res
+    assert res["versions"]["shrimpio"] == shrimpio.__version__
+    # progress on stderr, plain lines when it is not a terminal
+    steps = [line for line in err.splitlines() if line.startswith("[")]
+    total = len(steps)
+    assert steps[0].startswith(f"[1/{total}] VMMC 64 B") and steps[-1].startswith(f"[{total}/{total}] ")
+
+
+def test_table_text_and_missing_pyzmq(tiny, capsys, monkeypatch):
+    monkeypatch.setattr(_bench_zmq, "available", lambda: False)
+    rc, out, _ = _bench_cli(capsys, "--rows", "socket_bw")
+    assert rc == 0
+    line = next(x for x in out.splitlines() if x.startswith("socket 1 MiB"))
+    assert "| TCP " in line and "| Unix " in line and "zmq ipc: pyzmq not installed" in line
+    assert "machine: " in out and "versions: shrimpio" in out and "goals:" in out
+    assert "socket 1 MiB bandwidth >= 2x Unix socket" in out and "wall time" in out
+
+
+def test_shrimpio_figure_on_the_wrong_path_is_a_failure(tiny, capsys, monkeypatch):
+    real = _bench_conn.bench_connect
+
+    def fell_back(kind: str, n: int) -> dict:
+        res = real(kind, n)
+        return dict(res, paths=["tcp"]) if kind == "shrimpio" else res
+
+    monkeypatch.setattr(_bench_conn, "bench_connect", fell_back)
+    rc, out, _ = _bench_cli(capsys, "--json", "--rows", "connect")
+    res = json.loads(out)
+    assert rc == 1 and res["rows"] == []
+    assert "expected shm" in res["skipped_rows"][0]["reason"]
+
+
+def test_unknown_row(capsys):
+    rc, out, err = _bench_cli(capsys, "--rows", "socket_rtt,nope")
+    assert rc == 2 and out == "" and "unknown row(s) nope" in err and "connect" in err
+
+
+@pytest.mark.parametrize("kind", ["socket", "asyncio"])
+def test_idle_pair_uses_little_cpu(kind):
+    res = _bench_conn.idle_pair(kind, 0.5)
+    assert res["paths"] == ["shm", "shm"]
+    assert len(res["per_process"]) == 2 and res["percent"] == pytest.approx(sum(res["per_process"]))
+    assert res["percent"] < 5, res             # 1 clock tick is 2 % of 0.5 s
+
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        pass
+
+
+def test_cpu_measurement_sees_a_spinning_process():
+    ctx = mp.get_context("fork")
+    stop = ctx.Event()
+    p = ctx.Process(target=_spin, args=(stop,))
+    p.start()
+    try:
+        (pct,) = _bench_conn.cpu_percent([p.pid], 0.5)
+    finally:
+        stop.set()
+        p.join(10)
+    assert p.exitcode == 0
+    assert pct > 30, pct                       # a whole core when it gets one
+
+
+@pytest.fixture(scope="module")
+def matplotlib_fonts(tmp_path_factory):
+    """matplotlib keeps the font files it has used open for the life of the
+    process (its font cache): load them before the leak check looks."""
+    pytest.importorskip("matplotlib")
+    from shrimpio._bench_plot import plot
+    row = _row("socket_rtt", "us", ("shm", 1.0), ("TCP", 85.7))
+    plot({"machine": MACHINE, "rows": [row.to_json()]}, str(tmp_path_factory.mktemp("fonts") / "warm.png"))
+
+
+def test_plot_writes_a_png(matplotlib_fonts, tiny, capsys, tmp_path):
+    png = tmp_path / "bench.png"
+    rc, _, err = _bench_cli(capsys, "--rows", "vmmc_bw,socket_rtt", "--plot", str(png))
+    assert rc == 0 and "chart written" in err
+    assert png.read_bytes()[:8] == PNG
+
+
+def test_plot_without_matplotlib_says_so(tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from shrimpio.__main__ import main\n"
+            "sys.exit(main(['bench', '--rows', 'connect', '--plot', 'x.png']))")
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=60, cwd=tmp_path)
+    assert res.returncode == 2 and res.stdout == ""
+    assert "--plot needs matplotlib" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_zmq_peer_measures():
+    pytest.importorskip("zmq")
+    samples = _bench_zmq.bench_zmq(50, 64, 64)
+    assert len(samples) == 50 and min(samples) > 0
+
+
+def test_progress_rewrites_its_line_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    p = _bench_matrix.Progress(2, out)
+    p.step("socket 64 B round trip: TCP")
+    p.step("connect+accept+close: shm")
+    p.done()
+    assert out.getvalue() == ("\r\x1b[K[1/2] socket 64 B round trip: TCP"
+                              "\r\x1b[K[2/2] connect+accept+close: shm\r\x1b[K")
+
+
+def _words(text: str) -> str:
+    """``text`` with runs of blanks (column padding) made one space."""
+    return "\n".join(" ".join(line.split()) for line in text.splitlines())
+
+
+def _row(key: str, unit: str, *figs: tuple[str, float]) -> Row:
+    return Row(key, key, unit, [Figure(label, med, med * 2 if unit == "us" else None) for label, med in figs])
+
+
+def test_goals_and_table_from_figures():
+    rows = {r.key: r for r in [
+        _row("socket_rtt", "us", ("shm", 1.0), ("TCP", 85.7), ("floor", 0.4)),
+        _row("socket_bw", "MiB/s", ("shm", 5000.0), ("Unix", 3000.0)),
+        _row("connect", "us", ("shm", 50.0), ("TCP", 70.0)),
+        _row("idle_socket", "%", ("shm", 0.2)),
+        _row("idle_asyncio", "%", ("shm", 1.4)),
+        _row("echo_protocol", "req/s", ("shm", 300.0), ("uvloop TCP", 100.0)),
+    ]}
+    table = _words(format_table(rows.values()))
+    assert "shm 1.00 p99 2.00 | TCP 85.7 (86x) | floor 0.40 (0.40x)" in table
+    assert "| Unix 3000 (1.67x)" in table
+    got = {g.text: g for g in goals(rows)}
+    assert got["socket 64 B rtt >= 30x faster than kernel TCP"].met is True
+    assert got["socket 64 B rtt within 8x of the Cython spin loop"].value == "2.5x the floor"
+    assert got["socket 1 MiB bandwidth >= 2x Unix socket"].met is False
+    assert got["connect+accept no slower than kernel TCP"].met is True
+    assert got["idle connected pair < 1% of a core"].met is False      # the asyncio pair's 1.4 %
+    assert got["asyncio echo >= 3x uvloop TCP"].met is True             # protocol only was measured
+    assert got["aiohttp >= 1.5x uvloop TCP"].met is None
+    text = format_goals(goals(rows))
+    assert "MISSED" in text and "not measured" in text and "4 of 6 measured goals met" in text
+
+
+def _stats(us: float) -> dict:
+    return {"median_us": us, "p99_us": 2 * us, "n": 10}
+
+
+def test_pingpong_and_bench_socket_print_through_the_shared_table():
+    res = {"machine": MACHINE, "rtt_64B": {"reference": _stats(0.4), "vmmc": _stats(0.8), "unix": _stats(64.0)},
+           "put_1MiB": {"vmmc": _stats(40.0), "unix": _stats(250.0), "memcpy": _stats(32.0)}}
+    text = _words(_bench.report(res))
+    assert "VMMC 0.80 p99 1.60 | Unix 64.0 (80x) | floor 0.40 (0.50x)" in text
+    assert "VMMC 25000 p99 12500 | Unix 4000 (6.25x) | memcpy 31250 (0.80x)" in text
+    res = {"machine": MACHINE, "rtt_64B": {"shrimpio": _stats(1.0), "tcp": _stats(85.0), "unix": _stats(65.0)},
+           "bw_1MiB": {"shrimpio": _stats(100.0), "tcp": _stats(300.0), "unix": _stats(400.0)}}
+    text = _words(_bench_socket.report(res))
+    assert "shm 1.00 p99 2.00 | TCP 85.0 (85x) | Unix 65.0 (65x)" in text
+    assert "shm 10000 p99 5000 | TCP 3333 (3.00x) | Unix 2500 (4.00x)" in text
+    assert [r.key for r in _bench_socket.rows(res)] == ["socket_rtt", "socket_bw"]
+    assert [r.key for r in _bench_asyncio.rows({"settings": {"echo_clients": 10, "echo_bytes": 1024,
+                                                             "http_concurrency": 4},
+                                                "rtt_64B": {"shrimpio": _stats(7.0)},
+                                                "echo_1KiB": {}})] == ["asyncio_rtt"]
