@@ -254,6 +254,69 @@ def _client(kind: str, test: str, port: int, amount: float, pipe: Any) -> None:
     pipe.send(res)
 
 
+# --- the bound of a streams server -------------------------------------------------
+
+class _NullTransport(asyncio.Transport):
+    """A transport that costs nothing: each write hands the next request
+    straight back to the reader (one loop callback later)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reader: asyncio.StreamReader) -> None:
+        super().__init__()
+        self.loop, self.reader, self.count = loop, reader, 0
+
+    def write(self, data: Any) -> None:
+        self.count += 1
+        self.loop.call_soon(self.reader.feed_data, data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def _streams_bound(seconds: float, pipe: Any) -> None:
+    _pin(1)
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport = _NullTransport(loop, reader)
+        protocol.connection_made(transport)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        task = asyncio.ensure_future(_streams_echo(reader, writer))
+        reader.feed_data(b"x" * ECHO_SIZE)
+        await asyncio.sleep(seconds / 5)          # warm-up: a timed window
+        n0, t0 = transport.count, time.perf_counter()
+        await asyncio.sleep(seconds)
+        rate = (transport.count - n0) / (time.perf_counter() - t0)
+        task.cancel()
+        return rate
+
+    import uvloop
+    pipe.send(uvloop.run(main()))
+
+
+def streams_bound(seconds: float) -> float:
+    """Requests per second of the streams echo server's own code (asyncio's
+    StreamReader/StreamWriter on uvloop) with a transport that costs
+    nothing, on one pinned core: no transport can make the streams echo
+    faster than this."""
+    ctx = mp.get_context("fork")
+    here, there = ctx.Pipe()
+    p = ctx.Process(target=_streams_bound, args=(seconds, there))
+    p.start()
+    there.close()
+    try:
+        if not here.poll(60):
+            raise RuntimeError("the streams bound measurement gave no result")
+        return here.recv()
+    finally:
+        _join(p)
+        here.close()
+
+
 # --- one measurement --------------------------------------------------------------
 
 def _join(p: mp.process.BaseProcess) -> None:

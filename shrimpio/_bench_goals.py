@@ -45,7 +45,26 @@ def _echo(rows: Rows) -> tuple[str, Optional[bool]]:
     got = [(server, r) for server, r in got if r is not None]
     if not got:
         return "-", None
-    return ", ".join(f"{fmt_ratio(r)} {server}" for server, r in got), all(r >= 3 for _, r in got)
+    text = ", ".join(f"{fmt_ratio(r)} {server}" for server, r in got)
+    bound = _ratio_of(rows, "echo_streams", "asyncio alone", "uvloop TCP")
+    if bound is not None:
+        # What no transport can pass: asyncio's streams code on its own.
+        text += f" (streams bound {fmt_ratio(bound)})"
+    return text, all(r >= 3 for _, r in got)
+
+
+def _ratio_of(rows: Rows, key: str, a: str, b: str) -> Optional[float]:
+    """How many times better peer ``a`` of a row is than peer ``b``."""
+    row = rows.get(key)
+    if row is None:
+        return None
+    try:
+        x, y = row.peer(a).median, row.peer(b).median
+    except KeyError:
+        return None
+    if row.lower_is_better:
+        x, y = y, x
+    return x / y if x > 0 and y > 0 else None
 
 
 def _connect(rows: Rows) -> tuple[str, Optional[bool]]:

@@ -12,7 +12,7 @@ socket_bw      blocking socket 1 MiB sendall + 8 B ack              TCP, Unix, p
 connect        connect + accept + both close, per connection        TCP, Unix
 asyncio_rtt    asyncio streams 64 B round trip                      uvloop over TCP
 echo_protocol  asyncio echo, 10 clients x 1 KiB, Protocol server    uvloop over TCP
-echo_streams   the same, streams server                             uvloop over TCP
+echo_streams   the same, streams server                             uvloop over TCP, asyncio alone
 aiohttp        aiohttp hello world, 4 requests in flight            uvloop over TCP
 idle_socket    CPU of an idle blocking-socket pair                  (goal: < 1 % of a core)
 idle_asyncio   CPU of an idle asyncio pair                          (goal: < 1 % of a core)
@@ -142,6 +142,11 @@ def _aio(kind: str, test: str) -> Measure:
     return m
 
 
+def _streams_bound(s: Settings) -> Figure:
+    rate = _bench_asyncio.streams_bound(s.seconds)
+    return Figure("asyncio alone", rate, None, [rate])
+
+
 def _idle(kind: str) -> Measure:
     def m(s: Settings) -> Figure:
         res = _bench_conn.idle_pair(kind, s.idle_seconds)
@@ -171,7 +176,8 @@ def specs() -> list[Spec]:
         Spec("echo_protocol", a.echo_title("protocol"), "req/s",
              [(a.LABELS[k], _aio(k, "echo-protocol")) for k in a.KINDS]),
         Spec("echo_streams", a.echo_title("streams"), "req/s",
-             [(a.LABELS[k], _aio(k, "echo-streams")) for k in a.KINDS]),
+             [(a.LABELS[k], _aio(k, "echo-streams")) for k in a.KINDS]
+             + [("asyncio alone", _streams_bound)]),
         Spec("aiohttp", f"aiohttp hello world, {a.HTTP_CONCURRENCY} in flight", "req/s",
              [(a.LABELS[k], _aio(k, "aiohttp")) for k in a.KINDS], needs="aiohttp"),
         Spec("idle_socket", "idle CPU, blocking socket pair", "%", [("shm", _idle("socket"))], repeat=False),

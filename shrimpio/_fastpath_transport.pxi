@@ -201,6 +201,10 @@ cdef class TransportCore:
             return -1
         return moved
 
+    def is_closing(self):
+        """``transport.is_closing`` (StreamWriter.drain asks it every time)."""
+        return self.closing
+
     def write(self, data):
         """``transport.write``: into the ring at once; what does not fit goes
         to the owner's buffer (and the writer waits for the space doorbell)."""

@@ -46,3 +46,10 @@ def test_report_lists_every_figure():
                    "asyncio echo 10x1 KiB, Protocol server", "asyncio echo 10x1 KiB, streams server",
                    "aiohttp hello world, 4 in flight", "load average 0.10 at the start"):
         assert needle in text, (needle, text)
+
+
+def test_streams_bound_runs_the_echo_server_code():
+    """The bound of the streams echo is asyncio's own server code on a
+    transport that costs nothing: it completes requests, many per second
+    (thousands even on a loaded machine; 0 if the loop-back broke)."""
+    assert bench.streams_bound(0.2) > 1000

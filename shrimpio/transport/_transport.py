@@ -66,6 +66,7 @@ class ShmTransport(asyncio.Transport):
         # The protocol's writes go straight to C (no Python frame per write);
         # ShmTransport.write stays the documented entry and does the same.
         self.write = self._core.write  # type: ignore[method-assign]
+        self.is_closing = self._core.is_closing  # type: ignore[method-assign]
         self._bell = conn.bell_fd
         self._space = conn.space.fileno()
         self._server = server
