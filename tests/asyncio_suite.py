@@ -22,6 +22,7 @@ kernel could deliver late, a short bounded wait that must time out.
 from __future__ import annotations
 
 import asyncio
+import errno
 import contextlib
 import functools
 import hashlib
@@ -942,6 +943,35 @@ async def test_connection_refused(k: Kind) -> None:
             await loop.sock_connect(sock, (HOST, port))
     finally:
         sock.close()
+
+
+@each_kind
+async def test_create_connection_local_addr(k: Kind) -> None:
+    """local_addr= binds the client first: the server sees that address as
+    the peer, on this kind's path; a local address in use fails with
+    EADDRINUSE, as uvloop's does."""
+    done = asyncio.get_running_loop().create_future()
+
+    async def peer_of(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Any:
+        k.check(writer)
+        assert await reader.read() == b""
+        await _close(writer)
+        return writer.get_extra_info("peername")
+
+    server, port = await k.start_server(_guard(done, peer_of))
+    async with server:
+        reader, writer = await asyncio.open_connection(HOST, port, local_addr=(HOST, 0))
+        k.check(writer)
+        mine = writer.get_extra_info("sockname")
+        assert mine[0] == HOST and mine[1] != 0
+        writer.write_eof()
+        assert await reader.read() == b""
+        await _close(writer)
+        assert tuple(await asyncio.wait_for(done, 10)) == tuple(mine)
+        taken = server.sockets[0].getsockname()[1]         # a port in use: the server's
+        with pytest.raises(OSError) as info:
+            await asyncio.open_connection(HOST, port, local_addr=(HOST, taken))
+        assert info.value.errno == errno.EADDRINUSE, info.value
 
 
 @each_kind

@@ -284,9 +284,8 @@ class Loop(uvloop.Loop):
         _check_ssl_timeouts(ssl, kw)
         if sock is not None and (host is not None or port is not None):
             raise ValueError("host/port and sock can not be specified at the same time")
-        if sock is None and host is not None and port is not None and local_addr is None \
-                and not set(kw) - _OUR_KW:
-            sock = await self._connect(host, port, family, proto, flags)
+        if sock is None and host is not None and port is not None and not set(kw) - _OUR_KW:
+            sock = await self._connect(host, port, family, proto, flags, local_addr)
             if sock is None:
                 pass                 # unresolvable: uvloop raises its own error below
             elif sock._shm is not None:
@@ -316,13 +315,16 @@ class Loop(uvloop.Loop):
             protocol_factory, host, port, ssl=ssl, family=family, proto=proto, flags=flags, sock=sock,
             local_addr=local_addr, server_hostname=server_hostname, **kw)
 
-    async def _connect(self, host: Any, port: Any, family: int, proto: int, flags: int) -> Any:
+    async def _connect(self, host: Any, port: Any, family: int, proto: int, flags: int,
+                       local_addr: Any) -> Any:
         """A connected shrimpio socket (over shared memory where the route
         allows, else kernel TCP), trying the addresses in order as asyncio
-        does; None if the name does not resolve (uvloop then says why)."""
+        does; None if a name does not resolve (uvloop then says why)."""
         try:
             infos = await self.getaddrinfo(host, port, family=family, type=_std.SOCK_STREAM,
                                            proto=proto, flags=flags)
+            local_infos = None if local_addr is None else await self.getaddrinfo(
+                *local_addr, family=family, type=_std.SOCK_STREAM, proto=proto, flags=flags)
         except OSError:
             return None
         errors: list = []
@@ -332,6 +334,8 @@ class Loop(uvloop.Loop):
             sock = ShmSocket(fam, typ, prt)
             try:
                 sock.setblocking(False)
+                if local_infos is not None:
+                    _bind_local(sock, fam, local_infos)
                 await self.sock_connect(sock, addr)
                 return sock
             except OSError as exc:
@@ -531,6 +535,21 @@ class Loop(uvloop.Loop):
             resume.cancel()
             raise
         return ssl_protocol._app_transport
+
+
+def _bind_local(sock: Any, family: int, local_infos: list) -> None:
+    """Bind to the first local address of the socket's family that binds
+    (asyncio's rule for ``local_addr``; the bind error as uvloop raises it)."""
+    error = None
+    for fam, _typ, _prt, _canon, laddr in local_infos:
+        if fam != family:
+            continue
+        try:
+            sock.bind(laddr)
+            return
+        except OSError as exc:
+            error = exc
+    raise error or OSError(f"no matching local address with family={family} found")
 
 
 def _check_ssl_timeouts(ssl: Any, kw: dict) -> None:
