@@ -141,10 +141,15 @@ def is_local_address(host: str) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def entry_name(family: int, host: str, port: int) -> str:
+def entry_name(family: int, host: str, port: int, v6only: bool = False) -> str:
     """Registry entry of a listener on ``(host, port)``; wildcard hosts are
-    spelt ``0.0.0.0`` / ``::`` so that clients can find them."""
+    spelt ``0.0.0.0`` / ``::`` so that clients can find them.  An IPv6
+    wildcard listener with ``IPV6_V6ONLY`` gets an entry of its own
+    (``tcp6only-``): IPv4 clients must not find it, as the kernel does not
+    let them reach it."""
     host = str(ipaddress.ip_address(host.split("%")[0]))
+    if family == _std.AF_INET6 and v6only:
+        return f"tcp6only-{host}-{port}"
     return f"tcp{6 if family == _std.AF_INET6 else 4}-{host}-{port}"
 
 
@@ -158,6 +163,7 @@ def candidate_entries(family: int, host: str, port: int) -> "tuple[str, ...]":
             names += [entry_name(_std.AF_INET, str(addr.ipv4_mapped), port),
                       entry_name(_std.AF_INET, "0.0.0.0", port)]
         names.append(entry_name(family, "::", port))
+        names.append(entry_name(family, "::", port, v6only=True))
     else:
         if addr.is_unspecified:
             names.append(entry_name(family, "127.0.0.1", port))

@@ -365,7 +365,9 @@ class socket(StdSocket):
         if route.path != _route.SHM:
             self._route = route
             return
-        name = _route.entry_name(self.family, host, port)
+        v6only = self.family == _std.AF_INET6 and ipaddress.ip_address(host.split("%")[0]).is_unspecified \
+            and bool(StdSocket.getsockopt(self, _std.IPPROTO_IPV6, _std.IPV6_V6ONLY))
+        name = _route.entry_name(self.family, host, port, v6only)
         try:
             usock = _registry().listen(name, max(backlog, 128) if backlog >= 0 else 128)
         except FileExistsError:

@@ -259,6 +259,19 @@ class AddressTests:
         assert addr[0] == loopback
 
     @needs_ipv6
+    def test_v6only_wildcard_listener_refuses_ipv4_clients(self, net):
+        # IPV6_V6ONLY: the kernel keeps IPv4 clients out of a '::' listener;
+        # shared memory must not let them in either.  IPv6 clients still come.
+        lst = net.listener("::", opts=((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1),))
+        port = lst.getsockname()[1]
+        with pytest.raises(ConnectionRefusedError):
+            net.connect(("127.0.0.1", port))
+        cli = net.connect(("::1", port))
+        srv, addr = net.accept(lst)
+        net.check_path(cli, srv)
+        assert addr == cli.getsockname() and addr[0] == "::1"
+
+    @needs_ipv6
     def test_ipv6_client_to_ipv4_listener_via_mapped_address(self, net):
         lst = net.listener("127.0.0.1")
         port = lst.getsockname()[1]
