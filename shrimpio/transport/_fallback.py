@@ -56,16 +56,15 @@ class Handoff(_std.socket):
 
     def detach(self) -> int:
         fd = super().detach()
-        owner, self._owner = self._owner, None
-        on_end, self._on_end = self._on_end, None
-        if owner is not None:
-            end(owner)
-        if on_end is not None:
-            on_end()
+        self._end()
         return fd
 
     def close(self) -> None:
         super().close()
+        self._end()
+
+    def _end(self) -> None:
+        """Once: end the owner, then tell whoever waits for the end."""
         owner, self._owner = self._owner, None
         on_end, self._on_end = self._on_end, None
         if owner is not None:
