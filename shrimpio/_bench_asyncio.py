@@ -227,14 +227,17 @@ async def _client_aiohttp(port: int, seconds: float) -> dict:
 
         workers = [asyncio.create_task(worker()) for _ in range(HTTP_CONCURRENCY)]
         await asyncio.sleep(seconds / 5)     # warm-up: timed window, not a synchronisation
-        start_n, t0 = count[0], time.perf_counter()
+        start_n, t0, cpu0 = count[0], time.perf_counter(), time.process_time()
         await asyncio.sleep(seconds)
         done, elapsed = count[0] - start_n, time.perf_counter() - t0
+        # How busy the client was: near 100 % means the client's own code,
+        # not the connection, sets the rate.
+        busy = (time.process_time() - cpu0) / elapsed * 100
         running[0] = False
         await asyncio.gather(*workers)
     # aiohttp gives a client no public handle on the transport of a small
     # response (released before the caller sees it): the server checks.
-    return {"rps": done / elapsed, "paths": []}
+    return {"rps": done / elapsed, "paths": [], "client_cpu_percent": busy}
 
 
 def _client(kind: str, test: str, port: int, amount: float, pipe: Any) -> None:

@@ -138,7 +138,10 @@ def _aio(kind: str, test: str) -> Measure:
             res = _bench_asyncio.run_one(kind, test, s.async_rtt_rounds)
             return Figure.from_ns(label, res["samples"], paths=sorted(set(res["paths"])))
         res = _bench_asyncio.run_one(kind, test, s.seconds)
-        return Figure(label, res["rps"], None, [res["rps"]], {"paths": sorted(set(res["paths"]))})
+        extra = {"paths": sorted(set(res["paths"]))}
+        if "client_cpu_percent" in res:
+            extra["client_cpu_percent"] = res["client_cpu_percent"]
+        return Figure(label, res["rps"], None, [res["rps"]], extra)
     return m
 
 

@@ -27,6 +27,8 @@ def test_measurement_runs_on_its_path(kind, test, amount):
         assert res["rps"] > 0
         if test.startswith("echo"):
             assert len(res["paths"]) == bench.ECHO_CLIENTS
+        if test == "aiohttp":            # the client's own CPU over the window
+            assert 0 < res["client_cpu_percent"] < 150, res
 
 
 def test_report_lists_every_figure():
