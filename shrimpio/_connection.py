@@ -43,9 +43,10 @@ import socket as _std
 import threading
 
 from . import _control
-from ._fastpath import Ring, RingCorruptedError, Segment, Stream
+from ._fastpath import Ring, RingCorruptedError, Segment, Stream, get_busy_poll_us, spin_readable
 
-__all__ = ["Connection", "DEFAULT_RING", "HELLO_KIND", "ring_capacity"]
+__all__ = ["Connection", "DEFAULT_RING", "HELLO_KIND", "Kit", "ring_capacity", "take_kit",
+           "give_back", "refill", "drop_spares"]
 
 #: Default bytes per direction (about a Unix socket's default buffer).
 DEFAULT_RING = 256 * 1024
@@ -53,14 +54,19 @@ MIN_RING = 4096
 MAX_RING = 64 * 1024 * 1024
 HELLO_KIND = "stream"
 PROTOCOL_VERSION = 1
+_SO_DOMAIN = getattr(_std, "SO_DOMAIN", 39)     # Linux; Python exposes it since 3.6
 
 _fork_generation = 0
 
 
 def _after_fork_in_child() -> None:
-    global _fork_generation
+    global _fork_generation, _connects
     _fork_generation += 1
     Connection._forked_parent_gen = -1
+    # The parent may hand its spare kits to its own next connections: a
+    # child using them too would share rings with an unrelated connection.
+    _connects = 0
+    drop_spares()
 
 
 #: Forks this process made or came from; objects compare it with the value
@@ -87,6 +93,110 @@ def ring_capacity(nbytes: int) -> int:
 
 def _align(n: int, to: int = 4096) -> int:
     return (n + to - 1) // to * to
+
+
+# -- kits: what a client hands the listener -------------------------------------
+#
+# A connect needs a fresh segment (sealed memfd, mapped, both ring headers
+# initialised, which faults their pages in) and a fresh socketpair for the
+# space doorbell: about ten system calls and two page faults.  A process that
+# has made two shared-memory connections keeps one such *kit* ready: the next
+# connect takes it (no system call) and sends the hello right after its
+# registry connect, and the spare is rebuilt after the hello, while the
+# listener's process is still waking up to accept.  Kits are never reused:
+# each is built for one connection and handed over once.
+
+#: Spare kits a process keeps (of the default ring sizes only).
+SPARES = 1
+_spares: "list[Kit]" = []
+_connects = 0            # shared-memory connects made by this process (since fork)
+
+
+class Kit:
+    """A segment with two initialised ring headers and a socketpair, for one
+    connection.  ``pid`` is the process that built it: a kit is only ever
+    used there (a forked child drops the parent's)."""
+
+    __slots__ = ("caps", "segment", "mine", "theirs", "pid")
+
+    def __init__(self, c2s: int, s2c: int) -> None:
+        off2, size = Connection.layout(c2s, s2c)
+        self.caps = (c2s, s2c)
+        self.pid = os.getpid()
+        self.segment = seg = Segment(size)
+        try:
+            self.mine, self.theirs = _std.socketpair(_std.AF_UNIX, _std.SOCK_SEQPACKET)
+        except BaseException:
+            seg.close()
+            raise
+        Ring(seg, 0, c2s, create=True).close()
+        Ring(seg, off2, s2c, create=True).close()
+
+    def close(self) -> None:
+        self.segment.close()
+        self.mine.close()
+        self.theirs.close()
+
+
+def _segment_kind() -> "str | None":
+    """The kind of segment ``Segment(size)`` would make now (None: an invalid
+    ``SHRIMPIO_SEGMENT``, let ``Segment`` raise)."""
+    kind = _control.getenv("SHRIMPIO_SEGMENT") or "memfd"
+    if kind not in ("memfd", "shm"):
+        return None
+    return kind if hasattr(os, "memfd_create") else "shm"
+
+
+def take_kit(c2s: int, s2c: int) -> "Kit | None":
+    """A spare kit for rings of these capacities, or None.  No system call."""
+    if not _spares or c2s != DEFAULT_RING or s2c != DEFAULT_RING:
+        return None
+    kind, pid = _segment_kind(), os.getpid()
+    while True:
+        try:
+            kit = _spares.pop()
+        except IndexError:
+            return None
+        if kit.pid == pid and kit.segment.kind == kind:
+            return kit
+        kit.close()
+
+
+def give_back(kit: "Kit | None") -> None:
+    """An unused kit (the connect went to TCP): keep it as a spare or close it."""
+    if kit is None:
+        return
+    if kit.pid == os.getpid() and kit.caps == (DEFAULT_RING, DEFAULT_RING) \
+            and len(_spares) < SPARES:
+        _spares.append(kit)
+    else:
+        kit.close()
+
+
+def refill() -> None:
+    """Build a spare kit if this process connects repeatedly and has none.
+    Called after a connect's hello, while the listener wakes up; failure
+    (out of fds or memory) only costs the next connect its head start."""
+    if _connects < 2 or len(_spares) >= SPARES:
+        return
+    try:
+        kit = Kit(DEFAULT_RING, DEFAULT_RING)
+    except (OSError, ValueError):
+        return
+    if len(_spares) < SPARES:
+        _spares.append(kit)
+    else:
+        kit.close()
+
+
+def drop_spares() -> None:
+    """Close the spare kits (their fds and mappings).  Harmless at any time."""
+    while True:
+        try:
+            kit = _spares.pop()
+        except IndexError:
+            return
+        kit.close()
 
 
 class Connection:
@@ -149,35 +259,39 @@ class Connection:
 
     @classmethod
     def connect(cls, ctl: _std.socket, target_fd: int, local: tuple, peer: tuple, sndbuf: int,
-                rcvbuf: int) -> "Connection":
-        """Client side, over a connected registry socket ``ctl``: build the
-        rings, send the hello, then ``dup2`` the control socket onto
-        ``target_fd`` (the user's socket, whose fd number must not change).
-        ``ctl``'s own fd becomes the connection's doorbell fd."""
+                rcvbuf: int, kit: "Kit | None" = None) -> "Connection":
+        """Client side, over a connected registry socket ``ctl``: send the
+        hello with the kit's segment and socketpair end (a kit is built if
+        none is given, or if it does not fit the ring sizes), then ``dup2``
+        the control socket onto ``target_fd`` (the user's socket, whose fd
+        number must not change).  ``ctl``'s own fd becomes the connection's
+        doorbell fd.  The kit is used up either way."""
+        global _connects
         c2s, s2c = ring_capacity(sndbuf), ring_capacity(rcvbuf)
-        off2, size = cls.layout(c2s, s2c)
-        seg = Segment(size)
-        mine, theirs = _std.socketpair(_std.AF_UNIX, _std.SOCK_SEQPACKET)
-        conn = None
+        if kit is not None and kit.caps != (c2s, s2c):
+            kit.close()
+            kit = None
+        if kit is None:
+            kit = Kit(c2s, s2c)
+        seg, mine, theirs = kit.segment, kit.mine, kit.theirs
         try:
-            # ctl's fd number is the doorbell fd the connection keeps (detached below).
-            conn = cls(seg, ctl.fileno(), mine, client=True, caps=(c2s, s2c), local=local,
-                       peer=peer, create=True)
+            # The hello first: the listener is waking up and waits for it.
             _control.send_message(ctl, HELLO_KIND, {
-                "v": PROTOCOL_VERSION, "c2s": c2s, "s2c": s2c, "size": size,
+                "v": PROTOCOL_VERSION, "c2s": c2s, "s2c": s2c, "size": seg.size,
                 "client": list(local), "server": list(peer)},
                 fds=[seg.fileno(), theirs.fileno()])
+            # ctl's fd number is the doorbell fd the connection keeps (detached
+            # below).  Should this fail, closing ctl tells the listener: EOF.
+            conn = cls(seg, ctl.fileno(), mine, client=True, caps=(c2s, s2c), local=local,
+                       peer=peer)
         except BaseException:
-            if conn is not None:
-                conn.tx.close()
-                conn.rx.close()
-            seg.close()
-            mine.close()
+            kit.close()
             raise
-        finally:
-            theirs.close()
+        theirs.close()
+        seg.close_fd()              # the listener has it; our mapping stays
         os.dup2(ctl.fileno(), target_fd, inheritable=False)
         ctl.detach()
+        _connects += 1
         return conn
 
     @classmethod
@@ -186,6 +300,9 @@ class Connection:
         map the client's segment.  Returns (connection, client address,
         server address).  Anything malformed raises ``ProtocolError`` and
         closes what came with it."""
+        # The client sends the hello right after its connect, which is what
+        # woke us: spin for it as a ring reader would, rather than sleep.
+        spin_readable((ctl.fileno(),), get_busy_poll_us() / 1e6)
         msg = _control.recv_message(ctl, timeout=5.0)
         fds = list(msg.fds)
         try:
@@ -216,8 +333,13 @@ class Connection:
                     os.close(fd)
             raise
         try:
-            space = _std.socket(fileno=fds[1])
-            if space.type != _std.SOCK_SEQPACKET or space.family != _std.AF_UNIX:
+            space = _std.socket(_std.AF_UNIX, _std.SOCK_SEQPACKET, 0, fds[1])
+            try:
+                ok = (space.getsockopt(_std.SOL_SOCKET, _std.SO_TYPE) == _std.SOCK_SEQPACKET
+                      and space.getsockopt(_std.SOL_SOCKET, _SO_DOMAIN) == _std.AF_UNIX)
+            except OSError:          # ENOTSOCK: not a socket at all
+                ok = False
+            if not ok:
                 space.detach()
                 raise _control.ProtocolError("space doorbell is not a Unix seqpacket socket")
         except BaseException:

@@ -67,7 +67,7 @@ from typing import Iterator, NamedTuple, Sequence
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE", "MAX_FDS", "ProtocolError",
     "registry_root", "check_name", "peer_credentials", "Registry",
-    "send_message", "Message", "recv_message", "expect", "error_reply",
+    "send_message", "Message", "recv_message", "expect", "error_reply", "getenv",
 ]
 
 PROTOCOL_VERSION: int = 1
@@ -83,9 +83,18 @@ _SUFFIX = ".sock"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,96}")
 _INT_SIZE = array.array("i").itemsize
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS * _INT_SIZE)
-_MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_MSG_CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _SOCK_CLOEXEC = getattr(socket, "SOCK_CLOEXEC", 0)
 _ERROR_TEXT_MAX = 600                  # chars; keeps any 'error' reply < MAX_MESSAGE
+# Plain ints: the socket module's are enums, and mixing them in arithmetic
+# goes through the enum machinery (microseconds per message).
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SO_PEERCRED = int(socket.SO_PEERCRED)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 class ProtocolError(ConnectionError):
@@ -99,9 +108,24 @@ class ProtocolError(ConnectionError):
 
 # --------------------------------------------------------------------------- names, paths
 
+_ENV_DATA = getattr(os.environ, "_data", None)
+if not (os.name == "posix" and isinstance(_ENV_DATA, dict)):
+    _ENV_DATA = None
+
+
+def getenv(name: str) -> str | None:
+    """``os.environ.get(name)``, without its per-call key encoding (a
+    connect reads several variables, each of which may change at any time).
+    ``os.environ``'s own mapping is read when it is the CPython one."""
+    if _ENV_DATA is None:
+        return os.environ.get(name)
+    value = _ENV_DATA.get(name.encode())
+    return None if value is None else os.fsdecode(value)
+
+
 def registry_root() -> str:
     """os.environ['SHRIMPIO_REGISTRY'] if set (non-empty), else f'/tmp/shrimpio-{os.geteuid()}'."""
-    env = os.environ.get("SHRIMPIO_REGISTRY")
+    env = getenv("SHRIMPIO_REGISTRY")
     return env if env else f"/tmp/shrimpio-{os.geteuid()}"
 
 
@@ -212,7 +236,7 @@ def peer_credentials(sock) -> tuple[int, int, int]:
             return peer_credentials(s)
         finally:
             s.detach()
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    raw = sock.getsockopt(_SOL_SOCKET, _SO_PEERCRED, _UCRED.size)
     return _UCRED.unpack(raw)
 
 
@@ -229,6 +253,7 @@ class Registry:
         self.path = path
         # name -> (st_dev, st_ino, weakref to the listening socket) of what we bound
         self._bound: dict[str, tuple[int, int, weakref.ref]] = {}
+        self._paths: dict[str, str] = {}     # name -> checked entry path
 
     def __repr__(self) -> str:
         return f"<shrimpio Registry {self.path!r}>"
@@ -245,6 +270,9 @@ class Registry:
     # -- helpers
 
     def _entry_path(self, name: str) -> str:
+        path = self._paths.get(name) if type(name) is str else None
+        if path is not None:
+            return path
         path = os.path.join(self.path, check_name(name) + _SUFFIX)
         n = len(os.fsencode(path))
         if n > _SUN_PATH_MAX:
@@ -252,6 +280,8 @@ class Registry:
                 f"shrimpio endpoint path {path!r} is {n} bytes, more than the {_SUN_PATH_MAX} "
                 "a Unix socket address can hold: use a shorter name or a shorter "
                 "SHRIMPIO_REGISTRY")
+        if len(self._paths) < 4096:
+            self._paths[name] = path
         return path
 
     @contextlib.contextmanager
@@ -419,14 +449,13 @@ def send_message(sock: socket.socket, kind: str, body: dict | None = None,
     fd_list = [operator.index(fd) for fd in fds]
     if len(fd_list) > MAX_FDS:
         raise ValueError(f"a control message carries at most {MAX_FDS} fds, not {len(fd_list)}")
-    payload = json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
-                         allow_nan=False).encode("utf-8")
+    payload = _ENCODER.encode(obj).encode("utf-8")
     data = _HEADER.pack(_MAGIC, PROTOCOL_VERSION, 0, len(payload)) + payload
     if len(data) > MAX_MESSAGE:
         raise ValueError(f"{kind!r} control message is {len(data)} bytes, "
                          f"more than MAX_MESSAGE ({MAX_MESSAGE})")
-    ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fd_list))] if fd_list else []
-    sent = sock.sendmsg([data], ancdata, socket.MSG_NOSIGNAL)
+    ancdata = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fd_list))] if fd_list else []
+    sent = sock.sendmsg([data], ancdata, _MSG_NOSIGNAL)
     if sent != len(data):        # cannot happen on SOCK_SEQPACKET; never send half a message
         raise OSError(errno.EMSGSIZE, f"short send of a control message ({sent}/{len(data)})")
 
@@ -435,10 +464,14 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _parse(data: bytes, msg_flags: int, fds: list[int]) -> Message:
-    if msg_flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE:
+    if msg_flags & _MSG_TRUNC or len(data) > MAX_MESSAGE:
         raise ProtocolError(f"control message longer than MAX_MESSAGE ({MAX_MESSAGE} bytes)")
-    if msg_flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
+    if msg_flags & _MSG_CTRUNC or len(fds) > MAX_FDS:
         raise ProtocolError(f"control message carried more than {MAX_FDS} fds "
                             "(ancillary data truncated)")
     if len(data) < _HEADER.size:
@@ -455,7 +488,7 @@ def _parse(data: bytes, msg_flags: int, fds: list[int]) -> Message:
         raise ProtocolError(f"control message length field says {length} bytes "
                             f"but {len(payload)} arrived")
     try:
-        obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        obj = _DECODER.decode(payload.decode("utf-8"))
     except (ValueError, RecursionError) as e:     # UnicodeDecodeError, JSONDecodeError too
         raise ProtocolError(f"control message payload is not UTF-8 JSON: {e}") from None
     if not isinstance(obj, dict):
@@ -470,34 +503,43 @@ def _parse(data: bytes, msg_flags: int, fds: list[int]) -> Message:
 def recv_message(sock: socket.socket, timeout: float | None = None) -> Message:
     """Receive and validate one control datagram; see the module docstring."""
     flags = _MSG_CMSG_CLOEXEC
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = None
+    wait = False
+    if timeout is not None:
+        flags |= _MSG_DONTWAIT
+        # The message is usually there already or about to be (a client
+        # sends its hello right after connecting): try at once, wait only
+        # if it is not.  A socket with a timeout of its own would wait
+        # inside recvmsg first, so for those wait here from the start.
+        deadline = time.monotonic() + timeout
+        wait = sock.gettimeout() is not None
     while True:
-        if deadline is not None:
+        if wait:
             poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN)
             remaining = max(0.0, deadline - time.monotonic())
             if not poller.poll(remaining * 1000.0):
                 raise TimeoutError(errno.ETIMEDOUT,
                                    f"no control message within {timeout}s")
-            flags |= socket.MSG_DONTWAIT
         try:
             data, ancdata, msg_flags, _addr = sock.recvmsg(MAX_MESSAGE + 1, _ANCBUF, flags)
         except BlockingIOError:
             if deadline is None:
                 raise
-            continue            # readiness was a false alarm (another reader won): wait again
+            wait = True         # not there yet, or a false alarm (another reader won)
+            continue
         break
     fds: list[int] = []
     try:
         for level, ctype, cdata in ancdata:
-            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            if level == _SOL_SOCKET and ctype == _SCM_RIGHTS:
                 got = array.array("i")
                 got.frombytes(cdata[:len(cdata) - len(cdata) % _INT_SIZE])
                 fds.extend(got)
         if not _MSG_CMSG_CLOEXEC:
             for fd in fds:
                 os.set_inheritable(fd, False)
-        if not data and not fds and not msg_flags & socket.MSG_CTRUNC:
+        if not data and not fds and not msg_flags & _MSG_CTRUNC:
             raise ConnectionResetError(errno.ECONNRESET, "peer closed the control connection")
         return _parse(data, msg_flags, fds)
     except BaseException:

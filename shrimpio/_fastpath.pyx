@@ -302,6 +302,12 @@ cdef class Segment:
             raise ValueError("segment was mapped without keeping its fd")
         return self.fd
 
+    def close_fd(self):
+        """Close the fd, keep the mapping (once the fd has been passed on)."""
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
     def __getbuffer__(self, Py_buffer *buffer, int flags):
         if self.base == NULL:
             raise ValueError("segment is closed")

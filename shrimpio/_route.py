@@ -34,6 +34,8 @@ import socket as _std
 import threading
 from typing import NamedTuple, Optional
 
+from ._control import getenv
+
 __all__ = ["Route", "decide_client", "listener_allowed", "is_local_address", "add_tcp_rule",
            "clear_tcp_rules", "entry_name", "enabled"]
 
@@ -53,9 +55,12 @@ class Route(NamedTuple):
     reason: str
 
 
+SHM_ROUTE = Route(SHM, "")
+
+
 def enabled() -> bool:
     """False when ``SHRIMPIO_DISABLE`` is set to anything but ``""``/``"0"``."""
-    return os.environ.get("SHRIMPIO_DISABLE", "") in ("", "0")
+    return getenv("SHRIMPIO_DISABLE") in (None, "", "0")
 
 
 def _parse_rule(text: str) -> tuple[Optional[str], Optional[int]]:
@@ -75,7 +80,7 @@ def _parse_rule(text: str) -> tuple[Optional[str], Optional[int]]:
 
 
 def _env_rules() -> "tuple[tuple[Optional[str], Optional[int]], ...]":
-    return _parse_rules(os.environ.get("SHRIMPIO_TCP", ""))
+    return _parse_rules(getenv("SHRIMPIO_TCP") or "")
 
 
 @functools.lru_cache(maxsize=16)
@@ -101,7 +106,7 @@ def clear_tcp_rules() -> None:
 
 
 def _ruled_out(host: str, port: int) -> bool:
-    if not _runtime_rules and not os.environ.get("SHRIMPIO_TCP"):
+    if not _runtime_rules and not getenv("SHRIMPIO_TCP"):
         return False
     try:
         host = str(ipaddress.ip_address(host.split("%")[0]))
@@ -174,7 +179,7 @@ def decide_client(host: str, port: int) -> Route:
         return Route(TCP, "disabled by rule")
     if not is_local_address(host):
         return Route(TCP, "remote host")
-    return Route(SHM, "")
+    return SHM_ROUTE
 
 
 def listener_allowed(host: str, port: int) -> Route:

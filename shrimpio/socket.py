@@ -40,6 +40,7 @@ from typing import Any, Optional
 
 from . import _connection, _control, _route
 from ._connection import DEFAULT_RING, Connection, describe_error
+from ._fastpath import get_busy_poll_us, spin_readable
 
 __all__ = ["socket", "info", "StdSocket"]
 
@@ -47,6 +48,11 @@ __all__ = ["socket", "info", "StdSocket"]
 StdSocket = _std.socket
 _STREAM = _std.SOCK_STREAM
 _TYPE_MASK = ~(getattr(_std, "SOCK_NONBLOCK", 0) | getattr(_std, "SOCK_CLOEXEC", 0))
+_AF_INET, _AF_INET6 = int(_std.AF_INET), int(_std.AF_INET6)
+# family and type as plain ints: the stdlib properties build enum members,
+# which costs a microsecond a time on the connect and accept paths.
+_family = _csocket.socket.family.__get__
+_type = _csocket.socket.type.__get__
 
 # SOL_SOCKET options whose value is a struct (its size), not an int: read
 # with a buflen, an unset one is that many zero bytes, as from the kernel.
@@ -107,11 +113,11 @@ def _numeric(family: int, host: str, port: int) -> Optional[str]:
     return infos[0][4][0] if infos else None
 
 
-def _addr_tuple(family: int, addr: Any) -> tuple:
-    """An address as a socket of ``family`` reports it.  Like the kernel, an
+@functools.lru_cache(maxsize=1024)
+def _host_as_seen(family: int, host: str) -> str:
+    """``host`` as a socket of ``family`` reports it.  Like the kernel, an
     IPv6 socket sees an IPv4 peer as ``::ffff:a.b.c.d`` (dual-stack
     listener), and an IPv4 socket sees a v4-mapped address unmapped."""
-    host, port = addr[0], int(addr[1])
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -121,19 +127,57 @@ def _addr_tuple(family: int, addr: Any) -> tuple:
             host = f"::ffff:{ip}"
         elif ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
             host = f"::ffff:{ip.ipv4_mapped}"      # inet_ntop's spelling, not ::ffff:7f00:1
-        return (host, port, 0, 0)
-    if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+    elif ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
         host = str(ip.ipv4_mapped)
+    return host
+
+
+def _addr_tuple(family: int, addr: Any) -> tuple:
+    """An address as a socket of ``family`` reports it (see _host_as_seen)."""
+    host, port = _host_as_seen(family, addr[0]), int(addr[1])
+    if family == _std.AF_INET6:
+        return (host, port, 0, 0)
     return (host, port)
 
 
+@functools.lru_cache(maxsize=1024)
+def _unspecified(host: str) -> bool:
+    """Is the numeric address ``host`` 0.0.0.0 / :: ?"""
+    return ipaddress.ip_address(host.split("%")[0]).is_unspecified
+
+
 class _Listener:
-    """The registry half of a listening shrimpio socket."""
+    """The registry half of a listening shrimpio socket.
+
+    ``spin`` is the adaptive busy-poll budget of ``accept()`` (seconds), by
+    the rules of the rings' (``_adapt_spin`` in ``_fastpath.pyx``): a spin
+    that caught a client keeps it, a sleep that a longer spin might have
+    avoided grows it, a long sleep halves it (down to 1/16 of the budget),
+    so an idle server spins little."""
 
     def __init__(self, name: str, usock: StdSocket) -> None:
         self.name = name
         self.usock = usock
         self.forks = _connection.forks
+        self.spin = get_busy_poll_us() / 1e6
+
+    def spin_budget(self) -> float:
+        top = get_busy_poll_us() / 1e6
+        if self.spin > top:
+            self.spin = top
+        return self.spin
+
+    def adapt(self, spun: bool, waited: float) -> None:
+        top = get_busy_poll_us() / 1e6
+        cur = min(self.spin, top)
+        if spun:
+            self.spin = min(top, cur * 2 + 1e-6)
+        elif waited <= 2 * top:
+            # A longer spin might have caught it: ``waited`` also holds our
+            # wake-up latency, so it overstates how late the client came.
+            self.spin = min(top, max(cur * 2, waited * 1.25))
+        else:
+            self.spin = max(top / 16, cur / 2)
 
     def close(self) -> None:
         if _connection.forks != self.forks:
@@ -189,14 +233,7 @@ class socket(StdSocket):
                 if proto == -1:
                     proto = _std.IPPROTO_TCP
         super().__init__(family, type, proto, fileno)
-        self._shm: Optional[Connection] = None
-        self._lst: Optional[_Listener] = None
-        self._route: Optional[_route.Route] = None
-        self._sent = self._received = 0
-        self._bufs: dict[int, int] = {}
-        self._opts: dict[tuple[int, int], int] = {}
-        self._local: tuple = ()
-        self._peer: tuple = ()
+        self._clear()
         if conn is not None:
             if detached:
                 del _detached[key]
@@ -206,6 +243,16 @@ class socket(StdSocket):
             # say why it is not shared memory (accept() and dup() overwrite
             # this with what they know).
             self._route = _route.Route(_route.TCP, "kernel socket from a file descriptor")
+
+    def _clear(self) -> None:
+        self._shm: Optional[Connection] = None
+        self._lst: Optional[_Listener] = None
+        self._route: Optional[_route.Route] = None
+        self._sent = self._received = 0
+        self._bufs: dict[int, int] = {}
+        self._opts: dict[tuple[int, int], int] = {}
+        self._local: tuple = ()
+        self._peer: tuple = ()
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -219,8 +266,7 @@ class socket(StdSocket):
         _by_fd[self.fileno()] = self
 
     def _is_tcp(self) -> bool:
-        return (self.family in (_std.AF_INET, _std.AF_INET6)
-                and self.type & _TYPE_MASK == _STREAM)
+        return _family(self) in (_AF_INET, _AF_INET6) and _type(self) & _TYPE_MASK == _STREAM
 
     def _conn(self) -> Connection:
         conn = self._shm
@@ -269,7 +315,8 @@ class socket(StdSocket):
         host, port = address[0], address[1]
         if not isinstance(host, str) or not isinstance(port, int):
             return False
-        numeric = _numeric(self.family, host, port)
+        family = _family(self)
+        numeric = _numeric(family, host, port)
         if numeric is None:
             self._route = _route.Route(_route.TCP, "unresolvable host")
             return False
@@ -286,7 +333,13 @@ class socket(StdSocket):
             # path, never the connection.
             self._route = _route.Route(_route.TCP, f"registry unusable: {exc}")
             return False
-        for name in _route.candidate_entries(self.family, numeric, port):
+        bufs = self._bufs
+        sndbuf = bufs.get(_std.SO_SNDBUF, DEFAULT_RING)
+        rcvbuf = bufs.get(_std.SO_RCVBUF, DEFAULT_RING)
+        # A ready kit (no system call) lets the hello follow the registry
+        # connect at once, so the listener finds it when it wakes up.
+        kit = _connection.take_kit(_connection.ring_capacity(sndbuf), _connection.ring_capacity(rcvbuf))
+        for name in _route.candidate_entries(family, numeric, port):
             try:
                 ctl = reg.connect(name, timeout=self.gettimeout())
                 break
@@ -301,28 +354,39 @@ class socket(StdSocket):
             except ValueError as exc:   # e.g. entry path too long for a Unix socket
                 reason = f"registry unusable: {exc}"
                 break
+            except BaseException:
+                _connection.give_back(kit)
+                raise
         if ctl is None:
+            _connection.give_back(kit)
             self._route = _route.Route(_route.TCP, reason)
             return False
-        if ipaddress.ip_address(numeric.split("%")[0]).is_unspecified:
+        if _unspecified(numeric):
             # connect() to 0.0.0.0 / :: reaches this host over loopback, and
             # the kernel reports the loopback address as the peer.
-            numeric = "::1" if self.family == _std.AF_INET6 else "127.0.0.1"
+            numeric = "::1" if family == _AF_INET6 else "127.0.0.1"
         try:
-            local = self._local_address(numeric)
-            peer = _addr_tuple(self.family, (numeric, port))
-            conn = Connection.connect(
-                ctl, self.fileno(), local, peer,
-                self._bufs.get(_std.SO_SNDBUF, DEFAULT_RING),
-                self._bufs.get(_std.SO_RCVBUF, DEFAULT_RING))
+            try:
+                local = self._local_address(numeric)
+            except BaseException:
+                _connection.give_back(kit)
+                raise
+            peer = _addr_tuple(family, (numeric, port))
+            conn = Connection.connect(ctl, self.fileno(), local, peer, sndbuf, rcvbuf, kit)
         except OSError as exc:
             ctl.close()
             self._route = _route.Route(_route.TCP, describe_error(exc))
             return False
-        timeout = self.gettimeout()
         ctl.close()
-        self.settimeout(timeout)       # O_NONBLOCK went with the old file
+        timeout = self.gettimeout()
+        if timeout is not None or _std.getdefaulttimeout() is not None:
+            # O_NONBLOCK went with the old file; the registry socket's file
+            # is in blocking mode unless a default timeout made it not.
+            self.settimeout(timeout)
         self._install(conn)
+        # The listener is waking up to accept: a good time to get the next
+        # connect's kit ready.
+        _connection.refill()
         return True
 
     def _local_address(self, dest: str) -> tuple:
@@ -334,18 +398,18 @@ class socket(StdSocket):
         except OSError:
             host, port = "", 0
         if port == 0:
-            src = dest if not ipaddress.ip_address(dest).is_unspecified else (
-                "::1" if self.family == _std.AF_INET6 else "127.0.0.1")
+            src = dest if not _unspecified(dest) else (
+                "::1" if _family(self) == _AF_INET6 else "127.0.0.1")
             StdSocket.bind(self, (src, 0))
             host, port = StdSocket.getsockname(self)[:2]
-        if ipaddress.ip_address(host.split("%")[0]).is_unspecified:
+        if _unspecified(host):
             host = dest
-        return _addr_tuple(self.family, (host, port))
+        return _addr_tuple(_family(self), (host, port))
 
     def _install(self, conn: Connection) -> None:
         self._shm = conn
         self._local, self._peer = conn.local, conn.peer
-        self._route = _route.Route(_route.SHM, "")
+        self._route = _route.SHM_ROUTE
         _by_inode[_inode(self.fileno())] = conn
         _by_fd[self.fileno()] = self
 
@@ -401,27 +465,46 @@ class socket(StdSocket):
             return sock, addr
         timeout = self.gettimeout()
         deadline = None if not timeout else time.monotonic() + timeout
-        poller = _select.poll()
-        poller.register(self.fileno(), _select.POLLIN)
-        poller.register(lst.usock.fileno(), _select.POLLIN)
+        poller = None
+        spin_from = -1.0      # when the busy-poll phase began (-1: not yet)
+        spun = False
         while True:
             got = self._accept_shm(lst)
+            if got is None:
+                try:
+                    fd, addr = self._accept_nowait()
+                except (BlockingIOError, InterruptedError):
+                    pass
+                else:
+                    sock = self._kernel_accepted(fd, addr)
+                    if _std.getdefaulttimeout() is None:
+                        sock.setblocking(True)
+                    got = sock, addr
             if got is not None:
+                if spin_from >= 0:
+                    lst.adapt(spun, time.monotonic() - spin_from)
                 return got
-            try:
-                fd, addr = self._accept_nowait()
-            except (BlockingIOError, InterruptedError):
-                pass
-            else:
-                sock = self._kernel_accepted(fd, addr)
-                if _std.getdefaulttimeout() is None:
-                    sock.setblocking(True)
-                return sock, addr
             if timeout == 0:
                 raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+            if spin_from < 0:
+                # Busy-poll first (as a ring reader does): a client that
+                # connects soon is then served without our being put to
+                # sleep and woken up, which costs both sides more than the
+                # connection itself.  The budget adapts (see _Listener).
+                spin_from = time.monotonic()
+                budget = lst.spin_budget()
+                if deadline is not None:
+                    budget = min(budget, max(0.0, deadline - spin_from))
+                if budget > 0 and spin_readable((self.fileno(), lst.usock.fileno()), budget):
+                    spun = True
+                    continue
             wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
             if wait_ms == 0:
                 raise TimeoutError("timed out")
+            if poller is None:
+                poller = _select.poll()
+                poller.register(self.fileno(), _select.POLLIN)
+                poller.register(lst.usock.fileno(), _select.POLLIN)
             poller.poll(wait_ms)
             if self.fileno() < 0 or self._lst is None:
                 raise _ebadf()
@@ -451,28 +534,41 @@ class socket(StdSocket):
             tmp.detach()
 
     def _accept_shm(self, lst: _Listener) -> Optional[tuple["socket", Any]]:
+        usock = lst.usock
         while True:
             try:
-                ctl, _ = lst.usock.accept()
+                fd, _ = usock._accept()         # the registry listener is non-blocking
             except (BlockingIOError, InterruptedError):
                 return None
+            ctl = StdSocket(_std.AF_UNIX, _std.SOCK_SEQPACKET, 0, fd)
             try:
+                if ctl.gettimeout() is not None:
+                    ctl.setblocking(True)      # a default timeout; recv_message waits itself
                 pid, uid, _gid = _control.peer_credentials(ctl)
                 if uid != os.geteuid():
                     raise PermissionError(errno.EPERM, "shrimpio client of another user")
-                ctl.setblocking(True)
                 conn, client, server = Connection.accept(ctl)
             except (OSError, _control.ProtocolError):
                 ctl.close()             # a prober or a broken client: not a connection
                 continue
-            sock = type(self)(self.family, _STREAM, self.proto, fileno=ctl.detach())
-            conn.local = _addr_tuple(self.family, server)
-            conn.peer = _addr_tuple(self.family, client)
-            sock._install(conn)
-            if _std.getdefaulttimeout() is None:
-                sock.setblocking(True)
+            family = _family(self)
+            conn.local = _addr_tuple(family, server)
+            conn.peer = _addr_tuple(family, client)
+            cls = type(self)
+            if cls is socket:
+                # No lookup by inode (it is a new connection) and no timeout
+                # to apply: the fd from accept4 is blocking, and a default
+                # timeout was applied by the constructor.
+                sock = cls.__new__(cls)
+                StdSocket.__init__(sock, family, _STREAM, self.proto, ctl.detach())
+                sock._clear()
             else:
-                sock.settimeout(_std.getdefaulttimeout())
+                sock = cls(family, _STREAM, self.proto, fileno=ctl.detach())
+                if _std.getdefaulttimeout() is None:
+                    sock.setblocking(True)
+                else:
+                    sock.settimeout(_std.getdefaulttimeout())
+            sock._install(conn)
             return sock, conn.peer
 
     # -- data --------------------------------------------------------------------
@@ -713,7 +809,7 @@ class socket(StdSocket):
 
 
 def _report_wanted() -> bool:
-    return bool(os.environ.get("SHRIMPIO_REPORT"))
+    return bool(_control.getenv("SHRIMPIO_REPORT"))
 
 
 def _report_record(sock: "socket") -> Optional[dict]:
