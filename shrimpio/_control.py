@@ -67,7 +67,7 @@ from typing import Iterator, NamedTuple, Sequence
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE", "MAX_FDS", "ProtocolError",
     "registry_root", "check_name", "peer_credentials", "Registry",
-    "send_message", "Message", "recv_message", "expect", "error_reply", "getenv",
+    "send_message", "send_payload", "Message", "recv_message", "expect", "error_reply", "getenv",
 ]
 
 PROTOCOL_VERSION: int = 1
@@ -108,18 +108,18 @@ class ProtocolError(ConnectionError):
 
 # --------------------------------------------------------------------------- names, paths
 
-_ENV_DATA = getattr(os.environ, "_data", None)
-if not (os.name == "posix" and isinstance(_ENV_DATA, dict)):
-    _ENV_DATA = None
+_ENVIRON_TYPE = type(os.environ) if os.name == "posix" else None
 
 
 def getenv(name: str) -> str | None:
     """``os.environ.get(name)``, without its per-call key encoding (a
-    connect reads several variables, each of which may change at any time).
-    ``os.environ``'s own mapping is read when it is the CPython one."""
-    if _ENV_DATA is None:
-        return os.environ.get(name)
-    value = _ENV_DATA.get(name.encode())
+    connect reads several variables, each of which may change at any time):
+    CPython's ``os.environ`` keeps the encoded variables in a dict."""
+    env = os.environ
+    data = getattr(env, "_data", None) if type(env) is _ENVIRON_TYPE else None
+    if type(data) is not dict:
+        return env.get(name)
+    value = data.get(name.encode())
     return None if value is None else os.fsdecode(value)
 
 
@@ -460,6 +460,19 @@ def send_message(sock: socket.socket, kind: str, body: dict | None = None,
         raise OSError(errno.EMSGSIZE, f"short send of a control message ({sent}/{len(data)})")
 
 
+def send_payload(sock: socket.socket, payload: bytes, fds: Sequence[int] = ()) -> None:
+    """Send one control datagram whose payload (the UTF-8 JSON object, with
+    its ``kind``) the caller built: the fast path of :func:`send_message`
+    for messages sent per connection."""
+    data = _HEADER.pack(_MAGIC, PROTOCOL_VERSION, 0, len(payload)) + payload
+    if len(data) > MAX_MESSAGE or len(fds) > MAX_FDS:
+        raise ValueError("control message too long, or too many fds")
+    ancdata = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sent = sock.sendmsg([data], ancdata, _MSG_NOSIGNAL)
+    if sent != len(data):
+        raise OSError(errno.EMSGSIZE, f"short send of a control message ({sent}/{len(data)})")
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -511,10 +524,11 @@ def recv_message(sock: socket.socket, timeout: float | None = None) -> Message:
         # sends its hello right after connecting): try at once, wait only
         # if it is not.  A socket with a timeout of its own would wait
         # inside recvmsg first, so for those wait here from the start.
-        deadline = time.monotonic() + timeout
         wait = sock.gettimeout() is not None
     while True:
         if wait:
+            if deadline is None:
+                deadline = time.monotonic() + timeout
             poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN)
             remaining = max(0.0, deadline - time.monotonic())
@@ -524,8 +538,10 @@ def recv_message(sock: socket.socket, timeout: float | None = None) -> Message:
         try:
             data, ancdata, msg_flags, _addr = sock.recvmsg(MAX_MESSAGE + 1, _ANCBUF, flags)
         except BlockingIOError:
-            if deadline is None:
+            if timeout is None:
                 raise
+            if deadline is None:
+                deadline = time.monotonic() + timeout
             wait = True         # not there yet, or a false alarm (another reader won)
             continue
         break

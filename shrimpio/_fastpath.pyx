@@ -77,9 +77,24 @@ cdef extern from "<sys/mman.h>" nogil:
     void *MAP_FAILED
     int shm_open(const char *name, int oflag, int mode)
     int shm_unlink(const char *name)
+    int memfd_create(const char *name, unsigned int flags)
+    unsigned int MFD_CLOEXEC, MFD_ALLOW_SEALING
 
 cdef extern from "<fcntl.h>" nogil:
     int O_RDWR, O_CREAT, O_EXCL
+    int fcntl(int fd, int cmd, ...)
+    int F_GET_SEALS, F_ADD_SEALS, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL
+
+cdef extern from "<sys/stat.h>" nogil:
+    ctypedef struct struct_stat "struct stat":
+        unsigned int st_mode
+        long st_size
+    int fstat(int fd, struct_stat *st)
+    bint S_ISREG(unsigned int mode)
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    int EINVAL
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
@@ -158,22 +173,6 @@ cdef int _default_kind_is_shm() except -1:
     return kind == "shm" or not hasattr(_os, "memfd_create")
 
 
-def _seal(int fd):
-    import fcntl
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-
-
-def _seals(int fd):
-    """The fd's seals, or None if it cannot carry seals (not a memfd)."""
-    import fcntl
-    try:
-        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError as e:
-        if e.errno == _errno.EINVAL:
-            return None
-        raise
-
-
 cdef class Segment:
     """Anonymous shared memory, mapped read-write into this process.
 
@@ -214,14 +213,16 @@ cdef class Segment:
             shm_unlink(name)
             self.kind = "shm"
         else:
-            fd = _os.memfd_create("shrimpio", _os.MFD_CLOEXEC | _os.MFD_ALLOW_SEALING)
+            fd = memfd_create(b"shrimpio", MFD_CLOEXEC | MFD_ALLOW_SEALING)
+            if fd < 0:
+                PyErr_SetFromErrno(OSError)
             self.kind = "memfd"
         self.fd = fd
         try:
             if ftruncate(fd, mapped) != 0:
                 PyErr_SetFromErrno(OSError)
-            if not use_shm:
-                _seal(fd)
+            if not use_shm and fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0:
+                PyErr_SetFromErrno(OSError)
             self._map(size, mapped)
         except BaseException:
             close(fd)
@@ -247,11 +248,13 @@ cdef class Segment:
         (default: this process itself uses ``SHRIMPIO_SEGMENT=shm``).
         ``keep_fd=False`` closes the fd once mapped (the mapping stays).
         """
-        import stat
         cdef Segment seg = Segment.__new__(Segment)
+        cdef struct_stat st
+        cdef int r
         try:
-            st = _os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
+            if fstat(fd, &st) != 0:
+                PyErr_SetFromErrno(OSError)
+            if not S_ISREG(st.st_mode):
                 raise ValueError("fd %d is not a shared memory object" % fd)
             if size is None:
                 size = st.st_size
@@ -263,11 +266,13 @@ cdef class Segment:
             mapped = _page_round(size)
             if st.st_size < mapped:
                 raise ValueError("segment fd holds %d bytes, %d announced" % (st.st_size, size))
-            import fcntl
-            seals = _seals(fd)
-            if seals is not None and seals & fcntl.F_SEAL_SHRINK:
+            r = fcntl(fd, F_GET_SEALS)
+            if r < 0 and errno != EINVAL:
+                PyErr_SetFromErrno(OSError)
+            seals = None if r < 0 else r        # None: cannot carry seals (not a memfd)
+            if seals is not None and seals & F_SEAL_SHRINK:
                 seg.kind = "memfd"
-            elif seals is not None and not seals & fcntl.F_SEAL_SEAL:
+            elif seals is not None and not seals & F_SEAL_SEAL:
                 # Sealable, yet the sender did not seal it: refuse whatever the settings.
                 raise PermissionError(_errno.EPERM, "memfd segment is not sealed against shrinking")
             else:

@@ -49,6 +49,8 @@ StdSocket = _std.socket
 _STREAM = _std.SOCK_STREAM
 _TYPE_MASK = ~(getattr(_std, "SOCK_NONBLOCK", 0) | getattr(_std, "SOCK_CLOEXEC", 0))
 _AF_INET, _AF_INET6 = int(_std.AF_INET), int(_std.AF_INET6)
+_MSG_DONTWAIT = int(_std.MSG_DONTWAIT)
+_AF_UNIX, _SOCK_SEQPACKET = int(_std.AF_UNIX), int(_std.SOCK_SEQPACKET)
 # family and type as plain ints: the stdlib properties build enum members,
 # which costs a microsecond a time on the connect and accept paths.
 _family = _csocket.socket.family.__get__
@@ -283,7 +285,7 @@ class socket(StdSocket):
             if self.fileno() < 0:
                 raise _ebadf()
             raise OSError(errno.EISCONN, "Transport endpoint is already connected")
-        if self._is_tcp() and self.fileno() >= 0 and self._try_shm(address):
+        if self._is_tcp() and self.fileno() >= 0 and self._try_shm(address, kit_later=True):
             return
         super().connect(address)
         self._remember_peer()
@@ -309,7 +311,11 @@ class socket(StdSocket):
             return exc.errno
         return 0
 
-    def _try_shm(self, address: Any) -> bool:
+    def _try_shm(self, address: Any, kit_later: bool = False) -> bool:
+        """Connect over shared memory if the route allows and a shrimpio
+        listener answers; False (with the reason recorded) to go by TCP.
+        ``kit_later``: build the spare connect kit when this connection
+        first waits for its peer rather than now (see _connection)."""
         if not isinstance(address, tuple) or len(address) < 2:
             return False        # let the stdlib raise its own TypeError
         host, port = address[0], address[1]
@@ -384,9 +390,14 @@ class socket(StdSocket):
             # is in blocking mode unless a default timeout made it not.
             self.settimeout(timeout)
         self._install(conn)
-        # The listener is waking up to accept: a good time to get the next
-        # connect's kit ready.
-        _connection.refill()
+        if conn.tx.capacity != DEFAULT_RING or conn.rx.capacity != DEFAULT_RING:
+            pass                        # spare kits have the default sizes only
+        elif kit_later:
+            conn.kit_due = True
+        else:
+            # The listener is busy with our hello: a good time to get the
+            # next connect's kit ready.
+            _connection.refill()
         return True
 
     def _local_address(self, dest: str) -> tuple:
@@ -406,12 +417,13 @@ class socket(StdSocket):
             host = dest
         return _addr_tuple(_family(self), (host, port))
 
-    def _install(self, conn: Connection) -> None:
+    def _install(self, conn: Connection, key: Optional[tuple[int, int]] = None) -> None:
         self._shm = conn
         self._local, self._peer = conn.local, conn.peer
         self._route = _route.SHM_ROUTE
-        _by_inode[_inode(self.fileno())] = conn
-        _by_fd[self.fileno()] = self
+        fd = self.fileno()
+        _by_inode[_inode(fd) if key is None else key] = conn
+        _by_fd[fd] = self
 
     # -- listening ------------------------------------------------------------
 
@@ -491,6 +503,8 @@ class socket(StdSocket):
                 # connects soon is then served without our being put to
                 # sleep and woken up, which costs both sides more than the
                 # connection itself.  The budget adapts (see _Listener).
+                # Closed connections' unmapping waited for this moment.
+                _connection.reap()
                 spin_from = time.monotonic()
                 budget = lst.spin_budget()
                 if deadline is not None:
@@ -535,40 +549,51 @@ class socket(StdSocket):
 
     def _accept_shm(self, lst: _Listener) -> Optional[tuple["socket", Any]]:
         usock = lst.usock
+        family = _family(self)
+        cls = type(self)
         while True:
             try:
                 fd, _ = usock._accept()         # the registry listener is non-blocking
             except (BlockingIOError, InterruptedError):
                 return None
-            ctl = StdSocket(_std.AF_UNIX, _std.SOCK_SEQPACKET, 0, fd)
+            ctl = _csocket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fd)
+            sock = None
             try:
                 if ctl.gettimeout() is not None:
                     ctl.setblocking(True)      # a default timeout; recv_message waits itself
                 pid, uid, _gid = _control.peer_credentials(ctl)
                 if uid != os.geteuid():
                     raise PermissionError(errno.EPERM, "shrimpio client of another user")
+                key = _inode(fd)
+                if cls is socket:
+                    # Made while the client sends its hello.  No lookup by
+                    # inode (a new connection) and no timeout to apply: the
+                    # fd from accept4 is blocking, and a default timeout was
+                    # applied by the constructor.
+                    sock = cls.__new__(cls)
+                    StdSocket.__init__(sock, family, _STREAM, self.proto, fd)
+                    sock._clear()
                 conn, client, server = Connection.accept(ctl)
             except (OSError, _control.ProtocolError):
+                if sock is not None:
+                    sock.detach()
                 ctl.close()             # a prober or a broken client: not a connection
                 continue
-            family = _family(self)
+            except BaseException:
+                if sock is not None:
+                    sock.detach()
+                ctl.close()
+                raise
+            ctl.detach()
             conn.local = _addr_tuple(family, server)
             conn.peer = _addr_tuple(family, client)
-            cls = type(self)
-            if cls is socket:
-                # No lookup by inode (it is a new connection) and no timeout
-                # to apply: the fd from accept4 is blocking, and a default
-                # timeout was applied by the constructor.
-                sock = cls.__new__(cls)
-                StdSocket.__init__(sock, family, _STREAM, self.proto, ctl.detach())
-                sock._clear()
-            else:
-                sock = cls(family, _STREAM, self.proto, fileno=ctl.detach())
+            if sock is None:
+                sock = cls(family, _STREAM, self.proto, fileno=fd)
                 if _std.getdefaulttimeout() is None:
                     sock.setblocking(True)
                 else:
                     sock.settimeout(_std.getdefaulttimeout())
-            sock._install(conn)
+            sock._install(conn, key)
             return sock, conn.peer
 
     # -- data --------------------------------------------------------------------
@@ -625,6 +650,8 @@ class socket(StdSocket):
             data = super().recv(bufsize, flags)
             self._received += len(data)
             return data
+        if conn.kit_due:
+            self._kit_while_waiting(conn, flags)
         return conn.stream.recv(bufsize, flags, self.gettimeout())
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
@@ -634,7 +661,29 @@ class socket(StdSocket):
             n = super().recv_into(buffer, nbytes, flags)
             self._received += n
             return n
+        if conn.kit_due:
+            self._kit_while_waiting(conn, flags)
         return conn.stream.recv_into(buffer, nbytes, flags, self.gettimeout())
+
+    def _kit_while_waiting(self, conn: Connection, flags: int) -> None:
+        """A read of a new connection is about to wait for the peer (a
+        client waiting for its first answer): build the spare kit for this
+        process's next connect now, while the peer works."""
+        if flags & _MSG_DONTWAIT or self.gettimeout() == 0:
+            return
+        try:
+            if conn.rx.readable() or conn.rx.at_eof():
+                return                  # no wait: keep it for a later read
+        except (OSError, ValueError):
+            pass
+        conn.kit_due = False
+        _connection.refill()
+        try:
+            if conn.rx.readable() or conn.rx.at_eof():
+                return
+        except (OSError, ValueError):
+            return
+        _connection.reap()              # still waiting: unmap closed connections too
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
         """As ``socket.recvfrom``; a connected stream has no source address."""
