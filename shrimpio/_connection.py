@@ -41,6 +41,7 @@ import errno
 import functools
 import json
 import os
+import re
 import socket as _std
 import _socket as _csocket
 import threading
@@ -66,6 +67,17 @@ _SOL_SOCKET, _SO_TYPE = int(_std.SOL_SOCKET), int(_std.SO_TYPE)
 # than the system call.  Addresses go in as JSON strings (_json_str).
 _HELLO = ('{"kind":"%s","v":%d,' % (HELLO_KIND, PROTOCOL_VERSION)
           + '"c2s":%d,"s2c":%d,"size":%d,"client":[%s,%d],"server":[%s,%d]}').encode()
+
+
+# The same hello as the server recognises it: a strict subset of JSON
+# (numbers without leading zeros, host strings without escapes), so that a
+# match means exactly what the JSON would; anything else takes the generic
+# decode.  Either way the values are then checked alike.
+_HELLO_RE = re.compile(
+    (r'\{"kind":"%s","v":%d,' % (HELLO_KIND, PROTOCOL_VERSION)
+     + r'"c2s":(0|[1-9][0-9]{0,18}),"s2c":(0|[1-9][0-9]{0,18}),"size":(0|[1-9][0-9]{0,18}),'
+     r'"client":\["([0-9A-Za-z.:%_-]{1,64})",(0|[1-9][0-9]{0,5})\],'
+     r'"server":\["([0-9A-Za-z.:%_-]{1,64})",(0|[1-9][0-9]{0,5})\]\}').encode())
 
 
 @functools.lru_cache(maxsize=256)
@@ -376,23 +388,19 @@ class Connection:
             # The client sends the hello right after its connect: spin for
             # it as a ring reader would, rather than sleep.
             spin_readable((own,), get_busy_poll_us() / 1e6)
-            msg = _control.recv_message(ctl, timeout=5.0)
+            payload, fds = _control.recv_payload(ctl, timeout=5.0)
         except BaseException:
             os.close(own)
             raise
-        fds = msg.fds        # expect() closes (and empties) it on refusal
         try:
-            _control.expect(msg, HELLO_KIND)
-            body = msg.body
-            if body.get("v") != PROTOCOL_VERSION:
-                raise _control.ProtocolError(f"unsupported stream protocol version {body.get('v')!r}")
+            m = _HELLO_RE.fullmatch(payload)
+            if m is not None:              # our own clients' hello: no generic decode
+                c2s, s2c, size = int(m[1]), int(m[2]), int(m[3])
+                client, server = (m[4].decode(), int(m[5])), (m[6].decode(), int(m[7]))
+            else:
+                c2s, s2c, size, client, server = cls._generic_hello(payload, fds)
             if len(fds) != 2:
                 raise _control.ProtocolError("stream hello must carry two fds")
-            try:
-                c2s, s2c, size = body["c2s"], body["s2c"], body["size"]
-                client, server = tuple(body["client"]), tuple(body["server"])
-            except (KeyError, TypeError) as exc:
-                raise _control.ProtocolError(f"bad stream hello: {exc}") from None
             if not (type(c2s) is int and type(s2c) is int and type(size) is int
                     and _layout_ok(c2s, s2c, size)):
                 raise _control.ProtocolError(
@@ -436,6 +444,21 @@ class Connection:
             space.close()
             raise
         return conn, client, server
+
+    @staticmethod
+    def _generic_hello(payload: bytes, fds: list[int]) -> tuple:
+        """(c2s, s2c, size, client, server) of a hello in any JSON form;
+        the caller checks the values."""
+        msg = _control.decode_payload(payload, fds)
+        _control.expect(msg, HELLO_KIND)  # closes (and empties) fds on refusal
+        body = msg.body
+        if body.get("v") != PROTOCOL_VERSION:
+            raise _control.ProtocolError(f"unsupported stream protocol version {body.get('v')!r}")
+        try:
+            return (body["c2s"], body["s2c"], body["size"], tuple(body["client"]),
+                    tuple(body["server"]))
+        except (KeyError, TypeError) as exc:
+            raise _control.ProtocolError(f"bad stream hello: {exc}") from None
 
     # -- state -------------------------------------------------------------
 

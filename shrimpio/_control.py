@@ -67,7 +67,8 @@ from typing import Iterator, NamedTuple, Sequence
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE", "MAX_FDS", "ProtocolError",
     "registry_root", "check_name", "peer_credentials", "Registry",
-    "send_message", "send_payload", "Message", "recv_message", "expect", "error_reply", "getenv",
+    "send_message", "send_payload", "Message", "recv_message", "recv_payload", "decode_payload",
+    "expect", "error_reply", "getenv",
 ]
 
 PROTOCOL_VERSION: int = 1
@@ -481,7 +482,8 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def _parse(data: bytes, msg_flags: int, fds: list[int]) -> Message:
+def _payload(data: bytes, msg_flags: int, fds: list[int]) -> bytes:
+    """Check a received datagram's size, fds and header; return its payload."""
     if msg_flags & _MSG_TRUNC or len(data) > MAX_MESSAGE:
         raise ProtocolError(f"control message longer than MAX_MESSAGE ({MAX_MESSAGE} bytes)")
     if msg_flags & _MSG_CTRUNC or len(fds) > MAX_FDS:
@@ -500,6 +502,12 @@ def _parse(data: bytes, msg_flags: int, fds: list[int]) -> Message:
     if length != len(payload):
         raise ProtocolError(f"control message length field says {length} bytes "
                             f"but {len(payload)} arrived")
+    return payload
+
+
+def decode_payload(payload: bytes, fds: list[int]) -> Message:
+    """The Message of a checked payload (see :func:`recv_payload`); raises
+    ProtocolError, leaving ``fds`` to the caller."""
     try:
         obj = _DECODER.decode(payload.decode("utf-8"))
     except (ValueError, RecursionError) as e:     # UnicodeDecodeError, JSONDecodeError too
@@ -513,8 +521,25 @@ def _parse(data: bytes, msg_flags: int, fds: list[int]) -> Message:
     return Message(kind, obj, fds)
 
 
+def _parse(data: bytes, msg_flags: int, fds: list[int]) -> Message:
+    return decode_payload(_payload(data, msg_flags, fds), fds)
+
+
 def recv_message(sock: socket.socket, timeout: float | None = None) -> Message:
     """Receive and validate one control datagram; see the module docstring."""
+    payload, fds = recv_payload(sock, timeout)
+    try:
+        return decode_payload(payload, fds)
+    except BaseException:
+        _close_fds(fds)
+        raise
+
+
+def recv_payload(sock: socket.socket, timeout: float | None = None) -> tuple[bytes, list[int]]:
+    """Receive one control datagram and check its header: (the UTF-8 JSON
+    payload, still to be decoded, and the fds that came with it, now the
+    caller's).  For callers that recognise a message of theirs by its
+    bytes before a generic decode (see :func:`decode_payload`)."""
     flags = _MSG_CMSG_CLOEXEC
     deadline = None
     wait = False
@@ -557,7 +582,7 @@ def recv_message(sock: socket.socket, timeout: float | None = None) -> Message:
                 os.set_inheritable(fd, False)
         if not data and not fds and not msg_flags & _MSG_CTRUNC:
             raise ConnectionResetError(errno.ECONNRESET, "peer closed the control connection")
-        return _parse(data, msg_flags, fds)
+        return _payload(data, msg_flags, fds), fds
     except BaseException:
         _close_fds(fds)
         raise

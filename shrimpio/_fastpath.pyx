@@ -53,6 +53,7 @@ cdef extern from "_fastpath_core.h" nogil:
     void shr_set_rshut(shr_ring_hdr *h)
     void shr_release_fence()
     int64_t shr_now_ns()
+    void shr_cpu_relax()
     int64_t shr_coarse_ns()
     int shr_bell_ring(int fd, int kind)
     int shr_bell_drain(int fd, int kind)

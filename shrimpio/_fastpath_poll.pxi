@@ -72,7 +72,7 @@ def spin_readable(fds, double seconds):
     released."""
     cdef pollfd p[8]
     cdef unsigned long n = 0
-    cdef int r = 0
+    cdef int r = 0, i
     cdef int64_t limit
     for fd in fds:
         if n == 8:
@@ -89,4 +89,9 @@ def spin_readable(fds, double seconds):
             r = poll(p, n, 0)
             if r != 0 or shr_now_ns() >= limit:
                 break
+            # About a microsecond between polls: a system call per
+            # iteration would only heat the kernel's paths at the cost of
+            # the caches the waiter needs next.
+            for i in range(16):
+                shr_cpu_relax()
     return r != 0

@@ -70,6 +70,32 @@ _by_inode: "weakref.WeakValueDictionary[tuple[int, int], Connection]" = weakref.
 # Connections whose socket object was detach()ed: the bare fd owns them until
 # a new socket object adopts the fd.
 _detached: "dict[tuple[int, int], Connection]" = {}
+# Connections not yet in _by_inode: indexing one costs an fstat, and is
+# only needed when a socket object is made from a bare fd, so it waits
+# until then (_index_pending).
+_unindexed: "list[weakref.ref[Connection]]" = []
+_UNINDEXED_PRUNE = 64
+
+
+def _index_pending() -> None:
+    """Put the connections made since the last call into _by_inode (the
+    inode of a connection's own doorbell fd is that of its control socket)."""
+    while _unindexed:
+        conn = _unindexed.pop()()
+        if conn is not None and not conn.closed:
+            try:
+                _by_inode[_inode(conn.bell_fd)] = conn
+            except OSError:
+                pass
+
+
+def _unindexed_add(conn: Connection) -> None:
+    if len(_unindexed) >= _UNINDEXED_PRUNE:
+        # Forget the closed ones (most, in a process that never adopts fds).
+        _unindexed[:] = [r for r in _unindexed if (c := r()) is not None and not c.closed]
+        if len(_unindexed) >= _UNINDEXED_PRUNE:
+            _index_pending()
+    _unindexed.append(weakref.ref(conn))
 _registries: dict[str, _control.Registry] = {}
 _reg_lock = threading.Lock()
 
@@ -215,12 +241,14 @@ class socket(StdSocket):
         # object reports the TCP family and type it stands for.
         conn: Optional[Connection] = None
         detached = False
-        if fileno is not None and (_by_inode or _detached):
+        if fileno is not None and (_by_inode or _detached or _unindexed):
             try:
                 key: Optional[tuple[int, int]] = _inode(int(fileno))
             except (OSError, TypeError, ValueError, OverflowError):
                 key = None       # the stdlib raises its own error below
             if key is not None:
+                if _unindexed and key not in _detached and key not in _by_inode:
+                    _index_pending()
                 conn = _detached.get(key)
                 detached = conn is not None
                 if conn is None:
@@ -417,13 +445,12 @@ class socket(StdSocket):
             host = dest
         return _addr_tuple(_family(self), (host, port))
 
-    def _install(self, conn: Connection, key: Optional[tuple[int, int]] = None) -> None:
+    def _install(self, conn: Connection) -> None:
         self._shm = conn
         self._local, self._peer = conn.local, conn.peer
         self._route = _route.SHM_ROUTE
-        fd = self.fileno()
-        _by_inode[_inode(fd) if key is None else key] = conn
-        _by_fd[fd] = self
+        _unindexed_add(conn)
+        _by_fd[self.fileno()] = self
 
     # -- listening ------------------------------------------------------------
 
@@ -564,7 +591,6 @@ class socket(StdSocket):
                 pid, uid, _gid = _control.peer_credentials(ctl)
                 if uid != os.geteuid():
                     raise PermissionError(errno.EPERM, "shrimpio client of another user")
-                key = _inode(fd)
                 if cls is socket:
                     # Made while the client sends its hello.  No lookup by
                     # inode (a new connection) and no timeout to apply: the
@@ -593,7 +619,7 @@ class socket(StdSocket):
                     sock.setblocking(True)
                 else:
                     sock.settimeout(_std.getdefaulttimeout())
-            sock._install(conn, key)
+            sock._install(conn)
             return sock, conn.peer
 
     # -- data --------------------------------------------------------------------
@@ -752,8 +778,8 @@ class socket(StdSocket):
             self._report()
         conn, self._shm = self._shm, None
         lst, self._lst = self._lst, None
-        if fd >= 0 and _by_fd.get(fd) is self:
-            del _by_fd[fd]
+        # (Our _by_fd entry may stay: it is checked against fileno() on use,
+        # overwritten when the fd number comes back, and weak.)
         if conn is not None:
             conn.release()
         if lst is not None:

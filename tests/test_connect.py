@@ -316,6 +316,36 @@ def test_hello_template_is_the_control_message_it_claims_to_be():
                         "client": ['fe80::1%"x\\', 1], "server": ["127.0.0.1", 65535]}
 
 
+@pytest.mark.parametrize("payload", [
+    b'{"kind":"stream","v":1,"c2s":4096,"s2c":4096,"size":12288,"client":["127.0.0.1",1],"server":["::1",0]}',
+    b'{"kind":"stream","v":1,"c2s":04096,"s2c":4096,"size":12288,"client":["127.0.0.1",1],"server":["::1",0]}',
+    b'{"kind":"stream","v":1,"c2s":4096,"s2c":4096,"size":12288,"client":["127.0.0.1",01],"server":["::1",0]}',
+    b'{"kind":"stream","v":1,"c2s":4096,"s2c":4096,"size":12288,"client":["a\\"b",1],"server":["::1",0]}',
+    b'{"kind":"stream","v":1,"c2s":4096,"s2c":4096,"size":12288,"client":["127.0.0.1",1],"server":["::1",0]} ',
+    b'{"kind":"stream","v":1,"c2s":4096,"s2c":4096,"size":12288,"client":["fe80::1%lo",1],"server":["::1",0]}',
+    b'{"kind": "stream", "v": 1, "c2s": 4096, "s2c": 4096, "size": 12288, "client": ["h", 1], "server": ["h", 0]}',
+])
+def test_fast_hello_match_means_what_the_json_means(payload):
+    """The listener's shortcut for its clients' hello matches only JSON that
+    decodes to the same values; anything else goes the generic way."""
+    m = _connection._HELLO_RE.fullmatch(payload)
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        obj = None
+    if m is None:
+        return
+    assert obj == {"kind": "stream", "v": 1, "c2s": int(m[1]), "s2c": int(m[2]),
+                   "size": int(m[3]), "client": [m[4].decode(), int(m[5])],
+                   "server": [m[6].decode(), int(m[7])]}
+
+
+def test_the_hello_our_clients_send_takes_the_shortcut():
+    payload = _connection._HELLO % (DEFAULT_RING, DEFAULT_RING, 1, _connection._json_str("::1"),
+                                     65535, _connection._json_str("127.0.0.1"), 80)
+    assert _connection._HELLO_RE.fullmatch(payload) is not None
+
+
 def test_recv_message_takes_a_queued_message_without_polling(monkeypatch):
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -574,3 +604,31 @@ def test_bench_connect(kind, monkeypatch):
     assert len(samples) == 5 and all(isinstance(s, int) and s > 0 for s in samples)
     with pytest.raises(ValueError):
         _bench_socket.bench_connect("udp", 1)
+
+
+# --------------------------------------------------------------------------- fd adoption
+
+
+def test_dup_fd_adopts_its_connection_after_many_others(listener):
+    """Connections are indexed by inode only when a socket is made from a
+    bare fd; the pending list stays bounded meanwhile."""
+    keep = None
+    for i in range(ss._UNINDEXED_PRUNE * 2 + 5):
+        cli, srv = pair(listener)
+        if i == 3:
+            keep = (cli, srv)
+            continue
+        cli.close()
+        srv.close()
+    assert len(ss._unindexed) <= ss._UNINDEXED_PRUNE
+    cli, srv = keep
+    twin = ss.socket(fileno=os.dup(cli.fileno()))
+    try:
+        assert twin._shm is cli._shm
+        assert twin.family == socket.AF_INET and twin.type == socket.SOCK_STREAM
+        twin.sendall(b"via the dup")
+        assert srv.recv(64) == b"via the dup"
+    finally:
+        twin.close()
+        cli.close()
+        srv.close()
