@@ -174,6 +174,12 @@ def _unspecified(host: str) -> bool:
     return ipaddress.ip_address(host.split("%")[0]).is_unspecified
 
 
+def _accept_spin_top() -> float:
+    """Most seconds accept() busy-polls before it sleeps: the rings' budget
+    (``SHRIMPIO_BUSY_POLL_US``; 0 turns every busy-poll off)."""
+    return get_busy_poll_us() / 1e6
+
+
 class _Listener:
     """The registry half of a listening shrimpio socket.
 
@@ -187,16 +193,16 @@ class _Listener:
         self.name = name
         self.usock = usock
         self.forks = _connection.forks
-        self.spin = get_busy_poll_us() / 1e6
+        self.spin = _accept_spin_top()
 
     def spin_budget(self) -> float:
-        top = get_busy_poll_us() / 1e6
+        top = _accept_spin_top()
         if self.spin > top:
             self.spin = top
         return self.spin
 
     def adapt(self, spun: bool, waited: float) -> None:
-        top = get_busy_poll_us() / 1e6
+        top = _accept_spin_top()
         cur = min(self.spin, top)
         if spun:
             self.spin = min(top, cur * 2 + 1e-6)
