@@ -134,6 +134,9 @@ def _align(n: int, to: int = 4096) -> int:
     return (n + to - 1) // to * to
 
 
+_OFF2 = {DEFAULT_RING: _align(Ring.footprint(DEFAULT_RING), 64)}   # second ring's offset
+
+
 # -- kits: what a client hands the listener -------------------------------------
 #
 # A connect needs a fresh segment (sealed memfd, mapped, both ring headers
@@ -308,7 +311,7 @@ class Connection:
         self.peer = peer
         self.client = client
         c2s, s2c = caps
-        off2 = _align(Ring.footprint(c2s), 64)
+        off2 = _OFF2.get(c2s) or _align(Ring.footprint(c2s), 64)
         space_bell = space.fileno()
         ring_c2s = Ring(segment, 0, c2s, create=create, data_bell=bell_fd, space_bell=space_bell)
         ring_s2c = Ring(segment, off2, s2c, create=create, data_bell=bell_fd, space_bell=space_bell)

@@ -58,6 +58,7 @@ import os
 import re
 import select
 import socket
+import _socket as _csocket
 import stat
 import struct
 import time
@@ -194,13 +195,15 @@ def _set_sndtimeo(sock: socket.socket, seconds: float) -> None:
                     _TIMEVAL.pack(usec // 1_000_000, usec % 1_000_000))
 
 
-def _dial(path: str, timeout: float | None) -> tuple[socket.socket | None, int]:
+def _dial(path: str, timeout: float | None, raw: bool = False) -> tuple[socket.socket | None, int]:
     """Connect a blocking SEQPACKET socket to `path`: (socket, 0) or (None, errno).
 
     A Unix connect() only ever blocks while the listener's backlog is full; it
     honours SO_SNDTIMEO for that wait (then fails with EAGAIN), so the timeout is
-    applied that way and reset afterwards.  timeout <= 0 means do not wait."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | _SOCK_CLOEXEC)
+    applied that way and reset afterwards.  timeout <= 0 means do not wait.
+    ``raw``: a ``_socket.socket`` (no Python-level wrapper)."""
+    sock = (_csocket.socket if raw else socket.socket)(
+        socket.AF_UNIX, socket.SOCK_SEQPACKET | _SOCK_CLOEXEC)
     try:
         if timeout is None:
             err = sock.connect_ex(path)
@@ -326,10 +329,12 @@ class Registry:
         self._bound[name] = (st.st_dev, st.st_ino, weakref.ref(sock))
         return sock
 
-    def connect(self, name: str, timeout: float | None = 5.0) -> socket.socket:
-        """Connect to a live entry of this user: a blocking socket with no timeout set."""
+    def connect(self, name: str, timeout: float | None = 5.0, raw: bool = False) -> socket.socket:
+        """Connect to a live entry of this user: a blocking socket with no
+        timeout set (``raw``: a ``_socket.socket``, for callers that only
+        send on it and hand its fd on)."""
         path = self._entry_path(name)
-        sock, err = _dial(path, timeout)
+        sock, err = _dial(path, timeout, raw)
         if err == errno.ECONNREFUSED:
             # Stale, or a listener between bind() and listen(): decide under the lock.
             with self._locked():
@@ -338,7 +343,7 @@ class Registry:
                     _unlink_quiet(path)
                     err = errno.ENOENT
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):     # live but busy: wait as asked
-                sock, err = _dial(path, timeout)
+                sock, err = _dial(path, timeout, raw)
         if err:
             if err in (errno.ENOENT, errno.ECONNREFUSED):
                 raise FileNotFoundError(

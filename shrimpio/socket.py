@@ -174,10 +174,16 @@ def _unspecified(host: str) -> bool:
     return ipaddress.ip_address(host.split("%")[0]).is_unspecified
 
 
+#: accept()'s busy-poll budget in units of the rings' (SHRIMPIO_BUSY_POLL_US).
+#: The wait it covers is a client's whole turn (its close, then its next
+#: connect's set-up), several data hand-offs long.
+ACCEPT_SPIN = 4
+
+
 def _accept_spin_top() -> float:
-    """Most seconds accept() busy-polls before it sleeps: the rings' budget
-    (``SHRIMPIO_BUSY_POLL_US``; 0 turns every busy-poll off)."""
-    return get_busy_poll_us() / 1e6
+    """Most seconds accept() busy-polls before it sleeps (0 when
+    ``SHRIMPIO_BUSY_POLL_US=0`` turns every busy-poll off)."""
+    return get_busy_poll_us() * ACCEPT_SPIN / 1e6
 
 
 class _Listener:
@@ -185,8 +191,8 @@ class _Listener:
 
     ``spin`` is the adaptive busy-poll budget of ``accept()`` (seconds), by
     the rules of the rings' (``_adapt_spin`` in ``_fastpath.pyx``): a spin
-    that caught a client keeps it, a sleep that a longer spin might have
-    avoided grows it, a long sleep halves it (down to 1/16 of the budget),
+    that caught a client keeps it, a sleep that a longer spin would have
+    avoided grows it, a longer sleep halves it (down to 1/16 of the budget),
     so an idle server spins little."""
 
     def __init__(self, name: str, usock: StdSocket) -> None:
@@ -206,10 +212,8 @@ class _Listener:
         cur = min(self.spin, top)
         if spun:
             self.spin = min(top, cur * 2 + 1e-6)
-        elif waited <= 2 * top:
-            # A longer spin might have caught it: ``waited`` also holds our
-            # wake-up latency, so it overstates how late the client came.
-            self.spin = min(top, max(cur * 2, waited * 1.25))
+        elif waited <= top:
+            self.spin = min(top, max(cur * 2, waited * 1.25))   # a longer spin catches it
         else:
             self.spin = max(top / 16, cur / 2)
 
@@ -381,7 +385,7 @@ class socket(StdSocket):
         kit = _connection.take_kit(_connection.ring_capacity(sndbuf), _connection.ring_capacity(rcvbuf))
         for name in _route.candidate_entries(family, numeric, port):
             try:
-                ctl = reg.connect(name, timeout=self.gettimeout())
+                ctl = reg.connect(name, timeout=self.gettimeout(), raw=True)
                 break
             except FileNotFoundError:
                 continue

@@ -566,16 +566,18 @@ def test_spin_readable():
 
 def test_accept_budget_adapts(listener, monkeypatch):
     lst = listener._lst
-    top = 50e-6
-    monkeypatch.setattr(ss, "get_busy_poll_us", lambda: top * 1e6)
-    lst.spin = top
+    monkeypatch.setattr(ss, "get_busy_poll_us", lambda: 50.0)
+    top = 50e-6 * ss.ACCEPT_SPIN
+    assert lst.spin_budget() == pytest.approx(top)
     lst.adapt(False, 1.0)                      # idle: halve, down to 1/16
-    assert lst.spin == top / 2
+    assert lst.spin == pytest.approx(top / 2)
     for _ in range(10):
         lst.adapt(False, 1.0)
-    assert lst.spin == top / 16
-    lst.adapt(False, top * 1.5)                # a longer spin might have caught it: grow
-    assert lst.spin == top
+    assert lst.spin == pytest.approx(top / 16)
+    lst.adapt(False, top * 0.6)                # a longer spin would have caught it: grow
+    assert lst.spin == pytest.approx(top * 0.75)
+    lst.adapt(False, top * 1.1)                # the client came later than any spin: halve
+    assert lst.spin == pytest.approx(top * 0.375)
     lst.spin = top / 16
     lst.adapt(True, 0.0)                       # caught one: grow back
     assert lst.spin == pytest.approx(top / 8 + 1e-6)
