@@ -47,7 +47,8 @@ import _socket as _csocket
 import threading
 
 from . import _control
-from ._fastpath import Ring, RingCorruptedError, Segment, Stream, get_busy_poll_us, spin_readable
+from ._fastpath import (Ring, RingCorruptedError, Segment, Stream, get_busy_poll_us,
+                        prepare_rings, spin_readable)
 
 __all__ = ["Connection", "DEFAULT_RING", "HELLO_KIND", "Kit", "ring_capacity", "take_kit",
            "give_back", "refill", "drop_spares", "bury", "reap"]
@@ -168,7 +169,18 @@ class Kit:
         self.caps = (c2s, s2c)
         self.pid = os.getpid()
         kind = _segment_kind()
-        self.segment = seg = Segment(size, kind=kind) if kind else Segment(size)
+        # A closed connection's mapping, if one waits to be unmapped: the
+        # new segment is mapped over it (one system call instead of two).
+        try:
+            old = _graveyard.pop()
+        except IndexError:
+            old = None
+        try:
+            self.segment = seg = Segment(size, kind=kind, replace=old) if kind else Segment(size)
+        except BaseException:
+            if old is not None and not old.closed:
+                bury(old)
+            raise
         try:
             # C-level socket objects: nobody sees them as Python sockets,
             # and they cost less to make and close.
@@ -176,8 +188,7 @@ class Kit:
         except BaseException:
             seg.close()
             raise
-        Ring(seg, 0, c2s, create=True).close()
-        Ring(seg, off2, s2c, create=True).close()
+        prepare_rings(seg, off2, c2s, s2c)
 
     def close(self) -> None:
         self.segment.close()

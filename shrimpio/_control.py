@@ -65,6 +65,8 @@ import time
 import weakref
 from typing import Iterator, NamedTuple, Sequence
 
+from ._fastpath import recvmsg_fds, sendmsg_fds
+
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE", "MAX_FDS", "ProtocolError",
     "registry_root", "check_name", "peer_credentials", "Registry",
@@ -111,6 +113,13 @@ class ProtocolError(ConnectionError):
 # --------------------------------------------------------------------------- names, paths
 
 _ENVIRON_TYPE = type(os.environ) if os.name == "posix" else None
+
+
+def environ_data() -> dict | None:
+    """CPython's encoded ``os.environ`` mapping (bytes to bytes), or None."""
+    env = os.environ
+    data = getattr(env, "_data", None) if type(env) is _ENVIRON_TYPE else None
+    return data if type(data) is dict else None
 
 
 def getenv(name: str) -> str | None:
@@ -460,10 +469,16 @@ def send_message(sock: socket.socket, kind: str, body: dict | None = None,
     if len(data) > MAX_MESSAGE:
         raise ValueError(f"{kind!r} control message is {len(data)} bytes, "
                          f"more than MAX_MESSAGE ({MAX_MESSAGE})")
-    ancdata = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fd_list))] if fd_list else []
-    sent = sock.sendmsg([data], ancdata, _MSG_NOSIGNAL)
+    sent = _sendmsg(sock, data, fd_list)
     if sent != len(data):        # cannot happen on SOCK_SEQPACKET; never send half a message
         raise OSError(errno.EMSGSIZE, f"short send of a control message ({sent}/{len(data)})")
+
+
+def _sendmsg(sock: socket.socket, data: bytes, fds: Sequence[int]) -> int:
+    if sock.gettimeout() is None:           # a blocking socket: one system call, in C
+        return sendmsg_fds(sock.fileno(), data, fds)
+    ancdata = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
+    return sock.sendmsg([data], ancdata, _MSG_NOSIGNAL)   # the socket's timeout applies
 
 
 def send_payload(sock: socket.socket, payload: bytes, fds: Sequence[int] = ()) -> None:
@@ -473,8 +488,7 @@ def send_payload(sock: socket.socket, payload: bytes, fds: Sequence[int] = ()) -
     data = _HEADER.pack(_MAGIC, PROTOCOL_VERSION, 0, len(payload)) + payload
     if len(data) > MAX_MESSAGE or len(fds) > MAX_FDS:
         raise ValueError("control message too long, or too many fds")
-    ancdata = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
-    sent = sock.sendmsg([data], ancdata, _MSG_NOSIGNAL)
+    sent = _sendmsg(sock, data, fds)
     if sent != len(data):
         raise OSError(errno.EMSGSIZE, f"short send of a control message ({sent}/{len(data)})")
 
@@ -545,6 +559,9 @@ def recv_payload(sock: socket.socket, timeout: float | None = None) -> tuple[byt
     payload, still to be decoded, and the fds that came with it, now the
     caller's).  For callers that recognise a message of theirs by its
     bytes before a generic decode (see :func:`decode_payload`)."""
+    # A socket in blocking mode is read by one system call in C; one with a
+    # timeout of its own through the socket module, which honours it.
+    blocking = sock.gettimeout() is None
     flags = _MSG_CMSG_CLOEXEC
     deadline = None
     wait = False
@@ -554,7 +571,7 @@ def recv_payload(sock: socket.socket, timeout: float | None = None) -> tuple[byt
         # sends its hello right after connecting): try at once, wait only
         # if it is not.  A socket with a timeout of its own would wait
         # inside recvmsg first, so for those wait here from the start.
-        wait = sock.gettimeout() is not None
+        wait = not blocking
     while True:
         if wait:
             if deadline is None:
@@ -566,7 +583,11 @@ def recv_payload(sock: socket.socket, timeout: float | None = None) -> tuple[byt
                 raise TimeoutError(errno.ETIMEDOUT,
                                    f"no control message within {timeout}s")
         try:
-            data, ancdata, msg_flags, _addr = sock.recvmsg(MAX_MESSAGE + 1, _ANCBUF, flags)
+            if blocking:
+                data, fds, msg_flags = recvmsg_fds(sock.fileno(), MAX_MESSAGE + 1, MAX_FDS, flags)
+            else:
+                data, ancdata, msg_flags, _addr = sock.recvmsg(MAX_MESSAGE + 1, _ANCBUF, flags)
+                fds = None
         except BlockingIOError:
             if timeout is None:
                 raise
@@ -575,13 +596,14 @@ def recv_payload(sock: socket.socket, timeout: float | None = None) -> tuple[byt
             wait = True         # not there yet, or a false alarm (another reader won)
             continue
         break
-    fds: list[int] = []
     try:
-        for level, ctype, cdata in ancdata:
-            if level == _SOL_SOCKET and ctype == _SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(cdata[:len(cdata) - len(cdata) % _INT_SIZE])
-                fds.extend(got)
+        if fds is None:
+            fds = []
+            for level, ctype, cdata in ancdata:
+                if level == _SOL_SOCKET and ctype == _SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(cdata[:len(cdata) - len(cdata) % _INT_SIZE])
+                    fds.extend(got)
         if not _MSG_CMSG_CLOEXEC:
             for fd in fds:
                 os.set_inheritable(fd, False)

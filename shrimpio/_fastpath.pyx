@@ -74,7 +74,7 @@ cdef extern from "Python.h" nogil:
 cdef extern from "<sys/mman.h>" nogil:
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
     int munmap(void *addr, size_t length)
-    int PROT_READ, PROT_WRITE, MAP_SHARED
+    int PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FIXED
     void *MAP_FAILED
     int shm_open(const char *name, int oflag, int mode)
     int shm_unlink(const char *name)
@@ -96,6 +96,7 @@ cdef extern from "<sys/stat.h>" nogil:
 cdef extern from "<errno.h>" nogil:
     int errno
     int EINVAL
+    int EINTR
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
@@ -185,9 +186,14 @@ cdef class Segment:
 
     ``Segment.from_fd(fd)`` maps one received from another process.
     ``memoryview(segment)`` gives the bytes; ``fileno()`` the fd to pass on.
+
+    ``Segment(size, replace=old)`` maps the new segment where ``old`` (a
+    segment of the same page-rounded size that nothing uses any more) is
+    mapped, in one system call; ``old`` is closed either way unless views
+    still use it.
     """
 
-    def __cinit__(self, size=None, *, kind=None):
+    def __cinit__(self, size=None, *, kind=None, Segment replace=None):
         self.base = NULL
         self.fd = -1
         self.exports = 0
@@ -224,11 +230,36 @@ cdef class Segment:
                 PyErr_SetFromErrno(OSError)
             if not use_shm and fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0:
                 PyErr_SetFromErrno(OSError)
-            self._map(size, mapped)
+            if replace is not None and replace.base != NULL and replace.mapped == mapped \
+                    and replace.exports == 0:
+                self._map_over(replace, size)
+            else:
+                if replace is not None and replace.exports == 0:
+                    replace.close()
+                self._map(size, mapped)
         except BaseException:
             close(fd)
             self.fd = -1
             raise
+
+    cdef _map_over(self, Segment old, Py_ssize_t size):
+        """Map our fd where ``old`` is mapped (same size, no users): the
+        kernel drops the old mapping in the same call, cheaper than an
+        munmap and an mmap.  ``old`` ends up closed."""
+        cdef void *p = mmap(old.base, old.mapped, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                            self.fd, 0)
+        cdef int err = errno
+        if p == MAP_FAILED:
+            munmap(old.base, old.mapped)      # whatever is left of it
+        old.base = NULL
+        if old.fd >= 0:
+            close(old.fd)
+            old.fd = -1
+        if p == MAP_FAILED:
+            raise OSError(err, _os.strerror(err))
+        self.base = <char *>p
+        self.size = size
+        self.mapped = old.mapped
 
     cdef _map(self, Py_ssize_t size, Py_ssize_t mapped):
         cdef void *p = mmap(NULL, mapped, PROT_READ | PROT_WRITE, MAP_SHARED, self.fd, 0)
@@ -1397,3 +1428,4 @@ cdef class Export:
 
 include "_fastpath_poll.pxi"
 include "_fastpath_stream.pxi"
+include "_fastpath_ctl.pxi"

@@ -97,6 +97,10 @@ def _unindexed_add(conn: Connection) -> None:
             _index_pending()
     _unindexed.append(weakref.ref(conn))
 _registries: dict[str, _control.Registry] = {}
+# (_route.env_key(), family, numeric host, port) -> the TCP Route that rules
+# the destination out, or (registry, candidate entry names): a connect's
+# static decisions, remembered (the key holds all they depend on).
+_client_routes: dict[tuple, Any] = {}
 _reg_lock = threading.Lock()
 
 
@@ -241,7 +245,7 @@ class socket(StdSocket):
     sockets of one host and user (see the module docstring)."""
 
     __slots__ = ("_shm", "_lst", "_route", "_sent", "_received", "_bufs", "_opts",
-                 "_local", "_peer")
+                 "_local", "_peer", "_unbound")
 
     def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
                  fileno: Optional[int] = None) -> None:
@@ -274,6 +278,7 @@ class socket(StdSocket):
                     proto = _std.IPPROTO_TCP
         super().__init__(family, type, proto, fileno)
         self._clear()
+        self._unbound = fileno is None      # made here, and bind() not called yet
         if conn is not None:
             if detached:
                 del _detached[key]
@@ -293,6 +298,12 @@ class socket(StdSocket):
         self._opts: dict[tuple[int, int], int] = {}
         self._local: tuple = ()
         self._peer: tuple = ()
+        self._unbound = False
+
+    def bind(self, address: Any) -> None:
+        """As ``socket.bind``."""
+        self._unbound = False
+        super().bind(address)
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -364,26 +375,37 @@ class socket(StdSocket):
         if numeric is None:
             self._route = _route.Route(_route.TCP, "unresolvable host")
             return False
-        route = _route.decide_client(numeric, port)
-        if route.path != _route.SHM:
-            self._route = route
+        key = (_route.env_key(), family, numeric, port)
+        known = _client_routes.get(key)
+        if known is None:
+            route = _route.decide_client(numeric, port)
+            if route.path != _route.SHM:
+                known = route
+            else:
+                try:
+                    reg = _registry()
+                except (OSError, ValueError) as exc:
+                    # An unusable registry (bad owner or mode...) costs the
+                    # fast path, never the connection.
+                    self._route = _route.Route(_route.TCP, f"registry unusable: {exc}")
+                    return False
+                known = (reg, _route.candidate_entries(family, numeric, port))
+            if len(_client_routes) >= 1024:
+                _client_routes.clear()
+            _client_routes[key] = known
+        if type(known) is _route.Route:
+            self._route = known
             return False
+        reg, names = known
         ctl = None
         reason = "no shrimpio listener"
-        try:
-            reg = _registry()
-        except (OSError, ValueError) as exc:
-            # An unusable registry (bad owner or mode...) costs the fast
-            # path, never the connection.
-            self._route = _route.Route(_route.TCP, f"registry unusable: {exc}")
-            return False
         bufs = self._bufs
         sndbuf = bufs.get(_std.SO_SNDBUF, DEFAULT_RING)
         rcvbuf = bufs.get(_std.SO_RCVBUF, DEFAULT_RING)
         # A ready kit (no system call) lets the hello follow the registry
         # connect at once, so the listener finds it when it wakes up.
         kit = _connection.take_kit(_connection.ring_capacity(sndbuf), _connection.ring_capacity(rcvbuf))
-        for name in _route.candidate_entries(family, numeric, port):
+        for name in names:
             try:
                 ctl = reg.connect(name, timeout=self.gettimeout(), raw=True)
                 break
@@ -442,10 +464,24 @@ class socket(StdSocket):
         """Our address as the peer sees it: bound if the user bound us, else
         a real ephemeral port reserved by binding (released when the fd is
         replaced, as a closed TCP port would be)."""
-        try:
-            host, port = StdSocket.getsockname(self)[:2]
-        except OSError:
-            host, port = "", 0
+        host, port = "", 0
+        if self._unbound:
+            # Nobody bound it (through this object): no need to ask.  If
+            # someone did behind our back, bind() says so (EINVAL).
+            try:
+                StdSocket.bind(self, (dest if not _unspecified(dest) else (
+                    "::1" if _family(self) == _AF_INET6 else "127.0.0.1"), 0))
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            else:
+                self._unbound = False
+                host, port = StdSocket.getsockname(self)[:2]
+        if port == 0:
+            try:
+                host, port = StdSocket.getsockname(self)[:2]
+            except OSError:
+                host, port = "", 0
         if port == 0:
             src = dest if not _unspecified(dest) else (
                 "::1" if _family(self) == _AF_INET6 else "127.0.0.1")
@@ -713,13 +749,7 @@ class socket(StdSocket):
         except (OSError, ValueError):
             pass
         conn.kit_due = False
-        _connection.refill()
-        try:
-            if conn.rx.readable() or conn.rx.at_eof():
-                return
-        except (OSError, ValueError):
-            return
-        _connection.reap()              # still waiting: unmap closed connections too
+        _connection.refill()            # (mapped over a closed connection's segment)
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
         """As ``socket.recvfrom``; a connected stream has no source address."""

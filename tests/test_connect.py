@@ -271,15 +271,19 @@ def test_forked_child_never_uses_the_parents_kit(listener):
 # --------------------------------------------------------------------------- unmapping later
 
 
-def test_closed_connection_is_unmapped_at_the_next_reap(listener):
+def test_closed_connection_is_unmapped_later(listener):
+    """The listener's segment waits for reap(); the client's is mapped over
+    by the kit built when the client closes (it never waited)."""
     cli, srv = pair(listener)
-    seg = cli._shm.segment
+    cseg, sseg = cli._shm.segment, srv._shm.segment
     exchange(cli, srv)
-    cli.close()
     srv.close()
-    assert not seg.closed and seg in _connection._graveyard
+    assert not sseg.closed and _connection._graveyard == [sseg]
+    cli.close()
+    assert cseg.closed and len(_connection._spares) == 1      # the kit took its place
+    assert not sseg.closed and _connection._graveyard == [sseg]
     _connection.reap()
-    assert seg.closed and _connection._graveyard == []
+    assert sseg.closed and _connection._graveyard == []
 
 
 def test_graveyard_is_bounded():
@@ -632,5 +636,117 @@ def test_dup_fd_adopts_its_connection_after_many_others(listener):
         assert srv.recv(64) == b"via the dup"
     finally:
         twin.close()
+        cli.close()
+        srv.close()
+
+
+def test_segment_mapped_over_a_closed_one():
+    old = Segment(8192)
+    memoryview(old)[:5] = b"stale"
+    keep = os.dup(old.fileno())
+    new = Segment(8192, replace=old)
+    try:
+        assert old.closed and closed_fd(old_fd := keep) is False
+        assert bytes(memoryview(new)[:5]) == b"\0" * 5        # a fresh memfd, not the old one
+        memoryview(new)[:3] = b"new"
+        other = Segment.from_fd(os.dup(keep), 8192)            # the old memory is untouched
+        assert bytes(memoryview(other)[:5]) == b"stale"
+        other.close()
+        busy = Segment(8192)
+        view = memoryview(busy)
+        nope = Segment(8192, replace=busy)                     # in use: not replaced...
+        assert not busy.closed and bytes(memoryview(nope)[:1]) == b"\0"
+        view.release()
+        busy.close()
+        nope.close()
+        small = Segment(4096)
+        bigger = Segment(3 * 4096, replace=small)               # another size: closed, not reused
+        assert small.closed and not bigger.closed
+        bigger.close()
+    finally:
+        os.close(keep)
+        new.close()
+
+
+def test_kit_reuses_a_buried_mapping():
+    seg = Segment(Connection.layout(DEFAULT_RING, DEFAULT_RING)[1])
+    _connection.bury(seg)
+    _connection.refill()
+    assert seg.closed and _connection._graveyard == [] and len(_connection._spares) == 1
+
+
+# --------------------------------------------------------------------------- C helpers
+
+
+def test_sendmsg_recvmsg_fds_roundtrip():
+    from shrimpio._fastpath import recvmsg_fds, sendmsg_fds
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    try:
+        assert sendmsg_fds(a.fileno(), b"hello", [r, w]) == 5
+        data, fds, flags = recvmsg_fds(b.fileno(), 100, 4, socket.MSG_CMSG_CLOEXEC)
+        assert data == b"hello" and len(fds) == 2 and flags & ~socket.MSG_CMSG_CLOEXEC == 0
+        assert all(not os.get_inheritable(fd) for fd in fds)
+        os.write(fds[1], b"x")                      # the received fds are the pipe's ends
+        assert os.read(r, 1) == b"x"
+        for fd in fds:
+            os.close(fd)
+        sendmsg_fds(a.fileno(), b"three", [r, w, r])    # room for 2: the kernel closes the rest
+        before = set(os.listdir("/proc/self/fd"))
+        data, fds, flags = recvmsg_fds(b.fileno(), 2, 2, 0)
+        assert data == b"th" and len(fds) == 2
+        assert flags & socket.MSG_CTRUNC and flags & socket.MSG_TRUNC
+        assert len(os.listdir("/proc/self/fd")) - len(before) == 2     # not a third
+        for fd in fds:
+            os.close(fd)
+        with pytest.raises(BlockingIOError):
+            recvmsg_fds(b.fileno(), 100, 4, socket.MSG_DONTWAIT)
+        with pytest.raises(ValueError):
+            sendmsg_fds(a.fileno(), b"x", [r] * 17)
+        with pytest.raises(ValueError):
+            recvmsg_fds(b.fileno(), 100, 17)
+        a.close()
+        assert recvmsg_fds(b.fileno(), 100, 4) == (b"", [], 0)   # EOF
+        with pytest.raises(OSError):
+            sendmsg_fds(b.fileno(), b"x")                         # EPIPE, no SIGPIPE
+    finally:
+        a.close()
+        b.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_prepare_rings_is_ring_create():
+    from shrimpio._fastpath import Ring, prepare_rings
+    off2, size = Connection.layout(4096, 8192)
+    seg = Segment(size)
+    try:
+        prepare_rings(seg, off2, 4096, 8192)
+        r1, r2 = Ring(seg, 0, 4096), Ring(seg, off2, 8192)   # attach: the headers check out
+        assert (r1.capacity, r2.capacity) == (4096, 8192)
+        r1.close()
+        r2.close()
+        for args in ((off2, 4096, 5000), (off2, 32, 8192), (off2 - 64, 4096, 8192),
+                     (off2 + 1, 4096, 8192), (off2, 4096, 1 << 20), (-64, 4096, 8192)):
+            with pytest.raises(ValueError):
+                prepare_rings(seg, *args)
+    finally:
+        seg.close()
+    with pytest.raises(ValueError):
+        prepare_rings(seg, off2, 4096, 8192)                     # closed
+
+
+def test_client_bound_behind_the_objects_back_keeps_its_address(listener):
+    """connect() binds a fresh socket itself without asking the kernel
+    first; one bound through the stdlib's method (not ours) is caught."""
+    cli = ss.socket(socket.AF_INET, socket.SOCK_STREAM)
+    socket.socket.bind(cli, ("127.0.0.1", 0))
+    port = socket.socket.getsockname(cli)[1]
+    cli.connect(listener.getsockname())
+    srv, addr = listener.accept()
+    try:
+        assert ss.info(cli)["path"] == "shm"
+        assert cli.getsockname() == ("127.0.0.1", port) == addr == srv.getpeername()
+    finally:
         cli.close()
         srv.close()
