@@ -77,11 +77,17 @@ _unindexed: "list[weakref.ref[Connection]]" = []
 _UNINDEXED_PRUNE = 64
 
 
+_unindexed_lock = threading.Lock()
+
+
 def _index_pending() -> None:
     """Put the connections made since the last call into _by_inode (the
     inode of a connection's own doorbell fd is that of its control socket)."""
-    while _unindexed:
-        conn = _unindexed.pop()()
+    with _unindexed_lock:
+        pending = _unindexed[:]
+        del _unindexed[:]
+    for ref in pending:
+        conn = ref()
         if conn is not None and not conn.closed:
             try:
                 _by_inode[_inode(conn.bell_fd)] = conn
@@ -90,12 +96,16 @@ def _index_pending() -> None:
 
 
 def _unindexed_add(conn: Connection) -> None:
-    if len(_unindexed) >= _UNINDEXED_PRUNE:
+    ref = weakref.ref(conn)
+    with _unindexed_lock:
+        _unindexed.append(ref)
+        if len(_unindexed) <= _UNINDEXED_PRUNE:
+            return
         # Forget the closed ones (most, in a process that never adopts fds).
         _unindexed[:] = [r for r in _unindexed if (c := r()) is not None and not c.closed]
-        if len(_unindexed) >= _UNINDEXED_PRUNE:
-            _index_pending()
-    _unindexed.append(weakref.ref(conn))
+        if len(_unindexed) <= _UNINDEXED_PRUNE:
+            return
+    _index_pending()
 _registries: dict[str, _control.Registry] = {}
 # (_route.env_key(), family, numeric host, port) -> the TCP Route that rules
 # the destination out, or (registry, candidate entry names): a connect's
