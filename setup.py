@@ -7,7 +7,9 @@ extensions = [
         "shrimpio._fastpath",
         ["shrimpio/_fastpath.pyx"],
         include_dirs=["shrimpio"],
-        depends=["shrimpio/_fastpath_core.h", "shrimpio/_fastpath.pxd", "shrimpio/_fastpath_poll.pxi", "shrimpio/_fastpath_stream.pxi", "shrimpio/_fastpath_transport.pxi"],
+        depends=["shrimpio/_fastpath_core.h", "shrimpio/_fastpath_ctl.h", "shrimpio/_fastpath.pxd",
+                 "shrimpio/_fastpath_poll.pxi", "shrimpio/_fastpath_stream.pxi",
+                 "shrimpio/_fastpath_ctl.pxi", "shrimpio/_fastpath_transport.pxi"],
         extra_compile_args=["-O3", "-std=gnu11"],
     )
 ]

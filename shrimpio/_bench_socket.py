@@ -157,3 +157,63 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     res = run(quick=args.quick)
     print(json.dumps(res, indent=2) if args.json else report(res))
+
+
+# --- connection set-up: connect + accept + 1-byte exchange + close -------------
+
+CONNECT_WARMUP = 200
+
+
+def _serve_connect(listener, count: int) -> None:
+    """Accept ``count`` connections one after the other; on each, read one
+    byte, answer one byte, close."""
+    _pin(1)
+    for _ in range(count):
+        conn, _ = listener.accept()
+        if not conn.recv(1):
+            raise ConnectionError("client closed before its byte")
+        conn.sendall(b"s")
+        conn.close()
+    listener.close()
+
+
+def bench_connect(kind: str, n: int) -> list[int]:
+    """Per-connection set-up cost, in ns: the client (pinned to core 0)
+    creates a socket, connects, sends one byte, reads the server's one-byte
+    answer and closes; the server (another process, core 1) accepts, reads,
+    answers and closes.  ``kind`` is ``"shrimpio"`` (shared memory),
+    ``"tcp"`` (kernel loopback) or ``"unix"`` (a Unix stream socket).
+    ``CONNECT_WARMUP`` connections are made first and not counted."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    total = n + CONNECT_WARMUP
+    with private_registry(), tempfile.TemporaryDirectory(prefix="shrimpio-bench-") as tmp:
+        lst, addr = _listener(kind, os.path.join(tmp, "unix.sock"))
+        if kind == "unix":
+            family, cls = _std.AF_UNIX, _std.socket
+        else:
+            family, cls = _std.AF_INET, ShmSocket if kind == "shrimpio" else _std.socket
+        p = mp.get_context("fork").Process(target=_serve_connect, args=(lst, total))
+        p.start()
+        lst.close()
+        try:
+            _pin(0)
+            clock = time.perf_counter_ns
+            stream = _std.SOCK_STREAM
+            buf = bytearray(1)
+            out = []
+            for _ in range(total):
+                t0 = clock()
+                sock = cls(family, stream)
+                sock.connect(addr)
+                sock.sendall(b"c")
+                if sock.recv_into(buf, 1) != 1:
+                    raise ConnectionError("server closed before its byte")
+                sock.close()
+                out.append(clock() - t0)
+            return out[CONNECT_WARMUP:]
+        finally:
+            p.join(60)
+            if p.exitcode is None:
+                p.kill()
+                p.join()

@@ -38,14 +38,20 @@ closes or dies.
 from __future__ import annotations
 
 import errno
+import functools
+import json
 import os
+import re
 import socket as _std
+import _socket as _csocket
 import threading
 
 from . import _control
-from ._fastpath import Ring, RingCorruptedError, Segment, Stream
+from ._fastpath import (Ring, RingCorruptedError, Segment, Stream, get_busy_poll_us,
+                        prepare_rings, spin_readable)
 
-__all__ = ["Connection", "DEFAULT_RING", "HELLO_KIND", "ring_capacity"]
+__all__ = ["Connection", "DEFAULT_RING", "HELLO_KIND", "Kit", "ring_capacity", "take_kit",
+           "give_back", "refill", "drop_spares", "bury", "reap"]
 
 #: Default bytes per direction (about a Unix socket's default buffer).
 DEFAULT_RING = 256 * 1024
@@ -53,14 +59,52 @@ MIN_RING = 4096
 MAX_RING = 64 * 1024 * 1024
 HELLO_KIND = "stream"
 PROTOCOL_VERSION = 1
+_SO_DOMAIN = getattr(_std, "SO_DOMAIN", 39)     # Linux; Python exposes it since 3.6
+_AF_UNIX, _SOCK_SEQPACKET = int(_std.AF_UNIX), int(_std.SOCK_SEQPACKET)
+_SOL_SOCKET, _SO_TYPE = int(_std.SOL_SOCKET), int(_std.SO_TYPE)
+
+# The stream hello, a control message (see _control) built from a template:
+# it is sent once per connection, and a generic JSON encoding costs more
+# than the system call.  Addresses go in as JSON strings (_json_str).
+_HELLO = ('{"kind":"%s","v":%d,' % (HELLO_KIND, PROTOCOL_VERSION)
+          + '"c2s":%d,"s2c":%d,"size":%d,"client":[%s,%d],"server":[%s,%d]}').encode()
+
+
+# The same hello as the server recognises it: a strict subset of JSON
+# (numbers without leading zeros, host strings without escapes), so that a
+# match means exactly what the JSON would; anything else takes the generic
+# decode.  Either way the values are then checked alike.
+_HELLO_RE = re.compile(
+    (r'\{"kind":"%s","v":%d,' % (HELLO_KIND, PROTOCOL_VERSION)
+     + r'"c2s":(0|[1-9][0-9]{0,18}),"s2c":(0|[1-9][0-9]{0,18}),"size":(0|[1-9][0-9]{0,18}),'
+     r'"client":\["([0-9A-Za-z.:%_-]{1,64})",(0|[1-9][0-9]{0,5})\],'
+     r'"server":\["([0-9A-Za-z.:%_-]{1,64})",(0|[1-9][0-9]{0,5})\]\}').encode())
+
+
+@functools.lru_cache(maxsize=256)
+def _json_str(text: str) -> bytes:
+    return json.dumps(str(text), ensure_ascii=False).encode()
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_ok(c2s: int, s2c: int, size: int) -> bool:
+    """Are these a valid pair of ring capacities and the segment size that
+    holds them?  (Cached: clients use a few sizes; the arguments are
+    exact ints, checked by the caller.)"""
+    return (ring_capacity(c2s) == c2s and ring_capacity(s2c) == s2c
+            and size == Connection.layout(c2s, s2c)[1])
 
 _fork_generation = 0
 
 
 def _after_fork_in_child() -> None:
-    global _fork_generation
+    global _fork_generation, _connects
     _fork_generation += 1
     Connection._forked_parent_gen = -1
+    # The parent may hand its spare kits to its own next connections: a
+    # child using them too would share rings with an unrelated connection.
+    _connects = 0
+    drop_spares()           # and the parent's buried segments (our copies)
 
 
 #: Forks this process made or came from; objects compare it with the value
@@ -81,12 +125,172 @@ if hasattr(os, "register_at_fork"):
 
 def ring_capacity(nbytes: int) -> int:
     """Ring size for a requested buffer size: a power of two in [4 KiB, 64 MiB]."""
+    if nbytes == DEFAULT_RING and type(nbytes) is int:
+        return DEFAULT_RING
     nbytes = max(MIN_RING, min(MAX_RING, int(nbytes)))
     return 1 << (nbytes - 1).bit_length()
 
 
 def _align(n: int, to: int = 4096) -> int:
     return (n + to - 1) // to * to
+
+
+_OFF2 = {DEFAULT_RING: _align(Ring.footprint(DEFAULT_RING), 64)}   # second ring's offset
+
+
+# -- kits: what a client hands the listener -------------------------------------
+#
+# A connect needs a fresh segment (sealed memfd, mapped, both ring headers
+# initialised, which faults their pages in) and a fresh socketpair for the
+# space doorbell: about ten system calls and two page faults.  A process that
+# has made two shared-memory connections keeps one such *kit* ready: the next
+# connect takes it (no system call) and sends the hello right after its
+# registry connect.  The spare is rebuilt while the process waits anyway:
+# when the new connection's first read would wait for the peer (blocking
+# sockets), right after the hello (asyncio, which reads by itself), or at
+# close if it never waited.  Kits are never reused: each is built for one
+# connection and handed over once.
+
+#: Spare kits a process keeps (of the default ring sizes only).
+SPARES = 1
+_spares: "list[Kit]" = []
+_connects = 0            # shared-memory connects made by this process (since fork)
+
+
+class Kit:
+    """A segment with two initialised ring headers and a socketpair, for one
+    connection.  ``pid`` is the process that built it: a kit is only ever
+    used there (a forked child drops the parent's)."""
+
+    __slots__ = ("caps", "segment", "mine", "theirs", "pid")
+
+    def __init__(self, c2s: int, s2c: int) -> None:
+        off2, size = Connection.layout(c2s, s2c)
+        self.caps = (c2s, s2c)
+        self.pid = os.getpid()
+        kind = _segment_kind()
+        # A closed connection's mapping, if one waits to be unmapped: the
+        # new segment is mapped over it (one system call instead of two).
+        try:
+            old = _graveyard.pop()
+        except IndexError:
+            old = None
+        try:
+            self.segment = seg = Segment(size, kind=kind, replace=old) if kind else Segment(size)
+        except BaseException:
+            if old is not None and not old.closed:
+                bury(old)
+            raise
+        try:
+            # C-level socket objects: nobody sees them as Python sockets,
+            # and they cost less to make and close.
+            self.mine, self.theirs = _csocket.socketpair(_AF_UNIX, _SOCK_SEQPACKET)
+        except BaseException:
+            seg.close()
+            raise
+        prepare_rings(seg, off2, c2s, s2c)
+
+    def close(self) -> None:
+        self.segment.close()
+        self.mine.close()
+        self.theirs.close()
+
+
+def _segment_kind() -> "str | None":
+    """The kind of segment ``Segment(size)`` would make now (None: an invalid
+    ``SHRIMPIO_SEGMENT``, let ``Segment`` raise)."""
+    kind = _control.getenv("SHRIMPIO_SEGMENT") or "memfd"
+    if kind not in ("memfd", "shm"):
+        return None
+    return kind if hasattr(os, "memfd_create") else "shm"
+
+
+def take_kit(c2s: int, s2c: int) -> "Kit | None":
+    """A spare kit for rings of these capacities, or None.  No system call."""
+    if not _spares or c2s != DEFAULT_RING or s2c != DEFAULT_RING:
+        return None
+    kind, pid = _segment_kind(), os.getpid()
+    while True:
+        try:
+            kit = _spares.pop()
+        except IndexError:
+            return None
+        if kit.pid == pid and kit.segment.kind == kind:
+            return kit
+        kit.close()
+
+
+def give_back(kit: "Kit | None") -> None:
+    """An unused kit (the connect went to TCP): keep it as a spare or close it."""
+    if kit is None:
+        return
+    if kit.pid == os.getpid() and kit.caps == (DEFAULT_RING, DEFAULT_RING) \
+            and len(_spares) < SPARES:
+        _spares.append(kit)
+    else:
+        kit.close()
+
+
+def refill() -> None:
+    """Build a spare kit if this process connects repeatedly and has none.
+    Called when a new connection first waits for its peer (or after the
+    hello, or when it closes without having waited): at a moment when the
+    peer, not we, is the one working.  Failure (out of fds or memory) only
+    costs the next connect its head start."""
+    if _connects < 2 or len(_spares) >= SPARES:
+        return
+    try:
+        kit = Kit(DEFAULT_RING, DEFAULT_RING)
+    except (OSError, ValueError):
+        return
+    if len(_spares) < SPARES:
+        _spares.append(kit)
+    else:
+        kit.close()
+
+
+def drop_spares() -> None:
+    """Close the spare kits (their fds and mappings) and unmap the segments
+    of closed connections.  Harmless at any time."""
+    while True:
+        try:
+            kit = _spares.pop()
+        except IndexError:
+            break
+        kit.close()
+    reap()
+
+
+# -- unmapping later --------------------------------------------------------------
+#
+# Unmapping a closed connection's segment is the dearest part of close()
+# (the page tables and the TLB).  Nothing reads it any more, so it can wait
+# for a moment when this process waits anyway: a client's next refill, a
+# listener's next accept() before it busy-polls.  At most GRAVEYARD wait.
+
+GRAVEYARD = 8
+_graveyard: "list[Segment]" = []
+
+
+def bury(seg: Segment) -> None:
+    """Unmap ``seg`` (whose rings are closed) now or at the next reap()."""
+    if len(_graveyard) < GRAVEYARD:
+        _graveyard.append(seg)
+    else:
+        seg.close()
+
+
+def reap() -> None:
+    """Unmap the segments bury() kept."""
+    while True:
+        try:
+            seg = _graveyard.pop()
+        except IndexError:
+            return
+        try:
+            seg.close()
+        except BufferError:
+            pass            # a view still uses it: unmapped when the last one goes
 
 
 class Connection:
@@ -98,6 +302,9 @@ class Connection:
     segment and the space socket.  ``local`` and ``peer`` are the emulated
     TCP addresses.
     """
+
+    __slots__ = ("id", "segment", "bell_fd", "space", "local", "peer", "client", "tx", "rx",
+                 "refs", "stream", "closed", "gone", "lock", "kit_due", "__weakref__")
 
     _next_id = 0
     _shared_below = 0            # ids below this existed at a fork
@@ -115,16 +322,17 @@ class Connection:
         self.peer = peer
         self.client = client
         c2s, s2c = caps
-        off2 = _align(Ring.footprint(c2s), 64)
-        bells = dict(data_bell=bell_fd, space_bell=space.fileno(), create=create)
-        ring_c2s = Ring(segment, 0, c2s, **bells)
-        ring_s2c = Ring(segment, off2, s2c, **bells)
+        off2 = _OFF2.get(c2s) or _align(Ring.footprint(c2s), 64)
+        space_bell = space.fileno()
+        ring_c2s = Ring(segment, 0, c2s, create=create, data_bell=bell_fd, space_bell=space_bell)
+        ring_s2c = Ring(segment, off2, s2c, create=create, data_bell=bell_fd, space_bell=space_bell)
         self.tx, self.rx = (ring_c2s, ring_s2c) if client else (ring_s2c, ring_c2s)
         self.refs = 1                 # socket objects of this process using it
         self.stream = Stream(self.tx, self.rx)
         self.closed = False
         self.gone = False             # EOF seen on a doorbell: the peer is gone
         self.lock = threading.Lock()
+        self.kit_due = False          # build a spare kit when we first wait for the peer
 
     # The per-call state lives in the Stream (C), where send/recv update it.
     bytes_sent = property(lambda self: self.stream.bytes_sent, doc="bytes written to the peer")
@@ -149,35 +357,38 @@ class Connection:
 
     @classmethod
     def connect(cls, ctl: _std.socket, target_fd: int, local: tuple, peer: tuple, sndbuf: int,
-                rcvbuf: int) -> "Connection":
-        """Client side, over a connected registry socket ``ctl``: build the
-        rings, send the hello, then ``dup2`` the control socket onto
-        ``target_fd`` (the user's socket, whose fd number must not change).
-        ``ctl``'s own fd becomes the connection's doorbell fd."""
+                rcvbuf: int, kit: "Kit | None" = None) -> "Connection":
+        """Client side, over a connected registry socket ``ctl``: send the
+        hello with the kit's segment and socketpair end (a kit is built if
+        none is given, or if it does not fit the ring sizes), then ``dup2``
+        the control socket onto ``target_fd`` (the user's socket, whose fd
+        number must not change).  ``ctl``'s own fd becomes the connection's
+        doorbell fd.  The kit is used up either way."""
+        global _connects
         c2s, s2c = ring_capacity(sndbuf), ring_capacity(rcvbuf)
-        off2, size = cls.layout(c2s, s2c)
-        seg = Segment(size)
-        mine, theirs = _std.socketpair(_std.AF_UNIX, _std.SOCK_SEQPACKET)
-        conn = None
+        if kit is not None and kit.caps != (c2s, s2c):
+            kit.close()
+            kit = None
+        if kit is None:
+            kit = Kit(c2s, s2c)
+        seg, mine, theirs = kit.segment, kit.mine, kit.theirs
         try:
-            # ctl's fd number is the doorbell fd the connection keeps (detached below).
+            # The hello first: the listener is waiting for it.
+            _control.send_payload(ctl, _HELLO % (
+                c2s, s2c, seg.size, _json_str(local[0]), int(local[1]),
+                _json_str(peer[0]), int(peer[1])), (seg.fileno(), theirs.fileno()))
+            # ctl's fd number is the doorbell fd the connection keeps (detached
+            # below).  Should this fail, closing ctl tells the listener: EOF.
             conn = cls(seg, ctl.fileno(), mine, client=True, caps=(c2s, s2c), local=local,
-                       peer=peer, create=True)
-            _control.send_message(ctl, HELLO_KIND, {
-                "v": PROTOCOL_VERSION, "c2s": c2s, "s2c": s2c, "size": size,
-                "client": list(local), "server": list(peer)},
-                fds=[seg.fileno(), theirs.fileno()])
+                       peer=peer)
         except BaseException:
-            if conn is not None:
-                conn.tx.close()
-                conn.rx.close()
-            seg.close()
-            mine.close()
+            kit.close()
             raise
-        finally:
-            theirs.close()
+        theirs.close()
+        seg.close_fd()              # the listener has it; our mapping stays
         os.dup2(ctl.fileno(), target_fd, inheritable=False)
         ctl.detach()
+        _connects += 1
         return conn
 
     @classmethod
@@ -186,55 +397,82 @@ class Connection:
         map the client's segment.  Returns (connection, client address,
         server address).  Anything malformed raises ``ProtocolError`` and
         closes what came with it."""
-        msg = _control.recv_message(ctl, timeout=5.0)
-        fds = list(msg.fds)
+        own = os.dup(ctl.fileno())      # our doorbell fd (done while the hello comes)
         try:
-            _control.expect(msg, HELLO_KIND)
-            body = msg.body
-            if body.get("v") != PROTOCOL_VERSION:
-                raise _control.ProtocolError(f"unsupported stream protocol version {body.get('v')!r}")
+            # The client sends the hello right after its connect: spin for
+            # it as a ring reader would, rather than sleep.
+            spin_readable((own,), get_busy_poll_us() / 1e6)
+            payload, fds = _control.recv_payload(ctl, timeout=5.0)
+        except BaseException:
+            os.close(own)
+            raise
+        try:
+            m = _HELLO_RE.fullmatch(payload)
+            if m is not None:              # our own clients' hello: no generic decode
+                c2s, s2c, size = int(m[1]), int(m[2]), int(m[3])
+                client, server = (m[4].decode(), int(m[5])), (m[6].decode(), int(m[7]))
+            else:
+                c2s, s2c, size, client, server = cls._generic_hello(payload, fds)
             if len(fds) != 2:
                 raise _control.ProtocolError("stream hello must carry two fds")
-            try:
-                c2s, s2c, size = int(body["c2s"]), int(body["s2c"]), int(body["size"])
-                client, server = tuple(body["client"]), tuple(body["server"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise _control.ProtocolError(f"bad stream hello: {exc}") from None
-            for cap in (c2s, s2c):
-                if ring_capacity(cap) != cap:
-                    raise _control.ProtocolError(f"bad ring capacity {cap}")
-            if size != cls.layout(c2s, s2c)[1]:
-                raise _control.ProtocolError("segment size does not match the rings")
-            if (len(client) < 2 or len(server) < 2 or not isinstance(client[0], str)
-                    or not isinstance(server[0], str)):
+            if not (type(c2s) is int and type(s2c) is int and type(size) is int
+                    and _layout_ok(c2s, s2c, size)):
+                raise _control.ProtocolError(
+                    f"bad ring capacities or segment size {c2s!r}, {s2c!r}, {size!r}")
+            if (len(client) < 2 or len(server) < 2 or type(client[0]) is not str
+                    or type(server[0]) is not str or type(client[1]) is not int
+                    or type(server[1]) is not int or not 0 <= client[1] <= 65535
+                    or not 0 <= server[1] <= 65535):
                 raise _control.ProtocolError("bad addresses in stream hello")
             fd0, fds[0] = fds[0], -1
-            seg = Segment.from_fd(fd0, size, keep_fd=False)    # closes fd0 on failure
+            try:
+                seg = Segment.from_fd(fd0, size, keep_fd=False)    # closes fd0 on failure
+            except ValueError as exc:    # not a shared memory object, or too small
+                raise _control.ProtocolError(f"bad segment in stream hello: {exc}") from None
         except BaseException:
             for fd in fds:
                 if fd >= 0:
                     os.close(fd)
+            os.close(own)
             raise
         try:
-            space = _std.socket(fileno=fds[1])
-            if space.type != _std.SOCK_SEQPACKET or space.family != _std.AF_UNIX:
+            space = _csocket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fds[1])
+            try:
+                ok = (space.getsockopt(_SOL_SOCKET, _SO_TYPE) == _SOCK_SEQPACKET
+                      and space.getsockopt(_SOL_SOCKET, _SO_DOMAIN) == _AF_UNIX)
+            except OSError:          # ENOTSOCK: not a socket at all
+                ok = False
+            if not ok:
                 space.detach()
                 raise _control.ProtocolError("space doorbell is not a Unix seqpacket socket")
         except BaseException:
             os.close(fds[1])
+            os.close(own)
             seg.close()
             raise
-        own = -1
         try:
-            own = os.dup(ctl.fileno())
             conn = cls(seg, own, space, client=False, caps=(c2s, s2c))
         except BaseException:
-            if own >= 0:
-                os.close(own)
+            os.close(own)
             seg.close()
             space.close()
             raise
         return conn, client, server
+
+    @staticmethod
+    def _generic_hello(payload: bytes, fds: list[int]) -> tuple:
+        """(c2s, s2c, size, client, server) of a hello in any JSON form;
+        the caller checks the values."""
+        msg = _control.decode_payload(payload, fds)
+        _control.expect(msg, HELLO_KIND)  # closes (and empties) fds on refusal
+        body = msg.body
+        if body.get("v") != PROTOCOL_VERSION:
+            raise _control.ProtocolError(f"unsupported stream protocol version {body.get('v')!r}")
+        try:
+            return (body["c2s"], body["s2c"], body["size"], tuple(body["client"]),
+                    tuple(body["server"]))
+        except (KeyError, TypeError) as exc:
+            raise _control.ProtocolError(f"bad stream hello: {exc}") from None
 
     # -- state -------------------------------------------------------------
 
@@ -266,9 +504,14 @@ class Connection:
         self.stream.closed = True
         self.tx.close()
         self.rx.close()
-        self.segment.close()
+        bury(self.segment)
         self.space.close()
         os.close(self.bell_fd)
+        if self.kit_due:
+            # Never waited for the peer: the next connect's kit now, not
+            # between its registry connect and its hello.
+            self.kit_due = False
+            refill()
 
 
 def describe_error(exc: BaseException) -> str:

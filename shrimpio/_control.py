@@ -58,16 +58,20 @@ import os
 import re
 import select
 import socket
+import _socket as _csocket
 import stat
 import struct
 import time
 import weakref
 from typing import Iterator, NamedTuple, Sequence
 
+from ._fastpath import recvmsg_fds, sendmsg_fds
+
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE", "MAX_FDS", "ProtocolError",
     "registry_root", "check_name", "peer_credentials", "Registry",
-    "send_message", "Message", "recv_message", "expect", "error_reply",
+    "send_message", "send_payload", "Message", "recv_message", "recv_payload", "decode_payload",
+    "expect", "error_reply", "getenv",
 ]
 
 PROTOCOL_VERSION: int = 1
@@ -83,9 +87,18 @@ _SUFFIX = ".sock"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,96}")
 _INT_SIZE = array.array("i").itemsize
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS * _INT_SIZE)
-_MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_MSG_CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _SOCK_CLOEXEC = getattr(socket, "SOCK_CLOEXEC", 0)
 _ERROR_TEXT_MAX = 600                  # chars; keeps any 'error' reply < MAX_MESSAGE
+# Plain ints: the socket module's are enums, and mixing them in arithmetic
+# goes through the enum machinery (microseconds per message).
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SO_PEERCRED = int(socket.SO_PEERCRED)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 class ProtocolError(ConnectionError):
@@ -99,9 +112,31 @@ class ProtocolError(ConnectionError):
 
 # --------------------------------------------------------------------------- names, paths
 
+_ENVIRON_TYPE = type(os.environ) if os.name == "posix" else None
+
+
+def environ_data() -> dict | None:
+    """CPython's encoded ``os.environ`` mapping (bytes to bytes), or None."""
+    env = os.environ
+    data = getattr(env, "_data", None) if type(env) is _ENVIRON_TYPE else None
+    return data if type(data) is dict else None
+
+
+def getenv(name: str) -> str | None:
+    """``os.environ.get(name)``, without its per-call key encoding (a
+    connect reads several variables, each of which may change at any time):
+    CPython's ``os.environ`` keeps the encoded variables in a dict."""
+    env = os.environ
+    data = getattr(env, "_data", None) if type(env) is _ENVIRON_TYPE else None
+    if type(data) is not dict:
+        return env.get(name)
+    value = data.get(name.encode())
+    return None if value is None else os.fsdecode(value)
+
+
 def registry_root() -> str:
     """os.environ['SHRIMPIO_REGISTRY'] if set (non-empty), else f'/tmp/shrimpio-{os.geteuid()}'."""
-    env = os.environ.get("SHRIMPIO_REGISTRY")
+    env = getenv("SHRIMPIO_REGISTRY")
     return env if env else f"/tmp/shrimpio-{os.geteuid()}"
 
 
@@ -169,13 +204,15 @@ def _set_sndtimeo(sock: socket.socket, seconds: float) -> None:
                     _TIMEVAL.pack(usec // 1_000_000, usec % 1_000_000))
 
 
-def _dial(path: str, timeout: float | None) -> tuple[socket.socket | None, int]:
+def _dial(path: str, timeout: float | None, raw: bool = False) -> tuple[socket.socket | None, int]:
     """Connect a blocking SEQPACKET socket to `path`: (socket, 0) or (None, errno).
 
     A Unix connect() only ever blocks while the listener's backlog is full; it
     honours SO_SNDTIMEO for that wait (then fails with EAGAIN), so the timeout is
-    applied that way and reset afterwards.  timeout <= 0 means do not wait."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | _SOCK_CLOEXEC)
+    applied that way and reset afterwards.  timeout <= 0 means do not wait.
+    ``raw``: a ``_socket.socket`` (no Python-level wrapper)."""
+    sock = (_csocket.socket if raw else socket.socket)(
+        socket.AF_UNIX, socket.SOCK_SEQPACKET | _SOCK_CLOEXEC)
     try:
         if timeout is None:
             err = sock.connect_ex(path)
@@ -212,7 +249,7 @@ def peer_credentials(sock) -> tuple[int, int, int]:
             return peer_credentials(s)
         finally:
             s.detach()
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    raw = sock.getsockopt(_SOL_SOCKET, _SO_PEERCRED, _UCRED.size)
     return _UCRED.unpack(raw)
 
 
@@ -229,6 +266,7 @@ class Registry:
         self.path = path
         # name -> (st_dev, st_ino, weakref to the listening socket) of what we bound
         self._bound: dict[str, tuple[int, int, weakref.ref]] = {}
+        self._paths: dict[str, str] = {}     # name -> checked entry path
 
     def __repr__(self) -> str:
         return f"<shrimpio Registry {self.path!r}>"
@@ -245,6 +283,9 @@ class Registry:
     # -- helpers
 
     def _entry_path(self, name: str) -> str:
+        path = self._paths.get(name) if type(name) is str else None
+        if path is not None:
+            return path
         path = os.path.join(self.path, check_name(name) + _SUFFIX)
         n = len(os.fsencode(path))
         if n > _SUN_PATH_MAX:
@@ -252,6 +293,8 @@ class Registry:
                 f"shrimpio endpoint path {path!r} is {n} bytes, more than the {_SUN_PATH_MAX} "
                 "a Unix socket address can hold: use a shorter name or a shorter "
                 "SHRIMPIO_REGISTRY")
+        if len(self._paths) < 4096:
+            self._paths[name] = path
         return path
 
     @contextlib.contextmanager
@@ -295,10 +338,12 @@ class Registry:
         self._bound[name] = (st.st_dev, st.st_ino, weakref.ref(sock))
         return sock
 
-    def connect(self, name: str, timeout: float | None = 5.0) -> socket.socket:
-        """Connect to a live entry of this user: a blocking socket with no timeout set."""
+    def connect(self, name: str, timeout: float | None = 5.0, raw: bool = False) -> socket.socket:
+        """Connect to a live entry of this user: a blocking socket with no
+        timeout set (``raw``: a ``_socket.socket``, for callers that only
+        send on it and hand its fd on)."""
         path = self._entry_path(name)
-        sock, err = _dial(path, timeout)
+        sock, err = _dial(path, timeout, raw)
         if err == errno.ECONNREFUSED:
             # Stale, or a listener between bind() and listen(): decide under the lock.
             with self._locked():
@@ -307,7 +352,7 @@ class Registry:
                     _unlink_quiet(path)
                     err = errno.ENOENT
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):     # live but busy: wait as asked
-                sock, err = _dial(path, timeout)
+                sock, err = _dial(path, timeout, raw)
         if err:
             if err in (errno.ENOENT, errno.ECONNREFUSED):
                 raise FileNotFoundError(
@@ -419,15 +464,32 @@ def send_message(sock: socket.socket, kind: str, body: dict | None = None,
     fd_list = [operator.index(fd) for fd in fds]
     if len(fd_list) > MAX_FDS:
         raise ValueError(f"a control message carries at most {MAX_FDS} fds, not {len(fd_list)}")
-    payload = json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
-                         allow_nan=False).encode("utf-8")
+    payload = _ENCODER.encode(obj).encode("utf-8")
     data = _HEADER.pack(_MAGIC, PROTOCOL_VERSION, 0, len(payload)) + payload
     if len(data) > MAX_MESSAGE:
         raise ValueError(f"{kind!r} control message is {len(data)} bytes, "
                          f"more than MAX_MESSAGE ({MAX_MESSAGE})")
-    ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fd_list))] if fd_list else []
-    sent = sock.sendmsg([data], ancdata, socket.MSG_NOSIGNAL)
+    sent = _sendmsg(sock, data, fd_list)
     if sent != len(data):        # cannot happen on SOCK_SEQPACKET; never send half a message
+        raise OSError(errno.EMSGSIZE, f"short send of a control message ({sent}/{len(data)})")
+
+
+def _sendmsg(sock: socket.socket, data: bytes, fds: Sequence[int]) -> int:
+    if sock.gettimeout() is None:           # a blocking socket: one system call, in C
+        return sendmsg_fds(sock.fileno(), data, fds)
+    ancdata = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
+    return sock.sendmsg([data], ancdata, _MSG_NOSIGNAL)   # the socket's timeout applies
+
+
+def send_payload(sock: socket.socket, payload: bytes, fds: Sequence[int] = ()) -> None:
+    """Send one control datagram whose payload (the UTF-8 JSON object, with
+    its ``kind``) the caller built: the fast path of :func:`send_message`
+    for messages sent per connection."""
+    data = _HEADER.pack(_MAGIC, PROTOCOL_VERSION, 0, len(payload)) + payload
+    if len(data) > MAX_MESSAGE or len(fds) > MAX_FDS:
+        raise ValueError("control message too long, or too many fds")
+    sent = _sendmsg(sock, data, fds)
+    if sent != len(data):
         raise OSError(errno.EMSGSIZE, f"short send of a control message ({sent}/{len(data)})")
 
 
@@ -435,10 +497,15 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _parse(data: bytes, msg_flags: int, fds: list[int]) -> Message:
-    if msg_flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE:
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _payload(data: bytes, msg_flags: int, fds: list[int]) -> bytes:
+    """Check a received datagram's size, fds and header; return its payload."""
+    if msg_flags & _MSG_TRUNC or len(data) > MAX_MESSAGE:
         raise ProtocolError(f"control message longer than MAX_MESSAGE ({MAX_MESSAGE} bytes)")
-    if msg_flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
+    if msg_flags & _MSG_CTRUNC or len(fds) > MAX_FDS:
         raise ProtocolError(f"control message carried more than {MAX_FDS} fds "
                             "(ancillary data truncated)")
     if len(data) < _HEADER.size:
@@ -454,8 +521,14 @@ def _parse(data: bytes, msg_flags: int, fds: list[int]) -> Message:
     if length != len(payload):
         raise ProtocolError(f"control message length field says {length} bytes "
                             f"but {len(payload)} arrived")
+    return payload
+
+
+def decode_payload(payload: bytes, fds: list[int]) -> Message:
+    """The Message of a checked payload (see :func:`recv_payload`); raises
+    ProtocolError, leaving ``fds`` to the caller."""
     try:
-        obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        obj = _DECODER.decode(payload.decode("utf-8"))
     except (ValueError, RecursionError) as e:     # UnicodeDecodeError, JSONDecodeError too
         raise ProtocolError(f"control message payload is not UTF-8 JSON: {e}") from None
     if not isinstance(obj, dict):
@@ -467,39 +540,76 @@ def _parse(data: bytes, msg_flags: int, fds: list[int]) -> Message:
     return Message(kind, obj, fds)
 
 
+def _parse(data: bytes, msg_flags: int, fds: list[int]) -> Message:
+    return decode_payload(_payload(data, msg_flags, fds), fds)
+
+
 def recv_message(sock: socket.socket, timeout: float | None = None) -> Message:
     """Receive and validate one control datagram; see the module docstring."""
+    payload, fds = recv_payload(sock, timeout)
+    try:
+        return decode_payload(payload, fds)
+    except BaseException:
+        _close_fds(fds)
+        raise
+
+
+def recv_payload(sock: socket.socket, timeout: float | None = None) -> tuple[bytes, list[int]]:
+    """Receive one control datagram and check its header: (the UTF-8 JSON
+    payload, still to be decoded, and the fds that came with it, now the
+    caller's).  For callers that recognise a message of theirs by its
+    bytes before a generic decode (see :func:`decode_payload`)."""
+    # A socket in blocking mode is read by one system call in C; one with a
+    # timeout of its own through the socket module, which honours it.
+    blocking = sock.gettimeout() is None
     flags = _MSG_CMSG_CLOEXEC
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = None
+    wait = False
+    if timeout is not None:
+        flags |= _MSG_DONTWAIT
+        # The message is usually there already or about to be (a client
+        # sends its hello right after connecting): try at once, wait only
+        # if it is not.  A socket with a timeout of its own would wait
+        # inside recvmsg first, so for those wait here from the start.
+        wait = not blocking
     while True:
-        if deadline is not None:
+        if wait:
+            if deadline is None:
+                deadline = time.monotonic() + timeout
             poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN)
             remaining = max(0.0, deadline - time.monotonic())
             if not poller.poll(remaining * 1000.0):
                 raise TimeoutError(errno.ETIMEDOUT,
                                    f"no control message within {timeout}s")
-            flags |= socket.MSG_DONTWAIT
         try:
-            data, ancdata, msg_flags, _addr = sock.recvmsg(MAX_MESSAGE + 1, _ANCBUF, flags)
+            if blocking:
+                data, fds, msg_flags = recvmsg_fds(sock.fileno(), MAX_MESSAGE + 1, MAX_FDS, flags)
+            else:
+                data, ancdata, msg_flags, _addr = sock.recvmsg(MAX_MESSAGE + 1, _ANCBUF, flags)
+                fds = None
         except BlockingIOError:
-            if deadline is None:
+            if timeout is None:
                 raise
-            continue            # readiness was a false alarm (another reader won): wait again
+            if deadline is None:
+                deadline = time.monotonic() + timeout
+            wait = True         # not there yet, or a false alarm (another reader won)
+            continue
         break
-    fds: list[int] = []
     try:
-        for level, ctype, cdata in ancdata:
-            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(cdata[:len(cdata) - len(cdata) % _INT_SIZE])
-                fds.extend(got)
+        if fds is None:
+            fds = []
+            for level, ctype, cdata in ancdata:
+                if level == _SOL_SOCKET and ctype == _SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(cdata[:len(cdata) - len(cdata) % _INT_SIZE])
+                    fds.extend(got)
         if not _MSG_CMSG_CLOEXEC:
             for fd in fds:
                 os.set_inheritable(fd, False)
-        if not data and not fds and not msg_flags & socket.MSG_CTRUNC:
+        if not data and not fds and not msg_flags & _MSG_CTRUNC:
             raise ConnectionResetError(errno.ECONNRESET, "peer closed the control connection")
-        return _parse(data, msg_flags, fds)
+        return _payload(data, msg_flags, fds), fds
     except BaseException:
         _close_fds(fds)
         raise

@@ -29,6 +29,7 @@ cdef class Segment:
     cdef readonly str kind
 
     cdef _map(self, Py_ssize_t size, Py_ssize_t mapped)
+    cdef _map_over(self, Segment old, Py_ssize_t size)
 
 
 cdef class Ring:

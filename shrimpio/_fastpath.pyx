@@ -53,6 +53,7 @@ cdef extern from "_fastpath_core.h" nogil:
     void shr_set_rshut(shr_ring_hdr *h)
     void shr_release_fence()
     int64_t shr_now_ns()
+    void shr_cpu_relax()
     int64_t shr_coarse_ns()
     void shr_cpu_relax()
     int shr_bell_ring(int fd, int kind)
@@ -74,13 +75,29 @@ cdef extern from "Python.h" nogil:
 cdef extern from "<sys/mman.h>" nogil:
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
     int munmap(void *addr, size_t length)
-    int PROT_READ, PROT_WRITE, MAP_SHARED
+    int PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FIXED
     void *MAP_FAILED
     int shm_open(const char *name, int oflag, int mode)
     int shm_unlink(const char *name)
+    int memfd_create(const char *name, unsigned int flags)
+    unsigned int MFD_CLOEXEC, MFD_ALLOW_SEALING
 
 cdef extern from "<fcntl.h>" nogil:
     int O_RDWR, O_CREAT, O_EXCL
+    int fcntl(int fd, int cmd, ...)
+    int F_GET_SEALS, F_ADD_SEALS, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL
+
+cdef extern from "<sys/stat.h>" nogil:
+    ctypedef struct struct_stat "struct stat":
+        unsigned int st_mode
+        long st_size
+    int fstat(int fd, struct_stat *st)
+    bint S_ISREG(unsigned int mode)
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    int EINVAL
+    int EINTR
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
@@ -159,22 +176,6 @@ cdef int _default_kind_is_shm() except -1:
     return kind == "shm" or not hasattr(_os, "memfd_create")
 
 
-def _seal(int fd):
-    import fcntl
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-
-
-def _seals(int fd):
-    """The fd's seals, or None if it cannot carry seals (not a memfd)."""
-    import fcntl
-    try:
-        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError as e:
-        if e.errno == _errno.EINVAL:
-            return None
-        raise
-
-
 cdef class Segment:
     """Anonymous shared memory, mapped read-write into this process.
 
@@ -186,9 +187,14 @@ cdef class Segment:
 
     ``Segment.from_fd(fd)`` maps one received from another process.
     ``memoryview(segment)`` gives the bytes; ``fileno()`` the fd to pass on.
+
+    ``Segment(size, replace=old)`` maps the new segment where ``old`` (a
+    segment of the same page-rounded size that nothing uses any more) is
+    mapped, in one system call; ``old`` is closed either way unless views
+    still use it.
     """
 
-    def __cinit__(self, size=None, *, kind=None):
+    def __cinit__(self, size=None, *, kind=None, Segment replace=None):
         self.base = NULL
         self.fd = -1
         self.exports = 0
@@ -215,19 +221,46 @@ cdef class Segment:
             shm_unlink(name)
             self.kind = "shm"
         else:
-            fd = _os.memfd_create("shrimpio", _os.MFD_CLOEXEC | _os.MFD_ALLOW_SEALING)
+            fd = memfd_create(b"shrimpio", MFD_CLOEXEC | MFD_ALLOW_SEALING)
+            if fd < 0:
+                PyErr_SetFromErrno(OSError)
             self.kind = "memfd"
         self.fd = fd
         try:
             if ftruncate(fd, mapped) != 0:
                 PyErr_SetFromErrno(OSError)
-            if not use_shm:
-                _seal(fd)
-            self._map(size, mapped)
+            if not use_shm and fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0:
+                PyErr_SetFromErrno(OSError)
+            if replace is not None and replace.base != NULL and replace.mapped == mapped \
+                    and replace.exports == 0:
+                self._map_over(replace, size)
+            else:
+                if replace is not None and replace.exports == 0:
+                    replace.close()
+                self._map(size, mapped)
         except BaseException:
             close(fd)
             self.fd = -1
             raise
+
+    cdef _map_over(self, Segment old, Py_ssize_t size):
+        """Map our fd where ``old`` is mapped (same size, no users): the
+        kernel drops the old mapping in the same call, cheaper than an
+        munmap and an mmap.  ``old`` ends up closed."""
+        cdef void *p = mmap(old.base, old.mapped, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                            self.fd, 0)
+        cdef int err = errno
+        if p == MAP_FAILED:
+            munmap(old.base, old.mapped)      # whatever is left of it
+        old.base = NULL
+        if old.fd >= 0:
+            close(old.fd)
+            old.fd = -1
+        if p == MAP_FAILED:
+            raise OSError(err, _os.strerror(err))
+        self.base = <char *>p
+        self.size = size
+        self.mapped = old.mapped
 
     cdef _map(self, Py_ssize_t size, Py_ssize_t mapped):
         cdef void *p = mmap(NULL, mapped, PROT_READ | PROT_WRITE, MAP_SHARED, self.fd, 0)
@@ -248,11 +281,13 @@ cdef class Segment:
         (default: this process itself uses ``SHRIMPIO_SEGMENT=shm``).
         ``keep_fd=False`` closes the fd once mapped (the mapping stays).
         """
-        import stat
         cdef Segment seg = Segment.__new__(Segment)
+        cdef struct_stat st
+        cdef int r
         try:
-            st = _os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
+            if fstat(fd, &st) != 0:
+                PyErr_SetFromErrno(OSError)
+            if not S_ISREG(st.st_mode):
                 raise ValueError("fd %d is not a shared memory object" % fd)
             if size is None:
                 size = st.st_size
@@ -264,11 +299,13 @@ cdef class Segment:
             mapped = _page_round(size)
             if st.st_size < mapped:
                 raise ValueError("segment fd holds %d bytes, %d announced" % (st.st_size, size))
-            import fcntl
-            seals = _seals(fd)
-            if seals is not None and seals & fcntl.F_SEAL_SHRINK:
+            r = fcntl(fd, F_GET_SEALS)
+            if r < 0 and errno != EINVAL:
+                PyErr_SetFromErrno(OSError)
+            seals = None if r < 0 else r        # None: cannot carry seals (not a memfd)
+            if seals is not None and seals & F_SEAL_SHRINK:
                 seg.kind = "memfd"
-            elif seals is not None and not seals & fcntl.F_SEAL_SEAL:
+            elif seals is not None and not seals & F_SEAL_SEAL:
                 # Sealable, yet the sender did not seal it: refuse whatever the settings.
                 raise PermissionError(_errno.EPERM, "memfd segment is not sealed against shrinking")
             else:
@@ -302,6 +339,12 @@ cdef class Segment:
         if self.fd < 0:
             raise ValueError("segment was mapped without keeping its fd")
         return self.fd
+
+    def close_fd(self):
+        """Close the fd, keep the mapping (once the fd has been passed on)."""
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
 
     def __getbuffer__(self, Py_buffer *buffer, int flags):
         if self.base == NULL:
@@ -1387,3 +1430,4 @@ cdef class Export:
 include "_fastpath_poll.pxi"
 include "_fastpath_stream.pxi"
 include "_fastpath_transport.pxi"
+include "_fastpath_ctl.pxi"

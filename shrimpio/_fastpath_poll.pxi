@@ -56,3 +56,47 @@ def ring_peek_into(Ring ring not None, buffer, Py_ssize_t nbytes=-1):
         return ring._copy_out(<char *>buf.buf, avail)
     finally:
         PyBuffer_Release(&buf)
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLIN
+
+
+def spin_readable(fds, double seconds):
+    """Poll the kernel fds ``fds`` (at most 8) without sleeping, for up to
+    ``seconds``: True as soon as one is readable (or hung up, or in error),
+    False when the time is up.  The busy-poll phase of waits on kernel
+    objects that are about to become ready (a listener's next connection,
+    a connection's hello), so that the waiter is not put to sleep and woken
+    again, which costs both processes tens of microseconds.  The GIL is
+    released."""
+    cdef pollfd p[8]
+    cdef unsigned long n = 0
+    cdef int r = 0, i
+    cdef int64_t limit
+    for fd in fds:
+        if n == 8:
+            raise ValueError("spin_readable takes at most 8 fds")
+        p[n].fd = fd
+        p[n].events = POLLIN
+        p[n].revents = 0
+        n += 1
+    if seconds != seconds or seconds < 0:
+        raise ValueError("seconds must be >= 0")
+    limit = shr_now_ns() + <int64_t>(min(seconds, 1.0) * 1e9)
+    with nogil:
+        while True:
+            r = poll(p, n, 0)
+            if r != 0 or shr_now_ns() >= limit:
+                break
+            # About a microsecond between polls: a system call per
+            # iteration would only heat the kernel's paths at the cost of
+            # the caches the waiter needs next.
+            for i in range(16):
+                shr_cpu_relax()
+    return r != 0

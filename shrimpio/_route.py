@@ -34,6 +34,8 @@ import socket as _std
 import threading
 from typing import NamedTuple, Optional
 
+from ._control import environ_data, getenv
+
 __all__ = ["Route", "decide_client", "listener_allowed", "is_local_address", "add_tcp_rule",
            "clear_tcp_rules", "entry_name", "enabled"]
 
@@ -43,6 +45,7 @@ TCP = "tcp"
 _local_cache: dict[str, bool] = {}
 _rules_lock = threading.Lock()
 _runtime_rules: list[tuple[Optional[str], Optional[int]]] = []
+_rules_version = 0          # bumped when _runtime_rules change (see env_key)
 
 
 class Route(NamedTuple):
@@ -53,9 +56,12 @@ class Route(NamedTuple):
     reason: str
 
 
+SHM_ROUTE = Route(SHM, "")
+
+
 def enabled() -> bool:
     """False when ``SHRIMPIO_DISABLE`` is set to anything but ``""``/``"0"``."""
-    return os.environ.get("SHRIMPIO_DISABLE", "") in ("", "0")
+    return getenv("SHRIMPIO_DISABLE") in (None, "", "0")
 
 
 def _parse_rule(text: str) -> tuple[Optional[str], Optional[int]]:
@@ -75,7 +81,7 @@ def _parse_rule(text: str) -> tuple[Optional[str], Optional[int]]:
 
 
 def _env_rules() -> "tuple[tuple[Optional[str], Optional[int]], ...]":
-    return _parse_rules(os.environ.get("SHRIMPIO_TCP", ""))
+    return _parse_rules(getenv("SHRIMPIO_TCP") or "")
 
 
 @functools.lru_cache(maxsize=16)
@@ -89,19 +95,23 @@ def _parse_rules(spec: str) -> "tuple[tuple[Optional[str], Optional[int]], ...]"
 def add_tcp_rule(rule: str) -> None:
     """Keep connections matching ``rule`` (``"8080"``, ``"127.0.0.2"``,
     ``"127.0.0.1:8080"``, ``"[::1]:8080"``) on kernel TCP."""
+    global _rules_version
     parsed = _parse_rule(rule)
     with _rules_lock:
         _runtime_rules.append(parsed)
+        _rules_version += 1
 
 
 def clear_tcp_rules() -> None:
     """Forget the rules added with :func:`add_tcp_rule`."""
+    global _rules_version
     with _rules_lock:
         _runtime_rules.clear()
+        _rules_version += 1
 
 
 def _ruled_out(host: str, port: int) -> bool:
-    if not _runtime_rules and not os.environ.get("SHRIMPIO_TCP"):
+    if not _runtime_rules and not getenv("SHRIMPIO_TCP"):
         return False
     try:
         host = str(ipaddress.ip_address(host.split("%")[0]))
@@ -172,6 +182,22 @@ def candidate_entries(family: int, host: str, port: int) -> "tuple[str, ...]":
     return tuple(dict.fromkeys(names))
 
 
+_ENV_NAMES = (b"SHRIMPIO_DISABLE", b"SHRIMPIO_TCP", b"SHRIMPIO_REGISTRY")
+
+
+def env_key() -> tuple:
+    """Everything a client's route and registry depend on besides the
+    destination (the variables, the run-time rules, the user): equal keys,
+    equal decisions, so the socket layer can remember them."""
+    data = environ_data()
+    if data is None:
+        values = tuple(os.environ.get(n.decode()) for n in _ENV_NAMES)
+    else:
+        get = data.get
+        values = (get(b"SHRIMPIO_DISABLE"), get(b"SHRIMPIO_TCP"), get(b"SHRIMPIO_REGISTRY"))
+    return values + (_rules_version, os.geteuid())
+
+
 def decide_client(host: str, port: int) -> Route:
     """Static checks before looking at the registry (steps 1-3)."""
     if not enabled():
@@ -180,7 +206,7 @@ def decide_client(host: str, port: int) -> Route:
         return Route(TCP, "disabled by rule")
     if not is_local_address(host):
         return Route(TCP, "remote host")
-    return Route(SHM, "")
+    return SHM_ROUTE
 
 
 def listener_allowed(host: str, port: int) -> Route:

@@ -40,6 +40,7 @@ from typing import Any, Optional
 
 from . import _connection, _control, _route
 from ._connection import DEFAULT_RING, Connection, describe_error
+from ._fastpath import get_busy_poll_us, spin_readable
 
 __all__ = ["socket", "info", "StdSocket"]
 
@@ -47,6 +48,13 @@ __all__ = ["socket", "info", "StdSocket"]
 StdSocket = _std.socket
 _STREAM = _std.SOCK_STREAM
 _TYPE_MASK = ~(getattr(_std, "SOCK_NONBLOCK", 0) | getattr(_std, "SOCK_CLOEXEC", 0))
+_AF_INET, _AF_INET6 = int(_std.AF_INET), int(_std.AF_INET6)
+_MSG_DONTWAIT = int(_std.MSG_DONTWAIT)
+_AF_UNIX, _SOCK_SEQPACKET = int(_std.AF_UNIX), int(_std.SOCK_SEQPACKET)
+# family and type as plain ints: the stdlib properties build enum members,
+# which costs a microsecond a time on the connect and accept paths.
+_family = _csocket.socket.family.__get__
+_type = _csocket.socket.type.__get__
 
 # SOL_SOCKET options whose value is a struct (its size), not an int: read
 # with a buflen, an unset one is that many zero bytes, as from the kernel.
@@ -62,7 +70,47 @@ _by_inode: "weakref.WeakValueDictionary[tuple[int, int], Connection]" = weakref.
 # Connections whose socket object was detach()ed: the bare fd owns them until
 # a new socket object adopts the fd.
 _detached: "dict[tuple[int, int], Connection]" = {}
+# Connections not yet in _by_inode: indexing one costs an fstat, and is
+# only needed when a socket object is made from a bare fd, so it waits
+# until then (_index_pending).
+_unindexed: "list[weakref.ref[Connection]]" = []
+_UNINDEXED_PRUNE = 64
+
+
+_unindexed_lock = threading.Lock()
+
+
+def _index_pending() -> None:
+    """Put the connections made since the last call into _by_inode (the
+    inode of a connection's own doorbell fd is that of its control socket)."""
+    with _unindexed_lock:
+        pending = _unindexed[:]
+        del _unindexed[:]
+    for ref in pending:
+        conn = ref()
+        if conn is not None and not conn.closed:
+            try:
+                _by_inode[_inode(conn.bell_fd)] = conn
+            except OSError:
+                pass
+
+
+def _unindexed_add(conn: Connection) -> None:
+    ref = weakref.ref(conn)
+    with _unindexed_lock:
+        _unindexed.append(ref)
+        if len(_unindexed) <= _UNINDEXED_PRUNE:
+            return
+        # Forget the closed ones (most, in a process that never adopts fds).
+        _unindexed[:] = [r for r in _unindexed if (c := r()) is not None and not c.closed]
+        if len(_unindexed) <= _UNINDEXED_PRUNE:
+            return
+    _index_pending()
 _registries: dict[str, _control.Registry] = {}
+# (_route.env_key(), family, numeric host, port) -> the TCP Route that rules
+# the destination out, or (registry, candidate entry names): a connect's
+# static decisions, remembered (the key holds all they depend on).
+_client_routes: dict[tuple, Any] = {}
 _reg_lock = threading.Lock()
 
 
@@ -107,11 +155,11 @@ def _numeric(family: int, host: str, port: int) -> Optional[str]:
     return infos[0][4][0] if infos else None
 
 
-def _addr_tuple(family: int, addr: Any) -> tuple:
-    """An address as a socket of ``family`` reports it.  Like the kernel, an
+@functools.lru_cache(maxsize=1024)
+def _host_as_seen(family: int, host: str) -> str:
+    """``host`` as a socket of ``family`` reports it.  Like the kernel, an
     IPv6 socket sees an IPv4 peer as ``::ffff:a.b.c.d`` (dual-stack
     listener), and an IPv4 socket sees a v4-mapped address unmapped."""
-    host, port = addr[0], int(addr[1])
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -121,19 +169,67 @@ def _addr_tuple(family: int, addr: Any) -> tuple:
             host = f"::ffff:{ip}"
         elif ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
             host = f"::ffff:{ip.ipv4_mapped}"      # inet_ntop's spelling, not ::ffff:7f00:1
-        return (host, port, 0, 0)
-    if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+    elif ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
         host = str(ip.ipv4_mapped)
+    return host
+
+
+def _addr_tuple(family: int, addr: Any) -> tuple:
+    """An address as a socket of ``family`` reports it (see _host_as_seen)."""
+    host, port = _host_as_seen(family, addr[0]), int(addr[1])
+    if family == _std.AF_INET6:
+        return (host, port, 0, 0)
     return (host, port)
 
 
+@functools.lru_cache(maxsize=1024)
+def _unspecified(host: str) -> bool:
+    """Is the numeric address ``host`` 0.0.0.0 / :: ?"""
+    return ipaddress.ip_address(host.split("%")[0]).is_unspecified
+
+
+#: accept()'s busy-poll budget in units of the rings' (SHRIMPIO_BUSY_POLL_US).
+#: The wait it covers is a client's whole turn (its close, then its next
+#: connect's set-up), several data hand-offs long.
+ACCEPT_SPIN = 4
+
+
+def _accept_spin_top() -> float:
+    """Most seconds accept() busy-polls before it sleeps (0 when
+    ``SHRIMPIO_BUSY_POLL_US=0`` turns every busy-poll off)."""
+    return get_busy_poll_us() * ACCEPT_SPIN / 1e6
+
+
 class _Listener:
-    """The registry half of a listening shrimpio socket."""
+    """The registry half of a listening shrimpio socket.
+
+    ``spin`` is the adaptive busy-poll budget of ``accept()`` (seconds), by
+    the rules of the rings' (``_adapt_spin`` in ``_fastpath.pyx``): a spin
+    that caught a client keeps it, a sleep that a longer spin would have
+    avoided grows it, a longer sleep halves it (down to 1/16 of the budget),
+    so an idle server spins little."""
 
     def __init__(self, name: str, usock: StdSocket) -> None:
         self.name = name
         self.usock = usock
         self.forks = _connection.forks
+        self.spin = _accept_spin_top()
+
+    def spin_budget(self) -> float:
+        top = _accept_spin_top()
+        if self.spin > top:
+            self.spin = top
+        return self.spin
+
+    def adapt(self, spun: bool, waited: float) -> None:
+        top = _accept_spin_top()
+        cur = min(self.spin, top)
+        if spun:
+            self.spin = min(top, cur * 2 + 1e-6)
+        elif waited <= top:
+            self.spin = min(top, max(cur * 2, waited * 1.25))   # a longer spin catches it
+        else:
+            self.spin = max(top / 16, cur / 2)
 
     def close(self) -> None:
         if _connection.forks != self.forks:
@@ -159,7 +255,7 @@ class socket(StdSocket):
     sockets of one host and user (see the module docstring)."""
 
     __slots__ = ("_shm", "_lst", "_route", "_sent", "_received", "_bufs", "_opts",
-                 "_local", "_peer")
+                 "_local", "_peer", "_unbound")
 
     def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
                  fileno: Optional[int] = None) -> None:
@@ -169,12 +265,14 @@ class socket(StdSocket):
         # object reports the TCP family and type it stands for.
         conn: Optional[Connection] = None
         detached = False
-        if fileno is not None and (_by_inode or _detached):
+        if fileno is not None and (_by_inode or _detached or _unindexed):
             try:
                 key: Optional[tuple[int, int]] = _inode(int(fileno))
             except (OSError, TypeError, ValueError, OverflowError):
                 key = None       # the stdlib raises its own error below
             if key is not None:
+                if _unindexed and key not in _detached and key not in _by_inode:
+                    _index_pending()
                 conn = _detached.get(key)
                 detached = conn is not None
                 if conn is None:
@@ -189,14 +287,8 @@ class socket(StdSocket):
                 if proto == -1:
                     proto = _std.IPPROTO_TCP
         super().__init__(family, type, proto, fileno)
-        self._shm: Optional[Connection] = None
-        self._lst: Optional[_Listener] = None
-        self._route: Optional[_route.Route] = None
-        self._sent = self._received = 0
-        self._bufs: dict[int, int] = {}
-        self._opts: dict[tuple[int, int], int] = {}
-        self._local: tuple = ()
-        self._peer: tuple = ()
+        self._clear()
+        self._unbound = fileno is None      # made here, and bind() not called yet
         if conn is not None:
             if detached:
                 del _detached[key]
@@ -206,6 +298,22 @@ class socket(StdSocket):
             # say why it is not shared memory (accept() and dup() overwrite
             # this with what they know).
             self._route = _route.Route(_route.TCP, "kernel socket from a file descriptor")
+
+    def _clear(self) -> None:
+        self._shm: Optional[Connection] = None
+        self._lst: Optional[_Listener] = None
+        self._route: Optional[_route.Route] = None
+        self._sent = self._received = 0
+        self._bufs: dict[int, int] = {}
+        self._opts: dict[tuple[int, int], int] = {}
+        self._local: tuple = ()
+        self._peer: tuple = ()
+        self._unbound = False
+
+    def bind(self, address: Any) -> None:
+        """As ``socket.bind``."""
+        self._unbound = False
+        super().bind(address)
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -219,8 +327,7 @@ class socket(StdSocket):
         _by_fd[self.fileno()] = self
 
     def _is_tcp(self) -> bool:
-        return (self.family in (_std.AF_INET, _std.AF_INET6)
-                and self.type & _TYPE_MASK == _STREAM)
+        return _family(self) in (_AF_INET, _AF_INET6) and _type(self) & _TYPE_MASK == _STREAM
 
     def _conn(self) -> Connection:
         conn = self._shm
@@ -237,7 +344,7 @@ class socket(StdSocket):
             if self.fileno() < 0:
                 raise _ebadf()
             raise OSError(errno.EISCONN, "Transport endpoint is already connected")
-        if self._is_tcp() and self.fileno() >= 0 and self._try_shm(address):
+        if self._is_tcp() and self.fileno() >= 0 and self._try_shm(address, kit_later=True):
             return
         super().connect(address)
         self._remember_peer()
@@ -263,32 +370,54 @@ class socket(StdSocket):
             return exc.errno
         return 0
 
-    def _try_shm(self, address: Any) -> bool:
+    def _try_shm(self, address: Any, kit_later: bool = False) -> bool:
+        """Connect over shared memory if the route allows and a shrimpio
+        listener answers; False (with the reason recorded) to go by TCP.
+        ``kit_later``: build the spare connect kit when this connection
+        first waits for its peer rather than now (see _connection)."""
         if not isinstance(address, tuple) or len(address) < 2:
             return False        # let the stdlib raise its own TypeError
         host, port = address[0], address[1]
         if not isinstance(host, str) or not isinstance(port, int):
             return False
-        numeric = _numeric(self.family, host, port)
+        family = _family(self)
+        numeric = _numeric(family, host, port)
         if numeric is None:
             self._route = _route.Route(_route.TCP, "unresolvable host")
             return False
-        route = _route.decide_client(numeric, port)
-        if route.path != _route.SHM:
-            self._route = route
+        key = (_route.env_key(), family, numeric, port)
+        known = _client_routes.get(key)
+        if known is None:
+            route = _route.decide_client(numeric, port)
+            if route.path != _route.SHM:
+                known = route
+            else:
+                try:
+                    reg = _registry()
+                except (OSError, ValueError) as exc:
+                    # An unusable registry (bad owner or mode...) costs the
+                    # fast path, never the connection.
+                    self._route = _route.Route(_route.TCP, f"registry unusable: {exc}")
+                    return False
+                known = (reg, _route.candidate_entries(family, numeric, port))
+            if len(_client_routes) >= 1024:
+                _client_routes.clear()
+            _client_routes[key] = known
+        if type(known) is _route.Route:
+            self._route = known
             return False
+        reg, names = known
         ctl = None
         reason = "no shrimpio listener"
-        try:
-            reg = _registry()
-        except (OSError, ValueError) as exc:
-            # An unusable registry (bad owner or mode...) costs the fast
-            # path, never the connection.
-            self._route = _route.Route(_route.TCP, f"registry unusable: {exc}")
-            return False
-        for name in _route.candidate_entries(self.family, numeric, port):
+        bufs = self._bufs
+        sndbuf = bufs.get(_std.SO_SNDBUF, DEFAULT_RING)
+        rcvbuf = bufs.get(_std.SO_RCVBUF, DEFAULT_RING)
+        # A ready kit (no system call) lets the hello follow the registry
+        # connect at once, so the listener finds it when it wakes up.
+        kit = _connection.take_kit(_connection.ring_capacity(sndbuf), _connection.ring_capacity(rcvbuf))
+        for name in names:
             try:
-                ctl = reg.connect(name, timeout=self.gettimeout())
+                ctl = reg.connect(name, timeout=self.gettimeout(), raw=True)
                 break
             except FileNotFoundError:
                 continue
@@ -301,52 +430,82 @@ class socket(StdSocket):
             except ValueError as exc:   # e.g. entry path too long for a Unix socket
                 reason = f"registry unusable: {exc}"
                 break
+            except BaseException:
+                _connection.give_back(kit)
+                raise
         if ctl is None:
+            _connection.give_back(kit)
             self._route = _route.Route(_route.TCP, reason)
             return False
-        if ipaddress.ip_address(numeric.split("%")[0]).is_unspecified:
+        if _unspecified(numeric):
             # connect() to 0.0.0.0 / :: reaches this host over loopback, and
             # the kernel reports the loopback address as the peer.
-            numeric = "::1" if self.family == _std.AF_INET6 else "127.0.0.1"
+            numeric = "::1" if family == _AF_INET6 else "127.0.0.1"
         try:
-            local = self._local_address(numeric)
-            peer = _addr_tuple(self.family, (numeric, port))
-            conn = Connection.connect(
-                ctl, self.fileno(), local, peer,
-                self._bufs.get(_std.SO_SNDBUF, DEFAULT_RING),
-                self._bufs.get(_std.SO_RCVBUF, DEFAULT_RING))
+            try:
+                local = self._local_address(numeric)
+            except BaseException:
+                _connection.give_back(kit)
+                raise
+            peer = _addr_tuple(family, (numeric, port))
+            conn = Connection.connect(ctl, self.fileno(), local, peer, sndbuf, rcvbuf, kit)
         except OSError as exc:
             ctl.close()
             self._route = _route.Route(_route.TCP, describe_error(exc))
             return False
-        timeout = self.gettimeout()
         ctl.close()
-        self.settimeout(timeout)       # O_NONBLOCK went with the old file
+        timeout = self.gettimeout()
+        if timeout is not None or _std.getdefaulttimeout() is not None:
+            # O_NONBLOCK went with the old file; the registry socket's file
+            # is in blocking mode unless a default timeout made it not.
+            self.settimeout(timeout)
         self._install(conn)
+        if conn.tx.capacity != DEFAULT_RING or conn.rx.capacity != DEFAULT_RING:
+            pass                        # spare kits have the default sizes only
+        elif kit_later:
+            conn.kit_due = True
+        else:
+            # The listener is busy with our hello: a good time to get the
+            # next connect's kit ready.
+            _connection.refill()
         return True
 
     def _local_address(self, dest: str) -> tuple:
         """Our address as the peer sees it: bound if the user bound us, else
         a real ephemeral port reserved by binding (released when the fd is
         replaced, as a closed TCP port would be)."""
-        try:
-            host, port = StdSocket.getsockname(self)[:2]
-        except OSError:
-            host, port = "", 0
+        host, port = "", 0
+        if self._unbound:
+            # Nobody bound it (through this object): no need to ask.  If
+            # someone did behind our back, bind() says so (EINVAL).
+            try:
+                StdSocket.bind(self, (dest if not _unspecified(dest) else (
+                    "::1" if _family(self) == _AF_INET6 else "127.0.0.1"), 0))
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            else:
+                self._unbound = False
+                host, port = StdSocket.getsockname(self)[:2]
         if port == 0:
-            src = dest if not ipaddress.ip_address(dest).is_unspecified else (
-                "::1" if self.family == _std.AF_INET6 else "127.0.0.1")
+            try:
+                host, port = StdSocket.getsockname(self)[:2]
+            except OSError:
+                host, port = "", 0
+        if port == 0:
+            src = dest if not _unspecified(dest) else (
+                "::1" if _family(self) == _AF_INET6 else "127.0.0.1")
             StdSocket.bind(self, (src, 0))
             host, port = StdSocket.getsockname(self)[:2]
-        if ipaddress.ip_address(host.split("%")[0]).is_unspecified:
+        if _unspecified(host):
             host = dest
-        return _addr_tuple(self.family, (host, port))
+        return _addr_tuple(_family(self), (host, port))
 
     def _install(self, conn: Connection) -> None:
         self._shm = conn
         self._local, self._peer = conn.local, conn.peer
-        self._route = _route.Route(_route.SHM, "")
-        _by_inode[_inode(self.fileno())] = conn
+        self._route = _route.SHM_ROUTE
+        _unindexed_add(conn)
         _by_fd[self.fileno()] = self
 
     # -- listening ------------------------------------------------------------
@@ -403,27 +562,48 @@ class socket(StdSocket):
             return sock, addr
         timeout = self.gettimeout()
         deadline = None if not timeout else time.monotonic() + timeout
-        poller = _select.poll()
-        poller.register(self.fileno(), _select.POLLIN)
-        poller.register(lst.usock.fileno(), _select.POLLIN)
+        poller = None
+        spin_from = -1.0      # when the busy-poll phase began (-1: not yet)
+        spun = False
         while True:
             got = self._accept_shm(lst)
+            if got is None:
+                try:
+                    fd, addr = self._accept_nowait()
+                except (BlockingIOError, InterruptedError):
+                    pass
+                else:
+                    sock = self._kernel_accepted(fd, addr)
+                    if _std.getdefaulttimeout() is None:
+                        sock.setblocking(True)
+                    got = sock, addr
             if got is not None:
+                if spin_from >= 0:
+                    lst.adapt(spun, time.monotonic() - spin_from)
                 return got
-            try:
-                fd, addr = self._accept_nowait()
-            except (BlockingIOError, InterruptedError):
-                pass
-            else:
-                sock = self._kernel_accepted(fd, addr)
-                if _std.getdefaulttimeout() is None:
-                    sock.setblocking(True)
-                return sock, addr
             if timeout == 0:
                 raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+            if spin_from < 0:
+                # Busy-poll first (as a ring reader does): a client that
+                # connects soon is then served without our being put to
+                # sleep and woken up, which costs both sides more than the
+                # connection itself.  The budget adapts (see _Listener).
+                # Closed connections' unmapping waited for this moment.
+                _connection.reap()
+                spin_from = time.monotonic()
+                budget = lst.spin_budget()
+                if deadline is not None:
+                    budget = min(budget, max(0.0, deadline - spin_from))
+                if budget > 0 and spin_readable((self.fileno(), lst.usock.fileno()), budget):
+                    spun = True
+                    continue
             wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
             if wait_ms == 0:
                 raise TimeoutError("timed out")
+            if poller is None:
+                poller = _select.poll()
+                poller.register(self.fileno(), _select.POLLIN)
+                poller.register(lst.usock.fileno(), _select.POLLIN)
             poller.poll(wait_ms)
             if self.fileno() < 0 or self._lst is None:
                 raise _ebadf()
@@ -453,28 +633,51 @@ class socket(StdSocket):
             tmp.detach()
 
     def _accept_shm(self, lst: _Listener) -> Optional[tuple["socket", Any]]:
+        usock = lst.usock
+        family = _family(self)
+        cls = type(self)
         while True:
             try:
-                ctl, _ = lst.usock.accept()
+                fd, _ = usock._accept()         # the registry listener is non-blocking
             except (BlockingIOError, InterruptedError):
                 return None
+            ctl = _csocket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fd)
+            sock = None
             try:
+                if ctl.gettimeout() is not None:
+                    ctl.setblocking(True)      # a default timeout; recv_message waits itself
                 pid, uid, _gid = _control.peer_credentials(ctl)
                 if uid != os.geteuid():
                     raise PermissionError(errno.EPERM, "shrimpio client of another user")
-                ctl.setblocking(True)
+                if cls is socket:
+                    # Made while the client sends its hello.  No lookup by
+                    # inode (a new connection) and no timeout to apply: the
+                    # fd from accept4 is blocking, and a default timeout was
+                    # applied by the constructor.
+                    sock = cls.__new__(cls)
+                    StdSocket.__init__(sock, family, _STREAM, self.proto, fd)
+                    sock._clear()
                 conn, client, server = Connection.accept(ctl)
             except (OSError, _control.ProtocolError):
+                if sock is not None:
+                    sock.detach()
                 ctl.close()             # a prober or a broken client: not a connection
                 continue
-            sock = type(self)(self.family, _STREAM, self.proto, fileno=ctl.detach())
-            conn.local = _addr_tuple(self.family, server)
-            conn.peer = _addr_tuple(self.family, client)
+            except BaseException:
+                if sock is not None:
+                    sock.detach()
+                ctl.close()
+                raise
+            ctl.detach()
+            conn.local = _addr_tuple(family, server)
+            conn.peer = _addr_tuple(family, client)
+            if sock is None:
+                sock = cls(family, _STREAM, self.proto, fileno=fd)
+                if _std.getdefaulttimeout() is None:
+                    sock.setblocking(True)
+                else:
+                    sock.settimeout(_std.getdefaulttimeout())
             sock._install(conn)
-            if _std.getdefaulttimeout() is None:
-                sock.setblocking(True)
-            else:
-                sock.settimeout(_std.getdefaulttimeout())
             return sock, conn.peer
 
     # -- data --------------------------------------------------------------------
@@ -531,6 +734,8 @@ class socket(StdSocket):
             data = super().recv(bufsize, flags)
             self._received += len(data)
             return data
+        if conn.kit_due:
+            self._kit_while_waiting(conn, flags)
         return conn.stream.recv(bufsize, flags, self.gettimeout())
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
@@ -540,7 +745,23 @@ class socket(StdSocket):
             n = super().recv_into(buffer, nbytes, flags)
             self._received += n
             return n
+        if conn.kit_due:
+            self._kit_while_waiting(conn, flags)
         return conn.stream.recv_into(buffer, nbytes, flags, self.gettimeout())
+
+    def _kit_while_waiting(self, conn: Connection, flags: int) -> None:
+        """A read of a new connection is about to wait for the peer (a
+        client waiting for its first answer): build the spare kit for this
+        process's next connect now, while the peer works."""
+        if flags & _MSG_DONTWAIT or self.gettimeout() == 0:
+            return
+        try:
+            if conn.rx.readable() or conn.rx.at_eof():
+                return                  # no wait: keep it for a later read
+        except (OSError, ValueError):
+            pass
+        conn.kit_due = False
+        _connection.refill()            # (mapped over a closed connection's segment)
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
         """As ``socket.recvfrom``; a connected stream has no source address."""
@@ -609,8 +830,8 @@ class socket(StdSocket):
             self._report()
         conn, self._shm = self._shm, None
         lst, self._lst = self._lst, None
-        if fd >= 0 and _by_fd.get(fd) is self:
-            del _by_fd[fd]
+        # (Our _by_fd entry may stay: it is checked against fileno() on use,
+        # overwritten when the fd number comes back, and weak.)
         if conn is not None:
             conn.release()
         if lst is not None:
@@ -715,7 +936,7 @@ class socket(StdSocket):
 
 
 def _report_wanted() -> bool:
-    return bool(os.environ.get("SHRIMPIO_REPORT"))
+    return bool(_control.getenv("SHRIMPIO_REPORT"))
 
 
 def _report_record(sock: "socket") -> Optional[dict]:
