@@ -1,6 +1,6 @@
 """Connection set-up: connect + accept + 1-byte exchange + close, shrimpio
 shared memory vs kernel TCP loopback vs a Unix socket, measured by
-``shrimpio._bench_socket.bench_connect`` (two processes pinned to two cores).
+``shrimpio._bench_conn.bench_connect`` (two processes pinned to two cores).
 
 The machine is noisy (a VM on a shared host), so the kinds are measured in
 interleaved rounds, each run in a fresh interpreter, and the report gives the
@@ -22,8 +22,8 @@ import sys
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = ("import sys, json; sys.path.insert(0, sys.argv[1]);"
-         "from shrimpio._bench_socket import bench_connect;"
-         "print(json.dumps(bench_connect(sys.argv[2], int(sys.argv[3]))))")
+         "from shrimpio._bench_conn import bench_connect;"
+         "print(json.dumps(bench_connect(sys.argv[2], int(sys.argv[3]))['samples']))")
 
 
 def _pct(samples: list[int], q: float) -> float:

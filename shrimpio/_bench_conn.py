@@ -1,10 +1,11 @@
 """Connection benchmarks: connect+accept time and the CPU an idle pair uses.
 
-* :func:`bench_connect` - per connection, the client's ``socket()`` +
-  ``connect()`` + the server's ``accept()`` + both ``close()``\\ s (the client
-  waits for the server's EOF, so connections do not overlap), for shrimpio
-  over shared memory, kernel TCP loopback and a Unix socket.  Both sides
-  check every connection's path (``shrimpio.socket.info``).
+* :func:`bench_connect` - per connection, one whole short-lived connection
+  as a one-request-per-connection client makes them: ``socket()`` +
+  ``connect()``, one byte there, the server's ``accept()``, one byte back,
+  both ``close()``\\ s (connections do not overlap), for shrimpio over shared
+  memory, kernel TCP loopback and a Unix socket.  Both sides check every
+  connection's path (``shrimpio.socket.info``), outside the timed part.
 * :func:`idle_pair` - two processes connected through shrimpio (blocking
   sockets, or the shrimpio asyncio loop) exchange one message, then each
   blocks in ``recv`` / awaits a read; :func:`cpu_percent` reads their CPU
@@ -56,6 +57,9 @@ def _acceptor(lst: Any, n: int, pipe: Any) -> None:
     paths = set()
     for _ in range(n):
         conn, _ = lst.accept()
+        if not conn.recv(1):
+            raise ConnectionError("client closed before its byte")
+        conn.sendall(b"s")
         paths.add(_path(conn))
         conn.close()
     lst.close()
@@ -64,8 +68,10 @@ def _acceptor(lst: Any, n: int, pipe: Any) -> None:
 
 def bench_connect(kind: str, n: int) -> dict[str, Any]:
     """``n`` connections (after ``n // 10`` of warm-up) to a forked server
-    that accepts and closes each: ``{"samples": ns per connection, "paths":
-    the paths the client and the server saw}``."""
+    that accepts each, reads a byte, answers one and closes: ``{"samples":
+    ns per connection, "paths": the paths the client and the server saw}``."""
+    if kind not in CONNECT_KINDS:
+        raise ValueError(f"kind must be one of {CONNECT_KINDS}, not {kind!r}")
     warm = n // 10
     ctx = mp.get_context("fork")
     here, there = ctx.Pipe()
@@ -87,6 +93,7 @@ def bench_connect(kind: str, n: int) -> dict[str, Any]:
         cls = ShmSocket if kind == "shrimpio" else _std.socket
         clock = time.perf_counter_ns
         samples, paths = [], set()
+        buf = bytearray(1)
         try:
             _pin(0)
             for i in range(n + warm):
@@ -97,7 +104,9 @@ def bench_connect(kind: str, n: int) -> dict[str, Any]:
                     t1 = clock()
                     paths.add(_path(s))      # not timed
                     t2 = clock()
-                    s.recv(1)                # EOF: the server accepted and closed
+                    s.sendall(b"c")
+                    if s.recv_into(buf, 1) != 1:
+                        raise ConnectionError("server closed before its byte")
                 finally:
                     s.close()
                 t3 = clock()

@@ -603,13 +603,14 @@ def test_accept_with_busy_poll_off_still_accepts(listener, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["shrimpio", "tcp", "unix"])
 def test_bench_connect(kind, monkeypatch):
-    from shrimpio import _bench_socket
-    monkeypatch.setattr(_bench_socket, "CONNECT_WARMUP", 3)
-    monkeypatch.setattr(_bench_socket, "_pin", lambda cpu: None)
-    samples = _bench_socket.bench_connect(kind, 5)
+    from shrimpio import _bench_conn
+    monkeypatch.setattr(_bench_conn, "_pin", lambda cpu: None)
+    res = _bench_conn.bench_connect(kind, 5)
+    samples = res["samples"]
     assert len(samples) == 5 and all(isinstance(s, int) and s > 0 for s in samples)
+    assert res["paths"] == [{"shrimpio": "shm"}.get(kind, kind)]
     with pytest.raises(ValueError):
-        _bench_socket.bench_connect("udp", 1)
+        _bench_conn.bench_connect("udp", 1)
 
 
 # --------------------------------------------------------------------------- fd adoption
