@@ -93,6 +93,7 @@ cdef class Export:
     cdef bint _closed
     cdef bint _has_handler
     cdef Py_ssize_t _rr
+    cdef int64_t _spin_ns       # adapted spin of the next wait (-1: the rings' budget)
     cdef gate_t _gate
     cdef readonly Py_ssize_t size
 

@@ -139,6 +139,7 @@ cdef Py_ssize_t NOGIL_COPY = 64 * 1024
 #: Longest uninterrupted sleep, so that signals get a look-in (seconds).
 cdef double SLEEP_SLICE = 1.0
 cdef int64_t WRITER_SPIN = 4      # a writer's spin, in busy-poll budgets
+cdef int64_t ADAPT_CEILING = 4    # most an adapted spin grows to, in budgets
 cdef uint64_t MIN_CAPACITY = 64
 cdef uint64_t MAX_CAPACITY = (<uint64_t>1) << 40
 cdef Py_ssize_t PAGE = _os.sysconf("SC_PAGE_SIZE")
@@ -472,15 +473,19 @@ cdef inline double _timeout_arg(object timeout) except? -2.0:
 cdef inline int64_t _adapt_spin(int64_t cur, int64_t top, int spun, int64_t waited) noexcept:
     """The next spin budget, after a wait that took ``waited`` ns.
 
-    Spinning paid off: keep (or grow) it.  We slept, but the event came
-    within the full budget: a longer spin would have caught it, so grow to
-    cover it (without this, a budget once shrunk never recovers: short spins
-    always fail).  We slept long: halve, down to 1/16, so that a peer that
-    is not running (same core, or idle) does not cost us a core."""
+    Spinning paid off: keep (or grow back to ``top``) it.  We slept, but the
+    event came within ADAPT_CEILING budgets: a longer spin would have caught
+    it, so grow to cover it (without this, a budget once shrunk never
+    recovers: short spins always fail; and a peer that needs a little longer
+    than the budget every time, as one copying a 1 MiB message on a loaded
+    host, would cost a sleep and a wake-up every time).  We slept long:
+    halve, down to 1/16, so that a peer that is not running (same core, or
+    idle) does not cost us a core."""
+    cdef int64_t ceiling = top * ADAPT_CEILING
     if spun:
-        return min(top, cur * 2 + 1000)
-    if waited <= top:
-        return min(top, max(cur * 2, waited + waited // 4))
+        return max(cur, min(top, cur * 2 + 1000))
+    if waited <= ceiling:
+        return min(ceiling, max(cur * 2, waited + waited // 4))
     return max(top // 16, cur // 2)
 
 
@@ -1213,6 +1218,7 @@ cdef class Export:
         self._links = []
         self._has_handler = has_handler
         self._local_bell = -1       # __dealloc__ must not close fd 0 if eventfd() fails
+        self._spin_ns = -1
         _gate_init(&self._gate)
         self._local_bell = _os.eventfd(0, _os.EFD_NONBLOCK | _os.EFD_CLOEXEC)
 
@@ -1343,7 +1349,7 @@ cdef class Export:
         cdef int kinds[64]
         cdef int n, k, rc, which = 0, spun = 0
         cdef int64_t limit = 0      # computed on the first wait only
-        cdef int64_t slice_ns, spin = -1
+        cdef int64_t slice_ns, spin = -1, top = 0, t0 = 0
         cdef Ring ring
         try:
             _gate_enter(&self._gate, timeout)
@@ -1357,6 +1363,9 @@ cdef class Export:
                 if self._blocked == 0:
                     rec = self._take()
                     if rec is not None:
+                        if t0 != 0:
+                            self._spin_ns = _adapt_spin(self._spin_ns if self._spin_ns >= 0 else top,
+                                                        top, spun, shr_now_ns() - t0)
                         return rec
                     n = min(len(self._links), 64)
                     for k in range(n):
@@ -1372,6 +1381,13 @@ cdef class Export:
                             spin = ring.spin_max_ns
                 if timeout == 0:
                     return None
+                if spin > 0 and t0 == 0:
+                    # First wait of this call: the rings' budget, adapted
+                    # to how long the importers kept us waiting lately.
+                    top = spin
+                    if self._spin_ns >= 0:
+                        spin = self._spin_ns
+                    t0 = shr_now_ns()
                 if limit == 0:
                     limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)
                 if limit < 0:
