@@ -168,3 +168,39 @@ def test_stdlib_socket_from_a_library_gets_shared_memory_without_the_patch() -> 
     assert data == b"hello"
     assert info is not None and info["path"] == "shm", info
     assert tcp_info is None or tcp_info["path"] == "tcp"
+
+
+def test_loop_poller_polls_busy_rings_then_lets_the_loop_sleep() -> None:
+    """One poller per loop: while connections move data their rings are on
+    its hot list (every turn reads them); once traffic stops for longer than
+    the busy-poll budget the list empties (each ring armed, the loop free to
+    sleep in epoll), and the next message still arrives (doorbell)."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while line := await reader.readline():
+                writer.write(line)
+            writer.close()
+
+        server = await asyncio.start_server(echo, HOST, 0)
+        async with server:
+            pairs = [await asyncio.open_connection(HOST, server.sockets[0].getsockname()[1])
+                     for _ in range(3)]
+            poller = loop._shrimpio_poller
+            for i, (reader, writer) in enumerate(pairs):
+                writer.write(b"%d\n" % i)
+            for i, (reader, writer) in enumerate(pairs):
+                assert await reader.readline() == b"%d\n" % i
+            assert poller.hot_count() >= 1          # just moved data: still polled
+            deadline = loop.time() + 10
+            while poller.hot_count() and loop.time() < deadline:
+                await asyncio.sleep(0.01)           # a condition polled with a deadline
+            assert poller.hot_count() == 0, "busy rings never armed: the loop would never sleep"
+            for i, (reader, writer) in enumerate(pairs):
+                writer.write(b"again %d\n" % i)
+                assert await asyncio.wait_for(reader.readline(), 5) == b"again %d\n" % i
+                writer.close()
+                await writer.wait_closed()
+
+    shrimpio.run(main())
