@@ -99,7 +99,6 @@ cdef class TransportCore:
 
     cdef Stream _stream
     cdef Ring _rx
-    cdef Ring _tx
     cdef LoopPoller _poller
     cdef bint _hot
     cdef int64_t _budget_ns
@@ -118,7 +117,6 @@ cdef class TransportCore:
         self.owner = owner
         self._stream = stream
         self._rx = stream.rx
-        self._tx = stream.tx
         self._poller = poller
         self._budget_ns = stream.rx.spin_max_ns
 

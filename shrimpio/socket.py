@@ -838,13 +838,6 @@ class socket(StdSocket):
             lst.close()
         _ss.close(self)
 
-    def _unlisten(self) -> None:
-        """Withdraw the registry entry of a listener now (the event loop's
-        server closes; its TCP side may be released later by uvloop)."""
-        lst, self._lst = self._lst, None
-        if lst is not None:
-            lst.close()
-
     def _report(self) -> None:
         from ._report import connection_closing
         record = _report_record(self)

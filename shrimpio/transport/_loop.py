@@ -56,7 +56,7 @@ class _Server(asyncio.AbstractServer):
         self._sd_timeout = ssl_shutdown_timeout
         self._retry: Optional[asyncio.TimerHandle] = None
         self._serving = False
-        self._serving_shm = False
+        self._watching = False        # readers on the listeners are installed
         self._closed = False
         self._active = 0
         self._waiters: list = []
@@ -104,12 +104,12 @@ class _Server(asyncio.AbstractServer):
             self._loop.add_reader(lsock.fileno(), self._accept_tcp, lsock)
             if lsock._lst is not None:
                 self._loop.add_reader(lsock._lst.usock.fileno(), self._accept_shm, lsock)
-        self._serving_shm = True
+        self._watching = True
 
     def _unwatch(self) -> None:
-        if not self._serving_shm:
+        if not self._watching:
             return
-        self._serving_shm = False
+        self._watching = False
         for lsock in self._listeners:
             if lsock.fileno() >= 0:
                 self._loop.remove_reader(lsock.fileno())
@@ -286,11 +286,12 @@ class Loop(uvloop.Loop):
             raise ValueError("host/port and sock can not be specified at the same time")
         if sock is None and host is not None and port is not None and not set(kw) - _OUR_KW:
             sock = await self._connect(host, port, family, proto, flags, local_addr)
+            hostname = server_hostname or (host if ssl else None)
             if sock is None:
                 pass                 # unresolvable: uvloop raises its own error below
             elif sock._shm is not None:
                 return await self._make_shm_transport(
-                    sock, protocol_factory, ssl, server_hostname=server_hostname or (host if ssl else None),
+                    sock, protocol_factory, ssl, server_hostname=hostname,
                     ssl_handshake_timeout=kw.get("ssl_handshake_timeout"),
                     ssl_shutdown_timeout=kw.get("ssl_shutdown_timeout"))
             else:
@@ -298,8 +299,7 @@ class Loop(uvloop.Loop):
                 handed = _fallback.handoff(sock)
                 try:
                     return await super().create_connection(
-                        protocol_factory, ssl=ssl, sock=handed,
-                        server_hostname=server_hostname or (host if ssl else None), **kw)
+                        protocol_factory, ssl=ssl, sock=handed, server_hostname=hostname, **kw)
                 except BaseException:
                     handed.close()
                     raise

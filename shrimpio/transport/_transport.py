@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
-import time
 from asyncio import trsock
 from typing import Any, Optional
 
