@@ -138,7 +138,6 @@ if _env_busy_poll is not None:
 cdef Py_ssize_t NOGIL_COPY = 64 * 1024
 #: Longest uninterrupted sleep, so that signals get a look-in (seconds).
 cdef double SLEEP_SLICE = 1.0
-cdef int64_t WRITER_SPIN = 4      # a writer's spin, in busy-poll budgets
 cdef int64_t ADAPT_CEILING = 4    # most an adapted spin grows to, in budgets
 cdef uint64_t MIN_CAPACITY = 64
 cdef uint64_t MAX_CAPACITY = (<uint64_t>1) << 40
@@ -680,13 +679,6 @@ cdef class Ring:
         cdef int kind = self.bell_kind
         cdef int which = 0, spun = 0, rc
         cdef int64_t spin = self.spin_ns, slice_ns, t0, limit
-        if writable and spin < self.spin_max_ns * WRITER_SPIN:
-            # A writer waits for the reader to copy out what fills the ring
-            # (up to its whole capacity), which takes longer than a small
-            # message's turn; on a loaded host a 50 us spin ran out in the
-            # middle of every 1 MiB transfer, each chunk then paying a sleep
-            # and a wake-up (1 MiB sendall fell from ~7 to ~1.2 GB/s).
-            spin = self.spin_max_ns * WRITER_SPIN
         cdef double deadline = -1.0
         if bell < 0:
             raise ValueError("this ring has no doorbell for blocking waits; use timeout=0")
