@@ -6,8 +6,9 @@ kernel TCP loopback, same code, in one run.
 * ``echo_1KiB``: vmbench-style echo, 10 concurrent client connections each
   with one 1 KiB message in flight, against an ``asyncio.Protocol`` echo
   server and against an asyncio streams echo server; requests per second;
-* ``aiohttp``: an aiohttp hello-world server and an aiohttp ``ClientSession``
-  client (keep-alive, 4 requests in flight); requests per second.
+* ``aiohttp_1``, ``aiohttp_4``: an aiohttp hello-world server and an aiohttp
+  ``ClientSession`` client (keep-alive, 1 or 4 requests in flight); requests
+  per second.
 
 Each measurement forks a fresh server and a fresh client process, pinned to
 two different cores.  For ``shrimpio`` both import ``shrimpio.patch`` (as
@@ -38,7 +39,15 @@ KINDS = ("shrimpio", "uvloop")
 HOST = "127.0.0.1"
 ECHO_CLIENTS = 10
 ECHO_SIZE = 1024
-HTTP_CONCURRENCY = 4
+#: Requests in flight in the aiohttp measurements: one (a service calling
+#: another, each answer awaited: the wait for the peer counts) and four (the
+#: aiohttp client busy all the time: its own code sets the rate).
+HTTP_IN_FLIGHT = (1, 4)
+
+
+def _in_flight(test: str) -> int:
+    """The requests in flight of an ``aiohttp-N`` measurement."""
+    return int(test.rpartition("-")[2])
 
 
 # --- per-process setup ----------------------------------------------------------
@@ -126,7 +135,7 @@ def _server(kind: str, test: str, pipe: Any) -> None:
 
     async def main() -> None:
         srv = await _start(test, paths)
-        if test == "aiohttp":
+        if test.startswith("aiohttp"):
             port = srv.addresses[0][1]
         else:
             port = srv.sockets[0].getsockname()[1]
@@ -135,7 +144,7 @@ def _server(kind: str, test: str, pipe: Any) -> None:
         pipe.send(port)
         await stop
         asyncio.get_running_loop().remove_reader(pipe.fileno())
-        if test == "aiohttp":
+        if test.startswith("aiohttp"):
             await srv.cleanup()
         else:
             srv.close()
@@ -211,12 +220,12 @@ async def _client_echo(port: int, seconds: float) -> dict:
     return {"rps": done / elapsed, "paths": paths}
 
 
-async def _client_aiohttp(port: int, seconds: float) -> dict:
+async def _client_aiohttp(port: int, seconds: float, in_flight: int) -> dict:
     import aiohttp
     url = f"http://{HOST}:{port}/"
     count = [0]
     running = [True]
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=HTTP_CONCURRENCY)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)) as session:
 
         async def worker() -> None:
             while running[0]:
@@ -225,7 +234,7 @@ async def _client_aiohttp(port: int, seconds: float) -> dict:
                 assert r.status == 200 and body == b"Hello, World!", (r.status, body)
                 count[0] += 1
 
-        workers = [asyncio.create_task(worker()) for _ in range(HTTP_CONCURRENCY)]
+        workers = [asyncio.create_task(worker()) for _ in range(in_flight)]
         await asyncio.sleep(seconds / 5)     # warm-up: timed window, not a synchronisation
         start_n, t0, cpu0 = count[0], time.perf_counter(), time.process_time()
         await asyncio.sleep(seconds)
@@ -244,8 +253,8 @@ def _client(kind: str, test: str, port: int, amount: float, pipe: Any) -> None:
     _pin(0)
     if test == "rtt":
         coro = _client_rtt(port, int(amount))
-    elif test == "aiohttp":
-        coro = _client_aiohttp(port, amount)
+    elif test.startswith("aiohttp"):
+        coro = _client_aiohttp(port, amount, _in_flight(test))
     else:
         coro = _client_echo(port, amount)
     try:
@@ -402,18 +411,20 @@ def run(quick: bool = False) -> dict:
         # on 2 cores): the load average at the start says whether there was any.
         res: dict = {"machine": machine(), "load_before": os.getloadavg()[0], "settings": {
             "rtt_rounds": n_rt, "seconds": seconds, "repeats": repeats, "echo_clients": ECHO_CLIENTS,
-            "echo_bytes": ECHO_SIZE, "http_concurrency": HTTP_CONCURRENCY}}
+            "echo_bytes": ECHO_SIZE, "http_in_flight": list(HTTP_IN_FLIGHT)}}
         res["rtt_64B"] = rtt()
         res["echo_1KiB"] = {server: rps(f"echo-{server}") for server in ("protocol", "streams")}
         if have_aiohttp:
-            res["aiohttp"] = rps("aiohttp")
+            for n in HTTP_IN_FLIGHT:
+                res[f"aiohttp_{n}"] = rps(f"aiohttp-{n}")
     rt = res["rtt_64B"]
     ratios = {"rtt_uvloop_over_shrimpio": rt["uvloop"]["median_us"] / rt["shrimpio"]["median_us"]}
     for server, r in res["echo_1KiB"].items():
         ratios[f"echo_{server}_shrimpio_over_uvloop"] = r["shrimpio"]["rps"] / r["uvloop"]["rps"]
-    if "aiohttp" in res:
-        ah = res["aiohttp"]
-        ratios["aiohttp_shrimpio_over_uvloop"] = ah["shrimpio"]["rps"] / ah["uvloop"]["rps"]
+    for n in HTTP_IN_FLIGHT:
+        ah = res.get(f"aiohttp_{n}")
+        if ah:
+            ratios[f"aiohttp_{n}_shrimpio_over_uvloop"] = ah["shrimpio"]["rps"] / ah["uvloop"]["rps"]
     res["ratios"] = ratios
     return res
 
@@ -433,6 +444,11 @@ def echo_title(server: str, clients: int = ECHO_CLIENTS, nbytes: int = ECHO_SIZE
     return f"asyncio echo {clients}x{nbytes // 1024} KiB, {name} server"
 
 
+def aiohttp_title(in_flight: int) -> str:
+    """The table title of the aiohttp row with ``in_flight`` requests."""
+    return f"aiohttp hello world, {in_flight} in flight"
+
+
 def rows(res: dict) -> list[Row]:
     """The result of :func:`run` as table rows (the shrimpio loop first,
     uvloop over TCP second)."""
@@ -442,9 +458,10 @@ def rows(res: dict) -> list[Row]:
     for server, r in res["echo_1KiB"].items():
         out.append(Row(f"echo_{server}", echo_title(server, s["echo_clients"], s["echo_bytes"]), "req/s",
                        [rate_figure(LABELS[k], v.get("runs", [v["rps"]])) for k, v in r.items()]))
-    if "aiohttp" in res:
-        out.append(Row("aiohttp", f"aiohttp hello world, {s['http_concurrency']} in flight", "req/s",
-                       [rate_figure(LABELS[k], v.get("runs", [v["rps"]])) for k, v in res["aiohttp"].items()]))
+    for n in s.get("http_in_flight", ()):
+        if f"aiohttp_{n}" in res:
+            out.append(Row(f"aiohttp_{n}", aiohttp_title(n), "req/s",
+                           [rate_figure(LABELS[k], v.get("runs", [v["rps"]])) for k, v in res[f"aiohttp_{n}"].items()]))
     return out
 
 

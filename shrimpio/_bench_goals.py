@@ -68,14 +68,21 @@ def _ratio_of(rows: Rows, key: str, a: str, b: str) -> Optional[float]:
 
 
 def _aiohttp(rows: Rows) -> tuple[str, Optional[bool]]:
-    text, met = _at_least("aiohttp", "uvloop TCP", 1.5)(rows)
-    row = rows.get("aiohttp")
-    if row is not None:
-        busy = [f.extra.get("client_cpu_percent") for f in row.figures]
+    parts, met = [], []
+    for key in sorted(k for k in rows if k.startswith("aiohttp_")):
+        r = _ratio(rows, key, "uvloop TCP")
+        if r is None:
+            continue
+        text = f"{fmt_ratio(r)} {key.partition('_')[2]} in flight"
+        busy = [f.extra.get("client_cpu_percent") for f in rows[key].figures]
         if all(b is not None for b in busy):
             # A client that is busy all the time sets the rate itself.
             text += " (client CPU " + "/".join(f"{b:.0f}%" for b in busy) + ")"
-    return text, met
+        parts.append(text)
+        met.append(r >= 1.5)
+    if not parts:
+        return "-", None
+    return ", ".join(parts), all(met)
 
 
 def _connect(rows: Rows) -> tuple[str, Optional[bool]]:

@@ -13,7 +13,8 @@ connect        connect + accept + both close, per connection        TCP, Unix
 asyncio_rtt    asyncio streams 64 B round trip                      uvloop over TCP
 echo_protocol  asyncio echo, 10 clients x 1 KiB, Protocol server    uvloop over TCP
 echo_streams   the same, streams server                             uvloop over TCP, asyncio alone
-aiohttp        aiohttp hello world, 4 requests in flight            uvloop over TCP
+aiohttp_1      aiohttp hello world, 1 request in flight             uvloop over TCP
+aiohttp_4      aiohttp hello world, 4 requests in flight            uvloop over TCP
 idle_socket    CPU of an idle blocking-socket pair                  (goal: < 1 % of a core)
 idle_asyncio   CPU of an idle asyncio pair                          (goal: < 1 % of a core)
 =============  ===================================================  ================================
@@ -181,8 +182,11 @@ def specs() -> list[Spec]:
         Spec("echo_streams", a.echo_title("streams"), "req/s",
              [(a.LABELS[k], _aio(k, "echo-streams")) for k in a.KINDS]
              + [("asyncio alone", _streams_bound)]),
-        Spec("aiohttp", f"aiohttp hello world, {a.HTTP_CONCURRENCY} in flight", "req/s",
-             [(a.LABELS[k], _aio(k, "aiohttp")) for k in a.KINDS], needs="aiohttp"),
+    ] + [
+        Spec(f"aiohttp_{n}", a.aiohttp_title(n), "req/s",
+             [(a.LABELS[k], _aio(k, f"aiohttp-{n}")) for k in a.KINDS], needs="aiohttp")
+        for n in a.HTTP_IN_FLIGHT
+    ] + [
         Spec("idle_socket", "idle CPU, blocking socket pair", "%", [("shm", _idle("socket"))], repeat=False),
         Spec("idle_asyncio", "idle CPU, asyncio pair", "%", [("shm", _idle("asyncio"))], repeat=False),
     ]

@@ -69,6 +69,7 @@ cdef class Ring:
                                 double timeout, bint all_) except -1
     cdef int _write_raw(self, const char *src, Py_ssize_t n, double timeout) except -1
     cdef Py_ssize_t _read(self, char *dst, Py_ssize_t n, double timeout) except -1
+    cdef int _read_big(self, char *dst, uint64_t n) except -1
 
 
 cdef class Proxy:

@@ -14,7 +14,12 @@
 # answered one client will hear from the next soon.  When the budget is spent,
 # a core *arms* its ring (reader-sleeping flag, fence, re-check) and leaves the
 # list; the peer then rings the data doorbell, which the loop watches with
-# ``add_reader``, and the core joins again.
+# ``add_reader``, and the core joins again.  The budget adapts as a blocking
+# wait's spin does (``_adapt_spin``): a doorbell that rang soon after the loop
+# went to sleep means a longer stay would have caught the data without a
+# sleep and a wake-up (a peer that takes 100-200 us to answer, as an aiohttp
+# server does), so the budget grows to cover it, up to ADAPT_CEILING times
+# the busy-poll budget; one that rang much later halves it.
 #
 # A turn that found nothing spins a few microseconds over the hot rings before
 # it gives the loop back: a peer that answers within that window costs no
@@ -69,7 +74,7 @@ cdef class LoopPoller:
         for core in batch:
             core._hot = False
         for core in batch:
-            got |= core._poll_once(self)
+            got |= core._poll_once(self, True)
         if not got and self._hot and self.turn_spin_ns > 0:
             self._spin(self._hot)
         if self._hot and not self._scheduled:
@@ -101,7 +106,8 @@ cdef class TransportCore:
     cdef Ring _rx
     cdef LoopPoller _poller
     cdef bint _hot
-    cdef int64_t _budget_ns
+    cdef int64_t _budget_ns         # how long the ring stays hot (adapts)
+    cdef int64_t _base_ns           # the busy-poll budget it adapts from
     cdef public object owner        # the ShmTransport: slow paths
     cdef public object protocol
     cdef public bint buffered       # protocol is a BufferedProtocol
@@ -118,7 +124,14 @@ cdef class TransportCore:
         self._stream = stream
         self._rx = stream.rx
         self._poller = poller
-        self._budget_ns = stream.rx.spin_max_ns
+        self._base_ns = stream.rx.spin_max_ns
+        self._budget_ns = self._base_ns
+
+    @property
+    def budget_us(self):
+        """How long the ring stays polled after the loop's last data, in
+        microseconds (adapts between 1/16 and ADAPT_CEILING busy-poll budgets)."""
+        return self._budget_ns / 1000.0
 
     def activate(self):
         """Poll this ring on the loop's next turns (data may be there)."""
@@ -128,14 +141,19 @@ cdef class TransportCore:
 
     def wake(self):
         """The doorbell rang: read now, then keep polling while in budget."""
-        self._poll_once(self._poller)
+        self._budget_ns = _adapt_spin(self._budget_ns, self._base_ns, 0,
+                                      shr_now_ns() - self._poller.activity_ns)
+        self._poll_once(self._poller, False)
 
-    cdef int _poll_once(self, LoopPoller poller) except -1:
+    cdef int _poll_once(self, LoopPoller poller, bint polled) except -1:
         """Read what is there; rejoin the hot list unless the ring is armed
         or reading stopped.  Returns 1 if data moved."""
         cdef int r = self._read_ready()
         if r < 0:
             return 0
+        if r > 0 and polled and self._budget_ns < self._base_ns:
+            # Data came while the loop was polling: staying hot paid off.
+            self._budget_ns = _adapt_spin(self._budget_ns, self._base_ns, 1, 0)
         if r > 0 or shr_now_ns() - poller.activity_ns < self._budget_ns:
             poller._add(self)
         elif _ring_arm(self._rx, False):

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import uvloop
@@ -204,3 +207,64 @@ def test_loop_poller_polls_busy_rings_then_lets_the_loop_sleep() -> None:
                 await writer.wait_closed()
 
     shrimpio.run(main())
+
+
+
+_ADAPT_SERVER = """
+import asyncio, sys, shrimpio
+async def main():
+    async def answer_later(reader, writer):
+        while line := await reader.readline():
+            await asyncio.sleep(float(line))   # the peer's think time: the scenario, not a wait
+            writer.write(line)
+        writer.close()
+    server = await asyncio.start_server(answer_later, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    stop = asyncio.get_running_loop().create_future()     # stdin's end: the test is done
+    asyncio.get_running_loop().add_reader(0, lambda: stop.done() or stop.set_result(None))
+    async with server:
+        await stop
+shrimpio.run(main())
+"""
+
+_ADAPT_CLIENT = """
+import asyncio, sys, shrimpio
+async def main():
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(sys.argv[1]))
+    core = writer.transport._core
+    seen = [core.budget_us]
+    for gap in (b"0.008", b"0.008", b"0.3"):
+        writer.write(gap + b"\\n")
+        assert await reader.readline() == gap + b"\\n"
+        seen.append(core.budget_us)
+    writer.close()
+    await writer.wait_closed()
+    print(*seen)
+shrimpio.run(main())
+"""
+
+
+def test_loop_poll_budget_grows_for_a_peer_that_answers_soon_after_it() -> None:
+    """The time a transport stays polled adapts like a blocking wait's spin:
+    an answer that came (through the doorbell) within 4 budgets of the last
+    data grows it to cover that gap, so the next such answer is caught
+    without a sleep; one that came much later halves it.  Budget 5 ms here
+    (uvloop's timers have millisecond steps): answers 8 ms after the request
+    grow it to 10 ms, then one 300 ms after halves it.  Two processes: a
+    loop's own writes count as its data."""
+    env = dict(asyncio_suite.child_env(), SHRIMPIO_BUSY_POLL_US="5000")
+    server = subprocess.Popen([sys.executable, "-c", _ADAPT_SERVER], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = server.stdout.readline().strip()
+        out = subprocess.run([sys.executable, "-c", _ADAPT_CLIENT, port], env=env, capture_output=True,
+                             text=True, timeout=60)
+    finally:
+        server.stdin.close()
+        server.wait(30)
+        server.stdout.close()
+    assert out.returncode == 0, out.stderr
+    start, after_soon, after_soon2, after_late = map(float, out.stdout.split())
+    assert start == 5000.0
+    assert 8000 <= after_soon <= 20000 and after_soon2 >= after_soon, out.stdout
+    assert after_late == pytest.approx(after_soon2 / 2, abs=0.01), out.stdout

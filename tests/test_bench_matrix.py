@@ -224,6 +224,21 @@ def test_goals_and_table_from_figures():
     assert "MISSED" in text and "not measured" in text and "4 of 6 measured goals met" in text
 
 
+def test_aiohttp_goal_needs_every_in_flight_row():
+    """One request in flight (the wait for the peer counts) and four (the
+    client's own code counts): the goal holds only if both reach 1.5x, and
+    the text names each with the client's CPU."""
+    def row(key, shm, tcp):
+        return Row(key, key, "req/s", [Figure("shm", shm, None, extra={"client_cpu_percent": 60.0}),
+                                       Figure("uvloop TCP", tcp, None, extra={"client_cpu_percent": 50.0})])
+    rows = {"aiohttp_1": row("aiohttp_1", 6000.0, 3000.0), "aiohttp_4": row("aiohttp_4", 12000.0, 10000.0)}
+    got = {g.text: g for g in goals(rows)}["aiohttp >= 1.5x uvloop TCP"]
+    assert got.met is False
+    assert got.value == "2.00x 1 in flight (client CPU 60%/50%), 1.20x 4 in flight (client CPU 60%/50%)"
+    rows["aiohttp_4"] = row("aiohttp_4", 15000.0, 10000.0)
+    assert {g.text: g for g in goals(rows)}["aiohttp >= 1.5x uvloop TCP"].met is True
+
+
 def _stats(us: float) -> dict:
     return {"median_us": us, "p99_us": 2 * us, "n": 10}
 
@@ -241,6 +256,6 @@ def test_pingpong_and_bench_socket_print_through_the_shared_table():
     assert "shm 10000 p99 5000 | TCP 3333 (3.00x) | Unix 2500 (4.00x)" in text
     assert [r.key for r in _bench_socket.rows(res)] == ["socket_rtt", "socket_bw"]
     assert [r.key for r in _bench_asyncio.rows({"settings": {"echo_clients": 10, "echo_bytes": 1024,
-                                                             "http_concurrency": 4},
+                                                             "http_in_flight": [1, 4]},
                                                 "rtt_64B": {"shrimpio": _stats(7.0)},
                                                 "echo_1KiB": {}})] == ["asyncio_rtt"]

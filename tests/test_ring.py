@@ -78,6 +78,22 @@ def test_full_ring(pair):
     assert p.r.read(100) == b"x" * 40 + b"y" * 24
 
 
+def test_large_copies_move_all_that_fits_across_the_wrap(pair):
+    """Copies of 32 KiB and more are published (and released) in pieces, so
+    the peer copies one while this side copies the next; a call still moves
+    all that fits (or all that is there), as ``socket.send``/``recv`` do,
+    and a copy crossing the end of the ring comes out in order."""
+    cap = 256 * 1024
+    p = pair(cap)
+    assert p.w.write(pattern(0, 250_001), timeout=0) == 250_001
+    assert p.w.write(pattern(250_001, 50_000), timeout=0) == cap - 250_001
+    buf = bytearray(300_000)
+    assert p.r.read_into(buf) == cap and bytes(buf[:cap]) == pattern(0, cap)
+    assert p.w.writev([pattern(cap, 70_000), pattern(cap + 70_000, 33)], timeout=0) == 70_033
+    assert p.r.read_into(buf) == 70_033 and bytes(buf[:70_033]) == pattern(cap, 70_033)
+    assert p.hdr.get("head") == p.hdr.get("tail") == cap + 70_033
+
+
 def test_write_all_timeout_zero_is_never_silently_short(pair):
     p = pair(64)
     p.w.write(b"a" * 50)
