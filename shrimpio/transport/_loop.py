@@ -17,7 +17,7 @@ import socket as _std
 import sys
 import warnings
 from asyncio import sslproto, trsock
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import uvloop
 
@@ -213,18 +213,27 @@ class Loop(uvloop.Loop):
 
     # -- building transports ----------------------------------------------
 
-    async def _serve_shm(self, sock: Any, factory: Callable, ssl: Any, server: Any,
-                         hs_timeout: Any, sd_timeout: Any) -> None:
+    async def _set_up_accepted(self, setup: Awaitable, message: str,
+                               cleanup: Optional[Callable[[], Any]] = None) -> None:
+        """Await an accepted connection's setup.  A failure (a TLS handshake
+        that failed, a client gone at once) concerns that connection only:
+        it is closed and, in debug mode, reported, as uvloop does."""
         try:
-            await self._make_shm_transport(sock, factory, ssl, server_side=True, server=server,
-                                           ssl_handshake_timeout=hs_timeout,
-                                           ssl_shutdown_timeout=sd_timeout)
+            await setup
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
+            if cleanup is not None:
+                cleanup()
             if self.get_debug():
-                self.call_exception_handler({"message": "shrimpio connection setup failed",
-                                             "exception": exc})
+                self.call_exception_handler({"message": message, "exception": exc})
+
+    async def _serve_shm(self, sock: Any, factory: Callable, ssl: Any, server: Any,
+                         hs_timeout: Any, sd_timeout: Any) -> None:
+        await self._set_up_accepted(
+            self._make_shm_transport(sock, factory, ssl, server_side=True, server=server,
+                                     ssl_handshake_timeout=hs_timeout, ssl_shutdown_timeout=sd_timeout),
+            "shrimpio connection setup failed")
 
     async def _make_shm_transport(self, sock: Any, factory: Callable, ssl: Any = None, *,
                                   server_side: bool = False, server_hostname: Optional[str] = None,
@@ -256,17 +265,10 @@ class Loop(uvloop.Loop):
                          hs_timeout: Any, sd_timeout: Any) -> None:
         server._attach()
         handed = _fallback.handoff(sock, server._detach)
-        try:
-            await super().connect_accepted_socket(factory, handed, ssl=ssl,
-                                                  ssl_handshake_timeout=hs_timeout,
-                                                  ssl_shutdown_timeout=sd_timeout)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            handed.close()
-            if self.get_debug():
-                self.call_exception_handler({"message": "TCP connection setup failed",
-                                             "exception": exc})
+        await self._set_up_accepted(
+            super().connect_accepted_socket(factory, handed, ssl=ssl, ssl_handshake_timeout=hs_timeout,
+                                            ssl_shutdown_timeout=sd_timeout),
+            "TCP connection setup failed", handed.close)
 
     # -- client side ---------------------------------------------------------
 
