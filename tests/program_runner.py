@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 
 from async_programs import PROGRAMS as ASYNC_PROGRAMS
 from children import child_env
-from conftest import wait_for
+from conftest import children_of, wait_for
 from programs import PROGRAMS as BLOCKING_PROGRAMS
 
 #: The programs known by name, written into the test's directory when run;
@@ -110,27 +110,11 @@ def _sockets_of(pid: int) -> frozenset:
     return frozenset(out)
 
 
-def _children_of(pid: int) -> set:
-    """The pids of ``pid``'s child processes."""
-    kids = set()
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return kids
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                kids.update(f.read().split())
-        except OSError:
-            pass
-    return kids
-
-
 def _idle(srv: Server) -> bool:
     """The server holds no sockets beyond those it had when it became ready
     and has no child processes: every connection it served is closed (and a
     patched process writes its report line before the close)."""
-    return _sockets_of(srv.proc.pid) <= srv.baseline and not _children_of(srv.proc.pid)
+    return _sockets_of(srv.proc.pid) <= srv.baseline and not children_of(srv.proc.pid)
 
 
 def _read_ready_line(proc: subprocess.Popen, stderr: Path) -> int:
