@@ -5,13 +5,15 @@ plain asyncio (streams, a ``Protocol``, aiohttp, websockets, httpx).  The
 test runs them with ``python -m shrimpio run`` (patched) or plain
 ``python``.  Servers take ``port [host]`` (port 0 picks one) and print a
 first line ending in ``on port N``; clients take the port and print a
-transcript that the test compares with ``expected_*`` below.
+transcript that the test compares with ``expected_*`` below (made with the
+helpers of ``tests/programs.py``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
+
+from programs import download_line, echo_lines, post_line, sha256_hex
 
 # ---------------------------------------------------------------------------
 # asyncio streams
@@ -313,34 +315,22 @@ PROGRAMS = {
 # Expected transcripts
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def expected_streams_echo() -> str:
-    big = bytes(i % 251 for i in range(1_000_000))
-    return "".join(f"connection {c}: 20 lines and {len(big)} bytes echoed, sha256 {_sha(big)[:16]}\n"
-                   for c in range(3))
-
-
-def _http_tail() -> list[str]:
-    body = bytes(i % 256 for i in range(400000))
-    payload = bytes(range(256)) * 1200
-    return [f"200 {len(body)} {_sha(body)}", f"200 {len(payload)} bytes sha256 {_sha(payload)}"]
+    return echo_lines(bytes(i % 251 for i in range(1_000_000)), 3)
 
 
 def expected_aiohttp() -> str:
-    lines = [f"200 hello aiohttp{i}" for i in range(5)] + _http_tail()
+    lines = [f"200 hello aiohttp{i}" for i in range(5)] + [download_line(), post_line()]
     lines += [f"200 hello concurrent{i}" for i in range(5)]
     return "\n".join(lines) + "\n"
 
 
 def expected_httpx() -> str:
-    return "\n".join([f"200 hello httpx{i}" for i in range(5)] + _http_tail()) + "\n"
+    return "\n".join([f"200 hello httpx{i}" for i in range(5)] + [download_line(), post_line()]) + "\n"
 
 
 def expected_websockets() -> str:
     blob = random.Random(7).randbytes(500_000)
     lines = [f"message {i}" for i in range(5)]
-    lines += [f"bytes {len(blob)} {_sha(blob)}", "50 burst messages echoed in order"]
+    lines += [f"bytes {len(blob)} {sha256_hex(blob)}", "50 burst messages echoed in order"]
     return "\n".join(lines) + "\n"

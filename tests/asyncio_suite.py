@@ -37,22 +37,18 @@ import pytest
 import uvloop
 
 import shrimpio
+from children import child_env
 from shrimpio import _route
 from shrimpio.socket import socket as ShmSocket
 from shrimpio.transport import ShmTransport
 
-__all__ = ["k", "KINDS", "Kind", "Recorder", "BufRecorder", "Factory", "turns", "HOST",
-           "PKG_PARENT", "child_env"]
+__all__ = ["k", "KINDS", "Kind", "Recorder", "BufRecorder", "Factory", "turns", "HOST"]
 
 KINDS = ("shm", "tcp", "uvloop")
 HOST = "127.0.0.1"
 #: Deadline of one test's coroutine: a hang fails the test instead of the run.
 TEST_TIMEOUT = 30.0
 MiB = 1 << 20
-
-#: Where the shrimpio package lives, for child interpreters started in tmp_path.
-PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(shrimpio.__file__)))
-
 
 # ---------------------------------------------------------------------------
 # The kinds
@@ -1450,13 +1446,6 @@ else:
     import shrimpio
     shrimpio.run(main())
 '''
-
-
-def child_env() -> dict:
-    env = dict(os.environ)
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != PKG_PARENT]
-    env["PYTHONPATH"] = os.pathsep.join([PKG_PARENT] + paths)
-    return env
 
 
 @contextlib.asynccontextmanager

@@ -41,13 +41,16 @@ def _shm() -> set[str]:
         return set()
 
 
-def _children() -> set[int]:
-    """Live (or zombie) children of this process."""
-    me = os.getpid()
+def children_of(pid: int) -> set[int]:
+    """Live (or zombie) children of process ``pid`` (none if it is gone)."""
     kids = set()
-    for task in os.listdir(f"/proc/{me}/task"):
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for task in tasks:
         try:
-            with open(f"/proc/{me}/task/{task}/children") as f:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
                 kids.update(int(p) for p in f.read().split())
         except OSError:
             pass
@@ -93,13 +96,14 @@ def registry(tmp_path, monkeypatch):
 def no_leaks(request):
     """No fds, /dev/shm files or child processes may outlive a test."""
     gc.collect()
-    fds, shm, kids = _fds(), _shm(), _children()
+    me = os.getpid()
+    fds, shm, kids = _fds(), _shm(), children_of(me)
     yield
     if request.node.get_closest_marker("allow_leaks"):
         return
     gc.collect()
     # Children we started must be gone (reaped) by the end of the test.
-    wait_for(lambda: not (_children() - kids), timeout=10, what="child processes to exit")
+    wait_for(lambda: not (children_of(me) - kids), timeout=10, what="child processes to exit")
     # Threads that close fds (endpoint servers) finish promptly: allow a moment.
     wait_for(lambda: not (_fds() - fds), timeout=5, what=f"fds to close: {sorted(_fds() - fds)}")
     assert not (_shm() - shm), f"/dev/shm files left behind: {sorted(_shm() - shm)}"

@@ -17,28 +17,12 @@ import struct
 import time
 import traceback
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
-import shrimpio
 from shrimpio._fastpath import Ring, Segment
 
-#: Where the ``shrimpio`` under test lives (the installed package, or an
-#: in-place build): child interpreters get it first on their path.  They run
-#: in the test's directory (conftest chdirs to tmp_path), never in the source
-#: tree, whose ``shrimpio/`` may be uncompiled.
-PKG_PARENT = str(Path(shrimpio.__file__).resolve().parents[1])
 DEADLINE = 10.0
-
-
-def child_env(extra=None, drop=()):
-    """The environment for a child ``python``: our shrimpio importable."""
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != PKG_PARENT]
-    env["PYTHONPATH"] = os.pathsep.join([PKG_PARENT] + paths)
-    env.update(extra or {})
-    return env
 
 RING_MAGIC = 0x52524853
 RING_VERSION = 1

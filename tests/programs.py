@@ -344,42 +344,46 @@ PROGRAMS = {
 # Expected transcripts
 
 
-def _sha(data: bytes) -> str:
+def sha256_hex(data: bytes) -> str:
+    """The SHA-256 of ``data`` in hex, as the programs print it."""
     return hashlib.sha256(data).hexdigest()
 
 
-def _bytes_body(n: int) -> bytes:
-    return bytes(i % 256 for i in range(n))
+def echo_lines(big: bytes, connections: int) -> str:
+    """An echo client's transcript: per connection, its 20 lines and the
+    big message ``big`` echoed (the asyncio streams client's too)."""
+    return "".join(f"connection {c}: 20 lines and {len(big)} bytes echoed,"
+                   f" sha256 {sha256_hex(big)[:16]}\n" for c in range(connections))
 
 
-def _post_line() -> str:
+def download_line() -> str:
+    """An HTTP client's line for ``GET /bytes/400000``."""
+    body = bytes(i % 256 for i in range(400000))
+    return f"200 {len(body)} {sha256_hex(body)}"
+
+
+def post_line() -> str:
+    """An HTTP client's line for its 300 kB POST."""
     payload = bytes(range(256)) * 1200
-    return f"200 {len(payload)} bytes sha256 {_sha(payload)}"
+    return f"200 {len(payload)} bytes sha256 {sha256_hex(payload)}"
 
 
 def expected_echo(connections: int = 1) -> str:
-    big = bytes(i % 251 for i in range(300_000)).replace(b"\n", b".") + b"\n"
-    return "".join(f"connection {c}: 20 lines and {len(big)} bytes echoed,"
-                   f" sha256 {_sha(big)[:16]}\n" for c in range(connections))
+    return echo_lines(bytes(i % 251 for i in range(300_000)).replace(b"\n", b".") + b"\n", connections)
 
 
 def expected_urllib() -> str:
-    return (f"200 hello from /urllib\n"
-            f"200 400000 {_sha(_bytes_body(400000))}\n")
+    return f"200 hello from /urllib\n{download_line()}\n"
 
 
 def expected_httpclient() -> str:
     lines = [f"200 None hello from /get/{i}" for i in range(10)]
-    lines.append(f"200 400000 {_sha(_bytes_body(400000))}")
-    lines.append(_post_line())
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [download_line(), post_line()]) + "\n"
 
 
 def expected_requests() -> str:
     lines = [f"200 hello from /requests/{i}" for i in range(5)]
-    lines.append(f"200 400000 {_sha(_bytes_body(400000))}")
-    lines.append(_post_line())
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [download_line(), post_line()]) + "\n"
 
 
 def expected_xmlrpc() -> str:

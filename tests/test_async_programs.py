@@ -2,10 +2,11 @@
 
 The programs of ``tests/async_programs.py`` (asyncio streams, an asyncio
 ``Protocol`` server, aiohttp server and client, websockets server and
-client, httpx ``AsyncClient``) run as subprocesses with the machinery of
-``tests/test_programs.py``: both sides patched (``python -m shrimpio run``,
-under which plain ``asyncio.run`` gets the shrimpio loop), then one side a
-plain ``python`` (plain asyncio event loop, kernel TCP).
+client, httpx ``AsyncClient``) run as subprocesses by
+``tests/program_py``, as those of ``tests/test_programs.py``: both
+sides patched (``python -m shrimpio run``, under which plain
+``asyncio.run`` gets the shrimpio loop), then one side a plain ``python``
+(plain asyncio event loop, kernel TCP).
 
 Both patched: every connection must be on shared memory, which is read from
 the ``SHRIMPIO_REPORT`` lines both processes write when a transport closes
@@ -18,27 +19,15 @@ and the patched side must report no shared-memory connection.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
-import test_programs as tp
-from async_programs import (PROGRAMS, expected_aiohttp, expected_httpx, expected_streams_echo,
-                            expected_websockets)
-
-SHM, TCP = tp.SHM, tp.TCP
-
-
-def _place(name: str) -> None:
-    """Write program ``name`` into the test's directory (the cwd), where
-    ``test_programs`` runs programs from (an absolute path is used as is)."""
-    path = Path.cwd() / name
-    if not path.exists():
-        path.write_text(PROGRAMS[name])
-
+import program_runner
+from async_programs import expected_aiohttp, expected_httpx, expected_streams_echo, expected_websockets
+from program_runner import (SHM, TCP, assert_paired, assert_tcp, read_report, records_when_idle,
+                            run_client, server_records)
 
 #: Nothing of this may appear in a server's stderr: an error the event loop
 #: only logs ("Fatal read error", "Task exception was never retrieved", an
@@ -46,21 +35,10 @@ def _place(name: str) -> None:
 _TROUBLE = re.compile(r"Traceback|Error|[Ee]xception|never retrieved|was destroyed")
 
 
-@contextlib.contextmanager
-def server(name: str, *, patched: bool, tag: str = "server") -> Iterator[tp.Server]:
-    """``test_programs.server`` for an async program; once it is stopped
+def server(name: str, *, patched: bool):
+    """``program_runner.server`` for an async program: once it is stopped
     (SIGINT, reaped), its stderr must show no error the event loop logged."""
-    _place(name)
-    with tp.server(name, patched=patched, tag=tag) as srv:
-        yield srv
-    err = srv.stderr.read_text()
-    assert not _TROUBLE.search(err), f"{name} logged:\n{err}"
-
-
-def run_client(name: str, port: int, *, patched: bool, env: Optional[dict] = None) -> tuple[str, list]:
-    _place(name)
-    out, records = tp.run_client(name, [port], patched=patched, env=env)
-    return out, records
+    return program_runner.server(name, patched=patched, stderr_must_not_match=_TROUBLE)
 
 
 # (server, client, expected transcript, connections the client makes;
@@ -86,15 +64,15 @@ def test_both_patched_use_shared_memory(pair):
     _need(pair)
     server_prog, client_prog, expected, nconn = PAIRS[pair]
     with server(server_prog, patched=True) as srv:
-        out, client = run_client(client_prog, srv.port, patched=True)
+        out, client = run_client(client_prog, [srv.port], patched=True)
         assert out == expected
         if nconn is None:
             assert len(client) >= 1, client
         else:
             assert len(client) == nconn, client
         assert all(r["pid"] != srv.proc.pid for r in client), client
-        served = tp.server_records(srv, len(client))
-        tp.assert_paired(client, served, SHM)
+        served = server_records(srv, len(client))
+        assert_paired(client, served, SHM)
 
 
 @pytest.mark.parametrize("pair", list(PAIRS))
@@ -104,10 +82,10 @@ def test_plain_server_patched_client_falls_back(pair):
     _need(pair)
     server_prog, client_prog, expected, _nconn = PAIRS[pair]
     with server(server_prog, patched=False) as srv:
-        out, client = run_client(client_prog, srv.port, patched=True)
+        out, client = run_client(client_prog, [srv.port], patched=True)
         assert out == expected
         assert [r for r in client if r["path"] != TCP] == [], client
-    assert tp.read_report(srv.report) == []        # the plain server really was plain
+    assert read_report(srv.report) == []    # the plain server really was plain
 
 
 @pytest.mark.parametrize("pair", list(PAIRS))
@@ -117,10 +95,10 @@ def test_patched_server_plain_client_falls_back(pair):
     _need(pair)
     server_prog, client_prog, expected, _nconn = PAIRS[pair]
     with server(server_prog, patched=True) as srv:
-        out, client = run_client(client_prog, srv.port, patched=False)
+        out, client = run_client(client_prog, [srv.port], patched=False)
         assert out == expected
         assert client == []                         # the plain client really was plain
-        served = tp.records_when_idle(srv)
+        served = records_when_idle(srv)
         assert [r for r in served if r["path"] != TCP] == [], served
 
 
@@ -134,16 +112,16 @@ def test_patched_server_plain_client_falls_back(pair):
 
 def test_fallback_client_connection_is_reported():
     with server("streams_echo_server.py", patched=False) as srv:
-        out, client = run_client("streams_echo_client.py", srv.port, patched=True)
+        out, client = run_client("streams_echo_client.py", [srv.port], patched=True)
         assert out == expected_streams_echo()
-        tp.assert_tcp(client, 3, "no shrimpio listener")
+        assert_tcp(client, 3, "no shrimpio listener")
 
 
 def test_fallback_server_connection_is_reported():
     with server("streams_echo_server.py", patched=True) as srv:
-        out, _ = run_client("streams_echo_client.py", srv.port, patched=False)
+        out, _ = run_client("streams_echo_client.py", [srv.port], patched=False)
         assert out == expected_streams_echo()
-        tp.assert_tcp(tp.records_when_idle(srv), 3, "peer is not shrimpio")
+        assert_tcp(records_when_idle(srv), 3, "peer is not shrimpio")
 
 
 # ---------------------------------------------------------------------------
@@ -166,21 +144,21 @@ def test_example_asyncio_echo(client_flag):
     client = _example("asyncio_echo_client.py")
     with server(_example("asyncio_echo_server.py"), patched=True) as srv:
         if client_flag == "patched":
-            out, records = tp.run_client(client, [srv.port, 200], patched=True)
+            out, records = run_client(client, [srv.port, 200], patched=True)
         else:
-            out, records = tp.run_client(client, [srv.port, 200, "--shrimpio-run"], patched=False)
+            out, records = run_client(client, [srv.port, 200, "--shrimpio-run"], patched=False)
         assert re.fullmatch(r"200 round trips of 64 bytes, median [\d.]+ us "
                             r"\(shrimpio\.transport\._loop\.Loop\)\n", out), out
         assert len(records) == 1 and records[0]["path"] == SHM, records
         assert records[0]["bytes_sent"] == records[0]["bytes_received"] == 200 * 64, records
-        tp.assert_paired(records, tp.server_records(srv, 1), SHM)
+        assert_paired(records, server_records(srv, 1), SHM)
 
 
 def test_example_aiohttp():
     pytest.importorskip("aiohttp")
     with server(_example("aiohttp_app.py"), patched=True) as srv:
-        out, records = tp.run_client(_example("aiohttp_client.py"), [srv.port, 200, 4], patched=True)
+        out, records = run_client(_example("aiohttp_client.py"), [srv.port, 200, 4], patched=True)
         assert re.fullmatch(r"'Hello, World!': 200 keep-alive requests, 4 in flight, \d+ requests/s\n",
                             out), out
         assert 1 <= len(records) <= 4, records          # the connector's limit
-        tp.assert_paired(records, tp.server_records(srv, len(records)), SHM)
+        assert_paired(records, server_records(srv, len(records)), SHM)

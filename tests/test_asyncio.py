@@ -21,6 +21,7 @@ import uvloop
 
 import asyncio_suite
 import shrimpio
+from children import child_env
 from asyncio_suite import HOST, k  # noqa: F401  (k: the kind fixture the suite's tests take)
 from shrimpio.transport import Loop
 
@@ -252,7 +253,7 @@ def test_loop_poll_budget_grows_for_a_peer_that_answers_soon_after_it() -> None:
     (uvloop's timers have millisecond steps): answers 8 ms after the request
     grow it to 10 ms, then one 300 ms after halves it.  Two processes: a
     loop's own writes count as its data."""
-    env = dict(asyncio_suite.child_env(), SHRIMPIO_BUSY_POLL_US="5000")
+    env = child_env({"SHRIMPIO_BUSY_POLL_US": "5000"})
     server = subprocess.Popen([sys.executable, "-c", _ADAPT_SERVER], env=env, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:

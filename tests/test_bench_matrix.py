@@ -16,6 +16,7 @@ import sys
 import pytest
 
 import shrimpio
+from children import child_env
 from shrimpio import _bench, _bench_asyncio, _bench_conn, _bench_matrix, _bench_socket, _bench_zmq
 from shrimpio.__main__ import main
 from shrimpio._bench_goals import goals
@@ -23,7 +24,6 @@ from shrimpio._bench_table import Figure, Row, format_goals, format_table
 
 TINY = _bench_matrix.Settings(rtt_rounds=200, bw_rounds=5, connects=20, async_rtt_rounds=100,
                               seconds=0.1, idle_seconds=0.5, repeats=1)
-PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(shrimpio.__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
 MACHINE = {"cpu": "cpu", "cores": 2, "python": "3.11", "kernel": "6"}
 
@@ -163,7 +163,7 @@ def test_plot_without_matplotlib_says_so(tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None\n"
             "from shrimpio.__main__ import main\n"
             "sys.exit(main(['bench', '--rows', 'connect', '--plot', 'x.png']))")
-    env = dict(os.environ, PYTHONPATH=PKG_PARENT)
+    env = child_env(inherit_pythonpath=False)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=60, cwd=tmp_path)
     assert res.returncode == 2 and res.stdout == ""

@@ -13,11 +13,11 @@ import textwrap
 
 import shrimpio
 import shrimpio.patch as patch
+from children import PKG_PARENT, child_env
 from shrimpio.socket import StdSocket
 
 patch.disable()        # importing shrimpio.patch enabled it; tests here choose
 
-PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(shrimpio.__file__)))
 PROBE = textwrap.dedent("""
     import socket, subprocess, sys
     print(socket.socket.__module__, sys.argv[1:])
@@ -29,9 +29,9 @@ PROBE = textwrap.dedent("""
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("SHRIMPIO_PATCH",)}
-    env["PYTHONPATH"] = PKG_PARENT
-    return env
+    """A child's environment: unpatched, with only the shrimpio under test on
+    its path (no ``shrimpio.patch`` boot directory an earlier test left)."""
+    return child_env(drop=("SHRIMPIO_PATCH",), inherit_pythonpath=False)
 
 
 def _shrimpio(*args: str) -> subprocess.CompletedProcess:

@@ -24,14 +24,13 @@ import time
 
 import pytest
 
-from shrimpio import _control as control
+from children import NOBODY, child_env, drop_to_nobody, reap
 from shrimpio._control import (
     MAX_FDS, MAX_MESSAGE, PROTOCOL_VERSION, Message, ProtocolError, Registry, check_name,
     error_reply, expect, peer_credentials, recv_message, registry_root, send_message,
 )
 
 DEADLINE = 10.0
-NOBODY = 65534
 NETNS = os.stat("/proc/self/ns/net").st_ino
 HEADER = struct.Struct("!4sHHI")
 
@@ -53,21 +52,6 @@ def memfd(data=b""):
 def close_all(fds):
     for fd in fds:
         os.close(fd)
-
-
-def wait_exit(pid, timeout=DEADLINE):
-    """Reap `pid`, waiting at most `timeout`; return its exit code."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        ready, _, _ = select.select([pidfd], [], [], timeout)
-    finally:
-        os.close(pidfd)
-    if not ready:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise AssertionError(f"child {pid} did not exit within {timeout}s")
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 class Child:
@@ -111,9 +95,10 @@ class Child:
             self.reaped = True
 
     def wait(self):
-        code = wait_exit(self.pid)
-        self.reaped = True
-        return code
+        try:
+            return reap(self.pid, DEADLINE)
+        finally:
+            self.reaped = True          # reap() killed and reaped it if it overran
 
     def __enter__(self):
         return self
@@ -135,12 +120,6 @@ def stale_entry(root, name):
     with Child(_serve_forever, root, name) as child:
         assert child.line() == "ready"
         child.kill()
-
-
-def drop_to_nobody():
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
 
 
 def raw_message(payload, magic=b"SHRM", version=PROTOCOL_VERSION, length=None):
@@ -499,9 +478,7 @@ def test_fd_passing_across_exec(reg, root):
     before = open_fds()
     lsock = reg.listen("fdsvc")
     lsock.settimeout(DEADLINE)
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(control.__file__)))
-    env = dict(os.environ, SHRIMPIO_REGISTRY=root,
-               PYTHONPATH=os.pathsep.join(filter(None, [pkg_parent, os.environ.get("PYTHONPATH")])))
+    env = child_env({"SHRIMPIO_REGISTRY": root})
     proc = subprocess.Popen([sys.executable, "-c", CHILD_SCRIPT], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -18,7 +18,8 @@ import textwrap
 
 import pytest
 
-from fastpath_helpers import RingPair, child_env
+from children import child_env
+from fastpath_helpers import RingPair
 from shrimpio import _fastpath as fp
 from shrimpio._fastpath import Ring, Segment, get_busy_poll_us, set_busy_poll_us
 
@@ -36,7 +37,7 @@ def shm_names():
 
 def run_python(code, *args, env=None, drop=(), pass_fds=(), timeout=30):
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                          env=child_env(env, drop), pass_fds=pass_fds, capture_output=True,
+                          env=child_env(env, drop=drop), pass_fds=pass_fds, capture_output=True,
                           text=True, timeout=timeout)
 
 

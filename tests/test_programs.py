@@ -1,11 +1,12 @@
 """Unmodified programs over shrimpio, as real processes.
 
-Each program of ``tests/programs.py`` runs as a subprocess, with both sides
-patched (``python -m shrimpio run prog.py``) and with one side a plain
-``python``.  What path each connection took is read from the
-``SHRIMPIO_REPORT`` files the patched processes append to when a connection
-closes (one file per process role, so a line says whose it is); the program
-output is compared with its expected transcript.
+Each program of ``tests/programs.py`` runs as a subprocess (by
+``tests/program_runner.py``), with both sides patched (``python -m shrimpio
+run prog.py``) and with one side a plain ``python``.  What path each
+connection took is read from the ``SHRIMPIO_REPORT`` files the patched
+processes append to when a connection closes (one file per process role, so
+a line says whose it is); the program output is compared with its expected
+transcript.
 
 Also: a connection to another host (two network namespaces joined by a veth
 pair) falls back to TCP with reason "remote host", and ``SHRIMPIO_DISABLE``
@@ -14,256 +15,18 @@ and ``SHRIMPIO_TCP`` keep connections on TCP with their reasons.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import secrets
-import select
 import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
-import shrimpio
-from conftest import wait_for
-from programs import (PROGRAMS, expected_echo, expected_httpclient, expected_requests,
-                      expected_selectors, expected_urllib, expected_xmlrpc)
-
-#: Where the shrimpio package lives (source tree or site-packages):
-#: subprocesses need it on PYTHONPATH to ``python -m shrimpio``.
-PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(shrimpio.__file__)))
-
-READY_TIMEOUT = 20.0      # a server's "on port N" line
-CLIENT_TIMEOUT = 60.0     # a client run, start to exit
-STOP_TIMEOUT = 10.0       # a server's exit after SIGINT
-
-SHM, TCP = "shm", "tcp"
-
-# ---------------------------------------------------------------------------
-# Running programs
-
-
-def _env(report: Optional[Path], extra: Optional[dict] = None) -> dict:
-    """The environment of a program: shrimpio importable, not patched unless
-    run under ``shrimpio run``, reporting to ``report``."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SHRIMPIO_") or k == "SHRIMPIO_REGISTRY"}
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join([PKG_PARENT] + [p for p in paths if p != PKG_PARENT])
-    if report is not None:
-        env["SHRIMPIO_REPORT"] = str(report)
-    env.update(extra or {})
-    return env
-
-
-def _program(name: str) -> str:
-    path = Path.cwd() / name            # conftest chdirs into tmp_path
-    if not path.exists():
-        path.write_text(PROGRAMS[name])
-    return str(path)
-
-
-def _command(name: str, args, patched: bool, netns: Optional[str] = None) -> list[str]:
-    cmd = [sys.executable]
-    if patched:
-        cmd += ["-m", "shrimpio", "run"]
-    cmd += [_program(name), *map(str, args)]
-    if netns is not None:
-        cmd = ["ip", "netns", "exec", netns] + cmd
-    return cmd
-
-
-def _default_sigint() -> None:
-    """In the server child before exec: SIGINT raises KeyboardInterrupt
-    there even if pytest runs as a background job (which ignores SIGINT,
-    and an ignored SIGINT is inherited and left alone by Python)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    port: int
-    report: Path
-    stderr: Path
-    baseline: frozenset = frozenset()   # its socket fds when it became ready
-
-
-def _sockets_of(pid: int) -> frozenset:
-    """The socket inodes ``pid`` holds open."""
-    out = set()
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return frozenset()
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:"):
-            out.add(target)
-    return frozenset(out)
-
-
-def _children_of(pid: int) -> set:
-    kids = set()
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return kids
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                kids.update(f.read().split())
-        except OSError:
-            pass
-    return kids
-
-
-def _idle(srv: Server) -> bool:
-    """The server holds no sockets beyond those it had when it became ready
-    and has no child processes: every connection it served is closed (and a
-    patched process writes its report line before the close)."""
-    return _sockets_of(srv.proc.pid) <= srv.baseline and not _children_of(srv.proc.pid)
-
-
-def _read_ready_line(proc: subprocess.Popen, stderr: Path) -> int:
-    """The port from the server's first stdout line, within READY_TIMEOUT."""
-    fd = proc.stdout.fileno()
-    buf = b""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"server gave no ready line in {READY_TIMEOUT}s; "
-                                 f"stdout {buf!r}, stderr {stderr.read_text()!r}")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                proc.wait(STOP_TIMEOUT)
-                raise AssertionError(f"server exited ({proc.returncode}) before its ready line; "
-                                     f"stdout {buf!r}, stderr {stderr.read_text()!r}")
-            buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    m = re.search(r"on port (\d+)$", line)
-    assert m, f"unexpected ready line {line!r}"
-    return int(m.group(1))
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGINT (the servers close their listener on KeyboardInterrupt, which
-    removes the registry entry), SIGKILL if that does not do, and reap."""
-    try:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.communicate(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.communicate(timeout=STOP_TIMEOUT)
-    finally:
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-@contextlib.contextmanager
-def server(name: str, *, patched: bool, host: Optional[str] = None, netns: Optional[str] = None,
-           env: Optional[dict] = None, tag: str = "server") -> Iterator[Server]:
-    """Run server program ``name``; always stopped and reaped on exit."""
-    report = Path.cwd() / f"{tag}.report"
-    errpath = Path.cwd() / f"{tag}.stderr"
-    args = [0] + ([host] if host else [])
-    with open(errpath, "wb") as err:
-        proc = subprocess.Popen(_command(name, args, patched, netns), stdout=subprocess.PIPE,
-                                stderr=err, stdin=subprocess.DEVNULL, env=_env(report, env),
-                                preexec_fn=_default_sigint)
-    try:
-        port = _read_ready_line(proc, errpath)
-        yield Server(proc, port, report, errpath, _sockets_of(proc.pid))
-    finally:
-        _stop(proc)
-
-
-def run_client(name: str, args, *, patched: bool, netns: Optional[str] = None,
-               env: Optional[dict] = None, tag: str = "client") -> tuple[str, list[dict]]:
-    """Run client program ``name`` to completion; its stdout and report."""
-    report = Path.cwd() / f"{tag}.report"
-    res = subprocess.run(_command(name, args, patched, netns), capture_output=True,
-                         stdin=subprocess.DEVNULL, env=_env(report, env), timeout=CLIENT_TIMEOUT)
-    assert res.returncode == 0, (f"{name} exited {res.returncode}\nstdout:\n{res.stdout.decode()}"
-                                 f"\nstderr:\n{res.stderr.decode()}")
-    return res.stdout.decode(), read_report(report)
-
-
-def read_report(path: Path) -> list[dict]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def records_when_idle(srv: Server) -> list[dict]:
-    """The server's report once it has closed every connection it served."""
-    wait_for(lambda: _idle(srv), timeout=10, what="the server to close its connections")
-    return read_report(srv.report)
-
-
-def server_records(srv: Server, n: int, *, forking: bool = False) -> list[dict]:
-    """The server's report lines for the ``n`` connections it served, read
-    once it has closed all of them (a server closes its side after the
-    client's EOF, possibly after the client has exited).
-
-    A forking server's connections are closed by its children, which leave
-    with ``os._exit``: their lines must be there all the same.  Its parent
-    also closes its copy of each accepted socket right after the fork; those
-    lines (if any) must say that no bytes went through the parent."""
-    records = records_when_idle(srv)
-    served = [r for r in records if r["pid"] != srv.proc.pid] if forking else records
-    assert len(served) == n, records
-    if forking:
-        assert all(r["bytes_sent"] == r["bytes_received"] == 0
-                   for r in records if r["pid"] == srv.proc.pid), records
-    else:
-        assert all(r["pid"] == srv.proc.pid for r in records), records
-    return served
-
-
-def _addr(rec: dict, key: str) -> tuple:
-    return tuple(rec[key][:2])
-
-
-def assert_paired(client: list[dict], server: list[dict], path: str) -> None:
-    """Every client connection has the server-side record of the same
-    connection (addresses crossed), both on ``path``, and the byte counts of
-    each direction agree."""
-    for c in client:
-        assert c["path"] == path, c
-        match = [s for s in server
-                 if _addr(s, "peer") == _addr(c, "local") and _addr(s, "local") == _addr(c, "peer")]
-        assert match, f"no server record for client connection {c} in {server}"
-        s = match[-1]
-        assert s["path"] == path, s
-        assert (c["bytes_sent"], c["bytes_received"]) == (s["bytes_received"], s["bytes_sent"]), (c, s)
-        assert c["bytes_sent"] > 0 and c["bytes_received"] > 0, c
-
-
-def assert_tcp(records: list[dict], n: int, reason: str) -> None:
-    assert len(records) == n, records
-    for r in records:
-        assert (r["path"], r["reason"]) == (TCP, reason), r
-        assert r["bytes_sent"] > 0 and r["bytes_received"] > 0, r
-
+from program_runner import (SHM, TCP, assert_paired, assert_tcp, read_report, records_when_idle,
+                            run_client, server, server_records)
+from programs import (expected_echo, expected_httpclient, expected_requests, expected_selectors,
+                      expected_urllib, expected_xmlrpc)
 
 # ---------------------------------------------------------------------------
 # Each client/server pair: (server, client, client args, expected output,

@@ -12,8 +12,9 @@ import threading
 
 import pytest
 
+from children import child_env
 from conftest import wait_for
-from fastpath_helpers import RING_MAGIC, RING_VERSION, child_env, pair, pattern  # noqa: F401
+from fastpath_helpers import RING_MAGIC, RING_VERSION, pair, pattern  # noqa: F401
 from shrimpio._fastpath import Ring, RingCorruptedError
 
 

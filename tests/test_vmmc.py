@@ -23,12 +23,13 @@ import threading
 
 import pytest
 
+from children import NOBODY, drop_to_nobody
 from conftest import wait_for
 from shrimpio import _control
 from shrimpio._control import Registry
 from shrimpio.vmmc import NOTIFY_CAPACITY, Endpoint
 from vmmc_helpers import (
-    DEADLINE, NOBODY, Child, blocked_in_poll, drop_to_nobody, export_server, gone,
+    DEADLINE, Child, blocked_in_poll, export_server, gone,
 )
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to nobody")

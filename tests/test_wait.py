@@ -22,6 +22,7 @@ import pytest
 
 from conftest import wait_for
 from fastpath_helpers import DEADLINE, Child, RingPair, cpu_pair, nvcsw, pattern, pinned
+from result_thread import ResultThread
 
 #: A lost wake-up stalls a waiter until the end of its 1 s sleep slice.
 MAX_GAP = 0.8
@@ -81,27 +82,6 @@ def ping(rout, rin, n):
     return worst
 
 
-class Thread(threading.Thread):
-    """A thread that keeps its target's result or exception."""
-
-    def __init__(self, fn, *args):
-        super().__init__(daemon=True)
-        self.fn, self.args, self.value, self.error = fn, args, None, None
-
-    def run(self):
-        try:
-            self.value = self.fn(*self.args)
-        except BaseException as e:  # noqa: BLE001 - reported by result()
-            self.error = e
-
-    def result(self, timeout=DEADLINE):
-        self.join(timeout)
-        assert not self.is_alive(), "thread did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
 # --------------------------------------------------------------------------- a million hand-offs
 
 STREAM = {("process", 0): 400_000, ("process", 50): 400_000,
@@ -121,7 +101,7 @@ def test_stream_no_lost_wakeup(where, spin):
                 producer_sleeps = produce_stream(p.w, n, mine)
                 res = child.result(timeout=50)
         else:
-            t = Thread(consume_stream, p.r, n, theirs)
+            t = ResultThread(consume_stream, p.r, n, theirs)
             t.start()
             produce_stream(p.w, n, mine)
             res = t.result(timeout=50)
@@ -162,7 +142,7 @@ def test_ping_pong_no_lost_wakeup(where, spin):
                 worst = ping(there.w, back.r, n)
                 res = child.result(timeout=50)
         else:
-            t = Thread(echo, there.r, back.w, n, theirs)
+            t = ResultThread(echo, there.r, back.w, n, theirs)
             t.start()
             with pinned(mine):
                 worst = ping(there.w, back.r, n)
@@ -179,7 +159,7 @@ def test_ping_pong_no_lost_wakeup(where, spin):
 def test_consume_wakes_a_blocked_writer():
     with RingPair(64, busy_poll_us=0) as p:
         data = pattern(0, 1000)
-        t = Thread(p.w.write_all, data, 10)
+        t = ResultThread(p.w.write_all, data, 10)
         t.start()
         got = bytearray()
         while len(got) < len(data):
@@ -233,7 +213,7 @@ def test_shutdown_wakes_a_blocked_reader_in_another_process():
 
 def test_shutdown_wakes_a_blocked_reader_thread():
     with RingPair(64, busy_poll_us=0) as p:
-        t = Thread(p.r.read, 10, 10)
+        t = ResultThread(p.r.read, 10, 10)
         t.start()
         wait_for(lambda: p.hdr.get("reader_sleeping") == 1, what="reader asleep")
         p.w.shutdown_write()
@@ -243,7 +223,7 @@ def test_shutdown_wakes_a_blocked_reader_thread():
 def test_close_read_wakes_a_blocked_writer():
     with RingPair(64, busy_poll_us=0) as p:
         p.w.write(b"x" * 64)
-        t = Thread(p.w.write_all, b"more", 10)
+        t = ResultThread(p.w.write_all, b"more", 10)
         t.start()
         wait_for(lambda: p.hdr.get("writer_sleeping") == 1, what="writer asleep")
         p.r.close_read()
@@ -264,7 +244,7 @@ def kill_when(child, predicate):
     def run():
         wait_for(predicate, what="the condition to kill the child")
         child.kill()
-    t = Thread(run)
+    t = ResultThread(run)
     t.start()
     return t
 
@@ -330,7 +310,7 @@ def test_reader_killed_while_writer_sleeps():
 
 def test_gil_released_while_sleeping():
     with RingPair(64, busy_poll_us=0) as p:
-        t = Thread(p.r.read, 10, DEADLINE)
+        t = ResultThread(p.r.read, 10, DEADLINE)
         t.start()
         # wait_for runs Python code: it can only see the flag while the reader
         # is inside its wait if that wait released the GIL.
@@ -358,7 +338,7 @@ def test_gil_released_while_spinning():
             finally:
                 times.append(perf_counter() - t0)
 
-        t = Thread(reader)
+        t = ResultThread(reader)
         t.start()
         started.wait(DEADLINE)
         count, armed, end = 0, 0, perf_counter() + 0.1
@@ -389,7 +369,7 @@ def test_signal_interrupts_a_blocking_wait():
                 wait_for(lambda: p.hdr.get("reader_sleeping") == 1, what="reader asleep")
                 signal.pthread_kill(main, signal.SIGUSR1)
 
-            t = Thread(interrupt)
+            t = ResultThread(interrupt)
             t.start()
             t0 = time.monotonic()
             with pytest.raises(Interrupted):

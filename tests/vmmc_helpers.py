@@ -12,12 +12,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import platform
-import select
 import signal
 import struct
 
+from children import reap
+
 DEADLINE = 10.0
-NOBODY = 65534
 
 # Ring header layout (_fastpath_core.h): producer index at 64, consumer at 128.
 HEAD_AT = 64
@@ -82,19 +82,11 @@ class Child:
 
     def wait(self, timeout: float = DEADLINE) -> int:
         """Reap the child (it must exit by itself within ``timeout``)."""
-        if self.reaped:
-            return self.exitcode
-        pidfd = os.pidfd_open(self.pid)
-        try:
-            ready, _, _ = select.select([pidfd], [], [], timeout)
-        finally:
-            os.close(pidfd)
-        if not ready:
-            self.kill()
-            raise AssertionError(f"child {self.pid} did not exit within {timeout}s")
-        _, status = os.waitpid(self.pid, 0)
-        self.reaped = True
-        self.exitcode = os.waitstatus_to_exitcode(status)
+        if not self.reaped:
+            try:
+                self.exitcode = reap(self.pid, timeout)
+            finally:
+                self.reaped = True          # reap() killed and reaped it if it overran
         return self.exitcode
 
     def finish(self, timeout: float = DEADLINE) -> None:
@@ -118,12 +110,6 @@ class Child:
             self.kill()
         finally:
             self.chan.close()
-
-
-def drop_to_nobody() -> None:
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
 
 
 def gone(op) -> bool:

@@ -22,7 +22,6 @@ import select
 import selectors
 import signal
 import socket
-import threading
 import time
 import traceback
 from typing import Any, Callable, Optional
@@ -31,6 +30,7 @@ import shrimpio.socket as ss
 from shrimpio import _route
 
 from conftest import wait_for
+from result_thread import ResultThread
 
 KINDS = ("stdlib", "shm", "tcp_fallback")
 StdSocket = ss.StdSocket
@@ -181,28 +181,12 @@ class Net:
 # -- threads ------------------------------------------------------------------
 
 
-class Worker(threading.Thread):
-    """A thread whose result (or exception) the test collects."""
+class Worker(ResultThread):
+    """A ``ResultThread`` started at once, whose ``result()`` waits 20 s."""
 
     def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        super().__init__(daemon=True)
-        self._fn, self._args = fn, args
-        self.value: Any = None
-        self.error: Optional[BaseException] = None
+        super().__init__(fn, *args, deadline=20.0)
         self.start()
-
-    def run(self) -> None:
-        try:
-            self.value = self._fn(*self._args)
-        except BaseException as exc:       # reported by result()
-            self.error = exc
-
-    def result(self, timeout: float = 20.0) -> Any:
-        self.join(timeout)
-        assert not self.is_alive(), f"{self._fn.__name__} did not finish within {timeout}s"
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 def recv_exactly(sock: Any, n: int) -> bytes:
