@@ -17,10 +17,7 @@ as in a patched program.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import tempfile
 
 import pytest
 
