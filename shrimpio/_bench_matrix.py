@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, TextIO
 
 from . import _bench, _bench_asyncio, _bench_conn, _bench_socket, _bench_zmq
-from ._bench_table import Figure, Row, format_goals, format_table, machine_line, pick_median
+from ._bench_table import Figure, Row, format_goals, format_noise, format_table, machine_line, pick_median
 from ._bench_goals import goals
 
 MIB = 1 << 20
@@ -315,6 +315,9 @@ def report(res: dict[str, Any]) -> str:
              f"idle CPU over {s['idle_seconds']:g} s", "",
              format_table(rows)]
     lines += [f"{r['title']}: skipped, {r['reason']}" for r in res["skipped_rows"]]
+    noise = format_noise(rows)
+    if noise:
+        lines += ["", noise]
     lines += ["", format_goals(goals({r.key: r for r in rows})), "",
               f"wall time {res['wall_s']:.0f} s"]
     return "\n".join(lines)

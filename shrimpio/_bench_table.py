@@ -22,8 +22,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
-__all__ = ["Figure", "Goal", "Row", "UNITS", "fmt", "fmt_ratio", "format_goals", "format_table", "from_stats",
-           "machine_line", "pick_median"]
+__all__ = ["Figure", "Goal", "NOISY_SPREAD", "Row", "UNITS", "fmt", "fmt_ratio", "format_goals", "format_noise",
+           "format_table", "from_stats", "machine_line", "pick_median"]
 
 #: unit -> True when lower is better.
 UNITS = {"us": True, "%": True, "MiB/s": False, "req/s": False}
@@ -202,6 +202,26 @@ def format_table(rows: Iterable[Row], note: bool = True) -> str:
         parts += [f"{label}: {why}" for label, why in r.skipped.items()]
         lines.append(" | ".join([head, *parts]))
     return "\n".join(lines)
+
+
+#: Repeats of one figure further apart than this make its row "noisy".
+NOISY_SPREAD = 1.5
+
+
+def format_noise(rows: Iterable[Row], limit: float = NOISY_SPREAD) -> str:
+    """One line per figure whose repeats differ by more than ``limit`` times
+    (the machine was busy with something else for part of the run: a ratio
+    taken from such a row may move on the next run); empty if none."""
+    lines = []
+    for r in rows:
+        for f in r.figures:
+            runs = [x for x in f.runs if x > 0]
+            if len(runs) > 1 and max(runs) / min(runs) > limit:
+                lines.append(f"  {r.title}, {f.label}: repeats {fmt(min(runs))} to {fmt(max(runs))} {r.unit}"
+                             f" ({max(runs) / min(runs):.1f}x apart)")
+    if not lines:
+        return ""
+    return "\n".join([f"noisy (repeats more than {limit:g}x apart; read these ratios with care):", *lines])
 
 
 def format_goals(goals: Iterable[Goal]) -> str:

@@ -20,7 +20,7 @@ from children import child_env
 from shrimpio import _bench, _bench_asyncio, _bench_conn, _bench_matrix, _bench_socket, _bench_zmq
 from shrimpio.__main__ import main
 from shrimpio._bench_goals import goals
-from shrimpio._bench_table import Figure, Row, format_goals, format_table
+from shrimpio._bench_table import Figure, Row, format_goals, format_noise, format_table
 
 TINY = _bench_matrix.Settings(rtt_rounds=200, bw_rounds=5, connects=20, async_rtt_rounds=100,
                               seconds=0.1, idle_seconds=0.5, repeats=1)
@@ -222,6 +222,18 @@ def test_goals_and_table_from_figures():
     assert got["aiohttp >= 1.5x uvloop TCP"].met is None
     text = format_goals(goals(rows))
     assert "MISSED" in text and "not measured" in text and "4 of 6 measured goals met" in text
+
+
+def test_noisy_figures_are_named_under_the_table():
+    """A figure whose repeats are more than 1.5x apart is listed (the run's
+    ratios from it may move); steady figures and single repeats are not."""
+    rows = [Row("socket_bw", "socket 1 MiB", "MiB/s", [Figure("shm", 9000.0, None, [8000.0, 9000.0, 9500.0]),
+                                                       Figure("TCP", 2000.0, None, [1200.0, 2000.0, 2900.0])]),
+            Row("connect", "connect", "us", [Figure("shm", 90.0, 300.0, [90.0])])]
+    text = format_noise(rows)
+    assert text.splitlines() == ["noisy (repeats more than 1.5x apart; read these ratios with care):",
+                                 "  socket 1 MiB, TCP: repeats 1200 to 2900 MiB/s (2.4x apart)"]
+    assert format_noise(rows[1:]) == ""
 
 
 def test_aiohttp_goal_needs_every_in_flight_row():
