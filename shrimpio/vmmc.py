@@ -27,8 +27,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import threading
+import time
 from typing import Callable, Optional, Tuple
 
 from . import _control
@@ -330,19 +332,66 @@ class Endpoint:
     # -- serving import requests --------------------------------------------
 
     def _serve(self) -> None:
+        # One thread answers every asker.  A request is one datagram sent
+        # right after connecting, but an asker may connect and send nothing
+        # (slow, stopped, or hostile): it must not hold up the others.  So
+        # the thread polls the listener and every connection still owing its
+        # request, answers each once its datagram is there (no wait then),
+        # and hangs up on those that stay silent for REQUEST_TIMEOUT.
+        lfd = self._listener.fileno()
+        self._listener.setblocking(False)
+        poller = select.poll()
+        poller.register(lfd, select.POLLIN)
+        waiting: dict[int, Tuple[socket.socket, float]] = {}      # fd -> (conn, deadline)
+        try:
+            while True:
+                timeout = None
+                if waiting:
+                    first = min(deadline for _, deadline in waiting.values())
+                    timeout = max(0.0, first - time.monotonic()) * 1000.0
+                for fd, _events in poller.poll(timeout):
+                    if fd == lfd:
+                        if not self._accept_askers(poller, waiting):
+                            return
+                        continue
+                    conn, _ = waiting.pop(fd)
+                    poller.unregister(fd)
+                    try:
+                        self._answer(conn)
+                    except Exception as e:  # a bad request only affects its asker
+                        log.debug("endpoint %s: import request refused: %s", self.name, e)
+                        conn.close()
+                now = time.monotonic()
+                for fd, (conn, deadline) in list(waiting.items()):
+                    if deadline <= now:
+                        log.debug("endpoint %s: no request within %ss", self.name, REQUEST_TIMEOUT)
+                        del waiting[fd]
+                        poller.unregister(fd)
+                        conn.close()
+        finally:
+            for conn, _ in waiting.values():
+                conn.close()
+
+    def _accept_askers(self, poller: "select.poll", waiting: dict) -> bool:
+        """Accept every pending asker into ``waiting``; False when the
+        endpoint is closing (or its listener failed)."""
         while True:
             try:
                 conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                # A listener shut down by close() polls readable, yet a
+                # non-blocking accept() on it only says EAGAIN.
+                return not self._closed
             except OSError:
-                if self._closed:
-                    return
-                log.exception("endpoint %s: accept failed", self.name)
-                return
-            try:
-                self._answer(conn)
-            except Exception as e:  # a bad request only affects its asker
-                log.debug("endpoint %s: import request refused: %s", self.name, e)
+                if not self._closed:
+                    log.exception("endpoint %s: accept failed", self.name)
+                return False
+            if self._closed:
                 conn.close()
+                return False
+            conn.setblocking(True)
+            waiting[conn.fileno()] = (conn, time.monotonic() + REQUEST_TIMEOUT)
+            poller.register(conn.fileno(), select.POLLIN)
 
     def _answer(self, conn: socket.socket) -> None:
         pid, uid, _gid = _control.peer_credentials(conn)

@@ -231,6 +231,29 @@ def test_unknown_endpoint_or_buffer_is_filenotfound():
             ep.import_buffer("exp", "buf")                      # endpoint gone
 
 
+def test_a_silent_asker_does_not_hold_up_the_others():
+    """An asker that connects to an endpoint and sends no request (slow,
+    stopped or hostile) must not keep the endpoint from answering others:
+    an import from another process succeeds well within the 5 s the
+    endpoint grants the silent one (the import itself allows 2 s), and the
+    silent one is hung up on once its time is up."""
+    with Child(export_server, "exp", [("buf", 64, False, None)]) as child:
+        child.expect("ready")
+        with Endpoint("imp") as ep:
+            silent = [ep._registry.connect("exp") for _ in range(3)]
+            try:
+                with ep.import_buffer("exp", "buf", timeout=2.0) as imp:
+                    imp.send(b"ok")
+                for s in silent:
+                    s.settimeout(DEADLINE)
+                    assert s.recv(1) == b""                     # hung up on, not answered
+            finally:
+                for s in silent:
+                    s.close()
+        child.send("exit")
+        child.finish()
+
+
 def test_duplicate_names_are_fileexists():
     with Child(export_server, "exp", [("buf", 64, False, None)]) as child:
         child.expect("ready")
