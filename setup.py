@@ -9,7 +9,8 @@ extensions = [
         include_dirs=["shrimpio"],
         depends=["shrimpio/_fastpath_core.h", "shrimpio/_fastpath_ctl.h", "shrimpio/_fastpath.pxd",
                  "shrimpio/_fastpath_poll.pxi", "shrimpio/_fastpath_stream.pxi",
-                 "shrimpio/_fastpath_ctl.pxi", "shrimpio/_fastpath_transport.pxi"],
+                 "shrimpio/_fastpath_ctl.pxi", "shrimpio/_fastpath_handshake.pxi",
+                 "shrimpio/_fastpath_transport.pxi"],
         extra_compile_args=["-O3", "-std=gnu11"],
     )
 ]

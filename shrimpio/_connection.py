@@ -4,10 +4,11 @@ Theory of operation
 -------------------
 The *client* builds the connection: one segment holding two rings (client to
 server at offset 0, server to client after it) and a socketpair for the
-"space" doorbell.  It connects to the listener's registry entry (an
-``AF_UNIX``/``SOCK_SEQPACKET`` socket; that connected socket is the
-connection's control socket from then on) and sends one ``stream`` message
-carrying the segment and the server's end of the socketpair.  It does not
+"space" doorbell (a *kit*, below).  It connects to the listener's registry
+entry (an ``AF_UNIX``/``SOCK_SEQPACKET`` socket; that connected socket is
+the connection's control socket from then on) and sends one ``stream``
+message carrying the segment and the server's end of the socketpair (the
+hand-shake is in :mod:`shrimpio._handshake`).  It does not
 wait for an answer: like a TCP connect, the connection exists once it is in
 the listener's backlog, and bytes written before ``accept()`` wait in the ring.
 (DESIGN.md puts each ring in the receiver's segment; building both on the
@@ -38,61 +39,22 @@ closes or dies.
 from __future__ import annotations
 
 import errno
-import functools
-import json
 import os
-import re
 import socket as _std
 import _socket as _csocket
 import threading
 
 from . import _control
-from ._fastpath import (Ring, RingCorruptedError, Segment, Stream, get_busy_poll_us,
-                        prepare_rings, spin_readable)
+from ._fastpath import Ring, RingCorruptedError, Segment, Stream, prepare_rings
 
-__all__ = ["Connection", "DEFAULT_RING", "HELLO_KIND", "Kit", "ring_capacity", "take_kit",
-           "give_back", "refill", "drop_spares", "bury", "reap"]
+__all__ = ["Connection", "DEFAULT_RING", "Kit", "ring_capacity", "take_kit", "give_back",
+           "refill", "connected", "drop_spares", "bury", "reap"]
 
 #: Default bytes per direction (about a Unix socket's default buffer).
 DEFAULT_RING = 256 * 1024
 MIN_RING = 4096
 MAX_RING = 64 * 1024 * 1024
-HELLO_KIND = "stream"
-PROTOCOL_VERSION = 1
-_SO_DOMAIN = getattr(_std, "SO_DOMAIN", 39)     # Linux; Python exposes it since 3.6
 _AF_UNIX, _SOCK_SEQPACKET = int(_std.AF_UNIX), int(_std.SOCK_SEQPACKET)
-_SOL_SOCKET, _SO_TYPE = int(_std.SOL_SOCKET), int(_std.SO_TYPE)
-
-# The stream hello, a control message (see _control) built from a template:
-# it is sent once per connection, and a generic JSON encoding costs more
-# than the system call.  Addresses go in as JSON strings (_json_str).
-_HELLO = ('{"kind":"%s","v":%d,' % (HELLO_KIND, PROTOCOL_VERSION)
-          + '"c2s":%d,"s2c":%d,"size":%d,"client":[%s,%d],"server":[%s,%d]}').encode()
-
-
-# The same hello as the server recognises it: a strict subset of JSON
-# (numbers without leading zeros, host strings without escapes), so that a
-# match means exactly what the JSON would; anything else takes the generic
-# decode.  Either way the values are then checked alike.
-_HELLO_RE = re.compile(
-    (r'\{"kind":"%s","v":%d,' % (HELLO_KIND, PROTOCOL_VERSION)
-     + r'"c2s":(0|[1-9][0-9]{0,18}),"s2c":(0|[1-9][0-9]{0,18}),"size":(0|[1-9][0-9]{0,18}),'
-     r'"client":\["([0-9A-Za-z.:%_-]{1,64})",(0|[1-9][0-9]{0,5})\],'
-     r'"server":\["([0-9A-Za-z.:%_-]{1,64})",(0|[1-9][0-9]{0,5})\]\}').encode())
-
-
-@functools.lru_cache(maxsize=256)
-def _json_str(text: str) -> bytes:
-    return json.dumps(str(text), ensure_ascii=False).encode()
-
-
-@functools.lru_cache(maxsize=64)
-def _layout_ok(c2s: int, s2c: int, size: int) -> bool:
-    """Are these a valid pair of ring capacities and the segment size that
-    holds them?  (Cached: clients use a few sizes; the arguments are
-    exact ints, checked by the caller.)"""
-    return (ring_capacity(c2s) == c2s and ring_capacity(s2c) == s2c
-            and size == Connection.layout(c2s, s2c)[1])
 
 _fork_generation = 0
 
@@ -249,6 +211,13 @@ def refill() -> None:
         kit.close()
 
 
+def connected() -> None:
+    """Count a shared-memory connect of this process (refill() keeps spares
+    only for processes that connect repeatedly)."""
+    global _connects
+    _connects += 1
+
+
 def drop_spares() -> None:
     """Close the spare kits (their fds and mappings) and unmap the segments
     of closed connections.  Harmless at any time."""
@@ -354,125 +323,6 @@ class Connection:
         """(offset of the second ring, segment size) for two capacities."""
         off2 = _align(Ring.footprint(c2s), 64)
         return off2, _align(off2 + Ring.footprint(s2c))
-
-    @classmethod
-    def connect(cls, ctl: _std.socket, target_fd: int, local: tuple, peer: tuple, sndbuf: int,
-                rcvbuf: int, kit: "Kit | None" = None) -> "Connection":
-        """Client side, over a connected registry socket ``ctl``: send the
-        hello with the kit's segment and socketpair end (a kit is built if
-        none is given, or if it does not fit the ring sizes), then ``dup2``
-        the control socket onto ``target_fd`` (the user's socket, whose fd
-        number must not change).  ``ctl``'s own fd becomes the connection's
-        doorbell fd.  The kit is used up either way."""
-        global _connects
-        c2s, s2c = ring_capacity(sndbuf), ring_capacity(rcvbuf)
-        if kit is not None and kit.caps != (c2s, s2c):
-            kit.close()
-            kit = None
-        if kit is None:
-            kit = Kit(c2s, s2c)
-        seg, mine, theirs = kit.segment, kit.mine, kit.theirs
-        try:
-            # The hello first: the listener is waiting for it.
-            _control.send_payload(ctl, _HELLO % (
-                c2s, s2c, seg.size, _json_str(local[0]), int(local[1]),
-                _json_str(peer[0]), int(peer[1])), (seg.fileno(), theirs.fileno()))
-            # ctl's fd number is the doorbell fd the connection keeps (detached
-            # below).  Should this fail, closing ctl tells the listener: EOF.
-            conn = cls(seg, ctl.fileno(), mine, client=True, caps=(c2s, s2c), local=local,
-                       peer=peer)
-        except BaseException:
-            kit.close()
-            raise
-        theirs.close()
-        seg.close_fd()              # the listener has it; our mapping stays
-        os.dup2(ctl.fileno(), target_fd, inheritable=False)
-        ctl.detach()
-        _connects += 1
-        return conn
-
-    @classmethod
-    def accept(cls, ctl: _std.socket) -> tuple["Connection", tuple, tuple]:
-        """Server side: read the hello from an accepted registry socket and
-        map the client's segment.  Returns (connection, client address,
-        server address).  Anything malformed raises ``ProtocolError`` and
-        closes what came with it."""
-        own = os.dup(ctl.fileno())      # our doorbell fd (done while the hello comes)
-        try:
-            # The client sends the hello right after its connect: spin for
-            # it as a ring reader would, rather than sleep.
-            spin_readable((own,), get_busy_poll_us() / 1e6)
-            payload, fds = _control.recv_payload(ctl, timeout=5.0)
-        except BaseException:
-            os.close(own)
-            raise
-        try:
-            m = _HELLO_RE.fullmatch(payload)
-            if m is not None:              # our own clients' hello: no generic decode
-                c2s, s2c, size = int(m[1]), int(m[2]), int(m[3])
-                client, server = (m[4].decode(), int(m[5])), (m[6].decode(), int(m[7]))
-            else:
-                c2s, s2c, size, client, server = cls._generic_hello(payload, fds)
-            if len(fds) != 2:
-                raise _control.ProtocolError("stream hello must carry two fds")
-            if not (type(c2s) is int and type(s2c) is int and type(size) is int
-                    and _layout_ok(c2s, s2c, size)):
-                raise _control.ProtocolError(
-                    f"bad ring capacities or segment size {c2s!r}, {s2c!r}, {size!r}")
-            if (len(client) < 2 or len(server) < 2 or type(client[0]) is not str
-                    or type(server[0]) is not str or type(client[1]) is not int
-                    or type(server[1]) is not int or not 0 <= client[1] <= 65535
-                    or not 0 <= server[1] <= 65535):
-                raise _control.ProtocolError("bad addresses in stream hello")
-            fd0, fds[0] = fds[0], -1
-            try:
-                seg = Segment.from_fd(fd0, size, keep_fd=False)    # closes fd0 on failure
-            except ValueError as exc:    # not a shared memory object, or too small
-                raise _control.ProtocolError(f"bad segment in stream hello: {exc}") from None
-        except BaseException:
-            for fd in fds:
-                if fd >= 0:
-                    os.close(fd)
-            os.close(own)
-            raise
-        try:
-            space = _csocket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fds[1])
-            try:
-                ok = (space.getsockopt(_SOL_SOCKET, _SO_TYPE) == _SOCK_SEQPACKET
-                      and space.getsockopt(_SOL_SOCKET, _SO_DOMAIN) == _AF_UNIX)
-            except OSError:          # ENOTSOCK: not a socket at all
-                ok = False
-            if not ok:
-                space.detach()
-                raise _control.ProtocolError("space doorbell is not a Unix seqpacket socket")
-        except BaseException:
-            os.close(fds[1])
-            os.close(own)
-            seg.close()
-            raise
-        try:
-            conn = cls(seg, own, space, client=False, caps=(c2s, s2c))
-        except BaseException:
-            os.close(own)
-            seg.close()
-            space.close()
-            raise
-        return conn, client, server
-
-    @staticmethod
-    def _generic_hello(payload: bytes, fds: list[int]) -> tuple:
-        """(c2s, s2c, size, client, server) of a hello in any JSON form;
-        the caller checks the values."""
-        msg = _control.decode_payload(payload, fds)
-        _control.expect(msg, HELLO_KIND)  # closes (and empties) fds on refusal
-        body = msg.body
-        if body.get("v") != PROTOCOL_VERSION:
-            raise _control.ProtocolError(f"unsupported stream protocol version {body.get('v')!r}")
-        try:
-            return (body["c2s"], body["s2c"], body["size"], tuple(body["client"]),
-                    tuple(body["server"]))
-        except (KeyError, TypeError) as exc:
-            raise _control.ProtocolError(f"bad stream hello: {exc}") from None
 
     # -- state -------------------------------------------------------------
 

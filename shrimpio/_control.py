@@ -65,12 +65,12 @@ import time
 import weakref
 from typing import Iterator, NamedTuple, Sequence
 
-from ._fastpath import recvmsg_fds, sendmsg_fds
+from ._fastpath import dial_unix, recvmsg_fds, sendmsg_fds
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE", "MAX_FDS", "ProtocolError",
     "registry_root", "check_name", "peer_credentials", "Registry",
-    "send_message", "send_payload", "Message", "recv_message", "recv_payload", "decode_payload",
+    "send_message", "send_payload_fd", "header", "datagram_payload", "Message", "recv_message", "recv_payload", "decode_payload",
     "expect", "error_reply", "getenv",
 ]
 
@@ -81,7 +81,6 @@ MAX_FDS: int = 4               # fds one message may carry
 _MAGIC = b"SHRM"
 _HEADER = struct.Struct("!4sHHI")
 _UCRED = struct.Struct("iII")          # struct ucred: pid_t, uid_t, gid_t
-_TIMEVAL = struct.Struct("ll")         # struct timeval for SO_SNDTIMEO
 _SUN_PATH_MAX = 107                    # sizeof(sun_path) minus the NUL
 _SUFFIX = ".sock"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,96}")
@@ -198,39 +197,17 @@ def _unlink_quiet(path: str) -> None:
         pass
 
 
-def _set_sndtimeo(sock: socket.socket, seconds: float) -> None:
-    usec = 0 if seconds <= 0 else max(1, round(seconds * 1e6))   # 0 would mean "forever"
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                    _TIMEVAL.pack(usec // 1_000_000, usec % 1_000_000))
-
-
 def _dial(path: str, timeout: float | None, raw: bool = False) -> tuple[socket.socket | None, int]:
     """Connect a blocking SEQPACKET socket to `path`: (socket, 0) or (None, errno).
 
-    A Unix connect() only ever blocks while the listener's backlog is full; it
-    honours SO_SNDTIMEO for that wait (then fails with EAGAIN), so the timeout is
-    applied that way and reset afterwards.  timeout <= 0 means do not wait.
-    ``raw``: a ``_socket.socket`` (no Python-level wrapper)."""
-    sock = (_csocket.socket if raw else socket.socket)(
-        socket.AF_UNIX, socket.SOCK_SEQPACKET | _SOCK_CLOEXEC)
-    try:
-        if timeout is None:
-            err = sock.connect_ex(path)
-        elif timeout <= 0:
-            sock.setblocking(False)
-            err = sock.connect_ex(path)
-            sock.setblocking(True)
-        else:
-            _set_sndtimeo(sock, timeout)
-            err = sock.connect_ex(path)
-            _set_sndtimeo(sock, 0)
-    except BaseException:
-        sock.close()
-        raise
-    if err:
-        sock.close()
-        return None, err
-    return sock, 0
+    A Unix connect() only ever blocks while the listener's backlog is full;
+    ``timeout`` bounds that wait (see ``_fastpath.dial_unix``).  timeout <= 0
+    means do not wait.  ``raw``: a ``_socket.socket`` (no Python-level
+    wrapper)."""
+    fd = dial_unix(os.fsencode(path), timeout)
+    if fd < 0:
+        return None, -fd
+    return (_csocket.socket if raw else socket.socket)(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fd), 0
 
 
 def _is_stale(path: str) -> bool:
@@ -465,7 +442,7 @@ def send_message(sock: socket.socket, kind: str, body: dict | None = None,
     if len(fd_list) > MAX_FDS:
         raise ValueError(f"a control message carries at most {MAX_FDS} fds, not {len(fd_list)}")
     payload = _ENCODER.encode(obj).encode("utf-8")
-    data = _HEADER.pack(_MAGIC, PROTOCOL_VERSION, 0, len(payload)) + payload
+    data = header(len(payload)) + payload
     if len(data) > MAX_MESSAGE:
         raise ValueError(f"{kind!r} control message is {len(data)} bytes, "
                          f"more than MAX_MESSAGE ({MAX_MESSAGE})")
@@ -481,14 +458,20 @@ def _sendmsg(sock: socket.socket, data: bytes, fds: Sequence[int]) -> int:
     return sock.sendmsg([data], ancdata, _MSG_NOSIGNAL)   # the socket's timeout applies
 
 
-def send_payload(sock: socket.socket, payload: bytes, fds: Sequence[int] = ()) -> None:
+def header(length: int) -> bytes:
+    """The header of a control datagram whose payload is ``length`` bytes."""
+    return _HEADER.pack(_MAGIC, PROTOCOL_VERSION, 0, length)
+
+
+def send_payload_fd(sock: int, payload: bytes, fds: Sequence[int] = ()) -> None:
     """Send one control datagram whose payload (the UTF-8 JSON object, with
-    its ``kind``) the caller built: the fast path of :func:`send_message`
-    for messages sent per connection."""
-    data = _HEADER.pack(_MAGIC, PROTOCOL_VERSION, 0, len(payload)) + payload
+    its ``kind``) the caller built, over the blocking socket ``sock`` (an
+    fd): the fast path of :func:`send_message` for messages sent per
+    connection."""
+    data = header(len(payload)) + payload
     if len(data) > MAX_MESSAGE or len(fds) > MAX_FDS:
         raise ValueError("control message too long, or too many fds")
-    sent = _sendmsg(sock, data, fds)
+    sent = sendmsg_fds(sock, data, fds)
     if sent != len(data):
         raise OSError(errno.EMSGSIZE, f"short send of a control message ({sent}/{len(data)})")
 
@@ -501,7 +484,7 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def _payload(data: bytes, msg_flags: int, fds: list[int]) -> bytes:
+def datagram_payload(data: bytes, msg_flags: int, fds: list[int]) -> bytes:
     """Check a received datagram's size, fds and header; return its payload."""
     if msg_flags & _MSG_TRUNC or len(data) > MAX_MESSAGE:
         raise ProtocolError(f"control message longer than MAX_MESSAGE ({MAX_MESSAGE} bytes)")
@@ -541,7 +524,7 @@ def decode_payload(payload: bytes, fds: list[int]) -> Message:
 
 
 def _parse(data: bytes, msg_flags: int, fds: list[int]) -> Message:
-    return decode_payload(_payload(data, msg_flags, fds), fds)
+    return decode_payload(datagram_payload(data, msg_flags, fds), fds)
 
 
 def recv_message(sock: socket.socket, timeout: float | None = None) -> Message:
@@ -609,7 +592,7 @@ def recv_payload(sock: socket.socket, timeout: float | None = None) -> tuple[byt
                 os.set_inheritable(fd, False)
         if not data and not fds and not msg_flags & _MSG_CTRUNC:
             raise ConnectionResetError(errno.ECONNRESET, "peer closed the control connection")
-        return _payload(data, msg_flags, fds), fds
+        return datagram_payload(data, msg_flags, fds), fds
     except BaseException:
         _close_fds(fds)
         raise

@@ -9,9 +9,16 @@
 #define SHRIMPIO_FASTPATH_CTL_H
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stddef.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/uio.h>
+#include <sys/un.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <unistd.h>
 
 #define SHR_CTL_MAX_FDS 16
 
@@ -84,6 +91,138 @@ static inline ssize_t shr_recvmsg_fds(int sock, char *buf, size_t len, int *fds,
             memcpy(&fds[(*nfds)++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
     }
     return r;
+}
+
+/* A SOCK_SEQPACKET socket connected to the Unix socket at path[0..len):
+ * its fd (close-on-exec), or -errno.  A Unix connect() waits only while
+ * the listener's backlog is full: timeout_us < 0 waits as long as that
+ * takes, 0 not at all (-EAGAIN), more that many microseconds (through
+ * SO_SNDTIMEO, which connect() honours, reset afterwards).  -EINTR: a
+ * signal came; the caller handles it and may dial again. */
+static inline int shr_dial_unix(const char *path, size_t len, long long timeout_us) {
+    struct sockaddr_un sa;
+    int fd, err = 0;
+    if (len == 0 || len >= sizeof sa.sun_path)
+        return -ENAMETOOLONG;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, path, len);
+    fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | (timeout_us == 0 ? SOCK_NONBLOCK : 0), 0);
+    if (fd < 0)
+        return -errno;
+    if (timeout_us > 0) {
+        struct timeval tv = {(time_t)(timeout_us / 1000000), (suseconds_t)(timeout_us % 1000000)};
+        if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) != 0)
+            err = errno;
+    }
+    if (!err && connect(fd, (struct sockaddr *)&sa, offsetof(struct sockaddr_un, sun_path) + len) != 0)
+        err = errno;
+    if (!err && timeout_us > 0) {
+        struct timeval zero = {0, 0};
+        if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &zero, sizeof zero) != 0)
+            err = errno;
+    }
+    if (!err && timeout_us == 0 && fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0)
+        err = errno;
+    if (err) {
+        close(fd);
+        return -err;
+    }
+    return fd;
+}
+
+/* The uid of the peer of a connected Unix socket (SO_PEERCRED), or -1
+ * with errno. */
+static inline long long shr_peer_uid(int sock) {
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
+        return -1;
+    if (len < sizeof cred) {
+        errno = EPROTO;
+        return -1;
+    }
+    return (long long)cred.uid;
+}
+
+/* Is fd a Unix SOCK_SEQPACKET socket?  (1 yes, 0 no or not a socket.) */
+static inline int shr_is_unix_seqpacket(int fd) {
+    int type = 0, domain = 0;
+    socklen_t len = sizeof type;
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_SEQPACKET)
+        return 0;
+    len = sizeof domain;
+    return getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 && domain == AF_UNIX;
+}
+
+/* The client's half of a stream hello that fits in one call: bind the
+ * user's TCP socket `user` to (ip, 0) (`ip` is `iplen` packed bytes of
+ * `family`: 4 for AF_INET, 16 for AF_INET6), read back its port, and send
+ * over `ctl` the control message pre[0..8) + length + head + port + tail
+ * with the fds fds[0..2).  `pre` is the message header without its length
+ * field (the caller knows the protocol; this only does the arithmetic).
+ * Returns 1 (sent, *port set), 0 (nothing sent: the socket was bound
+ * already, or elsewhere; the caller takes the general way), -1 errno. */
+static inline int shr_stream_hello(int ctl, int user, int family, const char *ip, size_t iplen,
+                                   const char *pre, const char *head, size_t headlen,
+                                   const char *tail, size_t taillen, const int *fds, int *port) {
+    union {
+        struct sockaddr sa;
+        struct sockaddr_in v4;
+        struct sockaddr_in6 v6;
+    } want, got;
+    socklen_t len, glen = sizeof got;
+    char msg[4096 + 64];
+    char digits[8];
+    size_t n, total;
+    uint32_t be;
+    memset(&want, 0, sizeof want);
+    *port = 0;
+    if (family == AF_INET && iplen == 4) {
+        want.v4.sin_family = AF_INET;
+        memcpy(&want.v4.sin_addr, ip, 4);
+        len = sizeof want.v4;
+    } else if (family == AF_INET6 && iplen == 16) {
+        want.v6.sin6_family = AF_INET6;
+        memcpy(&want.v6.sin6_addr, ip, 16);
+        len = sizeof want.v6;
+    } else {
+        return 0;
+    }
+    if (bind(user, &want.sa, len) != 0)
+        return errno == EINVAL ? 0 : -1;      /* EINVAL: bound behind our back */
+    if (getsockname(user, &got.sa, &glen) != 0)
+        return -1;
+    if (family == AF_INET) {
+        if (glen < sizeof got.v4 || memcmp(&got.v4.sin_addr, ip, 4) != 0)
+            return 0;
+        *port = ntohs(got.v4.sin_port);
+    } else {
+        if (glen < sizeof got.v6 || memcmp(&got.v6.sin6_addr, ip, 16) != 0
+                || got.v6.sin6_scope_id != 0)
+            return 0;
+        *port = ntohs(got.v6.sin6_port);
+    }
+    n = (size_t)snprintf(digits, sizeof digits, "%d", *port);
+    total = 12 + headlen + n + taillen;
+    if (total > sizeof msg) {
+        errno = EMSGSIZE;
+        return -1;
+    }
+    memcpy(msg, pre, 8);
+    be = htonl((uint32_t)(total - 12));
+    memcpy(msg + 8, &be, 4);
+    memcpy(msg + 12, head, headlen);
+    memcpy(msg + 12 + headlen, digits, n);
+    memcpy(msg + 12 + headlen + n, tail, taillen);
+    for (;;) {
+        ssize_t r = shr_sendmsg_fds(ctl, msg, total, fds, 2);
+        if (r >= 0)
+            break;
+        if (errno != EINTR)
+            return -1;
+    }
+    return 1;
 }
 
 #endif

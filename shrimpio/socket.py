@@ -20,14 +20,13 @@ stdlib meaning.  Each object is in one of three states:
   ``accept()`` serves both.
 
 Decisions about the path are made in :mod:`shrimpio._route` and recorded on
-the object (``shrimpio.info(sock)``).
+the object (``shrimpio.info(sock)``); the hand-shake of a shared-memory
+connect or accept is in :mod:`shrimpio._handshake`.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
-import ipaddress
 import os
 import select as _select
 import _socket as _csocket
@@ -38,9 +37,10 @@ import time
 import weakref
 from typing import Any, Optional
 
-from . import _connection, _control, _route
-from ._connection import DEFAULT_RING, Connection, describe_error
-from ._fastpath import get_busy_poll_us, spin_readable
+from . import _connection, _control, _handshake, _route
+from ._connection import Connection
+from ._fastpath import spin_readable
+from ._handshake import Listener as _Listener
 
 __all__ = ["socket", "info", "StdSocket"]
 
@@ -106,22 +106,7 @@ def _unindexed_add(conn: Connection) -> None:
         if len(_unindexed) <= _UNINDEXED_PRUNE:
             return
     _index_pending()
-_registries: dict[str, _control.Registry] = {}
-# (_route.env_key(), family, numeric host, port) -> the TCP Route that rules
-# the destination out, or (registry, candidate entry names): a connect's
-# static decisions, remembered (the key holds all they depend on).
-_client_routes: dict[tuple, Any] = {}
-_reg_lock = threading.Lock()
-
-
-def _registry() -> _control.Registry:
-    root = _control.registry_root()
-    reg = _registries.get(root)
-    if reg is None:
-        with _reg_lock:
-            reg = _registries.get(root) or _control.Registry.open(root)
-            _registries[root] = reg
-    return reg
+_registry = _handshake.registry
 
 
 def _inode(fd: int) -> tuple[int, int]:
@@ -131,123 +116,6 @@ def _inode(fd: int) -> tuple[int, int]:
 
 def _ebadf() -> OSError:
     return OSError(errno.EBADF, "Bad file descriptor")
-
-
-@functools.lru_cache(maxsize=1024)
-def _literal(host: str) -> Optional[str]:
-    """Canonical form of a numeric address, None for a name."""
-    try:
-        return str(ipaddress.ip_address(host.split("%")[0]))
-    except ValueError:
-        return None
-
-
-def _numeric(family: int, host: str, port: int) -> Optional[str]:
-    """Numeric form of a destination host, or None if it cannot be resolved
-    without the network (then the kernel decides, on TCP)."""
-    literal = _literal(host)
-    if literal is not None:
-        return literal
-    try:
-        infos = _std.getaddrinfo(host, port, family, _std.SOCK_STREAM)
-    except OSError:
-        return None
-    return infos[0][4][0] if infos else None
-
-
-@functools.lru_cache(maxsize=1024)
-def _host_as_seen(family: int, host: str) -> str:
-    """``host`` as a socket of ``family`` reports it.  Like the kernel, an
-    IPv6 socket sees an IPv4 peer as ``::ffff:a.b.c.d`` (dual-stack
-    listener), and an IPv4 socket sees a v4-mapped address unmapped."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        ip = None
-    if family == _std.AF_INET6:
-        if ip is not None and ip.version == 4:
-            host = f"::ffff:{ip}"
-        elif ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
-            host = f"::ffff:{ip.ipv4_mapped}"      # inet_ntop's spelling, not ::ffff:7f00:1
-    elif ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
-        host = str(ip.ipv4_mapped)
-    return host
-
-
-def _addr_tuple(family: int, addr: Any) -> tuple:
-    """An address as a socket of ``family`` reports it (see _host_as_seen)."""
-    host, port = _host_as_seen(family, addr[0]), int(addr[1])
-    if family == _std.AF_INET6:
-        return (host, port, 0, 0)
-    return (host, port)
-
-
-@functools.lru_cache(maxsize=1024)
-def _unspecified(host: str) -> bool:
-    """Is the numeric address ``host`` 0.0.0.0 / :: ?"""
-    return ipaddress.ip_address(host.split("%")[0]).is_unspecified
-
-
-#: accept()'s busy-poll budget in units of the rings' (SHRIMPIO_BUSY_POLL_US).
-#: The wait it covers is a client's whole turn (its close, then its next
-#: connect's set-up), several data hand-offs long.
-ACCEPT_SPIN = 4
-
-
-def _accept_spin_top() -> float:
-    """Most seconds accept() busy-polls before it sleeps (0 when
-    ``SHRIMPIO_BUSY_POLL_US=0`` turns every busy-poll off)."""
-    return get_busy_poll_us() * ACCEPT_SPIN / 1e6
-
-
-class _Listener:
-    """The registry half of a listening shrimpio socket.
-
-    ``spin`` is the adaptive busy-poll budget of ``accept()`` (seconds), by
-    the rules of the rings' (``_adapt_spin`` in ``_fastpath.pyx``): a spin
-    that caught a client keeps it, a sleep that a longer spin would have
-    avoided grows it, a longer sleep halves it (down to 1/16 of the budget),
-    so an idle server spins little."""
-
-    def __init__(self, name: str, usock: StdSocket) -> None:
-        self.name = name
-        self.usock = usock
-        self.forks = _connection.forks
-        self.spin = _accept_spin_top()
-
-    def spin_budget(self) -> float:
-        top = _accept_spin_top()
-        if self.spin > top:
-            self.spin = top
-        return self.spin
-
-    def adapt(self, spun: bool, waited: float) -> None:
-        top = _accept_spin_top()
-        cur = min(self.spin, top)
-        if spun:
-            self.spin = min(top, cur * 2 + 1e-6)
-        elif waited <= top:
-            self.spin = min(top, max(cur * 2, waited * 1.25))   # a longer spin catches it
-        else:
-            self.spin = max(top / 16, cur / 2)
-
-    def close(self) -> None:
-        if _connection.forks != self.forks:
-            # Shared across a fork: as with a TCP listener, the entry must stay
-            # findable while any process still holds the listener.  Let go of
-            # our copy, then remove the entry only if nobody listens there
-            # any more (the registry probes it).
-            self.usock.close()
-            try:
-                _registry().remove(self.name)
-            except OSError:
-                pass
-            return
-        try:
-            _registry().remove(self.name, self.usock)
-        except OSError:
-            pass
-        self.usock.close()
 
 
 class socket(StdSocket):
@@ -372,134 +240,12 @@ class socket(StdSocket):
 
     def _try_shm(self, address: Any, kit_later: bool = False) -> bool:
         """Connect over shared memory if the route allows and a shrimpio
-        listener answers; False (with the reason recorded) to go by TCP.
-        ``kit_later``: build the spare connect kit when this connection
-        first waits for its peer rather than now (see _connection)."""
-        if not isinstance(address, tuple) or len(address) < 2:
-            return False        # let the stdlib raise its own TypeError
-        host, port = address[0], address[1]
-        if not isinstance(host, str) or not isinstance(port, int):
-            return False
-        family = _family(self)
-        numeric = _numeric(family, host, port)
-        if numeric is None:
-            self._route = _route.Route(_route.TCP, "unresolvable host")
-            return False
-        key = (_route.env_key(), family, numeric, port)
-        known = _client_routes.get(key)
-        if known is None:
-            route = _route.decide_client(numeric, port)
-            if route.path != _route.SHM:
-                known = route
-            else:
-                try:
-                    reg = _registry()
-                except (OSError, ValueError) as exc:
-                    # An unusable registry (bad owner or mode...) costs the
-                    # fast path, never the connection.
-                    self._route = _route.Route(_route.TCP, f"registry unusable: {exc}")
-                    return False
-                known = (reg, _route.candidate_entries(family, numeric, port))
-            if len(_client_routes) >= 1024:
-                _client_routes.clear()
-            _client_routes[key] = known
-        if type(known) is _route.Route:
-            self._route = known
-            return False
-        reg, names = known
-        ctl = None
-        reason = "no shrimpio listener"
-        bufs = self._bufs
-        sndbuf = bufs.get(_std.SO_SNDBUF, DEFAULT_RING)
-        rcvbuf = bufs.get(_std.SO_RCVBUF, DEFAULT_RING)
-        # A ready kit (no system call) lets the hello follow the registry
-        # connect at once, so the listener finds it when it wakes up.
-        kit = _connection.take_kit(_connection.ring_capacity(sndbuf), _connection.ring_capacity(rcvbuf))
-        for name in names:
-            try:
-                ctl = reg.connect(name, timeout=self.gettimeout(), raw=True)
-                break
-            except FileNotFoundError:
-                continue
-            except PermissionError:
-                reason = "other user"
-                break
-            except OSError as exc:
-                reason = describe_error(exc)
-                break
-            except ValueError as exc:   # e.g. entry path too long for a Unix socket
-                reason = f"registry unusable: {exc}"
-                break
-            except BaseException:
-                _connection.give_back(kit)
-                raise
-        if ctl is None:
-            _connection.give_back(kit)
-            self._route = _route.Route(_route.TCP, reason)
-            return False
-        if _unspecified(numeric):
-            # connect() to 0.0.0.0 / :: reaches this host over loopback, and
-            # the kernel reports the loopback address as the peer.
-            numeric = "::1" if family == _AF_INET6 else "127.0.0.1"
-        try:
-            try:
-                local = self._local_address(numeric)
-            except BaseException:
-                _connection.give_back(kit)
-                raise
-            peer = _addr_tuple(family, (numeric, port))
-            conn = Connection.connect(ctl, self.fileno(), local, peer, sndbuf, rcvbuf, kit)
-        except OSError as exc:
-            ctl.close()
-            self._route = _route.Route(_route.TCP, describe_error(exc))
-            return False
-        ctl.close()
-        timeout = self.gettimeout()
-        if timeout is not None or _std.getdefaulttimeout() is not None:
-            # O_NONBLOCK went with the old file; the registry socket's file
-            # is in blocking mode unless a default timeout made it not.
-            self.settimeout(timeout)
-        self._install(conn)
-        if conn.tx.capacity != DEFAULT_RING or conn.rx.capacity != DEFAULT_RING:
-            pass                        # spare kits have the default sizes only
-        elif kit_later:
-            conn.kit_due = True
-        else:
-            # The listener is busy with our hello: a good time to get the
-            # next connect's kit ready.
-            _connection.refill()
-        return True
+        listener answers; False (with the reason recorded) to go by TCP
+        (see _handshake.connect_shm)."""
+        return _handshake.connect_shm(self, address, kit_later)
 
     def _local_address(self, dest: str) -> tuple:
-        """Our address as the peer sees it: bound if the user bound us, else
-        a real ephemeral port reserved by binding (released when the fd is
-        replaced, as a closed TCP port would be)."""
-        host, port = "", 0
-        if self._unbound:
-            # Nobody bound it (through this object): no need to ask.  If
-            # someone did behind our back, bind() says so (EINVAL).
-            try:
-                StdSocket.bind(self, (dest if not _unspecified(dest) else (
-                    "::1" if _family(self) == _AF_INET6 else "127.0.0.1"), 0))
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-            else:
-                self._unbound = False
-                host, port = StdSocket.getsockname(self)[:2]
-        if port == 0:
-            try:
-                host, port = StdSocket.getsockname(self)[:2]
-            except OSError:
-                host, port = "", 0
-        if port == 0:
-            src = dest if not _unspecified(dest) else (
-                "::1" if _family(self) == _AF_INET6 else "127.0.0.1")
-            StdSocket.bind(self, (src, 0))
-            host, port = StdSocket.getsockname(self)[:2]
-        if _unspecified(host):
-            host = dest
-        return _addr_tuple(_family(self), (host, port))
+        return _handshake.local_address(self, dest)
 
     def _install(self, conn: Connection) -> None:
         self._shm = conn
@@ -524,7 +270,7 @@ class socket(StdSocket):
         if route.path != _route.SHM:
             self._route = route
             return
-        v6only = self.family == _std.AF_INET6 and ipaddress.ip_address(host.split("%")[0]).is_unspecified \
+        v6only = self.family == _std.AF_INET6 and _handshake.unspecified(host) \
             and bool(StdSocket.getsockopt(self, _std.IPPROTO_IPV6, _std.IPV6_V6ONLY))
         name = _route.entry_name(self.family, host, port, v6only)
         try:
@@ -633,52 +379,7 @@ class socket(StdSocket):
             tmp.detach()
 
     def _accept_shm(self, lst: _Listener) -> Optional[tuple["socket", Any]]:
-        usock = lst.usock
-        family = _family(self)
-        cls = type(self)
-        while True:
-            try:
-                fd, _ = usock._accept()         # the registry listener is non-blocking
-            except (BlockingIOError, InterruptedError):
-                return None
-            ctl = _csocket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fd)
-            sock = None
-            try:
-                if ctl.gettimeout() is not None:
-                    ctl.setblocking(True)      # a default timeout; recv_message waits itself
-                pid, uid, _gid = _control.peer_credentials(ctl)
-                if uid != os.geteuid():
-                    raise PermissionError(errno.EPERM, "shrimpio client of another user")
-                if cls is socket:
-                    # Made while the client sends its hello.  No lookup by
-                    # inode (a new connection) and no timeout to apply: the
-                    # fd from accept4 is blocking, and a default timeout was
-                    # applied by the constructor.
-                    sock = cls.__new__(cls)
-                    StdSocket.__init__(sock, family, _STREAM, self.proto, fd)
-                    sock._clear()
-                conn, client, server = Connection.accept(ctl)
-            except (OSError, _control.ProtocolError):
-                if sock is not None:
-                    sock.detach()
-                ctl.close()             # a prober or a broken client: not a connection
-                continue
-            except BaseException:
-                if sock is not None:
-                    sock.detach()
-                ctl.close()
-                raise
-            ctl.detach()
-            conn.local = _addr_tuple(family, server)
-            conn.peer = _addr_tuple(family, client)
-            if sock is None:
-                sock = cls(family, _STREAM, self.proto, fileno=fd)
-                if _std.getdefaulttimeout() is None:
-                    sock.setblocking(True)
-                else:
-                    sock.settimeout(_std.getdefaulttimeout())
-            sock._install(conn)
-            return sock, conn.peer
+        return _handshake.accept_shm(self, lst, type(self) is socket)
 
     # -- data --------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import time
 import pytest
 
 import shrimpio.socket as ss
-from shrimpio import _connection, _control, _route
+from shrimpio import _connection, _control, _handshake, _route
 from shrimpio._connection import DEFAULT_RING, Connection, Kit
 from shrimpio._fastpath import Segment, spin_readable
 
@@ -309,13 +309,12 @@ def test_accept_reaps_before_it_waits(listener):
 
 
 def test_hello_template_is_the_control_message_it_claims_to_be():
-    payload = _connection._HELLO % (4096, 8192, Connection.layout(4096, 8192)[1],
-                                     _connection._json_str('fe80::1%"x\\'), 1,
-                                     _connection._json_str("127.0.0.1"), 65535)
+    payload = _handshake.hello(4096, 8192, Connection.layout(4096, 8192)[1],
+                               ('fe80::1%"x\\', 1), ("127.0.0.1", 65535))
     data = HDR.pack(b"SHRM", _control.PROTOCOL_VERSION, 0, len(payload)) + payload
     msg = _control._parse(data, 0, [])
-    assert msg.kind == _connection.HELLO_KIND
-    assert msg.body == {"v": _connection.PROTOCOL_VERSION, "c2s": 4096, "s2c": 8192,
+    assert msg.kind == _handshake.HELLO_KIND
+    assert msg.body == {"v": _handshake.PROTOCOL_VERSION, "c2s": 4096, "s2c": 8192,
                         "size": Connection.layout(4096, 8192)[1],
                         "client": ['fe80::1%"x\\', 1], "server": ["127.0.0.1", 65535]}
 
@@ -332,7 +331,7 @@ def test_hello_template_is_the_control_message_it_claims_to_be():
 def test_fast_hello_match_means_what_the_json_means(payload):
     """The listener's shortcut for its clients' hello matches only JSON that
     decodes to the same values; anything else goes the generic way."""
-    m = _connection._HELLO_RE.fullmatch(payload)
+    m = _handshake.HELLO_RE.fullmatch(payload)
     try:
         obj = json.loads(payload)
     except ValueError:
@@ -345,9 +344,8 @@ def test_fast_hello_match_means_what_the_json_means(payload):
 
 
 def test_the_hello_our_clients_send_takes_the_shortcut():
-    payload = _connection._HELLO % (DEFAULT_RING, DEFAULT_RING, 1, _connection._json_str("::1"),
-                                     65535, _connection._json_str("127.0.0.1"), 80)
-    assert _connection._HELLO_RE.fullmatch(payload) is not None
+    payload = _handshake.hello(DEFAULT_RING, DEFAULT_RING, 1, ("::1", 65535), ("127.0.0.1", 80))
+    assert _handshake.HELLO_RE.fullmatch(payload) is not None
 
 
 def test_recv_message_takes_a_queued_message_without_polling(monkeypatch):
@@ -570,8 +568,8 @@ def test_spin_readable():
 
 def test_accept_budget_adapts(listener, monkeypatch):
     lst = listener._lst
-    monkeypatch.setattr(ss, "get_busy_poll_us", lambda: 50.0)
-    top = 50e-6 * ss.ACCEPT_SPIN
+    monkeypatch.setattr(_handshake, "get_busy_poll_us", lambda: 50.0)
+    top = 50e-6 * _handshake.ACCEPT_SPIN
     assert lst.spin_budget() == pytest.approx(top)
     lst.adapt(False, 1.0)                      # idle: halve, down to 1/16
     assert lst.spin == pytest.approx(top / 2)
@@ -585,13 +583,12 @@ def test_accept_budget_adapts(listener, monkeypatch):
     lst.spin = top / 16
     lst.adapt(True, 0.0)                       # caught one: grow back
     assert lst.spin == pytest.approx(top / 8 + 1e-6)
-    monkeypatch.setattr(ss, "get_busy_poll_us", lambda: 0.0)
+    monkeypatch.setattr(_handshake, "get_busy_poll_us", lambda: 0.0)
     assert lst.spin_budget() == 0              # SHRIMPIO_BUSY_POLL_US=0: never spins
 
 
 def test_accept_with_busy_poll_off_still_accepts(listener, monkeypatch):
-    monkeypatch.setattr(ss, "get_busy_poll_us", lambda: 0.0)
-    monkeypatch.setattr(_connection, "get_busy_poll_us", lambda: 0.0)
+    monkeypatch.setattr(_handshake, "get_busy_poll_us", lambda: 0.0)
     cli, srv = pair(listener)
     exchange(cli, srv)
     cli.close()
@@ -748,6 +745,127 @@ def test_client_bound_behind_the_objects_back_keeps_its_address(listener):
     try:
         assert ss.info(cli)["path"] == "shm"
         assert cli.getsockname() == ("127.0.0.1", port) == addr == srv.getpeername()
+    finally:
+        cli.close()
+        srv.close()
+
+
+# --------------------------------------------------------------------------- the calls into C
+
+
+def test_dial_unix_says_why_it_could_not(tmp_path):
+    import errno
+    from shrimpio._fastpath import dial_unix
+    path = str(tmp_path / "entry.sock")
+    assert dial_unix(path.encode()) == -errno.ENOENT
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lst.bind(path)
+    assert dial_unix(path.encode(), 0) == -errno.ECONNREFUSED     # bound, not listening: stale
+    lst.listen(0)
+    held = []
+    try:
+        fd = dial_unix(path.encode(), 1.0)
+        assert fd >= 0
+        held.append(fd)
+        assert os.get_blocking(fd) and not os.get_inheritable(fd)
+        # The backlog (0: one pending connection) fills up: no wait, or a bounded one.
+        while (fd := dial_unix(path.encode(), 0)) >= 0:
+            held.append(fd)
+        assert fd == -errno.EAGAIN
+        t0 = time.monotonic()
+        assert dial_unix(path.encode(), 0.05) == -errno.EAGAIN
+        assert time.monotonic() - t0 >= 0.04
+        assert dial_unix(b"x" * 200) == -errno.ENAMETOOLONG
+    finally:
+        for fd in held:
+            os.close(fd)
+        lst.close()
+
+
+def _unix_listener(path):
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lst.bind(path)
+    lst.listen(8)
+    lst.setblocking(False)
+    return lst
+
+
+def test_stream_accept_skips_clients_that_send_nothing(tmp_path):
+    """A client that closes before its message, or stays silent past the
+    wait, is closed (it reads EOF) and the next one is taken; none waiting:
+    None at once."""
+    from shrimpio._fastpath import stream_accept
+    lst = _unix_listener(str(tmp_path / "l.sock"))
+    gone = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    good = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        assert stream_accept(lst.fileno(), 0.0, 0.0, 64, 4) is None
+        gone.connect(lst.getsockname())
+        gone.close()
+        silent.connect(lst.getsockname())
+        good.connect(lst.getsockname())
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        good.sendmsg([b"hello"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                   array.array("i", [a.fileno(), b.fileno()]))])
+        a.close()
+        t0 = time.monotonic()
+        ctl, bell, data, fds, flags, space_ok = stream_accept(lst.fileno(), 0.0, 0.05, 64, 4)
+        assert time.monotonic() - t0 >= 0.04          # waited for the silent one, then dropped it
+        assert data == b"hello" and len(fds) == 2 and space_ok
+        assert not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
+        assert silent.recv(1) == b""                  # refused: EOF
+        os.write(bell, b"x")                          # the bell is the same connection
+        assert good.recv(1) == b"x"
+        for fd in (ctl, bell, *fds):
+            os.close(fd)
+        b.close()
+        assert stream_accept(lst.fileno(), 0.0, 0.0, 64, 4) is None
+    finally:
+        for s in (gone, silent, good, lst):
+            s.close()
+
+
+def test_stream_accept_reports_a_space_fd_of_the_wrong_kind(tmp_path):
+    from shrimpio._fastpath import stream_accept
+    lst = _unix_listener(str(tmp_path / "l.sock"))
+    cli = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    try:
+        cli.connect(lst.getsockname())
+        cli.sendmsg([b"m"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, r]))])
+        ctl, bell, data, fds, flags, space_ok = stream_accept(lst.fileno(), 0.001, 1.0, 64, 4)
+        assert data == b"m" and len(fds) == 2 and not space_ok
+        for fd in (ctl, bell, *fds):
+            os.close(fd)
+    finally:
+        os.close(r)
+        os.close(w)
+        cli.close()
+        lst.close()
+
+
+def test_connect_sends_the_hello_with_the_dial(listener, monkeypatch):
+    """With a spare kit and an unbound socket, the registry connect, the
+    local address and the hello are one call; the listener sees the same
+    connection as the general way gives."""
+    from shrimpio import _fastpath
+    _connection.refill()
+    assert _connection._spares
+    calls = []
+    real = _fastpath.stream_connect
+
+    def spy(*args):
+        got = real(*args)
+        calls.append((args[8] >= 0, got[1]))
+        return got
+    monkeypatch.setattr(_handshake, "stream_connect", spy)
+    cli, srv = pair(listener)
+    try:
+        assert len(calls) == 1 and calls[0][0] and calls[0][1] == cli.getsockname()[1]
+        assert srv.getpeername() == cli.getsockname()
+        assert cli.getpeername() == srv.getsockname() == listener.getsockname()
+        exchange(cli, srv)
     finally:
         cli.close()
         srv.close()
