@@ -22,6 +22,7 @@ def plot(res: dict[str, Any], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")                 # no display needed
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     every = [Row.from_json(r) for r in res["rows"]]
     rows = [r for r in every if all(f.median > 0 for f in r.figures)]   # a log axis has no 0
@@ -41,6 +42,9 @@ def plot(res: dict[str, Any], path: str) -> None:
             if f.p99 is not None and f.p99 > 0:
                 ax.plot([f.median, f.p99], [yi, yi], color="black", linewidth=1)
         ax.set_xscale("log")
+        # Minor ticks unlabelled: on a span under a decade matplotlib labels
+        # them all, and they overlap.
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yticks(y)
         ax.set_yticklabels([f.label for f in figs])
         better = "lower" if row.lower_is_better else "higher"
