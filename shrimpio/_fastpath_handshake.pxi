@@ -104,30 +104,61 @@ def stream_connect(bytes path not None, timeout, int user_fd, int family, bytes 
     return ctl, (port if rc == 1 else 0)
 
 
-def stream_accept(int listener, double spin, double wait, Py_ssize_t bufsize, int maxfds):
+cdef object _take_hello(int fd, Py_ssize_t bufsize, int maxfds):
+    """One non-blocking ``recvmsg`` of a client's hello on ``fd``:
+    ``(data, fds, msg_flags, space_ok)``, ``None`` if it has not come yet,
+    ``b""`` for data when the client is gone (end of file or an error)."""
+    cdef ssize_t got
+    cdef int nfds = 0, mflags = 0, space_ok = 0, i
+    cdef int fdv[16]
+    if bufsize < 0 or maxfds < 0 or maxfds > SHR_CTL_MAX_FDS:
+        raise ValueError("bad buffer size or fd count")
+    out = PyBytes_FromStringAndSize(NULL, bufsize)
+    cdef char *buf = PyBytes_AS_STRING(out)
+    with nogil:
+        while True:
+            got = shr_recvmsg_fds(fd, buf, bufsize, fdv, maxfds, &nfds, &mflags,
+                                  MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+            if got >= 0 or errno != EINTR:
+                break
+        if got > 0 and nfds >= 2:
+            space_ok = shr_is_unix_seqpacket(fdv[1])
+    if got < 0 and (errno == EAGAIN or errno == EWOULDBLOCK):
+        return None
+    fds = [fdv[i] for i in range(nfds)]
+    if got <= 0:
+        return b"", fds, mflags, False
+    return (out if got == bufsize else out[:got]), fds, mflags, bool(space_ok)
+
+
+def stream_hello(int fd, Py_ssize_t bufsize, int maxfds):
+    """The hello of a client that :func:`stream_accept` left waiting, if it
+    has come: ``(data, fds, msg_flags, space_ok)`` as there (``data`` empty:
+    the client is gone), or None.  Never waits."""
+    return _take_hello(fd, bufsize, maxfds)
+
+
+def stream_accept(int listener, double spin, Py_ssize_t bufsize, int maxfds):
     """The next client of a (non-blocking) registry listener that is this
-    user and sends a message, in one call: ``accept4``, ``SO_PEERCRED``
-    (another user's client is dropped), a second fd of the connection (the
-    server's doorbell), a busy-poll of up to ``spin`` seconds for the
-    message, then a wait of up to ``wait`` seconds, and ``recvmsg`` (at most
-    ``bufsize`` bytes and ``maxfds`` fds).
+    user, in one call: ``accept4``, ``SO_PEERCRED`` (another user's client
+    is dropped), a second fd of the connection (the server's doorbell), a
+    busy-poll of up to ``spin`` seconds for its message, and ``recvmsg``
+    (at most ``bufsize`` bytes and ``maxfds`` fds).
 
     Returns ``(ctl, bell, data, fds, msg_flags, space_ok)``, everything the
     caller's to check and close (``space_ok``: ``fds[1]`` is a Unix
-    seqpacket socket), or None when no client is waiting.  A client that
-    fails before its message (dies, sends nothing in time, is refused) is
-    closed (it reads EOF) and the next one taken."""
-    cdef int fd, bell, r, nfds = 0, mflags = 0, space_ok = 0, interrupted
+    seqpacket socket), or None when no client is waiting.  ``data`` is None
+    when the client has not sent its message within the spin: the caller
+    keeps it aside and asks :func:`stream_hello` later (never waiting for
+    it here: one silent client must not hold up the others).  A client
+    that fails first (dies, is refused) is closed (it reads EOF) and the
+    next one taken."""
+    cdef int fd, bell, r
     cdef long long uid
-    cdef ssize_t got
-    cdef int fdv[16]
     cdef pollfd p
     cdef int64_t limit
-    cdef char *buf
-    if bufsize < 0 or maxfds < 0 or maxfds > SHR_CTL_MAX_FDS or spin != spin or wait != wait:
-        raise ValueError("bad buffer size, fd count or time")
-    out = PyBytes_FromStringAndSize(NULL, bufsize)
-    buf = PyBytes_AS_STRING(out)
+    if spin != spin:
+        raise ValueError("bad spin time")
     while True:
         with nogil:
             fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC)
@@ -135,13 +166,12 @@ def stream_accept(int listener, double spin, double wait, Py_ssize_t bufsize, in
             if errno == EAGAIN or errno == EWOULDBLOCK or errno == EINTR or errno == ECONNABORTED:
                 return None           # (a signal: the caller's loop comes back)
             PyErr_SetFromErrno(OSError)
-        got = -1
         with nogil:
             uid = shr_peer_uid(fd)
             bell = fcntl(fd, F_DUPFD_CLOEXEC, 0) if uid == geteuid() else -1
             if bell >= 0:
                 # The client sends its hello right after its connect: spin
-                # for it as a ring reader would, then sleep.
+                # for it as a ring reader would.
                 p.fd = fd
                 p.events = POLLIN
                 p.revents = 0
@@ -150,38 +180,16 @@ def stream_accept(int listener, double spin, double wait, Py_ssize_t bufsize, in
                     for r in range(16):
                         shr_cpu_relax()
         if bell >= 0:
-            limit = shr_now_ns() + <int64_t>(min(max(wait, 0.0), 60.0) * 1e9)
-            while True:
-                interrupted = 0
-                with nogil:
-                    while True:
-                        got = shr_recvmsg_fds(fd, buf, bufsize, fdv, maxfds, &nfds, &mflags,
-                                              MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
-                        if got >= 0 or (errno != EAGAIN and errno != EINTR):
-                            break
-                        r = <int>((limit - shr_now_ns()) // 1000000)
-                        if r <= 0:
-                            break                 # nothing in time
-                        r = poll(&p, 1, r)
-                        if r == 0:
-                            break
-                        if r < 0 and errno == EINTR:
-                            interrupted = 1
-                            break
-                    if got > 0 and nfds >= 2:
-                        space_ok = shr_is_unix_seqpacket(fdv[1])
-                if not interrupted:
-                    break
-                try:
-                    PyErr_CheckSignals()      # a handler runs; the wait goes on
-                except BaseException:
-                    close(bell)
-                    close(fd)
-                    raise
-        if got > 0 or nfds > 0:
-            return (fd, bell, out if got == bufsize else out[:got], [fdv[i] for i in range(nfds)],
-                    mflags, bool(space_ok))
-        if bell >= 0:
+            try:
+                got = _take_hello(fd, bufsize, maxfds)
+            except BaseException:
+                close(bell)
+                close(fd)
+                raise
+            if got is None:
+                return fd, bell, None, [], 0, False
+            if got[0] or got[1]:
+                return (fd, bell) + got
             close(bell)
-        close(fd)                    # refused, dead or silent: it reads EOF
+        close(fd)                    # refused or dead: it reads EOF
         PyErr_CheckSignals()

@@ -23,6 +23,10 @@ doorbell fd, a busy-poll for the hello, recvmsg with fds, the space fd's
 type), then checks the hello in :func:`accept_hello` exactly as it would
 any peer's: everything in it is untrusted, and anything wrong refuses the
 client (its control socket is closed: it reads EOF) and takes the next.
+A client whose hello is not there after the busy-poll is not waited for
+(a silent one would hold up every other client, and in asyncio the whole
+loop): it waits on the :class:`Listener`, whose fds to watch then include
+its control socket, until its hello comes or HELLO_WAIT runs out.
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ import re
 import socket as _std
 import _socket as _csocket
 import threading
+import time
 from typing import Any, Optional
 
 from . import _connection, _control, _route
 from ._connection import DEFAULT_RING, Connection, Kit, describe_error, ring_capacity
-from ._fastpath import Segment, get_busy_poll_us, stream_accept, stream_connect
+from ._fastpath import Segment, get_busy_poll_us, stream_accept, stream_connect, stream_hello
 
 __all__ = ["ACCEPT_SPIN", "Listener", "accept_shm", "connect_shm", "registry"]
 
@@ -383,8 +388,12 @@ def local_address(sock: Any, dest: str) -> tuple:
 #: The wait it covers is a client's whole turn (its close, then its next
 #: connect's set-up), several data hand-offs long.
 ACCEPT_SPIN = 4
-#: Longest a listener waits for the hello of a client that connected.
+#: Longest a client that connected may take to send its hello.
 HELLO_WAIT = 5.0
+#: Connected clients whose hello has not come yet, at most per listener
+#: (past it the oldest is dropped: a flood of silent clients costs fds only
+#: up to here).
+MAX_WAITING = 64
 
 
 def accept_spin_top() -> float:
@@ -407,6 +416,48 @@ class Listener:
         self.usock = usock
         self.forks = _connection.forks
         self.spin = accept_spin_top()
+        # Clients that connected but whose hello has not come yet (a client
+        # sends it right after its connect, but may be descheduled, slow, or
+        # hostile): control fd -> (doorbell fd, deadline).  accept() never
+        # waits for one of them; they are watched beside the entry.
+        self.waiting: dict[int, tuple[int, float]] = {}
+
+    def watch_fds(self) -> list[int]:
+        """The fds whose readability may mean a client to accept: the
+        registry entry and each client waiting for its hello."""
+        return [self.usock.fileno(), *self.waiting]
+
+    def next_deadline(self) -> Optional[float]:
+        """When the first waiting client runs out of time (monotonic), if any."""
+        return min((d for _, d in self.waiting.values()), default=None)
+
+    def park(self, ctl: int, bell: int) -> None:
+        """Keep a client whose hello has not come yet."""
+        if len(self.waiting) >= MAX_WAITING:
+            _drop(*next(iter(self.waiting.items())), self.waiting)
+        self.waiting[ctl] = (bell, time.monotonic() + HELLO_WAIT)
+
+    def take_hello(self) -> "tuple | None":
+        """A waiting client whose hello has come, as ``stream_accept``
+        returns it; clients gone or out of time are dropped (they read EOF)."""
+        now = time.monotonic()
+        for ctl in list(self.waiting):
+            entry = self.waiting.pop(ctl, None)
+            if entry is None:
+                continue                # taken by another thread
+            bell, deadline = entry
+            try:
+                got = stream_hello(ctl, _control.MAX_MESSAGE + 1, _control.MAX_FDS)
+            except BaseException:
+                _drop(ctl, entry)
+                raise
+            if got is not None:
+                return (ctl, bell) + got
+            if deadline > now:
+                self.waiting[ctl] = entry
+            else:
+                _drop(ctl, entry)
+        return None
 
     def spin_budget(self) -> float:
         top = accept_spin_top()
@@ -425,6 +476,8 @@ class Listener:
             self.spin = max(top / 16, cur / 2)
 
     def close(self) -> None:
+        while self.waiting:
+            _drop(*self.waiting.popitem())
         if _connection.forks != self.forks:
             # Shared across a fork: as with a TCP listener, the entry must stay
             # findable while any process still holds the listener.  Let go of
@@ -443,6 +496,14 @@ class Listener:
         self.usock.close()
 
 
+def _drop(ctl: int, entry: tuple[int, float], waiting: Optional[dict] = None) -> None:
+    """Close a waiting client's two fds (it reads EOF); out of ``waiting``."""
+    if waiting is not None:
+        waiting.pop(ctl, None)
+    os.close(entry[0])
+    os.close(ctl)
+
+
 def accept_shm(sock: Any, lst: Listener, bare: bool) -> "tuple[Any, Any] | None":
     """The next shared-memory client of the listening ``sock``: (a new
     socket of ``sock``'s class, the client's address), or None if none is
@@ -453,10 +514,15 @@ def accept_shm(sock: Any, lst: Listener, bare: bool) -> "tuple[Any, Any] | None"
     cls = type(sock)
     usock = lst.usock.fileno()
     while True:
-        got = stream_accept(usock, get_busy_poll_us() / 1e6, HELLO_WAIT,
-                            _control.MAX_MESSAGE + 1, _control.MAX_FDS)
+        got = lst.take_hello() if lst.waiting else None
         if got is None:
-            return None
+            got = stream_accept(usock, get_busy_poll_us() / 1e6, _control.MAX_MESSAGE + 1,
+                                _control.MAX_FDS)
+            if got is None:
+                return None
+            if got[2] is None:          # no hello yet: never wait for it here
+                lst.park(got[0], got[1])
+                continue
         fd, bell, data, fds, msg_flags, space_ok = got
         new = None
         try:

@@ -96,7 +96,7 @@ def _want(sock: Any, read: bool, write: bool) -> tuple[bool, bool, list[tuple[in
     now, [(kernel fd, POLLIN)...] to watch if nothing is ready)."""
     lst = sock._lst
     if lst is not None:
-        return False, False, ([(sock.fileno(), POLLIN), (lst.usock.fileno(), POLLIN)] if read else [])
+        return False, False, ([(fd, POLLIN) for fd in sock._accept_fds()] if read else [])
     conn = sock._shm
     r = w = False
     watch: list[tuple[int, int]] = []
@@ -122,7 +122,7 @@ def _ready(sock: Any, read: bool, write: bool) -> tuple[bool, bool]:
     if lst is not None:
         if not read:
             return False, False
-        r = _real_poll_once([sock.fileno(), lst.usock.fileno()])
+        r = _real_poll_once(sock._accept_fds())
         return r, False
     conn = sock._shm
     if conn is None or conn.closed:

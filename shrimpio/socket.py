@@ -308,7 +308,7 @@ class socket(StdSocket):
             return sock, addr
         timeout = self.gettimeout()
         deadline = None if not timeout else time.monotonic() + timeout
-        poller = None
+        poller = watched = None
         spin_from = -1.0      # when the busy-poll phase began (-1: not yet)
         spun = False
         while True:
@@ -346,13 +346,26 @@ class socket(StdSocket):
             wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
             if wait_ms == 0:
                 raise TimeoutError("timed out")
-            if poller is None:
-                poller = _select.poll()
-                poller.register(self.fileno(), _select.POLLIN)
-                poller.register(lst.usock.fileno(), _select.POLLIN)
+            # Clients whose hello is late are watched too, until their time
+            # is up (the next accept attempt then drops them).
+            fds = self._accept_fds()
+            first = lst.next_deadline()
+            if first is not None:
+                left = max(0, int((first - time.monotonic()) * 1000) + 1)
+                wait_ms = left if wait_ms is None else min(wait_ms, left)
+            if poller is None or fds != watched:
+                poller, watched = _select.poll(), fds
+                for fd in fds:
+                    poller.register(fd, _select.POLLIN)
             poller.poll(wait_ms)
             if self.fileno() < 0 or self._lst is None:
                 raise _ebadf()
+
+    def _accept_fds(self) -> list[int]:
+        """The fds whose readability may mean a client for ``accept()``:
+        the TCP listener's, the registry entry's, and those of shared-memory
+        clients whose hello is late.  (Listening sockets only.)"""
+        return [self.fileno(), *self._lst.watch_fds()]
 
     def _kernel_accepted(self, fd: int, addr: Any) -> "socket":
         """The socket object for a connection accepted by the kernel, with

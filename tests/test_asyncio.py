@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import select
+import socket
 import subprocess
 import sys
 
@@ -20,8 +22,10 @@ import uvloop
 
 import asyncio_suite
 import shrimpio
+import shrimpio.socket as ss
 from children import child_env
 from asyncio_suite import HOST, k  # noqa: F401  (k: the kind fixture the suite's tests take)
+from shrimpio import _handshake, _route
 from shrimpio.transport import Loop
 
 # The suite's tests, collected as this module's.
@@ -268,3 +272,37 @@ def test_loop_poll_budget_grows_for_a_peer_that_answers_soon_after_it() -> None:
     assert start == 5000.0
     assert 8000 <= after_soon <= 20000 and after_soon2 >= after_soon, out.stdout
     assert after_late == pytest.approx(after_soon2 / 2, abs=0.01), out.stdout
+
+
+def test_asyncio_server_is_not_held_up_by_a_silent_client(monkeypatch):
+    """The shrimpio loop's server never blocks on a client's hello: with a
+    silent client connected, others are served at once; the silent one is
+    dropped when its time is up (the loop wakes for it)."""
+    monkeypatch.setattr(_handshake, "HELLO_WAIT", 1.0)
+
+    async def main():
+        async def echo(reader, writer):
+            writer.write(await reader.readline())
+            writer.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        async with server:
+            lsock = server.sockets[0]
+            silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            silent.connect(ss._registry()._entry_path(_route.entry_name(socket.AF_INET, *lsock.getsockname())))
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", lsock.getsockname()[1]), 2)
+                writer.write(b"hi\n")
+                assert await asyncio.wait_for(reader.readline(), 2) == b"hi\n"
+                writer.close()
+                await writer.wait_closed()
+                # Served while the silent one still had time: still connected.
+                assert select.select([silent], [], [], 0)[0] == []
+                loop = asyncio.get_running_loop()
+                silent.setblocking(False)
+                assert await asyncio.wait_for(loop.sock_recv(silent, 1), 5) == b""   # dropped
+            finally:
+                silent.close()
+
+    shrimpio.run(main())

@@ -20,7 +20,7 @@ import time
 import pytest
 
 import shrimpio.socket as ss
-from shrimpio import _connection, _control, _handshake, _route
+from shrimpio import _connection, _control, _handshake, _poll, _route
 from shrimpio._connection import DEFAULT_RING, Connection, Kit
 from shrimpio._fastpath import Segment, spin_readable
 
@@ -512,6 +512,65 @@ def test_listener_refuses_a_bad_hello_and_serves_the_next_client(listener, name,
         mine.close()
 
 
+def _silent_client(lst) -> socket.socket:
+    """A client of the listener's registry entry that connects and sends
+    nothing (yet)."""
+    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ctl.connect(_entry(lst))
+    return ctl
+
+
+def test_a_silent_client_does_not_hold_up_accept(listener, monkeypatch):
+    """accept() never waits for one client's hello: a client that connected
+    and sends nothing (descheduled, slow, hostile) waits aside while the
+    next client is served, and is dropped (EOF) once HELLO_WAIT is up."""
+    monkeypatch.setattr(_handshake, "HELLO_WAIT", 1.0)
+    silent = _silent_client(listener)
+    try:
+        cli = connect(listener.getsockname())
+        srv, addr = listener.accept()
+        assert addr == cli.getsockname()
+        # Served while the silent one still has time: it is still connected.
+        assert len(listener._lst.waiting) == 1
+        assert select.select([silent], [], [], 0)[0] == []
+        exchange(cli, srv)
+        cli.close()
+        srv.close()
+        listener.settimeout(3.0)
+        with pytest.raises(TimeoutError):
+            listener.accept()          # woke when its time was up, dropped it, waited on
+        assert listener._lst.waiting == {}
+        assert silent.recv(1) == b""
+    finally:
+        silent.close()
+
+
+def test_a_late_hello_is_accepted_when_it_comes(listener):
+    """A client whose hello comes after accept() looked is taken by the next
+    accept(), which wakes for it (its control socket is watched)."""
+    seg, mine, theirs, body = _good_parts()
+    late = _silent_client(listener)
+    try:
+        listener.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            listener.accept()                       # nothing yet: set aside
+        assert list(listener._lst.waiting) and _poll.select([listener], [], [], 0)[0] == []
+        payload = json.dumps({"kind": "stream", **body}).encode()
+        late.sendmsg([HDR.pack(b"SHRM", 1, 0, len(payload)) + payload],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [seg.fileno(), theirs.fileno()]))])
+        assert _poll.select([listener], [], [], 5)[0] == [listener]      # the patched select sees it
+        listener.settimeout(5)
+        srv, addr = listener.accept()
+        assert addr == ("127.0.0.1", 4242) and ss.info(srv)["path"] == "shm"
+        assert listener._lst.waiting == {}
+        srv.close()
+    finally:
+        late.close()
+        seg.close()
+        mine.close()
+        theirs.close()
+
+
 def test_corrupted_spare_kit_is_refused_by_both_ends(listener):
     """The pool path hands over whatever the kit holds: the client checks
     the rings when it attaches (after the hello went), falls back to TCP,
@@ -790,17 +849,17 @@ def _unix_listener(path):
     return lst
 
 
-def test_stream_accept_skips_clients_that_send_nothing(tmp_path):
-    """A client that closes before its message, or stays silent past the
-    wait, is closed (it reads EOF) and the next one is taken; none waiting:
-    None at once."""
-    from shrimpio._fastpath import stream_accept
+def test_stream_accept_never_waits_for_a_message(tmp_path):
+    """A client that closes before its message is closed and the next one
+    taken; one that has not sent it yet comes back without it (never waited
+    for), and stream_hello takes it when it comes; none waiting: None at once."""
+    from shrimpio._fastpath import stream_accept, stream_hello
     lst = _unix_listener(str(tmp_path / "l.sock"))
     gone = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     good = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        assert stream_accept(lst.fileno(), 0.0, 0.0, 64, 4) is None
+        assert stream_accept(lst.fileno(), 0.0, 64, 4) is None
         gone.connect(lst.getsockname())
         gone.close()
         silent.connect(lst.getsockname())
@@ -809,18 +868,26 @@ def test_stream_accept_skips_clients_that_send_nothing(tmp_path):
         good.sendmsg([b"hello"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                    array.array("i", [a.fileno(), b.fileno()]))])
         a.close()
-        t0 = time.monotonic()
-        ctl, bell, data, fds, flags, space_ok = stream_accept(lst.fileno(), 0.0, 0.05, 64, 4)
-        assert time.monotonic() - t0 >= 0.04          # waited for the silent one, then dropped it
+        # The silent one is handed back at once, without its message (the
+        # caller keeps it aside): it is still connected.
+        sctl, sbell, data, fds, flags, space_ok = stream_accept(lst.fileno(), 0.0, 64, 4)
+        assert data is None and fds == [] and not space_ok
+        assert stream_hello(sctl, 64, 4) is None                       # still nothing: never waits
+        ctl, bell, data, fds, flags, space_ok = stream_accept(lst.fileno(), 0.0, 64, 4)
         assert data == b"hello" and len(fds) == 2 and space_ok
         assert not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
-        assert silent.recv(1) == b""                  # refused: EOF
         os.write(bell, b"x")                          # the bell is the same connection
         assert good.recv(1) == b"x"
         for fd in (ctl, bell, *fds):
             os.close(fd)
         b.close()
-        assert stream_accept(lst.fileno(), 0.0, 0.0, 64, 4) is None
+        assert stream_accept(lst.fileno(), 0.0, 64, 4) is None
+        silent.send(b"late")
+        assert stream_hello(sctl, 64, 4)[:2] == (b"late", [])
+        silent.close()
+        assert stream_hello(sctl, 64, 4)[:2] == (b"", [])              # gone: end of file
+        os.close(sctl)
+        os.close(sbell)
     finally:
         for s in (gone, silent, good, lst):
             s.close()
@@ -834,7 +901,7 @@ def test_stream_accept_reports_a_space_fd_of_the_wrong_kind(tmp_path):
     try:
         cli.connect(lst.getsockname())
         cli.sendmsg([b"m"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, r]))])
-        ctl, bell, data, fds, flags, space_ok = stream_accept(lst.fileno(), 0.001, 1.0, 64, 4)
+        ctl, bell, data, fds, flags, space_ok = stream_accept(lst.fileno(), 1.0, 64, 4)
         assert data == b"m" and len(fds) == 2 and not space_ok
         for fd in (ctl, bell, *fds):
             os.close(fd)

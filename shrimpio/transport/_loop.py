@@ -15,6 +15,7 @@ import os
 import errno
 import socket as _std
 import sys
+import time
 import warnings
 from asyncio import sslproto, trsock
 from typing import Any, Awaitable, Callable, Optional
@@ -57,6 +58,10 @@ class _Server(asyncio.AbstractServer):
         self._retry: Optional[asyncio.TimerHandle] = None
         self._serving = False
         self._watching = False        # readers on the listeners are installed
+        # Shared-memory clients whose hello is late (see _handshake.Listener):
+        # fd -> its listener, watched until the hello comes or time runs out.
+        self._late: dict[int, Any] = {}
+        self._late_timer: Optional[asyncio.TimerHandle] = None
         self._closed = False
         self._active = 0
         self._waiters: list = []
@@ -107,6 +112,7 @@ class _Server(asyncio.AbstractServer):
         self._watching = True
 
     def _unwatch(self) -> None:
+        self._unwatch_late()
         if not self._watching:
             return
         self._watching = False
@@ -137,22 +143,54 @@ class _Server(asyncio.AbstractServer):
                                                           self._hs_timeout, self._sd_timeout))
 
     def _accept_shm(self, lsock: Any) -> None:
-        for _ in range(64):
+        # The late clients' readers go first: accepting may close their fds.
+        self._unwatch_late()
+        try:
+            for _ in range(64):
+                lst = lsock._lst
+                if lst is None:
+                    return
+                try:
+                    got = lsock._accept_shm(lst)
+                except OSError as exc:
+                    self._loop.call_exception_handler({"message": "shrimpio accept failed",
+                                                       "exception": exc})
+                    return
+                if got is None:
+                    return
+                conn, _addr = got
+                conn.setblocking(False)
+                self._loop.create_task(self._loop._serve_shm(conn, self._factory, self._ssl, self,
+                                                              self._hs_timeout, self._sd_timeout))
+        finally:
+            if self._watching:
+                self._watch_late()
+
+    def _watch_late(self) -> None:
+        """Readers on the clients whose hello is late, and a timer for the
+        first one's time running out (an accept then drops it)."""
+        first = None
+        for lsock in self._listeners:
             lst = lsock._lst
-            if lst is None:
-                return
-            try:
-                got = lsock._accept_shm(lst)
-            except OSError as exc:
-                self._loop.call_exception_handler({"message": "shrimpio accept failed",
-                                                   "exception": exc})
-                return
-            if got is None:
-                return
-            conn, _addr = got
-            conn.setblocking(False)
-            self._loop.create_task(self._loop._serve_shm(conn, self._factory, self._ssl, self,
-                                                          self._hs_timeout, self._sd_timeout))
+            if lst is None or not lst.waiting:
+                continue
+            for fd in lst.waiting:
+                self._late[fd] = lsock
+                self._loop.add_reader(fd, self._accept_shm, lsock)
+            d = lst.next_deadline()
+            if d is not None and (first is None or d < first[0]):
+                first = (d, lsock)
+        if first is not None:
+            delay = max(0.0, first[0] - time.monotonic()) + 0.001
+            self._late_timer = self._loop.call_later(delay, self._accept_shm, first[1])
+
+    def _unwatch_late(self) -> None:
+        for fd in self._late:
+            self._loop.remove_reader(fd)
+        self._late.clear()
+        if self._late_timer is not None:
+            self._late_timer.cancel()
+            self._late_timer = None
 
     def close(self) -> None:
         if self._closed:
@@ -501,7 +539,7 @@ class Loop(uvloop.Loop):
             except BlockingIOError:
                 pass
             fut = self.create_future()
-            fds = (sock.fileno(), sock._lst.usock.fileno())
+            fds = sock._accept_fds()
             for fd in fds:
                 self.add_reader(fd, _done, fut)
             try:
