@@ -63,7 +63,7 @@ import stat
 import struct
 import time
 import weakref
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from ._fastpath import dial_unix, recvmsg_fds, sendmsg_fds
 
@@ -83,6 +83,8 @@ _HEADER = struct.Struct("!4sHHI")
 _UCRED = struct.Struct("iII")          # struct ucred: pid_t, uid_t, gid_t
 _SUN_PATH_MAX = 107                    # sizeof(sun_path) minus the NUL
 _SUFFIX = ".sock"
+#: Between an entry's name and the number of a further member of its group.
+MEMBER_SEP = "+"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,96}")
 _INT_SIZE = array.array("i").itemsize
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS * _INT_SIZE)
@@ -356,6 +358,24 @@ class Registry:
                 f"shrimpio endpoint {name!r} is served by uid {uid} (pid {pid}), "
                 f"not by this user (uid {os.geteuid()})", path)
         return sock
+
+    def members(self, names: "Iterable[str]") -> dict[str, list[str]]:
+        """For each of ``names``, the entries ``name+2``, ``name+3``...
+        present (live or not): the other members of a group of listeners
+        sharing one address (``SO_REUSEPORT``), whose first holds ``name``."""
+        out: dict[str, list[str]] = {name: [] for name in names}
+        try:
+            files = os.listdir(self.path)
+        except OSError:
+            return out
+        n = len(_SUFFIX)
+        for f in files:
+            base, sep, k = f[:-n].rpartition(MEMBER_SEP)
+            if sep and base in out and f.endswith(_SUFFIX) and k.isdigit():
+                out[base].append(f[:-n])
+        for group in out.values():
+            group.sort(key=lambda m: int(m.rpartition(MEMBER_SEP)[2]))
+        return out
 
     def remove(self, name: str, sock: socket.socket | None = None) -> None:
         """Unlink the entry if it is still the file we bound for `name`; close `sock` if given."""

@@ -41,7 +41,7 @@ import socket as _std
 import _socket as _csocket
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from . import _connection, _control, _route
 from ._connection import DEFAULT_RING, Connection, Kit, describe_error, ring_capacity
@@ -189,12 +189,16 @@ class _Destination:
     peer address as the socket reports it, and, for the one-call connect,
     the packed address to bind to and our address as the peer sees it."""
 
-    __slots__ = ("reg", "entries", "numeric", "peer", "ip", "local_host")
+    __slots__ = ("reg", "names", "entries", "flat", "numeric", "peer", "ip", "local_host", "listed",
+                 "turn")
 
     def __init__(self, reg: _control.Registry, family: int, numeric: str, port: int) -> None:
         self.reg = reg
-        self.entries = tuple((name, os.fsencode(reg._entry_path(name)))
-                             for name in _route.candidate_entries(family, numeric, port))
+        self.names = _route.candidate_entries(family, numeric, port)
+        self.listed = -1.0          # when the groups were last listed (see register_listener)
+        self.turn = 0
+        self.entries: tuple = ()
+        self.list_members()
         if unspecified(numeric):
             # connect() to 0.0.0.0 / :: reaches this host over loopback, and
             # the kernel reports the loopback address as the peer.
@@ -206,6 +210,35 @@ class _Destination:
             self.local_host = host_as_seen(family, _std.inet_ntop(family, self.ip))
         except (OSError, ValueError):
             self.ip, self.local_host = b"", ""      # the general way only
+
+
+    def list_members(self) -> None:
+        """Each candidate entry with the other members of its group: a
+        tuple per candidate of (name, path) pairs."""
+        reg = self.reg
+        members = reg.members(self.names)
+        self.entries = tuple(tuple((n, os.fsencode(reg._entry_path(n))) for n in [name, *members[name]])
+                             for name in self.names)
+        # No group: the same list every time.
+        self.flat = tuple(g[0] for g in self.entries) if all(len(g) == 1 for g in self.entries) else None
+        self.listed = time.monotonic()
+
+    def in_turn(self) -> "Sequence[tuple[str, bytes]]":
+        """The entries to try for the next connect: each group's members
+        starting from the next one in turn (one connect each, in turn)."""
+        if time.monotonic() - self.listed > MEMBERS_TTL:
+            self.list_members()
+        if self.flat is not None:
+            return self.flat
+        self.turn += 1
+        out = []
+        for group in self.entries:
+            if len(group) == 1:
+                out.append(group[0])
+            else:
+                k = self.turn % len(group)
+                out.extend(group[k:] + group[:k])
+        return out
 
 
 # (_route.env_key(), family, numeric host, port) -> the TCP Route that rules
@@ -329,13 +362,14 @@ def _dial(sock: Any, dest: _Destination, family: int, timeout: Optional[float], 
         head = tail = b""
         seg_fd = space_fd = -1
     reason = "no shrimpio listener"
-    for name, path in dest.entries:
+    for name, path in dest.in_turn():
         try:
             ctl, lport = stream_connect(path, timeout, user_fd, family, dest.ip, _PRE, head,
                                         tail, seg_fd, space_fd)
             if ctl == -errno.ENOENT:
                 continue
             if ctl < 0:
+                dest.listed = -1.0      # a member may have gone: list them again next time
                 # A stale entry, a full backlog, an error: the registry's
                 # general way sorts them out (and says why).
                 ctl, lport = dest.reg.connect(name, timeout=timeout, raw=True).detach(), 0
@@ -380,6 +414,41 @@ def local_address(sock: Any, dest: str) -> tuple:
     if unspecified(host):
         host = dest
     return addr_tuple(family, (host, port))
+
+
+# -- listeners sharing an address ---------------------------------------------------
+#
+# Listeners that share an address through SO_REUSEPORT (worker processes of
+# one server) each get a registry entry: the first the address's own name,
+# the others that name + "+2", "+3"...  A client spreads its connects over
+# the group's live entries in turn (the kernel spreads TCP ones by a hash of
+# the addresses), learning of members that came or went by listing the
+# registry at most once a second, or at once when an entry failed it.
+
+#: Listeners of one address that may take shared-memory clients.
+MAX_MEMBERS = 64
+#: How long a client trusts its list of a group's members (seconds).
+MEMBERS_TTL = 1.0
+
+
+def register_listener(sock: Any, name: str, backlog: int) -> tuple[str, _std.socket]:
+    """The registry entry for a listening ``sock``: ``(its name, the
+    listening Unix socket)``.  An address whose entry is live already gets
+    a member entry if ``sock`` shares the address on purpose (SO_REUSEPORT);
+    otherwise (or with MAX_MEMBERS taken) ``FileExistsError`` says why."""
+    reg = registry()
+    try:
+        return name, reg.listen(name, backlog)
+    except FileExistsError:
+        if not sock.getsockopt(_std.SOL_SOCKET, getattr(_std, "SO_REUSEPORT", -1)):
+            raise FileExistsError("another listener holds the shrimpio entry") from None
+    for k in range(2, MAX_MEMBERS + 1):
+        member = f"{name}{_control.MEMBER_SEP}{k}"
+        try:
+            return member, reg.listen(member, backlog)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{MAX_MEMBERS} listeners share the address already")
 
 
 # -- accept ----------------------------------------------------------------------

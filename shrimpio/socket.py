@@ -274,9 +274,9 @@ class socket(StdSocket):
             and bool(StdSocket.getsockopt(self, _std.IPPROTO_IPV6, _std.IPV6_V6ONLY))
         name = _route.entry_name(self.family, host, port, v6only)
         try:
-            usock = _registry().listen(name, max(backlog, 128) if backlog >= 0 else 128)
-        except FileExistsError:
-            self._route = _route.Route(_route.TCP, "another listener holds the shrimpio entry")
+            name, usock = _handshake.register_listener(self, name, max(backlog, 128) if backlog >= 0 else 128)
+        except FileExistsError as exc:
+            self._route = _route.Route(_route.TCP, str(exc.args[0]))
             return
         except (OSError, ValueError) as exc:
             # The TCP listener is up; a registry we cannot use (entry path

@@ -15,6 +15,8 @@ import os
 import select
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -569,6 +571,65 @@ def test_a_late_hello_is_accepted_when_it_comes(listener):
         seg.close()
         mine.close()
         theirs.close()
+
+
+_MEMBER = """
+import os, socket, sys
+import shrimpio.socket as ss
+from shrimpio import _poll
+lst = ss.socket(socket.AF_INET, socket.SOCK_STREAM)
+lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+lst.bind(("127.0.0.1", int(sys.argv[1])))
+lst.listen(16)
+lst.settimeout(5)
+print(lst.getsockname()[1], lst._lst.name if lst._lst else "-", flush=True)
+while True:
+    ready = _poll.select([lst, sys.stdin], [], [])[0]
+    if sys.stdin in ready:            # the test closed our stdin: done
+        break
+    conn, _ = lst.accept()
+    conn.sendall(("%d %s\\n" % (os.getpid(), ss.info(conn)["path"])).encode())
+    conn.close()
+lst.close()
+"""
+
+
+def test_listeners_sharing_an_address_all_take_shm_clients():
+    """Worker processes listening on one address with SO_REUSEPORT each get
+    a registry entry (the first the address's, the next name+2...), and a
+    client's connects go to them in turn, all over shared memory; when one
+    leaves, the client goes on with the others."""
+    from children import child_env
+    members = []
+    try:
+        port = "0"
+        for _ in range(2):
+            p = subprocess.Popen([sys.executable, "-c", _MEMBER, port], env=child_env(),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            members.append(p)
+            port, name = p.stdout.readline().split()
+        assert name == _route.entry_name(socket.AF_INET, "127.0.0.1", int(port)) + "+2"
+        served = []
+        for _ in range(8):
+            cli = connect(("127.0.0.1", int(port)))
+            pid, path = cli.makefile("rb").readline().split()
+            assert path == b"shm" and ss.info(cli)["path"] == "shm"
+            served.append(int(pid))
+            cli.close()
+        assert sorted(served) == sorted([members[0].pid] * 4 + [members[1].pid] * 4)
+        members[1].stdin.close()                     # the second member leaves
+        assert members[1].wait(30) == 0
+        for _ in range(3):
+            cli = connect(("127.0.0.1", int(port)))
+            pid, path = cli.makefile("rb").readline().split()
+            assert (int(pid), path) == (members[0].pid, b"shm")
+            cli.close()
+    finally:
+        for p in members:
+            if not p.stdin.closed:
+                p.stdin.close()
+            p.wait(30)
+            p.stdout.close()
 
 
 def test_corrupted_spare_kit_is_refused_by_both_ends(listener):
