@@ -1354,9 +1354,16 @@ cdef class Export:
         return None
 
     cdef object _next(self, double timeout):
-        cdef shr_cond conds[64]
-        cdef int bells[64]
-        cdef int kinds[64]
+        # Up to 64 importers' rings live on the stack; more in buffers that
+        # grow with the count: every importer's doorbell is watched.
+        cdef shr_cond cstack[64]
+        cdef int bstack[64]
+        cdef int kstack[64]
+        cdef shr_cond *conds = cstack
+        cdef int *bells = bstack
+        cdef int *kinds = kstack
+        cdef Py_ssize_t room = 64
+        cdef bytes held = None
         cdef int n, k, rc, which = 0, spun = 0
         cdef int64_t limit = 0      # computed on the first wait only
         cdef int64_t slice_ns, spin = -1, top = 0, t0 = 0
@@ -1377,7 +1384,14 @@ cdef class Export:
                             self._spin_ns = _adapt_spin(self._spin_ns if self._spin_ns >= 0 else top,
                                                         top, spun, shr_now_ns() - t0)
                         return rec
-                    n = min(len(self._links), 64)
+                    n = len(self._links)
+                    if n > room:
+                        room = n + n // 2
+                        held = PyBytes_FromStringAndSize(
+                            NULL, room * (sizeof(shr_cond) + 2 * sizeof(int)))
+                        conds = <shr_cond *>PyBytes_AS_STRING(held)
+                        bells = <int *>(conds + room)
+                        kinds = bells + room
                     for k in range(n):
                         ring = <Ring>(<list>self._links[k])[0]
                         conds[k].h = ring.h

@@ -35,6 +35,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -265,15 +266,46 @@ static inline void shr_publish_tail(shr_ring_hdr *h, uint64_t v) {
  * SHR_LOCAL (local_fd fired), SHR_EINTR, or SHR_ERROR (errno set).
  * *spun is set to 1 if readiness was found while spinning.
  */
-#define SHR_MAX_WAIT 64
+#define SHR_MAX_WAIT 64     /* conds waited on with no allocation */
+static int shr_wait_any_in(const shr_cond *conds, int n, const int *bells, const int *kinds,
+                           int local_fd, int64_t spin_ns, int64_t timeout_ns, int *which,
+                           int *spun, struct pollfd *pfd, int *owner);
+
 static int shr_wait_any(const shr_cond *conds, int n, const int *bells, const int *kinds,
                         int local_fd, int64_t spin_ns, int64_t timeout_ns, int *which,
                         int *spun) {
+    struct pollfd pfd[SHR_MAX_WAIT + 1];
+    int owner[SHR_MAX_WAIT + 1], rc;
+    struct pollfd *hpfd;
+    int *howner;
+    if (n < 0) { errno = EINVAL; return SHR_ERROR; }
+    if (n <= SHR_MAX_WAIT)
+        return shr_wait_any_in(conds, n, bells, kinds, local_fd, spin_ns, timeout_ns, which,
+                               spun, pfd, owner);
+    /* More (an exporter with many importers): every doorbell is watched. */
+    hpfd = (struct pollfd *)malloc(sizeof *hpfd * (size_t)(n + 1));
+    howner = (int *)malloc(sizeof *howner * (size_t)(n + 1));
+    if (hpfd == NULL || howner == NULL) {
+        free(hpfd);
+        free(howner);
+        errno = ENOMEM;
+        return SHR_ERROR;
+    }
+    rc = shr_wait_any_in(conds, n, bells, kinds, local_fd, spin_ns, timeout_ns, which, spun,
+                         hpfd, howner);
+    free(hpfd);
+    free(howner);
+    return rc;
+}
+
+/* shr_wait_any with room for n + 1 poll entries at pfd and owner. */
+static int shr_wait_any_in(const shr_cond *conds, int n, const int *bells, const int *kinds,
+                           int local_fd, int64_t spin_ns, int64_t timeout_ns, int *which,
+                           int *spun, struct pollfd *pfd, int *owner) {
     int i;
     int64_t now = shr_now_ns();
     int64_t deadline = timeout_ns < 0 ? INT64_MAX : now + timeout_ns;
     *spun = 0;
-    if (n > SHR_MAX_WAIT) { errno = EINVAL; return SHR_ERROR; }
     for (i = 0; i < n; i++)
         if (shr_cond_ready(&conds[i])) { *which = i; return SHR_READY; }
 
@@ -293,8 +325,6 @@ static int shr_wait_any(const shr_cond *conds, int n, const int *bells, const in
 
     /* Phase 2: arm, fence, re-check, sleep on the doorbells. */
     for (;;) {
-        struct pollfd pfd[SHR_MAX_WAIT + 1];
-        int owner[SHR_MAX_WAIT + 1];
         int np = 0, r, gone = -1;
         struct timespec ts, *tsp = NULL;
 

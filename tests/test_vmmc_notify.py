@@ -305,6 +305,41 @@ def wait_until(predicate, timeout):
 
 # --------------------------------------------------------------------------- several importers
 
+def _many_imports(chan, count):
+    """Child: import exp/buf ``count`` times, report "ready"; then for each
+    index received, a notifying send through that import, reported "sent";
+    "done" ends it."""
+    with Endpoint("imp") as ep:
+        imps = [ep.import_buffer("exp", "buf") for _ in range(count)]
+        chan.send("ready")
+        while (cmd := chan.recv()) != "done":
+            imps[cmd].send(b"x", 0, notify=True)
+            chan.send("sent")
+        for imp in imps:
+            imp.close()
+
+
+def test_a_sleeping_exporter_hears_every_importer_beyond_64():
+    """An exporter asleep in wait() watches every importer's doorbell, not
+    only the first 64 (the others used to be looked at on a 1 s re-check
+    only): a notification through the 70th import ends a 0.8 s wait."""
+    with Endpoint("exp") as ep:
+        exp = ep.export("buf", 64)
+        with Child(_many_imports, 70) as child:
+            child.expect("ready")
+            assert exp.importers == 70
+            got = []
+            t = threading.Thread(target=lambda: got.append(exp.wait(0.8)))
+            t.start()
+            wait_for(lambda: blocked_in_poll(t.native_id), what="the waiter to sleep")
+            child.send(69)
+            child.expect("sent")
+            t.join(DEADLINE)
+            assert got == [(0, 1)]
+            child.send("done")
+            child.finish()
+
+
 def test_several_importers_round_robin_and_all_delivered():
     k, m = 3, RECORDS                   # m fills each importer's ring exactly
     kids = children(k, tagged_plan)
