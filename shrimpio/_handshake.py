@@ -503,7 +503,14 @@ class Listener:
     def park(self, ctl: int, bell: int) -> None:
         """Keep a client whose hello has not come yet."""
         if len(self.waiting) >= MAX_WAITING:
-            _drop(*next(iter(self.waiting.items())), self.waiting)
+            try:
+                oldest = next(iter(self.waiting))
+            except (StopIteration, RuntimeError):   # emptied (or changed) by another thread
+                oldest = None
+            # Popped first: whoever pops an entry owns its fds.
+            entry = self.waiting.pop(oldest, None) if oldest is not None else None
+            if entry is not None:
+                _drop(oldest, entry)
         self.waiting[ctl] = (bell, time.monotonic() + HELLO_WAIT)
 
     def take_hello(self) -> "tuple | None":
@@ -565,10 +572,9 @@ class Listener:
         self.usock.close()
 
 
-def _drop(ctl: int, entry: tuple[int, float], waiting: Optional[dict] = None) -> None:
-    """Close a waiting client's two fds (it reads EOF); out of ``waiting``."""
-    if waiting is not None:
-        waiting.pop(ctl, None)
+def _drop(ctl: int, entry: tuple[int, float]) -> None:
+    """Close the two fds of a waiting client taken out of ``Listener.waiting``
+    (it reads EOF)."""
     os.close(entry[0])
     os.close(ctl)
 

@@ -547,6 +547,31 @@ def test_a_silent_client_does_not_hold_up_accept(listener, monkeypatch):
         silent.close()
 
 
+def test_silent_clients_waiting_are_bounded(listener, monkeypatch):
+    """A flood of silent clients costs a listener MAX_WAITING of them at
+    most: past it the oldest is dropped (EOF), and a real client is still
+    served."""
+    monkeypatch.setattr(_handshake, "MAX_WAITING", 3)
+    silent = [_silent_client(listener) for _ in range(5)]
+    try:
+        listener.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+        assert len(listener._lst.waiting) == 3
+        for s in silent[:2]:
+            assert s.recv(1) == b""                     # the oldest two: dropped
+        assert select.select(silent[2:], [], [], 0)[0] == []
+        listener.settimeout(5)
+        cli = connect(listener.getsockname())
+        srv, addr = listener.accept()
+        assert addr == cli.getsockname()
+        cli.close()
+        srv.close()
+    finally:
+        for s in silent:
+            s.close()
+
+
 def test_a_late_hello_is_accepted_when_it_comes(listener):
     """A client whose hello comes after accept() looked is taken by the next
     accept(), which wakes for it (its control socket is watched)."""
