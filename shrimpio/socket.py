@@ -21,7 +21,7 @@ stdlib meaning.  Each object is in one of three states:
 
 Decisions about the path are made in :mod:`shrimpio._route` and recorded on
 the object (``shrimpio.info(sock)``); the hand-shake of a shared-memory
-connect or accept is in :mod:`shrimpio._handshake`.
+connect is in :mod:`shrimpio._handshake`, accept in :mod:`shrimpio._accept`.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ import time
 import weakref
 from typing import Any, Optional
 
-from . import _connection, _control, _handshake, _route
+from . import _accept, _connection, _control, _handshake, _route
 from ._connection import Connection
 from ._fastpath import spin_readable
-from ._handshake import Listener as _Listener
+from ._accept import Listener as _Listener
 
 __all__ = ["socket", "info", "StdSocket"]
 
@@ -274,7 +274,7 @@ class socket(StdSocket):
             and bool(StdSocket.getsockopt(self, _std.IPPROTO_IPV6, _std.IPV6_V6ONLY))
         name = _route.entry_name(self.family, host, port, v6only)
         try:
-            name, usock = _handshake.register_listener(self, name, max(backlog, 128) if backlog >= 0 else 128)
+            name, usock = _accept.register_listener(self, name, max(backlog, 128) if backlog >= 0 else 128)
         except FileExistsError as exc:
             self._route = _route.Route(_route.TCP, str(exc.args[0]))
             return
@@ -392,7 +392,7 @@ class socket(StdSocket):
             tmp.detach()
 
     def _accept_shm(self, lst: _Listener) -> Optional[tuple["socket", Any]]:
-        return _handshake.accept_shm(self, lst, type(self) is socket)
+        return _accept.accept_shm(self, lst, type(self) is socket)
 
     # -- data --------------------------------------------------------------------
 

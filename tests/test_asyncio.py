@@ -25,7 +25,7 @@ import shrimpio
 import shrimpio.socket as ss
 from children import child_env
 from asyncio_suite import HOST, k  # noqa: F401  (k: the kind fixture the suite's tests take)
-from shrimpio import _handshake, _route
+from shrimpio import _accept, _route
 from shrimpio.transport import Loop
 
 # The suite's tests, collected as this module's.
@@ -278,7 +278,7 @@ def test_asyncio_server_is_not_held_up_by_a_silent_client(monkeypatch):
     """The shrimpio loop's server never blocks on a client's hello: with a
     silent client connected, others are served at once; the silent one is
     dropped when its time is up (the loop wakes for it)."""
-    monkeypatch.setattr(_handshake, "HELLO_WAIT", 1.0)
+    monkeypatch.setattr(_accept, "HELLO_WAIT", 1.0)
 
     async def main():
         async def echo(reader, writer):

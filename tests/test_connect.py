@@ -22,7 +22,7 @@ import time
 import pytest
 
 import shrimpio.socket as ss
-from shrimpio import _connection, _control, _handshake, _poll, _route
+from shrimpio import _accept, _connection, _control, _handshake, _poll, _route
 from shrimpio._connection import DEFAULT_RING, Connection, Kit
 from shrimpio._fastpath import Segment, spin_readable
 
@@ -526,7 +526,7 @@ def test_a_silent_client_does_not_hold_up_accept(listener, monkeypatch):
     """accept() never waits for one client's hello: a client that connected
     and sends nothing (descheduled, slow, hostile) waits aside while the
     next client is served, and is dropped (EOF) once HELLO_WAIT is up."""
-    monkeypatch.setattr(_handshake, "HELLO_WAIT", 1.0)
+    monkeypatch.setattr(_accept, "HELLO_WAIT", 1.0)
     silent = _silent_client(listener)
     try:
         cli = connect(listener.getsockname())
@@ -551,7 +551,7 @@ def test_silent_clients_waiting_are_bounded(listener, monkeypatch):
     """A flood of silent clients costs a listener MAX_WAITING of them at
     most: past it the oldest is dropped (EOF), and a real client is still
     served."""
-    monkeypatch.setattr(_handshake, "MAX_WAITING", 3)
+    monkeypatch.setattr(_accept, "MAX_WAITING", 3)
     silent = [_silent_client(listener) for _ in range(5)]
     try:
         listener.settimeout(0)
@@ -713,8 +713,8 @@ def test_spin_readable():
 
 def test_accept_budget_adapts(listener, monkeypatch):
     lst = listener._lst
-    monkeypatch.setattr(_handshake, "get_busy_poll_us", lambda: 50.0)
-    top = 50e-6 * _handshake.ACCEPT_SPIN
+    monkeypatch.setattr(_accept, "get_busy_poll_us", lambda: 50.0)
+    top = 50e-6 * _accept.ACCEPT_SPIN
     assert lst.spin_budget() == pytest.approx(top)
     lst.adapt(False, 1.0)                      # idle: halve, down to 1/16
     assert lst.spin == pytest.approx(top / 2)
@@ -728,12 +728,12 @@ def test_accept_budget_adapts(listener, monkeypatch):
     lst.spin = top / 16
     lst.adapt(True, 0.0)                       # caught one: grow back
     assert lst.spin == pytest.approx(top / 8 + 1e-6)
-    monkeypatch.setattr(_handshake, "get_busy_poll_us", lambda: 0.0)
+    monkeypatch.setattr(_accept, "get_busy_poll_us", lambda: 0.0)
     assert lst.spin_budget() == 0              # SHRIMPIO_BUSY_POLL_US=0: never spins
 
 
 def test_accept_with_busy_poll_off_still_accepts(listener, monkeypatch):
-    monkeypatch.setattr(_handshake, "get_busy_poll_us", lambda: 0.0)
+    monkeypatch.setattr(_accept, "get_busy_poll_us", lambda: 0.0)
     cli, srv = pair(listener)
     exchange(cli, srv)
     cli.close()

@@ -58,7 +58,7 @@ class _Server(asyncio.AbstractServer):
         self._retry: Optional[asyncio.TimerHandle] = None
         self._serving = False
         self._watching = False        # readers on the listeners are installed
-        # Shared-memory clients whose hello is late (see _handshake.Listener):
+        # Shared-memory clients whose hello is late (see _accept.Listener):
         # fd -> its listener, watched until the hello comes or time runs out.
         self._late: dict[int, Any] = {}
         self._late_timer: Optional[asyncio.TimerHandle] = None

@@ -1,0 +1,324 @@
+"""The listener's side of a shared-memory stream connection: its registry
+entry (one per member of a group sharing an address), and accept.
+
+Theory of operation
+-------------------
+(docs/control-plane.md has the whole picture and the measurements.)
+
+A listening shrimpio socket holds a registry entry (:func:`register_listener`).
+Its :func:`accept_shm` makes one call into C per client,
+:func:`~shrimpio._fastpath.stream_accept` (accept4, ``SO_PEERCRED``, the
+doorbell fd, a busy-poll for the hello, recvmsg with fds, the space fd's
+type), then checks the hello in :func:`accept_hello` exactly as it would
+any peer's: everything in it is untrusted, and anything wrong refuses the
+client (its control socket is closed: it reads EOF) and takes the next.
+A client whose hello is not there after the busy-poll is not waited for
+(a silent one would hold up every other client, and in asyncio the whole
+loop): it waits on the :class:`Listener`, whose fds to watch then include
+its control socket, until its hello comes or HELLO_WAIT runs out.
+"""
+
+from __future__ import annotations
+
+import os
+import socket as _std
+import _socket as _csocket
+import time
+from typing import Any, Optional
+
+from . import _connection, _control
+from ._connection import Connection, ring_capacity
+from ._fastpath import Segment, get_busy_poll_us, stream_accept, stream_hello
+from ._handshake import (HELLO_KIND, HELLO_RE, PROTOCOL_VERSION, _AF_UNIX, _SOCK_SEQPACKET, _STREAM,
+                         _family, addr_tuple, registry)
+
+__all__ = ["ACCEPT_SPIN", "HELLO_WAIT", "Listener", "MAX_WAITING", "accept_hello", "accept_shm",
+           "register_listener"]
+
+
+# -- listeners sharing an address ---------------------------------------------------
+#
+# Listeners that share an address through SO_REUSEPORT (worker processes of
+# one server) each get a registry entry: the first the address's own name,
+# the others that name + "+2", "+3"...  A client spreads its connects over
+# the group's live entries in turn (the kernel spreads TCP ones by a hash of
+# the addresses; see _handshake._Destination).
+
+#: Listeners of one address that may take shared-memory clients.
+MAX_MEMBERS = 64
+
+
+def register_listener(sock: Any, name: str, backlog: int) -> tuple[str, _std.socket]:
+    """The registry entry for a listening ``sock``: ``(its name, the
+    listening Unix socket)``.  An address whose entry is live already gets
+    a member entry if ``sock`` shares the address on purpose (SO_REUSEPORT);
+    otherwise (or with MAX_MEMBERS taken) ``FileExistsError`` says why."""
+    reg = registry()
+    try:
+        return name, reg.listen(name, backlog)
+    except FileExistsError:
+        if not sock.getsockopt(_std.SOL_SOCKET, getattr(_std, "SO_REUSEPORT", -1)):
+            raise FileExistsError("another listener holds the shrimpio entry") from None
+    for k in range(2, MAX_MEMBERS + 1):
+        member = f"{name}{_control.MEMBER_SEP}{k}"
+        try:
+            return member, reg.listen(member, backlog)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{MAX_MEMBERS} listeners share the address already")
+
+
+# -- accept ----------------------------------------------------------------------
+
+def _layout_ok(c2s: int, s2c: int, size: int) -> bool:
+    """Are these a valid pair of ring capacities and the segment size that
+    holds them?  (Cached: clients use a few sizes; the arguments are exact
+    ints, checked by the caller.)"""
+    return (ring_capacity(c2s) == c2s and ring_capacity(s2c) == s2c
+            and size == Connection.layout(c2s, s2c)[1])
+
+
+
+#: accept()'s busy-poll budget in units of the rings' (SHRIMPIO_BUSY_POLL_US).
+#: The wait it covers is a client's whole turn (its close, then its next
+#: connect's set-up), several data hand-offs long.
+ACCEPT_SPIN = 4
+#: Longest a client that connected may take to send its hello.
+HELLO_WAIT = 5.0
+#: Connected clients whose hello has not come yet, at most per listener
+#: (past it the oldest is dropped: a flood of silent clients costs fds only
+#: up to here).
+MAX_WAITING = 64
+
+
+def accept_spin_top() -> float:
+    """Most seconds accept() busy-polls before it sleeps (0 when
+    ``SHRIMPIO_BUSY_POLL_US=0`` turns every busy-poll off)."""
+    return get_busy_poll_us() * ACCEPT_SPIN / 1e6
+
+
+class Listener:
+    """The registry half of a listening shrimpio socket.
+
+    ``spin`` is the adaptive busy-poll budget of ``accept()`` (seconds), by
+    the rules of the rings' (``_adapt_spin`` in ``_fastpath.pyx``): a spin
+    that caught a client keeps it, a sleep that a longer spin would have
+    avoided grows it, a longer sleep halves it (down to 1/16 of the budget),
+    so an idle server spins little."""
+
+    def __init__(self, name: str, usock: _std.socket) -> None:
+        self.name = name
+        self.usock = usock
+        self.forks = _connection.forks
+        self.spin = accept_spin_top()
+        # Clients that connected but whose hello has not come yet (a client
+        # sends it right after its connect, but may be descheduled, slow, or
+        # hostile): control fd -> (doorbell fd, deadline).  accept() never
+        # waits for one of them; they are watched beside the entry.
+        self.waiting: dict[int, tuple[int, float]] = {}
+
+    def watch_fds(self) -> list[int]:
+        """The fds whose readability may mean a client to accept: the
+        registry entry and each client waiting for its hello."""
+        return [self.usock.fileno(), *self.waiting]
+
+    def next_deadline(self) -> Optional[float]:
+        """When the first waiting client runs out of time (monotonic), if any."""
+        return min((d for _, d in self.waiting.values()), default=None)
+
+    def park(self, ctl: int, bell: int) -> None:
+        """Keep a client whose hello has not come yet."""
+        if len(self.waiting) >= MAX_WAITING:
+            try:
+                oldest = next(iter(self.waiting))
+            except (StopIteration, RuntimeError):   # emptied (or changed) by another thread
+                oldest = None
+            # Popped first: whoever pops an entry owns its fds.
+            entry = self.waiting.pop(oldest, None) if oldest is not None else None
+            if entry is not None:
+                _drop(oldest, entry)
+        self.waiting[ctl] = (bell, time.monotonic() + HELLO_WAIT)
+
+    def take_hello(self) -> "tuple | None":
+        """A waiting client whose hello has come, as ``stream_accept``
+        returns it; clients gone or out of time are dropped (they read EOF)."""
+        now = time.monotonic()
+        for ctl in list(self.waiting):
+            entry = self.waiting.pop(ctl, None)
+            if entry is None:
+                continue                # taken by another thread
+            bell, deadline = entry
+            try:
+                got = stream_hello(ctl, _control.MAX_MESSAGE + 1, _control.MAX_FDS)
+            except BaseException:
+                _drop(ctl, entry)
+                raise
+            if got is not None:
+                return (ctl, bell) + got
+            if deadline > now:
+                self.waiting[ctl] = entry
+            else:
+                _drop(ctl, entry)
+        return None
+
+    def spin_budget(self) -> float:
+        top = accept_spin_top()
+        if self.spin > top:
+            self.spin = top
+        return self.spin
+
+    def adapt(self, spun: bool, waited: float) -> None:
+        top = accept_spin_top()
+        cur = min(self.spin, top)
+        if spun:
+            self.spin = min(top, cur * 2 + 1e-6)
+        elif waited <= top:
+            self.spin = min(top, max(cur * 2, waited * 1.25))   # a longer spin catches it
+        else:
+            self.spin = max(top / 16, cur / 2)
+
+    def close(self) -> None:
+        while self.waiting:
+            _drop(*self.waiting.popitem())
+        if _connection.forks != self.forks:
+            # Shared across a fork: as with a TCP listener, the entry must stay
+            # findable while any process still holds the listener.  Let go of
+            # our copy, then remove the entry only if nobody listens there
+            # any more (the registry probes it).
+            self.usock.close()
+            try:
+                registry().remove(self.name)
+            except OSError:
+                pass
+            return
+        try:
+            registry().remove(self.name, self.usock)
+        except OSError:
+            pass
+        self.usock.close()
+
+
+def _drop(ctl: int, entry: tuple[int, float]) -> None:
+    """Close the two fds of a waiting client taken out of ``Listener.waiting``
+    (it reads EOF)."""
+    os.close(entry[0])
+    os.close(ctl)
+
+
+def accept_shm(sock: Any, lst: Listener, bare: bool) -> "tuple[Any, Any] | None":
+    """The next shared-memory client of the listening ``sock``: (a new
+    socket of ``sock``'s class, the client's address), or None if none is
+    waiting.  Clients that fail the checks are refused and skipped.
+    ``bare``: the class is shrimpio's own, whose objects can be made
+    without its constructor (a new connection needs no look-up by inode)."""
+    family = _family(sock)
+    cls = type(sock)
+    usock = lst.usock.fileno()
+    while True:
+        got = lst.take_hello() if lst.waiting else None
+        if got is None:
+            got = stream_accept(usock, get_busy_poll_us() / 1e6, _control.MAX_MESSAGE + 1,
+                                _control.MAX_FDS)
+            if got is None:
+                return None
+            if got[2] is None:          # no hello yet: never wait for it here
+                lst.park(got[0], got[1])
+                continue
+        fd, bell, data, fds, msg_flags, space_ok = got
+        new = None
+        try:
+            if bare:
+                # Made here: no timeout to apply (the fd from accept4 is
+                # blocking, and a default timeout was applied by the
+                # constructor).
+                new = cls.__new__(cls)
+                _std.socket.__init__(new, family, _STREAM, sock.proto, fd)
+                new._clear()
+            conn, client, server = accept_hello(bell, data, msg_flags, fds, space_ok)
+        except BaseException as exc:
+            if new is not None:
+                new.detach()
+            os.close(fd)
+            if isinstance(exc, (OSError, _control.ProtocolError)):
+                continue            # a prober or a broken client: not a connection
+            raise
+        conn.local = addr_tuple(family, server)
+        conn.peer = addr_tuple(family, client)
+        if new is None:
+            new = cls(family, _STREAM, sock.proto, fileno=fd)
+            if _std.getdefaulttimeout() is None:
+                new.setblocking(True)
+            else:
+                new.settimeout(_std.getdefaulttimeout())
+        new._install(conn)
+        return new, conn.peer
+
+
+def accept_hello(bell: int, data: bytes, msg_flags: int, fds: list[int],
+                 space_ok: bool) -> tuple[Connection, tuple, tuple]:
+    """Check a client's hello (as :func:`~shrimpio._fastpath.stream_accept`
+    received it) and map its segment: (connection, client address, server
+    address).  Anything malformed raises ``ProtocolError`` (or OSError)
+    after closing ``bell`` and the fds."""
+    try:
+        payload = _control.datagram_payload(data, msg_flags, fds)
+        m = HELLO_RE.fullmatch(payload)
+        if m is not None:              # our own clients' hello: no generic decode
+            c2s, s2c, size = int(m[1]), int(m[2]), int(m[3])
+            client, server = (m[4].decode(), int(m[5])), (m[6].decode(), int(m[7]))
+        else:
+            c2s, s2c, size, client, server = _generic_hello(payload, fds)
+        if len(fds) != 2:
+            raise _control.ProtocolError("stream hello must carry two fds")
+        if not (type(c2s) is int and type(s2c) is int and type(size) is int
+                and _layout_ok(c2s, s2c, size)):
+            raise _control.ProtocolError(
+                f"bad ring capacities or segment size {c2s!r}, {s2c!r}, {size!r}")
+        if (len(client) < 2 or len(server) < 2 or type(client[0]) is not str
+                or type(server[0]) is not str or type(client[1]) is not int
+                or type(server[1]) is not int or not 0 <= client[1] <= 65535
+                or not 0 <= server[1] <= 65535):
+            raise _control.ProtocolError("bad addresses in stream hello")
+        if not space_ok:
+            raise _control.ProtocolError("space doorbell is not a Unix seqpacket socket")
+        fd0, fds[0] = fds[0], -1
+        try:
+            seg = Segment.from_fd(fd0, size, keep_fd=False)    # closes fd0 on failure
+        except ValueError as exc:    # not a shared memory object, or too small
+            raise _control.ProtocolError(f"bad segment in stream hello: {exc}") from None
+    except BaseException:
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+        os.close(bell)
+        raise
+    try:
+        space = _csocket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fds[1])
+    except BaseException:
+        os.close(fds[1])
+        os.close(bell)
+        seg.close()
+        raise
+    try:
+        conn = Connection(seg, bell, space, client=False, caps=(c2s, s2c))
+    except BaseException:
+        os.close(bell)
+        seg.close()
+        space.close()
+        raise
+    return conn, client, server
+
+
+def _generic_hello(payload: bytes, fds: list[int]) -> tuple:
+    """(c2s, s2c, size, client, server) of a hello in any JSON form; the
+    caller checks the values."""
+    msg = _control.decode_payload(payload, fds)
+    _control.expect(msg, HELLO_KIND)  # closes (and empties) fds on refusal
+    body = msg.body
+    if body.get("v") != PROTOCOL_VERSION:
+        raise _control.ProtocolError(f"unsupported stream protocol version {body.get('v')!r}")
+    try:
+        return (body["c2s"], body["s2c"], body["size"], tuple(body["client"]),
+                tuple(body["server"]))
+    except (KeyError, TypeError) as exc:
+        raise _control.ProtocolError(f"bad stream hello: {exc}") from None
