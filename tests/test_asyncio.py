@@ -16,6 +16,8 @@ import select
 import socket
 import subprocess
 import sys
+import time
+from typing import Optional
 
 import pytest
 import uvloop
@@ -305,5 +307,45 @@ def test_asyncio_server_is_not_held_up_by_a_silent_client(monkeypatch):
                 assert await asyncio.wait_for(loop.sock_recv(silent, 1), 5) == b""   # dropped
             finally:
                 silent.close()
+
+    shrimpio.run(main())
+
+
+def test_a_paused_transport_whose_peer_dies_does_not_spin() -> None:
+    """A paused shm transport keeps its doorbell's reader (pause and resume
+    cost no epoll_ctl), but a doorbell that fires while paused (the peer
+    died: end of file, readable for ever) takes the reader off, so the loop
+    does not spin; resume_reading() then delivers the end."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future = loop.create_future()
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport, self.lost = transport, loop.create_future()
+                accepted.set_result(self)
+
+            def connection_lost(self, exc: Optional[BaseException]) -> None:
+                self.lost.set_result(exc)
+
+        server = await loop.create_server(Server, HOST, 0)
+        async with server:
+            ct, _ = await loop.create_connection(asyncio.Protocol, HOST, server.sockets[0].getsockname()[1])
+            sp = await asyncio.wait_for(accepted, 5)
+            st = sp.transport
+            assert st.get_extra_info("shrimpio")["path"] == "shm"
+            st.pause_reading()
+            assert st._reader_on                      # kept through the pause
+            ct.abort()                                # the peer is gone: its doorbell reads EOF
+            deadline = loop.time() + 5
+            while st._reader_on and loop.time() < deadline:
+                await asyncio.sleep(0.01)             # a condition polled with a deadline
+            assert not st._reader_on, "the doorbell's reader stayed on a dead peer"
+            cpu0 = time.process_time()
+            await asyncio.sleep(0.3)
+            assert time.process_time() - cpu0 < 0.15, "the loop spun on a paused transport"
+            assert not sp.lost.done()                 # nothing delivered while paused
+            st.resume_reading()
+            await asyncio.wait_for(sp.lost, 5)
 
     shrimpio.run(main())

@@ -118,8 +118,12 @@ class ShmTransport(asyncio.Transport):
     def pause_reading(self) -> None:
         if self._closing or self._paused:
             return
+        # The doorbell's reader stays installed: a pause is often short (an
+        # HTTP client pauses between responses), and taking the reader off
+        # and on costs two epoll_ctl calls.  A paused ring is never armed,
+        # so the peer does not ring; if the doorbell fires anyway (the peer
+        # died: end of file), _on_bell takes the reader off.
         self._paused = True
-        self._stop_reader()
 
     def resume_reading(self) -> None:
         if self._closing or not self._paused:
@@ -145,6 +149,9 @@ class ShmTransport(asyncio.Transport):
     def _on_bell(self) -> None:
         if drain_bell(self._bell):
             self._conn.gone = self._core.gone = True
+        if self._paused:
+            self._stop_reader()      # resume_reading puts it back
+            return
         self._core.wake()
 
     def _on_eof(self) -> None:
