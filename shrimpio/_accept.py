@@ -20,6 +20,7 @@ its control socket, until its hello comes or HELLO_WAIT runs out.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket as _std
 import _socket as _csocket
@@ -70,13 +71,13 @@ def register_listener(sock: Any, name: str, backlog: int) -> tuple[str, _std.soc
 
 # -- accept ----------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=64)
 def _layout_ok(c2s: int, s2c: int, size: int) -> bool:
     """Are these a valid pair of ring capacities and the segment size that
     holds them?  (Cached: clients use a few sizes; the arguments are exact
     ints, checked by the caller.)"""
     return (ring_capacity(c2s) == c2s and ring_capacity(s2c) == s2c
             and size == Connection.layout(c2s, s2c)[1])
-
 
 
 #: accept()'s busy-poll budget in units of the rings' (SHRIMPIO_BUSY_POLL_US).

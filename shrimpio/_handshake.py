@@ -86,7 +86,6 @@ def hello(c2s: int, s2c: int, size: int, client: tuple, server: tuple) -> bytes:
     return head + b"%d" % int(client[1]) + tail
 
 
-@functools.lru_cache(maxsize=64)
 # -- addresses --------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1024)
@@ -199,7 +198,6 @@ class _Destination:
             self.local_host = host_as_seen(family, _std.inet_ntop(family, self.ip))
         except (OSError, ValueError):
             self.ip, self.local_host = b"", ""      # the general way only
-
 
     def list_members(self) -> None:
         """Each candidate entry with the other members of its group: a
