@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from . import _connection, _control
 from ._connection import Connection, ring_capacity
-from ._fastpath import Segment, get_busy_poll_us, stream_accept, stream_hello
+from ._fastpath import Segment, adapt_spin, get_busy_poll_us, stream_accept, stream_hello
 from ._handshake import (HELLO_KIND, HELLO_RE, PROTOCOL_VERSION, _AF_UNIX, _SOCK_SEQPACKET, _STREAM,
                          _family, addr_tuple, registry)
 
@@ -169,14 +169,10 @@ class Listener:
         return self.spin
 
     def adapt(self, spun: bool, waited: float) -> None:
+        # The rings' rule, growing no further than the budget itself (it
+        # already covers a client's whole turn: ACCEPT_SPIN).
         top = accept_spin_top()
-        cur = min(self.spin, top)
-        if spun:
-            self.spin = min(top, cur * 2 + 1e-6)
-        elif waited <= top:
-            self.spin = min(top, max(cur * 2, waited * 1.25))   # a longer spin catches it
-        else:
-            self.spin = max(top / 16, cur / 2)
+        self.spin = adapt_spin(min(self.spin, top), top, top, spun, waited)
 
     def close(self) -> None:
         while self.waiting:

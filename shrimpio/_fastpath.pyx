@@ -55,7 +55,6 @@ cdef extern from "_fastpath_core.h" nogil:
     int64_t shr_now_ns()
     void shr_cpu_relax()
     int64_t shr_coarse_ns()
-    void shr_cpu_relax()
     int shr_bell_ring(int fd, int kind)
     int shr_bell_drain(int fd, int kind)
     int shr_bell_peer_gone(int fd)
@@ -475,23 +474,36 @@ cdef inline double _timeout_arg(object timeout) except? -2.0:
     return t
 
 
-cdef inline int64_t _adapt_spin(int64_t cur, int64_t top, int spun, int64_t waited) noexcept:
+cdef inline int64_t _adapt_spin_to(int64_t cur, int64_t top, int64_t ceiling, int spun,
+                                   int64_t waited) noexcept:
     """The next spin budget, after a wait that took ``waited`` ns.
 
     Spinning paid off: keep (or grow back to ``top``) it.  We slept, but the
-    event came within ADAPT_CEILING budgets: a longer spin would have caught
-    it, so grow to cover it (without this, a budget once shrunk never
+    event came within ``ceiling``: a longer spin would have caught it, so
+    grow to cover it (without this, a budget once shrunk never
     recovers: short spins always fail; and a peer that needs a little longer
     than the budget every time, as one copying a 1 MiB message on a loaded
     host, would cost a sleep and a wake-up every time).  We slept long:
     halve, down to 1/16, so that a peer that is not running (same core, or
     idle) does not cost us a core."""
-    cdef int64_t ceiling = top * ADAPT_CEILING
     if spun:
         return max(cur, min(top, cur * 2 + 1000))
     if waited <= ceiling:
         return min(ceiling, max(cur * 2, waited + waited // 4))
     return max(top // 16, cur // 2)
+
+
+cdef inline int64_t _adapt_spin(int64_t cur, int64_t top, int spun, int64_t waited) noexcept:
+    """``_adapt_spin_to`` for the rings' waits: grows up to ADAPT_CEILING budgets."""
+    return _adapt_spin_to(cur, top, top * ADAPT_CEILING, spun, waited)
+
+
+def adapt_spin(double cur, double top, double ceiling, bint spun, double waited):
+    """The rule of :func:`_adapt_spin_to` in seconds, for waits made in
+    Python (a listener's accept): the next spin after one of ``cur``
+    seconds that caught the event (``spun``) or slept ``waited`` seconds."""
+    return _adapt_spin_to(<int64_t>(cur * 1e9), <int64_t>(top * 1e9), <int64_t>(ceiling * 1e9),
+                          spun, <int64_t>(waited * 1e9)) / 1e9
 
 
 cdef inline int _bell_kind(str bell) except -1:
