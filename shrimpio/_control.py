@@ -127,10 +127,9 @@ def getenv(name: str) -> str | None:
     """``os.environ.get(name)``, without its per-call key encoding (a
     connect reads several variables, each of which may change at any time):
     CPython's ``os.environ`` keeps the encoded variables in a dict."""
-    env = os.environ
-    data = getattr(env, "_data", None) if type(env) is _ENVIRON_TYPE else None
-    if type(data) is not dict:
-        return env.get(name)
+    data = environ_data()
+    if data is None:
+        return os.environ.get(name)
     value = data.get(name.encode())
     return None if value is None else os.fsdecode(value)
 

@@ -193,8 +193,7 @@ def env_key() -> tuple:
     if data is None:
         values = tuple(os.environ.get(n.decode()) for n in _ENV_NAMES)
     else:
-        get = data.get
-        values = (get(b"SHRIMPIO_DISABLE"), get(b"SHRIMPIO_TCP"), get(b"SHRIMPIO_REGISTRY"))
+        values = tuple(map(data.get, _ENV_NAMES))
     return values + (_rules_version, os.geteuid())
 
 
