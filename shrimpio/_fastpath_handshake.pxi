@@ -153,10 +153,9 @@ def stream_accept(int listener, double spin, Py_ssize_t bufsize, int maxfds):
     it here: one silent client must not hold up the others).  A client
     that fails first (dies, is refused) is closed (it reads EOF) and the
     next one taken."""
-    cdef int fd, bell, r
+    cdef int fd, bell
     cdef long long uid
     cdef pollfd p
-    cdef int64_t limit
     if spin != spin:
         raise ValueError("bad spin time")
     while True:
@@ -175,10 +174,7 @@ def stream_accept(int listener, double spin, Py_ssize_t bufsize, int maxfds):
                 p.fd = fd
                 p.events = POLLIN
                 p.revents = 0
-                limit = shr_now_ns() + <int64_t>(min(max(spin, 0.0), 1.0) * 1e9)
-                while poll(&p, 1, 0) == 0 and shr_now_ns() < limit:
-                    for r in range(16):
-                        shr_cpu_relax()
+                _spin_poll(&p, 1, shr_now_ns() + <int64_t>(min(max(spin, 0.0), 1.0) * 1e9))
         if bell >= 0:
             try:
                 got = _take_hello(fd, bufsize, maxfds)

@@ -77,7 +77,7 @@ def spin_readable(fds, double seconds):
     released."""
     cdef pollfd p[8]
     cdef unsigned long n = 0
-    cdef int r = 0, i
+    cdef int r = 0
     cdef int64_t limit
     for fd in fds:
         if n == 8:
@@ -90,13 +90,20 @@ def spin_readable(fds, double seconds):
         raise ValueError("seconds must be >= 0")
     limit = shr_now_ns() + <int64_t>(min(seconds, 1.0) * 1e9)
     with nogil:
-        while True:
-            r = poll(p, n, 0)
-            if r != 0 or shr_now_ns() >= limit:
-                break
-            # About a microsecond between polls: a system call per
-            # iteration would only heat the kernel's paths at the cost of
-            # the caches the waiter needs next.
-            for i in range(16):
-                shr_cpu_relax()
+        r = _spin_poll(p, n, limit)
     return r != 0
+
+
+cdef int _spin_poll(pollfd *p, unsigned long n, int64_t limit) noexcept nogil:
+    """poll() the ``n`` fds at ``p`` without sleeping until one is ready or
+    the clock (shr_now_ns) passes ``limit``: poll()'s result (0: none)."""
+    cdef int r, i
+    while True:
+        r = poll(p, n, 0)
+        if r != 0 or shr_now_ns() >= limit:
+            return r
+        # About a microsecond between polls: a system call per iteration
+        # would only heat the kernel's paths at the cost of the caches the
+        # waiter needs next.
+        for i in range(16):
+            shr_cpu_relax()
