@@ -419,7 +419,31 @@ class socket(StdSocket):
             tmp.detach()
 
     def _accept_shm(self, lst: _Listener) -> Optional[tuple["socket", Any]]:
+        if lst.ready:
+            try:
+                return lst.ready.popleft()      # a poller accepted it already
+            except IndexError:
+                pass                            # (taken by another thread)
         return _accept.accept_shm(self, lst, type(self) is socket)
+
+    def _accept_ahead(self) -> bool:
+        """For the pollers: will accept() find a client now?  A registry
+        client is accepted here (its hello checked) and kept for the next
+        accept(), so that readiness is never a client that is not there
+        yet (one whose hello is late waits aside, see _accept)."""
+        lst = self._lst
+        if lst is None:
+            return False
+        if lst.ready:
+            return True
+        try:
+            got = _accept.accept_shm(self, lst, type(self) is socket)
+        except OSError:
+            return True                         # accept() will say what is wrong
+        if got is None:
+            return False
+        lst.ready.append(got)
+        return True
 
     # -- data --------------------------------------------------------------------
 
