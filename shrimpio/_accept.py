@@ -20,6 +20,7 @@ its control socket, until its hello comes or HELLO_WAIT runs out.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import socket as _std
@@ -117,6 +118,9 @@ class Listener:
         # hostile): control fd -> (doorbell fd, deadline).  accept() never
         # waits for one of them; they are watched beside the entry.
         self.waiting: dict[int, tuple[int, float]] = {}
+        # Connections a poller accepted to know that accept() would not
+        # block (see _poll): (socket, address), taken by the next accept().
+        self.ready: collections.deque = collections.deque()
 
     def watch_fds(self) -> list[int]:
         """The fds whose readability may mean a client to accept: the
@@ -177,6 +181,8 @@ class Listener:
     def close(self) -> None:
         while self.waiting:
             _drop(*self.waiting.popitem())
+        while self.ready:
+            self.ready.popleft()[0].close()     # the client reads EOF
         if _connection.forks != self.forks:
             # Shared across a fork: as with a TCP listener, the entry must stay
             # findable while any process still holds the listener.  Let go of

@@ -4,8 +4,9 @@ Importing this module calls :func:`enable`.  It replaces ``socket.socket``
 with :class:`shrimpio.socket.socket` (so ``socket.create_connection``,
 ``create_server``, ``fromfd``, ``socketserver``, ``http``, ``xmlrpc`` ... make
 shrimpio sockets) and the pollers in ``select`` and ``selectors`` with ones
-that understand shared-memory connections.  :func:`disable` puts the stdlib
-back.  ``SHRIMPIO_DISABLE=1`` makes every connection take kernel TCP (the
+that understand shared-memory connections, and ``os.sendfile`` and
+``subprocess`` hooks for connection fds (:mod:`shrimpio._fdhooks`).
+:func:`disable` puts the stdlib back.  ``SHRIMPIO_DISABLE=1`` makes every connection take kernel TCP (the
 patch stays in place, so ``shrimpio.info`` still says why).
 
 Python children inherit the patch: :func:`enable` puts a directory with a
@@ -21,7 +22,7 @@ import select as _select
 import selectors as _selectors
 import socket as _std
 
-from . import _poll
+from . import _fdhooks, _poll
 from .socket import StdSocket, socket
 
 __all__ = ["enable", "disable", "enabled"]
@@ -69,6 +70,7 @@ def enable() -> None:
     _selectors.PollSelector._selector_cls = _poll.poll
     if hasattr(_selectors, "EpollSelector"):
         _selectors.EpollSelector._selector_cls = _poll.epoll
+    _fdhooks.install()
     _install_loop_policy()
     _saved_env.update({k: os.environ.get(k) for k in ("PYTHONPATH", "SHRIMPIO_PATCH")})
     child_environment(os.environ)
@@ -95,6 +97,7 @@ def disable() -> None:
         if value is not None:
             setattr(owner, name, value)
     _saved.clear()
+    _fdhooks.uninstall()
     for k, v in _saved_env.items():
         if v is None:
             os.environ.pop(k, None)

@@ -620,7 +620,7 @@ def _connect_plain_over_shm(sock: Any, address: Any) -> bool:
         if not twin._try_shm(address):
             return False
         os.dup2(twin.fileno(), sock.fileno(), inheritable=False)
-        os.close(twin.detach())       # the connection now lives on the caller's fd
+        os.close(twin._detach_keep())   # the connection now lives on the caller's fd
         return True
     finally:
         twin.close()
