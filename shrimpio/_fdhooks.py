@@ -11,7 +11,12 @@
   itself, so the connection escapes to a kernel stream first
   (:mod:`shrimpio._escape`);
 * ``multiprocessing.connection``'s socket Listener and Client give
-  connections on shared memory (:mod:`shrimpio._mpconn`).
+  connections on shared memory (:mod:`shrimpio._mpconn`);
+* a listening shrimpio socket given to another process (a ``Process``
+  argument, a pool's ``initargs``: pickled with its fd) takes its registry
+  socket along, so that the processes share one queue of shared-memory
+  clients as they share the kernel's queue of TCP clients: each client is
+  accepted once, by whichever process is free first.
 
 The multiprocessing hooks are installed when those modules are imported
 (a program that never uses multiprocessing does not pay for its import).
@@ -135,10 +140,35 @@ def _unhook_mp_connection(mod: Any) -> None:
     _mpconn.uninstall()
 
 
+def _reduce_socket(sock: Any) -> Any:
+    reduction = sys.modules["multiprocessing.reduction"]
+    lst = sock._lst
+    df = reduction.DupFd(sock.fileno())
+    if lst is None:
+        return _rebuild_socket, (df, sock.family, sock.type, sock.proto, None, None)
+    # The registry entry is now shared with another process: as after a
+    # fork, closing our copy removes it only if nobody listens there.
+    lst.forks = -1
+    return _rebuild_socket, (df, sock.family, sock.type, sock.proto, lst.name,
+                             reduction.DupFd(lst.usock.fileno()))
+
+
+def _rebuild_socket(df: Any, family: int, type: int, proto: int, name: Any, udf: Any) -> Any:
+    sock = _ss.socket(family, type, proto, fileno=df.detach())
+    if name is not None:
+        sock._adopt_listener(name, udf.detach())
+    return sock
+
+
+def _hook_mp_reduction(mod: Any) -> None:
+    mod.register(_ss.socket, _reduce_socket)
+
+
 #: module -> (install, uninstall), applied when the module is imported.
 _MODULE_HOOKS: dict[str, tuple[Callable[[Any], None], Callable[[Any], None]]] = {
     "multiprocessing.util": (_hook_mp_util, _unhook_mp_util),
     "multiprocessing.connection": (_hook_mp_connection, _unhook_mp_connection),
+    "multiprocessing.reduction": (_hook_mp_reduction, lambda mod: None),
 }
 
 

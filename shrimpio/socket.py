@@ -316,6 +316,18 @@ class socket(StdSocket):
         _by_fd[self.fileno()] = self
         _listening(self._lst)
 
+    def _adopt_listener(self, name: str, usock_fd: int) -> None:
+        """This kernel listening socket came from another process with its
+        registry socket (see _mpconn): share that entry's queue of clients."""
+        usock = _csocket.socket(_std.AF_UNIX, _std.SOCK_SEQPACKET, 0, usock_fd)
+        usock.setblocking(False)
+        os.set_blocking(self.fileno(), False)
+        self._lst = _Listener(name, usock)
+        self._lst.forks = -1              # shared: see _accept.Listener.close
+        self._route = None
+        _by_fd[self.fileno()] = self
+        _listening(self._lst)
+
     def settimeout(self, value: Optional[float]) -> None:
         super().settimeout(value)
         if self._lst is not None:
