@@ -1539,6 +1539,38 @@ async def test_fd_reader_at_end_of_stream_fires_once_a_turn(k: Kind) -> None:
 
 
 @each_kind
+async def test_fd_writer_on_a_full_socket_sleeps(k: Kind) -> None:
+    """A writer callback on a socket whose buffers are full (the peer not
+    reading) waits without CPU, also after our own shutdown(SHUT_RD), and
+    runs once the peer reads."""
+    loop = asyncio.get_running_loop()
+    lsock, csock, conn = await _accepted_pair(k)
+    try:
+        conn.shutdown(_std.SHUT_RD)
+        total = 0
+        while True:
+            try:
+                total += conn.send(bytes(65536))
+            except BlockingIOError:
+                break
+        room = loop.create_future()
+        loop.add_writer(conn, lambda: room.done() or room.set_result(None))
+        cpu0, t0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(0.3)
+        assert time.process_time() - cpu0 < 0.1 * (time.monotonic() - t0) + 0.02
+        assert not room.done()
+        received = 0
+        while received < total:
+            received += len(await asyncio.wait_for(loop.sock_recv(csock, 1 << 20), 10))
+        await asyncio.wait_for(room, 10)
+        removed(k, loop.remove_writer(conn), True)
+    finally:
+        conn.close()
+        csock.close()
+        lsock.close()
+
+
+@each_kind
 async def test_fd_callbacks_refused_on_a_transport_fd(k: Kind) -> None:
     """The fd of a transport belongs to it: add_reader/add_writer/remove_*
     on it raise RuntimeError, as uvloop says of its own transports."""

@@ -514,3 +514,33 @@ def test_patch_gives_the_shrimpio_loop_to_every_uvloop_entry_point() -> None:
     out = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", _UVLOOP_ENTRY_POINTS],
                          env=child_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_fd_reader_registered_before_sock_connect_moves_to_the_rings() -> None:
+    """A reader registered on a shrimpio socket before sock_connect (a
+    kernel socket then) follows it onto shared memory: it fires when data
+    comes."""
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        lsock = ss.socket()
+        lsock.bind((HOST, 0))
+        lsock.listen()
+        lsock.setblocking(False)
+        csock = ss.socket()
+        csock.setblocking(False)
+        got = loop.create_future()
+        loop.add_reader(csock, lambda: got.done() or got.set_result(csock.recv(10)))
+        try:
+            await loop.sock_connect(csock, lsock.getsockname())
+            assert shrimpio.info(csock)["path"] == "shm"
+            conn, _ = await loop.sock_accept(lsock)
+            with conn:
+                await loop.sock_sendall(conn, b"moved")
+                data = await asyncio.wait_for(got, 10)
+            assert loop.remove_reader(csock) is True
+            return data
+        finally:
+            csock.close()
+            lsock.close()
+
+    assert shrimpio.run(main()) == b"moved"

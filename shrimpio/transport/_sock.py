@@ -240,6 +240,7 @@ class SockMixin:
             if self.get_debug() and sock.gettimeout() != 0:  # type: ignore[attr-defined]
                 raise ValueError("the socket must be non-blocking")
             if sock._try_shm(address):
+                self._now_shm(sock)                          # type: ignore[attr-defined]
                 return
         elif plain_tcp(sock) and twin_of(sock) is None:
             if self.get_debug() and sock.gettimeout() != 0:  # type: ignore[attr-defined]

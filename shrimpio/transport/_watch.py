@@ -131,9 +131,12 @@ class Watch:
         r, w = self._ready(read, write)
         if r or w:
             self._schedule()
-        gone = self.conn.gone
-        self._kernel("bell", (read or write) and not gone, self.conn.bell_fd)
-        self._kernel("space", write and not w and not gone, self.conn.space.fileno())
+        conn = self.conn
+        # The data doorbell tells of data and of the peer's death; after our
+        # own SHUT_RD it reads EOF for ever (reading is then always ready,
+        # and the space doorbell still tells of the peer's death).
+        self._kernel("bell", (read or write) and not conn.gone and not conn.rd_shut, conn.bell_fd)
+        self._kernel("space", write and not w and not conn.gone, conn.space.fileno())
 
     def _schedule(self) -> None:
         if not self.scheduled:
@@ -281,11 +284,15 @@ class Watch:
 def watch_of(loop: Any, sock: Any) -> Watch:
     """The loop's watch of a shrimpio socket (made on first use)."""
     table = loop._shm_watches
-    key = sock._shm if sock._shm is not None else sock._lst
+    key = _key(sock)
     w = table.get(key)
     if w is None or w.dead:
         w = table[key] = Watch(loop, sock)
     return w
+
+
+def _key(sock: Any) -> Any:
+    return sock._shm if sock._shm is not None else sock._lst
 
 
 def close_all(loop: Any) -> None:
@@ -315,6 +322,12 @@ async def wait(loop: Any, sock: Any, writable: bool) -> None:
 def add(loop: Any, sock: Any, fd: int, fileobj: Any, writer: bool,
         callback: Callable, args: tuple) -> None:
     """``add_reader``/``add_writer`` of a callback on a shrimpio socket's fd."""
+    stale = loop._shm_fds.get(fd)
+    if stale is not None and stale.key() is not _key(sock):
+        # The fd number belonged to a connection closed under its callbacks.
+        for direction in (False, True):
+            if fd in (stale.writers if direction else stale.readers):
+                remove(loop, stale, fd, direction)
     w = watch_of(loop, sock)
     table = w.writers if writer else w.readers
     old = table.get(fd)
@@ -342,7 +355,7 @@ def remove(loop: Any, w: Watch, fd: int, writer: bool) -> bool:
     _unpin(w, writer, fd)
     if not w.dead:
         w.changed()
-    elif w.idle():
+    if w.dead and w.idle():
         w.close()
     return handle is not None
 
@@ -380,7 +393,9 @@ class WatchMixin:
     def _watch_init(self) -> None:
         self._shm_watches: dict = {}        # Connection or Listener -> Watch
         self._shm_fds: dict[int, Watch] = {}    # fd with a callback on a Watch -> it
-        self._kernel_cbs: tuple[set, set] = (set(), set())  # fds with uvloop callbacks
+        # fd -> (fileobj, callback, args) of the callbacks uvloop serves
+        # (readers, writers).
+        self._kernel_cbs: tuple[dict, dict] = ({}, {})
         # id(Connection) -> its live ShmTransport ("is used by transport").
         self._shm_transports: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 
@@ -409,17 +424,16 @@ class WatchMixin:
         sock = self._target(fd, fileobj)
         kernel = self._kernel_cbs[writer]
         if sock is not None:
-            if fd in kernel:
+            if kernel.pop(fd, None) is not None:
                 # Registered while the fd was a kernel socket: it is a
                 # shared-memory connection now.
-                kernel.discard(fd)
                 _base_remove(self, fd, writer)
             add(self, sock, fd, fileobj, writer, callback, args)
             return
         w = self._shm_fds.get(fd)
         if w is not None:
             remove(self, w, fd, writer)                      # that connection is gone
-        kernel.add(fd)
+        kernel[fd] = (fileobj, callback, args)
         if writer:
             super().add_writer(fileobj, callback, *args)     # type: ignore[misc]
         else:
@@ -432,13 +446,23 @@ class WatchMixin:
         if w is not None and fd in (w.writers if writer else w.readers):
             return remove(self, w, fd, writer)
         kernel = self._kernel_cbs[writer]
-        had = fd in kernel
-        kernel.discard(fd)
+        had = kernel.pop(fd, None) is not None
         if writer:
             super().remove_writer(fileobj)                   # type: ignore[misc]
         else:
             super().remove_reader(fileobj)                   # type: ignore[misc]
         return had
+
+    def _now_shm(self, sock: Any) -> None:
+        """``sock`` just connected over shared memory (its fd is the control
+        socket now): callbacks uvloop had on it move to the rings."""
+        fd = sock.fileno()
+        for writer in (False, True):
+            got = self._kernel_cbs[writer].pop(fd, None)
+            if got is not None:
+                _base_remove(self, fd, writer)
+                fileobj, callback, args = got
+                add(self, sock, fd, fileobj, writer, callback, args)
 
     def add_reader(self, fileobj: Any, callback: Callable, *args: Any) -> None:
         self._add_cb(fileobj, callback, args, False)
