@@ -213,3 +213,36 @@ def test_asgi_servers_with_uvloop_get_the_shrimpio_loop(tmp_path: Path, server: 
         _stop(proc)
     _all_shm(creport, 1)
     _all_shm(sreport, 1)
+
+
+_AIOHTTP_CLIENT = r'''
+import asyncio, sys, aiohttp
+
+async def main():
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.get(f"http://127.0.0.1:{sys.argv[1]}/") as r:
+                assert r.status == 200 and await r.read()
+    print("ok")
+
+asyncio.run(main())
+'''
+
+
+@_needs("aiohttp")
+def test_aiohttp_client_to_a_plain_server_reports_tcp(tmp_path: Path) -> None:
+    """aiohttp's client (its own sockets, then create_connection(sock=...))
+    under shrimpio run, to a server that is not shrimpio: kernel TCP, and
+    every connection says so with its reason."""
+    (tmp_path / "index.html").write_text("hello")
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, env=child_env())
+    try:
+        port = re.search(r"port (\d+)", server.stdout.readline()).group(1)
+        assert _run(_AIOHTTP_CLIENT, tmp_path / "report", port).strip() == "ok"
+    finally:
+        _stop(server)
+        server.stdout.close()
+    recs = _records(tmp_path / "report")
+    assert recs and all(r["path"] == "tcp" and r["reason"] for r in recs), recs

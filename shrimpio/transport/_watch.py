@@ -159,7 +159,7 @@ class Watch:
         fd = self.dups.get(role)
         conn = self.conn
         if fd is not None and conn is not None and not conn.closed:
-            eof = drain_bell(fd)
+            eof = drain_bell(fd)            # (a connection's roles: "bell", "space")
             # Our own shutdown(SHUT_RD) makes the control socket say EOF
             # (see _poll.drain): not the peer's death.
             if eof and not (role == "bell" and conn.rd_shut):
@@ -210,11 +210,12 @@ class Watch:
         lst = self.lst
         self._kernel("entry", read, lst.usock.fileno())
         if read and "tcp" not in self.dups:
-            self.dups["tcp"] = -1          # the TCP fd is the caller's: not duplicated
-            _add_reader(self.loop, self.sock.fileno(), self._on_kernel, "tcp")
+            # The TCP fd is the caller's, watched as uvloop would (closing
+            # the listener must close its port at once): not duplicated.
+            self.dups["tcp"] = self.sock.fileno()
+            _add_reader(self.loop, self.dups["tcp"], self._on_kernel, "tcp")
         elif not read and "tcp" in self.dups:
-            del self.dups["tcp"]
-            _remove_reader(self.loop, self.sock.fileno())
+            _remove_reader(self.loop, self.dups.pop("tcp"))
         waiting = set(lst.waiting) if read else set()
         for fd in [fd for fd in self.late if fd not in waiting]:
             mine = self.late.pop(fd)
@@ -246,12 +247,8 @@ class Watch:
 
     def _release_kernel(self) -> None:
         for role, mine in list(self.dups.items()):
-            if role == "tcp":
-                fd = self.sock.fileno()
-                if fd >= 0:
-                    _remove_reader(self.loop, fd)
-            else:
-                _remove_reader(self.loop, mine)
+            _remove_reader(self.loop, mine)
+            if role != "tcp":
                 os.close(mine)
         self.dups.clear()
         for mine in self.late.values():
