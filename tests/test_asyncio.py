@@ -5,7 +5,9 @@ once and run here on three kinds of connection (``[shm]``: shared memory on
 the shrimpio loop; ``[tcp]``: the shrimpio loop kept on kernel TCP by a rule;
 ``[uvloop]``: plain uvloop, the reference).  Below them: the loop's entry
 points (``shrimpio.run``, ``new_event_loop``, ``EventLoopPolicy``,
-``install``, ``asyncio.Runner``, ``shrimpio.patch`` and ``asyncio.run``).
+``install``, ``asyncio.Runner``, ``shrimpio.patch`` and ``asyncio.run``, and
+uvloop's under the patch), and what only the shrimpio loop does (reports,
+fd callbacks that follow a socket onto shared memory, concurrent waits).
 """
 
 from __future__ import annotations
