@@ -10,7 +10,8 @@ extensions = [
         depends=["shrimpio/_fastpath_core.h", "shrimpio/_fastpath_ctl.h", "shrimpio/_fastpath.pxd",
                  "shrimpio/_fastpath_poll.pxi", "shrimpio/_fastpath_stream.pxi",
                  "shrimpio/_fastpath_ctl.pxi", "shrimpio/_fastpath_handshake.pxi",
-                 "shrimpio/_fastpath_transport.pxi"],
+                 "shrimpio/_fastpath_transport.pxi",
+                 "shrimpio/_fastpath_exit.pxi", "shrimpio/_fastpath_exit.h"],
         extra_compile_args=["-O3", "-std=gnu11"],
     )
 ]

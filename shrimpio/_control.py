@@ -66,7 +66,7 @@ import time
 import weakref
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
-from ._fastpath import dial_unix, recvmsg_fds, sendmsg_fds
+from ._fastpath import dial_unix, exit_unlink_add, exit_unlink_remove, recvmsg_fds, sendmsg_fds
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE", "MAX_FDS", "ProtocolError",
@@ -326,6 +326,9 @@ class Registry:
             sock.close()
             raise
         self._bound[name] = (st.st_dev, st.st_ino, weakref.ref(sock))
+        # Removed on close and at exit; and if SIGTERM or SIGHUP (left at
+        # their default action) kill us, by a C signal handler.
+        exit_unlink_add(os.fsencode(path))
         return sock
 
     def connect(self, name: str, timeout: float | None = 5.0, raw: bool = False) -> socket.socket:
@@ -394,6 +397,7 @@ class Registry:
             record = self._bound.pop(name, None)
             if record is None:
                 return
+            exit_unlink_remove(os.fsencode(os.path.join(self.path, name + _SUFFIX)))
             dev, ino, ref = record
             path = os.path.join(self.path, name + _SUFFIX)
             try:
