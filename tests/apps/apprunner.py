@@ -129,6 +129,13 @@ def read_report(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT stops it even when pytest runs as a
+    background job (which ignores SIGINT, and an ignored signal is inherited
+    and left alone by Python)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _group_alive(pgid: int) -> list[int]:
     """The live (not zombie) processes of process group ``pgid``."""
     alive = []
@@ -187,7 +194,7 @@ class Apps:
             popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.cwd,
                                      env=self._env(report, patched, env),
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_default_sigint)
         proc = Proc(role, argv, popen, out, report, stop_signal)
         self.procs.append(proc)
         return proc
@@ -297,16 +304,21 @@ class Apps:
                 self.problems.append(f"stopping {proc.role}: {exc!r}")
                 _kill_group(proc.pid)
                 proc.popen.wait()
-        if any(p.killed for p in self.procs):
-            # A killed listener could not remove its registry entry: sweep
-            # this test's private registry so the leak check reports the
-            # real failure (noted above), not its aftermath.
-            root = os.environ.get("SHRIMPIO_REGISTRY")
-            if root:
-                for dirpath, _dirs, files in os.walk(root):
-                    for f in files:
-                        if not f.startswith("."):
-                            os.unlink(os.path.join(dirpath, f))
+        # Every process is gone: no registry entry may be left (a process
+        # that exits removes its own).  Said here, as a failure of the test,
+        # and swept, so that conftest's leak check (a teardown error, which
+        # an xfail mark does not cover) does not repeat it.
+        root = os.environ.get("SHRIMPIO_REGISTRY")
+        left = []
+        if root:
+            for dirpath, _dirs, files in os.walk(root):
+                for f in files:
+                    if not f.startswith("."):
+                        left.append(os.path.join(dirpath, f))
+                        os.unlink(left[-1])
+        if left and not any(p.killed for p in self.procs):
+            self.problems.append("registry entries left behind after every process exited: "
+                                 + ", ".join(os.path.basename(f) for f in left))
 
     def __enter__(self) -> "Apps":
         return self

@@ -11,8 +11,11 @@ from apprunner import Apps, appdata, assert_shm, free_port, need
 pytestmark = [pytest.mark.apps]
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "distributed's TCP comms are tornado's: the scheduler accepts with add_reader on the TCP "
+    "listener fd, so the worker's shm connect is never accepted ('Waiting to connect')"))
 @pytest.mark.timeout(90)
-def test_dask_distributed():
+def test_dask_distributed(tmp_path):
     need("distributed")
     port = free_port()
     with Apps() as apps:
@@ -21,12 +24,12 @@ def test_dask_distributed():
         apps.wait_output(sched, r"Scheduler at:")
         worker = apps.start("worker", ["-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}",
                                        "--no-nanny", "--nthreads", "1", "--no-dashboard",
-                                       "--host", "127.0.0.1"])
+                                       "--host", "127.0.0.1", "--local-directory", tmp_path])
         out = apps.run("client", ["dask_client.py", port], timeout=60)
         client = apps.procs[-1]
         apps.stop(worker)
         apps.stop(sched)
-    assert f"sum of squares {sum(x * x for x in range(20))}" in out, out
-    assert f"blob 1000000 {appdata.digest(appdata.blob(1_000_000))}" in out, out
-    assert "scattered 500000" in out and out.rstrip().endswith("done"), out
-    assert_shm(sched, worker, client)
+        assert f"sum of squares {sum(x * x for x in range(20))}" in out, out
+        assert f"blob 1000000 {appdata.digest(appdata.blob(1_000_000))}" in out, out
+        assert "scattered 500000" in out and out.rstrip().endswith("done"), out
+        assert_shm(sched, worker, client)

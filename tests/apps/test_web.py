@@ -15,6 +15,10 @@ pytestmark = [pytest.mark.apps]
 BLOB = 2_000_000
 ECHO = 1_000_000
 
+#: Pre-fork and uvloop findings shared with test_prefork.py.
+UVLOOP_TCP = ("a plain uvloop loop (uvloop.new_event_loop, not the shrimpio loop) owns the listener: "
+              "clients fall back with 'no shrimpio listener', the server reports nothing")
+
 
 def check_http_transcript(out: str) -> None:
     """What progs/http_client.py printed, checked against the content."""
@@ -24,6 +28,9 @@ def check_http_transcript(out: str) -> None:
     assert out.rstrip().endswith("done"), out
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "tornado accepts with loop.add_reader(listener.fileno()), the TCP fd; shm clients queue "
+    "on the registry socket, never accepted: the client's first request times out"))
 @pytest.mark.timeout(60)
 def test_tornado_server_requests_client():
     need("tornado", "requests")
@@ -31,11 +38,15 @@ def test_tornado_server_requests_client():
         srv = apps.start("server", ["tornado_server.py"])
         port = apps.wait_port(srv)
         cli_out = apps.run("client", ["http_client.py", port])
+        cli = apps.procs[-1]
         apps.stop(srv)
-    check_http_transcript(cli_out)
-    assert_shm(srv, apps.procs[-1])
+        check_http_transcript(cli_out)
+        assert_shm(srv, cli)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "tornado's server never accepts shm clients (add_reader on the TCP listener fd), and its "
+    "client's IOStream add_reader on the doorbell fd never fires (EAGAIN does not arm the ring)"))
 @pytest.mark.timeout(60)
 def test_tornado_server_tornado_client():
     need("tornado")
@@ -45,8 +56,25 @@ def test_tornado_server_tornado_client():
         out = apps.run("client", ["tornado_client.py", port])
         cli = apps.procs[-1]
         apps.stop(srv)
-    check_http_transcript(out)
-    assert_shm(srv, cli, at_least=7)
+        check_http_transcript(out)
+        assert_shm(srv, cli, at_least=7)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "tornado's IOStream waits with add_reader on the doorbell fd; a non-blocking recv's EAGAIN "
+    "does not arm the ring, so a response that comes later never rings it (2 MB: 0 bytes read)"))
+@pytest.mark.timeout(60)
+def test_tornado_client_aiohttp_server():
+    """The tornado client alone, against a server that works."""
+    need("tornado", "aiohttp")
+    with Apps() as apps:
+        srv = apps.start("server", ["aiohttp_server.py"])
+        port = apps.wait_port(srv)
+        out = apps.run("client", ["tornado_client.py", port])
+        cli = apps.procs[-1]
+        apps.stop(srv)
+        check_http_transcript(out)
+        assert_shm(srv, cli, at_least=7)
 
 
 @pytest.mark.timeout(60)
@@ -58,30 +86,30 @@ def test_aiohttp_server_and_client():
         out = apps.run("client", ["aiohttp_client.py", port])
         cli = apps.procs[-1]
         apps.stop(srv)
-    check_http_transcript(out)
-    assert_shm(srv, cli)
+        check_http_transcript(out)
+        assert_shm(srv, cli)
 
 
-def _uvicorn(apps: Apps, port: int, *extra: str):
-    return apps.start("server", ["-m", "uvicorn", "asgi_app:app", "--host", "127.0.0.1",
-                                 "--port", port, *extra])
-
-
+@pytest.mark.xfail(strict=True, reason="uvicorn --loop auto: " + UVLOOP_TCP)
 @pytest.mark.timeout(60)
 def test_uvicorn_default_loop():
     need("uvicorn", "requests")
     port = free_port()
     with Apps() as apps:
-        srv = _uvicorn(apps, port)
-        apps.wait_output(srv, r"Uvicorn running on")
+        srv = apps.start("server", ["-m", "uvicorn", "asgi_app:app", "--host", "127.0.0.1",
+                                    "--port", port])
+        apps.wait_output(srv, r"Application startup complete")
         out = apps.run("client", ["http_client.py", port])
         cli = apps.procs[-1]
         apps.stop(srv)
-    check_http_transcript(out)
-    assert_shm(srv, cli)
+        check_http_transcript(out)
+        assert_shm(srv, cli)
 
 
-@pytest.mark.parametrize("worker", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("worker", [
+    "asyncio",
+    pytest.param("uvloop", marks=pytest.mark.xfail(strict=True, reason="hypercorn -k uvloop: " + UVLOOP_TCP)),
+])
 @pytest.mark.timeout(60)
 def test_hypercorn(worker):
     need("hypercorn", "requests")
@@ -95,8 +123,8 @@ def test_hypercorn(worker):
         out = apps.run("client", ["http_client.py", port])
         cli = apps.procs[-1]
         apps.stop(srv)
-    check_http_transcript(out)
-    assert_shm(srv, cli)
+        check_http_transcript(out)
+        assert_shm(srv, cli)
 
 
 @pytest.mark.parametrize("worker", ["sync", "gthread"])
@@ -106,12 +134,12 @@ def test_gunicorn(worker):
     port = free_port()
     with Apps() as apps:
         srv = apps.start("server", ["-m", "gunicorn", "wsgi_app:app", "-b", f"127.0.0.1:{port}",
-                                    "-k", worker, "-w", "1", "--threads", "4"],
+                                    "-c", "python:gunicorn_conf", "-k", worker, "-w", "1",
+                                    "--threads", "4"],
                          stop_signal=signal.SIGTERM)
-        apps.wait_output(srv, r"Booting worker with pid")
-        apps.wait_entry(port)
+        apps.wait_output(srv, r"worker \d+ ready")
         out = apps.run("client", ["http_client.py", port])
         cli = apps.procs[-1]
         apps.stop(srv)
-    check_http_transcript(out)
-    assert_shm(srv, cli)
+        check_http_transcript(out)
+        assert_shm(srv, cli)

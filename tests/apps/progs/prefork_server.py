@@ -26,9 +26,10 @@ class Pid(socketserver.StreamRequestHandler):
         self.wfile.write(b"%d\n" % os.getpid())
 
 
-def serve(listener):
+def serve(listener, ready):
     """A multiprocessing worker: accept and answer, forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ready.put(os.getpid())
     while True:
         conn, _ = listener.accept()
         with conn, conn.makefile("rb") as f:
@@ -48,15 +49,19 @@ def main(kind, workers):
     if kind == "socketserver":
         with socketserver.TCPServer(("127.0.0.1", 0), Pid) as server:
             pids = []
+            rfd, wfd = os.pipe()
             for _ in range(workers):
                 pid = os.fork()
                 if pid == 0:
                     signal.signal(signal.SIGINT, signal.SIG_IGN)
                     try:
+                        os.write(wfd, b"r")
                         server.serve_forever()
                     finally:
                         os._exit(0)
                 pids.append(pid)
+            for _ in range(workers):      # every worker is about to serve
+                os.read(rfd, 1)
             print(f"{kind} server on port {server.server_address[1]}", flush=True)
             try:
                 signal.pause()
@@ -68,9 +73,13 @@ def main(kind, workers):
         return
     ctx = multiprocessing.get_context(kind.split("-")[1])
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        procs = [ctx.Process(target=serve, args=(listener,), daemon=True) for _ in range(workers)]
+        ready = ctx.Queue()
+        procs = [ctx.Process(target=serve, args=(listener, ready), daemon=True)
+                 for _ in range(workers)]
         for p in procs:
             p.start()
+        for _ in procs:                   # every worker is about to accept
+            ready.get(timeout=30)
         print(f"{kind} server on port {listener.getsockname()[1]}", flush=True)
         try:
             signal.pause()
