@@ -26,12 +26,11 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -48,6 +47,12 @@ CLIENT_TIMEOUT = 30.0     # a client run, start to exit (clients use shorter tim
 STOP_TIMEOUT = 10.0       # a program's process group gone after its stop signal
 
 SHM, TCP = "shm", "tcp"
+
+#: Causes shared by several xfail marks.
+GUNICORN_SYNC_ENTRY = ("the registry entry outlives gunicorn's sync workers: the master's close keeps "
+                       "it (workers still listen), then they exit without closing the inherited listener")
+UVLOOP_TCP = ("a plain uvloop loop (uvloop.new_event_loop, not the shrimpio loop) owns the listener: "
+              "clients fall back with 'no shrimpio listener', the server reports nothing")
 
 
 def need(*modules: str) -> None:

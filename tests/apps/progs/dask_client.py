@@ -17,7 +17,7 @@ def make(n):
     return blob(n)
 
 
-with Client(f"tcp://127.0.0.1:{sys.argv[1]}", timeout=20) as client:
+with Client(f"tcp://127.0.0.1:{sys.argv[1]}", timeout=10) as client:
     client.wait_for_workers(1, timeout=20)
     futures = client.map(square, range(20))
     total = client.submit(sum, futures).result(timeout=20)

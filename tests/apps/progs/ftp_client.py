@@ -5,12 +5,12 @@ import ftplib
 import io
 import sys
 
-from appdata import blob, digest
+from appdata import TIMEOUT, blob, digest
 
 port = int(sys.argv[1])
 data = blob(3_000_000)
 with ftplib.FTP() as ftp:
-    ftp.connect("127.0.0.1", port, timeout=10)
+    ftp.connect("127.0.0.1", port, timeout=TIMEOUT)
     ftp.login("user", "secret")
     ftp.storbinary("STOR upload.bin", io.BytesIO(data))
     print(f"stored {len(data)} {digest(data)}")

@@ -11,13 +11,13 @@ import sys  # noqa: E402
 
 import gevent  # noqa: E402
 
-from appdata import blob, digest  # noqa: E402
+from appdata import TIMEOUT, blob, digest  # noqa: E402
 
 port = int(sys.argv[1])
 
 
 def one(c):
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as f:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock, sock.makefile("rb") as f:
         for i in range(20):
             line = b"greenlet %d line %d\n" % (c, i)
             sock.sendall(line)

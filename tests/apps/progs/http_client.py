@@ -8,17 +8,16 @@ from ``threads`` threads, and the process ids that served them."""
 import collections
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from appdata import blob, digest
+from appdata import TIMEOUT, blob, digest, run_all
 
 port = int(sys.argv[1])
 conns = int(sys.argv[2]) if len(sys.argv) > 2 else 0
 threads = int(sys.argv[3]) if len(sys.argv) > 3 else 4
 base = f"http://127.0.0.1:{port}"
-T = 10
+T = TIMEOUT
 
 with requests.Session() as s:
     for _ in range(10):
@@ -44,7 +43,6 @@ def one(_):
 
 
 if conns:
-    with ThreadPoolExecutor(threads) as pool:
-        served = collections.Counter(pool.map(one, range(conns)))
+    served = collections.Counter(run_all(one, conns, threads))
     print("pids: " + json.dumps(served, sort_keys=True))
 print("done")

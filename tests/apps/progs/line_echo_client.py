@@ -4,11 +4,11 @@ small lines and one 300 kB line per connection, each echo checked."""
 import socket
 import sys
 
-from appdata import blob, digest
+from appdata import TIMEOUT, blob, digest
 
 port = int(sys.argv[1])
 for c in range(int(sys.argv[2]) if len(sys.argv) > 2 else 2):
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as f:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock, sock.makefile("rb") as f:
         for i in range(20):
             line = b"conn %d line %d\n" % (c, i)
             sock.sendall(line)

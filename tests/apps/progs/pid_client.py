@@ -5,18 +5,18 @@ import collections
 import json
 import socket
 import sys
-from concurrent.futures import ThreadPoolExecutor
+
+from appdata import TIMEOUT, run_all
 
 port, conns, threads = map(int, sys.argv[1:4])
 
 
 def one(_):
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as f:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock, sock.makefile("rb") as f:
         sock.sendall(b"pid?\n")
         return int(f.readline())
 
 
-with ThreadPoolExecutor(threads) as pool:
-    served = collections.Counter(pool.map(one, range(conns)))
+served = collections.Counter(run_all(one, conns, threads))
 print("pids: " + json.dumps(served, sort_keys=True))
 print("done")

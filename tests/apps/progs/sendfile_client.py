@@ -6,13 +6,13 @@ import os
 import socket
 import sys
 
-from appdata import digest
+from appdata import TIMEOUT, digest
 
 port, mode, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 with open(path, "rb") as f:
     expect = f.read()
     f.seek(0)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
         if mode == "socket":
             sent = sock.sendfile(f)
         else:

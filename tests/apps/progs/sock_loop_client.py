@@ -12,7 +12,7 @@ try:                      # the stdlib's class, even when socket.socket is repla
 except ImportError:
     StdSocket = socket.socket
 
-from appdata import blob, digest
+from appdata import TIMEOUT, blob, digest
 
 port = int(sys.argv[1])
 
@@ -34,15 +34,15 @@ async def main():
     sock = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     with sock:
-        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), 10)
+        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), TIMEOUT)
         buf = bytearray()
         for i in range(20):
             line = b"line %d\n" % i
-            await asyncio.wait_for(loop.sock_sendall(sock, line), 10)
+            await asyncio.wait_for(loop.sock_sendall(sock, line), TIMEOUT)
             assert await asyncio.wait_for(readline(loop, sock, buf), 10) == line
         big = blob(1_000_000).replace(b"\n", b".") + b"\n"
-        await asyncio.wait_for(loop.sock_sendall(sock, big), 10)
-        reply = await asyncio.wait_for(readline(loop, sock, buf), 10)
+        await asyncio.wait_for(loop.sock_sendall(sock, big), TIMEOUT)
+        reply = await asyncio.wait_for(readline(loop, sock, buf), TIMEOUT)
         assert reply == big, len(reply)
         print(f"20 lines and {len(big)} bytes echoed, {digest(reply)}")
 

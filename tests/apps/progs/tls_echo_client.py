@@ -5,12 +5,12 @@ import socket
 import ssl
 import sys
 
-from appdata import blob, digest
+from appdata import TIMEOUT, blob, digest
 
 port = int(sys.argv[1])
 ctx = ssl.create_default_context(cafile=sys.argv[2])
 for c in range(2):
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw, \
             ctx.wrap_socket(raw, server_hostname="localhost") as sock, sock.makefile("rb") as f:
         for i in range(20):
             line = b"conn %d line %d\n" % (c, i)

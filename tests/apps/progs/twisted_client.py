@@ -5,7 +5,7 @@ import sys
 
 from twisted.internet import protocol, reactor
 
-from appdata import blob, digest
+from appdata import TIMEOUT, blob, digest
 
 PAYLOAD = b"".join(b"message %d\n" % i for i in range(100)) + blob(2_000_000)
 result = {}
@@ -35,7 +35,7 @@ class Factory(protocol.ClientFactory):
         reactor.stop()
 
 
-reactor.connectTCP("127.0.0.1", int(sys.argv[1]), Factory(), timeout=10)
+reactor.connectTCP("127.0.0.1", int(sys.argv[1]), Factory(), timeout=TIMEOUT)
 reactor.callLater(20, reactor.stop)
 reactor.run()
 assert result.get("got") == PAYLOAD, (result.get("error"), len(result.get("got", b"")))

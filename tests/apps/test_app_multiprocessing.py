@@ -21,7 +21,7 @@ def test_multiprocessing_connection():
     with Apps() as apps:
         srv = apps.start("server", ["mpconn_server.py"])
         port = apps.wait_port(srv)
-        out = apps.run("client", ["mpconn_client.py", port], timeout=15)
+        out = apps.run("client", ["mpconn_client.py", port], timeout=10)
         client = apps.procs[-1]
         apps.stop(srv)
         assert out.count("3 objects and 3 byte messages echoed") == 2, out
@@ -35,7 +35,7 @@ def test_multiprocessing_manager():
     with Apps() as apps:
         srv = apps.start("server", ["manager_server.py"])
         port = apps.wait_port(srv)
-        out = apps.run("client", ["manager_client.py", port], timeout=15)
+        out = apps.run("client", ["manager_client.py", port], timeout=10)
         client = apps.procs[-1]
         apps.stop(srv)
         assert "shared dict: 51 keys" in out and out.rstrip().endswith("done"), out

@@ -13,8 +13,7 @@ import signal
 
 import pytest
 
-from apprunner import Apps, assert_shm, free_port, need
-from test_web import UVLOOP_TCP
+from apprunner import GUNICORN_SYNC_ENTRY, UVLOOP_TCP, Apps, assert_shm, free_port, need
 
 pytestmark = [pytest.mark.apps]
 
@@ -46,7 +45,7 @@ def test_prefork_stdlib(kind):
     with Apps() as apps:
         srv = apps.start("server", ["prefork_server.py", kind, 2])
         port = apps.wait_port(srv)
-        out = apps.run("client", ["pid_client.py", port, CONNECTIONS, THREADS], timeout=20)
+        out = apps.run("client", ["pid_client.py", port, CONNECTIONS, THREADS], timeout=15)
         client = apps.procs[-1]
         apps.stop(srv)
         assert len(assert_shm(client, at_least=CONNECTIONS)) == CONNECTIONS
@@ -94,9 +93,7 @@ def test_uvicorn_two_workers(loop):
         check_spread(served_by(out), 2, CONNECTIONS)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a registry entry outlives gunicorn -w 2: the master's close keeps it (workers still listen), "
-    "then the workers exit without closing their inherited listener"))
+@pytest.mark.xfail(strict=True, reason=GUNICORN_SYNC_ENTRY)
 @pytest.mark.timeout(60)
 def test_gunicorn_two_sync_workers():
     """gunicorn -w 2: the master listens, two forked workers accept."""

@@ -25,7 +25,9 @@ def test_dask_distributed(tmp_path):
         worker = apps.start("worker", ["-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}",
                                        "--no-nanny", "--nthreads", "1", "--no-dashboard",
                                        "--host", "127.0.0.1", "--local-directory", tmp_path])
-        out = apps.run("client", ["dask_client.py", port], timeout=60)
+        # The worker's registration: the first comm between two processes.
+        apps.wait_output(sched, r"Register worker", timeout=20)
+        out = apps.run("client", ["dask_client.py", port], timeout=40)
         client = apps.procs[-1]
         apps.stop(worker)
         apps.stop(sched)
