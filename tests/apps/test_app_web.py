@@ -1,0 +1,146 @@
+"""App matrix: HTTP servers and clients (tornado, aiohttp, uvicorn, hypercorn,
+gunicorn), each unmodified under ``shrimpio run``, real traffic checked, and
+every connection on shared memory at both ends."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from apprunner import GUNICORN_SYNC_ENTRY, UVLOOP_TCP, Apps, appdata, assert_shm, free_port, need
+
+pytestmark = [pytest.mark.apps]
+
+BLOB = 2_000_000
+ECHO = 1_000_000
+
+
+
+def check_http_transcript(out: str) -> None:
+    """What progs/http_client.py printed, checked against the content."""
+    echo = appdata.blob(ECHO)
+    assert f"echo {len(echo)} {appdata.digest(echo)}" in out, out
+    assert f"blob {BLOB} {appdata.digest(appdata.blob(BLOB))}" in out, out
+    assert out.rstrip().endswith("done"), out
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "tornado accepts with loop.add_reader(listener.fileno()), the TCP fd; shm clients queue "
+    "on the registry socket, never accepted: the client's first request times out"))
+@pytest.mark.timeout(60)
+def test_tornado_server_requests_client():
+    need("tornado", "requests")
+    with Apps() as apps:
+        srv = apps.start("server", ["tornado_server.py"])
+        port = apps.wait_port(srv)
+        cli_out = apps.run("client", ["http_client.py", port])
+        cli = apps.procs[-1]
+        apps.stop(srv)
+        check_http_transcript(cli_out)
+        assert_shm(srv, cli)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "tornado's server never accepts shm clients (add_reader on the TCP listener fd), and its "
+    "client's IOStream add_reader on the doorbell fd never fires (EAGAIN does not arm the ring)"))
+@pytest.mark.timeout(60)
+def test_tornado_server_tornado_client():
+    need("tornado")
+    with Apps() as apps:
+        srv = apps.start("server", ["tornado_server.py"])
+        port = apps.wait_port(srv)
+        out = apps.run("client", ["tornado_client.py", port])
+        cli = apps.procs[-1]
+        apps.stop(srv)
+        check_http_transcript(out)
+        assert_shm(srv, cli, at_least=7)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "tornado's IOStream waits with add_reader on the doorbell fd; a non-blocking recv's EAGAIN "
+    "does not arm the ring, so a response that comes later never rings it (2 MB: 0 bytes read)"))
+@pytest.mark.timeout(60)
+def test_tornado_client_aiohttp_server():
+    """The tornado client alone, against a server that works."""
+    need("tornado", "aiohttp")
+    with Apps() as apps:
+        srv = apps.start("server", ["aiohttp_server.py"])
+        port = apps.wait_port(srv)
+        out = apps.run("client", ["tornado_client.py", port])
+        cli = apps.procs[-1]
+        apps.stop(srv)
+        check_http_transcript(out)
+        assert_shm(srv, cli, at_least=7)
+
+
+@pytest.mark.timeout(60)
+def test_aiohttp_server_and_client():
+    need("aiohttp")
+    with Apps() as apps:
+        srv = apps.start("server", ["aiohttp_server.py"])
+        port = apps.wait_port(srv)
+        out = apps.run("client", ["aiohttp_client.py", port])
+        cli = apps.procs[-1]
+        apps.stop(srv)
+        check_http_transcript(out)
+        assert_shm(srv, cli)
+
+
+@pytest.mark.xfail(strict=True, reason="uvicorn --loop auto: " + UVLOOP_TCP)
+@pytest.mark.timeout(60)
+def test_uvicorn_default_loop():
+    need("uvicorn", "requests")
+    port = free_port()
+    with Apps() as apps:
+        srv = apps.start("server", ["-m", "uvicorn", "asgi_app:app", "--host", "127.0.0.1",
+                                    "--port", port])
+        apps.wait_output(srv, r"Application startup complete")
+        out = apps.run("client", ["http_client.py", port])
+        cli = apps.procs[-1]
+        apps.stop(srv)
+        check_http_transcript(out)
+        assert_shm(srv, cli)
+
+
+@pytest.mark.parametrize("worker", [
+    "asyncio",
+    pytest.param("uvloop", marks=pytest.mark.xfail(strict=True, reason="hypercorn -k uvloop: " + UVLOOP_TCP)),
+])
+@pytest.mark.timeout(60)
+def test_hypercorn(worker):
+    need("hypercorn", "requests")
+    if worker == "uvloop":
+        need("uvloop")
+    port = free_port()
+    with Apps() as apps:
+        srv = apps.start("server", ["-m", "hypercorn", "asgi_app:app", "--bind", f"127.0.0.1:{port}",
+                                    "-k", worker])
+        apps.wait_output(srv, r"Running on")
+        out = apps.run("client", ["http_client.py", port])
+        cli = apps.procs[-1]
+        apps.stop(srv)
+        check_http_transcript(out)
+        assert_shm(srv, cli)
+
+
+@pytest.mark.parametrize("worker", [
+    pytest.param("sync", marks=pytest.mark.xfail(strict=True, reason=GUNICORN_SYNC_ENTRY)),
+    "gthread",
+])
+@pytest.mark.timeout(60)
+def test_gunicorn(worker):
+    """(gunicorn's sync worker with --threads above 1 is its gthread worker.)"""
+    need("gunicorn", "requests")
+    port = free_port()
+    threads = ["--threads", "4"] if worker == "gthread" else []
+    with Apps() as apps:
+        srv = apps.start("server", ["-m", "gunicorn", "wsgi_app:app", "-b", f"127.0.0.1:{port}",
+                                    "-c", "python:gunicorn_conf", "-k", worker, "-w", "1", *threads],
+                         stop_signal=signal.SIGTERM)
+        apps.wait_output(srv, r"worker \d+ ready")
+        out = apps.run("client", ["http_client.py", port])
+        cli = apps.procs[-1]
+        apps.stop(srv)
+        check_http_transcript(out)
+        assert_shm(srv, cli)
