@@ -62,10 +62,24 @@ def sendfile(out_fd: int, in_fd: int, offset: Optional[int], count: int, *args: 
     data = os.pread(in_fd, want, offset) if offset is not None else os.read(in_fd, want)
     if not data:
         return 0
-    # The fd's own blocking mode decides, as for the kernel's sendfile.
-    nonblock = bool(fcntl.fcntl(out_fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+    # The fd's own blocking mode decides, as for the kernel's sendfile; but
+    # a socket object with a timeout (whose fd is non-blocking for Python's
+    # own waits) waits for room up to it: a ring is far smaller than the
+    # buffer a kernel TCP socket grows to, so a program that never met
+    # EAGAIN there would meet it here.
+    sock = _ss._by_fd.get(out_fd)
+    if sock is not None and sock.fileno() == out_fd and sock._shm is conn:
+        timeout = sock.gettimeout()
+        if timeout is not None and timeout > 0:
+            try:
+                conn.tx.wait_writable(1, timeout)
+            except (OSError, ValueError):
+                pass                     # the send below says what is wrong
+            timeout = 0.0
+    else:
+        timeout = 0.0 if fcntl.fcntl(out_fd, fcntl.F_GETFL) & os.O_NONBLOCK else None
     try:
-        sent = conn.stream.send(data, 0, 0.0 if nonblock else None)
+        sent = conn.stream.send(data, 0, timeout)
     except BaseException:
         if offset is None:
             os.lseek(in_fd, -len(data), os.SEEK_CUR)     # nothing went: as if unread

@@ -516,3 +516,27 @@ def test_sendfile_into_shared_memory(listener, patched, tmp_path):
     finally:
         c.close()
         s.close()
+
+
+def test_os_sendfile_on_a_socket_with_a_timeout_waits_for_room(listener, patched, tmp_path):
+    """A socket with a timeout has a non-blocking fd (Python waits itself):
+    os.sendfile into it waits for room in the ring up to the timeout, rather
+    than failing with EAGAIN whenever the ring is full (a kernel socket's
+    buffer, which grows to megabytes, would rarely be)."""
+    path = tmp_path / "f.bin"
+    data = os.urandom(BIG)
+    path.write_bytes(data)
+    c, s = pair(listener)
+    c.settimeout(10)
+    try:
+        reader = ResultThread(lambda: b"".join(iter(lambda: s.recv(1 << 20), b"")))
+        reader.start()
+        with open(path, "rb") as f:
+            sent = 0
+            while sent < BIG:
+                sent += os.sendfile(c.fileno(), f.fileno(), sent, BIG - sent)
+        c.shutdown(socket.SHUT_WR)
+        assert reader.result(timeout=20) == data
+    finally:
+        c.close()
+        s.close()

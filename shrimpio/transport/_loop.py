@@ -23,7 +23,7 @@ import uvloop
 
 from .. import _route
 from .. import socket as _ss
-from ..socket import socket as ShmSocket
+from ..socket import StdSocket, socket as ShmSocket
 from . import _fallback, _watch
 from ._server import Server
 from ._sock import SockMixin, is_shm, take_twin, tcp_reason
@@ -343,7 +343,7 @@ def _shm_of(sock: Any) -> Optional[ShmSocket]:
     a stdlib socket on the fd of a detached shrimpio connection."""
     if is_shm(sock):
         return sock
-    if not isinstance(sock, _std.socket) or isinstance(sock, ShmSocket) or sock.fileno() < 0:
+    if not isinstance(sock, StdSocket) or isinstance(sock, ShmSocket) or sock.fileno() < 0:
         return None
     twin = take_twin(sock)
     if twin is not None:
@@ -363,7 +363,7 @@ def _kernel_owner(sock: Any) -> Optional[ShmSocket]:
     one is taken over (its object is detached).  None if not TCP."""
     if isinstance(sock, ShmSocket):
         return sock if sock._is_tcp() and sock._lst is None else None
-    if not isinstance(sock, _std.socket) or sock.fileno() < 0 \
+    if not isinstance(sock, StdSocket) or sock.fileno() < 0 \
             or sock.family not in (_std.AF_INET, _std.AF_INET6) \
             or sock.type & 0xF != _std.SOCK_STREAM:
         return None

@@ -35,7 +35,7 @@ import weakref
 from typing import Any, Optional
 
 from .. import socket as _ss
-from ..socket import socket as ShmSocket
+from ..socket import StdSocket, socket as ShmSocket
 from . import _watch
 from ._transport import ShmTransport
 
@@ -51,7 +51,7 @@ def is_shm(sock: Any) -> bool:
 
 def plain_tcp(sock: Any) -> bool:
     """A stdlib (not shrimpio) TCP socket with an open fd."""
-    return (isinstance(sock, _std.socket) and not isinstance(sock, ShmSocket)
+    return (isinstance(sock, StdSocket) and not isinstance(sock, ShmSocket)
             and sock.family in (_std.AF_INET, _std.AF_INET6)
             and sock.type & 0xF == _std.SOCK_STREAM and sock.fileno() >= 0)
 
@@ -178,7 +178,7 @@ class SockMixin:
         as uvloop, that the socket is non-blocking in debug mode)."""
         if is_shm(sock):
             target = sock
-        elif _twins and isinstance(sock, _std.socket):
+        elif _twins and isinstance(sock, StdSocket):
             target = twin_of(sock)
             if target is None:
                 return None

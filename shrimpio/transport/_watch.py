@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket as _std
 import time
 import weakref
 from typing import Any, Callable, Optional
@@ -51,6 +50,7 @@ import uvloop
 
 from .._fastpath import drain_bell, ring_arm
 from .._poll import _shrimp
+from ..socket import StdSocket
 from . import _sock
 
 __all__ = ["Watch", "WatchMixin", "watch_of", "close_all", "wait"]
@@ -332,7 +332,7 @@ def add(loop: Any, sock: Any, fd: int, fileobj: Any, writer: bool,
         old.cancel()
     table[fd] = asyncio.Handle(callback, args, loop)
     _unpin(w, writer, fd)
-    if isinstance(fileobj, _std.socket):
+    if isinstance(fileobj, StdSocket):
         # As uvloop: a socket object given here is not really closed until
         # its callback is removed.
         fileobj._io_refs += 1

@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -48,14 +47,6 @@ CLIENT_TIMEOUT = 30.0     # a client run, start to exit (clients use shorter tim
 STOP_TIMEOUT = 10.0       # a program's process group gone after its stop signal
 
 SHM, TCP = "shm", "tcp"
-
-#: Causes shared by several xfail marks.
-GUNICORN_SYNC_ENTRY = ("the registry entry outlives gunicorn's sync workers: the master's close keeps "
-                       "it (workers still listen), then they exit without closing the inherited listener")
-SIGTERM_ENTRY = ("a listener killed by SIGTERM (default action) leaves its registry entry; DESIGN: "
-                 "entries are removed on close and on SIGTERM")
-UVLOOP_TCP = ("a plain uvloop loop (uvloop.new_event_loop, not the shrimpio loop) owns the listener: "
-              "clients fall back with 'no shrimpio listener', the server reports nothing")
 
 
 def need(*modules: str) -> None:
@@ -173,10 +164,7 @@ class Apps:
     """The programs of one test; a context manager that always stops, kills
     and reaps every one of them (``with Apps() as apps: ...``)."""
 
-    def __init__(self, entries_may_remain: str = "") -> None:
-        #: If given, why registry entries left behind are only warned
-        #: about (a known cause tested on its own elsewhere).
-        self.entries_may_remain = entries_may_remain
+    def __init__(self) -> None:
         self.procs: list[Proc] = []
         self.cwd = Path.cwd()          # the test's tmp_path (conftest chdirs there)
         self.problems: list[str] = []
@@ -327,10 +315,7 @@ class Apps:
                     if not f.startswith("."):
                         left.append(os.path.join(dirpath, f))
                         os.unlink(left[-1])
-        if left and self.entries_may_remain:
-            warnings.warn(f"registry entries left behind ({self.entries_may_remain}): "
-                          + ", ".join(os.path.basename(f) for f in left))
-        elif left and not any(p.killed for p in self.procs):
+        if left and not any(p.killed for p in self.procs):
             self.problems.append("registry entries left behind after every process exited: "
                                  + ", ".join(os.path.basename(f) for f in left))
 

@@ -11,9 +11,6 @@ from apprunner import Apps, appdata, assert_shm, free_port, need
 pytestmark = [pytest.mark.apps]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "distributed's TCP comms are tornado's: the scheduler accepts with add_reader on the TCP "
-    "listener fd, so the worker's shm connect is never accepted ('Waiting to connect')"))
 @pytest.mark.timeout(90)
 def test_dask_distributed(tmp_path):
     need("distributed")

@@ -10,12 +10,6 @@ from apprunner import Apps, assert_shm
 
 pytestmark = [pytest.mark.apps]
 
-#: Both hang the same way (and have no timeout of their own).
-DETACH_HANG = ("Connection(sock.detach()) then os.write/os.read on the fd: the auth challenge goes "
-               "into the doorbell socket, not the ring; both ends block in deliver/answer_challenge")
-
-
-@pytest.mark.xfail(strict=True, reason=DETACH_HANG)
 @pytest.mark.timeout(60)
 def test_multiprocessing_connection():
     with Apps() as apps:
@@ -29,7 +23,6 @@ def test_multiprocessing_connection():
         assert_shm(srv, client, at_least=2)
 
 
-@pytest.mark.xfail(strict=True, reason=DETACH_HANG)
 @pytest.mark.timeout(60)
 def test_multiprocessing_manager():
     with Apps() as apps:

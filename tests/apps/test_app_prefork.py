@@ -13,7 +13,7 @@ import signal
 
 import pytest
 
-from apprunner import GUNICORN_SYNC_ENTRY, SIGTERM_ENTRY, UVLOOP_TCP, Apps, assert_shm, free_port, need
+from apprunner import Apps, assert_shm, free_port, need
 
 pytestmark = [pytest.mark.apps]
 
@@ -36,9 +36,7 @@ def check_spread(served: dict[int, int], workers: int, total: int) -> None:
 @pytest.mark.parametrize("kind", [
     "socketserver",
     "mp-fork",
-    pytest.param("mp-spawn", marks=pytest.mark.xfail(strict=True, reason=(
-        "a listener passed to a spawn child is rebuilt from its fd as a kernel listener ('kernel "
-        "socket from a file descriptor', no entry); shm clients queue on the parent's entry: hang"))),
+    "mp-spawn",
 ])
 @pytest.mark.timeout(60)
 def test_prefork_stdlib(kind):
@@ -71,10 +69,8 @@ def test_forking_mixin():
 
 
 @pytest.mark.parametrize("loop", [
-    pytest.param("auto", marks=pytest.mark.xfail(strict=True, reason="uvicorn --loop auto: " + UVLOOP_TCP)),
-    pytest.param("asyncio", marks=pytest.mark.xfail(strict=True, reason=(
-        "the second worker's listen() finds the entry taken and no SO_REUSEPORT: it is TCP-only "
-        "('another listener holds the shrimpio entry'), so worker 1 serves every shm client"))),
+    "auto",
+    "asyncio",
 ])
 @pytest.mark.timeout(60)
 def test_uvicorn_two_workers(loop):
@@ -93,7 +89,6 @@ def test_uvicorn_two_workers(loop):
         check_spread(served_by(out), 2, CONNECTIONS)
 
 
-@pytest.mark.xfail(strict=True, reason=GUNICORN_SYNC_ENTRY)
 @pytest.mark.timeout(60)
 def test_gunicorn_two_sync_workers():
     """gunicorn -w 2: the master listens, two forked workers accept."""
@@ -120,7 +115,7 @@ def test_hypercorn_two_workers():
     only warned about here (it comes and goes with the timing)."""
     need("hypercorn", "requests")
     port = free_port()
-    with Apps(entries_may_remain="hypercorn SIGTERMs a worker: " + SIGTERM_ENTRY) as apps:
+    with Apps() as apps:
         srv = apps.start("server", ["-m", "hypercorn", "asgi_app:app", "--bind", f"127.0.0.1:{port}",
                                     "-k", "asyncio", "-w", "2"])
         apps.wait_output(srv, r"Running on", count=2)
@@ -131,7 +126,6 @@ def test_hypercorn_two_workers():
         check_spread(served_by(out), 2, CONNECTIONS)
 
 
-@pytest.mark.xfail(strict=True, reason=SIGTERM_ENTRY)
 @pytest.mark.timeout(60)
 def test_server_stopped_by_sigterm():
     """A server stopped the way service managers and pre-fork masters stop

@@ -34,9 +34,7 @@ def test_blocking_tls_echo(tmp_path):
 
 @pytest.mark.parametrize("mode", [
     "socket",
-    pytest.param("os", marks=pytest.mark.xfail(strict=True, reason=(
-        "os.sendfile writes the file into the doorbell socket until its buffer is full, then "
-        "EAGAIN: those bytes are lost, the server's ring receives 0"))),
+    "os",
 ])
 @pytest.mark.timeout(60)
 def test_sendfile(mode, tmp_path):
@@ -54,9 +52,6 @@ def test_sendfile(mode, tmp_path):
         assert_shm(srv, client)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "under the patch, _loop._plain_tcp() tests isinstance(sock, socket.socket), shrimpio's class "
-    "then: a stdlib socket's sock_connect goes to uvloop (kernel TCP, no client report)"))
 @pytest.mark.timeout(60)
 def test_loop_sock_calls_on_stdlib_socket():
     with Apps() as apps:
@@ -71,9 +66,6 @@ def test_loop_sock_calls_on_stdlib_socket():
         assert_shm(srv)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "add_reader on an accepted shm socket's fd fires only when the peer closes: nothing arms "
-    "the ring, so data never rings the doorbell; the client times out"))
 @pytest.mark.timeout(60)
 def test_loop_add_reader_on_accepted_socket():
     with Apps() as apps:

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from apprunner import GUNICORN_SYNC_ENTRY, UVLOOP_TCP, Apps, appdata, assert_shm, free_port, need
+from apprunner import Apps, appdata, assert_shm, free_port, need
 
 pytestmark = [pytest.mark.apps]
 
@@ -25,9 +25,6 @@ def check_http_transcript(out: str) -> None:
     assert out.rstrip().endswith("done"), out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tornado accepts with loop.add_reader(listener.fileno()), the TCP fd; shm clients queue "
-    "on the registry socket, never accepted: the client's first request times out"))
 @pytest.mark.timeout(60)
 def test_tornado_server_requests_client():
     need("tornado", "requests")
@@ -41,9 +38,6 @@ def test_tornado_server_requests_client():
         assert_shm(srv, cli)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tornado's server never accepts shm clients (add_reader on the TCP listener fd), and its "
-    "client's IOStream add_reader on the doorbell fd never fires (EAGAIN does not arm the ring)"))
 @pytest.mark.timeout(60)
 def test_tornado_server_tornado_client():
     need("tornado")
@@ -57,9 +51,6 @@ def test_tornado_server_tornado_client():
         assert_shm(srv, cli, at_least=7)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tornado's IOStream waits with add_reader on the doorbell fd; a non-blocking recv's EAGAIN "
-    "does not arm the ring, so a response that comes later never rings it (2 MB: 0 bytes read)"))
 @pytest.mark.timeout(60)
 def test_tornado_client_aiohttp_server():
     """The tornado client alone, against a server that works."""
@@ -87,7 +78,6 @@ def test_aiohttp_server_and_client():
         assert_shm(srv, cli)
 
 
-@pytest.mark.xfail(strict=True, reason="uvicorn --loop auto: " + UVLOOP_TCP)
 @pytest.mark.timeout(60)
 def test_uvicorn_default_loop():
     need("uvicorn", "requests")
@@ -105,7 +95,7 @@ def test_uvicorn_default_loop():
 
 @pytest.mark.parametrize("worker", [
     "asyncio",
-    pytest.param("uvloop", marks=pytest.mark.xfail(strict=True, reason="hypercorn -k uvloop: " + UVLOOP_TCP)),
+    "uvloop",
 ])
 @pytest.mark.timeout(60)
 def test_hypercorn(worker):
@@ -125,7 +115,7 @@ def test_hypercorn(worker):
 
 
 @pytest.mark.parametrize("worker", [
-    pytest.param("sync", marks=pytest.mark.xfail(strict=True, reason=GUNICORN_SYNC_ENTRY)),
+    "sync",
     "gthread",
 ])
 @pytest.mark.timeout(60)

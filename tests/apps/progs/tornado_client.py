@@ -18,7 +18,8 @@ async def main():
         assert r.body.decode().isdigit(), r.body
     print("pid requests: 5")
     body = blob(1_000_000)
-    r = await client.fetch(f"{base}/echo", method="POST", body=body, request_timeout=TIMEOUT)
+    r = await client.fetch(f"{base}/echo", method="POST", body=body, request_timeout=TIMEOUT,
+                           headers={"Content-Type": "application/octet-stream"})
     assert r.body.decode() == f"{len(body)} {digest(body)}", r.body
     print(f"echo {r.body.decode()}")
     r = await client.fetch(f"{base}/blob/2000000", request_timeout=TIMEOUT)
