@@ -294,7 +294,13 @@ class Registry:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)        # releases the lock
+            # Unlocked explicitly: a replaced os.close may close later
+            # (gevent's defers closing anything but regular files to its
+            # loop's next turn, and the lock would be held until then).
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
 
     # -- API
 

@@ -40,17 +40,34 @@ handed to another process works while this one runs.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import socket as _std
 import _socket as _csocket
-import threading
-from typing import Any, Optional
+import sys
+import _thread
+import time
+from typing import Any, Callable, Optional
 
 from ._fastpath import drain_bell, ring_arm
 
 __all__ = ["escape", "escape_conn", "escaped", "reclaim", "relay_count", "shared", "Escaped"]
+
+def _originals() -> tuple[Callable[..., Any], Callable[[], Any], Callable[[float], None]]:
+    """The real thread primitives: the relay is an OS thread even where
+    gevent's monkey-patching made threads greenlets (a greenlet relay would
+    block every greenlet in its poll)."""
+    mon = sys.modules.get("gevent.monkey")
+    if mon is not None and mon.is_module_patched("threading"):
+        return (mon.get_original("_thread", "start_new_thread"),
+                mon.get_original("_thread", "allocate_lock"),
+                mon.get_original("time", "sleep"))
+    return _thread.start_new_thread, _thread.allocate_lock, time.sleep
+
+
+# Taken when shrimpio is imported (under ``shrimpio run``, before any
+# monkey-patching).
+_start_thread, _allocate_lock, _sleep = _originals()
 
 _AF_INET, _AF_INET6, _AF_UNIX = int(_std.AF_INET), int(_std.AF_INET6), int(_std.AF_UNIX)
 _STREAM = int(_std.SOCK_STREAM)
@@ -409,13 +426,15 @@ class _Relay:
 
     def __init__(self) -> None:
         self.active: list[_Relayed] = []
-        self.lock = threading.Lock()
-        self.idle = threading.Condition(self.lock)   # notified after each pass
+        self.lock = _allocate_lock()          # guards active and stopped
+        self.pass_lock = _allocate_lock()     # held while a pass runs
+        self.passes = 0
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.pid = os.getpid()
-        self.busy = False
         self.stopped = False
-        self.thread = threading.Thread(target=self._run, name="shrimpio-relay", daemon=True)
+
+    def start(self) -> None:
+        _start_thread(self._run, ())
 
     def _poke(self) -> None:
         try:
@@ -423,11 +442,20 @@ class _Relay:
         except OSError:
             pass
 
+    def wait_pass(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) for the relay's next pass to end."""
+        seen = self.passes
+        self._poke()
+        deadline = time.monotonic() + timeout
+        while self.passes == seen and not self.stopped and time.monotonic() < deadline:
+            with self.pass_lock:
+                pass
+            if self.passes == seen:
+                _sleep(0.0005)
+
     def take_back(self, r: _Relayed, fd: int) -> Any:
         """Stop relaying ``r`` if nothing moved through it yet (see reclaim)."""
-        with self.lock:
-            while self.busy:
-                self.idle.wait()
+        with self.pass_lock, self.lock:
             if r not in self.active or r.moved or r.out:
                 return None
             # What the program wrote since the escape, not relayed yet, and
@@ -451,11 +479,10 @@ class _Relay:
     def _pass(self) -> list[_Relayed]:
         """Pump every connection once; let go of the finished ones.  Returns
         those left."""
-        with self.lock:
-            self.busy = True
-            batch = list(self.active)
-        done = []
-        try:
+        with self.pass_lock:
+            with self.lock:
+                batch = list(self.active)
+            done = []
             for r in batch:
                 try:
                     if r.pump():
@@ -471,10 +498,7 @@ class _Relay:
                     r.finish()
                 except Exception:
                     pass
-        finally:
-            with self.lock:
-                self.busy = False
-                self.idle.notify_all()
+            self.passes += 1
         return [r for r in batch if r not in done]
 
     def _run(self) -> None:
@@ -485,7 +509,6 @@ class _Relay:
                     self.stopped = True
                     os.close(self.wake_r)
                     os.close(self.wake_w)
-                    self.idle.notify_all()
                     return
             p = _real_poll()
             p.register(self.wake_r, _POLLIN)
@@ -504,7 +527,7 @@ class _Relay:
 
 
 _the_relay: Optional[_Relay] = None
-_relay_lock = threading.Lock()
+_relay_lock = _allocate_lock()
 
 
 def _relay_add(r: _Relayed) -> None:
@@ -521,7 +544,7 @@ def _relay_add(r: _Relayed) -> None:
         relay = _the_relay = _Relay()
         relay.active.append(r)
         _hook_exit()
-        relay.thread.start()
+        relay.start()
 
 
 def _relay() -> Optional[_Relay]:
@@ -538,14 +561,8 @@ def flush(stall: float = 2.0) -> None:
     r = _the_relay
     if r is None or r.pid != os.getpid():
         return
-    if r.stopped or not r.active:
-        with r.lock:
-            if r.busy:                 # its last pass may be reporting
-                r.idle.wait(stall)
-        return
-    import time
     last, last_moved = time.monotonic(), -1
-    while True:
+    while not r.stopped:
         with r.lock:
             live = list(r.active)
         left = 0
@@ -565,18 +582,13 @@ def flush(stall: float = 2.0) -> None:
             last, last_moved = now, moved
         elif now - last > stall:
             break
-        r._poke()
-        with r.lock:
-            r.idle.wait(0.01)          # the relay's next pass
+        r.wait_pass(0.01)
     # The process ends with these connections: they are over for it.  (A
     # pass under way finishes first: it may be letting one go.)
-    with r.lock:
-        if r.busy:
-            r.idle.wait(stall)
+    with r.pass_lock, r.lock:
         live = list(r.active)
     for one in live:
         one.report()
-
 
 
 def _pending(fd: int) -> int:

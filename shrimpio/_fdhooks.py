@@ -12,6 +12,8 @@
   (:mod:`shrimpio._escape`);
 * ``multiprocessing.connection``'s socket Listener and Client give
   connections on shared memory (:mod:`shrimpio._mpconn`);
+* gevent's cooperative sockets and servers run over shared memory
+  (:mod:`shrimpio._gevent`);
 * a listening shrimpio socket given to another process (a ``Process``
   argument, a pool's ``initargs``: pickled with its fd) takes its registry
   socket along, so that the processes share one queue of shared-memory
@@ -174,6 +176,36 @@ def _rebuild_socket(df: Any, family: int, type: int, proto: int, name: Any, udf:
     return sock
 
 
+def _hook_gevent_socket(mod: Any) -> None:
+    from . import _gevent
+    _gevent.install_socket(mod)
+
+
+def _unhook_gevent_socket(mod: Any) -> None:
+    from . import _gevent
+    _gevent.uninstall_socket(mod)
+
+
+def _hook_gevent_server(mod: Any) -> None:
+    from . import _gevent
+    _gevent.install_server(mod)
+
+
+def _unhook_gevent_server(mod: Any) -> None:
+    from . import _gevent
+    _gevent.uninstall_server(mod)
+
+
+def _hook_gevent_ssl(mod: Any) -> None:
+    from . import _gevent
+    _gevent.install_ssl(mod)
+
+
+def _unhook_gevent_ssl(mod: Any) -> None:
+    from . import _gevent
+    _gevent.uninstall_ssl(mod)
+
+
 def _hook_mp_reduction(mod: Any) -> None:
     mod.register(_ss.socket, _reduce_socket)
 
@@ -183,6 +215,9 @@ _MODULE_HOOKS: dict[str, tuple[Callable[[Any], None], Callable[[Any], None]]] = 
     "multiprocessing.util": (_hook_mp_util, _unhook_mp_util),
     "multiprocessing.connection": (_hook_mp_connection, _unhook_mp_connection),
     "multiprocessing.reduction": (_hook_mp_reduction, lambda mod: None),
+    "gevent._socket3": (_hook_gevent_socket, _unhook_gevent_socket),
+    "gevent.baseserver": (_hook_gevent_server, _unhook_gevent_server),
+    "gevent.ssl": (_hook_gevent_ssl, _unhook_gevent_ssl),
 }
 
 

@@ -881,6 +881,9 @@ def info(sock: Any) -> dict:
     if conn is not None:
         out.update(bytes_sent=conn.bytes_sent, bytes_received=conn.bytes_received,
                    ring_bytes=(conn.tx.capacity, conn.rx.capacity))
+    elif sock._esc is not None:
+        relayed = sock._esc.relay.conn          # the relay counts what crossed
+        out.update(bytes_sent=relayed.bytes_sent, bytes_received=relayed.bytes_received)
     else:
         out.update(bytes_sent=sock._sent, bytes_received=sock._received)
     if sock._lst is not None:

@@ -24,13 +24,10 @@ def test_twisted_echo():
         assert_shm(srv, client)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "monkey.patch_all() replaces shrimpio's socket class with gevent's (over _socket): "
-    "kernel TCP, and no report line from either side"))
 @pytest.mark.timeout(60)
 def test_gevent_monkey_patched():
-    """The issue accepts "keeps shared memory, or at the very least reports
-    why not"; this asserts the former."""
+    """gevent's cooperative sockets and StreamServer under monkey.patch_all()
+    keep shared memory (shrimpio/_gevent.py)."""
     need("gevent")
     with Apps() as apps:
         srv = apps.start("server", ["gevent_server.py"])
