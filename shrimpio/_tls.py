@@ -243,19 +243,28 @@ class _Engine:
                 self._backlog = b""
                 return
             view = memoryview(data)
-            while view:
-                t = deadline - _monotonic()
-                if t <= 0:
-                    raise TimeoutError(what)
-                try:
-                    n = self._stream.send(view, 0, t)
-                except TimeoutError:
-                    raise TimeoutError(what) from None
-                view = view[n:]
-                self._backlog = view
-            self._backlog = b""
+            try:
+                while view:
+                    t = deadline - _monotonic()
+                    if t <= 0:
+                        raise TimeoutError(what)
+                    try:
+                        n = self._stream.send(view, 0, t)
+                    except TimeoutError:
+                        raise TimeoutError(what) from None
+                    view = view[n:]
+            finally:
+                self._backlog = bytes(view)
         finally:
             self._lock.release()
+
+    def _offer(self) -> None:
+        """Push what a call that succeeded left behind if the ring takes it
+        now; the rest waits for the next write."""
+        try:
+            self._send(True, None, _WRITE, wait_lock=False)
+        except OSError:
+            pass
 
     def _spill(self) -> None:
         """After an error from OpenSSL: send what it queued (an alert) if
@@ -313,7 +322,10 @@ class _Engine:
             except _WantRead:
                 if clock is None:
                     clock = self._clock()
-                if self._out.pending or self._backlog:
+                if self._out.pending:
+                    # What this read produced (the handshake, if it was
+                    # not done): as OpenSSL writing from SSL_read.  An
+                    # unfinished write's records wait for the next write.
                     self._send(clock[0], clock[1], _READ, wait_lock=False)
                 if not self._pull(clock[0], clock[1], _READ):
                     raise
@@ -325,7 +337,7 @@ class _Engine:
         if data:
             self._ready = True
             if self._out.pending:        # a reply the record asked for (key update)
-                self._spill()
+                self._offer()
         elif n > 0:
             self._ready = False          # close_notify: no more records to fetch
         return data
@@ -357,12 +369,15 @@ class _Engine:
                     self._send(nonblocking, deadline, _WRITE)
                     if not self._pull(nonblocking, deadline, _WRITE):
                         raise
-        except (_WantRead, _WantWrite, TimeoutError):
-            self._wdone = done           # the retry carries on from here
+        except _SSLError as exc:
+            if isinstance(exc, (_WantRead, _WantWrite)):
+                self._wdone = done       # the retry carries on from here
+            else:
+                self._wdone = 0
+                self._spill()
             raise
-        except _SSLError:
-            self._wdone = 0
-            self._spill()
+        except BaseException:            # a timeout, an interrupt, the ring's error
+            self._wdone = done
             raise
         self._wdone = 0
         self._ready = True

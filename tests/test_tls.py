@@ -183,7 +183,13 @@ def test_echo_1mib_both_ways(mode, certs, how, tmp_path):
         with connect(srv.port, certs) as s:
             check_path(s, mode)
             assert s.version() == "TLSv1.3" and not s.server_side
-            s.sendall(b"echo\n")
+            # A round trip first: the server's session tickets are then
+            # read before two threads use the socket.  (A writer thread
+            # that enters OpenSSL while another thread processes a ticket
+            # can break the stdlib's SSLSocket: OpenSSL objects are not
+            # thread-safe, and the stdlib does not serialise them.)
+            s.sendall(b"echo\nping")
+            assert recv_exact(s, 4) == b"ping"
 
             def write():
                 if how == "sendall":
@@ -342,6 +348,49 @@ def test_nonblocking_client_handshake(mode, certs, poller):
             assert got == b"ping"
             with pytest.raises(ssl.SSLWantReadError):
                 s.recv(10)
+
+
+def test_nonblocking_write_wants_write(mode, certs):
+    """Non-blocking writes to an echo server while not reading: both
+    directions fill, send() raises SSLWantWriteError; then a select loop
+    reads the echoes and retries the same data until it goes, and every
+    byte comes back in order."""
+    base = os.urandom(65536)
+
+    def chunk(i):                                   # each one different
+        return i.to_bytes(8, "big") + base[8:]
+
+    with tls_server(mode, certs) as srv:
+        with connect(srv.port, certs) as s:
+            check_path(s, mode)
+            s.sendall(b"echo\n")
+            s.setblocking(False)
+            n = 0
+            with pytest.raises(ssl.SSLWantWriteError) as exc:
+                while n < 4096:                     # 256 MiB: more than any buffers hold
+                    assert s.send(chunk(n)) == len(base)
+                    n += 1
+            assert exc.value.args[0] == ssl.SSL_ERROR_WANT_WRITE
+            assert n > 0
+            got = bytearray()
+            pending = True                          # the chunk that raised is retried
+            deadline = time.monotonic() + DEADLINE
+            while pending or len(got) < n * len(base):
+                assert time.monotonic() < deadline, (n, len(got), pending)
+                r, w, _ = select.select([s], [s] if pending else [], [], DEADLINE)
+                if w:
+                    try:
+                        assert s.send(chunk(n)) == len(base)
+                        n += 1
+                        pending = False
+                    except ssl.SSLWantWriteError:
+                        pass
+                if r:
+                    try:
+                        got += s.recv(1 << 17)
+                    except ssl.SSLWantReadError:
+                        pass
+            assert got == b"".join(chunk(i) for i in range(n))
 
 
 def _nonblocking(port):
@@ -644,3 +693,17 @@ def test_kernel_connections_keep_the_stdlib_class(certs):
         finally:
             patch.disable()
         assert ssl.SSLContext.sslsocket_class is ssl.SSLSocket
+
+
+@pytest.mark.skipif(not hasattr(ssl, "wrap_socket"), reason="ssl.wrap_socket is gone (3.12)")
+def test_module_wrap_socket(mode, certs):
+    """The deprecated ssl.wrap_socket makes its context with SSLContext, so
+    it takes the same path."""
+    with tls_server(mode, certs) as srv:
+        raw = socket.create_connection((HOST, srv.port), timeout=DEADLINE)
+        with pytest.warns(DeprecationWarning):
+            s = ssl.wrap_socket(raw, cert_reqs=ssl.CERT_REQUIRED, ca_certs=certs.ca)
+        with s:
+            check_path(s, mode)
+            s.sendall(b"echo\nping")
+            assert recv_exact(s, 4) == b"ping"
