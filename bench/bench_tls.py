@@ -4,7 +4,8 @@ loopback: the same blocking code (``SSLContext.wrap_socket``, ``sendall``,
 
 * 64-byte round trip: the client sends 64 bytes, the server answers 64;
 * 1 MiB bandwidth: the client sends 1 MiB, the server reads it all and
-  answers 8 bytes.
+  answers 8 bytes; with the CPU time each side spent per MiB (a busy-poll
+  wait counts as CPU: shared memory spins before it sleeps).
 
 Each kind runs in a fresh interpreter (``shm``: ``shrimpio.patch`` enabled;
 ``tcp``: nothing patched), the kinds interleaved over ``--rounds`` rounds;
@@ -60,6 +61,7 @@ def _child(kind: str, rounds: int, big_rounds: int) -> dict:
     cctx = ssl.create_default_context()
     ca.configure_trust(cctx)
     lst = socket.create_server(("127.0.0.1", 0))
+    rfd, wfd = os.pipe()             # the server's CPU time for the bandwidth part
     pid = os.fork()
     if pid == 0:                                   # the server
         try:
@@ -72,9 +74,11 @@ def _child(kind: str, rounds: int, big_rounds: int) -> dict:
             for _ in range(rounds):
                 _recv_exact(s, buf, 64)
                 s.sendall(buf[:64])
+            cpu = time.process_time()
             for _ in range(big_rounds):
                 _recv_exact(s, buf, MIB)
                 s.sendall(b"r" * 8)
+            os.write(wfd, repr(time.process_time() - cpu).encode())
             s.close()
         finally:
             os._exit(0)
@@ -93,17 +97,23 @@ def _child(kind: str, rounds: int, big_rounds: int) -> dict:
         s.sendall(msg)
         _recv_exact(s, buf, 64)
         rtt.append(clock() - t0)
-    t0 = clock()
+    t0, cpu = clock(), time.process_time()
     for _ in range(big_rounds):
         s.sendall(big)
         _recv_exact(s, buf, 8)
     elapsed = (clock() - t0) / 1e9
+    writer_cpu = time.process_time() - cpu
     s.close()
     lst.close()
+    os.close(wfd)
+    reader_cpu = float(os.read(rfd, 100))
+    os.close(rfd)
     os.waitpid(pid, 0)
     rtt.sort()
     return {"kind": kind, "path": path, "rtt_us": rtt[len(rtt) // 2] / 1000,
-            "p99_us": rtt[int(len(rtt) * 0.99)] / 1000, "mib_s": big_rounds / elapsed}
+            "p99_us": rtt[int(len(rtt) * 0.99)] / 1000, "mib_s": big_rounds / elapsed,
+            "send_cpu_ms": writer_cpu / big_rounds * 1000,
+            "recv_cpu_ms": reader_cpu / big_rounds * 1000}
 
 
 def main() -> None:
@@ -127,7 +137,7 @@ def main() -> None:
                                       "--mib", str(args.mib)], capture_output=True, env=env,
                                      check=True).stdout
                 results[kind].append(json.loads(out))
-    summary = {k: {m: statistics.median(r[m] for r in rs) for m in ("rtt_us", "p99_us", "mib_s")}
+    summary = {k: {m: statistics.median(r[m] for r in rs) for m in ("rtt_us", "p99_us", "mib_s", "send_cpu_ms", "recv_cpu_ms")}
                for k, rs in results.items()}
     summary["ratio"] = {"rtt": summary["tcp"]["rtt_us"] / summary["shm"]["rtt_us"],
                         "bandwidth": summary["shm"]["mib_s"] / summary["tcp"]["mib_s"]}
@@ -141,6 +151,8 @@ def main() -> None:
     print(f"{'64 B round trip (p99)':28}{s['p99_us']:>11.1f} us{t['p99_us']:>11.1f} us")
     print(f"{'1 MiB bandwidth':28}{s['mib_s']:>9.0f} MiB/s{t['mib_s']:>9.0f} MiB/s"
           f"{summary['ratio']['bandwidth']:>7.2f}x")
+    print(f"{'  CPU per MiB, sender':28}{s['send_cpu_ms']:>11.2f} ms{t['send_cpu_ms']:>11.2f} ms")
+    print(f"{'  CPU per MiB, receiver':28}{s['recv_cpu_ms']:>11.2f} ms{t['recv_cpu_ms']:>11.2f} ms")
 
 
 if __name__ == "__main__":

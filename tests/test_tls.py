@@ -541,6 +541,8 @@ def test_session_alpn_and_attributes(mode, certs):
             check_path(s, mode)
             assert s.fileno() == fd and s.gettimeout() == DEADLINE
             assert s.context is ctx and s.server_hostname == HOST and not s.server_side
+            s.context = ctx                         # the setter reaches the engine
+            assert s.context is ctx
             assert s.selected_alpn_protocol() == "http/1.1"
             assert s.cipher()[1] == "TLSv1.3" and s.version() == "TLSv1.3"
             cert = s.getpeercert()
@@ -623,6 +625,21 @@ def test_wrap_before_connect(mode, certs):
                 assert recv_exact(s, 4) == b"ping"
 
 
+def test_starttls(mode, certs):
+    """A plain exchange first, then both sides wrap the same connection
+    (STARTTLS): TLS picks up the stream where the plain bytes ended."""
+    with tls_server(mode, certs, TLS_STARTTLS="1") as srv:
+        raw = socket.create_connection((HOST, srv.port), timeout=DEADLINE)
+        if mode == "shm":
+            assert shrimpio.info(raw)["path"] == "shm"
+        raw.sendall(b"STARTTLS\n")
+        assert recv_line(raw) == b"go ahead: STARTTLS\n"
+        with certs.client().wrap_socket(raw, server_hostname=HOST) as s:
+            check_path(s, mode)
+            s.sendall(b"echo\nping")
+            assert recv_exact(s, 4) == b"ping"
+
+
 def test_ssl_imported_before_patch(mode, certs):
     """A program that imported ssl and made its context before
     ``import shrimpio.patch`` still gets TLS over shared memory."""
@@ -671,6 +688,17 @@ def assert_tls_paired(client, served) -> None:
 ALERT = 24      # a TLS 1.3 alert record: header 5, alert 2, type 1, AEAD tag 16
 
 
+def test_patched_server_plain_client(certs):
+    """A patched TLS server (its listener wrapped) and a plain client: the
+    connection is kernel TCP, and TLS works on both sides."""
+    pytest.importorskip("requests")
+    with tls_server("shm", certs, HTTPS_SERVER) as srv:
+        out, client = run_client(_write("https_client.py", HTTPS_CLIENT), [srv.port],
+                                 patched=False, env=certs.env)
+        assert out == expected_https()
+        assert client == []
+
+
 def test_kernel_connections_keep_the_stdlib_class(certs):
     """Under the patch, a connection that went to kernel TCP (a plain
     server) and a non-shrimpio socket keep ssl.SSLSocket and its C engine;
@@ -681,6 +709,17 @@ def test_kernel_connections_keep_the_stdlib_class(certs):
             assert ssl.SSLContext.sslsocket_class is _tls.SSLSocket
             with connect(srv.port, certs) as s:
                 assert type(s) is ssl.SSLSocket
+                s.sendall(b"echo\nping")
+                assert recv_exact(s, 4) == b"ping"
+            # Wrapped before connect(): shrimpio's class (the path was not
+            # known yet), with the stdlib's C engine on the kernel socket.
+            with certs.client().wrap_socket(socket.socket(), server_hostname=HOST) as s:
+                assert type(s) is _tls.SSLSocket
+                s.settimeout(DEADLINE)
+                s.connect((HOST, srv.port))
+                assert shrimpio.info(s)["path"] == "tcp"
+                assert shrimpio.info(s)["reason"] == "no shrimpio listener"
+                assert type(s._sslobj) is not _tls._Engine
                 s.sendall(b"echo\nping")
                 assert recv_exact(s, 4) == b"ping"
             raw = shrimpio.socket.StdSocket()

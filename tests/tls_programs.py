@@ -33,6 +33,7 @@ ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
 ctx.load_cert_chain(os.environ["TLS_CERT"])
 ctx.set_alpn_protocols(["h2", "http/1.1"])
 MUTE = os.environ.get("TLS_MUTE") == "1"
+STARTTLS = os.environ.get("TLS_STARTTLS") == "1"
 
 
 def line(s):
@@ -55,6 +56,8 @@ def serve(conn):
         if MUTE:
             drain(conn)
             return
+        if STARTTLS:
+            conn.sendall(b"go ahead: " + line(conn))
         s = ctx.wrap_socket(conn, server_side=True)
         with s:
             cmd = line(s).strip()
