@@ -37,7 +37,10 @@ here with the same results:
   ``close_notify`` are still in the ring for the plain socket;
 * a write that the ring cannot take in time keeps its ciphertext and
   raises; the retry (the same data, as OpenSSL requires) sends the rest
-  first, as OpenSSL's pending-write state does.
+  first, as OpenSSL's pending-write state does;
+* one thread at a time is in OpenSSL (no call waits while inside it), so a
+  reader thread and a writer thread may share the socket; the stdlib's
+  engine does not serialise them, and OpenSSL objects are not thread-safe.
 
 A kernel TCP connection keeps the stdlib's ``ssl.SSLSocket`` and its C
 engine unchanged.  A socket wrapped before ``connect()`` does not yet know
@@ -73,6 +76,7 @@ _HANDSHAKE = "The handshake operation timed out"
 _READ = "The read operation timed out"
 _WRITE = "The write operation timed out"
 
+_MSG_PEEK = int(_std.MSG_PEEK)
 _HEADER = 5                      # TLS record header: type, version (2), length (2)
 _RECORD_MAX = 16384 + 2048       # the longest record payload a peer may send
 _CHUNK = 128 * 1024              # plaintext encrypted per step of a large write
@@ -178,8 +182,19 @@ class _Engine:
                 t = deadline - _monotonic()
                 if t <= 0:
                     raise TimeoutError(what)
+            want, whole = self._need, False
             try:
-                n = recv_into(self._buf, self._need if not self._raw else len(self._buf), 0, t)
+                if self._raw:
+                    want = len(self._buf)
+                elif want == _HEADER and not self._body and not self._hdr:
+                    # At a record's start: look at its header first, and
+                    # take the whole record in one go if it is a sane one.
+                    if recv_into(self._buf, _HEADER, _MSG_PEEK, t) == _HEADER:
+                        h = self._buf
+                        length = h[3] << 8 | h[4]
+                        if 20 <= h[0] <= 24 and h[1] == 3 and length <= _RECORD_MAX:
+                            want, whole = _HEADER + length, True
+                n = recv_into(self._buf, want, 0, t)
             except BlockingIOError:
                 return False
             except TimeoutError:
@@ -191,6 +206,11 @@ class _Engine:
             self._in.write(got)
             if self._raw:
                 return True
+            if whole:                    # the record, or its header and part of its body
+                if n == want:
+                    return True
+                self._body, self._need = True, want - n      # (n >= 5: the peek saw them)
+                continue
             if self._body:
                 self._need -= n
                 if self._need:
@@ -458,7 +478,11 @@ def _move(sock: "_ss.socket", new: "SSLSocket") -> None:
     fd = sock.fileno()
     _StdSocket.__init__(new, sock.family, sock.type, sock.proto, fd)
     for name in _ss.socket.__slots__:
-        setattr(new, name, getattr(sock, name))
+        try:
+            value = getattr(sock, name)
+        except AttributeError:
+            continue                     # a slot this object never set
+        setattr(new, name, value)
     sock._clear()
     sock._closed = True
     _csocket_detach(sock)
@@ -491,8 +515,10 @@ class SSLSocket(StdSSLSocket, _ss.socket):
                 suppress_ragged_eofs: bool = True, server_hostname: Any = None,
                 context: Any = None, session: Any = None) -> Any:
         if not _takes(sock):
-            return StdSSLSocket._create(sock, server_side, do_handshake_on_connect,
-                                        suppress_ragged_eofs, server_hostname, context, session)
+            return StdSSLSocket._create(
+                sock=sock, server_side=server_side, do_handshake_on_connect=do_handshake_on_connect,
+                suppress_ragged_eofs=suppress_ragged_eofs, server_hostname=server_hostname,
+                context=context, session=session)
         # The stdlib's checks, in its order and words.
         if sock.getsockopt(_std.SOL_SOCKET, _std.SO_TYPE) != _std.SOCK_STREAM:
             raise NotImplementedError("only stream sockets are supported")
