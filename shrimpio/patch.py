@@ -83,8 +83,10 @@ def enable() -> None:
 def _install_ssl() -> None:
     """``SSLContext.wrap_socket`` of a shrimpio socket makes shrimpio's
     ``SSLSocket`` (unless a program already put its own class there)."""
-    import ssl
-
+    try:
+        import ssl
+    except ImportError:          # a Python built without OpenSSL
+        return
     from . import _tls
     if ssl.SSLContext.sslsocket_class is _tls.StdSSLSocket:
         _saved[(ssl.SSLContext, "sslsocket_class")] = _tls.StdSSLSocket
