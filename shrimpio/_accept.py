@@ -20,6 +20,7 @@ its control socket, until its hello comes or HELLO_WAIT runs out.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import socket as _std
@@ -52,14 +53,17 @@ MAX_MEMBERS = 64
 def register_listener(sock: Any, name: str, backlog: int) -> tuple[str, _std.socket]:
     """The registry entry for a listening ``sock``: ``(its name, the
     listening Unix socket)``.  An address whose entry is live already gets
-    a member entry if ``sock`` shares the address on purpose (SO_REUSEPORT);
-    otherwise (or with MAX_MEMBERS taken) ``FileExistsError`` says why."""
+    a member entry (the kernel let ``sock`` listen there, so it shares the
+    address on purpose); with MAX_MEMBERS taken, ``FileExistsError``."""
     reg = registry()
     try:
         return name, reg.listen(name, backlog)
     except FileExistsError:
-        if not sock.getsockopt(_std.SOL_SOCKET, getattr(_std, "SO_REUSEPORT", -1)):
-            raise FileExistsError("another listener holds the shrimpio entry") from None
+        # Another live listener of this user has the address.  The kernel
+        # let our TCP socket listen there too, so the two share it on
+        # purpose: SO_REUSEPORT, or one listening socket used by several
+        # processes (a pre-fork server's workers each calling listen()).
+        pass
     for k in range(2, MAX_MEMBERS + 1):
         member = f"{name}{_control.MEMBER_SEP}{k}"
         try:
@@ -117,6 +121,9 @@ class Listener:
         # hostile): control fd -> (doorbell fd, deadline).  accept() never
         # waits for one of them; they are watched beside the entry.
         self.waiting: dict[int, tuple[int, float]] = {}
+        # Connections a poller accepted to know that accept() would not
+        # block (see _poll): (socket, address), taken by the next accept().
+        self.ready: collections.deque = collections.deque()
 
     def watch_fds(self) -> list[int]:
         """The fds whose readability may mean a client to accept: the
@@ -162,7 +169,19 @@ class Listener:
                 _drop(ctl, entry)
         return None
 
+    @property
+    def shared(self) -> bool:
+        """Is the entry's queue shared with other processes (a fork, or the
+        listener given to another process)?"""
+        return _connection.forks != self.forks
+
     def spin_budget(self) -> float:
+        if self.shared:
+            # Processes sharing one queue of clients each sleep until one
+            # comes and the kernel wakes them: whichever is free takes it,
+            # so the load spreads over them as over a shared TCP listener's
+            # (a spinning one would take every client it can keep up with).
+            return 0.0
         top = accept_spin_top()
         if self.spin > top:
             self.spin = top
@@ -177,7 +196,9 @@ class Listener:
     def close(self) -> None:
         while self.waiting:
             _drop(*self.waiting.popitem())
-        if _connection.forks != self.forks:
+        while self.ready:
+            self.ready.popleft()[0].close()     # the client reads EOF
+        if self.shared:
             # Shared across a fork: as with a TCP listener, the entry must stay
             # findable while any process still holds the listener.  Let go of
             # our copy, then remove the entry only if nobody listens there

@@ -61,9 +61,10 @@ import socket
 import _socket as _csocket
 import stat
 import struct
+import sys
 import time
 import weakref
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from ._fastpath import dial_unix, recvmsg_fds, sendmsg_fds
 
@@ -189,6 +190,17 @@ def _ensure_private_dir(path: str) -> None:
         return
     raise PermissionError(errno.EACCES, f"refusing to use shrimpio registry directory: {reason}",
                           path)
+
+
+def on_exit(fn: Callable[[], None]) -> None:
+    """Call ``fn`` when this process exits normally: at interpreter exit,
+    and at the end of a multiprocessing child (which leaves by os._exit,
+    after its finalizers) if multiprocessing is in use."""
+    import atexit
+    atexit.register(fn)
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is not None:
+        mp_util.Finalize(None, fn, exitpriority=100)
 
 
 def _unlink_quiet(path: str) -> None:
@@ -418,15 +430,36 @@ class Registry:
         return sorted(out)
 
     def sweep(self) -> list[str]:
-        """Remove stale entries (connect refused), return their names."""
+        """Remove stale entries (nobody listens there: a listener that died
+        without closing), return their names.  Entries are checked against
+        the kernel's list of bound Unix sockets (``/proc/net/unix``), so a
+        live listener is not disturbed; where that list cannot be read,
+        by a connect (refused: stale)."""
         removed = []
         with self._locked():
+            bound = _bound_unix_paths()
             for name in self.names():
                 path = os.path.join(self.path, name + _SUFFIX)
-                if _is_stale(path):
+                if (path not in bound) if bound is not None else _is_stale(path):
                     _unlink_quiet(path)
                     removed.append(name)
         return removed
+
+
+def _bound_unix_paths() -> "set[str] | None":
+    """Paths that a Unix socket of this network namespace is bound to (None
+    if /proc/net/unix cannot be read)."""
+    try:
+        with open("/proc/net/unix", "rb") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    out = set()
+    for line in lines:
+        parts = line.split(None, 7)
+        if len(parts) == 8 and parts[7].startswith(b"/"):
+            out.add(os.fsdecode(parts[7]))
+    return out
 
 
 # --------------------------------------------------------------------------- messages

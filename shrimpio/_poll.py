@@ -96,6 +96,8 @@ def _want(sock: Any, read: bool, write: bool) -> tuple[bool, bool, list[tuple[in
     now, [(kernel fd, POLLIN)...] to watch if nothing is ready)."""
     lst = sock._lst
     if lst is not None:
+        if read and lst.ready:
+            return True, False, []
         return False, False, ([(fd, POLLIN) for fd in sock._accept_fds()] if read else [])
     conn = sock._shm
     r = w = False
@@ -122,8 +124,15 @@ def _ready(sock: Any, read: bool, write: bool) -> tuple[bool, bool]:
     if lst is not None:
         if not read:
             return False, False
-        r = _real_poll_once(sock._accept_fds())
-        return r, False
+        if lst.ready:
+            return True, False
+        # The TCP side is ready when the kernel says so; a registry client
+        # only once accept() can take it (its hello is there): see
+        # socket._accept_ahead.
+        if _real_poll_once([sock.fileno()]):
+            return True, False
+        fds = lst.watch_fds()
+        return bool(fds) and _real_poll_once(fds) and sock._accept_ahead(), False
     conn = sock._shm
     if conn is None or conn.closed:
         return read, write            # closed under us: let the call raise EBADF

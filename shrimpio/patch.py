@@ -4,9 +4,13 @@ Importing this module calls :func:`enable`.  It replaces ``socket.socket``
 with :class:`shrimpio.socket.socket` (so ``socket.create_connection``,
 ``create_server``, ``fromfd``, ``socketserver``, ``http``, ``xmlrpc`` ... make
 shrimpio sockets) and the pollers in ``select`` and ``selectors`` with ones
-that understand shared-memory connections.  :func:`disable` puts the stdlib
-back.  ``SHRIMPIO_DISABLE=1`` makes every connection take kernel TCP (the
-patch stays in place, so ``shrimpio.info`` still says why).
+that understand shared-memory connections, makes every way to get an
+event loop (``asyncio``'s policy, ``uvloop.new_event_loop``/``Loop``/``run``/
+``install``/``EventLoopPolicy``) give the shrimpio loop, and installs the
+``os.sendfile``, ``subprocess`` and ``multiprocessing`` hooks for connection
+fds (:mod:`shrimpio._fdhooks`).  :func:`disable` puts the stdlib back.
+``SHRIMPIO_DISABLE=1`` makes every connection take kernel TCP (the patch
+stays in place, so ``shrimpio.info`` still says why).
 
 Python children inherit the patch: :func:`enable` puts a directory with a
 ``sitecustomize.py`` on ``PYTHONPATH`` and sets ``SHRIMPIO_PATCH=1``
@@ -25,8 +29,9 @@ import os
 import select as _select
 import selectors as _selectors
 import socket as _std
+from typing import Any
 
-from . import _poll
+from . import _fdhooks, _poll
 from .socket import StdSocket, socket
 
 __all__ = ["enable", "disable", "enabled"]
@@ -74,6 +79,7 @@ def enable() -> None:
     _selectors.PollSelector._selector_cls = _poll.poll
     if hasattr(_selectors, "EpollSelector"):
         _selectors.EpollSelector._selector_cls = _poll.epoll
+    _fdhooks.install()
     _install_ssl()
     _install_loop_policy()
     _saved_env.update({k: os.environ.get(k) for k in ("PYTHONPATH", "SHRIMPIO_PATCH")})
@@ -94,26 +100,66 @@ def _install_ssl() -> None:
 
 
 def _install_loop_policy() -> None:
-    """Plain ``asyncio.run()`` gets the shrimpio loop (uvloop-based)."""
+    """Every way to get an event loop gets the shrimpio loop: plain
+    ``asyncio.run()``/``asyncio.new_event_loop()`` (through the policy), and
+    uvloop's own entry points (``uvloop.new_event_loop``, ``uvloop.Loop``,
+    ``uvloop.run``, ``uvloop.install``, ``uvloop.EventLoopPolicy``), which
+    uvicorn, hypercorn and others call directly."""
     import asyncio
 
-    from .transport import EventLoopPolicy
+    import uvloop
+
+    from . import transport
     _saved_policy.append(asyncio.get_event_loop_policy())
-    asyncio.set_event_loop_policy(EventLoopPolicy())
+    asyncio.set_event_loop_policy(transport.EventLoopPolicy())
+    for name, ours in (("new_event_loop", transport.new_event_loop), ("Loop", transport.Loop),
+                       ("run", _uvloop_run), ("install", _uvloop_install),
+                       ("EventLoopPolicy", transport.EventLoopPolicy)):
+        # (install and EventLoopPolicy come from the module's __getattr__:
+        # not in its dict, so disable() deletes ours again.)
+        _saved_uvloop[name] = uvloop.__dict__.get(name, _MISSING)
+        setattr(uvloop, name, ours)
 
 
 _saved_policy: list = []
+_saved_uvloop: dict = {}
+_MISSING = object()
+
+
+def _uvloop_run(main: Any, *, loop_factory: Any = None, debug: Any = None, **run_kwargs: Any) -> Any:
+    """``uvloop.run`` under the patch: the same, on a shrimpio loop (a
+    ``loop_factory`` given by the caller is used as given)."""
+    from . import transport
+    return transport.run(main, loop_factory=loop_factory or transport.new_event_loop, debug=debug,
+                         **run_kwargs)
+
+
+def _uvloop_install() -> None:
+    """``uvloop.install`` under the patch: the shrimpio loop's policy."""
+    import asyncio
+
+    from . import transport
+    asyncio.set_event_loop_policy(transport.EventLoopPolicy())
 
 
 def disable() -> None:
     """Put the stdlib's socket class and pollers back."""
     if _saved_policy:
         import asyncio
+
+        import uvloop
         asyncio.set_event_loop_policy(_saved_policy.pop())
+        for name, value in _saved_uvloop.items():
+            if value is _MISSING:
+                delattr(uvloop, name)
+            else:
+                setattr(uvloop, name, value)
+        _saved_uvloop.clear()
     for (owner, name), value in _saved.items():
         if value is not None:
             setattr(owner, name, value)
     _saved.clear()
+    _fdhooks.uninstall()
     for k, v in _saved_env.items():
         if v is None:
             os.environ.pop(k, None)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import os
 import select as _select
+import stat
 import _socket as _csocket
 import socket as _std
 import struct
@@ -37,7 +38,7 @@ import time
 import weakref
 from typing import Any, Optional
 
-from . import _accept, _connection, _control, _handshake, _route
+from . import _accept, _connection, _control, _escape, _handshake, _route
 from ._connection import Connection
 from ._fastpath import spin_readable
 from ._accept import Listener as _Listener
@@ -123,7 +124,7 @@ class socket(StdSocket):
     sockets of one host and user (see the module docstring)."""
 
     __slots__ = ("_shm", "_lst", "_route", "_sent", "_received", "_bufs", "_opts",
-                 "_local", "_peer", "_unbound")
+                 "_local", "_peer", "_unbound", "_esc")
 
     def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
                  fileno: Optional[int] = None) -> None:
@@ -133,7 +134,8 @@ class socket(StdSocket):
         # object reports the TCP family and type it stands for.
         conn: Optional[Connection] = None
         detached = False
-        if fileno is not None and (_by_inode or _detached or _unindexed):
+        esc: Optional[_escape.Escaped] = None
+        if fileno is not None and (_by_inode or _detached or _unindexed or _escape.escaped):
             try:
                 key: Optional[tuple[int, int]] = _inode(int(fileno))
             except (OSError, TypeError, ValueError, OverflowError):
@@ -147,9 +149,20 @@ class socket(StdSocket):
                     conn = _by_inode.get(key)
                     if conn is not None and conn.closed:
                         conn = None
-            if conn is not None:
+                if conn is None and key in _escape.escaped:
+                    # An escaped connection's fd (see _escape): back onto
+                    # shared memory if no byte moved yet, else a kernel socket.
+                    esc = _escape.escaped[key]
+                    conn = _escape.reclaim(key, int(fileno))
+                    if conn is not None:
+                        esc = None
+                        _unindexed_add(conn)     # findable by its inode again
+            if conn is not None or esc is not None:
                 if family == -1:
-                    family = _std.AF_INET6 if len(conn.local) == 4 else _std.AF_INET
+                    if esc is not None:
+                        family = esc.family
+                    else:
+                        family = _std.AF_INET6 if len(conn.local) == 4 else _std.AF_INET
                 if type == -1:
                     type = _STREAM
                 if proto == -1:
@@ -161,6 +174,8 @@ class socket(StdSocket):
             if detached:
                 del _detached[key]
             self._adopt(conn, counted=detached)
+        elif esc is not None:
+            self._escape_done(esc)
         elif fileno is not None and self._is_tcp():
             # fromfd / socket(fileno=) / detach-and-adopt of a kernel socket:
             # say why it is not shared memory (accept() and dup() overwrite
@@ -177,6 +192,7 @@ class socket(StdSocket):
         self._local: tuple = ()
         self._peer: tuple = ()
         self._unbound = False
+        self._esc: Optional[_escape.Escaped] = None
 
     def bind(self, address: Any) -> None:
         """As ``socket.bind``."""
@@ -192,6 +208,16 @@ class socket(StdSocket):
         self._shm = conn
         self._local, self._peer = conn.local, conn.peer
         self._route = _route.Route(_route.SHM, "")
+        _by_fd[self.fileno()] = self
+
+    def _escape_done(self, esc: "_escape.Escaped") -> None:
+        """This object's fd is (now) the program's end of an escaped
+        connection's kernel stream (see _escape): a kernel socket that keeps
+        the connection's addresses and says why it left shared memory."""
+        self._shm = None
+        self._esc = esc
+        self._local, self._peer = esc.local, esc.peer
+        self._route = _route.Route(_route.TCP, esc.reason)
         _by_fd[self.fileno()] = self
 
     def _is_tcp(self) -> bool:
@@ -288,6 +314,19 @@ class socket(StdSocket):
         os.set_blocking(self.fileno(), False)
         self._lst = _Listener(name, usock)
         _by_fd[self.fileno()] = self
+        _listening(self._lst)
+
+    def _adopt_listener(self, name: str, usock_fd: int) -> None:
+        """This kernel listening socket came from another process with its
+        registry socket (see _mpconn): share that entry's queue of clients."""
+        usock = _csocket.socket(_std.AF_UNIX, _std.SOCK_SEQPACKET, 0, usock_fd)
+        usock.setblocking(False)
+        os.set_blocking(self.fileno(), False)
+        self._lst = _Listener(name, usock)
+        self._lst.forks = -1              # shared: see _accept.Listener.close
+        self._route = None
+        _by_fd[self.fileno()] = self
+        _listening(self._lst)
 
     def settimeout(self, value: Optional[float]) -> None:
         super().settimeout(value)
@@ -392,7 +431,31 @@ class socket(StdSocket):
             tmp.detach()
 
     def _accept_shm(self, lst: _Listener) -> Optional[tuple["socket", Any]]:
+        if lst.ready:
+            try:
+                return lst.ready.popleft()      # a poller accepted it already
+            except IndexError:
+                pass                            # (taken by another thread)
         return _accept.accept_shm(self, lst, type(self) is socket)
+
+    def _accept_ahead(self) -> bool:
+        """For the pollers: will accept() find a client now?  A registry
+        client is accepted here (its hello checked) and kept for the next
+        accept(), so that readiness is never a client that is not there
+        yet (one whose hello is late waits aside, see _accept)."""
+        lst = self._lst
+        if lst is None:
+            return False
+        if lst.ready:
+            return True
+        try:
+            got = _accept.accept_shm(self, lst, type(self) is socket)
+        except OSError:
+            return True                         # accept() will say what is wrong
+        if got is None:
+            return False
+        lst.ready.append(got)
+        return True
 
     # -- data --------------------------------------------------------------------
 
@@ -418,6 +481,9 @@ class socket(StdSocket):
         """As ``socket.sendmsg`` (gather); no ancillary data over shared memory."""
         conn = self._shm
         if conn is None:
+            if ancdata:
+                ancdata = list(ancdata)
+                _escape_passed_fds(ancdata)
             n = super().sendmsg(buffers, ancdata, flags, *([address] if address is not None else []))
             self._sent += n
             return n
@@ -435,11 +501,38 @@ class socket(StdSocket):
         return self.send(data, flags)
 
     def sendfile(self, file: Any, offset: int = 0, count: Optional[int] = None) -> int:
-        """As ``socket.sendfile``; shared-memory connections copy via send()."""
+        """As ``socket.sendfile``; over shared memory the file's bytes are
+        read in large blocks and copied into the ring."""
         if self._shm is None:
             n = super().sendfile(file, offset, count)
             return n
-        return self._sendfile_use_send(file, offset, count)
+        return self._sendfile_ring(file, offset, count)
+
+    def _sendfile_ring(self, file: Any, offset: int, count: Optional[int]) -> int:
+        self._check_sendfile_params(file, offset, count)    # the stdlib's checks
+        try:
+            fileno = file.fileno()
+            regular = stat.S_ISREG(os.fstat(fileno).st_mode)
+        except (AttributeError, OSError, ValueError):
+            regular = False
+        if not regular:
+            return self._sendfile_use_send(file, offset, count)   # a pipe, a BytesIO...
+        if self.gettimeout() == 0:
+            raise ValueError("non-blocking sockets are not supported")
+        total = 0
+        block = 256 * 1024
+        try:
+            while count is None or total < count:
+                want = block if count is None else min(block, count - total)
+                data = os.pread(fileno, want, offset + total)
+                if not data:
+                    break
+                self.sendall(data)
+                total += len(data)
+            return total
+        finally:
+            if total > 0 and hasattr(file, "seek"):
+                file.seek(offset + total)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         """As ``socket.recv``."""
@@ -540,7 +633,7 @@ class socket(StdSocket):
 
     def _real_close(self, _ss: Any = _csocket.socket) -> None:
         fd = self.fileno()
-        if fd >= 0 and _report_wanted():
+        if fd >= 0 and self._esc is None and _report_wanted():
             self._report()
         conn, self._shm = self._shm, None
         lst, self._lst = self._lst, None
@@ -559,8 +652,32 @@ class socket(StdSocket):
             connection_closing(record)
 
     def detach(self) -> int:
-        """As ``socket.detach``; a shared-memory connection stays reachable
-        through the fd (``socket.socket(fileno=fd)`` picks it up again)."""
+        """As ``socket.detach``.  The fd of a shared-memory connection then
+        leaves shrimpio's hands (``multiprocessing.connection`` reads and
+        writes it directly): the connection escapes to a kernel stream on the
+        same fd number (see :mod:`shrimpio._escape`), unless another socket
+        object of this process holds the same fd (``ssl.SSLSocket`` is made
+        that way).  ``socket.socket(fileno=fd)`` made on it before any byte
+        moved takes it back onto shared memory."""
+        fd = self.fileno()
+        conn = self._shm
+        if conn is not None and fd >= 0:
+            other = _by_fd.get(fd)
+            if other is not None and other is not self and other._shm is conn:
+                self._shm = None         # the other object owns the fd and the connection
+                with conn.lock:
+                    conn.refs -= 1
+            else:
+                _escape.escape(self, "detach()")
+        if fd >= 0 and _by_fd.get(fd) is self:
+            del _by_fd[fd]
+        self._shm = None
+        return super().detach()
+
+    def _detach_keep(self) -> int:
+        """``detach()`` for shrimpio's own hand-overs: a shared-memory
+        connection stays on shared memory, owned by the bare fd until a new
+        socket object adopts it (``socket.socket(fileno=fd)``)."""
         fd = self.fileno()
         if fd >= 0 and _by_fd.get(fd) is self:
             del _by_fd[fd]
@@ -584,12 +701,16 @@ class socket(StdSocket):
         if self._shm is not None:
             self._conn()
             return self._local
+        if self._esc is not None and self.fileno() >= 0:
+            return self._local
         return super().getsockname()
 
     def getpeername(self) -> Any:
         """As ``socket.getpeername``."""
         if self._shm is not None:
             self._conn()
+            return self._peer
+        if self._esc is not None and self.fileno() >= 0:
             return self._peer
         return super().getpeername()
 
@@ -640,6 +761,81 @@ class socket(StdSocket):
         if raw is not None and value == struct.unpack("i", raw[:4].ljust(4, b"\0"))[0]:
             return raw[:buflen]
         return struct.pack("i", value)[:buflen].ljust(min(buflen, 4), b"\0")
+
+
+# Listeners of this process with a registry entry, so that the entries go
+# when the process exits without closing them (and, once per process, the
+# stale entries of listeners that died go when one starts listening).
+_listeners: "weakref.WeakSet[_Listener]" = weakref.WeakSet()
+_listen_hooked = 0          # the pid that hooked its exit and swept
+
+
+def _listening(lst: _Listener) -> None:
+    global _listen_hooked
+    _listeners.add(lst)
+    if _listen_hooked == os.getpid():
+        return
+    _listen_hooked = os.getpid()
+    _control.on_exit(_close_listeners)
+    try:
+        _registry().sweep()
+    except OSError:
+        pass
+
+
+def _close_listeners() -> None:
+    """At exit: the registry entries of listeners still open go (a forked
+    child's copy of a listener removes the entry only if nobody else
+    listens there, see _accept.Listener.close)."""
+    for lst in list(_listeners):
+        try:
+            lst.close()
+        except OSError:
+            pass
+
+
+def _escape_passed_fds(ancdata: list) -> None:
+    """Before fds go to another process in ``SCM_RIGHTS``: a shared-memory
+    connection among them escapes to a kernel stream (the other process
+    could only read its doorbell), and an escaped one can no longer be
+    taken back (see _escape)."""
+    import array
+    for item in ancdata:
+        try:
+            level, kind, data = item
+        except (TypeError, ValueError):
+            return                       # the stdlib raises its own error
+        if level != _std.SOL_SOCKET or kind != _std.SCM_RIGHTS:
+            continue
+        fds = array.array("i")
+        try:
+            raw = memoryview(data).cast("B")
+            fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
+        except (TypeError, ValueError):
+            continue
+        for fd in fds:
+            conn = _conn_of_fd(fd)
+            if conn is not None:
+                _escape.escape_conn(conn, "fd sent to another process", fd)
+            _escape.shared(fd)
+
+
+def _conn_of_fd(fd: int) -> Optional[Connection]:
+    """The live shared-memory connection whose control socket ``fd`` is
+    (a socket object's fd or a bare copy of one), or None."""
+    sock = _by_fd.get(fd)
+    if sock is not None and sock._shm is not None and sock.fileno() == fd:
+        return None if sock._shm.closed else sock._shm
+    if not (_by_inode or _detached or _unindexed):
+        return None
+    try:
+        key = _inode(fd)
+    except OSError:
+        return None
+    if _unindexed and key not in _by_inode and key not in _detached:
+        _index_pending()
+    conn = _detached.get(key) or _by_inode.get(key)
+    return None if conn is None or conn.closed else conn
 
 
 def _report_wanted() -> bool:

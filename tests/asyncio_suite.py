@@ -22,15 +22,19 @@ kernel could deliver late, a short bounded wait that must time out.
 from __future__ import annotations
 
 import asyncio
-import errno
 import contextlib
+import errno
 import functools
+import gc
 import hashlib
+import io
 import os
 import socket as _std
 import ssl
 import sys
+import tempfile
 import time
+import weakref
 from typing import Any, Callable, Optional
 
 import pytest
@@ -39,6 +43,7 @@ import uvloop
 import shrimpio
 from children import child_env
 from shrimpio import _route
+from shrimpio.socket import StdSocket
 from shrimpio.socket import socket as ShmSocket
 from shrimpio.transport import ShmTransport
 
@@ -1400,6 +1405,466 @@ async def test_loop_start_tls_protocols(k: Kind) -> None:
         assert squash(sapp.events) == ["data", "eof", "lost"], sapp.events
         assert squash(cp.events) == ["made", "data"], cp.events
         assert squash(sp.events) == ["made", "data"], sp.events
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# ---------------------------------------------------------------------------
+# Fd callbacks (add_reader / add_writer), as tornado and dask drive sockets
+
+
+def removed(k: Kind, got: Any, expected: bool) -> None:
+    """What remove_reader/remove_writer returned: whether a callback was
+    removed (asyncio's contract, and the shrimpio loop's); plain uvloop
+    returns None."""
+    assert got is (None if k.name == "uvloop" else expected), got
+
+
+async def until(cond: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait (by loop turns, with a deadline) until ``cond()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not cond():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
+async def _accepted_pair(k: Kind) -> tuple:
+    """(listener, client, accepted): a non-blocking connected pair of this
+    kind, the server side accepted by a reader callback on the listener."""
+    loop = asyncio.get_running_loop()
+    lsock = k.listener()
+    lsock.setblocking(False)
+    csock = k.socket()
+    csock.setblocking(False)
+    accepted = loop.create_future()
+
+    def on_accept() -> None:
+        try:
+            conn, _ = lsock.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(False)
+        if accepted.done():
+            conn.close()
+        else:
+            accepted.set_result(conn)
+
+    loop.add_reader(lsock, on_accept)
+    await loop.sock_connect(csock, lsock.getsockname())
+    conn = await asyncio.wait_for(accepted, 10)
+    removed(k, loop.remove_reader(lsock), True)
+    removed(k, loop.remove_reader(lsock), False)
+    k.check_sock(conn)
+    return lsock, csock, conn
+
+
+@each_kind
+async def test_fd_callbacks_level_triggered(k: Kind) -> None:
+    """add_reader on a listener fires when a client comes; add_reader on an
+    accepted socket's fd fires exactly while a non-blocking recv would not
+    block (once per loop turn while data is left), add_writer while a send
+    would not; remove_* say whether a callback was there."""
+    loop = asyncio.get_running_loop()
+    lsock, csock, conn = await _accepted_pair(k)
+    try:
+        got: list = []
+        loop.add_reader(conn.fileno(), lambda: got.append(conn.recv(1)))  # never BlockingIOError
+        await turns()
+        assert got == []                                  # nothing sent: never called
+        await loop.sock_sendall(csock, b"abc")
+        await until(lambda: len(got) == 3)                # one byte a turn, while bytes are left
+        await turns()
+        assert b"".join(got) == b"abc"                    # ...and no call once they are read
+        removed(k, loop.remove_reader(conn.fileno()), True)
+        removed(k, loop.remove_reader(conn.fileno()), False)
+
+        calls = [0]
+        loop.add_writer(conn, lambda: calls.__setitem__(0, calls[0] + 1))    # a socket object
+        await until(lambda: calls[0] >= 3)                # writable: every turn
+        removed(k, loop.remove_writer(conn), True)
+        total = 0
+        while True:                                       # fill every buffer on the way
+            try:
+                total += conn.send(bytes(65536))
+            except BlockingIOError:
+                break
+        sent_more = loop.create_future()
+
+        def on_room() -> None:
+            loop.remove_writer(conn.fileno())
+            sent_more.set_result(conn.send(b"z"))          # room: never BlockingIOError
+
+        loop.add_writer(conn.fileno(), on_room)
+        await turns()
+        assert not sent_more.done()                       # full: not called
+        received = 0
+        while not sent_more.done() or received < total + 1:
+            received += len(await asyncio.wait_for(loop.sock_recv(csock, 1 << 20), 10))
+        assert await sent_more == 1 and received == total + 1
+    finally:
+        conn.close()
+        csock.close()
+        lsock.close()
+
+
+@each_kind
+async def test_fd_reader_at_end_of_stream_fires_once_a_turn(k: Kind) -> None:
+    """A reader left registered on a socket whose peer closed is called
+    once per loop turn (level-triggered, as uvloop does with a kernel socket
+    at EOF), each time with b"" to read; an idle socket's reader costs no CPU."""
+    loop = asyncio.get_running_loop()
+    lsock, csock, conn = await _accepted_pair(k)
+    try:
+        ends: list = []
+        loop.add_reader(conn.fileno(), lambda: ends.append(conn.recv(10)))
+        cpu0, t0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(0.3)                          # idle, watched: the loop sleeps
+        assert time.process_time() - cpu0 < 0.1 * (time.monotonic() - t0) + 0.02
+        assert ends == []
+        csock.close()
+        await until(lambda: len(ends) > 0)
+        n = len(ends)
+        await turns(50)
+        assert 25 <= len(ends) - n <= 75, len(ends) - n   # once a turn, no burst
+        assert set(ends) == {b""}
+        removed(k, loop.remove_reader(conn.fileno()), True)
+        n = len(ends)
+        await turns()
+        assert len(ends) == n
+    finally:
+        conn.close()
+        lsock.close()
+
+
+@each_kind
+async def test_fd_writer_on_a_full_socket_sleeps(k: Kind) -> None:
+    """A writer callback on a socket whose buffers are full (the peer not
+    reading) waits without CPU, also after our own shutdown(SHUT_RD), and
+    runs once the peer reads."""
+    loop = asyncio.get_running_loop()
+    lsock, csock, conn = await _accepted_pair(k)
+    try:
+        conn.shutdown(_std.SHUT_RD)
+        total = 0
+        while True:
+            try:
+                total += conn.send(bytes(65536))
+            except BlockingIOError:
+                break
+        room = loop.create_future()
+        loop.add_writer(conn, lambda: room.done() or room.set_result(None))
+        cpu0, t0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(0.3)
+        assert time.process_time() - cpu0 < 0.1 * (time.monotonic() - t0) + 0.02
+        assert not room.done()
+        received = 0
+        while received < total:
+            received += len(await asyncio.wait_for(loop.sock_recv(csock, 1 << 20), 10))
+        await asyncio.wait_for(room, 10)
+        removed(k, loop.remove_writer(conn), True)
+    finally:
+        conn.close()
+        csock.close()
+        lsock.close()
+
+
+@each_kind
+async def test_fd_callbacks_refused_on_a_transport_fd(k: Kind) -> None:
+    """The fd of a transport belongs to it: add_reader/add_writer/remove_*
+    on it raise RuntimeError, as uvloop says of its own transports."""
+    loop = asyncio.get_running_loop()
+    sf = Factory()
+    server, port = await k.create_server(sf)
+    try:
+        tr, cp = await loop.create_connection(Recorder, HOST, port)
+        sp = await sf.first
+        for t in (tr, sp.transport):
+            fd = t.get_extra_info("socket").fileno()
+            for call in (lambda: loop.add_reader(fd, print), lambda: loop.add_writer(fd, print),
+                         lambda: loop.remove_reader(fd), lambda: loop.remove_writer(fd)):
+                with pytest.raises(RuntimeError, match="is used by transport"):
+                    call()
+        tr.write(b"still fine")
+        assert await sp.want(10) == b"still fine"
+        tr.close()
+        assert await sp.lost is None
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# ---------------------------------------------------------------------------
+# sock_* on a stdlib socket, sendfile
+
+
+@each_kind
+async def test_sock_methods_on_a_stdlib_socket(k: Kind) -> None:
+    """A stdlib socket (what aiohttp's happy eyeballs makes) connected with
+    sock_connect to this kind's server: sock_sendall, sock_recv,
+    sock_recv_into and a reader callback on its fd all carry the stream,
+    and closing it ends the server's side."""
+    loop = asyncio.get_running_loop()
+    lsock = k.listener()
+    lsock.setblocking(False)
+    csock = StdSocket(_std.AF_INET, _std.SOCK_STREAM)
+    csock.setblocking(False)
+    conn = None
+    try:
+        accepting = asyncio.create_task(loop.sock_accept(lsock))
+        await loop.sock_connect(csock, lsock.getsockname())
+        conn, _ = await asyncio.wait_for(accepting, 10)
+        k.check_sock(conn)
+        payload = os.urandom(3 * MiB)
+        sending = asyncio.create_task(loop.sock_sendall(csock, payload))
+        got = bytearray()
+        while len(got) < len(payload):
+            got += await asyncio.wait_for(loop.sock_recv(conn, 1 << 20), 10)
+        await asyncio.wait_for(sending, 10)
+        assert got == payload
+        readable = loop.create_future()
+        loop.add_reader(csock.fileno(), lambda: readable.done() or readable.set_result(None))
+        await loop.sock_sendall(conn, b"reply")
+        await asyncio.wait_for(readable, 10)
+        removed(k, loop.remove_reader(csock.fileno()), True)
+        buf = bytearray(5)
+        n = 0
+        while n < 5:
+            n += await asyncio.wait_for(loop.sock_recv_into(csock, memoryview(buf)[n:]), 10)
+        assert buf == b"reply"
+        csock.close()
+        assert await asyncio.wait_for(loop.sock_recv(conn, 10), 10) == b""
+    finally:
+        if conn is not None:
+            conn.close()
+        csock.close()
+        lsock.close()
+
+
+def _file(data: bytes) -> Any:
+    f = tempfile.TemporaryFile()
+    f.write(data)
+    f.flush()
+    f.seek(0)
+    return f
+
+
+@each_kind
+async def test_sock_sendfile(k: Kind) -> None:
+    """loop.sock_sendfile: every byte from offset (count of them, or to the
+    end), the file left after the last byte sent; a file object without an
+    fd is read.  (uvloop has no sendfile: NotImplementedError there.)"""
+    loop = asyncio.get_running_loop()
+    lsock, csock, conn = await _accepted_pair(k)
+    data = os.urandom(3 * MiB + 123)
+    try:
+        with _file(data) as f:
+            if k.name == "uvloop":
+                with pytest.raises(NotImplementedError):
+                    await loop.sock_sendfile(csock, f)
+                return
+            for file, offset, count in ((f, 1000, 2 * MiB), (f, 0, None), (io.BytesIO(data), 7, None)):
+                want = data[offset:offset + count] if count else data[offset:]
+                sending = asyncio.create_task(loop.sock_sendfile(csock, file, offset, count))
+                got = bytearray()
+                while len(got) < len(want):
+                    got += await asyncio.wait_for(loop.sock_recv(conn, 1 << 20), 10)
+                assert await asyncio.wait_for(sending, 10) == len(want)
+                assert got == want
+                assert file.tell() == offset + len(want)
+            with pytest.raises(ValueError):
+                await loop.sock_sendfile(csock, f, -1)
+            with pytest.raises(ValueError):
+                await loop.sock_sendfile(csock, f, 0, 0)
+    finally:
+        conn.close()
+        csock.close()
+        lsock.close()
+
+
+@each_kind
+async def test_loop_sendfile(k: Kind) -> None:
+    """loop.sendfile(transport, file): every byte reaches the peer (with
+    flow control), then the protocol gets data as before.  (uvloop has no
+    sendfile: NotImplementedError there.)"""
+    loop = asyncio.get_running_loop()
+    sf = Factory()
+    server, port = await k.create_server(sf)
+    data = os.urandom(5 * MiB + 7)
+    try:
+        tr, cp = await loop.create_connection(Recorder, HOST, port)
+        sp = await sf.first
+        with _file(data) as f:
+            if k.name == "uvloop":
+                with pytest.raises(NotImplementedError):
+                    await loop.sendfile(tr, f)
+            else:
+                assert await asyncio.wait_for(loop.sendfile(tr, f, 10), 20) == len(data) - 10
+                assert f.tell() == len(data)
+                assert await asyncio.wait_for(sp.want(len(data) - 10), 20) == data[10:]
+                assert tr.get_protocol() is cp
+        sp.transport.write(b"back")
+        assert await cp.want(4) == b"back"
+        tr.close()
+        assert await sp.lost is None
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# ---------------------------------------------------------------------------
+# Rules uvloop keeps
+
+
+@each_kind
+async def test_tcp_nodelay_on_every_transport(k: Kind) -> None:
+    """TCP_NODELAY reads back set on both ends' sockets, as uvloop and
+    asyncio set it on every TCP transport."""
+    loop = asyncio.get_running_loop()
+    sf = Factory()
+    server, port = await k.create_server(sf)
+    try:
+        tr, _ = await loop.create_connection(Recorder, HOST, port)
+        sp = await sf.first
+        for t in (tr, sp.transport):
+            assert t.get_extra_info("socket").getsockopt(_std.IPPROTO_TCP, _std.TCP_NODELAY) != 0
+        tr.close()
+        assert await sp.lost is None
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+class _DuckBuffered(asyncio.BaseProtocol):
+    """get_buffer/buffer_updated without asyncio.BufferedProtocol."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray(100)
+        self.data = bytearray()
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data += self.buf[:nbytes]
+
+    def eof_received(self) -> None:
+        return None
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.lost.set_result(exc)
+
+
+class _ProtocolWithGetBuffer(Recorder):
+    """An asyncio.Protocol that happens to have get_buffer: data_received."""
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        raise AssertionError("a Protocol gets data_received")
+
+    def buffer_updated(self, nbytes: int) -> None:
+        raise AssertionError("a Protocol gets data_received")
+
+
+@each_kind
+async def test_buffered_is_decided_as_uvloop_does(k: Kind) -> None:
+    """A protocol with get_buffer() that is not an asyncio.Protocol is
+    buffered whatever its base class; an asyncio.Protocol gets data_received."""
+    loop = asyncio.get_running_loop()
+    for cls in (_DuckBuffered, _ProtocolWithGetBuffer):
+        protos: list = []
+
+        def factory(cls: Any = cls, protos: list = protos) -> Any:
+            protos.append(cls())
+            return protos[-1]
+
+        server, port = await k.create_server(factory)
+        try:
+            tr, _ = await loop.create_connection(Recorder, HOST, port)
+            tr.write(b"x" * 250)
+            tr.close()
+            await until(lambda: len(protos) == 1)
+            await asyncio.wait_for(protos[0].lost, 10)
+            assert bytes(protos[0].data) == b"x" * 250
+        finally:
+            server.close()
+            await server.wait_closed()
+
+
+@each_kind
+async def test_create_server_needs_an_address_or_a_socket(k: Kind) -> None:
+    loop = asyncio.get_running_loop()
+    with pytest.raises(ValueError, match="Neither host/port nor sock"):
+        await loop.create_server(asyncio.Protocol)
+
+
+@each_kind
+async def test_debug_mode_refuses_blocking_sockets(k: Kind) -> None:
+    """In debug mode the sock_* calls refuse a blocking socket (ValueError),
+    as uvloop's do, whatever its path."""
+    loop = asyncio.get_running_loop()
+    lsock, csock, conn = await _accepted_pair(k)
+    loop.set_debug(True)
+    try:
+        for s in (conn, lsock, csock):
+            s.setblocking(True)
+        fresh = k.socket()
+        with fresh:
+            for call in (lambda: loop.sock_recv(conn, 1), lambda: loop.sock_recv_into(conn, bytearray(1)),
+                         lambda: loop.sock_sendall(conn, b"x"), lambda: loop.sock_accept(lsock),
+                         lambda: loop.sock_connect(fresh, lsock.getsockname())):
+                with pytest.raises(ValueError, match="non-blocking"):
+                    await call()
+    finally:
+        loop.set_debug(False)
+        conn.close()
+        csock.close()
+        lsock.close()
+
+
+@each_kind
+async def test_cancelled_tls_connect_frees_its_context_at_once(k: Kind) -> None:
+    """A create_connection(ssl=...) cancelled during the handshake (the
+    server never answers it) leaves no reference cycle: the SSLContext goes
+    without the cycle collector."""
+    loop = asyncio.get_running_loop()
+    server, port = await k.create_server(Recorder)           # speaks no TLS
+    gc.disable()
+    try:
+        ctx = ssl.create_default_context()
+        ref = weakref.ref(ctx)
+        task = asyncio.create_task(loop.create_connection(
+            asyncio.Protocol, HOST, port, ssl=ctx, server_hostname="localhost"))
+        del ctx
+        await turns()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        del task
+        await until(lambda: ref() is None, 5)
+    finally:
+        gc.enable()
+        server.close()
+        await server.wait_closed()
+
+
+@each_kind
+async def test_happy_eyeballs_keywords(k: Kind) -> None:
+    """happy_eyeballs_delay and interleave (asyncio's) connect on this
+    kind's path; uvloop has neither (TypeError)."""
+    loop = asyncio.get_running_loop()
+    sf = Factory()
+    server, port = await k.create_server(sf)
+    try:
+        if k.name == "uvloop":
+            with pytest.raises(TypeError):
+                await loop.create_connection(Recorder, HOST, port, happy_eyeballs_delay=0.25)
+            return
+        for kw in ({"happy_eyeballs_delay": 0.25}, {"interleave": 1}):
+            tr, _ = await loop.create_connection(Recorder, HOST, port, **kw)
+            k.check(tr)
+            tr.close()
     finally:
         server.close()
         await server.wait_closed()

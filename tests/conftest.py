@@ -35,8 +35,11 @@ def _fds() -> set[int]:
 
 
 def _shm() -> set[str]:
+    """shrimpio's named segments in /dev/shm (``SHRIMPIO_SEGMENT=shm``:
+    ``shrimpio-<pid>-<random>``).  Only those: other programs on the machine
+    (multiprocessing's ``sem.mp-*`` of a concurrent run) come and go."""
     try:
-        return set(os.listdir("/dev/shm"))
+        return {name for name in os.listdir("/dev/shm") if name.startswith("shrimpio-")}
     except FileNotFoundError:
         return set()
 

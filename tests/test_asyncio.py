@@ -5,13 +5,16 @@ once and run here on three kinds of connection (``[shm]``: shared memory on
 the shrimpio loop; ``[tcp]``: the shrimpio loop kept on kernel TCP by a rule;
 ``[uvloop]``: plain uvloop, the reference).  Below them: the loop's entry
 points (``shrimpio.run``, ``new_event_loop``, ``EventLoopPolicy``,
-``install``, ``asyncio.Runner``, ``shrimpio.patch`` and ``asyncio.run``).
+``install``, ``asyncio.Runner``, ``shrimpio.patch`` and ``asyncio.run``, and
+uvloop's under the patch), and what only the shrimpio loop does (reports,
+fd callbacks that follow a socket onto shared memory, concurrent waits).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import select
 import socket
 import subprocess
@@ -349,3 +352,197 @@ def test_a_paused_transport_whose_peer_dies_does_not_spin() -> None:
             await asyncio.wait_for(sp.lost, 5)
 
     shrimpio.run(main())
+
+
+def test_cancelled_sock_recv_leaves_a_newer_one_waiting() -> None:
+    """Two sock_recv wait on one shared-memory socket; cancelling the older
+    one leaves the newer one waiting, and it gets the data.  (Plain uvloop
+    keeps one reader per fd: there the newer one would hang.)"""
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        lsock = ss.socket()
+        lsock.bind((HOST, 0))
+        lsock.listen()
+        lsock.setblocking(False)
+        csock = ss.socket()
+        csock.setblocking(False)
+        try:
+            await loop.sock_connect(csock, lsock.getsockname())
+            conn, _ = await loop.sock_accept(lsock)
+            with conn:
+                assert shrimpio.info(conn)["path"] == "shm"
+                older = asyncio.create_task(loop.sock_recv(csock, 10))
+                await asyncio_suite.turns(5)
+                newer = asyncio.create_task(loop.sock_recv(csock, 10))
+                await asyncio_suite.turns(5)
+                older.cancel()
+                await asyncio_suite.turns(5)
+                await loop.sock_sendall(conn, b"data")
+                return await asyncio.wait_for(newer, 10)
+        finally:
+            csock.close()
+            lsock.close()
+
+    assert shrimpio.run(main()) == b"data"
+
+
+def test_fd_callback_on_a_socket_closed_under_it() -> None:
+    """A reader callback registered by fd number on a shared-memory socket
+    that is then closed never runs again (as on a closed kernel fd), the fd
+    number can be reused and watched at once, and nothing leaks (the loop
+    watches its own duplicates of the doorbells)."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        lsock = ss.socket()
+        lsock.bind((HOST, 0))
+        lsock.listen()               # never accepts: connects complete against the backlog
+        try:
+            calls: list = []
+            fds = set()
+            for round in range(3):
+                sock = ss.socket()
+                sock.connect(lsock.getsockname())
+                sock.setblocking(False)
+                assert shrimpio.info(sock)["path"] == "shm"
+                fd = sock.fileno()
+                fds.add(fd)
+                loop.add_reader(fd, calls.append, round)
+                sock.close()
+                await asyncio_suite.turns()
+                if round == 2:
+                    assert loop.remove_reader(fd) is True
+            assert calls == []
+            assert len(fds) == 1     # the number came back each time, and was watched again
+        finally:
+            lsock.close()
+
+    shrimpio.run(main())
+
+
+def test_kernel_sockets_given_to_the_loop_report_their_path(tmp_path, monkeypatch) -> None:
+    """Connections that take kernel TCP through the loop say so in
+    SHRIMPIO_REPORT, with a reason: create_connection(sock=) with a stdlib
+    socket connected by the caller or by sock_connect (aiohttp's way), and
+    create_connection with happy eyeballs, to a server that is not shrimpio."""
+    report = tmp_path / "report"
+    monkeypatch.setenv("SHRIMPIO_REPORT", str(report))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        plain = ss.StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+        plain.bind((HOST, 0))
+        plain.listen()
+        plain.setblocking(False)
+        addr = plain.getsockname()
+        accepted = []
+        try:
+            blocking = ss.StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+            blocking.connect(addr)
+            vialoop = ss.StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+            vialoop.setblocking(False)
+            await loop.sock_connect(vialoop, addr)
+            for sock in (blocking, vialoop):
+                tr, _ = await loop.create_connection(asyncio.Protocol, sock=sock)
+                tr.write(b"x")
+                tr.close()
+            tr, _ = await loop.create_connection(asyncio.Protocol, *addr, happy_eyeballs_delay=0.1)
+            tr.write(b"y")
+            tr.close()
+            while len(accepted) < 3:
+                conn, _ = await loop.sock_accept(plain)
+                accepted.append(conn)
+            for conn in accepted:
+                assert await asyncio.wait_for(loop.sock_recv(conn, 1), 10) in (b"x", b"y")
+                assert await asyncio.wait_for(loop.sock_recv(conn, 1), 10) == b""
+        finally:
+            for conn in accepted:
+                conn.close()
+            plain.close()
+
+    shrimpio.run(main())
+    records = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len(records) == 3, records
+    for rec in records:
+        assert rec["path"] == "tcp" and rec["reason"], rec
+        assert tuple(rec["peer"])[:2] == (HOST, rec["peer"][1])
+    assert sorted(r["bytes_sent"] for r in records) == [1, 1, 1], records
+
+
+_UVLOOP_ENTRY_POINTS = r'''
+import asyncio, sys, uvloop
+orig = {n: getattr(uvloop, n) for n in ("new_event_loop", "run")}
+orig_loop = uvloop.Loop
+import shrimpio, shrimpio.patch        # enables the patch
+from shrimpio.transport import Loop, EventLoopPolicy
+
+async def kind():
+    return type(asyncio.get_running_loop())
+
+assert uvloop.Loop is Loop
+shrimpio.patch.disable()
+assert uvloop.Loop is orig_loop and uvloop.new_event_loop is not None
+plain = uvloop.new_event_loop(); assert type(plain) is orig_loop; plain.close()
+assert uvloop.run(kind()) is orig_loop
+shrimpio.patch.enable()
+loop = uvloop.new_event_loop()
+assert type(loop) is Loop and isinstance(loop, uvloop.Loop), type(loop)
+loop.close()
+assert uvloop.Loop is Loop and type(uvloop.Loop()) is Loop
+assert uvloop.run(kind()) is Loop
+assert asyncio.run(kind()) is Loop
+assert type(asyncio.new_event_loop()) is Loop
+policy = uvloop.EventLoopPolicy()
+assert isinstance(policy, EventLoopPolicy)
+l2 = policy.new_event_loop(); assert type(l2) is Loop; l2.close()
+asyncio.set_event_loop_policy(None)
+uvloop.install()
+assert asyncio.run(kind()) is Loop
+with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+    assert r.run(kind()) is Loop
+shrimpio.patch.disable()
+assert uvloop.Loop is orig_loop
+assert uvloop.new_event_loop is orig["new_event_loop"] and uvloop.run is orig["run"]
+assert "install" not in vars(uvloop) and "EventLoopPolicy" not in vars(uvloop)
+assert uvloop.run(kind()) is orig_loop
+print("ok")
+'''
+
+
+def test_patch_gives_the_shrimpio_loop_to_every_uvloop_entry_point() -> None:
+    """Under the patch, uvloop.new_event_loop, uvloop.Loop, uvloop.run,
+    uvloop.install and uvloop.EventLoopPolicy (which uvicorn and hypercorn
+    call) give the shrimpio loop, still a uvloop.Loop; disable() puts
+    uvloop's back."""
+    out = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", _UVLOOP_ENTRY_POINTS],
+                         env=child_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_fd_reader_registered_before_sock_connect_moves_to_the_rings() -> None:
+    """A reader registered on a shrimpio socket before sock_connect (a
+    kernel socket then) follows it onto shared memory: it fires when data
+    comes."""
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        lsock = ss.socket()
+        lsock.bind((HOST, 0))
+        lsock.listen()
+        lsock.setblocking(False)
+        csock = ss.socket()
+        csock.setblocking(False)
+        got = loop.create_future()
+        loop.add_reader(csock, lambda: got.done() or got.set_result(csock.recv(10)))
+        try:
+            await loop.sock_connect(csock, lsock.getsockname())
+            assert shrimpio.info(csock)["path"] == "shm"
+            conn, _ = await loop.sock_accept(lsock)
+            with conn:
+                await loop.sock_sendall(conn, b"moved")
+                data = await asyncio.wait_for(got, 10)
+            assert loop.remove_reader(csock) is True
+            return data
+        finally:
+            csock.close()
+            lsock.close()
+
+    assert shrimpio.run(main()) == b"moved"

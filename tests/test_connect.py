@@ -10,6 +10,7 @@ are closed by ``drop_spares()`` (which the conftest leak check calls).
 from __future__ import annotations
 
 import array
+import collections
 import json
 import os
 import select
@@ -545,6 +546,46 @@ def test_a_silent_client_does_not_hold_up_accept(listener, monkeypatch):
         assert silent.recv(1) == b""
     finally:
         silent.close()
+
+
+def test_pollers_never_report_a_client_accept_cannot_take(listener):
+    """A client that connected but whose hello is not there yet is not a
+    readable listener: select/poll/epoll/selectors say readable only when
+    a non-blocking accept() succeeds (a selectors server that trusts its
+    selector would otherwise die of BlockingIOError)."""
+    import selectors
+    import shrimpio.patch
+    listener.setblocking(False)
+    silent = _silent_client(listener)
+    shrimpio.patch.enable()
+    try:
+        for check in (lambda: select.select([listener], [], [], 0.05)[0],
+                      lambda: _poll_once(select.poll, listener, 50),
+                      lambda: _poll_once(select.epoll, listener, 0.05)):
+            assert not check()
+        with selectors.DefaultSelector() as sel:
+            sel.register(listener, selectors.EVENT_READ)
+            assert sel.select(0.05) == []
+            cli = connect(listener.getsockname())
+            assert sel.select(5)                        # a real client: ready,
+            srv, _ = listener.accept()                  # and accept() takes it at once
+            exchange(cli, srv)
+            cli.close()
+            srv.close()
+        assert listener._lst.ready == collections.deque()
+    finally:
+        shrimpio.patch.disable()
+        silent.close()
+
+
+def _poll_once(kind, sock, timeout):
+    p = kind()
+    p.register(sock.fileno(), select.POLLIN)
+    try:
+        return p.poll(timeout)
+    finally:
+        if hasattr(p, "close"):
+            p.close()
 
 
 def test_silent_clients_waiting_are_bounded(listener, monkeypatch):

@@ -2,252 +2,49 @@
 
 ``Loop`` subclasses ``uvloop.Loop``.  Where a connection can go over shared
 memory (the decision is :mod:`shrimpio._route`'s, made by the socket layer's
-connect), it builds a :class:`ShmTransport`; everything else is uvloop's
-own, unchanged.  A server listens with a shrimpio listener socket: uvloop
-serves its TCP side, and the loop watches its registry socket for
-shared-memory clients.
+connect), it builds a :class:`ShmTransport`; connections on kernel TCP get
+uvloop's own transport, on a socket the shrimpio layer owns so that they
+report their path and why (:mod:`._fallback`).  Servers are
+:class:`._server.Server`; the ``sock_*`` calls and sendfile are in
+:mod:`._sock`, the fd callbacks (``add_reader`` ...) in :mod:`._watch`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import errno
+import functools
 import socket as _std
 import sys
-import time
 import warnings
-from asyncio import sslproto, trsock
+from asyncio import sslproto
 from typing import Any, Awaitable, Callable, Optional
 
 import uvloop
 
+from .. import _route
+from .. import socket as _ss
 from ..socket import socket as ShmSocket
-from . import _fallback
+from . import _fallback, _watch
+from ._server import Server
+from ._sock import SockMixin, is_shm, take_twin, tcp_reason
 from ._transport import ShmTransport
 
 __all__ = ["Loop", "new_event_loop", "run", "EventLoopPolicy", "install"]
 
 
-#: create_connection keywords the shrimpio path handles; with others
-#: (happy_eyeballs_delay, interleave...) uvloop connects on its own.
-_OUR_KW = {"ssl_handshake_timeout", "ssl_shutdown_timeout"}
-_ACCEPT_RETRY_DELAY = 1.0
+class Loop(SockMixin, _watch.WatchMixin, uvloop.Loop):
+    """``uvloop.Loop`` that runs shrimpio connections over shared memory."""
 
-
-def _is_shm(sock: Any) -> bool:
-    return isinstance(sock, ShmSocket) and sock._shm is not None
-
-
-class _Server(asyncio.AbstractServer):
-    """A server on shrimpio listener sockets: their registry sockets for
-    shared-memory clients, their kernel sockets for TCP clients.  Both are
-    accepted here, so that every connection is a shrimpio socket that knows
-    its path and why; TCP ones are then driven by uvloop's transports
-    (:mod:`._fallback`)."""
-
-    def __init__(self, loop: "Loop", listeners: list, factory: Callable, ssl: Any,
-                 ssl_handshake_timeout: Any, ssl_shutdown_timeout: Any, backlog: int = 100) -> None:
-        self._loop = loop
-        self._backlog = backlog
-        self._listeners = listeners
-        self._factory = factory
-        self._ssl = ssl
-        self._hs_timeout = ssl_handshake_timeout
-        self._sd_timeout = ssl_shutdown_timeout
-        self._retry: Optional[asyncio.TimerHandle] = None
-        self._serving = False
-        self._watching = False        # readers on the listeners are installed
-        # Shared-memory clients whose hello is late (see _accept.Listener):
-        # fd -> its listener, watched until the hello comes or time runs out.
-        self._late: dict[int, Any] = {}
-        self._late_timer: Optional[asyncio.TimerHandle] = None
-        self._closed = False
-        self._active = 0
-        self._waiters: list = []
-        self._serving_forever: Optional[asyncio.Future] = None
-
-    def _attach(self) -> None:
-        self._active += 1
-
-    def _detach(self) -> None:
-        self._active -= 1
-        if self._active == 0 and self._closed:
-            self._wake()
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    def is_serving(self) -> bool:
-        return self._serving
-
-    @property
-    def sockets(self) -> tuple:
-        return tuple(trsock.TransportSocket(s) for s in self._listeners if s.fileno() >= 0)
-
-    async def start_serving(self) -> None:
-        if self._serving or self._closed:
-            return
-        self._serving = True
-        # As uvloop and asyncio, a server made with start_serving=False is
-        # bound but not listening: connections are refused until it serves
-        # (listen() also publishes the registry entry; a no-op repeat for a
-        # listener passed as sock=).
-        for lsock in self._listeners:
-            lsock.listen(self._backlog)
-        self._watch()
-
-    def _watch(self) -> None:
-        self._retry = None
-        for lsock in self._listeners:
-            self._loop.add_reader(lsock.fileno(), self._accept_tcp, lsock)
-            if lsock._lst is not None:
-                self._loop.add_reader(lsock._lst.usock.fileno(), self._accept_shm, lsock)
-        self._watching = True
-
-    def _unwatch(self) -> None:
-        self._unwatch_late()
-        if not self._watching:
-            return
-        self._watching = False
-        for lsock in self._listeners:
-            if lsock.fileno() >= 0:
-                self._loop.remove_reader(lsock.fileno())
-            if lsock._lst is not None:
-                self._loop.remove_reader(lsock._lst.usock.fileno())
-
-    def _accept_tcp(self, lsock: Any) -> None:
-        for _ in range(self._backlog):
-            try:
-                fd, addr = lsock._accept_nowait()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of a resource: as asyncio, stop accepting for a
-                    # second rather than spin on a listener that stays readable.
-                    self._loop.call_exception_handler({
-                        "message": "socket.accept() out of system resource", "exception": exc,
-                        "socket": trsock.TransportSocket(lsock)})
-                    self._unwatch()
-                    self._retry = self._loop.call_later(_ACCEPT_RETRY_DELAY, self._watch)
-                return                       # ECONNABORTED and the like: the next one
-            sock = lsock._kernel_accepted(fd, addr)
-            self._loop.create_task(self._loop._serve_tcp(sock, self._factory, self._ssl, self,
-                                                          self._hs_timeout, self._sd_timeout))
-
-    def _accept_shm(self, lsock: Any) -> None:
-        # The late clients' readers go first: accepting may close their fds.
-        self._unwatch_late()
-        try:
-            for _ in range(64):
-                lst = lsock._lst
-                if lst is None:
-                    return
-                try:
-                    got = lsock._accept_shm(lst)
-                except OSError as exc:
-                    self._loop.call_exception_handler({"message": "shrimpio accept failed",
-                                                       "exception": exc})
-                    return
-                if got is None:
-                    return
-                conn, _addr = got
-                conn.setblocking(False)
-                self._loop.create_task(self._loop._serve_shm(conn, self._factory, self._ssl, self,
-                                                              self._hs_timeout, self._sd_timeout))
-        finally:
-            if self._watching:
-                self._watch_late()
-
-    def _watch_late(self) -> None:
-        """Readers on the clients whose hello is late, and a timer for the
-        first one's time running out (an accept then drops it)."""
-        first = None
-        for lsock in self._listeners:
-            lst = lsock._lst
-            if lst is None or not lst.waiting:
-                continue
-            for fd in lst.waiting:
-                self._late[fd] = lsock
-                self._loop.add_reader(fd, self._accept_shm, lsock)
-            d = lst.next_deadline()
-            if d is not None and (first is None or d < first[0]):
-                first = (d, lsock)
-        if first is not None:
-            delay = max(0.0, first[0] - time.monotonic()) + 0.001
-            self._late_timer = self._loop.call_later(delay, self._accept_shm, first[1])
-
-    def _unwatch_late(self) -> None:
-        for fd in self._late:
-            self._loop.remove_reader(fd)
-        self._late.clear()
-        if self._late_timer is not None:
-            self._late_timer.cancel()
-            self._late_timer = None
+    def __init__(self) -> None:
+        super().__init__()
+        self._watch_init()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._serving = False
-        self._unwatch()
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        for lsock in self._listeners:
-            lsock.close()
-        if self._serving_forever is not None and not self._serving_forever.done():
-            self._serving_forever.cancel()
-        if self._active == 0:
-            self._wake()
-
-    async def wait_closed(self) -> None:
-        # As uvloop's Server (and asyncio's before 3.12): called after
-        # close(), return at once, active connections or not; called before,
-        # wait for close() and then for the last connection.  (Waiting for
-        # shared-memory connections only would make a server that uvloop
-        # closes at once hang on its keep-alive clients.)
-        if self._closed:
-            return
-        w = self._loop.create_future()
-        self._waiters.append(w)
-        await w
-
-    async def serve_forever(self) -> None:
-        if self._serving_forever is not None:
-            raise RuntimeError(f"server {self!r} is already being awaited on serve_forever()")
-        if self._closed:
-            raise RuntimeError(f"server {self!r} is closed")
-        await self.start_serving()
-        self._serving_forever = self._loop.create_future()
-        try:
-            await self._serving_forever
-        except asyncio.CancelledError:
-            try:
-                self.close()
-                await self.wait_closed()
-            finally:
-                raise
-        finally:
-            self._serving_forever = None
-
-    async def __aenter__(self) -> "_Server":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        self.close()
-        await self.wait_closed()
-
-
-class Loop(uvloop.Loop):
-    """``uvloop.Loop`` that runs shrimpio connections over shared memory."""
+        super().close()
+        self._watch_close()
+        if self._twin_timer is not None:
+            self._twin_timer.cancel()
+            self._twin_timer = None
 
     # -- building transports ----------------------------------------------
 
@@ -313,7 +110,10 @@ class Loop(uvloop.Loop):
     async def create_connection(self, protocol_factory: Callable, host: Any = None, port: Any = None,
                                 *, ssl: Any = None, family: int = 0, proto: int = 0, flags: int = 0,
                                 sock: Any = None, local_addr: Any = None,
-                                server_hostname: Optional[str] = None, **kw: Any) -> tuple:
+                                server_hostname: Optional[str] = None,
+                                ssl_handshake_timeout: Any = None, ssl_shutdown_timeout: Any = None,
+                                happy_eyeballs_delay: Optional[float] = None,
+                                interleave: Optional[int] = None, all_errors: bool = False) -> tuple:
         # uvloop's argument checks, made first: the shared-memory path must
         # refuse what uvloop refuses (a missing server_hostname would
         # otherwise leave the TLS handshake waiting forever).
@@ -321,45 +121,58 @@ class Loop(uvloop.Loop):
             raise ValueError("server_hostname is only meaningful with ssl")
         if server_hostname is None and ssl and not host:
             raise ValueError("You must set server_hostname when using ssl without a host")
-        _check_ssl_timeouts(ssl, kw)
+        tls = {"ssl_handshake_timeout": ssl_handshake_timeout,
+               "ssl_shutdown_timeout": ssl_shutdown_timeout}
+        _check_ssl_timeouts(ssl, tls)
         if sock is not None and (host is not None or port is not None):
             raise ValueError("host/port and sock can not be specified at the same time")
-        if sock is None and host is not None and port is not None and not set(kw) - _OUR_KW:
-            sock = await self._connect(host, port, family, proto, flags, local_addr)
-            hostname = server_hostname or (host if ssl else None)
+        if sock is None:
+            if host is not None and port is not None:
+                # happy_eyeballs_delay and interleave (asyncio's; uvloop has
+                # neither) are served here too: every socket is shrimpio's.
+                sock = await self._connect(host, port, family, proto, flags, local_addr,
+                                           happy_eyeballs_delay, interleave, all_errors)
             if sock is None:
-                pass                 # unresolvable: uvloop raises its own error below
-            elif sock._shm is not None:
-                return await self._make_shm_transport(
-                    sock, protocol_factory, ssl, server_hostname=hostname,
-                    ssl_handshake_timeout=kw.get("ssl_handshake_timeout"),
-                    ssl_shutdown_timeout=kw.get("ssl_shutdown_timeout"))
-            else:
-                # Kernel TCP: uvloop's transport on a socket we own (see _fallback).
-                handed = _fallback.handoff(sock)
-                try:
-                    return await super().create_connection(
-                        protocol_factory, ssl=ssl, sock=handed, server_hostname=hostname, **kw)
-                except BaseException:
-                    handed.close()
-                    raise
-        elif sock is not None and (_is_shm(sock) or _adoptable(sock)):
-            if not isinstance(sock, ShmSocket):     # a stdlib socket connected by sock_connect
-                sock = ShmSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-            sock.setblocking(False)
-            return await self._make_shm_transport(
-                sock, protocol_factory, ssl, server_hostname=server_hostname,
-                ssl_handshake_timeout=kw.get("ssl_handshake_timeout"),
-                ssl_shutdown_timeout=kw.get("ssl_shutdown_timeout"))
-        return await super().create_connection(
-            protocol_factory, host, port, ssl=ssl, family=family, proto=proto, flags=flags, sock=sock,
-            local_addr=local_addr, server_hostname=server_hostname, **kw)
+                # No host or port, or a name that does not resolve: uvloop
+                # raises its own error.
+                return await super().create_connection(
+                    protocol_factory, host, port, ssl=ssl, family=family, proto=proto, flags=flags,
+                    local_addr=local_addr, server_hostname=server_hostname, **tls)
+            if ssl and server_hostname is None:
+                server_hostname = host
+        return await self._on_socket(protocol_factory, sock, ssl, False, server_hostname, tls)
+
+    async def _on_socket(self, factory: Callable, sock: Any, ssl: Any, server_side: bool,
+                         server_hostname: Optional[str], tls: dict) -> tuple:
+        """A transport for a connected socket: ours over shared memory, else
+        uvloop's (on a socket the shrimpio layer owns, for the report)."""
+        shm = _shm_of(sock)
+        if shm is not None:
+            shm.setblocking(False)
+            return await self._make_shm_transport(shm, factory, ssl, server_side=server_side,
+                                                  server_hostname=server_hostname, **tls)
+        owner = _kernel_owner(sock)
+        if owner is None:               # not TCP (a Unix socket...): uvloop's alone
+            handed = sock
+        else:
+            handed = _fallback.handoff(owner)
+        try:
+            if server_side:
+                return await super().connect_accepted_socket(factory, handed, ssl=ssl, **tls)
+            return await super().create_connection(factory, ssl=ssl, sock=handed,
+                                                   server_hostname=server_hostname, **tls)
+        except BaseException:
+            if owner is not None:
+                handed.close()
+            raise
 
     async def _connect(self, host: Any, port: Any, family: int, proto: int, flags: int,
-                       local_addr: Any) -> Any:
+                       local_addr: Any, delay: Optional[float] = None,
+                       interleave: Optional[int] = None, all_errors: bool = False) -> Any:
         """A connected shrimpio socket (over shared memory where the route
-        allows, else kernel TCP), trying the addresses in order as asyncio
-        does; None if a name does not resolve (uvloop then says why)."""
+        allows, else kernel TCP), trying the addresses as asyncio does (in
+        order, or staggered by ``delay``); None if a name does not resolve
+        (uvloop then says why)."""
         try:
             infos = await self.getaddrinfo(host, port, family=family, type=_std.SOCK_STREAM,
                                            proto=proto, flags=flags)
@@ -367,39 +180,56 @@ class Loop(uvloop.Loop):
                 *local_addr, family=family, type=_std.SOCK_STREAM, proto=proto, flags=flags)
         except OSError:
             return None
-        errors: list = []
-        for fam, typ, prt, _canon, addr in infos:
-            if fam not in (_std.AF_INET, _std.AF_INET6):
-                continue
-            sock = ShmSocket(fam, typ, prt)
-            try:
-                sock.setblocking(False)
-                if local_infos is not None:
-                    _bind_local(sock, fam, local_infos)
-                await self.sock_connect(sock, addr)
-                return sock
-            except OSError as exc:
-                sock.close()
-                errors.append(exc)
-            except BaseException:
-                sock.close()
-                raise
-        if not errors:
+        infos = [i for i in infos if i[0] in (_std.AF_INET, _std.AF_INET6)]
+        if not infos:
             return None
+        if delay is not None and interleave is None:
+            interleave = 1
+        if interleave:
+            infos = _interleave(infos, interleave)
+        errors: list = []
+        if delay is None:
+            for info in infos:
+                sock = await self._connect_one(info, local_infos, errors)
+                if sock is not None:
+                    return sock
+        else:
+            from asyncio import staggered
+            sock, _, _ = await staggered.staggered_race(
+                [functools.partial(self._connect_one, info, local_infos, errors) for info in infos],
+                delay)
+            if sock is not None:
+                return sock
+        if all_errors:
+            raise ExceptionGroup("create_connection failed", errors)
         if len(errors) == 1 or all(str(e) == str(errors[0]) for e in errors):
             raise errors[0]
         raise OSError("Multiple exceptions: {}".format(", ".join(str(e) for e in errors)))
 
-    async def connect_accepted_socket(self, protocol_factory: Callable, sock: Any, *, ssl: Any = None,
-                                      **kw: Any) -> tuple:
-        if _is_shm(sock):
-            _check_ssl_timeouts(ssl, kw)           # as uvloop's
+    async def _connect_one(self, info: tuple, local_infos: Any, errors: list) -> Any:
+        fam, typ, prt, _canon, addr = info
+        sock = ShmSocket(fam, typ, prt)
+        try:
             sock.setblocking(False)
-            return await self._make_shm_transport(
-                sock, protocol_factory, ssl, server_side=True,
-                ssl_handshake_timeout=kw.get("ssl_handshake_timeout"),
-                ssl_shutdown_timeout=kw.get("ssl_shutdown_timeout"))
-        return await super().connect_accepted_socket(protocol_factory, sock, ssl=ssl, **kw)
+            if local_infos is not None:
+                _bind_local(sock, fam, local_infos)
+            await self.sock_connect(sock, addr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+            return None
+        except BaseException:
+            sock.close()
+            raise
+
+    async def connect_accepted_socket(self, protocol_factory: Callable, sock: Any, *, ssl: Any = None,
+                                      ssl_handshake_timeout: Any = None,
+                                      ssl_shutdown_timeout: Any = None) -> tuple:
+        tls = {"ssl_handshake_timeout": ssl_handshake_timeout,
+               "ssl_shutdown_timeout": ssl_shutdown_timeout}
+        _check_ssl_timeouts(ssl, tls)               # as uvloop's
+        return await self._on_socket(protocol_factory, sock, ssl, True, None, tls)
 
     # -- server side -----------------------------------------------------------
 
@@ -411,6 +241,8 @@ class Loop(uvloop.Loop):
                             start_serving: bool = True) -> Any:
         _check_ssl_timeouts(ssl, {"ssl_handshake_timeout": ssl_handshake_timeout,
                                   "ssl_shutdown_timeout": ssl_shutdown_timeout})
+        if sock is None and host is None and port is None:
+            raise ValueError("Neither host/port nor sock were specified")      # as uvloop
         if sock is not None:
             if not isinstance(sock, ShmSocket) or sock.type & 0xF != _std.SOCK_STREAM:
                 return await super().create_server(
@@ -421,7 +253,7 @@ class Loop(uvloop.Loop):
         else:
             listeners = await self._listeners(host, port, family, flags, backlog, reuse_address,
                                               reuse_port)
-        server = _Server(self, listeners, protocol_factory, ssl, ssl_handshake_timeout,
+        server = Server(self, listeners, protocol_factory, ssl, ssl_handshake_timeout,
                          ssl_shutdown_timeout, backlog)
         for lsock in listeners:
             lsock.setblocking(False)
@@ -460,93 +292,6 @@ class Loop(uvloop.Loop):
                 s.close()
             raise
         return listeners
-
-    # -- sock_* ------------------------------------------------------------------
-
-    async def _shm_wait(self, sock: Any, writable: bool) -> None:
-        """Wait until a shm socket's ring is readable (or writable)."""
-        from .._fastpath import drain_bell, ring_arm
-        conn = sock._shm
-        ring = conn.tx if writable else conn.rx
-        if ring_arm(ring, writable) or conn.gone:
-            return
-        fd = conn.space.fileno() if writable else conn.bell_fd
-        fut = self.create_future()
-        self.add_reader(fd, _done, fut)
-        try:
-            await fut
-        finally:
-            self.remove_reader(fd)
-            if drain_bell(fd):
-                conn.gone = True
-
-    async def sock_recv(self, sock: Any, n: int) -> bytes:
-        if not _is_shm(sock):
-            return await super().sock_recv(sock, n)
-        while True:
-            try:
-                return sock._shm.stream.recv(n, 0, 0.0)
-            except BlockingIOError:
-                if sock._shm.gone:
-                    return b""
-                await self._shm_wait(sock, False)
-
-    async def sock_recv_into(self, sock: Any, buf: Any) -> int:
-        if not _is_shm(sock):
-            return await super().sock_recv_into(sock, buf)
-        while True:
-            try:
-                return sock._shm.stream.recv_into(buf, 0, 0, 0.0)
-            except BlockingIOError:
-                if sock._shm.gone:
-                    return 0
-                await self._shm_wait(sock, False)
-
-    async def sock_sendall(self, sock: Any, data: Any) -> None:
-        if not _is_shm(sock):
-            return await super().sock_sendall(sock, data)
-        view = memoryview(data).cast("B")
-        while view:
-            try:
-                n = sock._shm.stream.send(view, 0, 0.0)
-            except BlockingIOError:
-                n = 0
-            view = view[n:]
-            if view:
-                if n == 0 and sock._shm.gone:
-                    # The peer died without shutting the ring: no room will
-                    # ever come, and _shm_wait returns at once (a busy loop
-                    # that never yields).  EPIPE, as TCP after a reset.
-                    raise BrokenPipeError(errno.EPIPE, "Broken pipe")
-                await self._shm_wait(sock, True)
-
-    async def sock_connect(self, sock: Any, address: Any) -> None:
-        if isinstance(sock, ShmSocket) and sock._is_tcp() and sock._shm is None and sock._lst is None:
-            if sock._try_shm(address):
-                return
-        elif _plain_tcp(sock) and _connect_plain_over_shm(sock, address):
-            return
-        return await super().sock_connect(sock, address)
-
-    async def sock_accept(self, sock: Any) -> tuple:
-        if not isinstance(sock, ShmSocket) or sock._lst is None:
-            return await super().sock_accept(sock)
-        while True:
-            try:
-                conn, addr = sock.accept()
-                conn.setblocking(False)
-                return conn, addr
-            except BlockingIOError:
-                pass
-            fut = self.create_future()
-            fds = sock._accept_fds()
-            for fd in fds:
-                self.add_reader(fd, _done, fut)
-            try:
-                await fut
-            finally:
-                for fd in fds:
-                    self.remove_reader(fd)
 
     # -- TLS ---------------------------------------------------------------------
 
@@ -592,54 +337,64 @@ def _bind_local(sock: Any, family: int, local_infos: list) -> None:
     raise error or OSError(f"no matching local address with family={family} found")
 
 
+def _shm_of(sock: Any) -> Optional[ShmSocket]:
+    """The shrimpio socket over shared memory that ``sock`` stands for: itself,
+    the twin of a stdlib socket connected by ``sock_connect`` (adopted), or
+    a stdlib socket on the fd of a detached shrimpio connection."""
+    if is_shm(sock):
+        return sock
+    if not isinstance(sock, _std.socket) or isinstance(sock, ShmSocket) or sock.fileno() < 0:
+        return None
+    twin = take_twin(sock)
+    if twin is not None:
+        return twin
+    try:
+        detached = _ss._inode(sock.fileno()) in _ss._detached
+    except OSError:
+        return None
+    if detached:
+        return ShmSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    return None
+
+
+def _kernel_owner(sock: Any) -> Optional[ShmSocket]:
+    """The shrimpio socket that owns (and reports) a kernel TCP connection
+    given to the loop: a shrimpio socket on kernel TCP is its own; a stdlib
+    one is taken over (its object is detached).  None if not TCP."""
+    if isinstance(sock, ShmSocket):
+        return sock if sock._is_tcp() and sock._lst is None else None
+    if not isinstance(sock, _std.socket) or sock.fileno() < 0 \
+            or sock.family not in (_std.AF_INET, _std.AF_INET6) \
+            or sock.type & 0xF != _std.SOCK_STREAM:
+        return None
+    route = tcp_reason(sock) or _route.Route(_route.TCP, "kernel socket given to the loop (sock=)")
+    owner = ShmSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    owner._route = route
+    return owner
+
+
+def _interleave(infos: list, first_family_count: int) -> list:
+    """Addresses by family, alternating (``first_family_count`` of the first
+    family first), as asyncio's ``interleave``."""
+    by_family: dict = {}
+    for info in infos:
+        by_family.setdefault(info[0], []).append(info)
+    lists = list(by_family.values())
+    out: list = []
+    if first_family_count > 1 and lists:
+        out += lists[0][:first_family_count - 1]
+        lists[0] = lists[0][first_family_count - 1:]
+    while any(lists):
+        for lst in lists:
+            if lst:
+                out.append(lst.pop(0))
+    return out
+
+
 def _check_ssl_timeouts(ssl: Any, kw: dict) -> None:
     for name in ("ssl_handshake_timeout", "ssl_shutdown_timeout"):
         if kw.get(name) is not None and not ssl:
             raise ValueError(f"{name} is only meaningful with ssl")
-
-
-def _plain_tcp(sock: Any) -> bool:
-    """A stdlib (not shrimpio) TCP socket, not yet connected."""
-    return (isinstance(sock, _std.socket) and not isinstance(sock, ShmSocket)
-            and sock.family in (_std.AF_INET, _std.AF_INET6)
-            and sock.type & 0xF == _std.SOCK_STREAM and sock.fileno() >= 0)
-
-
-def _connect_plain_over_shm(sock: Any, address: Any) -> bool:
-    """Connect a stdlib socket over shared memory if the route allows.
-
-    Libraries that make their own sockets (aiohttp's happy eyeballs) hand
-    the loop a stdlib ``socket.socket``; the shrimpio loop should not need
-    the patch for them.  A shrimpio socket on a dup of the fd does the
-    handshake, the control socket is then put on the caller's fd too, and the
-    connection waits (as a detached one) for ``create_connection(sock=...)``
-    to adopt it by the fd's inode."""
-    twin = ShmSocket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
-    try:
-        twin.setblocking(False)
-        if not twin._try_shm(address):
-            return False
-        os.dup2(twin.fileno(), sock.fileno(), inheritable=False)
-        os.close(twin.detach())       # the connection now lives on the caller's fd
-        return True
-    finally:
-        twin.close()
-
-
-def _adoptable(sock: Any) -> bool:
-    """A stdlib socket whose fd holds a detached shrimpio connection."""
-    if isinstance(sock, ShmSocket) or not isinstance(sock, _std.socket) or sock.fileno() < 0:
-        return False
-    from .. import socket as _ss
-    try:
-        return _ss._inode(sock.fileno()) in _ss._detached
-    except OSError:
-        return False
-
-
-def _done(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 def new_event_loop() -> Loop:

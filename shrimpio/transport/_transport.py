@@ -24,13 +24,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import socket as _std
 from asyncio import trsock
 from typing import Any, Optional
+
+import uvloop
 
 from .._fastpath import LoopPoller, TransportCore, drain_bell, ring_arm
 from ..socket import info as _info
 
 __all__ = ["ShmTransport"]
+
+# The transport's own readers on its doorbells: uvloop's methods, not the
+# shrimpio loop's add_reader (which serves callbacks of the program, see _watch).
+_add_reader = uvloop.Loop.add_reader
+_remove_reader = uvloop.Loop.remove_reader
 
 def _core_field(name: str) -> property:
     """A transport attribute kept in its TransportCore (the C fast path
@@ -79,6 +87,12 @@ class ShmTransport(asyncio.Transport):
         self._low = 16 * 1024
         self._final_info: Optional[dict] = None
         self._set_protocol(protocol)
+        # As uvloop and asyncio on every TCP transport (kept by the socket
+        # for getsockopt: there is no Nagle over shared memory).
+        sock.setsockopt(_std.IPPROTO_TCP, _std.TCP_NODELAY, 1)
+        transports = getattr(loop, "_shm_transports", None)
+        if transports is not None:
+            transports[id(conn)] = self     # its fd is "used by transport"
         if server is not None:
             server._attach()
         loop.call_soon(self._protocol.connection_made, self)
@@ -90,7 +104,10 @@ class ShmTransport(asyncio.Transport):
 
     def _set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
-        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        # uvloop's rule: a protocol with get_buffer() that is not an
+        # asyncio.Protocol is buffered, whatever its base class.
+        self._buffered = (hasattr(protocol, "get_buffer") and hasattr(protocol, "buffer_updated")
+                          and not isinstance(protocol, asyncio.Protocol))
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._set_protocol(protocol)
@@ -137,14 +154,14 @@ class ShmTransport(asyncio.Transport):
         if self._closing or self._paused or self._read_eof:
             return
         if not self._reader_on:
-            self._loop.add_reader(self._bell, self._on_bell)
+            _add_reader(self._loop, self._bell, self._on_bell)
             self._reader_on = True
         self._core.activate()
 
     def _stop_reader(self) -> None:
         if self._reader_on:
             self._reader_on = False
-            self._loop.remove_reader(self._bell)
+            _remove_reader(self._loop, self._bell)
 
     def _on_bell(self) -> None:
         if drain_bell(self._bell):
@@ -201,7 +218,7 @@ class ShmTransport(asyncio.Transport):
             self._schedule_write()
             return
         self._writer_on = True
-        self._loop.add_reader(self._space, self._on_space)
+        _add_reader(self._loop, self._space, self._on_space)
 
     def _schedule_write(self) -> None:
         if not self._write_scheduled:
@@ -257,7 +274,7 @@ class ShmTransport(asyncio.Transport):
     def _stop_writer(self) -> None:
         if self._writer_on:
             self._writer_on = False
-            self._loop.remove_reader(self._space)
+            _remove_reader(self._loop, self._space)
 
     def can_write_eof(self) -> bool:
         return True
@@ -361,6 +378,11 @@ class ShmTransport(asyncio.Transport):
                 self._final_info = _info(self._sock)
             self._sock.close()
             self._sock = None
+            # As asyncio's and uvloop's transports: the protocol goes (the
+            # transport and its C core refer to each other; the protocol,
+            # an SSLProtocol with its context say, must not wait for the
+            # cycle collector).
+            self._protocol = None
             server, self._server = self._server, None
             if server is not None:
                 server._detach()
