@@ -40,7 +40,9 @@ here with the same results:
   first, as OpenSSL's pending-write state does;
 * one thread at a time is in OpenSSL (no call waits while inside it), so a
   reader thread and a writer thread may share the socket; the stdlib's
-  engine does not serialise them, and OpenSSL objects are not thread-safe.
+  engine does not serialise them, and OpenSSL objects are not thread-safe;
+* if the connection's fd escapes to a kernel stream (:mod:`shrimpio._escape`)
+  the engine moves its ciphertext through the socket's fd from then on.
 
 A kernel TCP connection keeps the stdlib's ``ssl.SSLSocket`` and its C
 engine unchanged.  A socket wrapped before ``connect()`` does not yet know
@@ -55,6 +57,7 @@ import socket as _std
 import ssl
 import threading
 import time
+import weakref
 from typing import Any, Optional
 
 from . import socket as _ss
@@ -64,7 +67,9 @@ __all__ = ["SSLSocket", "StdSSLSocket"]
 #: The stdlib's class (what a kernel connection is wrapped in).
 StdSSLSocket = ssl.SSLSocket
 _StdSocket = _ss.StdSocket
-_csocket_detach = _ss._csocket.socket.detach
+_csocket = _ss._csocket.socket
+_csocket_detach = _csocket.detach
+_settimeout = _csocket.settimeout
 _SSLError = ssl.SSLError
 _WantRead = ssl.SSLWantReadError
 _WantWrite = ssl.SSLWantWriteError
@@ -125,7 +130,7 @@ class _Engine:
     shutdown, pending, and the rest by delegation), over MemoryBIOs and the
     connection's rings (see the module docstring)."""
 
-    __slots__ = ("_obj", "_in", "_out", "_stream", "_backlog", "_lock", "_ssl", "_wdone",
+    __slots__ = ("_obj", "_in", "_out", "_conn", "_stream", "_backlog", "_lock", "_ssl", "_wdone",
                  "_need", "_hdr", "_body", "_raw", "_buf", "_view", "_ready")
 
     def __init__(self, sock: "SSLSocket", server_side: bool, hostname: Any, session: Any) -> None:
@@ -135,7 +140,8 @@ class _Engine:
         # with the stdlib's engine.
         self._obj = sock._context._wrap_bio(self._in, self._out, server_side, hostname,
                                             owner=sock, session=session)
-        self._stream = sock._shm.stream
+        self._conn = sock._shm
+        self._stream: Any = self._conn.stream
         self._backlog = b""          # ciphertext not yet in the ring
         self._lock = threading.Lock()  # taking from the out-BIO and pushing it, in order
         # One thread at a time in OpenSSL: a reader thread and a writer
@@ -151,6 +157,17 @@ class _Engine:
         self._buf = bytearray(_HEADER + _RECORD_MAX)
         self._view = memoryview(self._buf)
         self._ready = False          # handshake done, no EOF or close_notify seen
+
+    def _io(self) -> Any:
+        """The connection's stream; if its fd escaped to a kernel stream
+        (shrimpio._escape: the fd was detached or handed to another
+        process), the same calls on the socket's fd, where the escape
+        carries the byte stream on."""
+        conn = self._obj.owner._shm
+        if conn is not self._conn:
+            self._conn = conn
+            self._stream = _Escaped(self._obj.owner) if conn is None else conn.stream
+        return self._stream
 
     # -- the clock of one call --------------------------------------------------------
 
@@ -172,7 +189,7 @@ class _Engine:
         ``deadline`` (then ``TimeoutError(what)``)."""
         if self._in.eof:
             return False
-        recv_into = self._stream.recv_into
+        recv_into = self._io().recv_into
         while True:
             if nonblocking:
                 t: Optional[float] = 0.0
@@ -243,6 +260,7 @@ class _Engine:
         if not self._lock.acquire(wait_lock):
             return
         try:
+            stream = self._io()
             if self._out.pending:
                 out = self._out.read()
                 self._backlog = self._backlog + out if self._backlog else out
@@ -251,7 +269,7 @@ class _Engine:
                 return
             if nonblocking:
                 try:
-                    n = self._stream.send(data, 0, 0.0)
+                    n = stream.send(data, 0, 0.0)
                 except BlockingIOError:
                     n = 0
                 self._backlog = data[n:]
@@ -259,7 +277,7 @@ class _Engine:
                     raise _want_write()
                 return
             if deadline is None:
-                self._stream.sendall(data, 0, None)
+                stream.sendall(data, 0, None)
                 self._backlog = b""
                 return
             view = memoryview(data)
@@ -269,7 +287,7 @@ class _Engine:
                     if t <= 0:
                         raise TimeoutError(what)
                     try:
-                        n = self._stream.send(view, 0, t)
+                        n = stream.send(view, 0, t)
                     except TimeoutError:
                         raise TimeoutError(what) from None
                     view = view[n:]
@@ -445,6 +463,38 @@ class _Engine:
     def __getattr__(self, name: str) -> Any:
         # getpeercert, cipher, version, selected_alpn_protocol, ...: the engine's.
         return getattr(self._obj, name)
+
+
+class _Escaped:
+    """The stream calls of :class:`_Engine` (socket semantics, with a
+    timeout argument) on a socket's own fd: for a connection that escaped
+    to a kernel stream while TLS ran over it.  The socket's timeout is set
+    for the call and put back."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = weakref.ref(sock)     # (the engine belongs to the socket)
+
+    def _call(self, method: Any, timeout: Optional[float], *args: Any) -> Any:
+        sock = self._sock()
+        if sock is None:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        old = sock.gettimeout()
+        _settimeout(sock, timeout)
+        try:
+            return method(sock, *args)
+        finally:
+            _settimeout(sock, old)
+
+    def recv_into(self, buffer: Any, nbytes: int, flags: int, timeout: Optional[float]) -> int:
+        return self._call(_csocket.recv_into, timeout, buffer, nbytes, flags)
+
+    def send(self, data: Any, flags: int, timeout: Optional[float]) -> int:
+        return self._call(_csocket.send, timeout, data, flags)
+
+    def sendall(self, data: Any, flags: int, timeout: Optional[float]) -> None:
+        self._call(_csocket.sendall, timeout, data, flags)
 
 
 def _nonempty(buffer: Any) -> bool:

@@ -746,3 +746,31 @@ def test_module_wrap_socket(mode, certs):
             check_path(s, mode)
             s.sendall(b"echo\nping")
             assert recv_exact(s, 4) == b"ping"
+
+
+def test_escaped_fd_keeps_tls(certs):
+    """Under the patch, a TLS-over-shm socket whose fd is given to a child
+    process escapes to a kernel stream (shrimpio._escape); TLS carries on
+    over it, and the server's side of the connection stays on shared
+    memory."""
+    with tls_server("shm", certs) as srv:
+        patch.enable()
+        try:
+            with connect(srv.port, certs) as s:
+                check_path(s, "shm")
+                s.sendall(b"echo\nping")
+                assert recv_exact(s, 4) == b"ping"
+                subprocess.run([sys.executable, "-c", "pass"], pass_fds=[s.fileno()], check=True,
+                               timeout=DEADLINE)
+                info = shrimpio.info(s)
+                assert (info["path"], info["reason"]) == ("tcp", "fd escaped: fd given to a child process")
+                payload = os.urandom(100_000)
+                s.sendall(payload)
+                assert recv_exact(s, len(payload)) == payload
+                s.settimeout(0.2)
+                with pytest.raises(TimeoutError, match="^The read operation timed out$"):
+                    s.recv(10)
+                assert s.gettimeout() == 0.2
+        finally:
+            patch.disable()
+        check_server_report(srv, "shm", 1)
