@@ -16,6 +16,11 @@ Python children inherit the patch: :func:`enable` puts a directory with a
 ``sitecustomize.py`` on ``PYTHONPATH`` and sets ``SHRIMPIO_PATCH=1``
 (``subprocess``, ``multiprocessing`` with spawn or forkserver; forked
 children share the patched modules anyway).
+
+TLS: ``ssl.SSLContext.sslsocket_class`` becomes :class:`shrimpio._tls.SSLSocket`
+(a subclass of ``ssl.SSLSocket``), so ``wrap_socket`` of a shared-memory
+connection runs TLS over its rings; kernel connections keep the stdlib's
+class.  Being a class attribute, it reaches contexts made before the patch.
 """
 
 from __future__ import annotations
@@ -75,9 +80,23 @@ def enable() -> None:
     if hasattr(_selectors, "EpollSelector"):
         _selectors.EpollSelector._selector_cls = _poll.epoll
     _fdhooks.install()
+    _install_ssl()
     _install_loop_policy()
     _saved_env.update({k: os.environ.get(k) for k in ("PYTHONPATH", "SHRIMPIO_PATCH")})
     child_environment(os.environ)
+
+
+def _install_ssl() -> None:
+    """``SSLContext.wrap_socket`` of a shrimpio socket makes shrimpio's
+    ``SSLSocket`` (unless a program already put its own class there)."""
+    try:
+        import ssl
+    except ImportError:          # a Python built without OpenSSL
+        return
+    from . import _tls
+    if ssl.SSLContext.sslsocket_class is _tls.StdSSLSocket:
+        _saved[(ssl.SSLContext, "sslsocket_class")] = _tls.StdSSLSocket
+        ssl.SSLContext.sslsocket_class = _tls.SSLSocket
 
 
 def _install_loop_policy() -> None:
