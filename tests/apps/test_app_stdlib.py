@@ -12,9 +12,6 @@ from apprunner import Apps, appdata, assert_shm, need
 pytestmark = [pytest.mark.apps]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ssl's C record layer reads and writes the connection's fd (the doorbell), not the ring: "
-    "the handshake times out with 0 bytes through the rings"))
 @pytest.mark.timeout(60)
 def test_blocking_tls_echo(tmp_path):
     need("trustme")
