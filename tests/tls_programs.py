@@ -17,7 +17,8 @@ def pattern(n):
 '''
 
 #: A threaded TLS server; each connection's first line (over TLS) says what
-#: to do with it: ``echo`` (echo until EOF), ``lines`` (echo lines through
+#: to do with it: ``echo`` (echo until EOF), ``sink N`` (read N bytes, then
+#: send them back), ``lines`` (echo lines through
 #: makefile), ``stall`` (never read again), ``unwrap`` (say so, unwrap, then
 #: answer one plain line), ``await-close`` (echo one read, wait for the
 #: client's close_notify, answer it, then wait for EOF).  ``TLS_MUTE=1``: no TLS at
@@ -67,6 +68,15 @@ def serve(conn):
                     if not data:
                         break
                     s.sendall(data)
+            elif cmd.startswith(b"sink "):
+                n = int(cmd.split()[1])
+                got = bytearray()
+                while len(got) < n:
+                    data = s.recv(65536)
+                    if not data:
+                        break
+                    got += data
+                s.sendall(got)
             elif cmd == b"lines":
                 with s.makefile("rwb") as f:
                     for text in f:
