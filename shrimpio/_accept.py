@@ -236,8 +236,10 @@ def accept_shm(sock: Any, lst: Listener, bare: bool) -> "tuple[Any, Any] | None"
             if new is not None:
                 new.detach()
             os.close(fd)
-            if isinstance(exc, (OSError, _control.ProtocolError)):
-                continue            # a prober or a broken client: not a connection
+            if isinstance(exc, Exception) and not isinstance(exc, MemoryError):
+                # A prober or a broken or hostile client, whatever is wrong
+                # in its hello: not a connection.  It alone is dropped.
+                continue
             raise
         conn.local = addr_tuple(family, server)
         conn.peer = addr_tuple(family, client)
@@ -256,7 +258,12 @@ def accept_hello(bell: int, data: bytes, msg_flags: int, fds: list[int],
     """Check a client's hello (as :func:`~shrimpio._fastpath.stream_accept`
     received it) and map its segment: (connection, client address, server
     address).  Anything malformed raises ``ProtocolError`` (or OSError)
-    after closing ``bell`` and the fds."""
+    after closing ``bell`` and the fds.
+
+    Every fd is checked before use: the segment must be a sealed memfd
+    (one that may be truncated under us would kill us with SIGBUS), the
+    space doorbell a connected Unix seqpacket socket (``space_ok``)."""
+    seg = space = None
     try:
         payload = _control.datagram_payload(data, msg_flags, fds)
         m = HELLO_RE.fullmatch(payload)
@@ -280,30 +287,31 @@ def accept_hello(bell: int, data: bytes, msg_flags: int, fds: list[int],
             raise _control.ProtocolError("space doorbell is not a Unix seqpacket socket")
         fd0, fds[0] = fds[0], -1
         try:
-            seg = Segment.from_fd(fd0, size, keep_fd=False)    # closes fd0 on failure
-        except ValueError as exc:    # not a shared memory object, or too small
+            # Closes fd0 on failure; refuses any segment not sealed against
+            # shrinking, whatever this process's own SHRIMPIO_SEGMENT.
+            seg = Segment.from_fd(fd0, size, keep_fd=False, allow_unsealed=False)
+        except (ValueError, PermissionError) as exc:  # not a sealed memfd, or too small
             raise _control.ProtocolError(f"bad segment in stream hello: {exc}") from None
+        fd1, fds[1] = fds[1], -1
+        try:
+            space = _csocket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fd1)
+        except BaseException:
+            os.close(fd1)
+            raise
+        return Connection(seg, bell, space, client=False, caps=(c2s, s2c)), client, server
     except BaseException:
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
+        if space is not None:
+            space.close()
+        if seg is not None:
+            try:
+                seg.close()
+            except BufferError:         # still used by a ring: unmapped when freed
+                pass
         os.close(bell)
         raise
-    try:
-        space = _csocket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fds[1])
-    except BaseException:
-        os.close(fds[1])
-        os.close(bell)
-        seg.close()
-        raise
-    try:
-        conn = Connection(seg, bell, space, client=False, caps=(c2s, s2c))
-    except BaseException:
-        os.close(bell)
-        seg.close()
-        space.close()
-        raise
-    return conn, client, server
 
 
 def _generic_hello(payload: bytes, fds: list[int]) -> tuple:

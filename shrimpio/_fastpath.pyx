@@ -90,6 +90,7 @@ cdef extern from "<sys/stat.h>" nogil:
     ctypedef struct struct_stat "struct stat":
         unsigned int st_mode
         long st_size
+        long st_blksize
     int fstat(int fd, struct_stat *st)
     bint S_ISREG(unsigned int mode)
 
@@ -277,15 +278,18 @@ cdef class Segment:
         self.mapped = mapped
 
     @staticmethod
-    def from_fd(int fd, size=None, *, bint keep_fd=True, allow_unsealed=None):
+    def from_fd(int fd, size=None, *, bint keep_fd=True, bint allow_unsealed=False):
         """Map a segment received from a peer; takes ownership of ``fd``.
 
         ``size`` is what the peer announced; the file must be at least that
-        large (page-rounded).  A memfd must be sealed against shrinking, or a
-        peer could truncate it under us and crash us with SIGBUS.  Unsealable
-        objects (the ``shm`` fallback) are accepted only if ``allow_unsealed``
-        (default: this process itself uses ``SHRIMPIO_SEGMENT=shm``).
-        ``keep_fd=False`` closes the fd once mapped (the mapping stays).
+        large (page-rounded).  It must be a memfd sealed against shrinking,
+        or a peer could truncate it under us and crash us with SIGBUS
+        (``PermissionError`` otherwise).  Objects that cannot carry seals
+        (``shm_open``'s, made with ``SHRIMPIO_SEGMENT=shm``) are mapped only
+        with ``allow_unsealed=True``: for a peer trusted not to truncate
+        them (a child of ours, a test), never for one met through the
+        registry.  ``keep_fd=False`` closes the fd once mapped (the mapping
+        stays).
         """
         cdef Segment seg = Segment.__new__(Segment)
         cdef struct_stat st
@@ -295,6 +299,10 @@ cdef class Segment:
                 PyErr_SetFromErrno(OSError)
             if not S_ISREG(st.st_mode):
                 raise ValueError("fd %d is not a shared memory object" % fd)
+            if st.st_blksize != PAGE:
+                # Huge pages (hugetlbfs memfd): a fault when the pool runs
+                # dry is a SIGBUS, seals or not.
+                raise ValueError("fd %d is not backed by ordinary pages" % fd)
             if size is None:
                 size = st.st_size
             if not isinstance(size, int) or size <= 0:
@@ -317,11 +325,9 @@ cdef class Segment:
             else:
                 # Cannot carry seals: the shm fallback.  (Linux tmpfs files answer
                 # F_GET_SEALS with F_SEAL_SEAL alone, other systems with EINVAL.)
-                if allow_unsealed is None:
-                    allow_unsealed = bool(_default_kind_is_shm())
                 if not allow_unsealed:
-                    raise PermissionError(_errno.EPERM, "segment is not a sealed memfd "
-                                          "(set SHRIMPIO_SEGMENT=shm to accept the shm fallback)")
+                    raise PermissionError(_errno.EPERM, "segment is not a sealed memfd (a peer "
+                                          "could truncate it under us)")
                 seg.kind = "shm"
             seg.fd = fd
             seg._map(size, mapped)

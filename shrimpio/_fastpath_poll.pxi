@@ -34,8 +34,9 @@ cdef int _ring_arm(Ring ring, bint writable) except -1:
 
 def drain_bell(int fd):
     """Swallow the pending rings of a socket doorbell without blocking.
-    True if the peer is gone (end of file or reset)."""
-    return shr_bell_drain(fd, SHR_BELL_SOCKET) == -2
+    True if the peer is gone (end of file, reset, or any other error: a
+    doorbell that fails can never ring again)."""
+    return shr_bell_drain(fd, SHR_BELL_SOCKET) != 0
 
 
 def ring_peek_into(Ring ring not None, buffer, Py_ssize_t nbytes=-1):
