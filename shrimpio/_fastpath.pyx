@@ -164,8 +164,17 @@ def set_busy_poll_us(us):
     _default_spin_ns = _spin_ns_arg(us, "busy-poll budget")
 
 
-class RingCorruptedError(ConnectionError):
-    """The peer wrote an impossible value into shared memory; the ring is broken."""
+class RingCorruptedError(ConnectionResetError):
+    """The peer wrote an impossible value into shared memory; the ring is broken.
+
+    A ``ConnectionResetError`` (errno ``ECONNRESET``): to code written for
+    sockets, a peer that broke the connection is one that reset it, and
+    that is how such code already handles it."""
+
+    def __init__(self, *args):
+        if len(args) == 1:
+            args = (_errno.ECONNRESET, args[0])
+        super().__init__(*args)
 
 
 # ---------------------------------------------------------------------------
@@ -693,6 +702,12 @@ cdef class Ring:
             memcpy(dst + first, self.data, n - first)
         return n
 
+    cdef bint _peer_gone_now(self, int bell) noexcept:
+        """Is the peer behind socket doorbell ``bell`` gone?  One poll(0):
+        only for the paths that would otherwise say "try again" (the data
+        path never pays it)."""
+        return bell >= 0 and self.bell_kind == SHR_BELL_SOCKET and shr_bell_peer_gone(bell) != 0
+
     cdef int _wait(self, int writable, uint64_t need, double timeout) except -2:
         """Spin, then sleep on the doorbell.  1 ready, 0 timed out, 2 peer gone.
 
@@ -846,6 +861,10 @@ cdef class Ring:
                 if done and not all_:
                     return done     # as much as fitted
                 if timeout == 0:
+                    # Full, and no waiting: as TCP, a reader that died is EPIPE
+                    # (else a non-blocking writer would see EAGAIN for ever).
+                    if self._peer_gone_now(self.space_bell):
+                        raise BrokenPipeError(_errno.EPIPE, "the reading side is gone")
                     # all_: a silent short write would lose data; say how much went in.
                     raise BlockingIOError(_errno.EAGAIN, "ring is full", done)
                 if limit == 0:
@@ -977,6 +996,13 @@ cdef class Ring:
                         return 0
                     continue
                 if timeout == 0:
+                    # Empty, and no waiting: as TCP, a writer that died is the
+                    # end (else a non-blocking reader would see EAGAIN for
+                    # ever).  Data or a shut that came before its death first.
+                    if self._peer_gone_now(self.data_bell):
+                        if self._avail() or shr_load_wshut(self.h):
+                            continue
+                        raise ConnectionResetError(_errno.ECONNRESET, "the writing side is gone")
                     raise BlockingIOError(_errno.EAGAIN, "ring is empty")
                 if limit == 0:
                     limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)

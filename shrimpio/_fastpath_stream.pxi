@@ -22,6 +22,7 @@ cdef class Stream:
     cdef public unsigned long long bytes_received
     cdef public bint rd_shut       # shutdown(SHUT_RD) in this process
     cdef public bint closed
+    cdef bint reset_told           # the peer's death was reported as a reset
 
     def __cinit__(self, Ring tx not None, Ring rx not None):
         self.tx = tx
@@ -81,6 +82,13 @@ cdef class Stream:
             self._translate()
         self.bytes_sent += n
         return n
+
+    cdef bint _unread_by_peer(self):
+        """Did bytes we sent stay unread in the peer's ring?"""
+        cdef Ring tx = self.tx
+        if tx.h == NULL or tx.broken or self.rd_shut:
+            return False
+        return shr_load_tail(tx.h) != tx.head
 
     cdef int _call_check(self, Ring ring) except -1:
         try:
@@ -168,7 +176,7 @@ cdef class Stream:
                         raise TimeoutError("timed out")
                 n = <Py_ssize_t>min(rx._avail(), <uint64_t>nbytes)
                 rx._copy_out(dst, n)        # a copy across the wrap; nothing consumed
-                if n == 0 and t == 0 and not rx.at_eof():
+                if n == 0 and t == 0 and not rx.at_eof() and not rx._peer_gone_now(rx.data_bell):
                     raise BlockingIOError(_errno.EAGAIN, "Resource temporarily unavailable")
                 return n
             if flags & _MSG_WAITALL and t != 0:
@@ -181,8 +189,17 @@ cdef class Stream:
                 self.bytes_received += got
                 return got
             n = rx._read(dst, nbytes, t)
+        except RingCorruptedError:
+            raise                   # the peer broke the ring: its calls raise
         except ConnectionResetError:
-            return 0                # the peer is gone: as TCP after its FIN, end of file
+            # The peer is gone without shutting its side (it died).  As
+            # Linux TCP: if bytes of ours were left unread, its kernel
+            # answered with a reset: ECONNRESET, once; else (and after
+            # that) end of file.  (Its data came first: the ring said so.)
+            if not self.reset_told and self._unread_by_peer():
+                self.reset_told = True
+                raise ConnectionResetError(_errno.ECONNRESET, "Connection reset by peer") from None
+            return 0
         except BlockingIOError:
             if self.rd_shut:
                 return 0
