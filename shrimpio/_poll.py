@@ -21,6 +21,10 @@ and no spurious readiness (a non-blocking ``recv`` after ``select`` says
 readable does not raise ``BlockingIOError``).  A listener is ready when its TCP
 socket or its registry socket has a connection waiting.
 
+A connection whose ring the peer broke (``RingCorruptedError``) is
+reported ready for whatever was asked, so that its own ``recv``/``send``
+raise; the poller itself never raises for one connection's sake.
+
 Everything that is not a shrimpio socket goes to the kernel unchanged.
 """
 
@@ -102,17 +106,23 @@ def _want(sock: Any, read: bool, write: bool) -> tuple[bool, bool, list[tuple[in
     watch: list[tuple[int, int]] = []
     if conn.gone:
         return read, write, []
-    if read:
-        if conn.rd_shut or ring_arm(conn.rx, False):
-            r = True
-        else:
-            watch.append((conn.bell_fd, POLLIN))
-    if write:
-        if ring_arm(conn.tx, True):
-            w = True
-        else:
-            watch.append((conn.space.fileno(), POLLIN))
-            watch.append((conn.bell_fd, POLLIN))     # EOF there = peer gone
+    try:
+        if read:
+            if conn.rd_shut or ring_arm(conn.rx, False):
+                r = True
+            else:
+                watch.append((conn.bell_fd, POLLIN))
+        if write:
+            if ring_arm(conn.tx, True):
+                w = True
+            else:
+                watch.append((conn.space.fileno(), POLLIN))
+                watch.append((conn.bell_fd, POLLIN))     # EOF there = peer gone
+    except (OSError, ValueError):
+        # A broken ring (the peer wrote impossible values) or one closed
+        # under us: ready, so that the socket's own call raises; never
+        # the poller's, which watches other connections too.
+        return read, write, []
     return r, w, watch
 
 
@@ -130,8 +140,11 @@ def _ready(sock: Any, read: bool, write: bool) -> tuple[bool, bool]:
     drain(conn)
     if conn.gone:
         return read, write
-    r = read and (conn.rd_shut or conn.rx.readable() > 0 or conn.rx.at_eof())
-    w = write and (conn.tx.free() > 0 or conn.tx.read_shut)
+    try:
+        r = read and (conn.rd_shut or conn.rx.readable() > 0 or conn.rx.at_eof())
+        w = write and (conn.tx.free() > 0 or conn.tx.read_shut)
+    except (OSError, ValueError):     # broken or closed: as in _want
+        return read, write
     return r, w
 
 
@@ -145,7 +158,7 @@ def _hup(conn: Any) -> bool:
         return False
     try:
         return conn.tx.write_shut and (conn.rd_shut or conn.gone or conn.rx.at_eof())
-    except ValueError:          # closed under us
+    except (OSError, ValueError):   # closed under us, or broken (reported ready)
         return False
 
 
