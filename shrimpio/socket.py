@@ -27,6 +27,7 @@ connect is in :mod:`shrimpio._handshake`, accept in :mod:`shrimpio._accept`.
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import select as _select
 import _socket as _csocket
@@ -39,7 +40,7 @@ from typing import Any, Optional
 
 from . import _accept, _connection, _control, _handshake, _route
 from ._connection import Connection
-from ._fastpath import spin_readable
+from ._fastpath import check_recvmsg_flags, spin_readable
 from ._accept import Listener as _Listener
 
 __all__ = ["socket", "info", "StdSocket"]
@@ -50,6 +51,7 @@ _STREAM = _std.SOCK_STREAM
 _TYPE_MASK = ~(getattr(_std, "SOCK_NONBLOCK", 0) | getattr(_std, "SOCK_CLOEXEC", 0))
 _AF_INET, _AF_INET6 = int(_std.AF_INET), int(_std.AF_INET6)
 _MSG_DONTWAIT = int(_std.MSG_DONTWAIT)
+_MSG_PEEK, _MSG_WAITALL = int(_std.MSG_PEEK), int(_std.MSG_WAITALL)
 _AF_UNIX, _SOCK_SEQPACKET = int(_std.AF_UNIX), int(_std.SOCK_SEQPACKET)
 # family and type as plain ints: the stdlib properties build enum members,
 # which costs a microsecond a time on the connect and accept paths.
@@ -61,6 +63,34 @@ _type = _csocket.socket.type.__get__
 _STRUCT_OPTS = {_std.SO_LINGER: struct.calcsize("ii"),
                 _std.SO_RCVTIMEO: struct.calcsize("ll"),
                 _std.SO_SNDTIMEO: struct.calcsize("ll")}
+
+# Options whose value is a plain int (flags and sizes): a setsockopt of one
+# with an int in C range needs no kernel opinion.  Others are tried on a
+# kernel TCP socket first, which refuses what a real connection would.
+_INT_OPTS = frozenset(
+    [(_std.SOL_SOCKET, o) for o in (_std.SO_KEEPALIVE, _std.SO_REUSEADDR, _std.SO_SNDBUF,
+                                    _std.SO_RCVBUF, _std.SO_OOBINLINE,
+                                    getattr(_std, "SO_REUSEPORT", _std.SO_REUSEADDR))]
+    + [(_std.IPPROTO_TCP, _std.TCP_NODELAY)])
+# SOL_SOCKET options whose value the connection defines (getsockopt).
+_CONN_OPTS = frozenset(o for o in (_std.SO_TYPE, _std.SO_ERROR, _std.SO_SNDBUF, _std.SO_RCVBUF,
+                                   _std.SO_ACCEPTCONN, getattr(_std, "SO_DOMAIN", None),
+                                   getattr(_std, "SO_PROTOCOL", None)) if o is not None)
+_BOOL_OPTS = _INT_OPTS - {(_std.SOL_SOCKET, _std.SO_SNDBUF), (_std.SOL_SOCKET, _std.SO_RCVBUF)}
+_TCP_INFO = (_std.IPPROTO_TCP, getattr(_std, "TCP_INFO", -100))
+_NOARG: Any = object()          # an argument not given (None is an error for the stdlib)
+_TCP_ESTABLISHED = 1
+
+#: Called with an fd whose file is about to be replaced, or that is about to
+#: become (or stop being) a shared-memory connection or listener: pollers
+#: that keep registrations (the patched epoll) put it where it now belongs.
+fd_change_hooks: list = []
+
+
+def _fd_changing(fd: int) -> None:
+    for hook in fd_change_hooks:
+        hook(fd)
+
 
 # fd -> socket object, for the pollers and fromfd (weak: objects die normally).
 _by_fd: "weakref.WeakValueDictionary[int, socket]" = weakref.WeakValueDictionary()
@@ -211,9 +241,13 @@ class socket(StdSocket):
         if self._shm is not None or self._lst is not None:
             if self.fileno() < 0:
                 raise _ebadf()
+            self._address_check(address, "connect")     # parsed first, as by the stdlib
             raise OSError(errno.EISCONN, "Transport endpoint is already connected")
-        if self._is_tcp() and self.fileno() >= 0 and self._try_shm(address, kit_later=True):
-            return
+        if self._is_tcp() and self.fileno() >= 0:
+            if fd_change_hooks:
+                _fd_changing(self.fileno())      # (registered in an epoll before connect)
+            if self._try_shm(address, kit_later=True):
+                return
         super().connect(address)
         self._remember_peer()
 
@@ -288,6 +322,8 @@ class socket(StdSocket):
         os.set_blocking(self.fileno(), False)
         self._lst = _Listener(name, usock)
         _by_fd[self.fileno()] = self
+        if fd_change_hooks:
+            _fd_changing(self.fileno())          # (registered in an epoll before listen)
 
     def settimeout(self, value: Optional[float]) -> None:
         super().settimeout(value)
@@ -431,8 +467,17 @@ class socket(StdSocket):
             n = super().sendto(data, *args)
             self._sent += n
             return n
+        if not 1 <= len(args) <= 2:
+            raise TypeError(f"sendto() takes 2 or 3 arguments ({len(args) + 1} given)")
         flags = args[0] if len(args) == 2 else 0
+        self._address_check(args[-1], "sendto")   # (then ignored, as by a connected stream)
         return self.send(data, flags)
+
+    def _address_check(self, address: Any, call: str) -> None:
+        """The first check the stdlib makes of an AF_INET/AF_INET6 address."""
+        if not isinstance(address, tuple):
+            raise TypeError(f"{call}(): AF_INET{'6' if self.family == _std.AF_INET6 else ''} "
+                            f"address must be tuple, not {type(address).__name__}")
 
     def sendfile(self, file: Any, offset: int = 0, count: Optional[int] = None) -> int:
         """As ``socket.sendfile``; shared-memory connections copy via send()."""
@@ -499,7 +544,81 @@ class socket(StdSocket):
             res = super().recvmsg(bufsize, ancbufsize, flags)
             self._received += len(res[0])
             return res
+        bufsize = _std_index(bufsize)
+        _ancbufsize_check(ancbufsize)
+        flags = check_recvmsg_flags(flags)
+        if bufsize < 0:
+            raise ValueError("negative buffer size in recvmsg()")
+        if bufsize == 0:
+            self._await_readable(self._conn(), flags)
+            return b"", [], 0, None
         return self.recv(bufsize, flags), [], 0, None
+
+    def _await_readable(self, conn: Connection, flags: int) -> None:
+        """What an empty recvmsg does on TCP (unlike an empty recv, which
+        CPython answers at once): wait as a read would, consume nothing."""
+        conn.stream.recv(1, flags | _MSG_PEEK, self.gettimeout())
+
+    def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> tuple:
+        """As ``socket.recvmsg_into`` (scatter); no ancillary data over shared memory."""
+        conn = self._shm
+        if conn is None:
+            res = super().recvmsg_into(buffers, ancbufsize, flags)
+            self._received += res[0]
+            return res
+        try:
+            items = iter(buffers)
+        except TypeError:
+            raise TypeError("recvmsg_into() argument 1 must be an iterable") from None
+        views = []
+        try:
+            for item in items:
+                try:
+                    view = memoryview(item)
+                except TypeError:
+                    view = None
+                if view is None or view.readonly or not view.contiguous:
+                    raise TypeError("recvmsg_into() argument 1 must be an iterable of "
+                                    "single-segment read-write buffers")
+                views.append(view.cast("B") if view.format != "B" or view.ndim != 1 else view)
+            _ancbufsize_check(ancbufsize)
+            flags = check_recvmsg_flags(flags)
+            return self._recv_scatter(conn, views, flags), [], 0, None
+        finally:
+            for view in views:
+                view.release()
+
+    def _recv_scatter(self, conn: Connection, views: list, flags: int) -> int:
+        """Fill ``views`` in turn as one ``recv`` would fill one buffer: wait
+        (per the timeout and flags) for the first bytes only, then take
+        what is there."""
+        views = [v for v in views if len(v)]
+        total = sum(len(v) for v in views)
+        if total == 0:
+            self._await_readable(self._conn(), flags)
+            return 0
+        timeout = self.gettimeout()
+        if flags & _MSG_PEEK:
+            data = conn.stream.recv(total, flags, timeout)
+            at = 0
+            for v in views:
+                piece = data[at:at + len(v)]
+                v[:len(piece)] = piece
+                at += len(piece)
+            return len(data)
+        got = 0
+        for i, v in enumerate(views):
+            if i == 0 or flags & _MSG_WAITALL:
+                n = conn.stream.recv_into(v, 0, flags, timeout)
+            else:
+                avail = conn.rx.readable()
+                if not avail:
+                    break
+                n = conn.stream.recv_into(v, min(avail, len(v)), flags | _MSG_DONTWAIT, 0.0)
+            got += n
+            if n < len(v):
+                break
+        return got
 
     # -- shutdown and close --------------------------------------------------------
 
@@ -508,6 +627,7 @@ class socket(StdSocket):
         conn = self._shm
         if conn is None:
             return super().shutdown(how)
+        how = _std_index(how)
         if how not in (_std.SHUT_RD, _std.SHUT_WR, _std.SHUT_RDWR):
             raise OSError(errno.EINVAL, "Invalid argument")
         self._conn()
@@ -593,34 +713,75 @@ class socket(StdSocket):
             return self._peer
         return super().getpeername()
 
-    def setsockopt(self, level: int, optname: int, value: Any, optlen: Optional[int] = None) -> None:
-        """As ``socket.setsockopt``; buffer sizes before connect size the rings."""
+    def setsockopt(self, level: int, optname: int, value: Any, optlen: Any = _NOARG) -> None:
+        """As ``socket.setsockopt``; buffer sizes before connect size the rings.
+
+        Over shared memory the option is only recorded (``getsockopt``
+        reads it back), once a kernel TCP socket of the same family has
+        accepted it: every argument the stdlib or the kernel would refuse
+        is refused with the same exception and errno."""
         if level == _std.SOL_SOCKET and optname in (_std.SO_SNDBUF, _std.SO_RCVBUF) \
                 and isinstance(value, int):
             self._bufs[optname] = value
         if self._shm is None:
-            if optlen is None:
+            if optlen is _NOARG:
                 return super().setsockopt(level, optname, value)
             return super().setsockopt(level, optname, value, optlen)
         self._conn()
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            # Kept whole: struct options (SO_LINGER, ...) read back with a
-            # buflen as the bytes that were set.
-            self._opts[(level, optname)] = bytes(value)
+        key = (level, optname)
+        if optlen is _NOARG and type(value) is int and key in _INT_OPTS \
+                and -0x80000000 <= value <= 0x7fffffff:
+            self._opts[key] = (1 if value else 0) if key in _BOOL_OPTS else value
             return
-        self._opts[(level, optname)] = 0 if value is None else int(value)
+        # Anything else as the kernel says, and kept as it reads it back
+        # (normalised: a flag as 0 or 1, TOS without its ECN bits...).
+        with StdSocket(self.family, _STREAM) as shadow:
+            if optlen is _NOARG:
+                StdSocket.setsockopt(shadow, level, optname, value)
+            else:
+                StdSocket.setsockopt(shadow, level, optname, value, optlen)
+            raw = isinstance(value, (bytes, bytearray, memoryview))
+            try:
+                if raw:
+                    # Kept whole: struct options (SO_LINGER, ...) read back
+                    # with a buflen as the bytes that were set.
+                    stored: Any = StdSocket.getsockopt(shadow, level, optname,
+                                                       max(1, min(1024, memoryview(value).nbytes)))
+                else:
+                    stored = StdSocket.getsockopt(shadow, level, optname)
+            except OSError:         # a write-only option: as it was given
+                stored = bytes(value) if raw else (0 if value is None else int(value))
+        self._opts[key] = stored
 
-    def getsockopt(self, level: int, optname: int, buflen: Optional[int] = None) -> Any:
-        """As ``socket.getsockopt``."""
+    def getsockopt(self, level: int, optname: int, buflen: Any = _NOARG) -> Any:
+        """As ``socket.getsockopt``.
+
+        Over shared memory: the values the connection defines (type, error,
+        buffer sizes, ...) and those set on it; any other option (and any
+        argument the stdlib or the kernel would refuse) as a fresh kernel
+        TCP socket of the same family answers."""
         if self._shm is None:
-            if buflen is None:
+            if buflen is _NOARG:
                 return super().getsockopt(level, optname)
             return super().getsockopt(level, optname, buflen)
         conn = self._conn()
-        value = self._opts.get((level, optname), 0)
+        key = (level, optname)
+        known = key in self._opts or (level == _std.SOL_SOCKET and optname in _CONN_OPTS)
+        if buflen is not _NOARG or not known:
+            with StdSocket(self.family, _STREAM) as shadow:
+                if buflen is _NOARG:
+                    kernel = StdSocket.getsockopt(shadow, level, optname)
+                else:
+                    kernel = StdSocket.getsockopt(shadow, level, optname, buflen)
+            if not known:
+                if key == _TCP_INFO and isinstance(kernel, bytes) and kernel:
+                    kernel = bytes([_TCP_ESTABLISHED]) + kernel[1:]   # tcpi_state
+                elif key == _TCP_INFO and isinstance(kernel, int):
+                    kernel = (kernel & ~0xFF) | _TCP_ESTABLISHED
+                return kernel
+        value = self._opts.get(key, 0)
         raw = None
-        if (level, optname) not in self._opts and level == _std.SOL_SOCKET \
-                and optname in _STRUCT_OPTS:
+        if key not in self._opts and level == _std.SOL_SOCKET and optname in _STRUCT_OPTS:
             raw = bytes(_STRUCT_OPTS[optname])     # unset struct option: zeros of its size
         if isinstance(value, bytes):
             raw = value
@@ -635,11 +796,27 @@ class socket(StdSocket):
                 getattr(_std, "SO_DOMAIN", -100): self.family,
                 getattr(_std, "SO_PROTOCOL", -100): _std.IPPROTO_TCP,
             }.get(optname, value)
-        if buflen is None:
+        if buflen is _NOARG or not buflen:      # 0 too: an int, as the stdlib
             return value
         if raw is not None and value == struct.unpack("i", raw[:4].ljust(4, b"\0"))[0]:
             return raw[:buflen]
         return struct.pack("i", value)[:buflen].ljust(min(buflen, 4), b"\0")
+
+
+def _std_index(value: Any) -> int:
+    """An integer argument as the socket module takes it (``__index__``;
+    TypeError for a float)."""
+    return value if type(value) is int else operator.index(value)
+
+
+def _ancbufsize_check(ancbufsize: Any) -> None:
+    """recvmsg's ancillary buffer size, checked as the stdlib does (none is
+    ever used over shared memory)."""
+    n = _std_index(ancbufsize)
+    if not -(1 << 63) <= n < (1 << 63):
+        raise OverflowError("Python int too large to convert to C ssize_t")
+    if not 0 <= n <= 0x7FFFFFFF:
+        raise ValueError("invalid ancillary data buffer length")
 
 
 def _report_wanted() -> bool:
