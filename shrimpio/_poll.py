@@ -21,6 +21,12 @@ and no spurious readiness (a non-blocking ``recv`` after ``select`` says
 readable does not raise ``BlockingIOError``).  A listener is ready when its TCP
 socket or its registry socket has a connection waiting.
 
+What a registered fd is, is decided at poll time: ``epoll`` keeps each
+registration where it belongs now (a socket registered before its
+``connect()``/``listen()`` is watched as what it became; ``fd_changing``
+takes a kernel registration out before ``dup2`` replaces its file), and
+honours ``EPOLLONESHOT`` and ``EPOLLET`` for shrimpio fds too.
+
 A connection whose ring the peer broke (``RingCorruptedError``) is
 reported ready for whatever was asked, so that its own ``recv``/``send``
 raise; the poller itself never raises for one connection's sake.
