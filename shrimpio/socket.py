@@ -27,12 +27,10 @@ connect is in :mod:`shrimpio._handshake`, accept in :mod:`shrimpio._accept`.
 from __future__ import annotations
 
 import errno
-import operator
 import os
 import select as _select
 import _socket as _csocket
 import socket as _std
-import struct
 import threading
 import time
 import weakref
@@ -40,7 +38,9 @@ from typing import Any, Optional
 
 from . import _accept, _connection, _control, _handshake, _route
 from ._connection import Connection
-from ._fastpath import check_recvmsg_flags, spin_readable
+from ._fastpath import spin_readable
+from . import _sockargs
+from ._sockargs import NOARG as _NOARG
 from ._accept import Listener as _Listener
 
 __all__ = ["socket", "info", "StdSocket"]
@@ -51,35 +51,11 @@ _STREAM = _std.SOCK_STREAM
 _TYPE_MASK = ~(getattr(_std, "SOCK_NONBLOCK", 0) | getattr(_std, "SOCK_CLOEXEC", 0))
 _AF_INET, _AF_INET6 = int(_std.AF_INET), int(_std.AF_INET6)
 _MSG_DONTWAIT = int(_std.MSG_DONTWAIT)
-_MSG_PEEK, _MSG_WAITALL = int(_std.MSG_PEEK), int(_std.MSG_WAITALL)
 _AF_UNIX, _SOCK_SEQPACKET = int(_std.AF_UNIX), int(_std.SOCK_SEQPACKET)
 # family and type as plain ints: the stdlib properties build enum members,
 # which costs a microsecond a time on the connect and accept paths.
 _family = _csocket.socket.family.__get__
 _type = _csocket.socket.type.__get__
-
-# SOL_SOCKET options whose value is a struct (its size), not an int: read
-# with a buflen, an unset one is that many zero bytes, as from the kernel.
-_STRUCT_OPTS = {_std.SO_LINGER: struct.calcsize("ii"),
-                _std.SO_RCVTIMEO: struct.calcsize("ll"),
-                _std.SO_SNDTIMEO: struct.calcsize("ll")}
-
-# Options whose value is a plain int (flags and sizes): a setsockopt of one
-# with an int in C range needs no kernel opinion.  Others are tried on a
-# kernel TCP socket first, which refuses what a real connection would.
-_INT_OPTS = frozenset(
-    [(_std.SOL_SOCKET, o) for o in (_std.SO_KEEPALIVE, _std.SO_REUSEADDR, _std.SO_SNDBUF,
-                                    _std.SO_RCVBUF, _std.SO_OOBINLINE,
-                                    getattr(_std, "SO_REUSEPORT", _std.SO_REUSEADDR))]
-    + [(_std.IPPROTO_TCP, _std.TCP_NODELAY)])
-# SOL_SOCKET options whose value the connection defines (getsockopt).
-_CONN_OPTS = frozenset(o for o in (_std.SO_TYPE, _std.SO_ERROR, _std.SO_SNDBUF, _std.SO_RCVBUF,
-                                   _std.SO_ACCEPTCONN, getattr(_std, "SO_DOMAIN", None),
-                                   getattr(_std, "SO_PROTOCOL", None)) if o is not None)
-_BOOL_OPTS = _INT_OPTS - {(_std.SOL_SOCKET, _std.SO_SNDBUF), (_std.SOL_SOCKET, _std.SO_RCVBUF)}
-_TCP_INFO = (_std.IPPROTO_TCP, getattr(_std, "TCP_INFO", -100))
-_NOARG: Any = object()          # an argument not given (None is an error for the stdlib)
-_TCP_ESTABLISHED = 1
 
 #: Called with an fd whose file is about to be replaced, or that is about to
 #: become (or stop being) a shared-memory connection or listener: pollers
@@ -544,81 +520,15 @@ class socket(StdSocket):
             res = super().recvmsg(bufsize, ancbufsize, flags)
             self._received += len(res[0])
             return res
-        bufsize = _std_index(bufsize)
-        _ancbufsize_check(ancbufsize)
-        flags = check_recvmsg_flags(flags)
-        if bufsize < 0:
-            raise ValueError("negative buffer size in recvmsg()")
-        if bufsize == 0:
-            self._await_readable(self._conn(), flags)
-            return b"", [], 0, None
-        return self.recv(bufsize, flags), [], 0, None
-
-    def _await_readable(self, conn: Connection, flags: int) -> None:
-        """What an empty recvmsg does on TCP (unlike an empty recv, which
-        CPython answers at once): wait as a read would, consume nothing."""
-        conn.stream.recv(1, flags | _MSG_PEEK, self.gettimeout())
+        return _sockargs.recvmsg(self, self._conn(), bufsize, ancbufsize, flags)
 
     def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> tuple:
         """As ``socket.recvmsg_into`` (scatter); no ancillary data over shared memory."""
-        conn = self._shm
-        if conn is None:
+        if self._shm is None:
             res = super().recvmsg_into(buffers, ancbufsize, flags)
             self._received += res[0]
             return res
-        try:
-            items = iter(buffers)
-        except TypeError:
-            raise TypeError("recvmsg_into() argument 1 must be an iterable") from None
-        views = []
-        try:
-            for item in items:
-                try:
-                    view = memoryview(item)
-                except TypeError:
-                    view = None
-                if view is None or view.readonly or not view.contiguous:
-                    raise TypeError("recvmsg_into() argument 1 must be an iterable of "
-                                    "single-segment read-write buffers")
-                views.append(view.cast("B") if view.format != "B" or view.ndim != 1 else view)
-            _ancbufsize_check(ancbufsize)
-            flags = check_recvmsg_flags(flags)
-            return self._recv_scatter(conn, views, flags), [], 0, None
-        finally:
-            for view in views:
-                view.release()
-
-    def _recv_scatter(self, conn: Connection, views: list, flags: int) -> int:
-        """Fill ``views`` in turn as one ``recv`` would fill one buffer: wait
-        (per the timeout and flags) for the first bytes only, then take
-        what is there."""
-        views = [v for v in views if len(v)]
-        total = sum(len(v) for v in views)
-        if total == 0:
-            self._await_readable(self._conn(), flags)
-            return 0
-        timeout = self.gettimeout()
-        if flags & _MSG_PEEK:
-            data = conn.stream.recv(total, flags, timeout)
-            at = 0
-            for v in views:
-                piece = data[at:at + len(v)]
-                v[:len(piece)] = piece
-                at += len(piece)
-            return len(data)
-        got = 0
-        for i, v in enumerate(views):
-            if i == 0 or flags & _MSG_WAITALL:
-                n = conn.stream.recv_into(v, 0, flags, timeout)
-            else:
-                avail = conn.rx.readable()
-                if not avail:
-                    break
-                n = conn.stream.recv_into(v, min(avail, len(v)), flags | _MSG_DONTWAIT, 0.0)
-            got += n
-            if n < len(v):
-                break
-        return got
+        return _sockargs.recvmsg_into(self, self._conn(), buffers, ancbufsize, flags)
 
     # -- shutdown and close --------------------------------------------------------
 
@@ -627,7 +537,7 @@ class socket(StdSocket):
         conn = self._shm
         if conn is None:
             return super().shutdown(how)
-        how = _std_index(how)
+        how = _sockargs.index_arg(how)
         if how not in (_std.SHUT_RD, _std.SHUT_WR, _std.SHUT_RDWR):
             raise OSError(errno.EINVAL, "Invalid argument")
         self._conn()
@@ -714,12 +624,8 @@ class socket(StdSocket):
         return super().getpeername()
 
     def setsockopt(self, level: int, optname: int, value: Any, optlen: Any = _NOARG) -> None:
-        """As ``socket.setsockopt``; buffer sizes before connect size the rings.
-
-        Over shared memory the option is only recorded (``getsockopt``
-        reads it back), once a kernel TCP socket of the same family has
-        accepted it: every argument the stdlib or the kernel would refuse
-        is refused with the same exception and errno."""
+        """As ``socket.setsockopt``; buffer sizes before connect size the rings
+        (over shared memory see ``_sockargs.setsockopt``)."""
         if level == _std.SOL_SOCKET and optname in (_std.SO_SNDBUF, _std.SO_RCVBUF) \
                 and isinstance(value, int):
             self._bufs[optname] = value
@@ -728,95 +634,15 @@ class socket(StdSocket):
                 return super().setsockopt(level, optname, value)
             return super().setsockopt(level, optname, value, optlen)
         self._conn()
-        key = (level, optname)
-        if optlen is _NOARG and type(value) is int and key in _INT_OPTS \
-                and -0x80000000 <= value <= 0x7fffffff:
-            self._opts[key] = (1 if value else 0) if key in _BOOL_OPTS else value
-            return
-        # Anything else as the kernel says, and kept as it reads it back
-        # (normalised: a flag as 0 or 1, TOS without its ECN bits...).
-        with StdSocket(self.family, _STREAM) as shadow:
-            if optlen is _NOARG:
-                StdSocket.setsockopt(shadow, level, optname, value)
-            else:
-                StdSocket.setsockopt(shadow, level, optname, value, optlen)
-            raw = isinstance(value, (bytes, bytearray, memoryview))
-            try:
-                if raw:
-                    # Kept whole: struct options (SO_LINGER, ...) read back
-                    # with a buflen as the bytes that were set.
-                    stored: Any = StdSocket.getsockopt(shadow, level, optname,
-                                                       max(1, min(1024, memoryview(value).nbytes)))
-                else:
-                    stored = StdSocket.getsockopt(shadow, level, optname)
-            except OSError:         # a write-only option: as it was given
-                stored = bytes(value) if raw else (0 if value is None else int(value))
-        self._opts[key] = stored
+        _sockargs.setsockopt(self, level, optname, value, optlen)
 
     def getsockopt(self, level: int, optname: int, buflen: Any = _NOARG) -> Any:
-        """As ``socket.getsockopt``.
-
-        Over shared memory: the values the connection defines (type, error,
-        buffer sizes, ...) and those set on it; any other option (and any
-        argument the stdlib or the kernel would refuse) as a fresh kernel
-        TCP socket of the same family answers."""
+        """As ``socket.getsockopt`` (over shared memory see ``_sockargs.getsockopt``)."""
         if self._shm is None:
             if buflen is _NOARG:
                 return super().getsockopt(level, optname)
             return super().getsockopt(level, optname, buflen)
-        conn = self._conn()
-        key = (level, optname)
-        known = key in self._opts or (level == _std.SOL_SOCKET and optname in _CONN_OPTS)
-        if buflen is not _NOARG or not known:
-            with StdSocket(self.family, _STREAM) as shadow:
-                if buflen is _NOARG:
-                    kernel = StdSocket.getsockopt(shadow, level, optname)
-                else:
-                    kernel = StdSocket.getsockopt(shadow, level, optname, buflen)
-            if not known:
-                if key == _TCP_INFO and isinstance(kernel, bytes) and kernel:
-                    kernel = bytes([_TCP_ESTABLISHED]) + kernel[1:]   # tcpi_state
-                elif key == _TCP_INFO and isinstance(kernel, int):
-                    kernel = (kernel & ~0xFF) | _TCP_ESTABLISHED
-                return kernel
-        value = self._opts.get(key, 0)
-        raw = None
-        if key not in self._opts and level == _std.SOL_SOCKET and optname in _STRUCT_OPTS:
-            raw = bytes(_STRUCT_OPTS[optname])     # unset struct option: zeros of its size
-        if isinstance(value, bytes):
-            raw = value
-            value = struct.unpack("i", raw[:4].ljust(4, b"\0"))[0]
-        if level == _std.SOL_SOCKET:
-            value = {
-                _std.SO_TYPE: _STREAM,
-                _std.SO_ERROR: 0,
-                _std.SO_SNDBUF: conn.tx.capacity,
-                _std.SO_RCVBUF: conn.rx.capacity,
-                _std.SO_ACCEPTCONN: 0,
-                getattr(_std, "SO_DOMAIN", -100): self.family,
-                getattr(_std, "SO_PROTOCOL", -100): _std.IPPROTO_TCP,
-            }.get(optname, value)
-        if buflen is _NOARG or not buflen:      # 0 too: an int, as the stdlib
-            return value
-        if raw is not None and value == struct.unpack("i", raw[:4].ljust(4, b"\0"))[0]:
-            return raw[:buflen]
-        return struct.pack("i", value)[:buflen].ljust(min(buflen, 4), b"\0")
-
-
-def _std_index(value: Any) -> int:
-    """An integer argument as the socket module takes it (``__index__``;
-    TypeError for a float)."""
-    return value if type(value) is int else operator.index(value)
-
-
-def _ancbufsize_check(ancbufsize: Any) -> None:
-    """recvmsg's ancillary buffer size, checked as the stdlib does (none is
-    ever used over shared memory)."""
-    n = _std_index(ancbufsize)
-    if not -(1 << 63) <= n < (1 << 63):
-        raise OverflowError("Python int too large to convert to C ssize_t")
-    if not 0 <= n <= 0x7FFFFFFF:
-        raise ValueError("invalid ancillary data buffer length")
+        return _sockargs.getsockopt(self, self._conn(), level, optname, buflen)
 
 
 def _report_wanted() -> bool:
