@@ -147,7 +147,7 @@ static inline long long shr_peer_uid(int sock) {
 
 /* Is fd a connected Unix SOCK_SEQPACKET socket?  (1 yes, 0 no or not a socket.) */
 static inline int shr_is_unix_seqpacket(int fd) {
-    int type = 0, domain = 0, listening = 1;
+    int type = 0, domain = 0;
     struct sockaddr_un peer;
     socklen_t len = sizeof type;
     if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_SEQPACKET)
@@ -155,11 +155,9 @@ static inline int shr_is_unix_seqpacket(int fd) {
     len = sizeof domain;
     if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 || domain != AF_UNIX)
         return 0;
-    /* Connected, not listening: a listening socket with a connection
-     * pending is readable for ever, and recv on it fails. */
-    len = sizeof listening;
-    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || listening)
-        return 0;
+    /* Connected (so not listening either: a listening socket has no peer,
+     * and one with a connection pending is readable for ever while every
+     * recv on it fails). */
     len = sizeof peer;
     return getpeername(fd, (struct sockaddr *)&peer, &len) == 0;
 }
