@@ -109,6 +109,8 @@ def _want(sock: Any, read: bool, write: bool,
     (edge-triggered): arm and watch even what is ready, for its next change."""
     lst = sock._lst
     if lst is not None:
+        if read and lst.ready:
+            return True, False, []
         return False, False, ([(fd, POLLIN) for fd in sock._accept_fds()] if read else [])
     conn = sock._shm
     r = w = False
@@ -141,8 +143,17 @@ def _ready(sock: Any, read: bool, write: bool) -> tuple[bool, bool]:
     if lst is not None:
         if not read:
             return False, False
-        r = _real_poll_once(sock._accept_fds())
-        return r, False
+        # A TCP client waiting, or a shared-memory one whose hello came:
+        # one that only connected to the registry entry is not acceptable
+        # yet (accept() would say EAGAIN), so the listener takes it now.
+        if lst.ready or _real_poll_once([sock.fileno()]):
+            return True, False
+        if _real_poll_once(lst.watch_fds()):
+            try:
+                return lst.acceptable(), False
+            except OSError:
+                return True, False          # let accept() raise it
+        return False, False
     conn = sock._shm
     if conn is None or conn.closed:
         return read, write            # closed under us: let the call raise EBADF

@@ -296,3 +296,63 @@ def test_threads_unaffected_by_a_refused_client(listener):  # noqa: F811
         t.join(10)
         for s, _ in got:
             s.close()
+
+
+# --------------------------------------------------------------------------- honest listener readiness
+
+@pytest.mark.parametrize("api", ["select", "poll", "epoll"])
+def test_a_listener_is_readable_only_when_accept_will_return(listener, api):  # noqa: F811
+    """A client that connected to the registry entry but whose hello has
+    not come (or is refused) does not make the listener readable: a
+    non-blocking accept() after the poller said so must not raise
+    BlockingIOError (the stdlib's selectors echo server dies of that)."""
+    import array
+    import json
+
+    from shrimpio import _poll
+    from test_connect import HDR, _silent_client
+
+    listener.setblocking(False)
+    if api == "select":
+        def ready(timeout):
+            return bool(_poll.select([listener], [], [], timeout)[0])
+        close = None
+    else:
+        poller = _poll.poll() if api == "poll" else _poll.epoll()
+        poller.register(listener.fileno(), select.POLLIN if api == "poll" else select.EPOLLIN)
+
+        def ready(timeout):
+            return bool(poller.poll(timeout * 1000 if api == "poll" else timeout))
+        close = getattr(poller, "close", None)
+    seg, mine, theirs, body = _good_parts()
+    late = _silent_client(listener)
+    bad = None
+    try:
+        assert not ready(0.1)                   # connected, no hello yet
+        seg2, mine2, theirs2, body2 = _good_parts()
+        fds, extra = dict(VARIANTS)["second ring header corrupted"](seg2, theirs2, body2, "/tmp")
+        bad = _send_raw_hello(listener, body2, fds)
+        seg2.close()
+        theirs2.close()
+        mine2.close()
+        assert not ready(0.1)                   # a hello that will be refused
+        payload = json.dumps({"kind": "stream", **body}).encode()
+        late.sendmsg([HDR.pack(b"SHRM", 1, 0, len(payload)) + payload],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                       array.array("i", [seg.fileno(), theirs.fileno()]))])
+        assert ready(5)
+        srv, addr = listener.accept()           # no BlockingIOError
+        assert addr == ("127.0.0.1", 4242) and ss.info(srv)["path"] == "shm"
+        srv.close()
+        assert not ready(0.05)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        if close is not None:
+            close()
+        late.close()
+        if bad is not None:
+            bad.close()
+        seg.close()
+        mine.close()
+        theirs.close()
