@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import errno
+import io
 import os
 import select
 import selectors
@@ -1632,6 +1633,18 @@ ARGUMENT_ERRORS = [
     ("connect str", lambda s: s.connect("a")),
     ("bind when connected", lambda s: s.bind(("127.0.0.1", 0))),
     ("listen when connected", lambda s: s.listen()),
+    ("listen str", lambda s: s.listen("a")),
+    ("accept when connected", lambda s: s.accept()),
+    ("settimeout nan", lambda s: s.settimeout(float("nan"))),
+    ("shutdown -1", lambda s: s.shutdown(-1)),
+    ("getsockopt no args", lambda s: s.getsockopt()),
+    ("send non-contiguous", lambda s: s.send(memoryview(b"abcd")[::2])),
+    ("sendall non-contiguous", lambda s: s.sendall(memoryview(b"abcd")[::2])),
+    ("sendmsg non-contiguous", lambda s: s.sendmsg([memoryview(b"abcd")[::2]])),
+    ("recv_into non-contiguous", lambda s: s.recv_into(memoryview(bytearray(4))[::2])),
+    ("recvmsg_into non-contiguous", lambda s: s.recvmsg_into([memoryview(bytearray(4))[::2]])),
+    ("recvfrom_into str flags", lambda s: s.recvfrom_into(bytearray(2), 1, "x")),
+    ("sendfile non-blocking", lambda s: s.sendfile(io.BytesIO(b"x"))),
 ]
 
 
