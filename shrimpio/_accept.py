@@ -16,11 +16,15 @@ A client whose hello is not there after the busy-poll is not waited for
 (a silent one would hold up every other client, and in asyncio the whole
 loop): it waits on the :class:`Listener`, whose fds to watch then include
 its control socket, until its hello comes or HELLO_WAIT runs out.
+
+The pollers ask :meth:`Listener.acceptable`, which takes clients as
+``accept()`` would (:func:`next_client`) and keeps those that passed for
+it: a listener is reported readable only when ``accept()`` will return a
+client, never for one whose hello has not come (or will be refused).
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import os
 import socket as _std
@@ -35,7 +39,7 @@ from ._handshake import (HELLO_KIND, HELLO_RE, PROTOCOL_VERSION, _AF_UNIX, _SOCK
                          _family, addr_tuple, registry)
 
 __all__ = ["ACCEPT_SPIN", "HELLO_WAIT", "Listener", "MAX_WAITING", "accept_hello", "accept_shm",
-           "register_listener"]
+           "next_client", "register_listener"]
 
 
 # -- listeners sharing an address ---------------------------------------------------
@@ -121,9 +125,10 @@ class Listener:
         # hostile): control fd -> (doorbell fd, deadline).  accept() never
         # waits for one of them; they are watched beside the entry.
         self.waiting: dict[int, tuple[int, float]] = {}
-        # Connections a poller accepted to know that accept() would not
-        # block (see _poll): (socket, address), taken by the next accept().
-        self.ready: collections.deque = collections.deque()
+        # Clients a poller took with their hello (see acceptable()), as
+        # stream_accept returns them, with the pid that took them (a forked
+        # child must not serve a client its parent holds too).
+        self.ready: list[tuple[int, tuple]] = []
 
     def watch_fds(self) -> list[int]:
         """The fds whose readability may mean a client to accept: the
@@ -175,6 +180,35 @@ class Listener:
         listener given to another process)?"""
         return _connection.forks != self.forks
 
+    def acceptable(self) -> bool:
+        """Can accept() return a shared-memory client now, without waiting?
+        For the pollers: a client is there once its hello is and passed the
+        checks, not when it connected to the entry (its hello may come
+        later, or never, or be refused), so clients are taken here as
+        accept() would take them, and kept in ``ready`` for it (or parked
+        while their hello has not come).  No wait."""
+        if self.ready:
+            return True
+        got = next_client(self, 0.0)
+        if got is None:
+            return False
+        self.ready.append((os.getpid(), got))
+        return True
+
+    def take_ready(self) -> "tuple | None":
+        """A client acceptable() took, if any (one taken by another process
+        before a fork is that process's: our copies are closed)."""
+        pid = os.getpid()
+        while self.ready:
+            try:
+                owner, got = self.ready.pop(0)
+            except IndexError:
+                return None                 # taken by another thread
+            if owner == pid:
+                return got
+            _drop_ready(got)
+        return None
+
     def spin_budget(self) -> float:
         if self.shared:
             # Processes sharing one queue of clients each sleep until one
@@ -197,7 +231,7 @@ class Listener:
         while self.waiting:
             _drop(*self.waiting.popitem())
         while self.ready:
-            self.ready.popleft()[0].close()     # the client reads EOF
+            _drop_ready(self.ready.pop()[1])
         if self.shared:
             # Shared across a fork: as with a TCP listener, the entry must stay
             # findable while any process still holds the listener.  Let go of
@@ -216,6 +250,13 @@ class Listener:
         self.usock.close()
 
 
+def _drop_ready(got: tuple) -> None:
+    """Let go of a client Listener.acceptable() took (its fd and our share
+    of its connection)."""
+    got[1].close()
+    os.close(got[0])
+
+
 def _drop(ctl: int, entry: tuple[int, float]) -> None:
     """Close the two fds of a waiting client taken out of ``Listener.waiting``
     (it reads EOF)."""
@@ -223,53 +264,73 @@ def _drop(ctl: int, entry: tuple[int, float]) -> None:
     os.close(ctl)
 
 
-def accept_shm(sock: Any, lst: Listener, bare: bool) -> "tuple[Any, Any] | None":
-    """The next shared-memory client of the listening ``sock``: (a new
-    socket of ``sock``'s class, the client's address), or None if none is
-    waiting.  Clients that fail the checks are refused and skipped.
-    ``bare``: the class is shrimpio's own, whose objects can be made
-    without its constructor (a new connection needs no look-up by inode)."""
-    family = _family(sock)
-    cls = type(sock)
+def next_client(lst: Listener, spin: float) -> "tuple[int, Connection, tuple, tuple] | None":
+    """The next shared-memory client of ``lst`` whose hello came and
+    passed the checks: (its control fd, its connection, client address,
+    server address), or None if none is there.  Clients that fail the
+    checks are refused and skipped; a client whose hello is not there
+    after ``spin`` seconds is parked (never waited for here)."""
     usock = lst.usock.fileno()
     while True:
+        if lst.ready:
+            ready = lst.take_ready()
+            if ready is not None:
+                return ready
         got = lst.take_hello() if lst.waiting else None
         if got is None:
-            got = stream_accept(usock, get_busy_poll_us() / 1e6, _control.MAX_MESSAGE + 1,
-                                _control.MAX_FDS)
+            got = stream_accept(usock, spin, _control.MAX_MESSAGE + 1, _control.MAX_FDS)
             if got is None:
                 return None
             if got[2] is None:          # no hello yet: never wait for it here
                 lst.park(got[0], got[1])
                 continue
         fd, bell, data, fds, msg_flags, space_ok = got
-        new = None
         try:
-            if bare:
-                # Made here: no timeout to apply (the fd from accept4 is
-                # blocking, and a default timeout was applied by the
-                # constructor).
-                new = cls.__new__(cls)
-                _std.socket.__init__(new, family, _STREAM, sock.proto, fd)
-                new._clear()
             conn, client, server = accept_hello(bell, data, msg_flags, fds, space_ok)
         except BaseException as exc:
-            if new is not None:
-                new.detach()
             os.close(fd)
-            if isinstance(exc, (OSError, _control.ProtocolError)):
-                continue            # a prober or a broken client: not a connection
+            if isinstance(exc, Exception) and not isinstance(exc, MemoryError):
+                # A prober or a broken or hostile client, whatever is wrong
+                # in its hello: not a connection.  It alone is dropped.
+                continue
             raise
-        conn.local = addr_tuple(family, server)
-        conn.peer = addr_tuple(family, client)
-        if new is None:
+        return fd, conn, client, server
+
+
+def accept_shm(sock: Any, lst: Listener, bare: bool) -> "tuple[Any, Any] | None":
+    """The next shared-memory client of the listening ``sock``: (a new
+    socket of ``sock``'s class, the client's address), or None if none is
+    waiting (see :func:`next_client`).  ``bare``: the class is shrimpio's
+    own, whose objects can be made without its constructor (a new
+    connection needs no look-up by inode)."""
+    got = next_client(lst, get_busy_poll_us() / 1e6)
+    if got is None:
+        return None
+    fd, conn, client, server = got
+    family = _family(sock)
+    cls = type(sock)
+    conn.local = addr_tuple(family, server)
+    conn.peer = addr_tuple(family, client)
+    try:
+        if bare:
+            # Made here: no timeout to apply (the fd from accept4 is
+            # blocking, and a default timeout was applied by the
+            # constructor).
+            new = cls.__new__(cls)
+            _std.socket.__init__(new, family, _STREAM, sock.proto, fd)
+            new._clear()
+        else:
             new = cls(family, _STREAM, sock.proto, fileno=fd)
             if _std.getdefaulttimeout() is None:
                 new.setblocking(True)
             else:
                 new.settimeout(_std.getdefaulttimeout())
-        new._install(conn)
-        return new, conn.peer
+    except BaseException:
+        conn.close()
+        os.close(fd)
+        raise
+    new._install(conn)
+    return new, conn.peer
 
 
 def accept_hello(bell: int, data: bytes, msg_flags: int, fds: list[int],
@@ -277,7 +338,12 @@ def accept_hello(bell: int, data: bytes, msg_flags: int, fds: list[int],
     """Check a client's hello (as :func:`~shrimpio._fastpath.stream_accept`
     received it) and map its segment: (connection, client address, server
     address).  Anything malformed raises ``ProtocolError`` (or OSError)
-    after closing ``bell`` and the fds."""
+    after closing ``bell`` and the fds.
+
+    Every fd is checked before use: the segment must be a sealed memfd
+    (one that may be truncated under us would kill us with SIGBUS), the
+    space doorbell a connected Unix seqpacket socket (``space_ok``)."""
+    seg = space = None
     try:
         payload = _control.datagram_payload(data, msg_flags, fds)
         m = HELLO_RE.fullmatch(payload)
@@ -301,30 +367,31 @@ def accept_hello(bell: int, data: bytes, msg_flags: int, fds: list[int],
             raise _control.ProtocolError("space doorbell is not a Unix seqpacket socket")
         fd0, fds[0] = fds[0], -1
         try:
-            seg = Segment.from_fd(fd0, size, keep_fd=False)    # closes fd0 on failure
-        except ValueError as exc:    # not a shared memory object, or too small
+            # Closes fd0 on failure; refuses any segment not sealed against
+            # shrinking, whatever this process's own SHRIMPIO_SEGMENT.
+            seg = Segment.from_fd(fd0, size, keep_fd=False, allow_unsealed=False)
+        except (ValueError, PermissionError) as exc:  # not a sealed memfd, or too small
             raise _control.ProtocolError(f"bad segment in stream hello: {exc}") from None
+        fd1, fds[1] = fds[1], -1
+        try:
+            space = _csocket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fd1)
+        except BaseException:
+            os.close(fd1)
+            raise
+        return Connection(seg, bell, space, client=False, caps=(c2s, s2c)), client, server
     except BaseException:
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
+        if space is not None:
+            space.close()
+        if seg is not None:
+            try:
+                seg.close()
+            except BufferError:         # still used by a ring: unmapped when freed
+                pass
         os.close(bell)
         raise
-    try:
-        space = _csocket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fds[1])
-    except BaseException:
-        os.close(fds[1])
-        os.close(bell)
-        seg.close()
-        raise
-    try:
-        conn = Connection(seg, bell, space, client=False, caps=(c2s, s2c))
-    except BaseException:
-        os.close(bell)
-        seg.close()
-        space.close()
-        raise
-    return conn, client, server
 
 
 def _generic_hello(payload: bytes, fds: list[int]) -> tuple:

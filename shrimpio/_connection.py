@@ -294,7 +294,14 @@ class Connection:
         off2 = _OFF2.get(c2s) or _align(Ring.footprint(c2s), 64)
         space_bell = space.fileno()
         ring_c2s = Ring(segment, 0, c2s, create=create, data_bell=bell_fd, space_bell=space_bell)
-        ring_s2c = Ring(segment, off2, s2c, create=create, data_bell=bell_fd, space_bell=space_bell)
+        try:
+            ring_s2c = Ring(segment, off2, s2c, create=create, data_bell=bell_fd,
+                            space_bell=space_bell)
+        except BaseException:
+            # (A peer's second ring header may be bad when its first is
+            # not: the segment must be closable by the caller.)
+            ring_c2s.close()
+            raise
         self.tx, self.rx = (ring_c2s, ring_s2c) if client else (ring_s2c, ring_c2s)
         self.refs = 1                 # socket objects of this process using it
         self.stream = Stream(self.tx, self.rx)

@@ -189,6 +189,8 @@ def escape_conn(conn: Any, why: str, fd: int = -1) -> bool:
         nonblock = bool(fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_NONBLOCK) if fds else False
         app.setblocking(not nonblock)
         for one in fds:
+            if _ss.fd_change_hooks:
+                _ss._fd_changing(one)        # patched epolls let go of the old file
             os.dup2(app.fileno(), one, inheritable=os.get_inheritable(one))
     finally:
         app_inode = _inode(app.fileno())

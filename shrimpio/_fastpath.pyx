@@ -90,6 +90,7 @@ cdef extern from "<sys/stat.h>" nogil:
     ctypedef struct struct_stat "struct stat":
         unsigned int st_mode
         long st_size
+        long st_blksize
     int fstat(int fd, struct_stat *st)
     bint S_ISREG(unsigned int mode)
 
@@ -163,8 +164,17 @@ def set_busy_poll_us(us):
     _default_spin_ns = _spin_ns_arg(us, "busy-poll budget")
 
 
-class RingCorruptedError(ConnectionError):
-    """The peer wrote an impossible value into shared memory; the ring is broken."""
+class RingCorruptedError(ConnectionResetError):
+    """The peer wrote an impossible value into shared memory; the ring is broken.
+
+    A ``ConnectionResetError`` (errno ``ECONNRESET``): to code written for
+    sockets, a peer that broke the connection is one that reset it, and
+    that is how such code already handles it."""
+
+    def __init__(self, *args):
+        if len(args) == 1:
+            args = (_errno.ECONNRESET, args[0])
+        super().__init__(*args)
 
 
 # ---------------------------------------------------------------------------
@@ -277,15 +287,18 @@ cdef class Segment:
         self.mapped = mapped
 
     @staticmethod
-    def from_fd(int fd, size=None, *, bint keep_fd=True, allow_unsealed=None):
+    def from_fd(int fd, size=None, *, bint keep_fd=True, bint allow_unsealed=False):
         """Map a segment received from a peer; takes ownership of ``fd``.
 
         ``size`` is what the peer announced; the file must be at least that
-        large (page-rounded).  A memfd must be sealed against shrinking, or a
-        peer could truncate it under us and crash us with SIGBUS.  Unsealable
-        objects (the ``shm`` fallback) are accepted only if ``allow_unsealed``
-        (default: this process itself uses ``SHRIMPIO_SEGMENT=shm``).
-        ``keep_fd=False`` closes the fd once mapped (the mapping stays).
+        large (page-rounded).  It must be a memfd sealed against shrinking,
+        or a peer could truncate it under us and crash us with SIGBUS
+        (``PermissionError`` otherwise).  Objects that cannot carry seals
+        (``shm_open``'s, made with ``SHRIMPIO_SEGMENT=shm``) are mapped only
+        with ``allow_unsealed=True``: for a peer trusted not to truncate
+        them (a child of ours, a test), never for one met through the
+        registry.  ``keep_fd=False`` closes the fd once mapped (the mapping
+        stays).
         """
         cdef Segment seg = Segment.__new__(Segment)
         cdef struct_stat st
@@ -295,6 +308,10 @@ cdef class Segment:
                 PyErr_SetFromErrno(OSError)
             if not S_ISREG(st.st_mode):
                 raise ValueError("fd %d is not a shared memory object" % fd)
+            if st.st_blksize != PAGE:
+                # Huge pages (hugetlbfs memfd): a fault when the pool runs
+                # dry is a SIGBUS, seals or not.
+                raise ValueError("fd %d is not backed by ordinary pages" % fd)
             if size is None:
                 size = st.st_size
             if not isinstance(size, int) or size <= 0:
@@ -317,11 +334,9 @@ cdef class Segment:
             else:
                 # Cannot carry seals: the shm fallback.  (Linux tmpfs files answer
                 # F_GET_SEALS with F_SEAL_SEAL alone, other systems with EINVAL.)
-                if allow_unsealed is None:
-                    allow_unsealed = bool(_default_kind_is_shm())
                 if not allow_unsealed:
-                    raise PermissionError(_errno.EPERM, "segment is not a sealed memfd "
-                                          "(set SHRIMPIO_SEGMENT=shm to accept the shm fallback)")
+                    raise PermissionError(_errno.EPERM, "segment is not a sealed memfd (a peer "
+                                          "could truncate it under us)")
                 seg.kind = "shm"
             seg.fd = fd
             seg._map(size, mapped)
@@ -687,6 +702,12 @@ cdef class Ring:
             memcpy(dst + first, self.data, n - first)
         return n
 
+    cdef bint _peer_gone_now(self, int bell) noexcept:
+        """Is the peer behind socket doorbell ``bell`` gone?  One poll(0):
+        only for the paths that would otherwise say "try again" (the data
+        path never pays it)."""
+        return bell >= 0 and self.bell_kind == SHR_BELL_SOCKET and shr_bell_peer_gone(bell) != 0
+
     cdef int _wait(self, int writable, uint64_t need, double timeout) except -2:
         """Spin, then sleep on the doorbell.  1 ready, 0 timed out, 2 peer gone.
 
@@ -840,6 +861,10 @@ cdef class Ring:
                 if done and not all_:
                     return done     # as much as fitted
                 if timeout == 0:
+                    # Full, and no waiting: as TCP, a reader that died is EPIPE
+                    # (else a non-blocking writer would see EAGAIN for ever).
+                    if self._peer_gone_now(self.space_bell):
+                        raise BrokenPipeError(_errno.EPIPE, "the reading side is gone")
                     # all_: a silent short write would lose data; say how much went in.
                     raise BlockingIOError(_errno.EAGAIN, "ring is full", done)
                 if limit == 0:
@@ -971,6 +996,13 @@ cdef class Ring:
                         return 0
                     continue
                 if timeout == 0:
+                    # Empty, and no waiting: as TCP, a writer that died is the
+                    # end (else a non-blocking reader would see EAGAIN for
+                    # ever).  Data or a shut that came before its death first.
+                    if self._peer_gone_now(self.data_bell):
+                        if self._avail() or shr_load_wshut(self.h):
+                            continue
+                        raise ConnectionResetError(_errno.ECONNRESET, "the writing side is gone")
                     raise BlockingIOError(_errno.EAGAIN, "ring is empty")
                 if limit == 0:
                     limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)

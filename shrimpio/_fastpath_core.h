@@ -152,7 +152,8 @@ static inline int shr_bell_ring(int fd, int kind) {
     }
 }
 
-/* Drain pending rings. 0 ok, -2 the peer is gone (EOF), -1 error.
+/* Drain pending rings. 0 ok, -2 the peer is gone (EOF), -1 error (which
+ * callers also take as the peer's death: see shr_wait_any_in).
  * Bounded: a peer flooding the doorbell must not keep us here (past our
  * deadline, deaf to signals); whatever is left just wakes the next ppoll(). */
 static inline int shr_bell_drain(int fd, int kind) {
@@ -186,7 +187,8 @@ static inline int shr_bell_peer_gone(int fd) {
         char c;
         ssize_t n = recv(fd, &c, 1, MSG_DONTWAIT | MSG_PEEK);
         if (n == 0) return 1;
-        if (n < 0 && errno == ECONNRESET) return 1;
+        /* Any error but "nothing yet" is death too (see shr_bell_drain). */
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return 1;
     }
     return 0;
 }
@@ -374,7 +376,12 @@ static int shr_wait_any_in(const shr_cond *conds, int n, const int *bells, const
                 return SHR_LOCAL;
             }
             r = shr_bell_drain(pfd[i].fd, kinds[owner[i]]);
-            if (r == -2 || (pfd[i].revents & (POLLHUP | POLLERR))) gone = owner[i];
+            /* Any error on a doorbell (a reset, but also ENOTCONN, EINVAL...:
+             * a socket the peer handed over that was never a doorbell) is
+             * the peer's death: it can never ring again, and a doorbell that
+             * is readable for ever must not make this wait return at once
+             * for ever. */
+            if (r != 0 || (pfd[i].revents & (POLLHUP | POLLERR))) gone = owner[i];
         }
         for (i = 0; i < n; i++)
             if (shr_cond_ready(&conds[i])) { *which = i; return SHR_READY; }

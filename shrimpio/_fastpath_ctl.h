@@ -145,14 +145,21 @@ static inline long long shr_peer_uid(int sock) {
     return (long long)cred.uid;
 }
 
-/* Is fd a Unix SOCK_SEQPACKET socket?  (1 yes, 0 no or not a socket.) */
+/* Is fd a connected Unix SOCK_SEQPACKET socket?  (1 yes, 0 no or not a socket.) */
 static inline int shr_is_unix_seqpacket(int fd) {
     int type = 0, domain = 0;
+    struct sockaddr_un peer;
     socklen_t len = sizeof type;
     if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_SEQPACKET)
         return 0;
     len = sizeof domain;
-    return getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 && domain == AF_UNIX;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 || domain != AF_UNIX)
+        return 0;
+    /* Connected (so not listening either: a listening socket has no peer,
+     * and one with a connection pending is readable for ever while every
+     * recv on it fails). */
+    len = sizeof peer;
+    return getpeername(fd, (struct sockaddr *)&peer, &len) == 0;
 }
 
 /* The client's half of a stream hello that fits in one call: bind the

@@ -6,18 +6,20 @@ cdef extern from "_fastpath_core.h" nogil:
     void shr_cond_arm(const shr_cond *c, uint32_t v)
 
 
-def ring_arm(Ring ring not None, bint writable):
+def ring_arm(Ring ring not None, bint writable, bint always=False):
     """Is the ring ready now (data or end of stream; or room, or a closed
-    reader)?  If not, set its sleeping flag (a full fence, then a re-check)
-    so that the peer rings the doorbell at its next change, and return False.
+    reader)?  If not (or ``always``: an edge-triggered waiter, which wants
+    the peer's *next* change even while ready), set its sleeping flag (a
+    full fence, then a re-check) so that the peer rings the doorbell at its
+    next change; return whether it is ready.
 
     A flag left set after the poller moves on costs the peer one spare ring
     and us one spare wake-up; clearing it could steal the wake-up of a thread
     blocked in a read on the same ring, so it is never cleared here."""
-    return bool(_ring_arm(ring, writable))
+    return bool(_ring_arm(ring, writable, always))
 
 
-cdef int _ring_arm(Ring ring, bint writable) except -1:
+cdef int _ring_arm(Ring ring, bint writable, bint always=False) except -1:
     """ring_arm for C callers: 1 ready, 0 armed."""
     cdef shr_cond c
     ring._check_open()
@@ -26,16 +28,28 @@ cdef int _ring_arm(Ring ring, bint writable) except -1:
     c.need = 1
     c.cap = ring.cap
     c.writable = writable
-    if shr_cond_ready(&c):
+    if not always and shr_cond_ready(&c):
         return 1
     shr_cond_arm(&c, 1)
     return shr_cond_ready(&c) != 0
 
 
+def ring_progress(Ring ring not None, bint writable):
+    """The peer's index as it stands (its producer index for a reader, its
+    consumer index for a writer) with its shut flag in the top bit: a value
+    that changes whenever the peer made the ring readable or writable
+    anew.  Not validated: only compared, by edge-triggered pollers."""
+    ring._check_open()
+    if writable:
+        return (shr_load_tail(ring.h) << 1) | (shr_load_rshut(ring.h) != 0)
+    return (shr_load_head(ring.h) << 1) | (shr_load_wshut(ring.h) != 0)
+
+
 def drain_bell(int fd):
     """Swallow the pending rings of a socket doorbell without blocking.
-    True if the peer is gone (end of file or reset)."""
-    return shr_bell_drain(fd, SHR_BELL_SOCKET) == -2
+    True if the peer is gone (end of file, reset, or any other error: a
+    doorbell that fails can never ring again)."""
+    return shr_bell_drain(fd, SHR_BELL_SOCKET) != 0
 
 
 def ring_peek_into(Ring ring not None, buffer, Py_ssize_t nbytes=-1):

@@ -8,6 +8,60 @@ import socket as _pysocket
 cdef int _MSG_DONTWAIT = int(_pysocket.MSG_DONTWAIT)
 cdef int _MSG_PEEK = int(_pysocket.MSG_PEEK)
 cdef int _MSG_WAITALL = int(_pysocket.MSG_WAITALL)
+cdef int _MSG_OOB = int(_pysocket.MSG_OOB)
+cdef int _MSG_ERRQUEUE = int(getattr(_pysocket, "MSG_ERRQUEUE", 0x2000))
+cdef int _MSG_FASTOPEN = int(getattr(_pysocket, "MSG_FASTOPEN", 0x20000000))
+cdef int _MSG_CMSG_COMPAT = <int>0x80000000   # kernel-internal: sendmsg/recvmsg refuse it
+# Flags whose answer is an error on a connected Linux TCP socket, whatever
+# the data: the calls check them only when one of these bits is set.
+cdef int _ODD_SEND = _MSG_FASTOPEN | _MSG_CMSG_COMPAT
+cdef int _ODD_RECV = _MSG_ERRQUEUE | _MSG_OOB | _MSG_CMSG_COMPAT
+
+from cpython.number cimport PyNumber_Index
+
+cdef class Stream
+
+
+cdef inline int _flags_arg(object flags) except? -1:
+    """``flags`` as CPython's socket module takes it: an integer (its
+    ``__index__``; TypeError for a float), OverflowError beyond a C int."""
+    if type(flags) is not int:
+        flags = PyNumber_Index(flags)
+    return flags
+
+
+cdef int _odd_send_flags(Stream st, int flags, bint msg) except -1:
+    """What Linux TCP answers to these send flags on a connected socket."""
+    if st.closed or st.tx.h == NULL:
+        raise OSError(_errno.EBADF, "Bad file descriptor")
+    if msg and flags & _MSG_CMSG_COMPAT:
+        raise OSError(_errno.EINVAL, "Invalid argument")
+    if flags & _MSG_FASTOPEN:
+        raise OSError(_errno.EISCONN, "Transport endpoint is already connected")
+    return 0
+
+
+cdef int _odd_recv_flags(Stream st, int flags, bint msg) except -1:
+    """What Linux TCP answers to these receive flags (never urgent data,
+    an empty error queue)."""
+    if st is not None and (st.closed or st.rx.h == NULL):
+        raise OSError(_errno.EBADF, "Bad file descriptor")
+    if msg and flags & _MSG_CMSG_COMPAT:
+        raise OSError(_errno.EINVAL, "Invalid argument")
+    if flags & _MSG_ERRQUEUE:
+        raise BlockingIOError(_errno.EAGAIN, "Resource temporarily unavailable")
+    if flags & _MSG_OOB:
+        raise OSError(_errno.EINVAL, "Invalid argument")
+    return 0
+
+
+def check_recvmsg_flags(flags):
+    """Validate ``recvmsg``-style flags as the stdlib would (type, range,
+    the ones Linux refuses for a connected TCP socket); returns them as an int."""
+    cdef int f = _flags_arg(flags)
+    if f & _ODD_RECV:
+        _odd_recv_flags(None, f, True)
+    return f
 
 
 cdef class Stream:
@@ -22,6 +76,7 @@ cdef class Stream:
     cdef public unsigned long long bytes_received
     cdef public bint rd_shut       # shutdown(SHUT_RD) in this process
     cdef public bint closed
+    cdef bint reset_told           # the peer's death was reported as a reset
 
     def __cinit__(self, Ring tx not None, Ring rx not None):
         self.tx = tx
@@ -34,14 +89,17 @@ cdef class Stream:
             return 0.0 if flags & _MSG_DONTWAIT else -1.0
         return _timeout_arg(timeout)
 
-    def send(self, data, int flags=0, timeout=None):
+    def send(self, data, flags_=0, timeout=None):
         """As ``socket.send``: blocking sends queue everything (as Linux TCP);
         otherwise what fits."""
         cdef Py_buffer buf
+        cdef int flags = _flags_arg(flags_)
         cdef double t = self._t(flags, timeout)
         cdef Py_ssize_t done = 0, n
         PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
         try:
+            if flags & _ODD_SEND:
+                _odd_send_flags(self, flags, False)
             if buf.len == 0:
                 self._call_check(self.tx)
                 return 0
@@ -82,6 +140,13 @@ cdef class Stream:
         self.bytes_sent += n
         return n
 
+    cdef bint _unread_by_peer(self):
+        """Did bytes we sent stay unread in the peer's ring?"""
+        cdef Ring tx = self.tx
+        if tx.h == NULL or tx.broken or self.rd_shut:
+            return False
+        return shr_load_tail(tx.h) != tx.head
+
     cdef int _call_check(self, Ring ring) except -1:
         try:
             ring._writable_check()
@@ -99,12 +164,15 @@ cdef class Stream:
             raise OSError(_errno.EBADF, "Bad file descriptor") from None
         raise exc
 
-    def sendall(self, data, int flags=0, timeout=None):
+    def sendall(self, data, flags_=0, timeout=None):
         """As ``socket.sendall`` (the timeout covers the whole call)."""
         cdef Py_buffer buf
+        cdef int flags = _flags_arg(flags_)
         cdef double t = self._t(flags, timeout)
         PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
         try:
+            if flags & _ODD_SEND:
+                _odd_send_flags(self, flags, False)
             try:
                 if buf.len == 0:
                     self.tx._writable_check()
@@ -116,11 +184,14 @@ cdef class Stream:
         finally:
             PyBuffer_Release(&buf)
 
-    def sendmsg(self, buffers, int flags=0, timeout=None):
+    def sendmsg(self, buffers, flags_=0, timeout=None):
         """As ``socket.sendmsg`` without ancillary data: a gather write;
         blocking, it queues everything (as ``send``)."""
+        cdef int flags = _flags_arg(flags_)
         cdef double t = self._t(flags, timeout)
         cdef Py_ssize_t n = 0
+        if flags & _ODD_SEND:
+            _odd_send_flags(self, flags, True)
         try:
             n = self.tx.writev(buffers, None if t < 0 else t, t < 0)
         except (OSError, ValueError):
@@ -128,18 +199,24 @@ cdef class Stream:
         self.bytes_sent += n
         return n
 
-    def recv(self, Py_ssize_t bufsize, int flags=0, timeout=None):
+    def recv(self, Py_ssize_t bufsize, flags_=0, timeout=None):
         """As ``socket.recv``."""
+        cdef int flags = _flags_arg(flags_)
         if bufsize < 0:
             raise ValueError("negative buffersize in recv")
         out = PyBytes_FromStringAndSize(NULL, bufsize)
         cdef Py_ssize_t n = self._recv(PyBytes_AS_STRING(out), bufsize, flags, timeout)
         return out if n == bufsize else out[:n]
 
-    def recv_into(self, buffer, Py_ssize_t nbytes=0, int flags=0, timeout=None):
+    def recv_into(self, buffer, Py_ssize_t nbytes=0, flags_=0, timeout=None):
         """As ``socket.recv_into``."""
         cdef Py_buffer buf
-        PyObject_GetBuffer(buffer, &buf, PyBUF_WRITABLE)
+        cdef int flags = _flags_arg(flags_)
+        try:
+            PyObject_GetBuffer(buffer, &buf, PyBUF_WRITABLE)
+        except (BufferError, TypeError):
+            raise TypeError("recv_into() argument 1 must be read-write bytes-like object, not %s"
+                            % ("None" if buffer is None else type(buffer).__name__)) from None
         try:
             if nbytes < 0:
                 raise ValueError("negative buffersize in recv_into")
@@ -157,6 +234,8 @@ cdef class Stream:
             if self.closed or rx.h == NULL:
                 raise OSError(_errno.EBADF, "Bad file descriptor")
             return 0
+        if flags & _ODD_RECV:
+            _odd_recv_flags(self, flags, False)
         if self.rd_shut:
             # As Linux after shutdown(SHUT_RD): a read never waits; it gets
             # what is there (the peer may still send), else end of file.
@@ -168,7 +247,7 @@ cdef class Stream:
                         raise TimeoutError("timed out")
                 n = <Py_ssize_t>min(rx._avail(), <uint64_t>nbytes)
                 rx._copy_out(dst, n)        # a copy across the wrap; nothing consumed
-                if n == 0 and t == 0 and not rx.at_eof():
+                if n == 0 and t == 0 and not rx.at_eof() and not rx._peer_gone_now(rx.data_bell):
                     raise BlockingIOError(_errno.EAGAIN, "Resource temporarily unavailable")
                 return n
             if flags & _MSG_WAITALL and t != 0:
@@ -181,8 +260,17 @@ cdef class Stream:
                 self.bytes_received += got
                 return got
             n = rx._read(dst, nbytes, t)
+        except RingCorruptedError:
+            raise                   # the peer broke the ring: its calls raise
         except ConnectionResetError:
-            return 0                # the peer is gone: as TCP after its FIN, end of file
+            # The peer is gone without shutting its side (it died).  As
+            # Linux TCP: if bytes of ours were left unread, its kernel
+            # answered with a reset: ECONNRESET, once; else (and after
+            # that) end of file.  (Its data came first: the ring said so.)
+            if not self.reset_told and self._unread_by_peer():
+                self.reset_told = True
+                raise ConnectionResetError(_errno.ECONNRESET, "Connection reset by peer") from None
+            return 0
         except BlockingIOError:
             if self.rd_shut:
                 return 0

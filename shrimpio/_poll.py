@@ -21,6 +21,16 @@ and no spurious readiness (a non-blocking ``recv`` after ``select`` says
 readable does not raise ``BlockingIOError``).  A listener is ready when its TCP
 socket or its registry socket has a connection waiting.
 
+What a registered fd is, is decided at poll time: ``epoll`` keeps each
+registration where it belongs now (a socket registered before its
+``connect()``/``listen()`` is watched as what it became; ``fd_changing``
+takes a kernel registration out before ``dup2`` replaces its file), and
+honours ``EPOLLONESHOT`` and ``EPOLLET`` for shrimpio fds too.
+
+A connection whose ring the peer broke (``RingCorruptedError``) is
+reported ready for whatever was asked, so that its own ``recv``/``send``
+raise; the poller itself never raises for one connection's sake.
+
 Everything that is not a shrimpio socket goes to the kernel unchanged.
 """
 
@@ -30,10 +40,11 @@ import errno
 import math
 import select as _select
 import time
+import weakref
 from typing import Any, Iterable, Optional
 
 from . import socket as _ss
-from ._fastpath import drain_bell, ring_arm
+from ._fastpath import drain_bell, ring_arm, ring_progress
 
 __all__ = ["select", "poll", "epoll", "drain"]
 
@@ -91,9 +102,11 @@ def drain(conn: Any) -> None:
         conn.gone = True
 
 
-def _want(sock: Any, read: bool, write: bool) -> tuple[bool, bool, list[tuple[int, int]]]:
+def _want(sock: Any, read: bool, write: bool,
+          always: bool = False) -> tuple[bool, bool, list[tuple[int, int]]]:
     """Arm ``sock`` for the interests given.  Returns (readable now, writable
-    now, [(kernel fd, POLLIN)...] to watch if nothing is ready)."""
+    now, [(kernel fd, POLLIN)...] to watch if nothing is ready).  ``always``
+    (edge-triggered): arm and watch even what is ready, for its next change."""
     lst = sock._lst
     if lst is not None:
         if read and lst.ready:
@@ -104,17 +117,23 @@ def _want(sock: Any, read: bool, write: bool) -> tuple[bool, bool, list[tuple[in
     watch: list[tuple[int, int]] = []
     if conn.gone:
         return read, write, []
-    if read:
-        if conn.rd_shut or ring_arm(conn.rx, False):
-            r = True
-        else:
-            watch.append((conn.bell_fd, POLLIN))
-    if write:
-        if ring_arm(conn.tx, True):
-            w = True
-        else:
-            watch.append((conn.space.fileno(), POLLIN))
-            watch.append((conn.bell_fd, POLLIN))     # EOF there = peer gone
+    try:
+        if read:
+            if conn.rd_shut or ring_arm(conn.rx, False, always):
+                r = True
+            if not r or always:
+                watch.append((conn.bell_fd, POLLIN))
+        if write:
+            if ring_arm(conn.tx, True, always):
+                w = True
+            if not w or always:
+                watch.append((conn.space.fileno(), POLLIN))
+                watch.append((conn.bell_fd, POLLIN))     # EOF there = peer gone
+    except (OSError, ValueError):
+        # A broken ring (the peer wrote impossible values) or one closed
+        # under us: ready, so that the socket's own call raises; never
+        # the poller's, which watches other connections too.
+        return read, write, []
     return r, w, watch
 
 
@@ -124,23 +143,28 @@ def _ready(sock: Any, read: bool, write: bool) -> tuple[bool, bool]:
     if lst is not None:
         if not read:
             return False, False
-        if lst.ready:
+        # A TCP client waiting, or a shared-memory one whose hello came:
+        # one that only connected to the registry entry is not acceptable
+        # yet (accept() would say EAGAIN), so the listener takes it now.
+        if lst.ready or _real_poll_once([sock.fileno()]):
             return True, False
-        # The TCP side is ready when the kernel says so; a registry client
-        # only once accept() can take it (its hello is there): see
-        # socket._accept_ahead.
-        if _real_poll_once([sock.fileno()]):
-            return True, False
-        fds = lst.watch_fds()
-        return bool(fds) and _real_poll_once(fds) and sock._accept_ahead(), False
+        if _real_poll_once(lst.watch_fds()):
+            try:
+                return lst.acceptable(), False
+            except OSError:
+                return True, False          # let accept() raise it
+        return False, False
     conn = sock._shm
     if conn is None or conn.closed:
         return read, write            # closed under us: let the call raise EBADF
     drain(conn)
     if conn.gone:
         return read, write
-    r = read and (conn.rd_shut or conn.rx.readable() > 0 or conn.rx.at_eof())
-    w = write and (conn.tx.free() > 0 or conn.tx.read_shut)
+    try:
+        r = read and (conn.rd_shut or conn.rx.readable() > 0 or conn.rx.at_eof())
+        w = write and (conn.tx.free() > 0 or conn.tx.read_shut)
+    except (OSError, ValueError):     # broken or closed: as in _want
+        return read, write
     return r, w
 
 
@@ -154,7 +178,7 @@ def _hup(conn: Any) -> bool:
         return False
     try:
         return conn.tx.write_shut and (conn.rd_shut or conn.gone or conn.rx.at_eof())
-    except ValueError:          # closed under us
+    except (OSError, ValueError):   # closed under us, or broken (reported ready)
         return False
 
 
@@ -261,8 +285,9 @@ class poll:
 
 
 def _poll_many(interest: dict[int, int], timeout: Optional[float], maxevents: int,
-               epoll_bits: bool = False) -> list[tuple[int, int]]:
-    """Shared by poll and epoll: ``interest`` maps fd -> poll-style mask."""
+               regs: "Optional[dict[int, _Reg]]" = None) -> list[tuple[int, int]]:
+    """Shared by poll and epoll: ``interest`` maps fd -> poll-style mask.
+    ``regs`` (epoll): the shm fds' registrations, for edge-triggered ones."""
     shm = {fd: s for fd in interest if (s := _shrimp(fd)) is not None}
     deadline = _deadline(timeout)
     while True:
@@ -274,7 +299,11 @@ def _poll_many(interest: dict[int, int], timeout: Optional[float], maxevents: in
             if sock is None:
                 kernel.register(fd, mask)
                 continue
-            r, w, watch = _want(sock, bool(mask & _IN_BITS), bool(mask & _OUT_BITS))
+            reg = regs.get(fd) if regs else None
+            edge = reg is not None and reg.edge and sock._shm is not None
+            r, w, watch = _want(sock, bool(mask & _IN_BITS), bool(mask & _OUT_BITS), edge)
+            if edge:
+                r, w = reg.news(sock._shm, r, w, peek=True)
             ev = (POLLIN if r else 0) | (POLLOUT if w else 0)
             if ev:
                 now[fd] = ev
@@ -301,8 +330,12 @@ def _poll_many(interest: dict[int, int], timeout: Optional[float], maxevents: in
         for fd, sock in shm.items():
             mask = interest[fd]
             r, w = _ready(sock, bool(mask & _IN_BITS), bool(mask & _OUT_BITS))
+            reg = regs.get(fd) if regs else None
+            if reg is not None and reg.edge and sock._shm is not None:
+                r, w = reg.news(sock._shm, r, w)
             ev = (POLLIN if r else 0) | (POLLOUT if w else 0)
-            if _hup(sock._shm):
+            # POLLHUP whatever was asked; edge-triggered, only with an edge.
+            if (ev or reg is None or not reg.edge) and _hup(sock._shm):
                 ev |= POLLHUP
             if ev:
                 out[fd] = ev
@@ -315,13 +348,85 @@ def _poll_many(interest: dict[int, int], timeout: Optional[float], maxevents: in
 # select.epoll
 
 
+class _Reg:
+    """An epoll registration of a shrimpio fd: its mask, the connection or
+    listener it was made for (a registration outlives neither: the stdlib's
+    epoll forgets an fd when its file closes), its one-shot state, and the
+    last edges reported (edge-triggered)."""
+
+    __slots__ = ("mask", "ref", "armed", "edge", "oneshot", "last_r", "last_w")
+
+    def __init__(self, mask: int, sock: Any) -> None:
+        self.ref = weakref.ref(sock._shm if sock._shm is not None else sock._lst)
+        self.set_mask(mask)
+
+    def set_mask(self, mask: int) -> None:
+        self.mask = mask
+        self.armed = True
+        self.edge = bool(mask & _EPOLLET)
+        self.oneshot = bool(mask & _EPOLLONESHOT)
+        self.last_r = self.last_w = None
+
+    def is_for(self, sock: Any) -> bool:
+        return self.ref() is (sock._shm if sock._shm is not None else sock._lst)
+
+    def news(self, conn: Any, r: bool, w: bool, peek: bool = False) -> tuple[bool, bool]:
+        """Edge-triggered: which of (readable, writable) changed since they
+        were last reported (the peer wrote, read, shut or died); ``peek``
+        leaves the record as it is."""
+        try:
+            mr = (ring_progress(conn.rx, False), conn.gone, conn.rd_shut) if r else None
+            mw = (ring_progress(conn.tx, True), conn.gone) if w else None
+        except (OSError, ValueError):
+            return r, w                     # broken or closed: report, the calls raise
+        r = r and mr != self.last_r
+        w = w and mw != self.last_w
+        if not peek:
+            if r:
+                self.last_r = mr
+            if w:
+                self.last_w = mw
+        return r, w
+
+
+_EPOLLET = getattr(_select, "EPOLLET", 1 << 31)
+_EPOLLONESHOT = getattr(_select, "EPOLLONESHOT", 1 << 30)
+
+#: Live patched epoll objects, told when an fd is about to become a shrimpio
+#: connection or listener (see fd_changing).
+_epolls: "weakref.WeakSet[epoll]" = weakref.WeakSet()
+
+
+def fd_changing(fd: int) -> None:
+    """``fd`` (a shrimpio socket's) is about to become a shared-memory
+    connection (its file replaced by ``dup2``) or listener, or to stop
+    being one (its file replaced by a kernel socket's).  An epoll that has
+    it registered takes it out while the registration is still on this
+    file (the kernel drops it silently with the file), and decides at its
+    next poll where it belongs.  (Installed in ``shrimpio.socket.fd_change_hooks``.)"""
+    if not _epolls:
+        return
+    for ep in list(_epolls):
+        ep._fd_changing(fd)
+
+
 class epoll:
-    """``select.epoll`` that understands shrimpio sockets (level-triggered;
-    ``EPOLLET`` and ``EPOLLONESHOT`` are honoured for kernel fds only)."""
+    """``select.epoll`` that understands shrimpio sockets.
+
+    Whether a registered fd is a shrimpio connection or listener is decided
+    at poll time, not at registration: a socket registered before its
+    ``connect()`` or ``listen()`` (pyftpdlib does so) is watched as what it
+    became.  Kernel fds are registered in a real epoll (``EPOLLET`` and
+    ``EPOLLONESHOT`` as the kernel does them); shrimpio fds honour both too:
+    one-shot until ``modify()``, edge-triggered on the peer's next write,
+    read, shut or death."""
 
     def __init__(self, sizehint: int = -1, flags: int = 0) -> None:
         self._ep = _real_epoll(sizehint, flags)
-        self._shm: dict[int, int] = {}       # shrimpio fd -> mask
+        self._shm: dict[int, _Reg] = {}      # shrimpio fd -> registration
+        self._kmask: dict[int, int] = {}     # fds registered in the kernel epoll (maybe stale)
+        self._moving: dict[int, int] = {}    # taken out of the kernel by fd_changing: fd -> mask
+        _epolls.add(self)
 
     def fileno(self) -> int:
         return self._ep.fileno()
@@ -333,6 +438,9 @@ class epoll:
     def close(self) -> None:
         self._ep.close()
         self._shm.clear()
+        self._kmask.clear()
+        self._moving.clear()
+        _epolls.discard(self)
 
     def __enter__(self) -> "epoll":
         return self
@@ -344,44 +452,111 @@ class epoll:
         if self._ep.closed:
             raise ValueError("I/O operation on closed epoll object")
 
+    def _live(self, fd: int) -> "Optional[_Reg]":
+        """fd's shrimpio registration if it still stands (else it is
+        forgotten: the file it was made for is gone)."""
+        reg = self._shm.get(fd)
+        if reg is None:
+            return None
+        sock = _shrimp(fd)
+        if sock is not None and reg.is_for(sock):
+            return reg
+        del self._shm[fd]
+        return None
+
     def register(self, fd: Any, eventmask: int = _select.EPOLLIN | _select.EPOLLPRI | _select.EPOLLOUT) -> None:
         self._check()
         fd = _fd_of(fd)
-        if _shrimp(fd) is not None:
-            if fd in self._shm:
+        sock = _shrimp(fd)
+        if sock is not None:
+            if self._live(fd) is not None or fd in self._moving:
                 raise FileExistsError(errno.EEXIST, "File exists")
-            self._shm[fd] = eventmask
+            self._shm[fd] = _Reg(eventmask, sock)
+            self._kmask.pop(fd, None)
             return
+        self._live(fd)
+        if fd in self._moving:
+            raise FileExistsError(errno.EEXIST, "File exists")
         self._ep.register(fd, eventmask)
+        self._kmask[fd] = eventmask
 
     def modify(self, fd: Any, eventmask: int) -> None:
         self._check()
         fd = _fd_of(fd)
-        if fd in self._shm:
-            self._shm[fd] = eventmask
+        reg = self._live(fd)
+        if reg is not None:
+            reg.set_mask(eventmask)
+            return
+        if fd in self._moving:
+            self._moving[fd] = eventmask
             return
         self._ep.modify(fd, eventmask)
+        self._kmask[fd] = eventmask
 
     def unregister(self, fd: Any) -> None:
         self._check()
         fd = _fd_of(fd)
-        if fd in self._shm:
+        if self._live(fd) is not None:
             del self._shm[fd]
             return
+        if self._moving.pop(fd, None) is not None:
+            return
         self._ep.unregister(fd)
+        self._kmask.pop(fd, None)
+
+    def _fd_changing(self, fd: int) -> None:
+        if self._ep.closed:
+            return
+        reg = self._live(fd)
+        if reg is not None:                  # a shrimpio fd about to be a kernel one
+            del self._shm[fd]
+            self._moving[fd] = reg.mask
+            return
+        mask = self._kmask.pop(fd, None)
+        if mask is None:
+            return
+        try:
+            self._ep.unregister(fd)          # only if registered for this very file
+        except OSError:
+            return                           # a stale entry (that file was closed)
+        self._moving[fd] = mask
+
+    def _settle(self) -> None:
+        """Put the fds fd_changing took out where they now belong."""
+        for fd, mask in list(self._moving.items()):
+            del self._moving[fd]
+            sock = _shrimp(fd)
+            if sock is not None:
+                self._shm[fd] = _Reg(mask, sock)
+                continue
+            try:                             # still (or again) a kernel socket
+                self._ep.register(fd, mask)
+                self._kmask[fd] = mask
+            except OSError:
+                pass                         # closed meanwhile: forgotten, as by the kernel
 
     def poll(self, timeout: Optional[float] = None, maxevents: int = -1) -> list[tuple[int, int]]:
         self._check()
         if timeout is not None and timeout < 0:
             timeout = None
-        live = {fd: m for fd, m in self._shm.items() if _shrimp(fd) is not None}
+        if self._moving:
+            self._settle()
+        live = {fd: reg for fd in list(self._shm) if (reg := self._live(fd)) is not None}
+        live = {fd: reg for fd, reg in live.items() if reg.armed}
         if not live:
             return self._ep.poll(-1 if timeout is None else timeout, maxevents)
         # The kernel fds of the epoll join as one more pollable fd.
-        interest = {fd: _to_poll(mask) for fd, mask in live.items()}
+        interest = {fd: _to_poll(reg.mask) for fd, reg in live.items()}
         interest[self._ep.fileno()] = POLLIN
-        events = _poll_many(interest, timeout, -1)
-        out = [(fd, _to_epoll(ev)) for fd, ev in events if fd != self._ep.fileno()]
+        events = _poll_many(interest, timeout, -1, live)
+        out = []
+        for fd, ev in events:
+            if fd == self._ep.fileno():
+                continue
+            reg = live[fd]
+            if reg.oneshot:
+                reg.armed = False            # until modify() re-arms it
+            out.append((fd, _to_epoll(ev)))
         if any(fd == self._ep.fileno() for fd, _ in events):
             out += self._ep.poll(0, maxevents)
         return out if maxevents is None or maxevents < 0 else out[:maxevents]
@@ -395,3 +570,6 @@ def _to_poll(mask: int) -> int:
 def _to_epoll(ev: int) -> int:
     return ((_select.EPOLLIN if ev & POLLIN else 0) | (_select.EPOLLOUT if ev & POLLOUT else 0)
             | (_select.EPOLLHUP if ev & POLLHUP else 0))
+
+
+_ss.fd_change_hooks.append(fd_changing)

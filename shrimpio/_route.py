@@ -182,7 +182,7 @@ def candidate_entries(family: int, host: str, port: int) -> "tuple[str, ...]":
     return tuple(dict.fromkeys(names))
 
 
-_ENV_NAMES = (b"SHRIMPIO_DISABLE", b"SHRIMPIO_TCP", b"SHRIMPIO_REGISTRY")
+_ENV_NAMES = (b"SHRIMPIO_DISABLE", b"SHRIMPIO_TCP", b"SHRIMPIO_REGISTRY", b"SHRIMPIO_SEGMENT")
 
 
 def env_key() -> tuple:
@@ -205,7 +205,16 @@ def decide_client(host: str, port: int) -> Route:
         return Route(TCP, "disabled by rule")
     if not is_local_address(host):
         return Route(TCP, "remote host")
+    if not _sealable_segments():
+        # A listener maps only segments sealed against shrinking (one that
+        # the peer could truncate would kill the mapper with SIGBUS).
+        return Route(TCP, "segments cannot be sealed (SHRIMPIO_SEGMENT=shm)")
     return SHM_ROUTE
+
+
+def _sealable_segments() -> bool:
+    """Does this process make memfd segments (sealed against shrinking)?"""
+    return getenv("SHRIMPIO_SEGMENT") != "shm" and hasattr(os, "memfd_create")
 
 
 def listener_allowed(host: str, port: int) -> Route:

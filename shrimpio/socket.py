@@ -32,7 +32,6 @@ import select as _select
 import stat
 import _socket as _csocket
 import socket as _std
-import struct
 import threading
 import time
 import weakref
@@ -41,6 +40,8 @@ from typing import Any, Optional
 from . import _accept, _connection, _control, _escape, _handshake, _route
 from ._connection import Connection
 from ._fastpath import spin_readable
+from . import _sockargs
+from ._sockargs import NOARG as _NOARG
 from ._accept import Listener as _Listener
 
 __all__ = ["socket", "info", "StdSocket"]
@@ -57,11 +58,16 @@ _AF_UNIX, _SOCK_SEQPACKET = int(_std.AF_UNIX), int(_std.SOCK_SEQPACKET)
 _family = _csocket.socket.family.__get__
 _type = _csocket.socket.type.__get__
 
-# SOL_SOCKET options whose value is a struct (its size), not an int: read
-# with a buflen, an unset one is that many zero bytes, as from the kernel.
-_STRUCT_OPTS = {_std.SO_LINGER: struct.calcsize("ii"),
-                _std.SO_RCVTIMEO: struct.calcsize("ll"),
-                _std.SO_SNDTIMEO: struct.calcsize("ll")}
+#: Called with an fd whose file is about to be replaced, or that is about to
+#: become (or stop being) a shared-memory connection or listener: pollers
+#: that keep registrations (the patched epoll) put it where it now belongs.
+fd_change_hooks: list = []
+
+
+def _fd_changing(fd: int) -> None:
+    for hook in fd_change_hooks:
+        hook(fd)
+
 
 # fd -> socket object, for the pollers and fromfd (weak: objects die normally).
 _by_fd: "weakref.WeakValueDictionary[int, socket]" = weakref.WeakValueDictionary()
@@ -237,9 +243,13 @@ class socket(StdSocket):
         if self._shm is not None or self._lst is not None:
             if self.fileno() < 0:
                 raise _ebadf()
+            self._address_check(address, "connect")     # parsed first, as by the stdlib
             raise OSError(errno.EISCONN, "Transport endpoint is already connected")
-        if self._is_tcp() and self.fileno() >= 0 and self._try_shm(address, kit_later=True):
-            return
+        if self._is_tcp() and self.fileno() >= 0:
+            if fd_change_hooks:
+                _fd_changing(self.fileno())      # (registered in an epoll before connect)
+            if self._try_shm(address, kit_later=True):
+                return
         super().connect(address)
         self._remember_peer()
 
@@ -315,6 +325,8 @@ class socket(StdSocket):
         self._lst = _Listener(name, usock)
         _by_fd[self.fileno()] = self
         _listening(self._lst)
+        if fd_change_hooks:
+            _fd_changing(self.fileno())          # (registered in an epoll before listen)
 
     def _adopt_listener(self, name: str, usock_fd: int) -> None:
         """This kernel listening socket came from another process with its
@@ -431,31 +443,7 @@ class socket(StdSocket):
             tmp.detach()
 
     def _accept_shm(self, lst: _Listener) -> Optional[tuple["socket", Any]]:
-        if lst.ready:
-            try:
-                return lst.ready.popleft()      # a poller accepted it already
-            except IndexError:
-                pass                            # (taken by another thread)
         return _accept.accept_shm(self, lst, type(self) is socket)
-
-    def _accept_ahead(self) -> bool:
-        """For the pollers: will accept() find a client now?  A registry
-        client is accepted here (its hello checked) and kept for the next
-        accept(), so that readiness is never a client that is not there
-        yet (one whose hello is late waits aside, see _accept)."""
-        lst = self._lst
-        if lst is None:
-            return False
-        if lst.ready:
-            return True
-        try:
-            got = _accept.accept_shm(self, lst, type(self) is socket)
-        except OSError:
-            return True                         # accept() will say what is wrong
-        if got is None:
-            return False
-        lst.ready.append(got)
-        return True
 
     # -- data --------------------------------------------------------------------
 
@@ -497,8 +485,17 @@ class socket(StdSocket):
             n = super().sendto(data, *args)
             self._sent += n
             return n
+        if not 1 <= len(args) <= 2:
+            raise TypeError(f"sendto() takes 2 or 3 arguments ({len(args) + 1} given)")
         flags = args[0] if len(args) == 2 else 0
+        self._address_check(args[-1], "sendto")   # (then ignored, as by a connected stream)
         return self.send(data, flags)
+
+    def _address_check(self, address: Any, call: str) -> None:
+        """The first check the stdlib makes of an AF_INET/AF_INET6 address."""
+        if not isinstance(address, tuple):
+            raise TypeError(f"{call}(): AF_INET{'6' if self.family == _std.AF_INET6 else ''} "
+                            f"address must be tuple, not {type(address).__name__}")
 
     def sendfile(self, file: Any, offset: int = 0, count: Optional[int] = None) -> int:
         """As ``socket.sendfile``; over shared memory the file's bytes are
@@ -592,7 +589,15 @@ class socket(StdSocket):
             res = super().recvmsg(bufsize, ancbufsize, flags)
             self._received += len(res[0])
             return res
-        return self.recv(bufsize, flags), [], 0, None
+        return _sockargs.recvmsg(self, self._conn(), bufsize, ancbufsize, flags)
+
+    def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> tuple:
+        """As ``socket.recvmsg_into`` (scatter); no ancillary data over shared memory."""
+        if self._shm is None:
+            res = super().recvmsg_into(buffers, ancbufsize, flags)
+            self._received += res[0]
+            return res
+        return _sockargs.recvmsg_into(self, self._conn(), buffers, ancbufsize, flags)
 
     # -- shutdown and close --------------------------------------------------------
 
@@ -601,6 +606,7 @@ class socket(StdSocket):
         conn = self._shm
         if conn is None:
             return super().shutdown(how)
+        how = _sockargs.index_arg(how)
         if how not in (_std.SHUT_RD, _std.SHUT_WR, _std.SHUT_RDWR):
             raise OSError(errno.EINVAL, "Invalid argument")
         self._conn()
@@ -714,53 +720,26 @@ class socket(StdSocket):
             return self._peer
         return super().getpeername()
 
-    def setsockopt(self, level: int, optname: int, value: Any, optlen: Optional[int] = None) -> None:
-        """As ``socket.setsockopt``; buffer sizes before connect size the rings."""
+    def setsockopt(self, level: int, optname: int, value: Any, optlen: Any = _NOARG) -> None:
+        """As ``socket.setsockopt``; buffer sizes before connect size the rings
+        (over shared memory see ``_sockargs.setsockopt``)."""
         if level == _std.SOL_SOCKET and optname in (_std.SO_SNDBUF, _std.SO_RCVBUF) \
                 and isinstance(value, int):
             self._bufs[optname] = value
         if self._shm is None:
-            if optlen is None:
+            if optlen is _NOARG:
                 return super().setsockopt(level, optname, value)
             return super().setsockopt(level, optname, value, optlen)
         self._conn()
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            # Kept whole: struct options (SO_LINGER, ...) read back with a
-            # buflen as the bytes that were set.
-            self._opts[(level, optname)] = bytes(value)
-            return
-        self._opts[(level, optname)] = 0 if value is None else int(value)
+        _sockargs.setsockopt(self, level, optname, value, optlen)
 
-    def getsockopt(self, level: int, optname: int, buflen: Optional[int] = None) -> Any:
-        """As ``socket.getsockopt``."""
+    def getsockopt(self, level: int, optname: int, buflen: Any = _NOARG) -> Any:
+        """As ``socket.getsockopt`` (over shared memory see ``_sockargs.getsockopt``)."""
         if self._shm is None:
-            if buflen is None:
+            if buflen is _NOARG:
                 return super().getsockopt(level, optname)
             return super().getsockopt(level, optname, buflen)
-        conn = self._conn()
-        value = self._opts.get((level, optname), 0)
-        raw = None
-        if (level, optname) not in self._opts and level == _std.SOL_SOCKET \
-                and optname in _STRUCT_OPTS:
-            raw = bytes(_STRUCT_OPTS[optname])     # unset struct option: zeros of its size
-        if isinstance(value, bytes):
-            raw = value
-            value = struct.unpack("i", raw[:4].ljust(4, b"\0"))[0]
-        if level == _std.SOL_SOCKET:
-            value = {
-                _std.SO_TYPE: _STREAM,
-                _std.SO_ERROR: 0,
-                _std.SO_SNDBUF: conn.tx.capacity,
-                _std.SO_RCVBUF: conn.rx.capacity,
-                _std.SO_ACCEPTCONN: 0,
-                getattr(_std, "SO_DOMAIN", -100): self.family,
-                getattr(_std, "SO_PROTOCOL", -100): _std.IPPROTO_TCP,
-            }.get(optname, value)
-        if buflen is None:
-            return value
-        if raw is not None and value == struct.unpack("i", raw[:4].ljust(4, b"\0"))[0]:
-            return raw[:buflen]
-        return struct.pack("i", value)[:buflen].ljust(min(buflen, 4), b"\0")
+        return _sockargs.getsockopt(self, self._conn(), level, optname, buflen)
 
 
 # Listeners of this process with a registry entry, so that the entries go

@@ -114,3 +114,7 @@ class TestThreads(suite.ThreadTests):
 
 class TestProcesses(suite.ProcessTests):
     pass
+
+
+class TestArgumentErrors(suite.ArgumentErrorTests):
+    pass

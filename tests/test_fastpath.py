@@ -150,7 +150,7 @@ CHILD_WRITER = """
     import os, sys
     from shrimpio._fastpath import Segment
     fd, size = int(sys.argv[1]), int(sys.argv[2])
-    seg = Segment.from_fd(fd, size)
+    seg = Segment.from_fd(fd, size, allow_unsealed=os.environ.get("TRUST_PARENT") == "1")
     m = memoryview(seg)
     assert bytes(m[:6]) == b"parent", bytes(m[:6])
     m[size - 5:] = b"child"
@@ -165,7 +165,7 @@ def test_fd_passed_to_child_process(kind):
     seg = Segment(2 * PAGE, kind=kind)
     try:
         memoryview(seg)[:6] = b"parent"
-        env = {"SHRIMPIO_SEGMENT": kind}  # the child accepts the shm fallback only if it uses it
+        env = {"TRUST_PARENT": "1" if kind == "shm" else "0"}  # unsealed: only when told
         res = run_python(CHILD_WRITER, seg.fileno(), seg.size, env=env, pass_fds=[seg.fileno()])
         assert res.returncode == 0, res.stderr
         child_kind, child_pid = res.stdout.split()
@@ -176,9 +176,12 @@ def test_fd_passed_to_child_process(kind):
         seg.close()
 
 
-def test_child_refuses_shm_segment_unless_configured():
+@pytest.mark.parametrize("setting", ["memfd", "shm"])
+def test_child_refuses_shm_segment_unless_told(setting):
+    """Whatever its own SHRIMPIO_SEGMENT, a process maps an unsealed
+    segment only when its caller says so (allow_unsealed)."""
     with Segment(PAGE, kind="shm") as seg:
-        res = run_python(CHILD_WRITER, seg.fileno(), seg.size, env={"SHRIMPIO_SEGMENT": "memfd"},
+        res = run_python(CHILD_WRITER, seg.fileno(), seg.size, env={"SHRIMPIO_SEGMENT": setting},
                          pass_fds=[seg.fileno()])
         assert res.returncode != 0
         assert "PermissionError" in res.stderr and "not a sealed memfd" in res.stderr
@@ -280,10 +283,8 @@ def test_from_fd_shm_needs_permission(monkeypatch):
         with Segment.from_fd(os.dup(seg.fileno()), allow_unsealed=True) as s2:
             assert s2.kind == "shm"
         monkeypatch.setenv("SHRIMPIO_SEGMENT", "shm")
-        with Segment.from_fd(os.dup(seg.fileno())) as s3:  # default follows the env
-            assert s3.kind == "shm"
-        with pytest.raises(PermissionError):
-            Segment.from_fd(os.dup(seg.fileno()), allow_unsealed=False)
+        with pytest.raises(PermissionError):       # the default never follows the env
+            Segment.from_fd(os.dup(seg.fileno()))
 
 
 def test_from_fd_bad_fd():

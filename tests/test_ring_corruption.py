@@ -6,6 +6,7 @@ marks the ring broken, and never reads or writes outside the ring.
 Header offsets (``_fastpath_core.h``) are in fastpath_helpers.FIELDS.
 """
 
+import errno
 import subprocess
 import sys
 import threading
@@ -328,3 +329,184 @@ def test_concurrent_hostile_process():
     assert res.returncode == 0, f"victim died ({res.returncode}): {res.stderr[-2000:]}"
     caught, rounds = map(int, res.stdout.split())
     assert rounds > 50 and caught >= 1   # (few on one CPU, where the two take turns)
+
+
+# --------------------------------------------------------------------------- pollers
+#
+# One connection whose peer (a real process) scribbles over a ring header,
+# beside a healthy one in the same poller: the poller never raises, reports
+# the broken one ready as asked, and its own calls raise; the healthy one
+# goes on as before.
+
+import os  # noqa: E402
+import select  # noqa: E402
+import selectors  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import struct  # noqa: E402
+
+import shrimpio.patch  # noqa: E402
+import shrimpio.socket as ss  # noqa: E402
+from shrimpio._connection import Connection  # noqa: E402
+
+shrimpio.patch.disable()
+
+_HEAD, _TAIL = 64, 128
+
+
+def _scribbler(addr, cmd_r, done_w):
+    """Child: connect, then on each command scribble over a header field of
+    our segment (the rings both sides use) and say so."""
+    sock = ss.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.connect(addr)
+    conn = sock._shm
+    off2 = Connection.layout(conn.tx.capacity, conn.rx.capacity)[0]
+    mv = memoryview(conn.segment)
+    os.write(done_w, b"c")
+    while True:
+        cmd = os.read(cmd_r, 1)
+        if not cmd:
+            return
+        if cmd == b"h":          # our producer index (the victim reads it)
+            struct.pack_into("<Q", mv, _HEAD, 2 ** 40)
+        elif cmd == b"t":        # our consumer index (the victim writes by it)
+            struct.pack_into("<Q", mv, off2 + _TAIL, 2 ** 63)
+        os.write(done_w, cmd)
+
+
+class Scribbler:
+    def __init__(self, lst):
+        addr = lst.getsockname()
+        cmd_r, self.cmd_w = os.pipe()
+        self.done_r, done_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:                                   # pragma: no cover - child
+            code = 1
+            try:
+                os.close(self.cmd_w)
+                os.close(self.done_r)
+                lst.close()                     # (the parent's: its entry goes with it)
+                _scribbler(addr, cmd_r, done_w)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(cmd_r)
+        os.close(done_w)
+        self._expect(b"c")
+
+    def _expect(self, what):
+        assert select.select([self.done_r], [], [], 10)[0], "scribbler silent"
+        assert os.read(self.done_r, 1) == what
+
+    def scribble(self, field):
+        os.write(self.cmd_w, field)
+        self._expect(field)
+
+    def close(self):
+        os.close(self.cmd_w)
+        os.close(self.done_r)
+        _, status = os.waitpid(self.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+
+
+class _Api:
+    """One readiness API over {sock: (read, write)} interests (the patched
+    module objects, looked up while the patch is on)."""
+
+    def __init__(self, name, interests):
+        self.name, self.interests = name, interests
+        self.obj = None
+        if name == "poll":
+            self.obj = select.poll()
+        elif name == "epoll":
+            self.obj = select.epoll()
+        elif name != "select":
+            self.obj = getattr(selectors, name)()
+        for s, (r, w) in interests.items():
+            if name == "poll":
+                self.obj.register(s, (select.POLLIN if r else 0) | (select.POLLOUT if w else 0))
+            elif name == "epoll":
+                self.obj.register(s, (select.EPOLLIN if r else 0) | (select.EPOLLOUT if w else 0))
+            elif name != "select":
+                self.obj.register(s, (selectors.EVENT_READ if r else 0) | (selectors.EVENT_WRITE if w else 0))
+
+    def ready(self, timeout):
+        by_fd = {s.fileno(): s for s in self.interests}
+        out = {}
+        if self.name == "select":
+            rl = [s for s, (r, _) in self.interests.items() if r]
+            wl = [s for s, (_, w) in self.interests.items() if w]
+            r, w, _ = select.select(rl, wl, [], timeout)
+            for s in set(r) | set(w):
+                out[s] = (s in r, s in w)
+        elif self.name in ("poll", "epoll"):
+            ev = self.obj.poll(timeout * 1000 if self.name == "poll" else timeout)
+            rb, wb = ((select.POLLIN, select.POLLOUT) if self.name == "poll"
+                      else (select.EPOLLIN, select.EPOLLOUT))
+            for fd, e in ev:
+                out[by_fd[fd]] = (bool(e & rb), bool(e & wb))
+        else:
+            for key, e in self.obj.select(timeout):
+                out[key.fileobj] = (bool(e & selectors.EVENT_READ), bool(e & selectors.EVENT_WRITE))
+        return out
+
+    def close(self):
+        if self.obj is not None and hasattr(self.obj, "close"):
+            self.obj.close()
+
+
+@pytest.fixture
+def patched():
+    shrimpio.patch.enable()
+    try:
+        yield
+    finally:
+        shrimpio.patch.disable()
+
+
+@pytest.mark.parametrize("field", [b"h", b"t"], ids=["producer_index", "consumer_index"])
+@pytest.mark.parametrize("api", ["select", "poll", "epoll", "DefaultSelector", "PollSelector",
+                                 "SelectSelector"])
+def test_a_corrupted_connection_is_ready_and_harms_no_other(patched, api, field):
+    lst = ss.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(4)
+    lst.settimeout(10)
+    evil = Scribbler(lst)
+    victim, _ = lst.accept()
+    good_cli = ss.socket(socket.AF_INET, socket.SOCK_STREAM)
+    good_cli.connect(lst.getsockname())
+    good, _ = lst.accept()
+    api_obj = None
+    try:
+        assert ss.info(victim)["path"] == ss.info(good)["path"] == "shm"
+        if field == b"t":
+            # The victim's ring to the peer full, so its writes must read the
+            # peer's (scribbled) consumer index.
+            victim.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                while True:
+                    victim.send(b"f" * 65536)
+        want = (True, field == b"t")
+        api_obj = _Api(api, {victim: want, good: (True, False)})
+        assert api_obj.ready(0) == {}
+        evil.scribble(field)
+        for _ in range(3):                       # level-triggered, and no exception
+            got = api_obj.ready(5)
+            assert got == {victim: want}, got
+        with pytest.raises(RingCorruptedError) as e:
+            if field == b"h":
+                victim.recv(10)
+            else:
+                victim.send(b"x")
+        assert isinstance(e.value, ConnectionResetError) and e.value.errno == errno.ECONNRESET
+        assert api_obj.ready(0) == {victim: want}
+        good_cli.sendall(b"still fine")
+        assert api_obj.ready(5) == {victim: want, good: (True, False)}
+        assert good.recv(100) == b"still fine"
+    finally:
+        if api_obj is not None:
+            api_obj.close()
+        for s in (victim, good, good_cli, lst):
+            s.close()
+        evil.close()

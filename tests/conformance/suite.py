@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import errno
+import io
 import os
 import select
 import selectors
@@ -443,6 +444,60 @@ class DataTests:
         data, ancdata, flags, address = srv.recvmsg(16)
         assert data == b"message"[:len(data)] and data
         assert ancdata == [] and flags == 0 and address is None
+
+    def test_recvmsg_into_scatters(self, net):
+        cli, srv = net.pair()
+        with pytest.raises(BlockingIOError):
+            srv.recvmsg_into([bytearray(4)], 0, socket.MSG_DONTWAIT)
+        cli.sendall(b"0123456789")
+        a, b, c = bytearray(3), bytearray(4), bytearray(8)
+        n, ancdata, flags, address = srv.recvmsg_into([a, bytearray(0), b, c])
+        assert ancdata == [] and flags == 0 and address is None
+        assert 1 <= n <= 10 and (a + b + c)[:n] == b"0123456789"[:n]
+        assert recv_exactly(srv, 10 - n) == b"0123456789"[n:]
+
+    def test_empty_recvmsg_waits_as_a_read(self, net):
+        # Unlike recv(0), which CPython answers at once, an empty recvmsg
+        # or recvmsg_into goes to the kernel: TCP waits for data or EOF,
+        # and consumes nothing.
+        cli, srv = net.pair()
+        srv.settimeout(QUIET)
+        for call in (lambda: srv.recvmsg(0), lambda: srv.recvmsg_into([]),
+                     lambda: srv.recvmsg_into([bytearray(0)])):
+            with pytest.raises(TimeoutError):
+                call()
+        srv.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            srv.recvmsg_into([])
+        srv.setblocking(True)
+        assert srv.recv(0) == b"" and srv.recv_into(bytearray(0)) == 0
+        cli.sendall(b"x")
+        assert srv.recvmsg(0) == (b"", [], 0, None)
+        assert srv.recvmsg_into([]) == (0, [], 0, None)
+        assert srv.recv(1) == b"x"
+        cli.close()
+        assert srv.recvmsg_into([]) == (0, [], 0, None)
+
+    def test_recvmsg_into_peek_waitall_and_eof(self, net):
+        cli, srv = net.pair()
+        reader = Worker(srv.recvmsg_into, [bytearray(3), bytearray(5)], 0, socket.MSG_WAITALL)
+        cli.sendall(b"abcd")
+        _assert_blocked(reader)
+        cli.sendall(b"efghij")
+        assert reader.result()[0] == 8
+        a, b = bytearray(1), bytearray(1)
+        assert srv.recvmsg_into([a, b], 0, socket.MSG_PEEK)[0] == 2 and a + b == b"ij"
+        buf = bytearray(10)
+        assert srv.recvmsg_into([memoryview(buf)])[0] == 2 and buf[:2] == b"ij"
+        cli.shutdown(socket.SHUT_WR)
+        assert srv.recvmsg_into([bytearray(4), bytearray(4)]) == (0, [], 0, None)
+
+    def test_recvmsg_into_any_writable_buffer(self, net):
+        cli, srv = net.pair()
+        cli.sendall(b"\x01\x00\x00\x00\x02\x00\x00\x00")
+        arr = array.array("i", [0, 0])
+        assert srv.recvmsg_into([arr], 0, socket.MSG_WAITALL)[0] == 8
+        assert list(arr) == [1, 2]
 
     def test_recvfrom(self, net):
         cli, srv = net.pair()
@@ -1454,3 +1509,186 @@ class ProcessTests:
         except ConnectionResetError:
             pass
         assert isinstance(_send_until_error(srv), PEER_GONE_ERRORS)
+
+
+# -- argument errors ----------------------------------------------------------------
+
+_SOL, _TCP = socket.SOL_SOCKET, socket.IPPROTO_TCP
+_ADDR = ("127.0.0.1", 9)
+_COMPAT = -(1 << 31)           # MSG_CMSG_COMPAT: refused by sendmsg/recvmsg
+
+
+def _ro():
+    return memoryview(b"read only")
+
+
+#: (call, function of a connected, non-blocking socket with nothing to
+#: read): every one is an error on a stdlib socket, and every kind must
+#: raise the same exception type with the same errno.
+ARGUMENT_ERRORS = [
+    ("setsockopt bad optname", lambda s: s.setsockopt(_SOL, 9999, 1)),
+    ("setsockopt bad level", lambda s: s.setsockopt(9999, 1, 1)),
+    ("setsockopt bad tcp optname", lambda s: s.setsockopt(_TCP, 9999, 1)),
+    ("setsockopt float", lambda s: s.setsockopt(_SOL, socket.SO_KEEPALIVE, 1.5)),
+    ("setsockopt None", lambda s: s.setsockopt(_SOL, socket.SO_KEEPALIVE, None)),
+    ("setsockopt None optlen", lambda s: s.setsockopt(_SOL, socket.SO_KEEPALIVE, None, 4)),
+    ("setsockopt str", lambda s: s.setsockopt(_SOL, socket.SO_KEEPALIVE, "abc")),
+    ("setsockopt str nodelay", lambda s: s.setsockopt(_TCP, socket.TCP_NODELAY, "abc")),
+    ("setsockopt list", lambda s: s.setsockopt(_TCP, socket.TCP_NODELAY, [])),
+    ("setsockopt empty bytes", lambda s: s.setsockopt(_SOL, socket.SO_KEEPALIVE, b"")),
+    ("setsockopt 1-byte int", lambda s: s.setsockopt(_SOL, socket.SO_KEEPALIVE, b"\1")),
+    ("setsockopt huge int", lambda s: s.setsockopt(_SOL, socket.SO_KEEPALIVE, 2 ** 40)),
+    ("setsockopt int and optlen", lambda s: s.setsockopt(_SOL, socket.SO_KEEPALIVE, 1, 4)),
+    ("setsockopt 1-byte linger", lambda s: s.setsockopt(_SOL, socket.SO_LINGER, b"x")),
+    ("setsockopt int linger", lambda s: s.setsockopt(_SOL, socket.SO_LINGER, 1)),
+    ("setsockopt 1-byte rcvtimeo", lambda s: s.setsockopt(_SOL, socket.SO_RCVTIMEO, b"x")),
+    ("setsockopt keepidle 0", lambda s: s.setsockopt(_TCP, socket.TCP_KEEPIDLE, 0)),
+    ("setsockopt keepidle -5", lambda s: s.setsockopt(_TCP, socket.TCP_KEEPIDLE, -5)),
+    ("setsockopt maxseg 10", lambda s: s.setsockopt(_TCP, socket.TCP_MAXSEG, 10)),
+    ("setsockopt so_type", lambda s: s.setsockopt(_SOL, socket.SO_TYPE, 1)),
+    ("setsockopt so_error", lambda s: s.setsockopt(_SOL, socket.SO_ERROR, 1)),
+    ("setsockopt ipv6 on ipv4", lambda s: s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)),
+    ("setsockopt str optname", lambda s: s.setsockopt(_SOL, "a", 1)),
+    ("setsockopt str level", lambda s: s.setsockopt("a", 1, 1)),
+    ("setsockopt missing value", lambda s: s.setsockopt(_SOL, socket.SO_KEEPALIVE)),
+    ("getsockopt bad optname", lambda s: s.getsockopt(_SOL, 9999)),
+    ("getsockopt bad level", lambda s: s.getsockopt(9999, 1)),
+    ("getsockopt bad tcp optname", lambda s: s.getsockopt(_TCP, 9999)),
+    ("getsockopt buflen -1", lambda s: s.getsockopt(_SOL, socket.SO_KEEPALIVE, -1)),
+    ("getsockopt buflen 2000", lambda s: s.getsockopt(_SOL, socket.SO_KEEPALIVE, 2000)),
+    ("getsockopt buflen None", lambda s: s.getsockopt(_SOL, socket.SO_KEEPALIVE, None)),
+    ("getsockopt buflen float", lambda s: s.getsockopt(_SOL, socket.SO_KEEPALIVE, 1.5)),
+    ("getsockopt known buflen -1", lambda s: s.getsockopt(_SOL, socket.SO_TYPE, -1)),
+    ("getsockopt str optname", lambda s: s.getsockopt(_SOL, "a")),
+    ("getsockopt ipv6 on ipv4", lambda s: s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)),
+    ("recv negative", lambda s: s.recv(-1)),
+    ("recv float", lambda s: s.recv(1.5)),
+    ("recv None", lambda s: s.recv(None)),
+    ("recv huge", lambda s: s.recv(2 ** 70)),
+    ("recv float flags", lambda s: s.recv(1, 1.5)),
+    ("recv str flags", lambda s: s.recv(1, "a")),
+    ("recv huge flags", lambda s: s.recv(1, 2 ** 31)),
+    ("recv MSG_OOB", lambda s: s.recv(1, socket.MSG_OOB)),
+    ("recv MSG_ERRQUEUE", lambda s: s.recv(1, socket.MSG_ERRQUEUE)),
+    ("recv flags -1", lambda s: s.recv(1, -1)),
+    ("recv_into bytes", lambda s: s.recv_into(b"bytes")),
+    ("recv_into str", lambda s: s.recv_into("str")),
+    ("recv_into None", lambda s: s.recv_into(None)),
+    ("recv_into read-only view", lambda s: s.recv_into(_ro())),
+    ("recv_into nbytes -1", lambda s: s.recv_into(bytearray(2), -1)),
+    ("recv_into nbytes too big", lambda s: s.recv_into(bytearray(2), 5)),
+    ("recv_into float nbytes", lambda s: s.recv_into(bytearray(2), 1.5)),
+    ("recv_into float flags", lambda s: s.recv_into(bytearray(2), 1, 1.5)),
+    ("recv_into MSG_OOB", lambda s: s.recv_into(bytearray(2), 1, socket.MSG_OOB)),
+    ("recvfrom negative", lambda s: s.recvfrom(-1)),
+    ("recvfrom str flags", lambda s: s.recvfrom(1, "a")),
+    ("recvfrom_into bytes", lambda s: s.recvfrom_into(b"x")),
+    ("recvfrom_into nbytes -1", lambda s: s.recvfrom_into(bytearray(2), -1)),
+    ("recvfrom_into nbytes too big", lambda s: s.recvfrom_into(bytearray(2), 5)),
+    ("recvmsg negative", lambda s: s.recvmsg(-1)),
+    ("recvmsg ancbufsize -1", lambda s: s.recvmsg(10, -1)),
+    ("recvmsg ancbufsize huge", lambda s: s.recvmsg(10, 2 ** 40)),
+    ("recvmsg float", lambda s: s.recvmsg(1.5)),
+    ("recvmsg float ancbufsize", lambda s: s.recvmsg(1, 0.0)),
+    ("recvmsg str flags", lambda s: s.recvmsg(1, 0, "x")),
+    ("recvmsg too many args", lambda s: s.recvmsg(1, 0, 0, 5)),
+    ("recvmsg MSG_CMSG_COMPAT", lambda s: s.recvmsg(1, 0, _COMPAT)),
+    ("recvmsg MSG_OOB", lambda s: s.recvmsg(1, 0, socket.MSG_OOB)),
+    ("recvmsg_into a bytearray", lambda s: s.recvmsg_into(bytearray(2))),
+    ("recvmsg_into bytes", lambda s: s.recvmsg_into([b"x"])),
+    ("recvmsg_into not iterable", lambda s: s.recvmsg_into(5)),
+    ("recvmsg_into read-only view", lambda s: s.recvmsg_into([_ro()])),
+    ("recvmsg_into ancbufsize -1", lambda s: s.recvmsg_into([bytearray(2)], -1)),
+    ("recvmsg_into float ancbufsize", lambda s: s.recvmsg_into([bytearray(2)], 1.5)),
+    ("recvmsg_into str flags", lambda s: s.recvmsg_into([bytearray(2)], 0, "x")),
+    ("recvmsg_into MSG_CMSG_COMPAT", lambda s: s.recvmsg_into([bytearray(2)], 0, _COMPAT)),
+    ("recvmsg_into MSG_ERRQUEUE", lambda s: s.recvmsg_into([bytearray(2)], 0, socket.MSG_ERRQUEUE)),
+    ("send str", lambda s: s.send("str")),
+    ("send None", lambda s: s.send(None)),
+    ("send flags -1", lambda s: s.send(b"x", -1)),
+    ("send float flags", lambda s: s.send(b"x", 1.5)),
+    ("send huge flags", lambda s: s.send(b"x", 2 ** 40)),
+    ("send MSG_FASTOPEN", lambda s: s.send(b"x", socket.MSG_FASTOPEN)),
+    ("send empty MSG_FASTOPEN", lambda s: s.send(b"", socket.MSG_FASTOPEN)),
+    ("sendall str", lambda s: s.sendall("s")),
+    ("sendall flags -1", lambda s: s.sendall(b"x", -1)),
+    ("sendall float flags", lambda s: s.sendall(b"x", 1.5)),
+    ("sendto no address", lambda s: s.sendto(b"x")),
+    ("sendto str address", lambda s: s.sendto(b"x", "a")),
+    ("sendto too many args", lambda s: s.sendto(b"x", 1, 2, 3)),
+    ("sendto str data", lambda s: s.sendto("s", _ADDR)),
+    ("sendto float flags", lambda s: s.sendto(b"x", 1.5, _ADDR)),
+    ("sendto flags -1", lambda s: s.sendto(b"x", -1, _ADDR)),
+    ("sendmsg str", lambda s: s.sendmsg("x")),
+    ("sendmsg str item", lambda s: s.sendmsg(["s"])),
+    ("sendmsg not iterable", lambda s: s.sendmsg(5)),
+    ("sendmsg flags -1", lambda s: s.sendmsg([b"x"], [], -1)),
+    ("sendmsg MSG_FASTOPEN", lambda s: s.sendmsg([b"x"], [], socket.MSG_FASTOPEN)),
+    ("shutdown 5", lambda s: s.shutdown(5)),
+    ("shutdown str", lambda s: s.shutdown("a")),
+    ("shutdown float", lambda s: s.shutdown(1.0)),
+    ("settimeout negative", lambda s: s.settimeout(-1)),
+    ("settimeout str", lambda s: s.settimeout("a")),
+    ("connect when connected", lambda s: s.connect(s.getpeername())),
+    ("connect str", lambda s: s.connect("a")),
+    ("bind when connected", lambda s: s.bind(("127.0.0.1", 0))),
+    ("listen when connected", lambda s: s.listen()),
+    ("listen str", lambda s: s.listen("a")),
+    ("accept when connected", lambda s: s.accept()),
+    ("settimeout nan", lambda s: s.settimeout(float("nan"))),
+    ("shutdown -1", lambda s: s.shutdown(-1)),
+    ("getsockopt no args", lambda s: s.getsockopt()),
+    ("send non-contiguous", lambda s: s.send(memoryview(b"abcd")[::2])),
+    ("sendall non-contiguous", lambda s: s.sendall(memoryview(b"abcd")[::2])),
+    ("sendmsg non-contiguous", lambda s: s.sendmsg([memoryview(b"abcd")[::2]])),
+    ("recv_into non-contiguous", lambda s: s.recv_into(memoryview(bytearray(4))[::2])),
+    ("recvmsg_into non-contiguous", lambda s: s.recvmsg_into([memoryview(bytearray(4))[::2]])),
+    ("recvfrom_into str flags", lambda s: s.recvfrom_into(bytearray(2), 1, "x")),
+    ("sendfile non-blocking", lambda s: s.sendfile(io.BytesIO(b"x"))),
+]
+
+
+def _outcome(fn, sock):
+    try:
+        fn(sock)
+    except Exception as exc:                     # noqa: BLE001 - that is what is compared
+        return type(exc), getattr(exc, "errno", None)
+    return None
+
+
+def _std_pair():
+    """A connected pair of plain kernel sockets, whatever the patch does."""
+    lst = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        cli = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+        cli.connect(lst.getsockname())
+        srv, _ = lst.accept()
+    finally:
+        lst.close()
+    return cli, srv
+
+
+class ArgumentErrorTests:
+    """Every call's argument and state errors: the same exception type and
+    errno as the stdlib's, on every kind of connection."""
+
+    @pytest.mark.parametrize("fn", [f for _, f in ARGUMENT_ERRORS], ids=[n for n, _ in ARGUMENT_ERRORS])
+    def test_same_error_as_the_stdlib(self, net, fn):
+        std_cli, std_srv = _std_pair()
+        try:
+            std_srv.setblocking(False)
+            want = _outcome(fn, std_srv)
+        finally:
+            std_cli.close()
+            std_srv.close()
+        assert want is not None, "not an error on the stdlib: not a case for this table"
+        cli, srv = net.pair()
+        srv.setblocking(False)
+        got = _outcome(fn, srv)
+        assert got == want, f"{got} where the stdlib gives {want}"
+        # And the connection still works.
+        cli.sendall(b"ok")
+        srv.settimeout(READY)
+        assert recv_exactly(srv, 2) == b"ok"
