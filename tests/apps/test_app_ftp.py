@@ -10,9 +10,6 @@ from apprunner import Apps, appdata, assert_shm, need
 pytestmark = [pytest.mark.apps]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pyftpdlib registers its listener with epoll before listen(); the patched epoll decides "
-    "shm-ness at register(), so the registry socket is never polled: no 220 greeting"))
 @pytest.mark.timeout(60)
 def test_pyftpdlib_server_ftplib_client(tmp_path):
     need("pyftpdlib")
