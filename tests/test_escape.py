@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -269,7 +270,9 @@ def run_pair(tmp_path, script_text: str, timeout: float = 60) -> list[dict]:
     script.write_text(textwrap.dedent(script_text))
     env = child_env({"SHRIMPIO_REPORT": str(report)})
     cmd = [sys.executable, "-m", "shrimpio", "run", str(script)]
-    server = subprocess.Popen(cmd + ["server"], env=env, stdout=subprocess.PIPE, text=True)
+    # Its own process group: children it starts go with it, whatever happens.
+    server = subprocess.Popen(cmd + ["server"], env=env, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
     try:
         port = server.stdout.readline().strip()
         assert port.isdigit(), port
@@ -279,8 +282,10 @@ def run_pair(tmp_path, script_text: str, timeout: float = 60) -> list[dict]:
         assert client.stdout.strip().endswith("done"), client.stdout
         assert server.wait(timeout=timeout) == 0
     finally:
-        if server.poll() is None:
-            server.kill()
+        try:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         server.wait()
         server.stdout.close()
     return [json.loads(line) for line in report.read_text().splitlines()]

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import collections
 import json
-import socket
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -64,8 +65,9 @@ def _run(tmp_path, how: str, start: str, connections: int = 40):
     script = tmp_path / "server.py"
     script.write_text(textwrap.dedent(SERVER))
     env = child_env({"SHRIMPIO_REPORT": str(report)})
+    # Its own process group: the workers it starts go with it, whatever happens.
     server = subprocess.Popen([sys.executable, "-m", "shrimpio", "run", str(script), how, start],
-                              env=env, stdout=subprocess.PIPE, text=True)
+                              env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         line = server.stdout.readline().split()
         assert len(line) == 3, line
@@ -87,8 +89,10 @@ def _run(tmp_path, how: str, start: str, connections: int = 40):
         assert client.returncode == 0, client.stderr
         assert server.wait(timeout=60) == 0
     finally:
-        if server.poll() is None:
-            server.kill()
+        try:
+            os.killpg(server.pid, signal.SIGKILL)       # the workers too, if the test failed
+        except ProcessLookupError:
+            pass
         server.wait()
         server.stdout.close()
     served = collections.Counter(int(x) for x in client.stdout.split())
