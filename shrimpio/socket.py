@@ -638,6 +638,12 @@ class socket(StdSocket):
                 pass
 
     def _real_close(self, _ss: Any = _csocket.socket) -> None:
+        self._let_go()
+        _ss.close(self)
+
+    def _let_go(self) -> None:
+        """What closing this object means beyond its fd: the report, its
+        share of the connection, the listener's registry entry."""
         fd = self.fileno()
         if fd >= 0 and self._esc is None and _report_wanted():
             self._report()
@@ -649,7 +655,19 @@ class socket(StdSocket):
             conn.release()
         if lst is not None:
             lst.close()
-        _ss.close(self)
+
+    def __del__(self) -> None:
+        # Collected without close(): as a kernel socket's fd is closed then
+        # (with a ResourceWarning), the connection goes too, so the peer
+        # reads EOF (the connection holds fds of its own: without this the
+        # peer would wait for ever), and a listener's entry goes.
+        try:
+            if getattr(self, "_shm", None) is not None or getattr(self, "_lst", None) is not None:
+                if self.fileno() >= 0:
+                    self._let_go()
+        except Exception:
+            pass                    # (interpreter shutdown: modules half gone)
+        super().__del__()
 
     def _report(self) -> None:
         from ._report import connection_closing

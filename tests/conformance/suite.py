@@ -753,6 +753,21 @@ class ShutdownCloseTests:
         cli.close()
         assert reader.result() == data
 
+    def test_socket_collected_without_close_peer_reads_eof(self, net):
+        """A socket dropped without close() is closed when collected (with
+        a ResourceWarning): its peer reads what was sent, then EOF."""
+        import gc
+        import warnings
+        cli, srv = net.pair()
+        cli.sendall(b"last words")
+        net._socks.remove(cli)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            del cli
+            gc.collect()
+        srv.settimeout(READY)
+        assert recv_until_eof(srv) == b"last words"
+
     def test_close_wakes_peer_blocked_recv(self, net):
         cli, srv = net.pair()
         srv.settimeout(READY * 2)
