@@ -20,7 +20,8 @@ different cores (server 1, client 0).
 The client reports requests per second over a timed window (after a fifth
 of warm-up), the median and p99 time of one request, its own CPU and the
 server's (utime + stime from ``/proc``) over the window, in percent of one
-core.  The path is checked: over shared memory, both ends' connections
+core, and how long each waited for a CPU while runnable (``/proc/<pid>/schedstat``:
+other work on its core).  The path is checked: over shared memory, both ends' connections
 (``SHRIMPIO_REPORT``) must have been shared memory; over TCP, the client's
 socket must be a kernel socket.
 
@@ -102,6 +103,15 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def runq_seconds(pid):
+    """Time the process waited for a CPU while runnable (0 without schedstat)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
 
@@ -125,7 +135,9 @@ end = clock() + int(seconds / 5 * 1e9)          # warm-up
 while clock() < end:
     request()
 samples = []
+me = os.getpid()
 t0, c0, s0 = clock(), time.process_time(), cpu_seconds(server_pid)
+q0, sq0 = runq_seconds(me), runq_seconds(server_pid)
 end = t0 + int(seconds * 1e9)
 while True:
     a = clock()
@@ -136,12 +148,14 @@ while True:
         break
 elapsed = (b - t0) / 1e9
 cpu, scpu = time.process_time() - c0, cpu_seconds(server_pid) - s0
+q, sq = runq_seconds(me) - q0, runq_seconds(server_pid) - sq0
 conn.close()
 samples.sort()
 print(json.dumps({"rps": len(samples) / elapsed, "n": len(samples),
                   "median_us": statistics.median(samples) / 1000,
                   "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1000,
                   "client_cpu_percent": cpu / elapsed * 100, "server_cpu_percent": scpu / elapsed * 100,
+                  "client_runq_percent": q / elapsed * 100, "server_runq_percent": sq / elapsed * 100,
                   "paths": [path]}))
 '''
 
