@@ -26,8 +26,9 @@ busy-poll budget after the loop's last traffic (a ``RingWatch``, polled by
 the same ``LoopPoller`` as the transports: a peer that answers soon costs no
 doorbell and no wake-up), then the rings are *armed* (sleeping flag, fence,
 re-check: ``ring_arm``) and the loop's kernel readers wait on the doorbells,
-so an idle connection costs no CPU.  A doorbell that fires is drained, and the rings are
-asked again: a callback never runs because of a doorbell byte alone.
+so an idle connection costs no CPU.  A doorbell that fires is drained, and
+the rings are asked again: a callback never runs because of a doorbell byte
+alone.
 
 The kernel readers are on *duplicates* of the doorbell fds, owned by the
 watch: a program may close the socket while its callback is registered, and
@@ -263,7 +264,8 @@ class Watch:
 
     def _release_kernel(self) -> None:
         if self.hot is not None:
-            self.hot.stop()
+            self.hot.stop()          # (the poller drops it at its next turn)
+            self.hot = None
         for role, mine in list(self.dups.items()):
             _remove_reader(self.loop, mine)
             if role != "tcp":
