@@ -144,7 +144,7 @@ cdef Py_ssize_t PIPE_CHUNK = 32 * 1024
 cdef Py_ssize_t NOGIL_COPY = PIPE_CHUNK
 #: Longest uninterrupted sleep, so that signals get a look-in (seconds).
 cdef double SLEEP_SLICE = 1.0
-cdef int64_t ADAPT_CEILING = 4    # most an adapted spin grows to, in budgets
+cdef int64_t ADAPT_CEILING = 8    # most an adapted spin grows to, in budgets
 cdef uint64_t MIN_CAPACITY = 64
 cdef uint64_t MAX_CAPACITY = (<uint64_t>1) << 40
 cdef Py_ssize_t PAGE = _os.sysconf("SC_PAGE_SIZE")
