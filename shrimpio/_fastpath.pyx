@@ -738,6 +738,9 @@ cdef class Ring:
                     slice_ns = 0
                 if slice_ns > <int64_t>(SLEEP_SLICE * 1e9):
                     slice_ns = <int64_t>(SLEEP_SLICE * 1e9)
+            # The doorbell fd may move between slices (Connection.set_bell):
+            # a thread asleep on the old fd keeps its file, and looks again.
+            bell = self.space_bell if writable else self.data_bell
             with nogil:
                 rc = shr_wait_any(&c, 1, &bell, &kind, -1, spin, slice_ns, &which, &spun)
             spin = 0
@@ -754,6 +757,12 @@ cdef class Ring:
                 return 0
         self.spin_ns = _adapt_spin(self.spin_ns, self.spin_max_ns, spun, shr_now_ns() - t0)
         return 1
+
+    def set_bells(self, int data_bell, int space_bell):
+        """Ring (and sleep on) other fds from now on (the same doorbells,
+        reached through other fd numbers)."""
+        self.data_bell = data_bell
+        self.space_bell = space_bell
 
     # -- properties --------------------------------------------------------
 

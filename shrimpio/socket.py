@@ -652,6 +652,8 @@ class socket(StdSocket):
         # (Our _by_fd entry may stay: it is checked against fileno() on use,
         # overwritten when the fd number comes back, and weak.)
         if conn is not None:
+            if conn.refs > 1:
+                conn.keep_bell(fd)      # others still use it: not our fd as doorbell
             conn.release()
         if lst is not None:
             lst.close()
