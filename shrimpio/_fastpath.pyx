@@ -47,6 +47,7 @@ cdef extern from "_fastpath_core.h" nogil:
     uint32_t shr_load_wshut(shr_ring_hdr *h)
     uint32_t shr_load_rshut(shr_ring_hdr *h)
     void shr_init(shr_ring_hdr *h, uint64_t cap)
+    void shr_reader_asleep(shr_ring_hdr *h)
     int shr_header_ok(shr_ring_hdr *h)
     uint64_t shr_header_cap(shr_ring_hdr *h)
     void shr_set_wshut(shr_ring_hdr *h)

@@ -88,13 +88,13 @@ static inline void shr_init(shr_ring_hdr *h, uint64_t cap) {
     memset((void *)h, 0, sizeof(*h));
     h->capacity = cap;
     h->version = SHR_RING_VERSION;
-    /* A new ring's reader counts as asleep: the first byte rings its
-     * doorbell, so a program that waits for its fd in a poller of its own
-     * before it ever reads sees the data come (see Ring._arm_reader). */
-    h->reader_sleeping = 1;
     atomic_thread_fence(memory_order_seq_cst);
     h->magic = SHR_RING_MAGIC;
     atomic_thread_fence(memory_order_seq_cst);
+}
+/* A new connection's reader counts as asleep (see prepare_rings). */
+static inline void shr_reader_asleep(shr_ring_hdr *h) {
+    atomic_store_explicit(&h->reader_sleeping, 1, memory_order_seq_cst);
 }
 static inline int shr_header_ok(shr_ring_hdr *h) {
     return h->magic == SHR_RING_MAGIC && h->version == SHR_RING_VERSION;
