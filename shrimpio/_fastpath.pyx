@@ -812,6 +812,13 @@ cdef class Ring:
         self.spin_max_ns = _spin_ns_arg(value, "busy_poll_us")
         self.spin_ns = self.spin_max_ns
 
+    @property
+    def spin_us(self):
+        """The spin of the next wait, in microseconds: the budget as it has
+        adapted to this ring's traffic (between 1/16 of ``busy_poll_us`` and
+        ADAPT_CEILING times it); for tests and diagnostics."""
+        return self.spin_ns / 1000.0
+
     def readable(self):
         """Bytes that can be read now (consumer side)."""
         self._check_open()

@@ -46,10 +46,7 @@
 # closing) stay in Python on the owning transport: they run once per
 # connection, not once per message.
 
-cdef extern from "_fastpath_core.h" nogil:
-    uint32_t shr_cpu_tag()
-    int shr_peer_here(shr_ring_hdr *h, int writable, uint32_t me)
-    uint32_t shr_peer_cpu(shr_ring_hdr *h, int writable)
+# (shr_cpu_tag, shr_peer_here, shr_peer_cpu: declared in _fastpath_poll.pxi)
 
 
 def peer_cpu(Ring ring not None, bint writable):
