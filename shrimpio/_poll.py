@@ -142,8 +142,12 @@ def _want(sock: Any, read: bool, write: bool,
     return r, w, watch
 
 
-def _ready(sock: Any, read: bool, write: bool) -> tuple[bool, bool]:
-    """After the kernel wait: what the rings confirm (drains doorbells)."""
+def _ready(sock: Any, read: bool, write: bool,
+           fired: Optional[set[int]] = None) -> tuple[bool, bool]:
+    """After the kernel wait: what the rings confirm.  Drains the doorbells
+    of the connection if the kernel said one of them is readable (``fired``:
+    the kernel fds with events; None: drain regardless): a byte not drained
+    now keeps its fd readable, and the next wait drains it."""
     lst = sock._lst
     if lst is not None:
         if not read:
@@ -162,7 +166,8 @@ def _ready(sock: Any, read: bool, write: bool) -> tuple[bool, bool]:
     conn = sock._shm
     if conn is None or conn.closed:
         return read, write            # closed under us: let the call raise EBADF
-    drain(conn)
+    if fired is None or conn.bell_fd in fired or conn.space.fileno() in fired:
+        drain(conn)
     if conn.gone:
         return read, write
     try:
@@ -303,8 +308,9 @@ def select(rlist: Iterable[Any], wlist: Iterable[Any], xlist: Iterable[Any],
             spun = None
         got_r = {fd for fd in plain_r if fd in kr_ready}
         got_w = set(kw_ready)
+        fired = set(kr_ready) | set(kw_ready)
         for fd, sock in shm.items():
-            r, w = _ready(sock, fd in rfds, fd in wfds)
+            r, w = _ready(sock, fd in rfds, fd in wfds, fired)
             if r:
                 got_r.add(fd)
             if w:
@@ -396,12 +402,14 @@ def _poll_many(interest: dict[int, int], timeout: Optional[float], maxevents: in
             spun.slept()
             spun = None
         out: dict[int, int] = {}
+        fired = set()
         for kfd, ev in events:
+            fired.add(kfd)
             if kfd in interest and kfd not in shm:
                 out[kfd] = ev
         for fd, sock in shm.items():
             mask = interest[fd]
-            r, w = _ready(sock, bool(mask & _IN_BITS), bool(mask & _OUT_BITS))
+            r, w = _ready(sock, bool(mask & _IN_BITS), bool(mask & _OUT_BITS), fired)
             reg = regs.get(fd) if regs else None
             if reg is not None and reg.edge and sock._shm is not None:
                 r, w = reg.news(sock._shm, r, w)
@@ -619,7 +627,8 @@ class epoll:
             return self._ep.poll(-1 if timeout is None else timeout, maxevents)
         # The kernel fds of the epoll join as one more pollable fd.
         interest = {fd: _to_poll(reg.mask) for fd, reg in live.items()}
-        interest[self._ep.fileno()] = POLLIN
+        if self._kmask:
+            interest[self._ep.fileno()] = POLLIN
         events = _poll_many(interest, timeout, -1, live)
         out = []
         for fd, ev in events:
