@@ -134,8 +134,8 @@ cdef int _spin_poll(pollfd *p, unsigned long n, int64_t limit) noexcept nogil:
 # pollers spin on the rings first, as a blocking recv does, under the same
 # rules: each ring's adaptive budget (Ring.spin_ns, shared with its blocking
 # waits), no spin when every peer was last seen on our own CPU, and the
-# adaptation of _adapt_spin after the wait.  The GIL is held (as the asyncio
-# poller's turn spin holds it): no ring can be closed or unmapped meanwhile.
+# adaptation of _adapt_spin after the wait.  The GIL is released for the
+# spin; the rings' gates keep them mapped meanwhile.
 
 cdef enum:
     _SPIN_MAX_RINGS = 64
@@ -153,13 +153,15 @@ def spin_rings(list rings not None, list writables not None, list kfds not None,
     the budget ran out or spinning cannot pay (every peer last seen on our
     CPU, a closed ring, more than 64 rings or 8 kernel fds).  A ring found
     ready while spinning keeps (or grows back) its budget."""
-    cdef Py_ssize_t n = len(rings), nk = len(kfds), i, k
+    cdef Py_ssize_t n = len(rings), nk = len(kfds), i, k, entered = 0
     cdef Ring ring
     cdef shr_cond c[_SPIN_MAX_RINGS]
+    cdef gate_t *gates[_SPIN_MAX_RINGS]
     cdef pollfd p[_SPIN_MAX_KFDS]
-    cdef int64_t budget = 0, now, end
+    cdef int64_t budget = 0, end
     cdef uint32_t me = shr_cpu_tag()
     cdef bint away = False
+    cdef int r = -1
     if n == 0 or n > _SPIN_MAX_RINGS or nk > _SPIN_MAX_KFDS or len(writables) != n:
         return -1
     for i in range(n):
@@ -185,19 +187,45 @@ def spin_rings(list rings not None, list writables not None, list kfds not None,
         p[k].fd = kfds[k]
         p[k].events = POLLIN
         p[k].revents = 0
-    now = shr_now_ns()
-    end = now + budget
-    while now < end:
+    # The spin releases the GIL (other threads run, as during a blocking
+    # recv's spin).  Each ring's gate for the role we watch is entered and
+    # held, so that no thread can close (unmap) it meanwhile; a ring in use
+    # by another thread (a recv or send in progress) is not spun for.
+    try:
+        for i in range(n):
+            ring = <Ring>rings[i]
+            gates[i] = &ring.wgate if c[i].writable else &ring.rgate
+            if gates[i].busy:
+                return -1
+            gates[i].busy = 1
+            entered += 1
+        for i in range(n):
+            _gate_hold(gates[i])
+        end = shr_now_ns() + budget
+        with nogil:
+            r = _spin_conds(c, n, p, nk, end)
+    finally:
+        for i in range(entered):
+            _gate_leave(gates[i])
+    if r >= 0:
+        ring = <Ring>rings[r]
+        ring.spin_ns = _adapt_spin(ring.spin_ns, ring.spin_max_ns, 1, 0)
+    return r
+
+
+cdef int _spin_conds(shr_cond *c, Py_ssize_t n, pollfd *p, Py_ssize_t nk,
+                     int64_t end) noexcept nogil:
+    """spin_rings' loop: the index of a ready cond, -2 if a kernel fd is
+    readable, -1 when the clock passes ``end``."""
+    cdef Py_ssize_t i, k
+    while shr_now_ns() < end:
         for k in range(32):
             for i in range(n):
                 if shr_cond_ready(&c[i]):
-                    ring = <Ring>rings[i]
-                    ring.spin_ns = _adapt_spin(ring.spin_ns, ring.spin_max_ns, 1, 0)
                     return i
             shr_cpu_relax()
         if nk and poll(p, nk, 0) != 0:
             return -2
-        now = shr_now_ns()
     return -1
 
 

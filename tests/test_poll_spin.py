@@ -25,6 +25,7 @@ import time
 import pytest
 
 from children import child_env
+from conftest import wait_for
 from shrimpio._fastpath import get_busy_poll_us, set_busy_poll_us
 from shrimpio._poll import epoll as ShmEpoll, poll as ShmPoll, select as shm_select
 from shrimpio.socket import socket as ShmSocket
@@ -169,3 +170,68 @@ def test_idle_connections_make_the_poller_stop_spinning():
             assert _wait_readable("select", peer.conn)
             peer.take()
         assert rx.spin_us > budget / 16
+
+
+def _thread_cpu(tid: int) -> float:
+    """CPU seconds (user + system) thread ``tid`` of this process has used."""
+    with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+        data = f.read()
+    fields = data[data.rindex(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_spin_lets_other_threads_run():
+    """A poller spinning (1 s budget) in one thread while another thread of
+    the process sends it the message: the sender runs meanwhile (the spin
+    does not hold the GIL) and the poller takes the message spinning (its
+    ring's budget stays as it was: a wait that slept would have grown it)."""
+    import threading
+    me, other = _cpus()
+    old = get_busy_poll_us()
+    set_busy_poll_us(1_000_000)
+    lst = ShmSocket(socket.AF_INET, socket.SOCK_STREAM)
+    cli = ShmSocket(socket.AF_INET, socket.SOCK_STREAM)
+    srv = None
+    old_cpus = os.sched_getaffinity(0)
+    try:
+        # We are the producer, on the other CPU from the start: the ring
+        # says where its producer was last seen (a peer on the poller's own
+        # CPU is not spun for).
+        os.sched_setaffinity(0, {other})
+        lst.bind(("127.0.0.1", 0))
+        lst.listen()
+        cli.connect(lst.getsockname())
+        srv, _ = lst.accept()
+        assert srv._shm is not None
+        cli.send(b"w")                       # warm up: the doorbell of a new connection
+        assert shm_select([srv], [], [], 5)[0] and srv.recv(1) == b"w"
+        assert srv._shm.rx.spin_us == 1_000_000
+        out: dict = {}
+
+        def poller() -> None:
+            os.sched_setaffinity(0, {me})
+            out["tid"] = threading.get_native_id()
+            out["ready"] = shm_select([srv], [], [], 10)[0]
+
+        t = threading.Thread(target=poller)
+        t.start()
+        try:
+            tid = wait_for(lambda: out.get("tid"), what="the poller thread")
+            cpu0 = _thread_cpu(tid)
+            # The poller spins (its CPU time grows) and we run beside it.
+            wait_for(lambda: "ready" in out or _thread_cpu(tid) - cpu0 >= 0.05, timeout=30,
+                     interval=0.005, what="the poller to spin")
+            assert "ready" not in out
+            cli.send(b"m")
+        finally:
+            t.join(30)
+        assert out["ready"] == [srv]
+        assert srv._shm.rx.spin_us == 1_000_000, "the poller slept"
+        assert srv.recv(1) == b"m"
+    finally:
+        os.sched_setaffinity(0, old_cpus)
+        set_busy_poll_us(old)
+        if srv is not None:
+            srv.close()
+        cli.close()
+        lst.close()
