@@ -1,7 +1,8 @@
-"""The performance goals of issues 5 and 12, checked against a run's rows.
+"""The performance goals of the issues, checked against a run's rows.
 
 Each goal reads one or two rows of ``shrimpio bench`` (by key, see
-``_bench_matrix``) and says whether this run met it; a goal whose rows were
+``_bench_matrix``) and says whether this run met it, in its worst repeat
+(a goal is met only if it held in every repeat); a goal whose rows were
 not measured is reported as such (``met`` is None).
 """
 
@@ -17,11 +18,13 @@ Rows = dict[str, Row]
 
 
 def _ratio(rows: Rows, key: str, peer: str) -> Optional[float]:
+    """The subject's advantage over ``peer`` in the row's worst repeat: a
+    goal holds only if it held in every run."""
     row = rows.get(key)
     if row is None:
         return None
     try:
-        return row.ratio(row.peer(peer))
+        return row.worst_ratio(row.peer(peer))
     except KeyError:
         return None
 
