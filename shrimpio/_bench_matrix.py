@@ -15,6 +15,8 @@ echo_protocol  asyncio echo, 10 clients x 1 KiB, Protocol server    uvloop over 
 echo_streams   the same, streams server                             uvloop over TCP, asyncio alone
 aiohttp_1      aiohttp hello world, 1 request in flight             uvloop over TCP
 aiohttp_4      aiohttp hello world, 4 requests in flight            uvloop over TCP
+aiohttp_16     aiohttp hello world, 16 requests in flight           uvloop over TCP
+aiohttp_4_load the same, 4 in flight, a third process busy on a core uvloop over TCP, same load
 uvicorn        uvicorn (defaults) hello world, http.client          the same programs over TCP
 tornado        tornado hello world, http.client keep-alive          the same programs over TCP
 idle_socket    CPU of an idle blocking-socket pair                  (goal: < 1 % of a core)
@@ -156,6 +158,33 @@ def _aio(kind: str, test: str) -> Measure:
     return m
 
 
+def _loaded(measure: Measure) -> Measure:
+    """``measure`` while a third process spins on core 1 (the server's)."""
+    def m(s: Settings) -> Figure:
+        with _busy_core(1):
+            return measure(s)
+    return m
+
+
+class _busy_core:
+    """A process of pure busy loop pinned to one core, for as long as the
+    ``with`` lasts (a machine that is busy with something else)."""
+
+    def __init__(self, core: int) -> None:
+        self.core = core
+
+    def __enter__(self) -> "_busy_core":
+        import subprocess
+        code = (f"import os\ntry:\n    os.sched_setaffinity(0, {{{self.core}}})\n"
+                "except OSError:\n    pass\nwhile True:\n    pass\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code])
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 def _web(framework: str, kind: str) -> Measure:
     label = _bench_web.LABELS[kind]
 
@@ -209,6 +238,9 @@ def specs() -> list[Spec]:
         Spec(f"aiohttp_{n}", a.aiohttp_title(n), "req/s",
              [(a.LABELS[k], _aio(k, f"aiohttp-{n}")) for k in a.KINDS], needs="aiohttp")
         for n in a.HTTP_IN_FLIGHT
+    ] + [
+        Spec("aiohttp_4_load", a.aiohttp_title(4) + ", a core busy", "req/s",
+             [(a.LABELS[k], _loaded(_aio(k, "aiohttp-4"))) for k in a.KINDS], needs="aiohttp"),
     ] + [
         Spec(fw, _bench_web.title(fw), "req/s",
              [(_bench_web.LABELS[k], _web(fw, k)) for k in _bench_web.KINDS], needs=fw)
