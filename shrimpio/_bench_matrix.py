@@ -19,6 +19,7 @@ aiohttp_16     aiohttp hello world, 16 requests in flight           uvloop over 
 aiohttp_4_load the same, 4 in flight, a third process busy on a core uvloop over TCP, same load
 uvicorn        uvicorn (defaults) hello world, http.client          the same programs over TCP
 tornado        tornado hello world, http.client keep-alive          the same programs over TCP
+threading      http.server threads, a new connection per request    the same programs over TCP
 idle_socket    CPU of an idle blocking-socket pair                  (goal: < 1 % of a core)
 idle_asyncio   CPU of an idle asyncio pair                          (goal: < 1 % of a core)
 =============  ===================================================  ================================
