@@ -33,10 +33,12 @@ field is checked and a bad table is reported, never trusted.
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
 import struct
 import threading
+import time
 from typing import Any, Optional
 
 __all__ = ["track_connection", "track_listener", "track_tcp", "tcp_closing", "release", "scan",
@@ -100,8 +102,11 @@ class _Table:
         return self.chunks[i // CHUNK_SLOTS], (i % CHUNK_SLOTS) * SLOT
 
     def give_back(self, chunk: mmap.mmap, at: int) -> None:
-        chunk[at:at + SLOT] = bytes(SLOT)
-        self.free.append(self.chunks.index(chunk) * CHUNK_SLOTS + at // SLOT)
+        struct.pack_into("<I", chunk, at, 0)        # free: the reader skips it
+        for k, c in enumerate(self.chunks):
+            if c is chunk:
+                self.free.append(k * CHUNK_SLOTS + at // SLOT)
+                return
 
 
 _table: Optional[_Table] = None
@@ -118,9 +123,15 @@ class Slot:
         self.table, self.chunk, self.at = table, chunk, at
 
 
-def _text(buf: mmap.mmap, field: tuple[int, int], at: int, value: str) -> None:
-    raw = value.encode("utf-8", "replace")[:field[1] - 1]
-    buf[at + field[0]:at + field[0] + field[1]] = raw.ljust(field[1], b"\0")
+_FIXED = struct.Struct("<IIQQQIIIIi")      # state .. fd (56 bytes)
+_TEXTS = struct.Struct("<64s64s72s")         # local, peer, reason
+_STATE_AT = 0
+
+
+@functools.lru_cache(maxsize=1024)
+def _texts(local: Any, peer: Any, reason: str) -> bytes:
+    return _TEXTS.pack(*(t.encode("utf-8", "replace")[:n - 1]
+                         for t, n in ((_address(local), 64), (_address(peer), 64), (reason, 72))))
 
 
 def _address(addr: Any) -> str:
@@ -130,11 +141,11 @@ def _address(addr: Any) -> str:
     return "" if addr in (None, (), "") else str(addr)
 
 
-def _open_slot(kind: int, fd: int, local: Any, peer: Any, reason: str) -> Optional[Slot]:
+def _open_slot(kind: int, fd: int, local: Any, peer: Any, reason: str,
+               caps: tuple[int, int] = (0, 0)) -> Optional[Slot]:
     global _table, _disabled
     if _disabled:
         return None
-    import time
     with _lock:
         try:
             if _table is None or _table.pid != os.getpid():
@@ -142,27 +153,27 @@ def _open_slot(kind: int, fd: int, local: Any, peer: Any, reason: str) -> Option
             chunk, at = _table.take()
         except (OSError, ValueError):
             # A diagnostic must never cost a connection: no table (no
-            # memfd, no registry directory...) means no listing.
+            # memfd...) means no listing.
             _disabled = True
             return None
         table = _table
-    struct.pack_into(_KIND[1], chunk, at + _KIND[0], kind)
-    struct.pack_into(_CREATED[1], chunk, at + _CREATED[0], time.time_ns())
-    struct.pack_into(_FD[1], chunk, at + _FD[0], fd)
-    _text(chunk, _LOCAL, at, _address(local))
-    _text(chunk, _PEER, at, _address(peer))
-    _text(chunk, _REASON, at, reason)
-    struct.pack_into(_STATE[1], chunk, at + _STATE[0], 1)
+    try:
+        texts = _texts(local, peer, reason)
+    except TypeError:                    # an unhashable address
+        texts = _texts.__wrapped__(local, peer, reason)
+    _TEXTS.pack_into(chunk, at + _LOCAL[0], *_TEXTS.unpack(texts))
+    # The state word last: a reader sees the slot live only when it is whole.
+    _FIXED.pack_into(chunk, at, 0, kind, 0, 0, time.time_ns(), caps[0], caps[1], 0, 0, fd)
+    struct.pack_into("<I", chunk, at, 1)
     return Slot(table, chunk, at)
 
 
 def track_connection(conn: Any, fd: int) -> Optional[Slot]:
     """Give a shared-memory connection (shrimpio._connection.Connection) a
     slot, its rings mirroring their indices into it."""
-    slot = _open_slot(KIND_SHM, fd, conn.local, conn.peer, "")
+    slot = _open_slot(KIND_SHM, fd, conn.local, conn.peer, "", (conn.tx.capacity, conn.rx.capacity))
     if slot is None:
         return None
-    struct.pack_into(_CAPS[1], slot.chunk, slot.at + _CAPS[0], conn.tx.capacity, conn.rx.capacity)
     conn.tx.set_stat(slot.chunk, slot.at + _SENT, slot.at + _TX_BLOCKED, True)
     conn.rx.set_stat(slot.chunk, slot.at + _RECEIVED, slot.at + _RX_BLOCKED, False)
     return slot
