@@ -112,6 +112,7 @@ class _Table:
 _table: Optional[_Table] = None
 _lock = threading.Lock()
 _disabled = False
+_pid = os.getpid()          # this process's (kept by an at-fork hook: no system call per use)
 
 
 class Slot:
@@ -148,7 +149,7 @@ def _open_slot(kind: int, fd: int, local: Any, peer: Any, reason: str,
         return None
     with _lock:
         try:
-            if _table is None or _table.pid != os.getpid():
+            if _table is None or _table.pid != _pid:
                 _table = _Table()        # first use, or a forked child's own
             chunk, at = _table.take()
         except (OSError, ValueError):
@@ -227,7 +228,7 @@ def release(slot: Optional[Slot], *rings: Any) -> None:
             ring.set_stat(None, 0, 0, False)
         except (AttributeError, ValueError):
             pass
-    if slot is None or slot.table.pid != os.getpid():
+    if slot is None or slot.table.pid != _pid:
         return
     with _lock:
         slot.table.give_back(slot.chunk, slot.at)
@@ -249,7 +250,9 @@ def _start_time(pid: int) -> Optional[int]:
 def _forked() -> None:
     """In a forked child: let go of the parent's table fd (the mapping stays
     for the inherited connections' rings; their slots are the parent's)."""
-    if _table is not None and _table.pid != os.getpid():
+    global _pid
+    _pid = os.getpid()
+    if _table is not None and _table.pid != _pid:
         try:
             os.close(_table.fd)
         except OSError:
@@ -265,7 +268,7 @@ def table_fd() -> int:
     the process keeps for its life)."""
     with _lock:
         global _table
-        if _table is None or _table.pid != os.getpid():
+        if _table is None or _table.pid != _pid:
             _table = _Table()
         return _table.fd
 
