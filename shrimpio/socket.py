@@ -243,7 +243,7 @@ class socket(StdSocket):
         if self._shm is not None or self._lst is not None:
             if self.fileno() < 0:
                 raise _ebadf()
-            self._address_check(address, "connect")     # parsed first, as by the stdlib
+            _sockargs.address_check(self, address, "connect")     # parsed first, as by the stdlib
             raise OSError(errno.EISCONN, "Transport endpoint is already connected")
         if self._is_tcp() and self.fileno() >= 0:
             if fd_change_hooks:
@@ -466,7 +466,9 @@ class socket(StdSocket):
         conn.stream.sendall(data, flags, self.gettimeout())
 
     def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0, address: Any = None) -> int:
-        """As ``socket.sendmsg`` (gather); no ancillary data over shared memory."""
+        """As ``socket.sendmsg`` (gather).  Over shared memory, ancillary data
+        and the address are checked, then ignored, as by Linux TCP
+        (``_sockargs.sendmsg``)."""
         conn = self._shm
         if conn is None:
             if ancdata:
@@ -475,8 +477,8 @@ class socket(StdSocket):
             n = super().sendmsg(buffers, ancdata, flags, *([address] if address is not None else []))
             self._sent += n
             return n
-        if list(ancdata):
-            raise OSError(errno.EINVAL, "ancillary data is not supported on TCP sockets")
+        if address is not None or type(ancdata) not in (tuple, list) or ancdata:
+            return _sockargs.sendmsg(self, self._conn(), buffers, ancdata, flags, address)
         return conn.stream.sendmsg(list(buffers), flags, self.gettimeout())
 
     def sendto(self, data: Any, *args: Any) -> int:
@@ -488,14 +490,8 @@ class socket(StdSocket):
         if not 1 <= len(args) <= 2:
             raise TypeError(f"sendto() takes 2 or 3 arguments ({len(args) + 1} given)")
         flags = args[0] if len(args) == 2 else 0
-        self._address_check(args[-1], "sendto")   # (then ignored, as by a connected stream)
+        _sockargs.address_check(self, args[-1], "sendto")   # (then ignored, as by a connected stream)
         return self.send(data, flags)
-
-    def _address_check(self, address: Any, call: str) -> None:
-        """The first check the stdlib makes of an AF_INET/AF_INET6 address."""
-        if not isinstance(address, tuple):
-            raise TypeError(f"{call}(): AF_INET{'6' if self.family == _std.AF_INET6 else ''} "
-                            f"address must be tuple, not {type(address).__name__}")
 
     def sendfile(self, file: Any, offset: int = 0, count: Optional[int] = None) -> int:
         """As ``socket.sendfile``; over shared memory the file's bytes are
@@ -606,7 +602,7 @@ class socket(StdSocket):
         conn = self._shm
         if conn is None:
             return super().shutdown(how)
-        how = _sockargs.index_arg(how)
+        how = _sockargs.c_int_arg(how)
         if how not in (_std.SHUT_RD, _std.SHUT_WR, _std.SHUT_RDWR):
             raise OSError(errno.EINVAL, "Invalid argument")
         self._conn()

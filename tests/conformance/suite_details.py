@@ -1,0 +1,116 @@
+"""Conformance tests for details that CPython's own ``test.test_socket``
+checks (see tests/test_cpython_socket.py), so that they are held on every
+kind of connection without CPython's suite: what ``sendmsg`` does with
+ancillary data and an address, the type of option values, a listener's
+blocking mode, a send to a peer that closed.
+
+Mixins, as in ``suite.py``: ``tests/test_conformance.py`` gives them the
+``net`` fixture.  The expected outcomes are Linux TCP's.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import struct
+
+import pytest
+
+from .harness import READY, Poller, StdSocket, Worker, recv_exactly
+from .suite import _assert_blocked, _send_until_error, _std_pair
+
+
+def _outcome(fn, *args):
+    try:
+        return fn(*args)
+    except OSError as exc:
+        return type(exc)
+
+
+_SOL = socket.SOL_SOCKET
+_SO_TIMESTAMPING_OLD = 37
+
+
+def _ignored_ancdata():
+    creds = struct.pack("iII", os.getpid(), os.getuid(), os.getgid())
+    return {
+        "other level": [(socket.IPPROTO_IP, socket.IP_TOS, struct.pack("i", 0))],
+        "level 0": [(0, 0, b"data")],
+        "tcp level": [(socket.IPPROTO_TCP, 5, b"abc")],
+        "SCM_CREDENTIALS": [(_SOL, socket.SCM_CREDENTIALS, creds)],
+        "SO_TIMESTAMPING": [(_SOL, _SO_TIMESTAMPING_OLD, struct.pack("I", 0))],
+        "list item": [[0, 0, bytearray(b"x")]],
+        "two items": [(0, 0, b""), (socket.IPPROTO_IP, 1, b"")],
+        "an iterator": iter([(0, 0, b"")]),
+        "a dict": {},
+    }
+
+
+class SendmsgTests:
+    """sendmsg on a connected stream: ancillary data Linux TCP does not
+    refuse is ignored (no fd goes anywhere), and so is the address."""
+
+    @pytest.mark.parametrize("case", list(_ignored_ancdata()))
+    def test_ancillary_data_tcp_accepts_is_ignored(self, net, case):
+        cli, srv = net.pair()
+        assert cli.sendmsg([b"ab", b"cd"], _ignored_ancdata()[case]) == 4
+        srv.settimeout(READY)
+        data, anc, _flags, _addr = srv.recvmsg(4, 1024)
+        data += recv_exactly(srv, 4 - len(data))
+        assert data == b"abcd" and anc == []
+
+    def test_scm_rights_over_a_stream_carries_no_fd(self, net):
+        cli, srv = net.pair()
+        r, w = os.pipe()
+        try:
+            fds = struct.pack("i", r)
+            assert cli.sendmsg([b"fd"], [(_SOL, socket.SCM_RIGHTS, fds)]) == 2
+        finally:
+            os.close(r)
+            os.close(w)
+        srv.settimeout(READY)
+        data, anc, _flags, _addr = srv.recvmsg(2, socket.CMSG_SPACE(4))
+        assert data + recv_exactly(srv, 2 - len(data)) == b"fd" and anc == []
+
+    def test_so_mark_item_as_the_kernel_says(self, net):
+        # Accepted only with CAP_NET_RAW or CAP_NET_ADMIN: whatever the
+        # stdlib socket gets here, every kind gets.
+        item = [(_SOL, socket.SO_MARK, struct.pack("I", 0))]
+        std_cli, std_srv = _std_pair()
+        try:
+            want = _outcome(std_cli.sendmsg, [b"m"], item)
+        finally:
+            std_cli.close()
+            std_srv.close()
+        cli, _ = net.pair()
+        assert _outcome(cli.sendmsg, [b"m"], item) == want
+
+    def test_address_is_ignored(self, net):
+        cli, srv = net.pair()
+        assert cli.sendmsg([b"a"], [], 0, ("127.0.0.1", 9)) == 1
+        assert cli.sendmsg([b"b"], [], 0, None) == 1
+        assert cli.sendto(b"c", ("127.0.0.1", 9)) == 1
+        assert cli.sendto(b"d", 0, ("127.0.0.1", 9)) == 1
+        srv.settimeout(READY)
+        assert recv_exactly(srv, 4) == b"abcd"
+
+
+class OptionTypeTests:
+    """Option values read back as the kernel's: plain ints."""
+
+    @pytest.mark.parametrize("name,expected", [
+        ("SO_TYPE", socket.SOCK_STREAM), ("SO_DOMAIN", socket.AF_INET),
+        ("SO_PROTOCOL", socket.IPPROTO_TCP), ("SO_ERROR", 0), ("SO_ACCEPTCONN", 0),
+        ("SO_KEEPALIVE", 0), ("SO_SNDBUF", None), ("SO_RCVBUF", None),
+    ])
+    def test_values_are_plain_ints(self, net, name, expected):
+        cli, srv = net.pair()
+        for sock in (cli, srv):
+            value = sock.getsockopt(socket.SOL_SOCKET, getattr(socket, name))
+            assert type(value) is int, f"{name}: {value!r}"
+            if expected is not None:
+                assert value == expected
+        lst = net.listener()
+        value = lst.getsockopt(socket.SOL_SOCKET, getattr(socket, name))
+        assert type(value) is int
