@@ -321,7 +321,8 @@ class socket(StdSocket):
             self._route = _route.Route(_route.TCP, f"registry unusable: {exc}")
             return
         usock.setblocking(False)
-        os.set_blocking(self.fileno(), False)
+        # (The TCP listener's fd keeps the blocking mode its timeout gives
+        # it, as the stdlib's: see _accept_nowait.)
         self._lst = _Listener(name, usock)
         _by_fd[self.fileno()] = self
         _listening(self._lst)
@@ -342,8 +343,8 @@ class socket(StdSocket):
 
     def settimeout(self, value: Optional[float]) -> None:
         super().settimeout(value)
-        if self._lst is not None:
-            os.set_blocking(self.fileno(), False)   # accept() does its own waiting
+        if self._lst is not None and self._lst.shared:
+            os.set_blocking(self.fileno(), False)   # see _accept_nowait
 
     def setblocking(self, flag: bool) -> None:
         self.settimeout(None if flag else 0.0)
@@ -434,7 +435,21 @@ class socket(StdSocket):
     def _accept_nowait(self) -> tuple[int, Any]:
         """Accept a pending TCP connection, or raise BlockingIOError at once.
         (``_accept`` on this object would first wait up to its timeout for
-        the TCP side, while shared-memory clients queue unseen.)"""
+        the TCP side, while shared-memory clients queue unseen.)
+
+        A listener's fd has the blocking mode the stdlib gives it (blocking
+        without a timeout, as ``fcntl`` shows).  A blocking one is asked
+        first whether a client is there (one ``poll``) and accepted under
+        the listener's lock, so no thread of ours takes that client in
+        between; one shared with other processes (a fork, a listener
+        pickled for multiprocessing), any of which could take it, is made
+        non-blocking instead, and stays so."""
+        lst = self._lst
+        if lst is not None and self.gettimeout() is None and not lst.shared:
+            with _tcp_accept_lock(lst):
+                if not spin_readable((self.fileno(),), 0.0):
+                    raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+                return _csocket.socket._accept(self)
         tmp = _csocket.socket(self.family, self.type, self.proto, self.fileno())
         try:
             tmp.settimeout(0.0)
@@ -763,6 +778,19 @@ _listeners: "weakref.WeakSet[_Listener]" = weakref.WeakSet()
 _listen_hooked = 0          # the pid that hooked its exit and swept
 
 
+_tcp_locks: "weakref.WeakKeyDictionary[_Listener, threading.Lock]" = weakref.WeakKeyDictionary()
+_tcp_locks_lock = threading.Lock()
+
+
+def _tcp_accept_lock(lst: _Listener) -> threading.Lock:
+    """The lock of a listener's TCP accepts (see socket._accept_nowait)."""
+    lock = _tcp_locks.get(lst)
+    if lock is None:
+        with _tcp_locks_lock:
+            lock = _tcp_locks.setdefault(lst, threading.Lock())
+    return lock
+
+
 def _listening(lst: _Listener) -> None:
     global _listen_hooked
     _listeners.add(lst)
@@ -790,8 +818,8 @@ def _close_listeners() -> None:
 def _escape_passed_fds(ancdata: list) -> None:
     """Before fds go to another process in ``SCM_RIGHTS``: a shared-memory
     connection among them escapes to a kernel stream (the other process
-    could only read its doorbell), and an escaped one can no longer be
-    taken back (see _escape)."""
+    could only read its doorbell), an escaped one can no longer be taken
+    back (see _escape), and a listener among them is shared from then on."""
     import array
     for item in ancdata:
         try:
@@ -811,6 +839,12 @@ def _escape_passed_fds(ancdata: list) -> None:
             if conn is not None:
                 _escape.escape_conn(conn, "fd sent to another process", fd)
             _escape.shared(fd)
+            lsock = _by_fd.get(fd)
+            if lsock is not None and lsock._lst is not None and lsock.fileno() == fd:
+                # A listener another process may accept on too: as after
+                # a fork (see socket._accept_nowait and Listener.close).
+                lsock._lst.forks = -1
+                os.set_blocking(fd, False)
 
 
 def _conn_of_fd(fd: int) -> Optional[Connection]:

@@ -126,3 +126,7 @@ class TestSendmsg(suite_details.SendmsgTests):
 
 class TestOptionTypes(suite_details.OptionTypeTests):
     pass
+
+
+class TestListenerMode(suite_details.ListenerModeTests):
+    pass

@@ -114,3 +114,74 @@ class OptionTypeTests:
         lst = net.listener()
         value = lst.getsockopt(socket.SOL_SOCKET, getattr(socket, name))
         assert type(value) is int
+
+
+def _fd_blocking(sock) -> bool:
+    return not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+
+
+class ListenerModeTests:
+    """A listening socket's fd is blocking exactly when it has no timeout
+    (as ``fcntl`` shows), and accept() serves every client in each mode."""
+
+    @pytest.mark.parametrize("before_listen", [None, 0.0, 5.0])
+    def test_fd_mode_follows_the_timeout(self, net, before_listen):
+        lst = net.socket()
+        lst.settimeout(before_listen)
+        lst.bind(("127.0.0.1", 0))
+        net.served(lst.getsockname()[1])
+        lst.listen()
+        assert _fd_blocking(lst) == (before_listen is None)
+        for value in (None, 0.0, 10.0, 0, None, 2.5, None):
+            lst.settimeout(value)
+            assert lst.gettimeout() == value
+            assert lst.getblocking() == (value != 0)
+            assert _fd_blocking(lst) == (value is None)
+        lst.setblocking(False)
+        assert not _fd_blocking(lst)
+        lst.setblocking(True)
+        assert _fd_blocking(lst)
+
+    def test_blocking_listener_accepts_clients_of_both_kinds(self, net):
+        lst = net.listener()
+        assert _fd_blocking(lst)
+        for make in (lambda: net.connect(lst.getsockname()),
+                     lambda: net.track(_std_client(lst.getsockname()))):
+            acceptor = Worker(lst.accept)
+            _assert_blocked(acceptor)
+            cli = make()
+            srv, _ = acceptor.result(READY)
+            net.track(srv)
+            cli.sendall(b"hello")
+            srv.settimeout(READY)
+            assert recv_exactly(srv, 5) == b"hello"
+        assert _fd_blocking(lst)
+
+    def test_threads_blocked_in_accept_all_get_a_client(self, net):
+        lst = net.listener(backlog=32)
+        threads, per_thread = 4, 2
+
+        def accept_some():
+            got = []
+            for _ in range(per_thread):
+                conn, _ = lst.accept()
+                got.append(conn)
+            return got
+
+        workers = [Worker(accept_some) for _ in range(threads)]
+        clients = []
+        for i in range(threads * per_thread):
+            clients.append(net.connect(lst.getsockname()) if i % 2 else _std_client(lst.getsockname()))
+            net.track(clients[-1])
+        accepted = [conn for w in workers for conn in w.result(READY * 2)]
+        for conn in accepted:
+            net.track(conn)
+        assert len(accepted) == threads * per_thread
+        assert {c.getpeername() for c in accepted} == {c.getsockname() for c in clients}
+
+
+def _std_client(address) -> StdSocket:
+    """A plain kernel TCP client (never shared memory, patched or not)."""
+    cli = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
+    cli.connect(address)
+    return cli
