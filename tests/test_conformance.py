@@ -130,3 +130,7 @@ class TestOptionTypes(suite_details.OptionTypeTests):
 
 class TestListenerMode(suite_details.ListenerModeTests):
     pass
+
+
+class TestPeerClosed(suite_details.PeerClosedTests):
+    pass

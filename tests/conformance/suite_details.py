@@ -185,3 +185,105 @@ def _std_client(address) -> StdSocket:
     cli = StdSocket(socket.AF_INET, socket.SOCK_STREAM)
     cli.connect(address)
     return cli
+
+
+def _eof(sock) -> None:
+    """Wait (up to READY) until the peer's close or shutdown has arrived."""
+    sock.settimeout(READY)
+    assert sock.recv(10) == b""
+
+
+def _readable(sock) -> None:
+    with Poller("select") as p:
+        p.register(sock)
+        assert p.readable(sock, READY)
+
+
+class PeerClosedTests:
+    """Writing to a peer that closed.  Linux TCP takes the first send after
+    the peer's close (the peer's kernel answers it with a reset) and fails
+    the later ones with EPIPE; if the peer closed with bytes of ours
+    unread, its kernel reset the connection at once: the first call, send
+    or recv, raises ECONNRESET, then sends EPIPE and reads EOF."""
+
+    @pytest.mark.parametrize("how", ["close", "SHUT_RDWR"])
+    def test_first_send_after_peer_close_succeeds_then_epipe(self, net, how):
+        cli, srv = net.pair()
+        if how == "close":
+            srv.close()
+        else:
+            srv.shutdown(socket.SHUT_RDWR)
+        _eof(cli)
+        assert cli.send(b"x") == 1
+        assert isinstance(_send_until_error(cli), BrokenPipeError)
+        with pytest.raises(BrokenPipeError):
+            cli.sendall(b"x")
+        with pytest.raises(BrokenPipeError):
+            cli.send(b"")
+        assert cli.recv(10) == b""
+
+    @pytest.mark.parametrize("call", ["send", "sendall", "sendmsg"])
+    def test_first_small_send_after_peer_close_is_whole(self, net, call):
+        cli, srv = net.pair()
+        srv.close()
+        _eof(cli)
+        data = b"y" * 1000
+        if call == "send":
+            assert cli.send(data) == len(data)
+        elif call == "sendall":
+            assert cli.sendall(data) is None
+        else:
+            assert cli.sendmsg([data[:10], data[10:]]) == len(data)
+        assert isinstance(_send_until_error(cli), BrokenPipeError)
+
+    def test_empty_sends_after_peer_close_succeed(self, net):
+        cli, srv = net.pair()
+        srv.close()
+        _eof(cli)
+        assert cli.send(b"") == 0
+        assert cli.sendall(b"") is None
+        assert cli.sendmsg([]) == 0
+        assert cli.send(b"z") == 1          # an empty send was not "the first send"
+
+    def test_huge_sendall_after_peer_close_is_epipe(self, net):
+        cli, srv = net.pair()
+        srv.close()
+        _eof(cli)
+        with pytest.raises(BrokenPipeError):
+            cli.sendall(b"w" * (32 << 20))
+
+    @pytest.mark.parametrize("first", ["recv", "send", "sendall", "empty send"])
+    def test_peer_close_with_our_bytes_unread_is_a_reset_once(self, net, first):
+        cli, srv = net.pair()
+        cli.sendall(b"unread")
+        _readable(srv)                      # arrived, and never read
+        srv.close()
+        _readable(cli)                      # the reset (or the peer's end) arrived
+        calls = {"recv": lambda: cli.recv(10), "send": lambda: cli.send(b"x"),
+                 "sendall": lambda: cli.sendall(b"x"), "empty send": lambda: cli.send(b"")}
+        with pytest.raises(ConnectionResetError):
+            calls[first]()
+        assert cli.recv(10) == b""
+        with pytest.raises(BrokenPipeError):
+            cli.send(b"x")
+        assert cli.recv(10) == b""
+
+    def test_data_sent_before_the_reset_is_read_first(self, net):
+        cli, srv = net.pair()
+        cli.sendall(b"request")
+        _readable(srv)
+        srv.sendall(b"response")
+        srv.close()
+        cli.settimeout(READY)
+        assert recv_exactly(cli, 8) == b"response"
+        with pytest.raises(ConnectionResetError):
+            cli.recv(10)
+        assert cli.recv(10) == b""
+
+    def test_peer_shut_rd_only_still_takes_sends(self, net):
+        cli, srv = net.pair()
+        srv.shutdown(socket.SHUT_RD)
+        for _ in range(3):
+            assert cli.send(b"q") == 1
+        srv.settimeout(READY)
+        assert recv_exactly(srv, 3) == b"qqq"
