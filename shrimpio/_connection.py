@@ -188,7 +188,7 @@ def give_back(kit: "Kit | None") -> None:
         return
     if kit.pid == os.getpid() and kit.caps == (DEFAULT_RING, DEFAULT_RING) \
             and len(_spares) < SPARES:
-        _spares.append(kit)
+        _keep(kit)
     else:
         kit.close()
 
@@ -206,9 +206,23 @@ def refill() -> None:
     except (OSError, ValueError):
         return
     if len(_spares) < SPARES:
-        _spares.append(kit)
+        _keep(kit)
     else:
         kit.close()
+
+
+_exit_hooked = False
+
+
+def _keep(kit: Kit) -> None:
+    """Keep ``kit`` as a spare, closed when the process exits (its socket
+    objects would otherwise be reported unclosed: ``ResourceWarning`` under
+    ``python -X dev``, which the program, not shrimpio, seems to leak)."""
+    global _exit_hooked
+    _spares.append(kit)
+    if not _exit_hooked:
+        _exit_hooked = True          # (a forked child inherits the hook)
+        _control.on_exit(drop_spares)
 
 
 def connected() -> None:

@@ -76,7 +76,8 @@ cdef class Stream:
     cdef public unsigned long long bytes_received
     cdef public bint rd_shut       # shutdown(SHUT_RD) in this process
     cdef public bint closed
-    cdef bint reset_told           # the peer's death was reported as a reset
+    cdef bint reset_told           # the peer's death or close was reported as a reset
+    cdef bint pipe_told            # a send was taken (and dropped) after the peer closed
 
     def __cinit__(self, Ring tx not None, Ring rx not None):
         self.tx = tx
@@ -96,25 +97,25 @@ cdef class Stream:
         cdef int flags = _flags_arg(flags_)
         cdef double t = self._t(flags, timeout)
         cdef Py_ssize_t done = 0, n
+        cdef uint64_t head0 = self.tx.head
         PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
         try:
             if flags & _ODD_SEND:
                 _odd_send_flags(self, flags, False)
             if buf.len == 0:
-                self._call_check(self.tx)
+                try:
+                    self.tx._writable_check()
+                except (OSError, ValueError):
+                    return self._write_failed(0, head0)
                 return 0
             while True:
                 try:
                     n = self.tx._write_bufs(&buf, 1, buf.len, t, False) if done == 0 else \
                         self._write_rest(&buf, done, t)
-                except OSError:
-                    if done:
-                        break           # report what went in; the error comes next call
-                    self._translate()
-                except ValueError:
-                    if done:
-                        break
-                    self._translate()
+                except (OSError, ValueError):
+                    if not done:
+                        done = self._write_failed(buf.len, head0)
+                    break               # report what went in; the error comes next call
                 done += n
                 if t >= 0 or done >= buf.len:
                     break
@@ -147,11 +148,50 @@ cdef class Stream:
             return False
         return shr_load_tail(tx.h) != tx.head
 
-    cdef int _call_check(self, Ring ring) except -1:
-        try:
-            ring._writable_check()
-        except ValueError:
+    cdef Py_ssize_t _write_failed(self, Py_ssize_t want, uint64_t head0) except -1:
+        """A write of ``want`` bytes failed (the exception is being handled)
+        and re-raises it as the socket's, unless the peer had closed its
+        reading side before a byte of the call went in (``head0``: our
+        index before it).  Then as Linux TCP, where the peer's kernel takes
+        what comes after its close and answers with a reset: the first send
+        since succeeds (the bytes, which nobody will read, are dropped: up
+        to a ring's worth, as a socket buffer's), and later ones raise
+        ``BrokenPipeError``.  A peer that closed with bytes of ours unread
+        was reset at once: the first send or recv raises
+        ``ConnectionResetError``.  Returns the count the send reports."""
+        cdef Ring tx = self.tx
+        import sys
+        exc = sys.exc_info()[1]
+        if not (isinstance(exc, BrokenPipeError) and not self.closed and tx.h != NULL
+                and not tx.wshut and not tx.broken and tx.head == head0
+                and shr_load_rshut(tx.h)):
             self._translate()
+        if self._reset_due():
+            self.reset_told = True
+            raise ConnectionResetError(_errno.ECONNRESET, "Connection reset by peer") from None
+        if self.reset_told or self.pipe_told:
+            raise BrokenPipeError(_errno.EPIPE, "Broken pipe") from None
+        if want:
+            self.pipe_told = True
+        return min(<uint64_t>want, tx.cap)
+
+    cdef bint _reset_due(self):
+        """Did the peer close (not only shut down) leaving bytes of ours
+        unread, and was that not reported yet?  (Linux TCP answers such a
+        close with a reset.)  Asks the doorbell (one poll) only then."""
+        cdef Ring tx = self.tx
+        if self.reset_told or self.closed or tx.h == NULL or tx.broken:
+            return False
+        if not shr_load_rshut(tx.h) or shr_load_tail(tx.h) == tx.head:
+            return False
+        return tx._peer_gone_now(self.rx.data_bell)
+
+    cdef Py_ssize_t _eof(self) except -1:
+        """End of stream for a read: 0, or the reset a close with bytes of
+        ours unread stands for (once, as over TCP: see _write_failed)."""
+        if self._reset_due():
+            self.reset_told = True
+            raise ConnectionResetError(_errno.ECONNRESET, "Connection reset by peer")
         return 0
 
     cdef int _translate(self) except -1:
@@ -169,6 +209,7 @@ cdef class Stream:
         cdef Py_buffer buf
         cdef int flags = _flags_arg(flags_)
         cdef double t = self._t(flags, timeout)
+        cdef uint64_t head0 = self.tx.head
         PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
         try:
             if flags & _ODD_SEND:
@@ -179,7 +220,8 @@ cdef class Stream:
                 else:
                     self.tx._write_bufs(&buf, 1, buf.len, t, True)
             except (OSError, ValueError):
-                self._translate()
+                if self._write_failed(buf.len, head0) < buf.len:
+                    raise BrokenPipeError(_errno.EPIPE, "Broken pipe") from None
             self.bytes_sent += buf.len
         finally:
             PyBuffer_Release(&buf)
@@ -190,12 +232,13 @@ cdef class Stream:
         cdef int flags = _flags_arg(flags_)
         cdef double t = self._t(flags, timeout)
         cdef Py_ssize_t n = 0
+        cdef uint64_t head0 = self.tx.head
         if flags & _ODD_SEND:
             _odd_send_flags(self, flags, True)
         try:
             n = self.tx.writev(buffers, None if t < 0 else t, t < 0)
         except (OSError, ValueError):
-            self._translate()
+            n = self._write_failed(sum([memoryview(b).nbytes for b in buffers]), head0)
         self.bytes_sent += n
         return n
 
@@ -261,9 +304,9 @@ cdef class Stream:
                     if n == 0:
                         break
                     got += n
-                self.bytes_received += got
-                return got
-            n = rx._read(dst, nbytes, t)
+                n = got
+            else:
+                n = rx._read(dst, nbytes, t)
         except RingCorruptedError:
             raise                   # the peer broke the ring: its calls raise
         except ConnectionResetError:
@@ -281,5 +324,7 @@ cdef class Stream:
             raise
         except (TimeoutError, ValueError):
             self._translate()
+        if n == 0:
+            return self._eof()
         self.bytes_received += n
         return n

@@ -19,18 +19,29 @@ Rather than copy the stdlib's and the kernel's rules:
 * The message calls check their arguments in the stdlib's order, then do
   what one ``recv`` would (``recvmsg_into`` scatters); flags are checked in
   ``_fastpath`` (``check_recvmsg_flags``), with the data path's.
+* ``sendmsg`` with ancillary data or an address parses them as the stdlib
+  does, then answers as Linux TCP does: the address of a connected stream
+  is ignored, and so are ancillary items of any level but ``SOL_SOCKET``;
+  of those, ``SCM_RIGHTS`` and ``SCM_CREDENTIALS`` are accepted and ignored
+  (TCP carries no fds: none leaves the process), ``SO_MARK`` (privileged)
+  and ``SO_TIMESTAMPING`` (transmit flags) are accepted, and anything else
+  is ``EINVAL``.  An address is parsed by ``connect`` on a fresh UDP socket
+  (no packet is sent), so that its errors are the stdlib's.
 """
 
 from __future__ import annotations
 
+import errno
 import operator
 import socket as _std
 import struct
+import sys
 from typing import Any
 
 from ._fastpath import check_recvmsg_flags
 
-__all__ = ["NOARG", "getsockopt", "index_arg", "recvmsg", "recvmsg_into", "setsockopt"]
+__all__ = ["NOARG", "c_int_arg", "getsockopt", "index_arg", "recvmsg", "recvmsg_into", "sendmsg",
+           "setsockopt"]
 
 StdSocket = _std.socket
 _STREAM = int(_std.SOCK_STREAM)
@@ -58,6 +69,15 @@ _CONN_OPTS = frozenset(o for o in (_std.SO_TYPE, _std.SO_ERROR, _std.SO_SNDBUF, 
                                    _std.SO_ACCEPTCONN, getattr(_std, "SO_DOMAIN", None),
                                    getattr(_std, "SO_PROTOCOL", None)) if o is not None)
 _TCP_INFO = (_std.IPPROTO_TCP, getattr(_std, "TCP_INFO", -100))
+# sendmsg: the SOL_SOCKET ancillary items Linux TCP accepts (see sendmsg).
+_SOL_SOCKET = int(_std.SOL_SOCKET)
+_SCM_IGNORED = (int(_std.SCM_RIGHTS), int(getattr(_std, "SCM_CREDENTIALS", 2)))
+_SO_MARK = int(getattr(_std, "SO_MARK", 36))
+_SO_TIMESTAMPING = (37, 65)             # SO_TIMESTAMPING_OLD, SO_TIMESTAMPING_NEW
+_TX_RECORD_MASK = 0x303                 # SOF_TIMESTAMPING_TX_{HARDWARE,SOFTWARE,SCHED,ACK}
+_SO_TXTIME = int(getattr(_std, "SO_TXTIME", 61))   # its item (SCM_TXTIME): only if the option is set
+_MSG_CMSG_COMPAT = -0x80000000
+_MSG_FASTOPEN = int(getattr(_std, "MSG_FASTOPEN", 0x20000000))
 _TCP_ESTABLISHED = 1
 
 
@@ -65,6 +85,15 @@ def index_arg(value: Any) -> int:
     """An integer argument as the socket module takes it (``__index__``;
     TypeError for a float)."""
     return value if type(value) is int else operator.index(value)
+
+
+def c_int_arg(value: Any) -> int:
+    """An argument the socket module converts to a C ``int`` (``shutdown``'s
+    ``how``...): ``index_arg``, and OverflowError outside the C range."""
+    value = index_arg(value)
+    if not -0x80000000 <= value <= 0x7FFFFFFF:
+        raise OverflowError("Python int too large to convert to C int")
+    return value
 
 
 # -- options ------------------------------------------------------------------------
@@ -127,7 +156,7 @@ def getsockopt(sock: Any, conn: Any, level: int, optname: int, buflen: Any) -> A
             _std.SO_SNDBUF: conn.tx.capacity,
             _std.SO_RCVBUF: conn.rx.capacity,
             _std.SO_ACCEPTCONN: 0,
-            getattr(_std, "SO_DOMAIN", -100): sock.family,
+            getattr(_std, "SO_DOMAIN", -100): int(sock.family),     # an int, not the enum
             getattr(_std, "SO_PROTOCOL", -100): _std.IPPROTO_TCP,
         }.get(optname, value)
     if buflen is NOARG or not buflen:      # 0 too: an int, as the stdlib
@@ -225,3 +254,113 @@ def _scatter(sock: Any, conn: Any, views: list, flags: int) -> int:
         if n < len(v):
             break
     return got
+
+
+def address_check(sock: Any, address: Any, call: str) -> None:
+    """Parse ``address`` as the stdlib would for ``call`` on ``sock`` (a
+    connected stream, which then ignores it): the same TypeError,
+    OverflowError or ``gaierror``.  Only the type is checked here; the rest
+    by ``connect`` on a fresh UDP socket of the family (which sends
+    nothing; whether it could reach the address does not matter)."""
+    if not isinstance(address, tuple):
+        raise TypeError(f"{call}(): AF_INET{'6' if sock.family == _std.AF_INET6 else ''} "
+                        f"address must be tuple, not {type(address).__name__}")
+    with StdSocket(sock.family, _std.SOCK_DGRAM) as shadow:
+        try:
+            StdSocket.connect(shadow, address)
+        except _std.gaierror:
+            raise
+        except OSError:
+            pass
+
+
+def _c_int(value: Any) -> int:
+    """An argument CPython parses with the ``i`` format (sendmsg's flags,
+    an ancillary item's level and type)."""
+    value = index_arg(value)
+    if value > 0x7FFFFFFF:
+        raise OverflowError("signed integer is greater than maximum")
+    if value < -0x80000000:
+        raise OverflowError("signed integer is less than minimum")
+    return value
+
+
+def _cmsg_items(ancdata: Any) -> list:
+    """sendmsg's ancillary data as ``(level, type, memoryview)``, with the
+    stdlib's errors."""
+    try:
+        items = list(ancdata)
+    except TypeError:
+        raise TypeError("sendmsg() argument 2 must be an iterable") from None
+    where = "[sendmsg() ancillary data items]()"
+    out = []
+    for item in items:
+        if isinstance(item, (bytes, dict)) or not hasattr(type(item), "__getitem__"):
+            raise TypeError(f"{where} argument must be 3-item sequence, not {type(item).__name__}")
+        if len(item) != 3:
+            raise TypeError(f"{where} argument must be sequence of length 3, not {len(item)}")
+        level, kind = _c_int(item[0]), _c_int(item[1])
+        data = memoryview(item[2])
+        if not data.c_contiguous:
+            raise BufferError("memoryview: underlying buffer is not C-contiguous")
+        out.append((level, kind, data.cast("B") if data.ndim != 1 or data.format != "B" else data))
+    return out
+
+
+def _optmem_max() -> int:
+    try:
+        with open("/proc/sys/net/core/optmem_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 20480
+
+
+def _may_mark(family: int) -> bool:
+    """May this process set SO_MARK (CAP_NET_RAW or CAP_NET_ADMIN)?  The
+    kernel says, on a fresh socket."""
+    with StdSocket(family, _std.SOCK_STREAM) as shadow:
+        try:
+            StdSocket.setsockopt(shadow, _std.SOL_SOCKET, _SO_MARK, 0)
+        except OSError:
+            return False
+    return True
+
+
+def _cmsg_accepted(sock: Any, level: int, kind: int, data: memoryview) -> bool:
+    """Does Linux TCP's sendmsg accept this ancillary item (and ignore it)?"""
+    if level != _SOL_SOCKET or kind in _SCM_IGNORED:
+        return True
+    if kind == _SO_MARK:
+        return len(data) == 4 and _may_mark(sock.family)
+    if kind in _SO_TIMESTAMPING:
+        return len(data) == 4 and not int.from_bytes(data, sys.byteorder) & ~_TX_RECORD_MASK
+    if kind == _SO_TXTIME:
+        return len(data) == 8 and bool(sock._opts.get((_SOL_SOCKET, _SO_TXTIME)))
+    return False
+
+
+def sendmsg(sock: Any, conn: Any, buffers: Any, ancdata: Any, flags: Any, address: Any) -> int:
+    """``socket.sendmsg`` over shared memory with ancillary data or an
+    address: checked in the stdlib's order (flags, address, buffers,
+    ancillary items), then as Linux TCP (see the module docstring); the
+    data goes as without them."""
+    flags = _c_int(flags)
+    if address is not None:
+        address_check(sock, address, "sendmsg")
+    try:
+        bufs = list(buffers)
+    except TypeError:
+        raise TypeError("sendmsg() argument 1 must be an iterable") from None
+    for buf in bufs:
+        memoryview(buf).release()       # TypeError for what is not bytes-like
+    items = _cmsg_items(ancdata)
+    if flags & _MSG_CMSG_COMPAT:
+        raise OSError(errno.EINVAL, "Invalid argument")
+    if items and sum(_std.CMSG_SPACE(len(d)) for _, _, d in items) >= _optmem_max():
+        raise OSError(errno.ENOBUFS, "No buffer space available")
+    if flags & _MSG_FASTOPEN:
+        raise OSError(errno.EISCONN, "Transport endpoint is already connected")
+    for level, kind, data in items:
+        if not _cmsg_accepted(sock, level, kind, data):
+            raise OSError(errno.EINVAL, "Invalid argument")
+    return conn.stream.sendmsg(bufs, flags, sock.gettimeout())

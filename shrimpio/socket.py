@@ -247,7 +247,7 @@ class socket(StdSocket):
         if self._shm is not None or self._lst is not None:
             if self.fileno() < 0:
                 raise _ebadf()
-            self._address_check(address, "connect")     # parsed first, as by the stdlib
+            _sockargs.address_check(self, address, "connect")     # parsed first, as by the stdlib
             raise OSError(errno.EISCONN, "Transport endpoint is already connected")
         if self._is_tcp() and self.fileno() >= 0:
             if fd_change_hooks:
@@ -329,7 +329,8 @@ class socket(StdSocket):
             self._route = _route.Route(_route.TCP, f"registry unusable: {exc}")
             return
         usock.setblocking(False)
-        os.set_blocking(self.fileno(), False)
+        # (The TCP listener's fd keeps the blocking mode its timeout gives
+        # it, as the stdlib's: see _accept_nowait.)
         self._lst = _Listener(name, usock)
         _by_fd[self.fileno()] = self
         _listening(self._lst)
@@ -350,8 +351,8 @@ class socket(StdSocket):
 
     def settimeout(self, value: Optional[float]) -> None:
         super().settimeout(value)
-        if self._lst is not None:
-            os.set_blocking(self.fileno(), False)   # accept() does its own waiting
+        if self._lst is not None and self._lst.shared:
+            os.set_blocking(self.fileno(), False)   # see _accept_nowait
 
     def setblocking(self, flag: bool) -> None:
         self.settimeout(None if flag else 0.0)
@@ -443,7 +444,21 @@ class socket(StdSocket):
     def _accept_nowait(self) -> tuple[int, Any]:
         """Accept a pending TCP connection, or raise BlockingIOError at once.
         (``_accept`` on this object would first wait up to its timeout for
-        the TCP side, while shared-memory clients queue unseen.)"""
+        the TCP side, while shared-memory clients queue unseen.)
+
+        A listener's fd has the blocking mode the stdlib gives it (blocking
+        without a timeout, as ``fcntl`` shows).  A blocking one is asked
+        first whether a client is there (one ``poll``) and accepted under
+        the listener's lock, so no thread of ours takes that client in
+        between; one shared with other processes (a fork, a listener
+        pickled for multiprocessing), any of which could take it, is made
+        non-blocking instead, and stays so."""
+        lst = self._lst
+        if lst is not None and self.gettimeout() is None and not lst.shared:
+            with _tcp_accept_lock(lst):
+                if not spin_readable((self.fileno(),), 0.0):
+                    raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+                return _csocket.socket._accept(self)
         tmp = _csocket.socket(self.family, self.type, self.proto, self.fileno())
         try:
             tmp.settimeout(0.0)
@@ -475,7 +490,9 @@ class socket(StdSocket):
         conn.stream.sendall(data, flags, self.gettimeout())
 
     def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0, address: Any = None) -> int:
-        """As ``socket.sendmsg`` (gather); no ancillary data over shared memory."""
+        """As ``socket.sendmsg`` (gather).  Over shared memory, ancillary data
+        and the address are checked, then ignored, as by Linux TCP
+        (``_sockargs.sendmsg``)."""
         conn = self._shm
         if conn is None:
             if ancdata:
@@ -484,8 +501,8 @@ class socket(StdSocket):
             n = super().sendmsg(buffers, ancdata, flags, *([address] if address is not None else []))
             self._sent += n
             return n
-        if list(ancdata):
-            raise OSError(errno.EINVAL, "ancillary data is not supported on TCP sockets")
+        if address is not None or type(ancdata) not in (tuple, list) or ancdata:
+            return _sockargs.sendmsg(self, self._conn(), buffers, ancdata, flags, address)
         return conn.stream.sendmsg(list(buffers), flags, self.gettimeout())
 
     def sendto(self, data: Any, *args: Any) -> int:
@@ -497,14 +514,8 @@ class socket(StdSocket):
         if not 1 <= len(args) <= 2:
             raise TypeError(f"sendto() takes 2 or 3 arguments ({len(args) + 1} given)")
         flags = args[0] if len(args) == 2 else 0
-        self._address_check(args[-1], "sendto")   # (then ignored, as by a connected stream)
+        _sockargs.address_check(self, args[-1], "sendto")   # (then ignored, as by a connected stream)
         return self.send(data, flags)
-
-    def _address_check(self, address: Any, call: str) -> None:
-        """The first check the stdlib makes of an AF_INET/AF_INET6 address."""
-        if not isinstance(address, tuple):
-            raise TypeError(f"{call}(): AF_INET{'6' if self.family == _std.AF_INET6 else ''} "
-                            f"address must be tuple, not {type(address).__name__}")
 
     def sendfile(self, file: Any, offset: int = 0, count: Optional[int] = None) -> int:
         """As ``socket.sendfile``; over shared memory the file's bytes are
@@ -615,7 +626,7 @@ class socket(StdSocket):
         conn = self._shm
         if conn is None:
             return super().shutdown(how)
-        how = _sockargs.index_arg(how)
+        how = _sockargs.c_int_arg(how)
         if how not in (_std.SHUT_RD, _std.SHUT_WR, _std.SHUT_RDWR):
             raise OSError(errno.EINVAL, "Invalid argument")
         self._conn()
@@ -779,6 +790,19 @@ _listeners: "weakref.WeakSet[_Listener]" = weakref.WeakSet()
 _listen_hooked = 0          # the pid that hooked its exit and swept
 
 
+_tcp_locks: "weakref.WeakKeyDictionary[_Listener, threading.Lock]" = weakref.WeakKeyDictionary()
+_tcp_locks_lock = threading.Lock()
+
+
+def _tcp_accept_lock(lst: _Listener) -> threading.Lock:
+    """The lock of a listener's TCP accepts (see socket._accept_nowait)."""
+    lock = _tcp_locks.get(lst)
+    if lock is None:
+        with _tcp_locks_lock:
+            lock = _tcp_locks.setdefault(lst, threading.Lock())
+    return lock
+
+
 def _listening(lst: _Listener) -> None:
     global _listen_hooked
     _listeners.add(lst)
@@ -806,8 +830,8 @@ def _close_listeners() -> None:
 def _escape_passed_fds(ancdata: list) -> None:
     """Before fds go to another process in ``SCM_RIGHTS``: a shared-memory
     connection among them escapes to a kernel stream (the other process
-    could only read its doorbell), and an escaped one can no longer be
-    taken back (see _escape)."""
+    could only read its doorbell), an escaped one can no longer be taken
+    back (see _escape), and a listener among them is shared from then on."""
     import array
     for item in ancdata:
         try:
@@ -827,6 +851,12 @@ def _escape_passed_fds(ancdata: list) -> None:
             if conn is not None:
                 _escape.escape_conn(conn, "fd sent to another process", fd)
             _escape.shared(fd)
+            lsock = _by_fd.get(fd)
+            if lsock is not None and lsock._lst is not None and lsock.fileno() == fd:
+                # A listener another process may accept on too: as after
+                # a fork (see socket._accept_nowait and Listener.close).
+                lsock._lst.forks = -1
+                os.set_blocking(fd, False)
 
 
 def _conn_of_fd(fd: int) -> Optional[Connection]:

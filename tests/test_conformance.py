@@ -24,7 +24,7 @@ import pytest
 import shrimpio.patch
 from shrimpio import _route
 
-from conformance import suite
+from conformance import suite, suite_details
 from conformance.harness import KINDS, Net
 
 # Importing shrimpio.patch enables it; the tests here switch it per kind and
@@ -117,4 +117,20 @@ class TestProcesses(suite.ProcessTests):
 
 
 class TestArgumentErrors(suite.ArgumentErrorTests):
+    pass
+
+
+class TestSendmsg(suite_details.SendmsgTests):
+    pass
+
+
+class TestOptionTypes(suite_details.OptionTypeTests):
+    pass
+
+
+class TestListenerMode(suite_details.ListenerModeTests):
+    pass
+
+
+class TestPeerClosed(suite_details.PeerClosedTests):
     pass

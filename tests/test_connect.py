@@ -26,6 +26,7 @@ from shrimpio import _accept, _connection, _control, _handshake, _poll, _route
 from shrimpio._connection import DEFAULT_RING, Connection, Kit
 from shrimpio._fastpath import Segment, spin_readable
 
+from children import child_env
 from conftest import wait_for
 
 HDR = struct.Struct("!4sHHI")
@@ -204,6 +205,27 @@ def test_drop_spares_closes_their_fds_and_mappings():
     assert _connection._spares == []
     assert kit.segment.closed
     assert all(closed_fd(fd) for fd in fds)
+
+
+def test_spare_kit_is_closed_at_exit():
+    """A process that exits with a spare kit closes it: no ResourceWarning
+    for the program to see under ``python -X dev`` (its sockets would be
+    reported unclosed at interpreter exit)."""
+    code = ("import shrimpio.patch, socket\n"
+            "from shrimpio import _connection\n"
+            "srv = socket.create_server(('127.0.0.1', 0))\n"
+            "for _ in range(3):\n"
+            "    c = socket.create_connection(srv.getsockname())\n"
+            "    s, _ = srv.accept()\n"
+            "    c.sendall(b'x'); s.recv(1)\n"
+            "    c.close(); s.close()\n"
+            "_connection.refill()\n"
+            "assert _connection._spares, 'no spare kit to close'\n"
+            "srv.close()\n")
+    out = subprocess.run([sys.executable, "-X", "dev", "-c", code], env=child_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ResourceWarning" not in out.stderr, out.stderr
 
 
 def test_kit_of_another_process_or_segment_kind_is_dropped(monkeypatch):
