@@ -17,6 +17,11 @@
         all of the above in one run, plus connect+accept time and the CPU
         of an idle connected pair, beside TCP, Unix sockets, uvloop and
         pyzmq; a table with ratios and the project's goals (docs/bench.md).
+    shrimpio chaos [--minutes N] [--seed S] [--scenario NAME] [--fuzz-seconds N] [--keep]
+        the chaos suite (docs/chaos.md): rounds of hostile, killed and
+        fd-starved peers in real processes against every API, checked for
+        crashes, hangs, spins, leaks and data errors; then coverage-guided
+        fuzzing of the peer-input parsers (needs atheris); prints the counts.
 """
 
 from __future__ import annotations
@@ -72,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     from . import _bench_matrix
     bm = sub.add_parser("bench", help="the whole benchmark matrix, with peers and goals")
     _bench_matrix.add_arguments(bm)
+    from . import _chaos
+    ch = sub.add_parser("chaos", help="chaos and fuzz suite: hostile, dying and fd-starved peers")
+    _chaos.add_arguments(ch)
     args = ap.parse_args(argv)
+    if args.command == "chaos":
+        return _chaos.main(args)
     if args.command == "bench":
         return _bench_matrix.main(args)
     if args.command == "pingpong":
