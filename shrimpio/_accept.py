@@ -7,9 +7,8 @@ Theory of operation
 
 A listening shrimpio socket holds a registry entry (:func:`register_listener`).
 Its :func:`accept_shm` makes one call into C per client,
-:func:`~shrimpio._fastpath.stream_accept` (accept4, ``SO_PEERCRED``, the
-doorbell fd, a busy-poll for the hello, recvmsg with fds, the space fd's
-type), then checks the hello in :func:`accept_hello` exactly as it would
+:func:`~shrimpio._fastpath.stream_accept` (accept4, ``SO_PEERCRED``, a
+busy-poll for the hello, recvmsg with fds, the space fd's type), then checks the hello in :func:`accept_hello` exactly as it would
 any peer's: everything in it is untrusted, and anything wrong refuses the
 client (its control socket is closed: it reads EOF) and takes the next.
 A client whose hello is not there after the busy-poll is not waited for
@@ -25,6 +24,7 @@ client, never for one whose hello has not come (or will be refused).
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import socket as _std
@@ -122,9 +122,9 @@ class Listener:
         self.spin = accept_spin_top()
         # Clients that connected but whose hello has not come yet (a client
         # sends it right after its connect, but may be descheduled, slow, or
-        # hostile): control fd -> (doorbell fd, deadline).  accept() never
-        # waits for one of them; they are watched beside the entry.
-        self.waiting: dict[int, tuple[int, float]] = {}
+        # hostile): control fd -> deadline.  accept() never waits for one
+        # of them; they are watched beside the entry.
+        self.waiting: dict[int, float] = {}
         # Clients a poller took with their hello (see acceptable()), as
         # stream_accept returns them, with the pid that took them (a forked
         # child must not serve a client its parent holds too).
@@ -137,9 +137,9 @@ class Listener:
 
     def next_deadline(self) -> Optional[float]:
         """When the first waiting client runs out of time (monotonic), if any."""
-        return min((d for _, d in self.waiting.values()), default=None)
+        return min(self.waiting.values(), default=None)
 
-    def park(self, ctl: int, bell: int) -> None:
+    def park(self, ctl: int) -> None:
         """Keep a client whose hello has not come yet."""
         if len(self.waiting) >= MAX_WAITING:
             try:
@@ -147,31 +147,37 @@ class Listener:
             except (StopIteration, RuntimeError):   # emptied (or changed) by another thread
                 oldest = None
             # Popped first: whoever pops an entry owns its fds.
-            entry = self.waiting.pop(oldest, None) if oldest is not None else None
-            if entry is not None:
-                _drop(oldest, entry)
-        self.waiting[ctl] = (bell, time.monotonic() + HELLO_WAIT)
+            if oldest is not None and self.waiting.pop(oldest, None) is not None:
+                os.close(oldest)              # it reads EOF
+        self.waiting[ctl] = time.monotonic() + HELLO_WAIT
 
     def take_hello(self) -> "tuple | None":
         """A waiting client whose hello has come, as ``stream_accept``
         returns it; clients gone or out of time are dropped (they read EOF)."""
         now = time.monotonic()
         for ctl in list(self.waiting):
-            entry = self.waiting.pop(ctl, None)
-            if entry is None:
+            deadline = self.waiting.pop(ctl, None)
+            if deadline is None:
                 continue                # taken by another thread
-            bell, deadline = entry
             try:
                 got = stream_hello(ctl, _control.MAX_MESSAGE + 1, _control.MAX_FDS)
+            except OSError as exc:
+                if exc.errno == errno.EMFILE:
+                    # No room for its fds yet: it waits (accept() says
+                    # EMFILE, as a kernel listener's would).
+                    self.waiting[ctl] = deadline
+                else:
+                    os.close(ctl)
+                raise
             except BaseException:
-                _drop(ctl, entry)
+                os.close(ctl)
                 raise
             if got is not None:
-                return (ctl, bell) + got
+                return (ctl,) + got
             if deadline > now:
-                self.waiting[ctl] = entry
+                self.waiting[ctl] = deadline
             else:
-                _drop(ctl, entry)
+                os.close(ctl)           # out of time: it reads EOF
         return None
 
     @property
@@ -229,7 +235,7 @@ class Listener:
 
     def close(self) -> None:
         while self.waiting:
-            _drop(*self.waiting.popitem())
+            os.close(self.waiting.popitem()[0])     # they read EOF
         while self.ready:
             _drop_ready(self.ready.pop()[1])
         if self.shared:
@@ -257,13 +263,6 @@ def _drop_ready(got: tuple) -> None:
     os.close(got[0])
 
 
-def _drop(ctl: int, entry: tuple[int, float]) -> None:
-    """Close the two fds of a waiting client taken out of ``Listener.waiting``
-    (it reads EOF)."""
-    os.close(entry[0])
-    os.close(ctl)
-
-
 def next_client(lst: Listener, spin: float) -> "tuple[int, Connection, tuple, tuple] | None":
     """The next shared-memory client of ``lst`` whose hello came and
     passed the checks: (its control fd, its connection, client address,
@@ -281,12 +280,12 @@ def next_client(lst: Listener, spin: float) -> "tuple[int, Connection, tuple, tu
             got = stream_accept(usock, spin, _control.MAX_MESSAGE + 1, _control.MAX_FDS)
             if got is None:
                 return None
-            if got[2] is None:          # no hello yet: never wait for it here
-                lst.park(got[0], got[1])
+            if got[1] is None:          # no hello yet: never wait for it here
+                lst.park(got[0])
                 continue
-        fd, bell, data, fds, msg_flags, space_ok = got
+        fd, data, fds, msg_flags, space_ok = got
         try:
-            conn, client, server = accept_hello(bell, data, msg_flags, fds, space_ok)
+            conn, client, server = accept_hello(fd, data, msg_flags, fds, space_ok)
         except BaseException as exc:
             os.close(fd)
             if isinstance(exc, Exception) and not isinstance(exc, MemoryError):
@@ -333,12 +332,14 @@ def accept_shm(sock: Any, lst: Listener, bare: bool) -> "tuple[Any, Any] | None"
     return new, conn.peer
 
 
-def accept_hello(bell: int, data: bytes, msg_flags: int, fds: list[int],
+def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
                  space_ok: bool) -> tuple[Connection, tuple, tuple]:
     """Check a client's hello (as :func:`~shrimpio._fastpath.stream_accept`
     received it) and map its segment: (connection, client address, server
-    address).  Anything malformed raises ``ProtocolError`` (or OSError)
-    after closing ``bell`` and the fds.
+    address); ``ctl``, the client's control socket, is its data doorbell
+    (the caller's fd: the socket object made on it owns it).  Anything
+    malformed raises ``ProtocolError`` (or OSError) after closing the fds
+    that came with the hello.
 
     Every fd is checked before use: the segment must be a sealed memfd
     (one that may be truncated under us would kill us with SIGBUS), the
@@ -378,7 +379,8 @@ def accept_hello(bell: int, data: bytes, msg_flags: int, fds: list[int],
         except BaseException:
             os.close(fd1)
             raise
-        return Connection(seg, bell, space, client=False, caps=(c2s, s2c)), client, server
+        return (Connection(seg, ctl, space, client=False, caps=(c2s, s2c), bell_owned=False),
+                client, server)
     except BaseException:
         for fd in fds:
             if fd >= 0:
@@ -390,7 +392,6 @@ def accept_hello(bell: int, data: bytes, msg_flags: int, fds: list[int],
                 seg.close()
             except BufferError:         # still used by a ring: unmapped when freed
                 pass
-        os.close(bell)
         raise
 
 

@@ -1,4 +1,4 @@
-"""The performance goals of issue 5, checked against a run's rows.
+"""The performance goals of issues 5 and 12, checked against a run's rows.
 
 Each goal reads one or two rows of ``shrimpio bench`` (by key, see
 ``_bench_matrix``) and says whether this run met it; a goal whose rows were
@@ -85,6 +85,27 @@ def _aiohttp(rows: Rows) -> tuple[str, Optional[bool]]:
     return ", ".join(parts), all(met)
 
 
+def _web(framework: str) -> Callable[[Rows], tuple[str, Optional[bool]]]:
+    """A framework's row: the ratio, each kind's p99 request time and the
+    client's and server's CPU (a side busy all the time sets the rate)."""
+    def check(rows: Rows) -> tuple[str, Optional[bool]]:
+        r = _ratio(rows, framework, "TCP")
+        if r is None:
+            return "-", None
+        figs = rows[framework].figures
+        text = fmt_ratio(r)
+        p99 = [f.extra.get("p99_us") for f in figs]
+        if all(x is not None for x in p99):
+            text += " (p99 " + " vs ".join(fmt(x) for x in p99) + " us"
+            cpu = [(f.extra.get("client_cpu_percent"), f.extra.get("server_cpu_percent")) for f in figs]
+            if all(c is not None and s is not None for c, s in cpu):
+                text += "; CPU client " + "/".join(f"{c:.0f}%" for c, _ in cpu)
+                text += ", server " + "/".join(f"{s:.0f}%" for _, s in cpu)
+            text += ")"
+        return text, r >= 1.5
+    return check
+
+
 def _connect(rows: Rows) -> tuple[str, Optional[bool]]:
     row = rows.get("connect")
     r = _ratio(rows, "connect", "TCP")
@@ -108,6 +129,8 @@ GOALS: list[tuple[str, Callable[[Rows], tuple[str, Optional[bool]]]]] = [
     ("asyncio streams rtt >= 8x faster than uvloop TCP", _at_least("asyncio_rtt", "uvloop TCP", 8)),
     ("asyncio echo >= 3x uvloop TCP", _echo),
     ("aiohttp >= 1.5x uvloop TCP", _aiohttp),
+    ("uvicorn (defaults) >= 1.5x its kernel TCP speed", _web("uvicorn")),
+    ("tornado >= 1.5x its kernel TCP speed", _web("tornado")),
     ("socket 1 MiB bandwidth >= 2x Unix socket", _at_least("socket_bw", "Unix", 2)),
     ("VMMC 1 MiB put near one memcpy (>= 0.8x its rate)", _at_least("vmmc_bw", "memcpy", 0.8)),
     ("connect+accept no slower than kernel TCP", _connect),

@@ -15,6 +15,8 @@ echo_protocol  asyncio echo, 10 clients x 1 KiB, Protocol server    uvloop over 
 echo_streams   the same, streams server                             uvloop over TCP, asyncio alone
 aiohttp_1      aiohttp hello world, 1 request in flight             uvloop over TCP
 aiohttp_4      aiohttp hello world, 4 requests in flight            uvloop over TCP
+uvicorn        uvicorn (defaults) hello world, http.client          the same programs over TCP
+tornado        tornado hello world, http.client keep-alive          the same programs over TCP
 idle_socket    CPU of an idle blocking-socket pair                  (goal: < 1 % of a core)
 idle_asyncio   CPU of an idle asyncio pair                          (goal: < 1 % of a core)
 =============  ===================================================  ================================
@@ -22,7 +24,8 @@ idle_asyncio   CPU of an idle asyncio pair                          (goal: < 1 %
 Each pair of processes is pinned to two cores; peers take turns within each
 repeat, and each figure is the repeat with the median median (one repeat
 with ``--quick``).  The measurements are those of ``_bench``,
-``_bench_socket``, ``_bench_asyncio``, ``_bench_conn`` and ``_bench_zmq``.
+``_bench_socket``, ``_bench_asyncio``, ``_bench_web``, ``_bench_conn`` and
+``_bench_zmq``.
 
     shrimpio bench [--quick] [--json] [--plot FILE.png] [--rows KEY,KEY...]
 """
@@ -40,7 +43,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TextIO
 
-from . import _bench, _bench_asyncio, _bench_conn, _bench_socket, _bench_zmq
+from . import _bench, _bench_asyncio, _bench_conn, _bench_socket, _bench_web, _bench_zmq
 from ._bench_table import Figure, Row, format_goals, format_noise, format_table, machine_line, pick_median
 from ._bench_goals import goals
 
@@ -146,6 +149,17 @@ def _aio(kind: str, test: str) -> Measure:
     return m
 
 
+def _web(framework: str, kind: str) -> Measure:
+    label = _bench_web.LABELS[kind]
+
+    def m(s: Settings) -> Figure:
+        res = _bench_web.run_one(framework, kind, s.seconds)   # checks both ends' paths
+        extra = {k: res[k] for k in ("median_us", "p99_us", "n", "client_cpu_percent", "server_cpu_percent")}
+        extra["paths"] = sorted(set(res["paths"]))
+        return Figure(label, res["rps"], None, [res["rps"]], extra)
+    return m
+
+
 def _streams_bound(s: Settings) -> Figure:
     rate = _bench_asyncio.streams_bound(s.seconds)
     return Figure("asyncio alone", rate, None, [rate])
@@ -187,6 +201,10 @@ def specs() -> list[Spec]:
              [(a.LABELS[k], _aio(k, f"aiohttp-{n}")) for k in a.KINDS], needs="aiohttp")
         for n in a.HTTP_IN_FLIGHT
     ] + [
+        Spec(fw, _bench_web.title(fw), "req/s",
+             [(_bench_web.LABELS[k], _web(fw, k)) for k in _bench_web.KINDS], needs=fw)
+        for fw in _bench_web.FRAMEWORKS
+    ] + [
         Spec("idle_socket", "idle CPU, blocking socket pair", "%", [("shm", _idle("socket"))], repeat=False),
         Spec("idle_asyncio", "idle CPU, asyncio pair", "%", [("shm", _idle("asyncio"))], repeat=False),
     ]
@@ -226,7 +244,7 @@ def versions() -> dict[str, str]:
     """Versions of shrimpio and of the peers' packages."""
     from . import __version__
     out = {"shrimpio": __version__}
-    for dist in ("uvloop", "aiohttp"):
+    for dist in ("uvloop", "aiohttp", "uvicorn", "h11", "httptools", "tornado"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -265,15 +265,18 @@ def reap() -> None:
 class Connection:
     """The shared-memory half of a connected shrimpio socket.
 
-    The socket objects own the user-visible fds of the control socket; this
-    object owns its own fd of it (``bell_fd``, the data doorbell, so that
-    closing one user fd of several never pulls the doorbell away), the
-    segment and the space socket.  ``local`` and ``peer`` are the emulated
-    TCP addresses.
+    The socket objects own the user-visible fds of the control socket; the
+    data doorbell is one of them (``bell_fd``: a connection costs one fd
+    per side more than a kernel TCP socket, its space socket), or, where
+    none can serve (the object whose fd it was closed while others remain,
+    an escaped connection's relay), an fd of the control socket this object
+    owns (``bell_owned``).  It owns the segment and the space socket.
+    ``local`` and ``peer`` are the emulated TCP addresses.
     """
 
-    __slots__ = ("id", "segment", "bell_fd", "space", "local", "peer", "client", "tx", "rx",
-                 "refs", "stream", "closed", "gone", "lock", "kit_due", "__weakref__")
+    __slots__ = ("id", "segment", "bell_fd", "bell_owned", "space", "local", "peer", "client",
+                 "tx", "rx", "refs", "stream", "closed", "gone", "lock", "kit_due",
+                 "__weakref__")
 
     _next_id = 0
     _shared_below = 0            # ids below this existed at a fork
@@ -281,11 +284,12 @@ class Connection:
 
     def __init__(self, segment: Segment, bell_fd: int, space: _std.socket, *, client: bool,
                  caps: tuple[int, int], local: tuple = (), peer: tuple = (),
-                 create: bool = False) -> None:
+                 create: bool = False, bell_owned: bool = True) -> None:
         self.id = Connection._next_id
         Connection._next_id += 1
         self.segment = segment
         self.bell_fd = bell_fd
+        self.bell_owned = bell_owned
         self.space = space
         self.local = local
         self.peer = peer
@@ -331,6 +335,25 @@ class Connection:
         off2 = _align(Ring.footprint(c2s), 64)
         return off2, _align(off2 + Ring.footprint(s2c))
 
+    def set_bell(self, fd: int, owned: bool) -> None:
+        """Make ``fd`` (an fd of the control socket) the data doorbell; the
+        one we owned before, if any, is closed."""
+        old, old_owned = self.bell_fd, self.bell_owned
+        space = self.space.fileno()
+        self.tx.set_bells(fd, space)
+        self.rx.set_bells(fd, space)
+        self.bell_fd, self.bell_owned = fd, owned
+        if old_owned and old != fd:
+            os.close(old)
+
+    def keep_bell(self, closing_fd: int) -> None:
+        """The socket object whose fd is the doorbell lets go of it while
+        other objects still use the connection: the doorbell moves to an
+        fd of our own (a thread asleep on the old one keeps its file and
+        looks again within a slice)."""
+        if self.bell_fd == closing_fd and not self.bell_owned and not self.closed:
+            self.set_bell(os.dup(closing_fd), owned=True)
+
     # -- state -------------------------------------------------------------
 
     @property
@@ -363,7 +386,8 @@ class Connection:
         self.rx.close()
         bury(self.segment)
         self.space.close()
-        os.close(self.bell_fd)
+        if self.bell_owned:
+            os.close(self.bell_fd)
         if self.kit_due:
             # Never waited for the peer: the next connect's kit now, not
             # between its registry connect and its hello.
@@ -373,6 +397,8 @@ class Connection:
 
 def describe_error(exc: BaseException) -> str:
     """Short fallback reason for a failed handshake."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        return "fd limit"          # a kernel TCP socket needs none more: it still connects
     if isinstance(exc, RingCorruptedError):
         return "handshake refused: bad segment"
     if isinstance(exc, OSError) and exc.errno is not None:

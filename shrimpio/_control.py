@@ -68,6 +68,10 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from ._fastpath import dial_unix, exit_unlink_add, exit_unlink_remove, recvmsg_fds, sendmsg_fds
 
+#: The kernel's poll, whatever shrimpio.patch does to select.poll (these
+#: waits watch kernel fds only).
+_real_poll = select.poll
+
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE", "MAX_FDS", "ProtocolError",
     "registry_root", "check_name", "peer_credentials", "Registry",
@@ -621,7 +625,7 @@ def recv_payload(sock: socket.socket, timeout: float | None = None) -> tuple[byt
         if wait:
             if deadline is None:
                 deadline = time.monotonic() + timeout
-            poller = select.poll()
+            poller = _real_poll()
             poller.register(sock.fileno(), select.POLLIN)
             remaining = max(0.0, deadline - time.monotonic())
             if not poller.poll(remaining * 1000.0):

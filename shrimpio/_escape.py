@@ -173,6 +173,10 @@ def escape_conn(conn: Any, why: str, fd: int = -1) -> bool:
         return False
     from . import _connection, socket as _ss     # (socket imports this module)
     family = _AF_INET6 if len(conn.local) == 4 else _AF_INET
+    if not conn.bell_owned:
+        # The doorbell was one of the program's fds, which are about to be
+        # the kernel stream's: the relay keeps an fd of its own.
+        conn.set_bell(os.dup(conn.bell_fd), owned=True)
     bell_inode = _inode(conn.bell_fd)
     fds = _fds_of(bell_inode, conn.bell_fd)
     # No fd of ours stands for the control socket any more: nothing may
@@ -472,6 +476,7 @@ class _Relay:
         escaped.pop(r.app_inode, None)
         conn = r.conn
         os.dup2(conn.bell_fd, fd, inheritable=os.get_inheritable(fd))
+        conn.set_bell(fd, owned=False)       # (the relay's own fd goes)
         r.end.close()
         with conn.lock:
             conn.refs = 0                    # the adopting object counts itself

@@ -144,7 +144,7 @@ cdef Py_ssize_t PIPE_CHUNK = 32 * 1024
 cdef Py_ssize_t NOGIL_COPY = PIPE_CHUNK
 #: Longest uninterrupted sleep, so that signals get a look-in (seconds).
 cdef double SLEEP_SLICE = 1.0
-cdef int64_t ADAPT_CEILING = 4    # most an adapted spin grows to, in budgets
+cdef int64_t ADAPT_CEILING = 8    # most an adapted spin grows to, in budgets
 cdef uint64_t MIN_CAPACITY = 64
 cdef uint64_t MAX_CAPACITY = (<uint64_t>1) << 40
 cdef Py_ssize_t PAGE = _os.sysconf("SC_PAGE_SIZE")
@@ -738,6 +738,9 @@ cdef class Ring:
                     slice_ns = 0
                 if slice_ns > <int64_t>(SLEEP_SLICE * 1e9):
                     slice_ns = <int64_t>(SLEEP_SLICE * 1e9)
+            # The doorbell fd may move between slices (Connection.set_bell):
+            # a thread asleep on the old fd keeps its file, and looks again.
+            bell = self.space_bell if writable else self.data_bell
             with nogil:
                 rc = shr_wait_any(&c, 1, &bell, &kind, -1, spin, slice_ns, &which, &spun)
             spin = 0
@@ -754,6 +757,12 @@ cdef class Ring:
                 return 0
         self.spin_ns = _adapt_spin(self.spin_ns, self.spin_max_ns, spun, shr_now_ns() - t0)
         return 1
+
+    def set_bells(self, int data_bell, int space_bell):
+        """Ring (and sleep on) other fds from now on (the same doorbells,
+        reached through other fd numbers)."""
+        self.data_bell = data_bell
+        self.space_bell = space_bell
 
     # -- properties --------------------------------------------------------
 

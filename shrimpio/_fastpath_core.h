@@ -32,6 +32,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -54,10 +55,12 @@ typedef struct {
     /* line 1: the producer's */
     _Atomic uint64_t head;
     _Atomic uint32_t write_shut;      /* producer will write no more */
-    char pad1[52];
+    _Atomic uint32_t producer_cpu;    /* CPU of its last publish, + 1 (0: unknown) */
+    char pad1[48];
     /* line 2: the consumer's */
     _Atomic uint64_t tail;
-    char pad2[56];
+    _Atomic uint32_t consumer_cpu;    /* CPU of its last release, + 1 (0: unknown) */
+    char pad2[52];
     /* line 3: flags written only on the way to sleep, to ring, or to shut,
      * so in the steady state both sides read them from their own cache and
      * publishing an index costs one line transfer. */
@@ -243,11 +246,31 @@ static inline int shr_wake_writer(shr_ring_hdr *h, int fd, int kind) {
         return shr_bell_ring(fd, kind);
     return 0;
 }
+/* The CPU this thread runs on, plus one (0: unknown).  glibc reads it from
+ * rseq: a load, no system call. */
+static inline uint32_t shr_cpu_tag(void) {
+    int c = sched_getcpu();
+    return c < 0 ? 0u : (uint32_t)c + 1u;
+}
+/* Publishing an index also says where its writer runs (same cache line). */
 static inline void shr_publish_head(shr_ring_hdr *h, uint64_t v) {
+    atomic_store_explicit(&h->producer_cpu, shr_cpu_tag(), memory_order_relaxed);
     atomic_store_explicit(&h->head, v, memory_order_seq_cst);
 }
 static inline void shr_publish_tail(shr_ring_hdr *h, uint64_t v) {
+    atomic_store_explicit(&h->consumer_cpu, shr_cpu_tag(), memory_order_relaxed);
     atomic_store_explicit(&h->tail, v, memory_order_seq_cst);
+}
+/* Was the peer that `writable` waits for (the consumer for room, the
+ * producer for data) last seen on the CPU `me` (shr_cpu_tag) runs on?  Then
+ * it is not running while we spin (asleep, or queued behind us): spinning
+ * only delays it.  A hint from the peer, trusted for nothing else. */
+static inline uint32_t shr_peer_cpu(shr_ring_hdr *h, int writable) {
+    return atomic_load_explicit(writable ? &h->consumer_cpu : &h->producer_cpu,
+                                memory_order_relaxed);
+}
+static inline int shr_peer_here(shr_ring_hdr *h, int writable, uint32_t me) {
+    return me != 0 && shr_peer_cpu(h, writable) == me;
 }
 
 #define SHR_READY 1
@@ -311,11 +334,17 @@ static int shr_wait_any_in(const shr_cond *conds, int n, const int *bells, const
     for (i = 0; i < n; i++)
         if (shr_cond_ready(&conds[i])) { *which = i; return SHR_READY; }
 
-    /* Phase 1: spin.  Clock reads are amortised over 64 checks. */
+    /* Phase 1: spin.  Clock reads are amortised over 64 checks; at each, a
+     * spin whose peers were all last seen on our own CPU stops (see
+     * shr_peer_here: one thread waiting for another on the same core). */
     if (spin_ns > 0) {
         int64_t spin_end = now + spin_ns < deadline ? now + spin_ns : deadline;
         while (now < spin_end) {
             int k;
+            uint32_t me = shr_cpu_tag();
+            for (i = 0; i < n; i++)
+                if (!shr_peer_here(conds[i].h, conds[i].writable, me)) break;
+            if (i == n) break;
             for (k = 0; k < 64; k++) {
                 for (i = 0; i < n; i++)
                     if (shr_cond_ready(&conds[i])) { *which = i; *spun = 1; return SHR_READY; }

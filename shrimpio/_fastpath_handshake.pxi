@@ -25,10 +25,43 @@ cdef extern from "<unistd.h>" nogil:
     unsigned int geteuid()
 
 cdef extern from "<errno.h>" nogil:
-    int EAGAIN, EWOULDBLOCK, ECONNABORTED
+    int EAGAIN, EWOULDBLOCK, ECONNABORTED, EMFILE
 
 cdef extern from "<fcntl.h>" nogil:
     int F_DUPFD_CLOEXEC
+
+cdef extern from "<sys/resource.h>" nogil:
+    ctypedef unsigned long rlim_t
+    struct rlimit:
+        rlim_t rlim_cur
+        rlim_t rlim_max
+    int getrlimit(int resource, rlimit *rlim)
+    int RLIMIT_NOFILE
+
+#: fds a hello brings (the segment, the space doorbell).
+cdef int _HELLO_FDS = 2
+
+
+cdef int _room_for_fds(int near, int n) noexcept nogil:
+    """Can this process open ``n`` more fds?  ``near`` is the fd the kernel
+    just gave us (the lowest free one then): far below the limit, yes
+    without asking; near it, by taking (and giving back) ``n`` fds.  A hello
+    received without room for its fds would lose them (the kernel drops
+    what it cannot install) and with them the client."""
+    cdef rlimit lim
+    cdef int probe[4]
+    cdef int i, got = 0, ok = 1
+    if getrlimit(RLIMIT_NOFILE, &lim) != 0 or lim.rlim_cur > <rlim_t>(near + 64):
+        return 1
+    for i in range(n):
+        probe[i] = fcntl(near, F_DUPFD_CLOEXEC, 0)
+        if probe[i] < 0:
+            ok = 0
+            break
+        got += 1
+    for i in range(got):
+        close(probe[i])
+    return ok
 
 
 cdef long long _timeout_us(timeout) except? -2:
@@ -115,6 +148,13 @@ cdef object _take_hello(int fd, Py_ssize_t bufsize, int maxfds):
         raise ValueError("bad buffer size or fd count")
     out = PyBytes_FromStringAndSize(NULL, bufsize)
     cdef char *buf = PyBytes_AS_STRING(out)
+    cdef int room
+    with nogil:
+        room = _room_for_fds(fd, _HELLO_FDS)
+    if not room:
+        # Out of fds, as a kernel listener's accept() would be: the hello
+        # stays queued on the client's socket for when there is room.
+        raise OSError(EMFILE, "Too many open files")
     with nogil:
         while True:
             got = shr_recvmsg_fds(fd, buf, bufsize, fdv, maxfds, &nfds, &mflags,
@@ -141,11 +181,10 @@ def stream_hello(int fd, Py_ssize_t bufsize, int maxfds):
 def stream_accept(int listener, double spin, Py_ssize_t bufsize, int maxfds):
     """The next client of a (non-blocking) registry listener that is this
     user, in one call: ``accept4``, ``SO_PEERCRED`` (another user's client
-    is dropped), a second fd of the connection (the server's doorbell), a
-    busy-poll of up to ``spin`` seconds for its message, and ``recvmsg``
-    (at most ``bufsize`` bytes and ``maxfds`` fds).
+    is dropped), a busy-poll of up to ``spin`` seconds for its message,
+    and ``recvmsg`` (at most ``bufsize`` bytes and ``maxfds`` fds).
 
-    Returns ``(ctl, bell, data, fds, msg_flags, space_ok)``, everything the
+    Returns ``(ctl, data, fds, msg_flags, space_ok)``, everything the
     caller's to check and close (``space_ok``: ``fds[1]`` is a Unix
     seqpacket socket), or None when no client is waiting.  ``data`` is None
     when the client has not sent its message within the spin: the caller
@@ -153,7 +192,8 @@ def stream_accept(int listener, double spin, Py_ssize_t bufsize, int maxfds):
     it here: one silent client must not hold up the others).  A client
     that fails first (dies, is refused) is closed (it reads EOF) and the
     next one taken."""
-    cdef int fd, bell
+    cdef int fd
+    cdef bint mine
     cdef long long uid
     cdef pollfd p
     if spin != spin:
@@ -167,25 +207,28 @@ def stream_accept(int listener, double spin, Py_ssize_t bufsize, int maxfds):
             PyErr_SetFromErrno(OSError)
         with nogil:
             uid = shr_peer_uid(fd)
-            bell = fcntl(fd, F_DUPFD_CLOEXEC, 0) if uid == geteuid() else -1
-            if bell >= 0:
+            mine = uid == geteuid()
+            if mine:
                 # The client sends its hello right after its connect: spin
                 # for it as a ring reader would.
                 p.fd = fd
                 p.events = POLLIN
                 p.revents = 0
                 _spin_poll(&p, 1, shr_now_ns() + <int64_t>(min(max(spin, 0.0), 1.0) * 1e9))
-        if bell >= 0:
+        if mine:
             try:
                 got = _take_hello(fd, bufsize, maxfds)
+            except OSError as exc:
+                if exc.errno == EMFILE:
+                    return fd, None, [], 0, False     # kept aside until there is room
+                close(fd)
+                raise
             except BaseException:
-                close(bell)
                 close(fd)
                 raise
             if got is None:
-                return fd, bell, None, [], 0, False
+                return fd, None, [], 0, False
             if got[0] or got[1]:
-                return (fd, bell) + got
-            close(bell)
+                return (fd,) + got
         close(fd)                    # refused or dead: it reads EOF
         PyErr_CheckSignals()

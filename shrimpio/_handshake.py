@@ -16,7 +16,7 @@ that call (no spare kit, a socket bound already, a stale or busy entry, a
 timeout) goes the general way, here in Python, with the same checks.  Then
 the :class:`~shrimpio._connection.Connection` attaches the rings and the
 registry socket is ``dup2``-ed onto the user's fd (its number never
-changes); the registry socket's own fd stays the connection's doorbell.
+changes); that fd is then the connection's data doorbell too.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import re
+import resource
 import socket as _std
 import _socket as _csocket
 import threading
@@ -273,6 +274,12 @@ def connect_shm(sock: Any, address: Any, kit_later: bool = False) -> bool:
     if type(dest) is not _Destination:
         sock._route = dest
         return False
+    user_fd = sock.fileno()
+    if user_fd >= _fd_headroom_mark():
+        # Near the fd limit: shared memory would cost one fd more than TCP
+        # (and a few while it connects); TCP leaves them to the program.
+        sock._route = _route.Route(_route.TCP, "fd limit")
+        return False
     bufs = sock._bufs
     c2s = ring_capacity(bufs.get(_SNDBUF, DEFAULT_RING))
     s2c = ring_capacity(bufs.get(_RCVBUF, DEFAULT_RING))
@@ -280,7 +287,6 @@ def connect_shm(sock: Any, address: Any, kit_later: bool = False) -> bool:
     # the registry connect, so the listener finds it when it looks.
     kit = _connection.take_kit(c2s, s2c)
     timeout = sock.gettimeout()
-    user_fd = sock.fileno()
     try:
         ctl, lport, reason = _dial(sock, dest, family, timeout, user_fd, kit, c2s, s2c)
     except BaseException:
@@ -319,6 +325,9 @@ def connect_shm(sock: Any, address: Any, kit_later: bool = False) -> bool:
     kit.theirs.close()
     kit.segment.close_fd()          # the listener has it; our mapping stays
     os.dup2(ctl, user_fd, inheritable=False)
+    # The user's fd is the doorbell from now on: the registry socket's own
+    # fd goes (one fd per connection, the space socket, beyond TCP's).
+    conn.set_bell(user_fd, owned=False)
     _connection.connected()
     if timeout is not None or _std.getdefaulttimeout() is not None:
         # O_NONBLOCK went with the old file; the registry socket's file is
@@ -334,6 +343,24 @@ def connect_shm(sock: Any, address: Any, kit_later: bool = False) -> bool:
         # connect's kit ready.
         _connection.refill()
     return True
+
+
+#: fds kept free for the program: a connect whose socket's fd is within
+#: this many of RLIMIT_NOFILE goes by TCP.  (The kernel gives the lowest
+#: free fd, so a new socket's number says how full the table is.)
+FD_HEADROOM = 16
+_headroom_mark = (0.0, 0)           # (when read, the fd number from which TCP is used)
+
+
+def _fd_headroom_mark() -> int:
+    global _headroom_mark
+    now = time.monotonic()
+    when, mark = _headroom_mark
+    if now - when > 1.0:            # the limit may change (setrlimit): read it again now and then
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        mark = (1 << 30) if soft == resource.RLIM_INFINITY else max(0, soft - FD_HEADROOM)
+        _headroom_mark = (now, mark)
+    return mark
 
 
 def _dial(sock: Any, dest: _Destination, family: int, timeout: Optional[float], user_fd: int,

@@ -48,6 +48,10 @@ __all__ = ["socket", "info", "StdSocket"]
 
 #: The stdlib class, whatever ``shrimpio.patch`` does to the module attribute.
 StdSocket = _std.socket
+#: The kernel's poll, whatever the patch does to select.poll: shrimpio's own
+#: waits watch kernel fds only (the patched poller would treat a listener's
+#: own fd as a listener again, and accept ahead for it).
+_real_poll = _select.poll
 _STREAM = _std.SOCK_STREAM
 _TYPE_MASK = ~(getattr(_std, "SOCK_NONBLOCK", 0) | getattr(_std, "SOCK_CLOEXEC", 0))
 _AF_INET, _AF_INET6 = int(_std.AF_INET), int(_std.AF_INET6)
@@ -405,7 +409,7 @@ class socket(StdSocket):
                 left = max(0, int((first - time.monotonic()) * 1000) + 1)
                 wait_ms = left if wait_ms is None else min(wait_ms, left)
             if poller is None or fds != watched:
-                poller, watched = _select.poll(), fds
+                poller, watched = _real_poll(), fds
                 for fd in fds:
                     poller.register(fd, _select.POLLIN)
             poller.poll(wait_ms)
@@ -652,6 +656,8 @@ class socket(StdSocket):
         # (Our _by_fd entry may stay: it is checked against fileno() on use,
         # overwritten when the fd number comes back, and weak.)
         if conn is not None:
+            if conn.refs > 1:
+                conn.keep_bell(fd)      # others still use it: not our fd as doorbell
             conn.release()
         if lst is not None:
             lst.close()

@@ -37,6 +37,10 @@ from . import _control
 from ._control import Registry, check_name
 from ._fastpath import Export, Proxy, Ring, Segment
 
+#: The kernel's poll, whatever shrimpio.patch does to select.poll (these
+#: waits watch kernel fds only).
+_real_poll = select.poll
+
 __all__ = ["Endpoint", "ExportedBuffer", "ImportedBuffer", "NOTIFY_CAPACITY"]
 
 log = logging.getLogger("shrimpio.vmmc")
@@ -340,7 +344,7 @@ class Endpoint:
         # and hangs up on those that stay silent for REQUEST_TIMEOUT.
         lfd = self._listener.fileno()
         self._listener.setblocking(False)
-        poller = select.poll()
+        poller = _real_poll()
         poller.register(lfd, select.POLLIN)
         waiting: dict[int, Tuple[socket.socket, float]] = {}      # fd -> (conn, deadline)
         try:

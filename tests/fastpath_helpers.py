@@ -2,7 +2,8 @@
 
 Ring header layout, from ``shrimpio/_fastpath_core.h`` (``shr_ring_hdr``, 256 bytes):
 line 0 magic (u32 @0), version (u32 @4), capacity (u64 @8); line 1 head (u64 @64),
-write_shut (u32 @72); line 2 tail (u64 @128); line 3 reader_sleeping (u32 @192),
+write_shut (u32 @72), producer_cpu (u32 @76); line 2 tail (u64 @128), consumer_cpu
+(u32 @136); line 3 reader_sleeping (u32 @192),
 writer_sleeping (u32 @196), read_shut (u32 @200).
 """
 
@@ -33,7 +34,9 @@ FIELDS = {  # name: (offset, struct format)
     "capacity": (8, "<Q"),
     "head": (64, "<Q"),
     "write_shut": (72, "<I"),
+    "producer_cpu": (76, "<I"),
     "tail": (128, "<Q"),
+    "consumer_cpu": (136, "<I"),
     "reader_sleeping": (192, "<I"),
     "writer_sleeping": (196, "<I"),
     "read_shut": (200, "<I"),

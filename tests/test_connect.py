@@ -10,7 +10,6 @@ are closed by ``drop_spares()`` (which the conftest leak check calls).
 from __future__ import annotations
 
 import array
-import collections
 import json
 import os
 import select
@@ -572,7 +571,7 @@ def test_pollers_never_report_a_client_accept_cannot_take(listener):
             exchange(cli, srv)
             cli.close()
             srv.close()
-        assert listener._lst.ready == collections.deque()
+        assert not listener._lst.ready           # taken by accept()
     finally:
         shrimpio.patch.disable()
         silent.close()
@@ -997,15 +996,15 @@ def test_stream_accept_never_waits_for_a_message(tmp_path):
         a.close()
         # The silent one is handed back at once, without its message (the
         # caller keeps it aside): it is still connected.
-        sctl, sbell, data, fds, flags, space_ok = stream_accept(lst.fileno(), 0.0, 64, 4)
+        sctl, data, fds, flags, space_ok = stream_accept(lst.fileno(), 0.0, 64, 4)
         assert data is None and fds == [] and not space_ok
         assert stream_hello(sctl, 64, 4) is None                       # still nothing: never waits
-        ctl, bell, data, fds, flags, space_ok = stream_accept(lst.fileno(), 0.0, 64, 4)
+        ctl, data, fds, flags, space_ok = stream_accept(lst.fileno(), 0.0, 64, 4)
         assert data == b"hello" and len(fds) == 2 and space_ok
         assert not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
-        os.write(bell, b"x")                          # the bell is the same connection
+        os.write(ctl, b"x")                           # ctl is the connection (and its doorbell)
         assert good.recv(1) == b"x"
-        for fd in (ctl, bell, *fds):
+        for fd in (ctl, *fds):
             os.close(fd)
         b.close()
         assert stream_accept(lst.fileno(), 0.0, 64, 4) is None
@@ -1014,7 +1013,6 @@ def test_stream_accept_never_waits_for_a_message(tmp_path):
         silent.close()
         assert stream_hello(sctl, 64, 4)[:2] == (b"", [])              # gone: end of file
         os.close(sctl)
-        os.close(sbell)
     finally:
         for s in (gone, silent, good, lst):
             s.close()
@@ -1028,9 +1026,9 @@ def test_stream_accept_reports_a_space_fd_of_the_wrong_kind(tmp_path):
     try:
         cli.connect(lst.getsockname())
         cli.sendmsg([b"m"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, r]))])
-        ctl, bell, data, fds, flags, space_ok = stream_accept(lst.fileno(), 1.0, 64, 4)
+        ctl, data, fds, flags, space_ok = stream_accept(lst.fileno(), 1.0, 64, 4)
         assert data == b"m" and len(fds) == 2 and not space_ok
-        for fd in (ctl, bell, *fds):
+        for fd in (ctl, *fds):
             os.close(fd)
     finally:
         os.close(r)

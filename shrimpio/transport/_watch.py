@@ -21,10 +21,14 @@ When an interest is ready, a callback scheduled with ``call_soon`` runs every
 ready callback once and, if they are still ready afterwards, schedules
 itself again: once per loop turn, as level-triggered epoll reports a kernel
 socket (uvloop's readers on a socket at end of file fire every turn too).
-When nothing is ready the rings are *armed* (sleeping flag, fence, re-check:
-``ring_arm``) and the loop's kernel readers wait on the doorbells, so an idle
-connection costs no CPU.  A doorbell that fires is drained, and the rings are
-asked again: a callback never runs because of a doorbell byte alone.
+When nothing is ready the receive ring stays on the loop's hot list for the
+busy-poll budget after the loop's last traffic (a ``RingWatch``, polled by
+the same ``LoopPoller`` as the transports: a peer that answers soon costs no
+doorbell and no wake-up), then the rings are *armed* (sleeping flag, fence,
+re-check: ``ring_arm``) and the loop's kernel readers wait on the doorbells,
+so an idle connection costs no CPU.  A doorbell that fires is drained, and
+the rings are asked again: a callback never runs because of a doorbell byte
+alone.
 
 The kernel readers are on *duplicates* of the doorbell fds, owned by the
 watch: a program may close the socket while its callback is registered, and
@@ -48,7 +52,7 @@ from typing import Any, Callable, Optional
 
 import uvloop
 
-from .._fastpath import drain_bell, ring_arm
+from .._fastpath import RingWatch, drain_bell, ring_arm
 from .._poll import _shrimp
 from ..socket import StdSocket
 from . import _sock
@@ -64,7 +68,7 @@ class Watch:
     listener), and the kernel readers that wait for it."""
 
     __slots__ = ("loop", "sock", "conn", "lst", "readers", "writers", "rwait", "wwait",
-                 "dups", "late", "timer", "scheduled", "pinned", "dead")
+                 "dups", "late", "timer", "scheduled", "pinned", "dead", "hot")
 
     def __init__(self, loop: Any, sock: Any) -> None:
         self.loop = loop
@@ -82,6 +86,7 @@ class Watch:
         # Socket objects given to add_reader/add_writer: (writer, fd) -> object.
         self.pinned: dict[tuple[bool, int], Any] = {}
         self.dead = False
+        self.hot: Optional[RingWatch] = None   # the receive ring's hot polling
 
     # -- interests ---------------------------------------------------------
 
@@ -110,15 +115,25 @@ class Watch:
         return self.lst is not None and sock._lst is self.lst and sock.fileno() >= 0
 
     def _ready(self, read: bool, write: bool) -> tuple[bool, bool]:
-        """Ready now?  What is not gets its ring armed (its peer then rings)."""
+        """Ready now?  What is not gets its ring polled hot or armed (its
+        peer then rings)."""
         conn = self.conn
         if conn is None:
             return False, False            # a listener: the kernel says
+        if not read and self.hot is not None:
+            self.hot.stop()
         if conn.gone:
             return read, write
-        r = read and (conn.rd_shut or ring_arm(conn.rx, False))
+        r = read and (conn.rd_shut or self._rx_ready(conn))
         w = write and ring_arm(conn.tx, True)
         return r, w
+
+    def _rx_ready(self, conn: Any) -> bool:
+        hot = self.hot
+        if hot is None:
+            from ._transport import _loop_poller
+            hot = self.hot = RingWatch(conn.rx, conn.tx, _loop_poller(self.loop), self._schedule)
+        return hot.ready()
 
     def _sync(self) -> None:
         if not self._alive():
@@ -164,6 +179,8 @@ class Watch:
             # (see _poll.drain): not the peer's death.
             if eof and not (role == "bell" and conn.rd_shut):
                 conn.gone = True
+            if role == "bell" and self.hot is not None:
+                self.hot.woke()
         if not self._alive():
             self._inert()
             return
@@ -246,6 +263,9 @@ class Watch:
         self._release_kernel()
 
     def _release_kernel(self) -> None:
+        if self.hot is not None:
+            self.hot.stop()          # (the poller drops it at its next turn)
+            self.hot = None
         for role, mine in list(self.dups.items()):
             _remove_reader(self.loop, mine)
             if role != "tcp":
