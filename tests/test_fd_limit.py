@@ -1,11 +1,10 @@
-"""A listener that runs out of fds: TCP's accept() fails with EMFILE and
-the client waits in the backlog until the server has an fd again; nothing
-is lost.  Found by the chaos suite (tests/chaos, scenario ``exhaust``):
-over shared memory the listener takes the client from the registry
-(accept4), cannot make its second fd (the doorbell dup, or the hello's fds
-are truncated), and drops it: the client reads EOF or a reset.  Reported
-to the lead (the accept path is being reworked for fds per connection);
-this test flips to passing when that is fixed."""
+"""A listener that runs out of fds, one or two short: TCP's accept() fails
+with EMFILE and the client waits in the backlog until the server has an fd
+again; nothing is lost.  Found by the chaos suite (scenario ``exhaust``):
+over shared memory the listener took the client from the registry, could
+not receive the hello's fds (the kernel drops fds it cannot install) and
+dropped the client, which read EOF.  (tests/test_scale.py: many clients
+and a listener short of fds.)"""
 
 from __future__ import annotations
 
@@ -40,8 +39,6 @@ print(got.decode(), flush=True)
 """
 
 
-@pytest.mark.xfail(reason="accept out of fds drops shared-memory clients (reported to the lead)",
-                   strict=True)
 @pytest.mark.parametrize("headroom", [1, 2])
 def test_a_listener_out_of_fds_keeps_its_client_waiting(headroom):
     lst = ss.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -8,7 +8,11 @@ import sys
 import atheris
 
 with atheris.instrument_imports(include=["shrimpio"]):
-    from shrimpio._chaos import fuzz
+    # Every module a target reaches, imported here so that it is instrumented.
+    import shrimpio._accept  # noqa: F401
+    import shrimpio._control  # noqa: F401
+    import shrimpio.vmmc  # noqa: F401
+    from shrimpio._chaos import fuzz, hello  # noqa: F401
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 EXIT_OK, EXIT_ERROR, EXIT_DATA, EXIT_HANG = 0, 1, 3, 4
 
@@ -163,6 +163,7 @@ class Channel:
         self._lock = threading.Lock()
         self._cmds: list[str] = []
         self._cond = threading.Condition()
+        self._idle = None                     # see when_idle()
         self.finish = threading.Event()       # set by the command "finish"
         t = threading.Thread(target=self._read, daemon=True, name="chaos-commands")
         t.start()
@@ -178,6 +179,9 @@ class Channel:
     def _read(self) -> None:
         for line in sys.stdin:
             cmd = line.strip()
+            if cmd == "idle":
+                threading.Thread(target=self._report_idle, daemon=True, name="chaos-idle").start()
+                continue
             with self._cond:
                 self._cmds.append(cmd)
                 self._cond.notify_all()
@@ -201,11 +205,45 @@ class Channel:
                 self._cond.wait(left)
             self._cmds.remove(cmd)
 
+    def value(self, name: str, timeout: float = 60.0) -> str:
+        """The value of the command ``name VALUE`` (waits for it)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for cmd in self._cmds:
+                    if cmd.startswith(name + " "):
+                        self._cmds.remove(cmd)
+                        return cmd[len(name) + 1:]
+                left = deadline - time.monotonic()
+                if left <= 0 or "eof" in self._cmds:
+                    os._exit(EXIT_HANG)
+                self._cond.wait(left)
+
+    def when_idle(self, predicate: "Callable[[], bool]") -> None:
+        """Answer the harness's command ``idle`` with the event ``idle``
+        once ``predicate()`` holds (all of this process's connections
+        ended): a process still not idle after :data:`IDLE_TIMEOUT` hangs
+        (EXIT_HANG)."""
+        self._idle = predicate
+
+    def _report_idle(self) -> None:
+        deadline = Deadline(IDLE_TIMEOUT)
+        while not (self._idle is not None and self._idle()):
+            if deadline.expired():
+                raise HangError(f"not idle {IDLE_TIMEOUT}s after the harness asked")
+            time.sleep(0.005)       # (a condition on state other threads own: polled)
+        self.report("idle")
+
     def checkpoint(self, ev: str, **fields: Any) -> None:
         """Report ``ev`` and wait for the harness to say ``go`` (it looks
         at this process meanwhile: fds, mappings, CPU time)."""
         self.report(ev, **fields)
         self.wait("go")
+
+
+#: Longest a process may take to end its connections once its peers are
+#: gone (seconds).
+IDLE_TIMEOUT = 20.0
 
 
 class Deadline:

@@ -90,6 +90,7 @@ def target_hello(data: bytes) -> None:
             from shrimpio import _connection
             _connection.reap()
     finally:
+        os.close(bell)                  # the caller's fd: the connection does not own it
         for obj in keep:
             obj.close()
     after = _fd_count()

@@ -18,8 +18,9 @@ What is checked, and the name each failure is counted under:
   :data:`WINDOW` in which it had nothing to do (after its peer was killed,
   and again once it closed everything): ``/proc/<pid>/stat`` deltas;
 * ``leak``: a victim that closed everything still holds an fd it did not
-  hold at its start, a shrimpio (``memfd:shrimpio``) mapping, or left a
-  registry entry or a ``/dev/shm/shrimpio-*`` file;
+  hold at its start, a shrimpio (``memfd:shrimpio``) mapping or a child
+  process it did not have, or left a registry entry or a
+  ``/dev/shm/shrimpio-*`` file;
 * ``data``: a byte arrived that was not sent (each process checks the
   keyed pattern of every stream it reads), or an honest round lost a
   connection (``fail``).
@@ -44,8 +45,6 @@ from .common import EXIT_DATA, EXIT_HANG, EXIT_OK
 #: most it may use in it.
 WINDOW = 0.5
 SPIN_CPU = 0.15
-#: Time a victim gets after its peer's death before the window starts.
-GRACE = 0.3
 #: Longest wait for any one event of a process.
 EVENT_TIMEOUT = 40.0
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -86,6 +85,7 @@ class Proc:
         self.events: list[dict] = []
         self.returncode: Optional[int] = None
         self.base_fds: dict[int, str] = {}
+        self.base_children: set[int] = set()
         rnd.procs.append(self)
 
     # -- events and commands --------------------------------------------------
@@ -157,6 +157,16 @@ class Proc:
             except OSError:
                 pass
         return out
+
+    def children(self) -> set[int]:
+        kids: set[int] = set()
+        try:
+            for tid in os.listdir(f"/proc/{self.pid}/task"):
+                with open(f"/proc/{self.pid}/task/{tid}/children") as f:
+                    kids.update(int(k) for k in f.read().split())
+        except OSError:
+            pass
+        return kids
 
     def shm_maps(self) -> list[str]:
         try:
@@ -257,8 +267,15 @@ class Round:
         """Take the process's baseline, let it set up; its 'ready' event."""
         proc.expect("base")
         proc.base_fds = proc.fds()
+        proc.base_children = proc.children()
         proc.send("go")
         return proc.expect("ready")
+
+    def settle(self, proc: Proc) -> None:
+        """Wait until ``proc`` has ended all its connections (its peers are
+        gone or done): it says so itself (Channel.when_idle), or hangs."""
+        proc.send("idle")
+        proc.expect("idle")
 
     def check_spin(self, proc: Proc, when: str) -> None:
         used = proc.idle_cpu()
@@ -276,6 +293,9 @@ class Round:
         maps = proc.shm_maps()
         if maps:
             self.fail("leak", proc, f"{len(maps)} shrimpio mappings left: {maps[:3]}")
+        kids = proc.children() - proc.base_children
+        if kids:
+            self.fail("leak", proc, f"child processes left: {sorted(kids)}")
         self.check_spin(proc, "after closing everything")
         proc.send("go")
         return ev.get("stats", {})

@@ -22,9 +22,10 @@ from typing import Any
 from .common import HOSTILE_START, Channel, addr_of, header, make_rng
 
 HDR = struct.Struct("!4sHHI")
-#: The client address a hostile hello claims: the victim checks the bytes
-#: of every connection but those from this host (a hostile peer may send
-#: what it likes, even zeros; it must only not harm the victim).
+#: The client address a hostile hello claims (mutated hellos claim others):
+#: the victim checks the bytes of connections from honest clients only
+#: (streams.HONEST_HOST; a hostile peer may send what it likes, even zeros;
+#: it must only not harm the victim).
 HOSTILE_HOST = "127.0.0.66"
 CAP = 4096
 

@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable
 
 from .hello import HOSTILE_HOST
-from .harness import GRACE, Round, RoundFailed, entry_of
+from .harness import Round, RoundFailed, entry_of
 
 STREAM_APIS = ["blocking", "nonblocking", "selectors", "asyncio"]
 APIS = STREAM_APIS + ["vmmc"]
@@ -58,8 +58,9 @@ def kill(rnd: Round, rng: random.Random, api: str, doomed: str) -> None:
     peer.kill(signal.SIGKILL)
     peer.reap(10)
     if doomed == "server":
-        victim.expect("finished")
-    time.sleep(GRACE)
+        victim.expect("finished")      # its connections are over
+    else:
+        rnd.settle(victim)             # every connection from the dead client ended
     rnd.check_spin(victim, f"after its {doomed} peer was killed")
     victim.send("finish")
     rnd.notes["stats"] = rnd.quiesce(victim)
@@ -107,7 +108,8 @@ def scribble(rnd: Round, rng: random.Random, api: str, hostile: str) -> None:
         victim.expect("finished")
     bad.kill()
     bad.reap(10)
-    time.sleep(GRACE)
+    if hostile == "client":
+        rnd.settle(victim)             # (a client victim has "finished": no connection left)
     rnd.check_spin(victim, "after its hostile peer was killed")
     victim.send("finish")
     good.send("finish")
@@ -186,7 +188,6 @@ def vmmc(rnd: Round, rng: random.Random, case: str) -> None:
         exp.kill()
         exp.reap(10)
         rnd.notes["stats"] = victim.expect("finished")["stats"]
-        time.sleep(GRACE)
         rnd.check_spin(victim, "after its exporter was killed")
         victim.send("finish")
         rnd.quiesce(victim)
@@ -222,8 +223,9 @@ def vmmc(rnd: Round, rng: random.Random, case: str) -> None:
     if gstats.get("cut") or gstats.get("refused"):
         rnd.fail("data", good, f"honest importer lost its link: {gstats}")
     rnd.quiesce(good)
-    time.sleep(GRACE)
+    rnd.settle(exp)                    # both importers' links dropped
     rnd.check_spin(exp, f"after its {case} importer was killed")
+    exp.send(f"honest {gstats.get('sent', 0)}")
     exp.send("finish")
     rnd.notes["stats"] = exp.expect("finished")["stats"]
     rnd.notes["sent"] = gstats

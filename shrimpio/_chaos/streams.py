@@ -31,12 +31,28 @@ from . import scribble as _scribble
 from .common import (CHUNK, HEADER, HOSTILE_START, Channel, DataError, Deadline, Echo, HangError, Inbound,
                      Pattern, addr_of, join_all, key_of, make_rng)
 
+#: The address honest clients connect from (hostile ones bind or claim another).
+HONEST_HOST = "127.0.0.1"
 #: Longest a single connection may take once its peer is gone (seconds).
 CONN_DEADLINE = 20.0
 
 
 class Stats(Counter):
-    """Outcomes of a process's connections, reported to the harness."""
+    """Outcomes of a process's connections, reported to the harness, and
+    how many of a server's connections are open (``live``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self._lock = threading.Lock()
+
+    def opened(self) -> None:
+        with self._lock:
+            self.live += 1
+
+    def closed(self) -> None:
+        with self._lock:
+            self.live -= 1
 
     def cut(self, exc: Optional[BaseException]) -> None:
         self["cut"] += 1
@@ -44,10 +60,11 @@ class Stats(Counter):
 
 
 def _trusted(args: dict, peer) -> bool:
-    """Check the bytes of this client's stream?  Not a hostile's (see
-    hello.HOSTILE_HOST): a hostile peer may send anything."""
-    from .hello import HOSTILE_HOST
-    return args.get("verify", True) and not (peer and peer[0] == HOSTILE_HOST)
+    """Check the bytes of this client's stream?  Only an honest client's:
+    they connect from :data:`HONEST_HOST`.  A hostile hello may claim any
+    client address (hello.HOSTILE_HOST, or a mutated one), and a hostile
+    peer may send anything, zeros included."""
+    return bool(args.get("verify", True) and peer and peer[0] == HONEST_HOST)
 
 
 def _fd_exhausted(exc: BaseException) -> bool:
@@ -140,6 +157,7 @@ def serve_blocking_conn(conn, side: Side, stats: Stats, rng, scribbler=None) -> 
         if scribbler is not None:
             scribbler.forget(conn)
         conn.close()
+        stats.closed()
 
 
 def client_blocking_conn(addr, side: Side, stats: Stats, rng, scribbler=None,
@@ -285,6 +303,7 @@ def nonblocking_loop(args: dict, ch: Channel, stats: Stats, *, lst=None, clients
                     continue
                 sock.setblocking(dontwait)     # MSG_DONTWAIT: on a blocking socket
                 conns[sock] = side
+            stats.live = len(conns)
             if clients is None and lst is None and not conns:
                 return
             interests = {s: _interest(side) for s, side in conns.items()}
@@ -313,6 +332,7 @@ def nonblocking_loop(args: dict, ch: Channel, stats: Stats, *, lst=None, clients
     finally:
         for s in conns:
             s.close()
+        stats.live = 0
         if lst is not None:
             lst.close()
         poller.close()
@@ -384,6 +404,7 @@ async def _async_server(args: dict, ch: Channel, stats: Stats) -> None:
 
     async def handle(reader, writer):
         tasks.add(asyncio.current_task())
+        stats.opened()
         side = Side(Pattern(key_of(args)), client=False,
                     verify=_trusted(args, writer.get_extra_info("peername")))
         try:
@@ -404,6 +425,7 @@ async def _async_server(args: dict, ch: Channel, stats: Stats) -> None:
                 await writer.wait_closed()
             except ConnectionError:
                 pass
+            stats.closed()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     ch.report("ready", addr=server.sockets[0].getsockname()[:2])
@@ -498,6 +520,7 @@ def server(args: dict) -> None:
     ch = Channel()
     ch.checkpoint("base")
     stats = Stats()
+    ch.when_idle(lambda: stats.live == 0)
     api = args["api"]
     if "lower_limit" in args:            # (fdplay.exhaust_server: few fds to spare)
         stats["limit"] = args["lower_limit"]()
@@ -538,6 +561,7 @@ def _blocking_server(args: dict, ch: Channel, stats: Stats, lst) -> None:
             if scribbler is not None:
                 scribbler.start(conn)
             side = Side(Pattern(key_of(args)), client=False, verify=_trusted(args, peer))
+            stats.opened()
             t = threading.Thread(target=serve_blocking_conn,
                                  args=(conn, side, stats, make_rng(args, f"c{len(threads)}"),
                                        scribbler))

@@ -82,9 +82,10 @@ def exporter(args: dict) -> None:
     opn = ep.export("open", rng.choice([4096, 65536, 1 << 20]),
                     notify=open_note if handler else None, readable=rng.random() < 0.5)
     threads = []
+    stop = threading.Event()
     if not handler:
         def drain(buf, fn):
-            while not ch.finish.is_set():
+            while not stop.is_set():
                 got = buf.wait(0.05)
                 if got is not None:
                     fn(*got)
@@ -92,9 +93,16 @@ def exporter(args: dict) -> None:
                    threading.Thread(target=drain, args=(opn, open_note), name="drain-open")]
         for t in threads:
             t.start()
+    ch.when_idle(lambda: honest.importers + opn.importers == 0)
     ch.report("ready", handler=handler)
+    # The harness says how many records the honest importer sent: each
+    # must arrive (the last ones may still be queued in its ring).
+    expected = int(ch.value("honest", 120))
     ch.finish.wait()
     deadline = Deadline(10)
+    while checker.k < expected and not checker.errors and not deadline.expired():
+        time.sleep(0.005)           # (the handler or drain thread counts: polled)
+    stop.set()
     for t in threads:
         t.join(deadline.left())
         if t.is_alive():

@@ -40,10 +40,7 @@ FAST = [
     ("handoff", {"how": "spawn"}, 2),
     ("handoff", {"how": "pass_fds"}, 3),
     ("exhaust", {"side": "client", "api": "blocking"}, 1),
-    pytest.param("exhaust", {"side": "server", "api": "selectors"}, 2, marks=pytest.mark.xfail(
-        reason="a listener out of fds drops the shared-memory clients it takes (EOF), where "
-               "TCP keeps them in the backlog: reported to the lead (docs/chaos.md)",
-        strict=False)),
+    ("exhaust", {"side": "server", "api": "selectors"}, 2),
 ]
 
 
