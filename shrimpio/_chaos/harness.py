@@ -84,6 +84,7 @@ class Proc:
         self.killed = False
         self.events: list[dict] = []
         self.returncode: Optional[int] = None
+        self.judged = False
         self.base_fds: dict[int, str] = {}
         self.base_children: set[int] = set()
         rnd.procs.append(self)
@@ -302,7 +303,10 @@ class Round:
 
     def judge_exit(self, proc: Proc) -> None:
         rc = proc.returncode
-        if rc is None or proc.killed and proc.kind in ("doomed", "hostile"):
+        if rc is None or proc.judged:
+            return
+        proc.judged = True
+        if proc.killed and proc.kind in ("doomed", "hostile"):
             return
         if proc.killed:
             return                      # already recorded as a hang

@@ -41,6 +41,7 @@ FAST = [
     ("handoff", {"how": "pass_fds"}, 3),
     ("exhaust", {"side": "client", "api": "blocking"}, 1),
     ("exhaust", {"side": "server", "api": "selectors"}, 2),
+    ("exhaust", {"side": "server", "api": "asyncio"}, 3),
 ]
 
 
