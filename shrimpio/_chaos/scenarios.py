@@ -254,14 +254,17 @@ def handoff(rnd: Round, rng: random.Random, how: str) -> None:
     _stats_fail(rnd, srv, sstats, "echo server")
 
 
-def exhaust(rnd: Round, rng: random.Random, side: str, api: str) -> None:
-    """The victim's RLIMIT_NOFILE is a few fds above what it holds; it
-    makes (client) or takes (server) many connections at once."""
+def exhaust(rnd: Round, rng: random.Random, side: str, api: str, tight: bool = False) -> None:
+    """The victim's RLIMIT_NOFILE is a few fds above what it holds (``tight``:
+    the fewest, see fdplay.MIN_SERVER_HEADROOM); it makes (client) or takes
+    (server) many connections at once."""
+    from .fdplay import MIN_CLIENT_HEADROOM, MIN_SERVER_HEADROOM
     key = _key(rng)
     if side == "client":
         srv = rnd.spawn("server", "server", {"api": api, "key": key}, "honest")
         addr = rnd.start(srv)["addr"]
-        victim = rnd.spawn("victim", "exhaust", {"addr": addr, "key": key,
+        extra = {"headroom": [MIN_CLIENT_HEADROOM] * 2} if tight else {}
+        victim = rnd.spawn("victim", "exhaust", {"addr": addr, "key": key, **extra,
                                                   "conns": rng.choice([20, 60, 200])}, "victim")
         rnd.start(victim)
         rnd.notes["stats"] = victim.expect("finished", 120)["stats"]
@@ -270,7 +273,8 @@ def exhaust(rnd: Round, rng: random.Random, side: str, api: str) -> None:
         srv.send("finish")
         _stats_fail(rnd, srv, rnd.quiesce(srv), "echo server")
         return
-    victim = rnd.spawn("victim", "exhaust_server", {"api": api, "key": key}, "victim")
+    extra = {"headroom": [MIN_SERVER_HEADROOM] * 2} if tight else {}
+    victim = rnd.spawn("victim", "exhaust_server", {"api": api, "key": key, **extra}, "victim")
     addr = rnd.start(victim)["addr"]
     good = rnd.spawn("honest", "client", {"api": rng.choice(STREAM_APIS), "key": key,
                                            "addr": addr, "conns": rng.choice([20, 60]),
@@ -290,7 +294,8 @@ SCENARIOS: dict[str, tuple[Callable[..., None], dict[str, list[Any]]]] = {
     "hellos": (hellos, {"api": STREAM_APIS}),
     "vmmc": (vmmc, {"case": ["kill_importer", "kill_exporter", "hostile", "fake_endpoint"]}),
     "handoff": (handoff, {"how": ["send_fds", "pass_fds", "spawn"]}),
-    "exhaust": (exhaust, {"side": ["client", "server"], "api": STREAM_APIS}),
+    "exhaust": (exhaust, {"side": ["client", "server"], "api": STREAM_APIS,
+                          "tight": [False, False, True]}),
     "honest": (honest, {"api": STREAM_APIS, "client_api": STREAM_APIS}),
 }
 

@@ -215,11 +215,24 @@ def client_blocking_conn(addr, side: Side, stats: Stats, rng, scribbler=None,
 # -- non-blocking loops -----------------------------------------------------------------
 
 class _Poller:
-    """select / poll / epoll / a selectors class, over (sock -> (read, write))."""
+    """select / poll / epoll / a selectors class, over (sock -> (read, write)).
+    A poll or epoll object is made afresh for each wait (``fresh``: every
+    registration is new, as in code that polls once) or kept, its
+    registrations updated (as in a long-running loop; a server short of
+    fds must not need one for each wait)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, fresh: bool = False) -> None:
         self.kind = kind
         self.sel = getattr(selectors, kind)() if kind.endswith("Selector") else None
+        self.fresh = fresh
+        self.p = None
+        self.reg: dict[int, tuple] = {}          # fd -> (sock, mask), when kept
+        if kind in ("poll", "epoll") and not fresh:
+            self.p = select.poll() if kind == "poll" else select.epoll()
+
+    def _bits(self):
+        return ((select.POLLIN, select.POLLOUT) if self.kind == "poll"
+                else (select.EPOLLIN, select.EPOLLOUT))
 
     def wait(self, interests: dict, timeout: float) -> list:
         if self.sel is not None:
@@ -240,9 +253,23 @@ class _Poller:
             wl = [s for s, (_, w) in interests.items() if w]
             r, w, _ = select.select(rl, wl, [], timeout)
             return list(set(r) | set(w))
+        rb, wb = self._bits()
+        if self.p is not None:
+            want = {s.fileno(): (s, (rb if r else 0) | (wb if w else 0))
+                    for s, (r, w) in interests.items()}
+            for fd, (s, _) in list(self.reg.items()):
+                if want.get(fd, (None,))[0] is not s:
+                    self.forget(s, fd)
+            for fd, (s, mask) in want.items():
+                cur = self.reg.get(fd)
+                if cur is None:
+                    self.p.register(s, mask)
+                elif cur[1] != mask:
+                    self.p.modify(s, mask)
+                self.reg[fd] = (s, mask)
+            evs = self.p.poll(timeout * 1000 if self.kind == "poll" else timeout)
+            return [self.reg[fd][0] for fd, _ in evs if fd in self.reg]
         p = select.poll() if self.kind == "poll" else select.epoll()
-        rb, wb = ((select.POLLIN, select.POLLOUT) if self.kind == "poll"
-                  else (select.EPOLLIN, select.EPOLLOUT))
         by_fd = {}
         try:
             for s, (r, w) in interests.items():
@@ -254,9 +281,27 @@ class _Poller:
                 p.close()
         return [by_fd[fd] for fd, _ in evs]
 
+    def forget(self, s, fd: "int | None" = None) -> None:
+        """Before ``s`` closes (its fd number may be reused at once)."""
+        if self.sel is not None:
+            if s in self.sel.get_map():
+                self.sel.unregister(s)
+            return
+        if self.p is None:
+            return
+        fd = s.fileno() if fd is None else fd
+        if self.reg.get(fd, (None,))[0] is s:
+            del self.reg[fd]
+            try:
+                self.p.unregister(fd)
+            except (OSError, KeyError):
+                pass
+
     def close(self) -> None:
         if self.sel is not None:
             self.sel.close()
+        if self.p is not None and self.kind == "epoll":
+            self.p.close()
 
 
 def nonblocking_loop(args: dict, ch: Channel, stats: Stats, *, lst=None, clients=None) -> None:
@@ -269,8 +314,10 @@ def nonblocking_loop(args: dict, ch: Channel, stats: Stats, *, lst=None, clients
         else ["DefaultSelector", "PollSelector", "EpollSelector", "SelectSelector"])
     dontwait = args["api"] == "nonblocking" and rng.random() < 0.5
     flags = socket.MSG_DONTWAIT if dontwait else 0
-    poller = _Poller(kind)
-    ch.report("loop", poller=kind, dontwait=dontwait)
+    fresh = "lower_limit" not in args and rng.random() < 0.5
+    poller = _Poller(kind, fresh)
+    _limit(args, stats)
+    ch.report("loop", poller=kind, dontwait=dontwait, fresh=fresh)
     conns: dict = {}                 # sock -> Side
     deadline: Optional[Deadline] = None
     concurrency = args.get("concurrency", 4)
@@ -278,6 +325,7 @@ def nonblocking_loop(args: dict, ch: Channel, stats: Stats, *, lst=None, clients
         while True:
             if ch.finish.is_set():
                 if lst is not None:
+                    poller.forget(lst)
                     lst.close()
                     lst = None
                 clients = None
@@ -328,6 +376,7 @@ def nonblocking_loop(args: dict, ch: Channel, stats: Stats, *, lst=None, clients
                 side = conns[s]
                 if not _pump(s, side, flags, stats, rng):
                     del conns[s]
+                    poller.forget(s)
                     s.close()
     finally:
         for s in conns:
@@ -428,6 +477,7 @@ async def _async_server(args: dict, ch: Channel, stats: Stats) -> None:
             stats.closed()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    _limit(args, stats)
     ch.report("ready", addr=server.sockets[0].getsockname()[:2])
     await loop.run_in_executor(None, ch.finish.wait)
     server.close()
@@ -522,8 +572,6 @@ def server(args: dict) -> None:
     stats = Stats()
     ch.when_idle(lambda: stats.live == 0)
     api = args["api"]
-    if "lower_limit" in args:            # (fdplay.exhaust_server: few fds to spare)
-        stats["limit"] = args["lower_limit"]()
     if api == "asyncio":
         asyncio.run(_async_server(args, ch, stats))
     else:
@@ -532,6 +580,7 @@ def server(args: dict) -> None:
         lst.listen(64)
         ch.report("ready", addr=lst.getsockname())
         if api == "blocking":
+            _limit(args, stats)
             _blocking_server(args, ch, stats, lst)
         else:
             lst.setblocking(False)
@@ -539,6 +588,13 @@ def server(args: dict) -> None:
     if "restore_limit" in args:
         args["restore_limit"]()
     _quiesce(ch, stats)
+
+
+def _limit(args: dict, stats: Stats) -> None:
+    """fdplay.exhaust_server: few fds to spare from here on (the server
+    set up: listener, loop, poller)."""
+    if "lower_limit" in args:
+        stats["limit"] = args["lower_limit"]()
 
 
 def _blocking_server(args: dict, ch: Channel, stats: Stats, lst) -> None:
