@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import struct
 import sys
 import threading
@@ -278,11 +279,10 @@ def addr_of(args: dict) -> tuple:
     return tuple(args["addr"])
 
 
-def make_rng(args: dict, salt: str) -> "random.Random":
-    import random
+def make_rng(args: dict, salt: str) -> random.Random:
     return random.Random(f"{args['seed']}:{salt}:{os.getpid()}")
 
 
-def maybe(rng: "random.Random", p: float) -> bool:
+def maybe(rng: random.Random, p: float) -> bool:
     return rng.random() < p
 

@@ -7,7 +7,6 @@ given (the fast subset in the default test run pins them).
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import time

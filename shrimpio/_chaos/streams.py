@@ -599,7 +599,6 @@ def _limit(args: dict, stats: Stats) -> None:
 
 def _blocking_server(args: dict, ch: Channel, stats: Stats, lst) -> None:
     threads = []
-    rng = make_rng(args, "server")
     scribbler = _scribble.Scribbler(args) if args.get("scribble") else None
     lst.settimeout(0.05)
     try:
