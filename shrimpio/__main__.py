@@ -17,6 +17,10 @@
         all of the above in one run, plus connect+accept time and the CPU
         of an idle connected pair, beside TCP, Unix sockets, uvloop and
         pyzmq; a table with ratios and the project's goals (docs/bench.md).
+    shrimpio stat [--json] [--watch SECONDS] [--no-sweep]
+        every shrimpio listener and connection of this user on this host,
+        live: pid and program, addresses, path, bytes each way, ring fill,
+        who waits (docs/stat.md).
     shrimpio chaos [--minutes N] [--seed S] [--scenario NAME] [--fuzz-seconds N] [--keep]
         the chaos suite (docs/chaos.md): rounds of hostile, killed and
         fd-starved peers in real processes against every API, checked for
@@ -77,10 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     from . import _bench_matrix
     bm = sub.add_parser("bench", help="the whole benchmark matrix, with peers and goals")
     _bench_matrix.add_arguments(bm)
+    from . import _stat
+    st = sub.add_parser("stat", help="list this user's shrimpio listeners and connections")
+    _stat.add_arguments(st)
     from . import _chaos
     ch = sub.add_parser("chaos", help="chaos and fuzz suite: hostile, dying and fd-starved peers")
     _chaos.add_arguments(ch)
     args = ap.parse_args(argv)
+    if args.command == "stat":
+        return _stat.main(args)
     if args.command == "chaos":
         return _chaos.main(args)
     if args.command == "bench":
