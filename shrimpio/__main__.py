@@ -21,6 +21,11 @@
         every shrimpio listener and connection of this user on this host,
         live: pid and program, addresses, path, bytes each way, ring fill,
         who waits (docs/stat.md).
+    shrimpio chaos [--minutes N] [--seed S] [--scenario NAME] [--fuzz-seconds N] [--keep]
+        the chaos suite (docs/chaos.md): rounds of hostile, killed and
+        fd-starved peers in real processes against every API, checked for
+        crashes, hangs, spins, leaks and data errors; then coverage-guided
+        fuzzing of the peer-input parsers (needs atheris); prints the counts.
 """
 
 from __future__ import annotations
@@ -79,9 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     from . import _stat
     st = sub.add_parser("stat", help="list this user's shrimpio listeners and connections")
     _stat.add_arguments(st)
+    from . import _chaos
+    ch = sub.add_parser("chaos", help="chaos and fuzz suite: hostile, dying and fd-starved peers")
+    _chaos.add_arguments(ch)
     args = ap.parse_args(argv)
     if args.command == "stat":
         return _stat.main(args)
+    if args.command == "chaos":
+        return _chaos.main(args)
     if args.command == "bench":
         return _bench_matrix.main(args)
     if args.command == "pingpong":

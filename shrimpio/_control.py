@@ -670,7 +670,10 @@ def expect(message: Message, kind: str) -> Message:
         _close_fds(message.fds)
         code = message.body.get("errno")
         text = message.body.get("message", "")
-        if isinstance(code, bool) or not isinstance(code, int) or not isinstance(text, str):
+        if (isinstance(code, bool) or not isinstance(code, int) or not 0 < code < 4096
+                or not isinstance(text, str)):
+            # (An errno out of range made os.strerror raise OverflowError
+            # out of the caller: found by the chaos suite.)
             raise ProtocolError(f"malformed error reply: {message.body!r}"[:300])
         raise OSError(code, text or os.strerror(code))
     if message.kind != kind:

@@ -1477,6 +1477,12 @@ cdef class Export:
             ring = <Ring>(<list>self._links[i])[0]
             try:
                 avail = ring._avail()
+                if avail < 16 and shr_load_wshut(ring.h):
+                    # Importers never shut their notification ring: one
+                    # that says so (garbage in the flag) is done, and must
+                    # not leave the waiter's condition (ready at end of
+                    # stream) true for ever: that spun a core.
+                    ring._corrupt("notification ring shut by the importer")
                 if avail == 0:
                     k += 1
                     continue

@@ -689,6 +689,17 @@ def test_expect(pair):
     assert expect(msg, "welcome") is msg
 
 
+@pytest.mark.parametrize("code", [0, -1, 2 ** 40, 2 ** 31, -(2 ** 40), 4096])
+def test_an_error_reply_with_an_impossible_errno_is_a_protocol_error(pair, code):
+    """Found by the chaos suite: {"errno": 2**40, "message": ""} made
+    expect() call os.strerror(2**40), whose OverflowError escaped the
+    importer's import_buffer()."""
+    a, b = pair
+    send_message(a, "error", {"errno": code, "message": ""})
+    with pytest.raises(ProtocolError, match="malformed"):
+        expect(recv_message(b), "welcome")
+
+
 def test_error_reply_to_vanished_peer(pair):
     a, b = pair
     b.close()

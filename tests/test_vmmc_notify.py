@@ -401,6 +401,14 @@ def _corrupt(imp, how):
         elif how == "record_past_end":
             struct.pack_into("<QQ", mv, RING_DATA_AT, 4090, 16)
             U64.pack_into(mv, HEAD_AT, 16)
+        elif how == "write_shut":
+            # Importers never shut their notification ring; the flag set
+            # made the exporter's wait ready for ever (end of stream) with
+            # nothing to take: a core spun, wait(timeout) never returned.
+            struct.pack_into("<I", mv, WRITE_SHUT_AT, 1)
+        elif how == "write_shut_partial":
+            struct.pack_into("<I", mv, WRITE_SHUT_AT, 0xDEADBEEF)
+            U64.pack_into(mv, HEAD_AT, 8)
         elif how == "random":
             mv[:RING_DATA_AT + cap] = os.urandom(RING_DATA_AT + cap)
         else:
@@ -422,7 +430,8 @@ def _hostile(chan, how):
 
 
 HOSTILE = ["huge_head", "head_behind_tail", "partial_record", "record_out_of_bounds",
-           "record_past_end", "random"]
+           "record_past_end", "write_shut", "write_shut_partial", "random"]
+WRITE_SHUT_AT = 72
 
 
 @pytest.mark.parametrize("how", HOSTILE)
@@ -465,3 +474,30 @@ def test_garbage_while_a_handler_sleeps_drops_only_that_importer():
             assert calls == [(5, k) for k in range(1, 21)]
             assert exp.importers == 1
             finish([good])
+
+
+def test_a_shut_notification_ring_does_not_make_the_exporter_spin():
+    """Found by the chaos suite: garbage in a notification ring's
+    write_shut flag kept the exporter's wait() returning to its loop at
+    once (end of stream is "ready") with nothing to take: a core at 100 %
+    and wait(timeout) never returning.  Now that importer is dropped."""
+    import resource
+
+    def cpu():
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    with Child(_hostile, "write_shut") as evil:
+        with Endpoint("exp") as ep:
+            exp = ep.export("buf", 4096)
+            evil.send("go")
+            evil.expect("corrupted")
+            t0, c0 = time.monotonic(), cpu()
+            assert exp.wait(0.5) is None
+            assert time.monotonic() - t0 < 5
+            assert exp.importers == 0
+            assert exp.wait(0.3) is None
+            assert cpu() - c0 < 0.3
+            evil.send("check")
+            evil.expect("reset")
+            evil.finish()

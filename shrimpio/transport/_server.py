@@ -21,6 +21,8 @@ import uvloop
 __all__ = ["Server"]
 
 _ACCEPT_RETRY_DELAY = 1.0
+#: accept() errors that say "out of a resource, try later" (asyncio's list).
+_OUT_OF_RESOURCE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # The server's own readers (not callbacks of the program: see _watch).
 _add_reader = uvloop.Loop.add_reader
 _remove_reader = uvloop.Loop.remove_reader
@@ -116,14 +118,8 @@ class Server(asyncio.AbstractServer):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of a resource: as asyncio, stop accepting for a
-                    # second rather than spin on a listener that stays readable.
-                    self._loop.call_exception_handler({
-                        "message": "socket.accept() out of system resource", "exception": exc,
-                        "socket": trsock.TransportSocket(lsock)})
-                    self._unwatch()
-                    self._retry = self._loop.call_later(_ACCEPT_RETRY_DELAY, self._watch)
+                if exc.errno in _OUT_OF_RESOURCE:
+                    self._pause(lsock, exc)
                 return                       # ECONNABORTED and the like: the next one
             sock = lsock._kernel_accepted(fd, addr)
             self._loop.create_task(self._loop._serve_tcp(sock, self._factory, self._ssl, self,
@@ -140,8 +136,13 @@ class Server(asyncio.AbstractServer):
                 try:
                     got = lsock._accept_shm(lst)
                 except OSError as exc:
-                    self._loop.call_exception_handler({"message": "shrimpio accept failed",
-                                                       "exception": exc})
+                    if exc.errno in _OUT_OF_RESOURCE:
+                        # The client waits (in the registry's backlog, or
+                        # parked with its hello unread), as TCP's would.
+                        self._pause(lsock, exc)
+                    else:
+                        self._loop.call_exception_handler({"message": "shrimpio accept failed",
+                                                           "exception": exc})
                     return
                 if got is None:
                     return
@@ -152,6 +153,28 @@ class Server(asyncio.AbstractServer):
         finally:
             if self._watching:
                 self._watch_late()
+
+    def _pause(self, lsock: Any, exc: OSError) -> None:
+        """Out of a resource (fds, memory): as asyncio, say so and stop
+        accepting for a second, rather than spin on a listener (or a
+        waiting client) that stays readable."""
+        self._loop.call_exception_handler({
+            "message": "socket.accept() out of system resource", "exception": exc,
+            "socket": trsock.TransportSocket(lsock)})
+        self._unwatch()
+        if self._retry is None:
+            self._retry = self._loop.call_later(_ACCEPT_RETRY_DELAY, self._resume)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self._closed:
+            return
+        self._watch()
+        # A client already taken from the registry waits parked: its
+        # hello is not news to the registry socket's reader.
+        for lsock in self._listeners:
+            if lsock._lst is not None and self._watching:
+                self._accept_shm(lsock)
 
     def _watch_late(self) -> None:
         """Readers on the clients whose hello is late, and a timer for the

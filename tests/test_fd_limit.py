@@ -1,0 +1,163 @@
+"""A listener that runs out of fds, one or two short: TCP's accept() fails
+with EMFILE and the client waits in the backlog until the server has an fd
+again; nothing is lost.  Found by the chaos suite (scenario ``exhaust``):
+over shared memory the listener took the client from the registry, could
+not receive the hello's fds (the kernel drops fds it cannot install) and
+dropped the client, which read EOF.  (tests/test_scale.py: many clients
+and a listener short of fds.)"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import shrimpio.patch
+import shrimpio.socket as ss
+from children import child_env
+
+shrimpio.patch.disable()
+
+CLIENT = r"""
+import socket, sys
+import shrimpio.patch
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+print(__import__("shrimpio").info(c)["path"], flush=True)
+c.sendall(b"ping")
+got = b""
+while len(got) < 4:
+    d = c.recv(4)
+    if not d:
+        break
+    got += d
+print(got.decode(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("headroom", [1, 2])
+def test_a_listener_out_of_fds_keeps_its_client_waiting(headroom):
+    lst = ss.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(4)
+    child = subprocess.Popen([sys.executable, "-c", CLIENT, str(lst.getsockname()[1])],
+                             stdout=subprocess.PIPE, text=True, env=child_env())
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+    srv = None
+    try:
+        assert child.stdout.readline().strip() == "shm"
+        have = len(os.listdir("/proc/self/fd")) - 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (have + headroom, saved[1]))
+        try:
+            lst.settimeout(2)
+            try:
+                srv, _ = lst.accept()         # enough fds after all: fine
+            except OSError as exc:
+                assert exc.errno in (errno.EMFILE, errno.ENFILE), exc   # as TCP
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+        if srv is None:
+            srv, _ = lst.accept()             # the client waited, as in TCP's backlog
+        srv.settimeout(10)
+        assert srv.recv(4) == b"ping"
+        srv.sendall(b"pong")
+        assert child.stdout.readline().strip() == "pong"
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+        if srv is not None:
+            srv.close()
+        lst.close()
+        child.kill()
+        child.wait()
+        child.stdout.close()
+
+
+ASYNC_SERVER = r"""
+import asyncio, json, os, resource, sys
+import shrimpio.patch
+
+OUT = "socket.accept() out of system resource"
+
+
+def cpu():
+    t = os.times()
+    return t.user + t.system
+
+
+async def main(headroom):
+    loop = asyncio.get_running_loop()
+    messages = []
+    paused = asyncio.Event()
+
+    def handler(loop, context):
+        messages.append(context["message"])
+        if context["message"] == OUT:
+            paused.set()
+
+    loop.set_exception_handler(handler)
+    served = asyncio.Event()
+
+    async def handle(reader, writer):
+        writer.write(await reader.readexactly(4))
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        served.set()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+    have = len(os.listdir("/proc/self/fd")) - 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (have + headroom, saved[1]))
+    print(srv.sockets[0].getsockname()[1], flush=True)
+    await asyncio.wait_for(paused.wait(), 30)
+    c0 = cpu()
+    await asyncio.sleep(0.5)          # (a window to measure the CPU used while paused)
+    used = cpu() - c0
+    resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+    await asyncio.wait_for(served.wait(), 30)
+    srv.close()
+    await srv.wait_closed()
+    print(json.dumps({"cpu": used, "messages": messages}), flush=True)
+
+
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize("headroom", [0, 1, 2])
+def test_an_asyncio_server_out_of_fds_pauses_and_keeps_its_client(headroom):
+    """Found by the chaos suite (scenario ``exhaust``, asyncio server): the
+    shrimpio loop's server, out of fds for a shared-memory client, called
+    its exception handler with "shrimpio accept failed" and went straight
+    back to the registry socket, still readable: a core spun, a log line a
+    turn.  As asyncio's accept does for kernel TCP, it now says "out of
+    system resource" and stops accepting for a second; the client waits and
+    is served once fds are free."""
+    import json
+    srv = subprocess.Popen([sys.executable, "-c", ASYNC_SERVER, str(headroom)],
+                           stdout=subprocess.PIPE, text=True, env=child_env())
+    cli = None
+    try:
+        port = srv.stdout.readline().strip()
+        assert port.isdigit(), port
+        cli = subprocess.Popen([sys.executable, "-c", CLIENT, port], stdout=subprocess.PIPE,
+                               text=True, env=child_env())
+        assert cli.stdout.readline().strip() == "shm"
+        assert cli.stdout.readline().strip() == "ping"      # served, nothing lost
+        out = json.loads(srv.stdout.readline())
+        assert "socket.accept() out of system resource" in out["messages"], out
+        assert "shrimpio accept failed" not in out["messages"], out
+        assert out["cpu"] < 0.25, out                         # paused, not spinning
+        assert srv.wait(timeout=30) == 0
+        assert cli.wait(timeout=30) == 0
+    finally:
+        for p in (srv, cli):
+            if p is not None:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+                p.stdout.close()
