@@ -1,15 +1,18 @@
 """Scale benchmark: many idle connections to one server, over shared memory
 and over kernel TCP, in one run; what they cost the system, per connection.
 
-One server process (``asyncio``: ``asyncio.start_server`` on the shrimpio
-loop; ``threaded``: ``socketserver.ThreadingTCPServer``, a thread with a
-blocking socket per connection) and client processes (asyncio, at most
-:data:`PER_CLIENT` connections each, :data:`WINDOW` connects in flight per
-client).  Each connection exchanges 64 bytes each way, then stays idle; then
-the clients close every connection and the server closes its ends.  Both
-kinds run the very same programs under ``python -m shrimpio run``; for TCP
-with ``SHRIMPIO_DISABLE=1`` (the shrimpio loop and socket objects, kernel
-connections).  Every connection's path is checked on both ends.
+One server process (``asyncio``: ``asyncio.start_server``; ``threaded``:
+``socketserver.ThreadingTCPServer``, a thread with a blocking socket per
+connection) and client processes (asyncio, at most :data:`PER_CLIENT`
+connections each, :data:`WINDOW` connects in flight per client); asyncio
+on uvloop's loop (the shrimpio loop is uvloop's).  Each connection
+exchanges 64 bytes each way, then stays idle; then the clients close every
+connection and the server closes its ends.  Both kinds run the very same
+programs: over shared memory under ``python -m shrimpio run``, over TCP in
+a plain interpreter, without shrimpio: what the program costs without it
+(under ``SHRIMPIO_DISABLE=1`` the shrimpio loop's TCP connections hold two
+fds each: docs/bench.md, "Scale").  Every connection's path is checked on
+both ends.
 
 Memory is the system's view, read three times: before the clients connect
 (after every process started and imported what it needs), once every
@@ -62,7 +65,7 @@ PER_CLIENT = 5000
 #: Connects in flight per client.
 WINDOW = 64
 #: fds a process needs beside its connections' (interpreter, pipes, loop).
-FD_SPARE = 256
+FD_SPARE = 64
 
 # --- the programs ----------------------------------------------------------------
 
@@ -140,6 +143,8 @@ def say(text):
 
 if mode == "asyncio":
     import asyncio
+    import uvloop
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())   # shrimpio's loop under the patch
 
     async def handle(reader, writer):
         try:
@@ -211,6 +216,8 @@ import asyncio, json, sys, time
 
 port, n, window, want = (int(a) for a in sys.argv[1:5])
 raise_fd_limit(want)
+import uvloop
+asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())       # shrimpio's loop under the patch
 
 
 def path_of(transport):
@@ -406,7 +413,7 @@ def run_one(mode: str, kind: str, n: int, timeout: float = 300) -> dict[str, Any
         raise ValueError(f"mode must be one of {MODES} and kind one of {KINDS}")
     nclients = max(1, -(-n // PER_CLIENT))
     shares = [n // nclients + (1 if i < n % nclients else 0) for i in range(nclients)]
-    run = [sys.executable, "-m", "shrimpio", "run"]
+    run = [sys.executable, "-m", "shrimpio", "run"] if kind == "shrimpio" else [sys.executable]
     env = _env(kind)
     procs: list[_Proc] = []
     with tempfile.TemporaryDirectory(prefix="shrimpio-bench-scale-") as tmp:
@@ -457,14 +464,25 @@ def run_one(mode: str, kind: str, n: int, timeout: float = 300) -> dict[str, Any
             "server_fds": st["fds"], "fd_limit": st["fd_limit"], "errors": after_st["errors"]}
 
 
+def can_raise_fd_limit(want: int) -> bool:
+    """May a process raise its hard fd limit to ``want`` (root is not
+    enough: it takes ``CAP_SYS_RESOURCE``)?  Tried in a child."""
+    probe = ("import resource, sys\n"
+             "try:\n"
+             f"    resource.setrlimit(resource.RLIMIT_NOFILE, ({want}, {want}))\n"
+             "except (ValueError, OSError):\n"
+             "    sys.exit(1)\n")
+    return subprocess.run([sys.executable, "-c", probe], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode == 0
+
+
 def max_connections(n: int) -> int:
-    """Connections a server can hold over shared memory under this
-    process's fd limit (raised as the programs raise theirs)."""
+    """Connections a server can hold over shared memory (two fds each)
+    under the fd limit the programs can raise theirs to: ``n``, or fewer
+    (the rows say how many)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard >= fd_budget(n):
+    if hard == resource.RLIM_INFINITY or hard >= fd_budget(n) or can_raise_fd_limit(fd_budget(n)):
         return n
-    if os.geteuid() == 0:
-        return n            # root may raise its hard limit
     return max(1, (hard - FD_SPARE) // 2)
 
 
