@@ -128,6 +128,13 @@ def _sock(kind: str, label: str, size: int) -> Measure:
     return m
 
 
+def _sock_poll(kind: str, label: str) -> Measure:
+    def m(s: Settings) -> Figure:
+        samples = _bench_socket.run_one(kind, s.rtt_rounds, 64, 64, poll=True)
+        return Figure.from_ns(label, samples, paths=[{"shrimpio": "shm"}.get(kind, kind)])
+    return m
+
+
 def _zmq(size: int) -> Measure:
     def m(s: Settings) -> Figure:
         n, reply = (s.rtt_rounds, 64) if size == 64 else (s.bw_rounds, 8)
@@ -213,6 +220,8 @@ def specs() -> list[Spec]:
              [(lb, _sock(k, lb, 64)) for lb, k in sock] + [("zmq ipc", _zmq(64)), ("floor", _floor)]),
         Spec("socket_bw", "socket 1 MiB sendall + 8 B ack", "MiB/s",
              [(lb, _sock(k, lb, MIB)) for lb, k in sock] + [("zmq ipc", _zmq(MIB))]),
+        Spec("socket_poll_rtt", "socket 64 B round trip, epoll before each read", "us",
+             [(lb, _sock_poll(k, lb)) for lb, k in sock]),
         Spec("connect", "connect+accept+close", "us", [(lb, _connect(k, lb)) for lb, k in sock]),
         Spec("asyncio_rtt", "asyncio streams 64 B round trip", "us",
              [(a.LABELS[k], _aio(k, "rtt")) for k in a.KINDS]),

@@ -80,6 +80,7 @@ cdef class Ring:
     cdef int _publish(self, uint64_t new_head) except -1
     cdef int _release(self, uint64_t new_tail) except -1
     cdef int _wait(self, int writable, uint64_t need, double timeout) except -2
+    cdef int _arm_reader(self) except -1
     cdef bint _peer_gone_now(self, int bell) noexcept
     cdef Py_ssize_t _copy_in(self, uint64_t at, const char *src, Py_ssize_t n) noexcept nogil
     cdef Py_ssize_t _copy_out(self, char *dst, Py_ssize_t n) noexcept nogil

@@ -47,6 +47,7 @@ cdef extern from "_fastpath_core.h" nogil:
     uint32_t shr_load_wshut(shr_ring_hdr *h)
     uint32_t shr_load_rshut(shr_ring_hdr *h)
     void shr_init(shr_ring_hdr *h, uint64_t cap, uint32_t small)
+    void shr_reader_asleep(shr_ring_hdr *h)
     int shr_header_ok(shr_ring_hdr *h, uint32_t small)
     uint64_t shr_header_cap(shr_ring_hdr *h)
     uint64_t shr_load_base(shr_ring_hdr *h)
@@ -963,6 +964,32 @@ cdef class Ring:
             memcpy(dst + first, self.data, n - first)
         return n
 
+    cdef int _arm_reader(self) except -1:
+        """An empty ring, and the caller will not wait (timeout 0): leave
+        the doorbell as a poller of the program's own (one that is not
+        shrimpio's, watching the fd) must find it.  Doorbell bytes of data
+        already read are taken; the reader-sleeping flag is set (a full
+        fence, then a look again), so the peer's next byte rings the
+        doorbell and makes the fd readable.  1: data or end of stream came
+        meanwhile; 0: armed (say EAGAIN); 2: the peer is gone (its end of
+        the doorbell read end of file).  Costs what the look for a dead
+        peer cost before (one system call), on this path only."""
+        cdef shr_cond c
+        cdef int r = 0
+        if self.data_bell >= 0 and self.bell_kind == SHR_BELL_SOCKET:
+            r = shr_bell_drain(self.data_bell, SHR_BELL_SOCKET)
+        c.h = self.h
+        c.pos = self.tail
+        c.need = 1
+        c.cap = self.cap
+        c.writable = 0
+        shr_cond_arm(&c, 1)
+        if shr_cond_ready(&c):
+            return 1
+        if r == -2 or r == -1:
+            return 2
+        return 0
+
     cdef bint _peer_gone_now(self, int bell) noexcept:
         """Is the peer behind socket doorbell ``bell`` gone?  One poll(0):
         only for the paths that would otherwise say "try again" (the data
@@ -1059,6 +1086,13 @@ cdef class Ring:
     def busy_poll_us(self, value):
         self.spin_max_ns = _spin_ns_arg(value, "busy_poll_us")
         self.spin_ns = self.spin_max_ns
+
+    @property
+    def spin_us(self):
+        """The spin of the next wait, in microseconds: the budget as it has
+        adapted to this ring's traffic (between 1/16 of ``busy_poll_us`` and
+        ADAPT_CEILING times it); for tests and diagnostics."""
+        return self.spin_ns / 1000.0
 
     def readable(self):
         """Bytes that can be read now (consumer side)."""
@@ -1292,10 +1326,15 @@ cdef class Ring:
                         return 0
                     continue
                 if timeout == 0:
-                    # Empty, and no waiting: as TCP, a writer that died is the
-                    # end (else a non-blocking reader would see EAGAIN for
-                    # ever).  Data or a shut that came before its death first.
-                    if self._peer_gone_now(self.data_bell):
+                    # Empty, and no waiting: armed for a poller of the
+                    # program's own (see _arm_reader); as TCP, a writer that
+                    # died is the end (else a non-blocking reader would see
+                    # EAGAIN for ever).  Data or a shut that came before its
+                    # death first.
+                    rc = self._arm_reader()
+                    if rc == 1:
+                        continue
+                    if rc == 2:
                         if self._avail() or shr_load_wshut(self.h):
                             continue
                         raise ConnectionResetError(_errno.ECONNRESET, "the writing side is gone")

@@ -139,7 +139,10 @@ def test_cpu_measurement_sees_a_spinning_process():
         stop.set()
         p.join(10)
     assert p.exitcode == 0
-    assert pct > 30, pct                       # a whole core when it gets one
+    # A whole core when it gets one; on a busy host a share of one (load 8
+    # on two cores: ~25 %).  One clock tick over 0.5 s is 2 %: an idle
+    # process measures 0-2 %.
+    assert pct > 6, pct
 
 
 @pytest.fixture(scope="module")
