@@ -49,6 +49,7 @@ cdef class Ring:
     cdef Py_ssize_t big_off
     cdef int64_t trimmed_ns     # when the large area's pages were last given back (-1: cannot)
     cdef bint large_dirty       # the large area was written since they were
+    cdef int64_t pressed_ns     # when the small area last could not take what came (0: never)
     cdef Ring tx_sibling        # a reader's wait that sleeps a slice offers this ring a trim
     cdef uint64_t head          # producer index, authoritative on the writing side
     cdef uint64_t tail          # consumer index, authoritative on the reading side

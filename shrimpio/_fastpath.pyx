@@ -840,10 +840,17 @@ cdef class Ring:
 
     cdef uint64_t _pick_area(self, uint64_t want) except? 0xffffffffffffffff:
         """Producer, version 2, the ring being empty: put the next bytes
-        (``want`` of them) at the start of the small area if they fit,
-        else of the large one.  Returns the room."""
+        (``want`` of them) at the start of the small area if they fit and
+        the small area has not been too small for the traffic lately
+        (``pressed_ns``: a stream of small writes), else of the large one.
+        Returns the room."""
         cdef uint32_t area = 1 if want > self.small_cap else 0
         cdef int64_t now
+        if not area and self.pressed_ns:
+            if shr_coarse_ns() - self.pressed_ns < TRIM_INTERVAL_NS:
+                area = 1
+            else:
+                self.pressed_ns = 0
         if area and self.seg.full == NULL:
             try:
                 self.seg._map_full()
@@ -890,6 +897,7 @@ cdef class Ring:
                 shr_store_area(self.h, 0, self.head)
                 self._set_area(0, self.head)
                 self.room_cache = self.cap
+            self.pressed_ns = 0
             self._punch(shr_coarse_ns())
             return 0 if self.large_dirty else 1
         finally:
@@ -1149,17 +1157,21 @@ cdef class Ring:
                 # Re-read the consumer's index only when the room we already
                 # know of is not enough: saves a cache-line transfer per write.
                 # With two areas, also in the large one when the bytes would
-                # fit the small one, or go past the large one's first
-                # HOT_WINDOW bytes: if the ring is empty, they go to the
-                # start of the small one, or of the large one (fewer pages
-                # in use).
+                # fit the small one (unless the small one is pressed: a
+                # stream), or go past the large one's first HOT_WINDOW
+                # bytes: if the ring is empty, they go to the start of the
+                # small one, or of the large one (fewer pages in use).
                 room = self.room_cache
                 if <Py_ssize_t>room < total - done or self.area and (
-                        <uint64_t>(total - done) <= self.small_cap
+                        <uint64_t>(total - done) <= self.small_cap and not self.pressed_ns
                         or self.head - self.base + <uint64_t>(total - done) > HOT_WINDOW):
                     room = self._room()
                     if self.small_cap and self.head == self.seen_tail:
                         room = self._pick_area(total - done)
+                    elif self.small_cap and not self.area and <Py_ssize_t>room < total - done:
+                        # Bytes come faster than the small area takes them:
+                        # the large one takes the next (once the ring is empty).
+                        self.pressed_ns = shr_coarse_ns()
                 if room > 0 and done < total:
                     n = min(room, total - done, PIPE_CHUNK)
                     chunk = n
@@ -1197,10 +1209,10 @@ cdef class Ring:
                 if limit == 0:
                     limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)
                 left = -1.0 if limit < 0 else max(0.0, (limit - shr_now_ns()) / 1e9)
-                # More to write than the small area holds: wait until it is
-                # empty, when the rest can go to the large one.
-                rc = self._wait(1, self.cap if self.small_cap and not self.area
-                                and <uint64_t>(total - done) > self.small_cap else 1, left)
+                # More to write than the small area holds, or it is pressed:
+                # wait until it is empty, when the rest can go to the large one.
+                rc = self._wait(1, self.cap if self.small_cap and not self.area and (
+                                <uint64_t>(total - done) > self.small_cap or self.pressed_ns) else 1, left)
                 if rc == 0:
                     raise TimeoutError(_errno.ETIMEDOUT, "timed out waiting for ring space")
                 if rc == 2:

@@ -120,6 +120,24 @@ def test_a_full_small_area_fills_up_then_waits_for_empty(areas):
     assert bytes(got) == pattern(0, total)
 
 
+def test_a_stream_of_small_writes_moves_to_the_large_area(areas):
+    """Small writes that come faster than they are read (the small area
+    cannot take one) go to the large area from the next empty ring on,
+    however small, until the connection idles: a stream does not trickle
+    through 1 KiB."""
+    p = areas()
+    assert p.w.write(pattern(0, 600)) == 600 and not p.w.large
+    assert p.w.write(pattern(600, 600)) == SMALL - 600          # pressed
+    assert p.r.read(10_000) == pattern(0, SMALL)
+    assert p.w.write(pattern(SMALL, 100)) == 100 and p.w.large  # small, but a stream
+    for k in range(50):
+        assert p.w.write(pattern(k, 100)) == 100
+    assert p.w.large and p.r.read(10_000)[:100] == pattern(SMALL, 100)
+    assert p.w.trim() is True                                   # idle: back to small
+    assert p.w.write(b"ping") == 4 and not p.w.large
+    assert p.r.read(10) == b"ping"
+
+
 def test_a_random_stream_survives_every_change_of_area(areas):
     rng = random.Random(11)
     p = areas()
