@@ -694,6 +694,8 @@ cdef class Ring:
         self.attached = False
         _gate_init(&self.rgate)
         _gate_init(&self.wgate)
+        self.stat_idx = &self.stat_idx_none
+        self.stat_blocked = &self.stat_blocked_none
         self.bell_kind = _bell_kind(bell)
         self.data_bell = data_bell
         self.space_bell = space_bell
@@ -939,12 +941,14 @@ cdef class Ring:
         self.room_cache -= new_head - self.head
         self.head = new_head
         shr_publish_head(self.h, new_head)
+        self.stat_idx[0] = new_head
         shr_wake_reader(self.h, self.data_bell, self.bell_kind)
         return 0
 
     cdef int _release(self, uint64_t new_tail) except -1:
         self.tail = new_tail
         shr_publish_tail(self.h, new_tail)
+        self.stat_idx[0] = new_tail
         shr_wake_writer(self.h, self.space_bell, self.bell_kind)
         return 0
 
@@ -1011,10 +1015,8 @@ cdef class Ring:
         """
         cdef shr_cond c
         cdef int bell = self.space_bell if writable else self.data_bell
-        cdef int kind = self.bell_kind
-        cdef int which = 0, spun = 0, rc
-        cdef int64_t spin = self.spin_ns, slice_ns, t0, limit
-        cdef double deadline = -1.0
+        cdef int rc
+        cdef int64_t spin = self.spin_ns, t0, limit
         if bell < 0:
             raise ValueError("this ring has no doorbell for blocking waits; use timeout=0")
         _gate_hold(&self.wgate if writable else &self.rgate)
@@ -1025,6 +1027,24 @@ cdef class Ring:
         c.writable = writable
         t0 = shr_now_ns()
         limit = -1 if timeout < 0 else t0 + <int64_t>(timeout * 1e9)
+        self.stat_blocked[0] = 1
+        try:
+            rc = self._wait_until(&c, writable, spin, limit)
+        finally:
+            self.stat_blocked[0] = 0
+        if rc == 1:
+            self.spin_ns = _adapt_spin(self.spin_ns, self.spin_max_ns, self._wait_spun,
+                                       shr_now_ns() - t0)
+        return rc
+
+    cdef int _wait_until(self, void *cond, int writable, int64_t spin, int64_t limit) except -2:
+        """_wait's spin and sleeps (``cond``: its shr_cond): 1 ready
+        (``_wait_spun``: caught spinning), 0 timed out, 2 peer gone."""
+        cdef shr_cond *c = <shr_cond *>cond
+        cdef int bell
+        cdef int kind = self.bell_kind
+        cdef int which = 0, spun = 0, rc
+        cdef int64_t slice_ns
         while True:
             if limit < 0:
                 slice_ns = <int64_t>(SLEEP_SLICE * 1e9)
@@ -1038,10 +1058,11 @@ cdef class Ring:
             # a thread asleep on the old fd keeps its file, and looks again.
             bell = self.space_bell if writable else self.data_bell
             with nogil:
-                rc = shr_wait_any(&c, 1, &bell, &kind, -1, spin, slice_ns, &which, &spun)
+                rc = shr_wait_any(c, 1, &bell, &kind, -1, spin, slice_ns, &which, &spun)
             spin = 0
             if rc == SHR_READY:
-                break
+                self._wait_spun = spun
+                return 1
             if rc == SHR_GONE:
                 return 2
             if rc == SHR_ERROR:
@@ -1054,8 +1075,37 @@ cdef class Ring:
                 self.tx_sibling._trim_idle()
             if rc == SHR_TIMEOUT and limit >= 0 and shr_now_ns() >= limit:
                 return 0
-        self.spin_ns = _adapt_spin(self.spin_ns, self.spin_max_ns, spun, shr_now_ns() - t0)
-        return 1
+
+    def set_stat(self, table, Py_ssize_t idx_at, Py_ssize_t blocked_at, bint writer):
+        """Mirror this end's index (bytes written, for the ``writer``; read,
+        for the reader) and whether a thread is blocked in its wait into a
+        ``shrimpio stat`` table slot: a u64 at ``idx_at`` and a u32 at
+        ``blocked_at`` of the writable buffer ``table`` (shrimpio/_stat.py),
+        which is kept alive.  ``table=None`` goes back to mirroring nowhere.
+        One plain store per publish: the stat reader tolerates torn or
+        stale values."""
+        cdef Py_buffer buf
+        cdef char *p
+        if table is None:
+            self.stat_idx = &self.stat_idx_none
+            self.stat_blocked = &self.stat_blocked_none
+            self.stat_owner = None
+            return
+        view = memoryview(table)
+        PyObject_GetBuffer(view, &buf, PyBUF_WRITABLE)
+        try:
+            if (idx_at < 0 or blocked_at < 0 or idx_at % 8 or blocked_at % 4
+                    or idx_at + 8 > buf.len or blocked_at + 4 > buf.len):
+                raise ValueError("stat slot fields outside the table")
+            p = <char *>buf.buf
+        finally:
+            PyBuffer_Release(&buf)
+        # The memoryview pins the mapping (an mmap with exports cannot be
+        # closed or resized), so the pointers stay valid.
+        self.stat_owner = view
+        self.stat_idx = <uint64_t *>(p + idx_at)
+        self.stat_blocked = <uint32_t *>(p + blocked_at)
+        self.stat_idx[0] = self.head if writer else self.tail
 
     def set_bells(self, int data_bell, int space_bell):
         """Ring (and sleep on) other fds from now on (the same doorbells,
