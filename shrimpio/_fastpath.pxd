@@ -50,6 +50,8 @@ cdef class Ring:
     cdef int64_t trimmed_ns     # when the large area's pages were last given back (-1: cannot)
     cdef bint large_dirty       # the large area was written since they were
     cdef int64_t pressed_ns     # when the small area last could not take what came (0: never)
+    cdef bint pending           # consumer: the producer went on in the large area from
+    cdef uint64_t pend_base     #   pend_base while the small one still held bytes before it
     cdef Ring tx_sibling        # a reader's wait that sleeps a slice offers this ring a trim
     cdef uint64_t head          # producer index, authoritative on the writing side
     cdef uint64_t tail          # consumer index, authoritative on the reading side
@@ -80,7 +82,9 @@ cdef class Ring:
     cdef int _check_open(self) except -1
     cdef int _corrupt(self, str what) except -1
     cdef int _set_area(self, uint32_t area, uint64_t base) except -1
-    cdef int _adopt(self) except -1
+    cdef int _adopt(self, uint64_t head) except -1
+    cdef int _chain(self) except -1
+    cdef uint64_t _wcap(self) noexcept
     cdef uint64_t _pick_area(self, uint64_t want) except? 0xffffffffffffffff
     cdef bint _room_for(self, Py_ssize_t nbytes) except -1
     cdef void _punch(self, int64_t now) noexcept

@@ -53,6 +53,8 @@ cdef extern from "_fastpath_core.h" nogil:
     uint64_t shr_load_base(shr_ring_hdr *h)
     uint32_t shr_load_area(shr_ring_hdr *h)
     void shr_store_area(shr_ring_hdr *h, uint32_t area, uint64_t base)
+    void shr_store_chain(shr_ring_hdr *h, uint64_t base, uint64_t sbase)
+    uint64_t shr_load_sbase(shr_ring_hdr *h)
     void shr_set_wshut(shr_ring_hdr *h)
     void shr_set_rshut(shr_ring_hdr *h)
     void shr_release_fence()
@@ -675,10 +677,13 @@ cdef class Ring:
     picks, whenever it finds the ring empty, where the next bytes go: the
     small area if they fit there, the large one if not (mapping it then),
     each from its first byte on (so a request-response exchange keeps
-    using the same few bytes).  It says so in the header (``area``, and
-    ``base``: the stream position of the area's first byte) before the
-    bytes; the consumer checks that the switch came when the ring was
-    empty (``base`` is its own position) before it reads from there.
+    using the same few bytes); bytes that do not fit the small area's room
+    beside unread ones go on in the large one at once.  It says so in the
+    header (``area``, ``base``: the stream position of the area's first
+    byte, ``sbase``: the small area's) before the bytes; the consumer
+    checks that the change came at its own position (an empty ring) or,
+    going on from the small area to the large one, within the small area
+    ahead of it, before it reads from there (docs/data-plane.md).
     The large area's pages are given back to the system (``MADV_REMOVE``,
     by the producer, which alone writes them) when the producer goes back
     to the small area and has not done so for :data:`TRIM_INTERVAL_NS`.
@@ -691,6 +696,7 @@ cdef class Ring:
         cdef uint64_t cap
         cdef shr_ring_hdr *hdr
         cdef uint32_t area
+        cdef uint64_t base
         self.attached = False
         _gate_init(&self.rgate)
         _gate_init(&self.wgate)
@@ -771,12 +777,21 @@ cdef class Ring:
             if area > 1:
                 self.broken = True
                 raise RingCorruptedError("ring header at offset %d names area %d" % (offset, area))
-            self._set_area(area, shr_load_base(hdr))
+            base = shr_load_base(hdr)
+            if area == 1 and self.tail - base <= cap:
+                self._set_area(1, base)          # in the large area, from base on
+            else:
+                # The small area; a writer that went on in the large one
+                # before we attached (a new connection's client writes at
+                # once) is followed as a reader follows it (_adopt).
+                self._set_area(0, shr_load_sbase(hdr))
+                self.seen_head = self.head
+                self._adopt(self.head)
         else:
             segment._map_full()        # the data may go past a hot prefix
             self.data = segment.full + self.big_off
             self.cap = cap
-        if self.head - self.tail > self.cap:
+        if self.head - self.tail > (self.big_cap if self.pending else self.cap):
             self.broken = True
             raise RingCorruptedError("ring indices are inconsistent (head %d, tail %d)"
                                      % (self.head, self.tail))
@@ -827,18 +842,63 @@ cdef class Ring:
         self.base = base
         return 0
 
-    cdef int _adopt(self) except -1:
-        """Consumer, version 2, after loading a new producer index: follow
-        the producer to the area it named, which it may only have changed
-        while the ring was empty, i.e. where we are now."""
+    cdef int _adopt(self, uint64_t head) except -1:
+        """Consumer, version 2, after loading a new producer index ``head``:
+        follow the producer to the area it named.  It changes areas only
+        (a) where we are now (the ring was empty: ``base`` is our position,
+        any area), or (b) going on from the small area to the large one
+        from a position ``base`` ahead of us, within the small area's
+        capacity: the bytes before it are in the small area, addressed
+        from ``sbase`` (``pending``: we read those first; a change at an
+        empty ring we did not see may have come before, hence ``sbase``);
+        and not again until we have caught up.  ``base`` may be past
+        ``head`` (the producer's header stores are not ordered with its
+        later index stores), and ``area`` still 0 (it is stored last)."""
         cdef uint32_t area = shr_load_area(self.h)
         cdef uint64_t base = shr_load_base(self.h)
-        if area == self.area and base == self.base:
+        cdef uint64_t sbase
+        if area > 1:
+            self._corrupt("area %d" % area)
+        if self.pending:
+            if base == self.pend_base:
+                return 0
+        elif area == self.area and base == self.base:
             return 0
-        if area > 1 or base != self.tail:
-            self._corrupt("area %d from position %d with the consumer at %d" % (area, base, self.tail))
-        self._set_area(area, base)
-        return 0
+        elif base == self.tail:
+            self._set_area(area, base)
+            return 0
+        elif base - self.tail <= self.small_cap:
+            sbase = shr_load_sbase(self.h)
+            if self.tail - sbase > (<uint64_t>1) << 62:
+                self._corrupt("small area from position %d with the consumer at %d" % (sbase, self.tail))
+            self._set_area(0, sbase)
+            self.pending = True
+            self.pend_base = base
+            return 0
+        self._corrupt("area %d from position %d with the consumer at %d%s" % (
+            area, base, self.tail, " (moving to %d)" % self.pend_base if self.pending else ""))
+
+    cdef int _chain(self) except -1:
+        """Producer, in the small area with bytes unread there that leave
+        too little room: the next bytes go to the large area, from the
+        current position on (the consumer reads the small one up to here
+        first).  0 if the large area cannot be mapped."""
+        if self.seg.full == NULL:
+            try:
+                self.seg._map_full()
+            except OSError:
+                return 0
+        self.large_dirty = True
+        self.pressed_ns = shr_coarse_ns() or 1
+        shr_store_chain(self.h, self.head, self.base)
+        self._set_area(1, self.head)
+        return 1
+
+    cdef uint64_t _wcap(self) noexcept:
+        """The capacity a writable condition counts room against: a
+        producer in the small area can always go on in the large one
+        (by _chain, or _pick_area if the ring is empty)."""
+        return self.big_cap if self.small_cap and not self.area else self.cap
 
     cdef uint64_t _pick_area(self, uint64_t want) except? 0xffffffffffffffff:
         """Producer, version 2, the ring being empty: put the next bytes
@@ -921,11 +981,19 @@ cdef class Ring:
     cdef uint64_t _avail(self) except? 0xffffffffffffffff:
         """Bytes readable (consumer side), validating the producer's index."""
         cdef uint64_t head = shr_load_head(self.h)
-        if self.small_cap and head != self.seen_head:
-            self._adopt()
-        if head - self.tail > self.cap or head - self.seen_head > self.cap:
+        cdef uint64_t limit
+        if self.small_cap:
+            if self.pending and self.tail == self.pend_base:
+                self.pending = False            # caught up: on in the large area
+                self._set_area(1, self.pend_base)
+            if head != self.seen_head:
+                self._adopt(head)
+        limit = self.big_cap if self.pending else self.cap
+        if head - self.tail > limit or head - self.seen_head > limit:
             self._corrupt("producer index %d with consumer at %d" % (head, self.tail))
         self.seen_head = head
+        if self.pending:                           # the rest of the small area first
+            return min(head, self.pend_base) - self.tail
         return head - self.tail
 
     cdef uint64_t _room(self) except? 0xffffffffffffffff:
@@ -1158,9 +1226,14 @@ cdef class Ring:
         return self._avail()
 
     def free(self):
-        """Bytes that can be written now (producer side)."""
+        """Bytes that can be written now (producer side; with two areas,
+        counting the large one, which a write goes on in when the small
+        one has too little room)."""
         self._check_open()
-        return self._room()
+        cdef uint64_t room = self._room()
+        if self.small_cap and not self.area:
+            return self.big_cap - (self.head - self.seen_tail)
+        return room
 
     def at_eof(self):
         """True once the producer shut its side and every byte was consumed."""
@@ -1218,10 +1291,12 @@ cdef class Ring:
                     room = self._room()
                     if self.small_cap and self.head == self.seen_tail:
                         room = self._pick_area(total - done)
-                    elif self.small_cap and not self.area and <Py_ssize_t>room < total - done:
+                    elif (self.small_cap and not self.area and <Py_ssize_t>room < total - done
+                            and self._chain()):
                         # Bytes come faster than the small area takes them:
-                        # the large one takes the next (once the ring is empty).
-                        self.pressed_ns = shr_coarse_ns()
+                        # on in the large one (and from the start of the
+                        # large one while they keep coming).
+                        room = self._room()
                 if room > 0 and done < total:
                     n = min(room, total - done, PIPE_CHUNK)
                     chunk = n
@@ -1259,10 +1334,7 @@ cdef class Ring:
                 if limit == 0:
                     limit = -1 if timeout < 0 else shr_now_ns() + <int64_t>(timeout * 1e9)
                 left = -1.0 if limit < 0 else max(0.0, (limit - shr_now_ns()) / 1e9)
-                # More to write than the small area holds, or it is pressed:
-                # wait until it is empty, when the rest can go to the large one.
-                rc = self._wait(1, self.cap if self.small_cap and not self.area and (
-                                <uint64_t>(total - done) > self.small_cap or self.pressed_ns) else 1, left)
+                rc = self._wait(1, 1, left)
                 if rc == 0:
                     raise TimeoutError(_errno.ETIMEDOUT, "timed out waiting for ring space")
                 if rc == 2:
@@ -1516,11 +1588,14 @@ cdef class Ring:
             _gate_leave(&self.wgate)
 
     cdef bint _room_for(self, Py_ssize_t nbytes) except -1:
-        """Producer: is there room for ``nbytes`` (changing areas if the
-        ring is empty and that makes room)?"""
+        """Producer: is there room for ``nbytes`` (going on in the large
+        area if the small one has too little)?"""
         cdef uint64_t room = self._room()
-        if room < <uint64_t>nbytes and self.small_cap and self.head == self.seen_tail:
-            room = self._pick_area(nbytes)
+        if room < <uint64_t>nbytes and self.small_cap and not self.area:
+            if self.head == self.seen_tail:
+                room = self._pick_area(nbytes)
+            elif self._chain():
+                room = self._room()
         return room >= <uint64_t>nbytes
 
     def close(self):

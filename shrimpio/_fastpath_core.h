@@ -59,10 +59,15 @@ typedef struct {
     _Atomic uint32_t producer_cpu;    /* CPU of its last publish, + 1 (0: unknown) */
     /* version 2: the area the bytes from stream position `base` on are in
      * (0 small, 1 large), each at ((pos - base) & (its capacity - 1));
-     * changed only while the ring is empty, before the next head. */
+     * changed while the ring is empty, or from small to large ahead of
+     * the consumer (see shr_store_chain), before the next head. */
     _Atomic uint64_t base;
     _Atomic uint32_t area;
-    char pad1[36];
+    uint32_t pad1a;
+    /* version 2, with area 1 from `base` on: the small area's bytes before
+     * `base` are at ((pos - sbase) & (small - 1)) (see shr_store_chain). */
+    _Atomic uint64_t sbase;
+    char pad1[24];
     /* line 2: the consumer's */
     _Atomic uint64_t tail;
     _Atomic uint32_t consumer_cpu;    /* CPU of its last release, + 1 (0: unknown) */
@@ -115,13 +120,26 @@ static inline uint64_t shr_load_base(shr_ring_hdr *h) {
     return atomic_load_explicit(&h->base, memory_order_relaxed);
 }
 static inline uint32_t shr_load_area(shr_ring_hdr *h) {
-    return atomic_load_explicit(&h->area, memory_order_relaxed);
+    return atomic_load_explicit(&h->area, memory_order_acquire);
 }
 /* The producer, while the ring is empty: the next bytes go to `area` from
  * stream position `base` on (published by the next head, a seq_cst store). */
+/* (area last, with release: a consumer that sees it sees base and sbase;
+ * one that sees a new base with an old area reads it as a chain under way.) */
 static inline void shr_store_area(shr_ring_hdr *h, uint32_t area, uint64_t base) {
+    atomic_store_explicit(&h->sbase, base, memory_order_relaxed);
     atomic_store_explicit(&h->base, base, memory_order_relaxed);
-    atomic_store_explicit(&h->area, area, memory_order_relaxed);
+    atomic_store_explicit(&h->area, area, memory_order_release);
+}
+/* The producer, in the small area (addressed from `sbase`) with bytes
+ * unread: the bytes from stream position `base` on go to the large area. */
+static inline void shr_store_chain(shr_ring_hdr *h, uint64_t base, uint64_t sbase) {
+    atomic_store_explicit(&h->sbase, sbase, memory_order_relaxed);
+    atomic_store_explicit(&h->base, base, memory_order_relaxed);
+    atomic_store_explicit(&h->area, 1, memory_order_release);
+}
+static inline uint64_t shr_load_sbase(shr_ring_hdr *h) {
+    return atomic_load_explicit(&h->sbase, memory_order_relaxed);
 }
 
 static inline void shr_set_wshut(shr_ring_hdr *h) {

@@ -101,18 +101,22 @@ def test_bytes_that_do_not_fit_go_to_the_large_area_and_back(areas):
     assert p.r.read(100) == b"small" and not p.r.large
 
 
-def test_a_full_small_area_fills_up_then_waits_for_empty(areas):
-    """Bytes that do not fit while the small area holds unread ones go into
-    what room is left; a blocking writer then waits until the reader emptied
-    it and goes on in the large area."""
+def test_bytes_that_do_not_fit_beside_unread_ones_go_on_in_the_large_area(areas):
+    """A write that the small area has too little room for, beside unread
+    bytes, goes on in the large area at once, from the current position
+    (a non-blocking send takes all of it, as a kernel socket's buffer
+    would); the reader reads the small area up to there, then the large."""
     p = areas()
     assert p.w.write(pattern(0, 100)) == 100
-    assert p.w.write(pattern(100, 3000)) == SMALL - 100      # as much as fitted
-    assert not p.w.large
+    assert p.w.write(pattern(100, 3000)) == 3000 and p.w.large
+    assert (p.field("area"), p.field("base")) == (1, 100)
+    assert p.r.read(50) == pattern(0, 50)
+    assert p.r.read(10_000) == pattern(50, 50)          # the small area's rest first
+    assert p.r.read(10_000) == pattern(100, 3000) and p.r.large
     total = 300_000
-    sent = SMALL
-    got = bytearray(p.r.read(50))
-    t = threading.Thread(target=p.w.write_all, args=(pattern(sent, total - sent), 30))
+    got = bytearray()
+    assert p.w.write(pattern(0, 200)) == 200           # empty: the small area again
+    t = threading.Thread(target=p.w.write_all, args=(pattern(200, total - 200), 30))
     t.start()
     while len(got) < total:
         got += p.r.read(7919, 30)            # odd pieces, across both areas and wraps
@@ -120,19 +124,78 @@ def test_a_full_small_area_fills_up_then_waits_for_empty(areas):
     assert bytes(got) == pattern(0, total)
 
 
-def test_a_stream_of_small_writes_moves_to_the_large_area(areas):
-    """Small writes that come faster than they are read (the small area
-    cannot take one) go to the large area from the next empty ring on,
-    however small, until the connection idles: a stream does not trickle
-    through 1 KiB."""
+def test_a_reader_that_missed_a_restart_of_the_small_area_still_finds_its_bytes(areas):
+    """The writer restarts the small area at the reader's position (the ring
+    was empty), writes, then goes on in the large area, all before the reader
+    looks: the header's sbase says where the small area's bytes are."""
+    p = areas()
+    p.w.write(pattern(0, 100))
+    assert p.r.read(1000) == pattern(0, 100)
+    p.w.write(pattern(100, 1000))          # past the room known: empty, the small area from 100
+    p.w.write(pattern(1100, 900))          # on in the large area from 1100
+    assert (p.field("area"), p.field("base"), p.field("sbase")) == (1, 1100, 100)
+    got = p.r.read(10_000) + p.r.read(10_000)
+    assert got == pattern(100, 1900)
+
+
+@pytest.mark.parametrize("sizes", [(100,), (100, 900), (3000,), (100, 900, 40_000)])
+def test_a_reader_that_attaches_late_follows_what_the_writer_did(sizes):
+    """A new connection's client writes at once, maybe before the listener
+    attached its rings: in the small area, the large one, or on from one to
+    the other.  The late reader finds every byte where it is."""
+    p = AreaPair.__new__(AreaPair)
+    p.seg = Segment(HOT + BIG, hot=HOT)
+    p.wsock, p.rsock = socket.socketpair()
+    kw = dict(small=SMALL, big_offset=HOT, busy_poll_us=0)
+    p.w = Ring(p.seg, 0, BIG, create=True, data_bell=p.wsock.fileno(), space_bell=p.wsock.fileno(), **kw)
+    p.r = None
+    try:
+        total = 0
+        for n in sizes:
+            assert p.w.write(pattern(total, n)) == n
+            total += n
+        p.r = Ring(p.seg, 0, BIG, data_bell=p.rsock.fileno(), space_bell=p.rsock.fileno(), **kw)
+        got = bytearray()
+        while len(got) < total:
+            got += p.r.read(1 << 20)
+        assert bytes(got) == pattern(0, total)
+    finally:
+        if p.r is None:
+            p.r = p.w
+        p.close()
+
+
+def test_a_non_blocking_send_never_comes_up_short_for_want_of_the_small_area():
+    """The selectors echo server of the Python docs sends each read with one
+    non-blocking send(): with a kernel socket's buffer it all goes; so it
+    must over shared memory, whatever the small area holds."""
+    c, s = _connected_pair()
+    try:
+        s.setblocking(False)
+        for n in (1000, 1000, 1000, 600, 3000):
+            assert s.send(pattern(n, n)) == n
+        want = b"".join(pattern(n, n) for n in (1000, 1000, 1000, 600, 3000))
+        c.settimeout(30)
+        assert c.recv(len(want), socket.MSG_WAITALL) == want
+    finally:
+        c.close()
+        s.close()
+
+
+def test_a_stream_of_small_writes_stays_in_the_large_area(areas):
+    """Small writes that come faster than they are read go on in the large
+    area and, from the next empty ring on, start there, however small, for
+    a second after the small area last had too little room (or until the
+    connection idles): a stream does not go through the small area."""
     p = areas()
     assert p.w.write(pattern(0, 600)) == 600 and not p.w.large
-    assert p.w.write(pattern(600, 600)) == SMALL - 600          # pressed
-    assert p.r.read(10_000) == pattern(0, SMALL)
-    assert p.w.write(pattern(SMALL, 100)) == 100 and p.w.large  # small, but a stream
+    assert p.w.write(pattern(600, 600)) == 600 and p.w.large    # pressed
+    assert p.r.read(10_000) == pattern(0, 600)
+    assert p.r.read(10_000) == pattern(600, 600)
+    assert p.w.write(pattern(1200, 100)) == 100 and p.w.large   # small, but a stream
     for k in range(50):
         assert p.w.write(pattern(k, 100)) == 100
-    assert p.w.large and p.r.read(10_000)[:100] == pattern(SMALL, 100)
+    assert p.w.large and p.r.read(10_000)[:100] == pattern(1200, 100)
     assert p.w.trim() is True                                   # idle: back to small
     assert p.w.write(b"ping") == 4 and not p.w.large
     assert p.r.read(10) == b"ping"
@@ -151,6 +214,33 @@ def test_a_random_stream_survives_every_change_of_area(areas):
         rpos += len(data)
     rest = p.r.read(1 << 20)
     assert rest == pattern(rpos, wpos - rpos)
+
+
+def test_a_concurrent_stream_of_every_size_arrives_whole(areas):
+    """A writer thread and a reader racing through every change of area
+    (small, large, on in the large one beside unread small bytes, restarts
+    at an empty ring, trims): every byte arrives, in order."""
+    rng = random.Random(23)
+    sizes = [rng.choice([1, 50, 600, SMALL - 1, SMALL, SMALL + 1, 2000, 30_000, 70_000])
+             for _ in range(1500)]
+    total = sum(sizes)
+    p = areas()
+
+    def writer():
+        pos = 0
+        for i, n in enumerate(sizes):
+            p.w.write_all(pattern(pos, n), 30)
+            pos += n
+            if i % 97 == 0:
+                p.w.trim()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    got = bytearray()
+    while len(got) < total:
+        got += p.r.read(rng.choice([1, 100, 1500, 1 << 20]), 30)
+    t.join()
+    assert bytes(got) == pattern(0, total)
 
 
 def test_large_area_pages_go_back_to_the_system(areas):
@@ -186,6 +276,64 @@ def test_an_area_change_with_bytes_unread_is_corruption(areas):
     assert p.r.broken
     with pytest.raises(RingCorruptedError):
         p.r.readable()
+
+
+def test_going_on_in_the_large_area_too_far_ahead_is_corruption(areas):
+    """A move to the large area ahead of the reader is valid only within
+    the small area's capacity of the reader."""
+    p = areas()
+    p.w.write(pattern(0, 10))
+    p.field("area", 1)
+    p.field("base", 10 + SMALL)            # past what the small area can hold
+    p.field("head", 10 + SMALL + 1)
+    with pytest.raises(RingCorruptedError, match="area 1 from position 1034"):
+        p.r.read(1)
+
+
+def test_a_second_move_before_the_reader_caught_up_is_corruption(areas):
+    p = areas()
+    p.w.write(pattern(0, 500))
+    p.w.write(pattern(500, 900))           # on in the large area from 500
+    assert p.r.read(100) == pattern(0, 100)
+    p.field("base", 300)                   # moved again, elsewhere
+    p.w.write(b"z")
+    with pytest.raises(RingCorruptedError, match="moving to 500"):
+        p.r.read(1000)
+
+
+def test_a_hostile_writer_cannot_make_the_reader_leave_its_areas():
+    """Whatever a writer stores in head, area and base, the reader stays in
+    bounds: it either reads bytes of its two areas or says the ring is
+    corrupted."""
+    rng = random.Random(5)
+    for _ in range(300):
+        p = AreaPair()
+        n = rng.choice([1, 10, 700, 3000])
+        p.w.write(pattern(0, n))
+        p.r.read(rng.choice([0, 5, 2000]))
+        for name in rng.sample(["head", "area", "base"], rng.randint(1, 3)):
+            p.field(name, rng.choice([0, 1, 2, 5, 700, 1024, 1025, 3000, BIG, BIG + 1, 2 ** 63, 2 ** 64 - 1])
+                    if name != "area" else rng.choice([0, 1, 2, 2 ** 32 - 1]))
+        try:
+            for _ in range(3):
+                p.r.read(rng.choice([1, 100, 1 << 20]))
+        except (RingCorruptedError, BlockingIOError):
+            pass
+        finally:
+            p.close()
+
+
+def test_a_move_seen_before_its_bytes_or_its_area_is_followed(areas):
+    """The producer's header stores are not ordered with its later index
+    stores, and it stores ``area`` last: a reader may see the new ``base``
+    ahead of the published index, with ``area`` still 0.  The bytes before
+    ``base`` are the small area's."""
+    p = areas()
+    p.w.write(pattern(0, 100))
+    p.field("sbase", 0)
+    p.field("base", 600)                 # a move under way, as seen from here
+    assert p.r.read(10_000) == pattern(0, 100)
+    assert not p.r.broken and not p.r.large
 
 
 @pytest.mark.parametrize("area", [2, 7, 2 ** 32 - 1])
