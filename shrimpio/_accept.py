@@ -373,7 +373,8 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
         try:
             # Closes fd0 on failure; refuses any segment not sealed against
             # shrinking, whatever this process's own SHRIMPIO_SEGMENT.
-            seg = Segment.from_fd(fd0, size, keep_fd=False, allow_unsealed=False)
+            seg = Segment.from_fd(fd0, size, keep_fd=False, allow_unsealed=False,
+                                  hot=_connection.HOT)
         except (ValueError, PermissionError) as exc:  # not a sealed memfd, or too small
             raise _control.ProtocolError(f"bad segment in stream hello: {exc}") from None
         fd1, fds[1] = fds[1], -1

@@ -22,7 +22,14 @@ tornado        tornado hello world, http.client keep-alive          the same pro
 threading      http.server threads, a new connection per request    the same programs over TCP
 idle_socket    CPU of an idle blocking-socket pair                  (goal: < 1 % of a core)
 idle_asyncio   CPU of an idle asyncio pair                          (goal: < 1 % of a core)
+scale_asyncio  10,000 idle connections to one asyncio server:       the same programs over TCP
+               memory per connection (``_closed``: left after
+               they all closed; ``_rate``: connect rate)
+scale_threaded the same, 1,000 connections, a threaded server       the same programs over TCP
 =============  ===================================================  ================================
+
+The ``scale_*`` rows take minutes: ``--quick`` leaves them out unless
+``--rows`` names them.
 
 Each pair of processes is pinned to two cores; peers take turns within each
 repeat, and each figure is the repeat with the median median (one repeat
@@ -46,7 +53,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TextIO
 
-from . import _bench, _bench_asyncio, _bench_conn, _bench_socket, _bench_web, _bench_zmq
+from . import _bench, _bench_asyncio, _bench_conn, _bench_scale, _bench_socket, _bench_web, _bench_zmq
 from ._bench_table import Figure, Row, format_goals, format_noise, format_table, machine_line, pick_median
 from ._bench_goals import goals
 
@@ -65,11 +72,14 @@ class Settings:
     seconds: float = 3.0
     idle_seconds: float = 5.0
     repeats: int = 3
+    scale_asyncio: int = 10000      # connections of the scale rows
+    scale_threaded: int = 1000
+    scale: bool = True              # measure the scale rows unless asked for by name
 
 
 FULL = Settings()
 QUICK = Settings(rtt_rounds=5000, bw_rounds=100, connects=300, async_rtt_rounds=3000, seconds=1.0,
-                 repeats=1)
+                 repeats=1, scale=False)
 
 Measure = Callable[[Settings], Figure]
 
@@ -85,6 +95,7 @@ class Spec:
     kinds: list[tuple[str, Measure]]
     repeat: bool = True
     needs: str = ""
+    slow: bool = False        # left out when Settings.scale is False, unless named
 
 
 # --- measurements, each once ----------------------------------------------------
@@ -212,6 +223,20 @@ def _idle(kind: str) -> Measure:
     return m
 
 
+_scale_runs = _bench_scale.Runs()
+
+
+def _scale(mode: str, kind: str, suffix: str) -> Measure:
+    label = _bench_scale.LABELS[kind]
+
+    def m(s: Settings) -> Figure:
+        n = s.scale_asyncio if mode == "asyncio" else s.scale_threaded
+        value, extra = _bench_scale.figure_values(_scale_runs.get(mode, kind, suffix, n), suffix)
+        extra["paths"] = [label.lower()]
+        return Figure(label, value, None, [value], extra)
+    return m
+
+
 def specs() -> list[Spec]:
     """Every row, in the order of the table."""
     a = _bench_asyncio
@@ -249,6 +274,11 @@ def specs() -> list[Spec]:
     ] + [
         Spec("idle_socket", "idle CPU, blocking socket pair", "%", [("shm", _idle("socket"))], repeat=False),
         Spec("idle_asyncio", "idle CPU, asyncio pair", "%", [("shm", _idle("asyncio"))], repeat=False),
+    ] + [
+        Spec(_bench_scale.row_key(mode, suffix),
+             _bench_scale.row_title(mode, suffix, getattr(FULL, f"scale_{mode}")), unit,
+             [(_bench_scale.LABELS[k], _scale(mode, k, suffix)) for k in _bench_scale.KINDS], slow=True)
+        for mode in _bench_scale.MODES for suffix, _, unit in _bench_scale.ROWS
     ]
 
 
@@ -324,11 +354,19 @@ def _steps(sp: Spec, s: Settings) -> int:
     return n * (s.repeats if sp.repeat else 1)
 
 
+def chosen_specs(settings: Settings, rows: Optional[list[str]] = None) -> list[Spec]:
+    """The rows to measure: those named, else all (less the slow ones when
+    ``settings.scale`` is off, as with ``--quick``)."""
+    return [sp for sp in specs() if (sp.key in rows if rows is not None else settings.scale or not sp.slow)]
+
+
 def run(settings: Settings = FULL, rows: Optional[list[str]] = None,
         progress: Optional[Progress] = None) -> dict[str, Any]:
     """Measure the chosen rows (all by default) in a private registry; a
     JSON-ready dict with the machine, each row, the goals and the wall time."""
-    chosen = [sp for sp in specs() if rows is None or sp.key in rows]
+    global _scale_runs
+    _scale_runs = _bench_scale.Runs()
+    chosen = chosen_specs(settings, rows)
     skipped: list[dict[str, str]] = []
     todo = []
     for sp in chosen:

@@ -26,7 +26,7 @@ __all__ = ["Figure", "Goal", "NOISY_SPREAD", "Row", "UNITS", "fmt", "fmt_ratio",
            "format_table", "from_stats", "machine_line", "pick_median"]
 
 #: unit -> True when lower is better.
-UNITS = {"us": True, "%": True, "MiB/s": False, "req/s": False}
+UNITS = {"us": True, "%": True, "KB": True, "MiB/s": False, "req/s": False, "conn/s": False}
 
 
 def fmt(x: Optional[float]) -> str:

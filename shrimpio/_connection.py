@@ -54,6 +54,18 @@ __all__ = ["Connection", "DEFAULT_RING", "Kit", "ring_capacity", "take_kit", "gi
 DEFAULT_RING = 256 * 1024
 MIN_RING = 4096
 MAX_RING = 64 * 1024 * 1024
+
+# Layout of a connection's segment (docs/data-plane.md, "Connection
+# segment"): the first page holds both ring headers, each followed by its
+# small area; the large areas follow, client to server first.  Only the
+# first page is mapped until a large area is used, so an idle connection
+# costs one page of shared memory and almost no page tables.
+#: Capacity of each direction's small area.
+SMALL_RING = 1024
+#: The hot part: both headers and small areas.
+HOT = 4096
+#: The second ring's header (server to client).
+OFF2 = 2048
 _AF_UNIX, _SOCK_SEQPACKET = int(_std.AF_UNIX), int(_std.SOCK_SEQPACKET)
 
 _fork_generation = 0
@@ -97,8 +109,6 @@ def _align(n: int, to: int = 4096) -> int:
     return (n + to - 1) // to * to
 
 
-_OFF2 = {DEFAULT_RING: _align(Ring.footprint(DEFAULT_RING), 64)}   # second ring's offset
-
 
 # -- kits: what a client hands the listener -------------------------------------
 #
@@ -138,7 +148,8 @@ class Kit:
         except IndexError:
             old = None
         try:
-            self.segment = seg = Segment(size, kind=kind, replace=old) if kind else Segment(size)
+            self.segment = seg = Segment(size, kind=kind, replace=old, hot=HOT) if kind \
+                else Segment(size, hot=HOT)
         except BaseException:
             if old is not None and not old.closed:
                 bury(old)
@@ -150,7 +161,7 @@ class Kit:
         except BaseException:
             seg.close()
             raise
-        prepare_rings(seg, off2, c2s, s2c)
+        prepare_rings(seg, off2, c2s, s2c, SMALL_RING)
 
     def close(self) -> None:
         self.segment.close()
@@ -309,18 +320,21 @@ class Connection:
         self.peer = peer
         self.client = client
         c2s, s2c = caps
-        off2 = _OFF2.get(c2s) or _align(Ring.footprint(c2s), 64)
         space_bell = space.fileno()
-        ring_c2s = Ring(segment, 0, c2s, create=create, data_bell=bell_fd, space_bell=space_bell)
+        ring_c2s = Ring(segment, 0, c2s, create=create, data_bell=bell_fd, space_bell=space_bell,
+                        small=SMALL_RING, big_offset=HOT)
         try:
-            ring_s2c = Ring(segment, off2, s2c, create=create, data_bell=bell_fd,
-                            space_bell=space_bell)
+            ring_s2c = Ring(segment, OFF2, s2c, create=create, data_bell=bell_fd,
+                            space_bell=space_bell, small=SMALL_RING, big_offset=HOT + c2s)
         except BaseException:
             # (A peer's second ring header may be bad when its first is
             # not: the segment must be closable by the caller.)
             ring_c2s.close()
             raise
         self.tx, self.rx = (ring_c2s, ring_s2c) if client else (ring_s2c, ring_c2s)
+        # A read that sleeps idle gives back the pages of what we sent
+        # (docs/data-plane.md, "Two areas").
+        self.rx.trim_with(self.tx)
         self.refs = 1                 # socket objects of this process using it
         self.stream = Stream(self.tx, self.rx)
         self.closed = False
@@ -347,8 +361,7 @@ class Connection:
     @staticmethod
     def layout(c2s: int, s2c: int) -> tuple[int, int]:
         """(offset of the second ring, segment size) for two capacities."""
-        off2 = _align(Ring.footprint(c2s), 64)
-        return off2, _align(off2 + Ring.footprint(s2c))
+        return OFF2, HOT + c2s + s2c
 
     def set_bell(self, fd: int, owned: bool) -> None:
         """Make ``fd`` (an fd of the control socket) the data doorbell; the

@@ -2,7 +2,7 @@
 # transport cimports these to reach rings without Python-level calls).
 
 from cpython.pythread cimport PyThread_type_lock
-from libc.stdint cimport uint64_t, int64_t, uint32_t
+from libc.stdint cimport uint32_t, uint64_t, int64_t
 
 
 cdef extern from "_fastpath_core.h":
@@ -21,23 +21,38 @@ ctypedef struct gate_t:
 
 
 cdef class Segment:
-    cdef char *base
+    cdef char *base                 # the first `mapped` bytes (all, or a prefix: `hot`)
     cdef readonly Py_ssize_t size   # usable bytes (the mapping is page-rounded)
     cdef Py_ssize_t mapped
+    cdef char *full                 # all of it (base itself when all is mapped; NULL: not yet)
+    cdef Py_ssize_t full_len
     cdef int fd
     cdef int exports
     cdef readonly str kind
 
-    cdef _map(self, Py_ssize_t size, Py_ssize_t mapped)
-    cdef _map_over(self, Segment old, Py_ssize_t size)
+    cdef _map(self, Py_ssize_t size, Py_ssize_t total, Py_ssize_t hot)
+    cdef _map_over(self, Segment old, Py_ssize_t size, Py_ssize_t total)
+    cdef int _map_full(self) except -1
 
 
 cdef class Ring:
-    cdef Py_buffer view
+    cdef Segment seg            # pinned (its exports count) while attached
     cdef bint attached
     cdef shr_ring_hdr *h
-    cdef char *data
-    cdef uint64_t cap
+    cdef char *data             # the current area (version 2: small or large)
+    cdef uint64_t cap           # its capacity
+    cdef uint64_t base          # stream position at its first byte (see _fastpath_core.h)
+    cdef uint32_t area          # 0 small, 1 large (version 1: always 0)
+    cdef uint64_t small_cap     # version 2: the small area's capacity (0: version 1)
+    cdef uint64_t big_cap       # the large area's (version 1: cap)
+    cdef Py_ssize_t small_off   # offsets in the segment of the two areas
+    cdef Py_ssize_t big_off
+    cdef int64_t trimmed_ns     # when the large area's pages were last given back (-1: cannot)
+    cdef bint large_dirty       # the large area was written since they were
+    cdef int64_t pressed_ns     # when the small area last could not take what came (0: never)
+    cdef bint pending           # consumer: the producer went on in the large area from
+    cdef uint64_t pend_base     #   pend_base while the small one still held bytes before it
+    cdef Ring tx_sibling        # a reader's wait that sleeps a slice offers this ring a trim
     cdef uint64_t head          # producer index, authoritative on the writing side
     cdef uint64_t tail          # consumer index, authoritative on the reading side
     cdef uint64_t seen_head     # last validated value of the peer's producer index
@@ -66,6 +81,14 @@ cdef class Ring:
 
     cdef int _check_open(self) except -1
     cdef int _corrupt(self, str what) except -1
+    cdef int _set_area(self, uint32_t area, uint64_t base) except -1
+    cdef int _adopt(self, uint64_t head) except -1
+    cdef int _chain(self) except -1
+    cdef uint64_t _wcap(self) noexcept
+    cdef uint64_t _pick_area(self, uint64_t want) except? 0xffffffffffffffff
+    cdef bint _room_for(self, Py_ssize_t nbytes) except -1
+    cdef void _punch(self, int64_t now) noexcept
+    cdef int _trim_idle(self) except -1
     cdef uint64_t _avail(self) except? 0xffffffffffffffff
     cdef uint64_t _room(self) except? 0xffffffffffffffff
     cdef int _publish(self, uint64_t new_head) except -1

@@ -46,10 +46,15 @@ cdef extern from "_fastpath_core.h" nogil:
     uint64_t shr_load_tail(shr_ring_hdr *h)
     uint32_t shr_load_wshut(shr_ring_hdr *h)
     uint32_t shr_load_rshut(shr_ring_hdr *h)
-    void shr_init(shr_ring_hdr *h, uint64_t cap)
+    void shr_init(shr_ring_hdr *h, uint64_t cap, uint32_t small)
     void shr_reader_asleep(shr_ring_hdr *h)
-    int shr_header_ok(shr_ring_hdr *h)
+    int shr_header_ok(shr_ring_hdr *h, uint32_t small)
     uint64_t shr_header_cap(shr_ring_hdr *h)
+    uint64_t shr_load_base(shr_ring_hdr *h)
+    uint32_t shr_load_area(shr_ring_hdr *h)
+    void shr_store_area(shr_ring_hdr *h, uint32_t area, uint64_t base)
+    void shr_store_chain(shr_ring_hdr *h, uint64_t base, uint64_t sbase)
+    uint64_t shr_load_sbase(shr_ring_hdr *h)
     void shr_set_wshut(shr_ring_hdr *h)
     void shr_set_rshut(shr_ring_hdr *h)
     void shr_release_fence()
@@ -75,7 +80,31 @@ cdef extern from "Python.h" nogil:
 cdef extern from "<sys/mman.h>" nogil:
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
     int munmap(void *addr, size_t length)
+    int madvise(void *addr, size_t length, int advice)
     int PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FIXED
+
+cdef extern from *:
+    """
+    #include <sys/mman.h>
+    #if defined(__linux__) && defined(MREMAP_MAYMOVE)
+    #define SHR_HAVE_MREMAP 1
+    /* A second mapping of the pages `addr` maps, `len` bytes of the same
+     * file from the same offset on: mremap with an old size of 0 (shared
+     * mappings only), no fd needed. */
+    static void *shr_map_again(void *addr, size_t len) {
+        return mremap(addr, 0, len, MREMAP_MAYMOVE);
+    }
+    #else
+    #define SHR_HAVE_MREMAP 0
+    static void *shr_map_again(void *addr, size_t len) { errno = ENOSYS; return MAP_FAILED; }
+    #endif
+    #ifndef MADV_REMOVE
+    #define MADV_REMOVE -1
+    #endif
+    """
+    int SHR_HAVE_MREMAP
+    int MADV_REMOVE
+    void *shr_map_again(void *addr, size_t length) nogil
     void *MAP_FAILED
     int shm_open(const char *name, int oflag, int mode)
     int shm_unlink(const char *name)
@@ -147,11 +176,30 @@ cdef Py_ssize_t NOGIL_COPY = PIPE_CHUNK
 cdef double SLEEP_SLICE = 1.0
 cdef int64_t ADAPT_CEILING = 8    # most an adapted spin grows to, in budgets
 cdef uint64_t MIN_CAPACITY = 64
+#: Two-area rings: bytes that would go past this many of the large area
+#: make the producer look whether the ring is empty, to start again from
+#: its first byte (a request-response exchange then keeps using the same
+#: pages, whatever it moves over time).
+cdef uint64_t HOT_WINDOW = 64 * 1024
+#: Two-area rings: the large area's pages go back to the system when the
+#: producer returns to the small area, at most this often (nanoseconds):
+#: a connection alternating large and small messages pays a system call
+#: and the page faults that follow at most once in that time.
+cdef int64_t TRIM_INTERVAL_NS = 1000000000
 cdef uint64_t MAX_CAPACITY = (<uint64_t>1) << 40
 cdef Py_ssize_t PAGE = _os.sysconf("SC_PAGE_SIZE")
 
 RING_HEADER = SHR_RING_HEADER
 NOTIFY_RECORD = 16
+
+
+def _set_trim_interval(double seconds):
+    """How often at most a two-area ring gives its large area's pages back
+    (tests set 0; the default is 1 s).  Returns the previous value."""
+    global TRIM_INTERVAL_NS
+    old = TRIM_INTERVAL_NS / 1e9
+    TRIM_INTERVAL_NS = <int64_t>(seconds * 1e9)
+    return old
 
 
 def get_busy_poll_us():
@@ -186,6 +234,13 @@ cdef inline Py_ssize_t _page_round(Py_ssize_t n):
     return (n + PAGE - 1) // PAGE * PAGE
 
 
+cdef inline Py_ssize_t _hot_len(Py_ssize_t hot, Py_ssize_t total):
+    """Bytes to map at first: ``hot`` page-rounded, or all of ``total``."""
+    if hot <= 0 or not SHR_HAVE_MREMAP:
+        return total
+    return min(_page_round(hot), total)
+
+
 cdef int _default_kind_is_shm() except -1:
     kind = _os.environ.get("SHRIMPIO_SEGMENT", "memfd")
     if kind not in ("memfd", "shm"):
@@ -209,10 +264,20 @@ cdef class Segment:
     segment of the same page-rounded size that nothing uses any more) is
     mapped, in one system call; ``old`` is closed either way unless views
     still use it.
+
+    ``hot=n`` (``Segment(size, hot=n)``, ``from_fd(..., hot=n)``) maps only
+    the first ``n`` bytes (page-rounded) for now: the part in use from the
+    start.  The rest is mapped, with a second mapping of the same pages
+    from the start on (no fd needed), when first asked for: by a ring
+    whose large area is there, or by the buffer protocol.  An idle
+    connection then costs the address space, page tables and page-cache
+    nodes of one page.  Where mappings cannot be made again (not Linux),
+    ``hot`` is ignored.
     """
 
-    def __cinit__(self, size=None, *, kind=None, Segment replace=None):
+    def __cinit__(self, size=None, *, kind=None, Segment replace=None, Py_ssize_t hot=0):
         self.base = NULL
+        self.full = NULL
         self.fd = -1
         self.exports = 0
         if size is None:          # from_fd() fills the object in
@@ -248,20 +313,20 @@ cdef class Segment:
                 PyErr_SetFromErrno(OSError)
             if not use_shm and fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0:
                 PyErr_SetFromErrno(OSError)
-            if replace is not None and replace.base != NULL and replace.mapped == mapped \
-                    and replace.exports == 0:
-                self._map_over(replace, size)
+            if replace is not None and replace.base != NULL and replace.exports == 0 \
+                    and replace.full_len == mapped and replace.mapped == _hot_len(hot, mapped):
+                self._map_over(replace, size, mapped)
             else:
                 if replace is not None and replace.exports == 0:
                     replace.close()
-                self._map(size, mapped)
+                self._map(size, mapped, hot)
         except BaseException:
             close(fd)
             self.fd = -1
             raise
 
-    cdef _map_over(self, Segment old, Py_ssize_t size):
-        """Map our fd where ``old`` is mapped (same size, no users): the
+    cdef _map_over(self, Segment old, Py_ssize_t size, Py_ssize_t total):
+        """Map our fd where ``old`` is mapped (same sizes, no users): the
         kernel drops the old mapping in the same call, cheaper than an
         munmap and an mmap.  ``old`` ends up closed."""
         cdef void *p = mmap(old.base, old.mapped, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
@@ -269,7 +334,10 @@ cdef class Segment:
         cdef int err = errno
         if p == MAP_FAILED:
             munmap(old.base, old.mapped)      # whatever is left of it
+        if old.full != NULL and old.full != old.base:
+            munmap(old.full, old.full_len)
         old.base = NULL
+        old.full = NULL
         if old.fd >= 0:
             close(old.fd)
             old.fd = -1
@@ -278,17 +346,41 @@ cdef class Segment:
         self.base = <char *>p
         self.size = size
         self.mapped = old.mapped
+        self.full_len = total
+        self.full = self.base if self.mapped == total else NULL
 
-    cdef _map(self, Py_ssize_t size, Py_ssize_t mapped):
+    cdef _map(self, Py_ssize_t size, Py_ssize_t total, Py_ssize_t hot):
+        cdef Py_ssize_t mapped = _hot_len(hot, total)
         cdef void *p = mmap(NULL, mapped, PROT_READ | PROT_WRITE, MAP_SHARED, self.fd, 0)
         if p == MAP_FAILED:
             PyErr_SetFromErrno(OSError)
         self.base = <char *>p
         self.size = size
         self.mapped = mapped
+        self.full_len = total
+        self.full = self.base if mapped == total else NULL
+
+    cdef int _map_full(self) except -1:
+        """Map all of the segment (once), beside the hot prefix."""
+        cdef void *p
+        if self.full != NULL:
+            return 0
+        if self.base == NULL:
+            raise ValueError("segment is closed")
+        p = shr_map_again(self.base, self.full_len)
+        if p == MAP_FAILED:
+            PyErr_SetFromErrno(OSError)
+        self.full = <char *>p
+        return 0
+
+    @property
+    def hot(self):
+        """Bytes mapped from the start (``size`` page-rounded once all is)."""
+        return self.full_len if self.full != NULL else self.mapped
 
     @staticmethod
-    def from_fd(int fd, size=None, *, bint keep_fd=True, bint allow_unsealed=False):
+    def from_fd(int fd, size=None, *, bint keep_fd=True, bint allow_unsealed=False,
+                Py_ssize_t hot=0):
         """Map a segment received from a peer; takes ownership of ``fd``.
 
         ``size`` is what the peer announced; the file must be at least that
@@ -299,7 +391,7 @@ cdef class Segment:
         with ``allow_unsealed=True``: for a peer trusted not to truncate
         them (a child of ours, a test), never for one met through the
         registry.  ``keep_fd=False`` closes the fd once mapped (the mapping
-        stays).
+        stays).  ``hot``: as for ``Segment()``.
         """
         cdef Segment seg = Segment.__new__(Segment)
         cdef struct_stat st
@@ -340,7 +432,7 @@ cdef class Segment:
                                           "could truncate it under us)")
                 seg.kind = "shm"
             seg.fd = fd
-            seg._map(size, mapped)
+            seg._map(size, mapped, hot)
         except BaseException:
             seg.fd = -1
             _os.close(fd)
@@ -371,7 +463,8 @@ cdef class Segment:
     def __getbuffer__(self, Py_buffer *buffer, int flags):
         if self.base == NULL:
             raise ValueError("segment is closed")
-        PyBuffer_FillInfo(buffer, self, self.base, self.size, 0, flags)
+        self._map_full()
+        PyBuffer_FillInfo(buffer, self, self.full, self.size, 0, flags)
         self.exports += 1
 
     def __releasebuffer__(self, Py_buffer *buffer):
@@ -384,6 +477,9 @@ cdef class Segment:
         if self.exports:
             raise BufferError("segment still has %d buffer users (memoryviews or rings)" % self.exports)
         munmap(self.base, self.mapped)
+        if self.full != NULL and self.full != self.base:
+            munmap(self.full, self.full_len)
+        self.full = NULL
         self.base = NULL
         if self.fd >= 0:
             close(self.fd)
@@ -398,6 +494,8 @@ cdef class Segment:
     def __dealloc__(self):
         if self.base != NULL:
             munmap(self.base, self.mapped)
+            if self.full != NULL and self.full != self.base:
+                munmap(self.full, self.full_len)
         if self.fd >= 0:
             close(self.fd)
 
@@ -432,11 +530,21 @@ def _ref_wait(Segment seg, Py_ssize_t offset, uint64_t value):
 
 
 cdef int _gate_init(gate_t *g) except -1:
-    g.lock = PyThread_allocate_lock()
-    if g.lock == NULL:
-        raise MemoryError()
+    # The lock is made when first needed (a thread about to release the GIL
+    # inside, or one queueing behind it): most ring ends never need one,
+    # and a connection has four.
+    g.lock = NULL
     g.busy = 0
     g.held = 0
+    return 0
+
+
+cdef int _gate_lock(gate_t *g) except -1:
+    """Make the gate's lock (GIL held)."""
+    if g.lock == NULL:
+        g.lock = PyThread_allocate_lock()
+        if g.lock == NULL:
+            raise MemoryError()
     return 0
 
 
@@ -455,6 +563,7 @@ cdef int _gate_enter(gate_t *g, double timeout) except -1:
         if timeout == 0:
             raise BlockingIOError(_errno.EAGAIN, "another thread is using this ring")
         us = -1 if timeout < 0 else <long long>(timeout * 1e6)
+        _gate_lock(g)
         with nogil:
             r = PyThread_acquire_lock_timed(g.lock, us, 0)
         if r != PY_LOCK_ACQUIRED:
@@ -464,12 +573,14 @@ cdef int _gate_enter(gate_t *g, double timeout) except -1:
     return 0
 
 
-cdef inline void _gate_hold(gate_t *g) noexcept:
+cdef inline int _gate_hold(gate_t *g) except -1:
     """Called inside, before releasing the GIL: make later arrivals queue."""
     if not g.held:
+        _gate_lock(g)
         with nogil:
             PyThread_acquire_lock(g.lock, 1)
         g.held = 1
+    return 0
 
 
 cdef inline void _gate_leave(gate_t *g) noexcept:
@@ -558,13 +669,34 @@ cdef class Ring:
     Timeouts: ``0`` never blocks (``BlockingIOError`` if nothing can be done),
     ``None`` waits for ever, a number waits that many seconds
     (``TimeoutError``).  Waiting spins ``busy_poll_us`` then sleeps.
+
+    Two areas (``small=s``, ``big_offset=o``; header version 2): a small
+    area of ``s`` bytes right after the header and a large one of
+    ``capacity`` bytes at offset ``o`` (in a segment mapped ``hot``, the
+    header and the small area must be in the hot part).  The producer
+    picks, whenever it finds the ring empty, where the next bytes go: the
+    small area if they fit there, the large one if not (mapping it then),
+    each from its first byte on (so a request-response exchange keeps
+    using the same few bytes); bytes that do not fit the small area's room
+    beside unread ones go on in the large one at once.  It says so in the
+    header (``area``, ``base``: the stream position of the area's first
+    byte, ``sbase``: the small area's) before the bytes; the consumer
+    checks that the change came at its own position (an empty ring) or,
+    going on from the small area to the large one, within the small area
+    ahead of it, before it reads from there (docs/data-plane.md).
+    The large area's pages are given back to the system (``MADV_REMOVE``,
+    by the producer, which alone writes them) when the producer goes back
+    to the small area and has not done so for :data:`TRIM_INTERVAL_NS`.
+    ``capacity`` is the large area's.
     """
 
     def __cinit__(self, Segment segment not None, Py_ssize_t offset=0, capacity=None, *,
                   bint create=False, int data_bell=-1, int space_bell=-1, str bell="socket",
-                  busy_poll_us=None):
+                  busy_poll_us=None, Py_ssize_t small=0, Py_ssize_t big_offset=-1):
         cdef uint64_t cap
         cdef shr_ring_hdr *hdr
+        cdef uint32_t area
+        cdef uint64_t base
         self.attached = False
         _gate_init(&self.rgate)
         _gate_init(&self.wgate)
@@ -582,18 +714,32 @@ cdef class Ring:
             raise ValueError("segment is closed")
         if offset < 0 or offset % 64:
             raise ValueError("ring offset must be a non-negative multiple of 64, got %d" % offset)
-        if offset + SHR_RING_HEADER > segment.size:
+        if small:
+            # The header and the small area are used through the hot mapping.
+            if small < <Py_ssize_t>MIN_CAPACITY or small & (small - 1) or small > 1 << 30:
+                raise ValueError("small area must be a power of two in [%d, 2**30], got %d"
+                                 % (MIN_CAPACITY, small))
+            if offset + SHR_RING_HEADER + small > min(segment.size, segment.mapped):
+                raise ValueError("no room for a ring header and its small area at offset %d"
+                                 % offset)
+            if big_offset < 0 or big_offset % 64:
+                raise ValueError("big_offset must be a non-negative multiple of 64, got %d"
+                                 % big_offset)
+        elif offset + SHR_RING_HEADER > min(segment.size, segment.mapped):
             raise ValueError("no room for a ring header at offset %d" % offset)
+        if not small:
+            big_offset = offset + SHR_RING_HEADER
         hdr = <shr_ring_hdr *>(segment.base + offset)
         if capacity is None:
             if create:
                 raise ValueError("capacity is required to create a ring")
-            if not shr_header_ok(hdr):
+            if not shr_header_ok(hdr, small):
                 raise RingCorruptedError("no shrimpio ring at offset %d" % offset)
             cap = shr_header_cap(hdr)
             # The header is the peer's word: an impossible capacity is corruption.
             if (cap < MIN_CAPACITY or cap > MAX_CAPACITY or (cap & (cap - 1))
-                    or <uint64_t>(segment.size - offset - SHR_RING_HEADER) < cap):
+                    or big_offset > segment.size
+                    or <uint64_t>(segment.size - big_offset) < cap):
                 raise RingCorruptedError("ring header at offset %d announces an impossible "
                                          "capacity %d" % (offset, cap))
         else:
@@ -606,21 +752,46 @@ cdef class Ring:
         if cap < MIN_CAPACITY or cap > MAX_CAPACITY or (cap & (cap - 1)):
             raise ValueError("ring capacity must be a power of two in [%d, 2**40], got %d"
                              % (MIN_CAPACITY, cap))
-        if <uint64_t>(segment.size - offset - SHR_RING_HEADER) < cap:
+        if big_offset > segment.size or <uint64_t>(segment.size - big_offset) < cap:
             raise ValueError("a ring of capacity %d does not fit in the segment at offset %d"
-                             % (cap, offset))
+                             % (cap, big_offset))
+        if small and <uint64_t>small >= cap:
+            raise ValueError("the small area (%d) must be smaller than the capacity (%d)"
+                             % (small, cap))
         if create:
-            shr_init(hdr, cap)
-        elif not shr_header_ok(hdr) or shr_header_cap(hdr) != cap:
+            shr_init(hdr, cap, small)
+        elif not shr_header_ok(hdr, small) or shr_header_cap(hdr) != cap:
             raise RingCorruptedError("no shrimpio ring of capacity %d at offset %d" % (cap, offset))
-        PyObject_GetBuffer(segment, &self.view, PyBUF_WRITABLE)
+        self.seg = segment
+        segment.exports += 1
         self.attached = True
         self.h = hdr
-        self.data = segment.base + offset + SHR_RING_HEADER
-        self.cap = cap
+        self.small_cap = small
+        self.big_cap = cap
+        self.small_off = offset + SHR_RING_HEADER
+        self.big_off = big_offset
         self.head = shr_load_head(hdr)
         self.tail = shr_load_tail(hdr)
-        if self.head - self.tail > cap:
+        if small:
+            area = shr_load_area(hdr)
+            if area > 1:
+                self.broken = True
+                raise RingCorruptedError("ring header at offset %d names area %d" % (offset, area))
+            base = shr_load_base(hdr)
+            if area == 1 and self.tail - base <= cap:
+                self._set_area(1, base)          # in the large area, from base on
+            else:
+                # The small area; a writer that went on in the large one
+                # before we attached (a new connection's client writes at
+                # once) is followed as a reader follows it (_adopt).
+                self._set_area(0, shr_load_sbase(hdr))
+                self.seen_head = self.head
+                self._adopt(self.head)
+        else:
+            segment._map_full()        # the data may go past a hot prefix
+            self.data = segment.full + self.big_off
+            self.cap = cap
+        if self.head - self.tail > (self.big_cap if self.pending else self.cap):
             self.broken = True
             raise RingCorruptedError("ring indices are inconsistent (head %d, tail %d)"
                                      % (self.head, self.tail))
@@ -628,8 +799,8 @@ cdef class Ring:
         self.seen_tail = self.tail
 
     def __dealloc__(self):
-        if self.attached:
-            PyBuffer_Release(&self.view)
+        if self.attached and self.seg is not None:
+            self.seg.exports -= 1
         _gate_free(&self.rgate)
         _gate_free(&self.wgate)
 
@@ -651,12 +822,178 @@ cdef class Ring:
         self.broken = True
         raise RingCorruptedError("peer corrupted the ring: " + what)
 
+    cdef int _set_area(self, uint32_t area, uint64_t base) except -1:
+        """Address ``area`` (version 2) from stream position ``base`` on
+        (this side's state only), mapping the large area if need be."""
+        if area:
+            if self.seg.full == NULL:
+                try:
+                    self.seg._map_full()
+                except OSError as exc:
+                    self.broken = True
+                    raise ConnectionResetError(exc.errno or _errno.ENOMEM,
+                                               "cannot map the ring's large area: %s" % exc)
+            self.data = self.seg.full + self.big_off
+            self.cap = self.big_cap
+        else:
+            self.data = self.seg.base + self.small_off
+            self.cap = self.small_cap
+        self.area = area
+        self.base = base
+        return 0
+
+    cdef int _adopt(self, uint64_t head) except -1:
+        """Consumer, version 2, after loading a new producer index ``head``:
+        follow the producer to the area it named.  It changes areas only
+        (a) where we are now (the ring was empty: ``base`` is our position,
+        any area), or (b) going on from the small area to the large one
+        from a position ``base`` ahead of us, within the small area's
+        capacity: the bytes before it are in the small area, addressed
+        from ``sbase`` (``pending``: we read those first; a change at an
+        empty ring we did not see may have come before, hence ``sbase``);
+        and not again until we have caught up.  ``base`` may be past
+        ``head`` (the producer's header stores are not ordered with its
+        later index stores), and ``area`` still 0 (it is stored last)."""
+        cdef uint32_t area = shr_load_area(self.h)
+        cdef uint64_t base = shr_load_base(self.h)
+        cdef uint64_t sbase
+        if area > 1:
+            self._corrupt("area %d" % area)
+        if self.pending:
+            if base == self.pend_base:
+                return 0
+        elif area == self.area and base == self.base:
+            return 0
+        elif base == self.tail:
+            self._set_area(area, base)
+            return 0
+        elif base - self.tail <= self.small_cap:
+            sbase = shr_load_sbase(self.h)
+            if self.tail - sbase > (<uint64_t>1) << 62:
+                self._corrupt("small area from position %d with the consumer at %d" % (sbase, self.tail))
+            self._set_area(0, sbase)
+            self.pending = True
+            self.pend_base = base
+            return 0
+        self._corrupt("area %d from position %d with the consumer at %d%s" % (
+            area, base, self.tail, " (moving to %d)" % self.pend_base if self.pending else ""))
+
+    cdef int _chain(self) except -1:
+        """Producer, in the small area with bytes unread there that leave
+        too little room: the next bytes go to the large area, from the
+        current position on (the consumer reads the small one up to here
+        first).  0 if the large area cannot be mapped."""
+        if self.seg.full == NULL:
+            try:
+                self.seg._map_full()
+            except OSError:
+                return 0
+        self.large_dirty = True
+        self.pressed_ns = shr_coarse_ns() or 1
+        shr_store_chain(self.h, self.head, self.base)
+        self._set_area(1, self.head)
+        return 1
+
+    cdef uint64_t _wcap(self) noexcept:
+        """The capacity a writable condition counts room against: a
+        producer in the small area can always go on in the large one
+        (by _chain, or _pick_area if the ring is empty)."""
+        return self.big_cap if self.small_cap and not self.area else self.cap
+
+    cdef uint64_t _pick_area(self, uint64_t want) except? 0xffffffffffffffff:
+        """Producer, version 2, the ring being empty: put the next bytes
+        (``want`` of them) at the start of the small area if they fit and
+        the small area has not been too small for the traffic lately
+        (``pressed_ns``: a stream of small writes), else of the large one.
+        Returns the room."""
+        cdef uint32_t area = 1 if want > self.small_cap else 0
+        cdef int64_t now
+        if not area and self.pressed_ns:
+            if shr_coarse_ns() - self.pressed_ns < TRIM_INTERVAL_NS:
+                area = 1
+            else:
+                self.pressed_ns = 0
+        if area and self.seg.full == NULL:
+            try:
+                self.seg._map_full()
+            except OSError:
+                area = 0                # no address space for it: go on in the small one
+        if area != self.area or self.head != self.base:
+            if area:
+                self.large_dirty = True
+            elif self.area and self.large_dirty and self.trimmed_ns >= 0:
+                # Back to small messages: the large area's pages go back
+                # to the system, at most every TRIM_INTERVAL_NS.
+                now = shr_coarse_ns()
+                if now - self.trimmed_ns >= TRIM_INTERVAL_NS:
+                    self._punch(now)
+            shr_store_area(self.h, area, self.head)
+            self._set_area(area, self.head)
+        self.room_cache = self.cap
+        return self.cap
+
+    cdef void _punch(self, int64_t now) noexcept:
+        """Producer, the ring empty: give the large area's pages back (a
+        hole in the segment's file: freed in both processes; the next
+        write there faults in zeroed pages).  The consumer reads nothing
+        there: every byte was consumed."""
+        if madvise(self.seg.full + self.big_off, self.big_cap, MADV_REMOVE) != 0:
+            self.trimmed_ns = -1          # not supported here: never again
+        else:
+            self.trimmed_ns = now
+            self.large_dirty = False
+
+    cdef int _trim_idle(self) except -1:
+        """Producer, idle: if every byte written was consumed and the
+        large area holds pages, go back to the small area and give them
+        back.  Nothing if a writer is busy with the ring.  1 if trimmed."""
+        if (not self.small_cap or not self.large_dirty or self.trimmed_ns < 0 or not self.attached
+                or self.closing or self.broken or self.wshut or self.wgate.busy):
+            return 0
+        self.wgate.busy = 1
+        try:
+            if shr_load_tail(self.h) != self.head:
+                return 0
+            self.seen_tail = self.head
+            if self.area:
+                shr_store_area(self.h, 0, self.head)
+                self._set_area(0, self.head)
+                self.room_cache = self.cap
+            self.pressed_ns = 0
+            self._punch(shr_coarse_ns())
+            return 0 if self.large_dirty else 1
+        finally:
+            _gate_leave(&self.wgate)
+
+    def trim(self):
+        """Producer, idle: if every byte written was consumed, give the
+        large area's pages back to the system (and write to the small area
+        next).  Nothing when a writer is busy, the ring is not empty or the
+        pages were given back already.  True if they were given back now."""
+        return self._trim_idle() == 1
+
+    def trim_with(self, Ring ring):
+        """Consumer: while a read waits here and sleeps a whole slice (idle),
+        call ``ring.trim()`` (the connection's other ring, of which this
+        process is the producer).  ``None`` stops it."""
+        self.tx_sibling = ring
+
     cdef uint64_t _avail(self) except? 0xffffffffffffffff:
         """Bytes readable (consumer side), validating the producer's index."""
         cdef uint64_t head = shr_load_head(self.h)
-        if head - self.tail > self.cap or head - self.seen_head > self.cap:
+        cdef uint64_t limit
+        if self.small_cap:
+            if self.pending and self.tail == self.pend_base:
+                self.pending = False            # caught up: on in the large area
+                self._set_area(1, self.pend_base)
+            if head != self.seen_head:
+                self._adopt(head)
+        limit = self.big_cap if self.pending else self.cap
+        if head - self.tail > limit or head - self.seen_head > limit:
             self._corrupt("producer index %d with consumer at %d" % (head, self.tail))
         self.seen_head = head
+        if self.pending:                           # the rest of the small area first
+            return min(head, self.pend_base) - self.tail
         return head - self.tail
 
     cdef uint64_t _room(self) except? 0xffffffffffffffff:
@@ -686,7 +1023,7 @@ cdef class Ring:
     cdef Py_ssize_t _copy_in(self, uint64_t at, const char *src, Py_ssize_t n) noexcept nogil:
         """Copy n bytes (n <= room) to stream position ``at``; does not publish."""
         cdef uint64_t mask = self.cap - 1
-        cdef uint64_t pos = at & mask
+        cdef uint64_t pos = (at - self.base) & mask
         cdef uint64_t first = self.cap - pos
         if <uint64_t>n <= first:
             memcpy(self.data + pos, src, n)
@@ -698,7 +1035,7 @@ cdef class Ring:
     cdef Py_ssize_t _copy_out(self, char *dst, Py_ssize_t n) noexcept nogil:
         """Copy n bytes (n <= avail) from the consumer position; does not release."""
         cdef uint64_t mask = self.cap - 1
-        cdef uint64_t pos = self.tail & mask
+        cdef uint64_t pos = (self.tail - self.base) & mask
         cdef uint64_t first = self.cap - pos
         if <uint64_t>n <= first:
             memcpy(dst, self.data + pos, n)
@@ -801,6 +1138,9 @@ cdef class Ring:
             PyErr_CheckSignals()
             if self.closing:
                 raise ValueError("ring was closed while waiting")
+            if rc == SHR_TIMEOUT and not writable and self.tx_sibling is not None:
+                # Idle for a slice: what we sent may have been read by now.
+                self.tx_sibling._trim_idle()
             if rc == SHR_TIMEOUT and limit >= 0 and shr_now_ns() >= limit:
                 return 0
 
@@ -845,8 +1185,19 @@ cdef class Ring:
 
     @property
     def capacity(self):
-        """Bytes the ring holds when full."""
-        return self.cap
+        """Bytes the ring holds when full (with two areas: the large one)."""
+        return self.big_cap
+
+    @property
+    def large(self):
+        """Do the bytes go to (or come from) the large area now?  (Always
+        for a ring of one area.)"""
+        return self.area == 1 or not self.small_cap
+
+    @property
+    def small(self):
+        """The small area's capacity (0: a ring of one area)."""
+        return self.small_cap
 
     @property
     def closed(self):
@@ -875,9 +1226,14 @@ cdef class Ring:
         return self._avail()
 
     def free(self):
-        """Bytes that can be written now (producer side)."""
+        """Bytes that can be written now (producer side; with two areas,
+        counting the large one, which a write goes on in when the small
+        one has too little room)."""
         self._check_open()
-        return self._room()
+        cdef uint64_t room = self._room()
+        if self.small_cap and not self.area:
+            return self.big_cap - (self.head - self.seen_tail)
+        return room
 
     def at_eof(self):
         """True once the producer shut its side and every byte was consumed."""
@@ -923,9 +1279,24 @@ cdef class Ring:
             while True:
                 # Re-read the consumer's index only when the room we already
                 # know of is not enough: saves a cache-line transfer per write.
+                # With two areas, also in the large one when the bytes would
+                # fit the small one (unless the small one is pressed: a
+                # stream), or go past the large one's first HOT_WINDOW
+                # bytes: if the ring is empty, they go to the start of the
+                # small one, or of the large one (fewer pages in use).
                 room = self.room_cache
-                if <Py_ssize_t>room < total - done:
+                if <Py_ssize_t>room < total - done or self.area and (
+                        <uint64_t>(total - done) <= self.small_cap and not self.pressed_ns
+                        or self.head - self.base + <uint64_t>(total - done) > HOT_WINDOW):
                     room = self._room()
+                    if self.small_cap and self.head == self.seen_tail:
+                        room = self._pick_area(total - done)
+                    elif (self.small_cap and not self.area and <Py_ssize_t>room < total - done
+                            and self._chain()):
+                        # Bytes come faster than the small area takes them:
+                        # on in the large one (and from the start of the
+                        # large one while they keep coming).
+                        room = self._room()
                 if room > 0 and done < total:
                     n = min(room, total - done, PIPE_CHUNK)
                     chunk = n
@@ -1153,12 +1524,12 @@ cdef class Ring:
         ``consume()``: after that the producer may overwrite those bytes."""
         self._check_open()
         cdef uint64_t avail = self._avail()
-        cdef uint64_t pos = self.tail & (self.cap - 1)
+        cdef uint64_t pos = (self.tail - self.base) & (self.cap - 1)
         cdef uint64_t n = min(avail, self.cap - pos)
         if 0 <= nbytes < <Py_ssize_t>n:
             n = nbytes
-        cdef Py_ssize_t start = (self.data - <char *>self.view.buf) + pos
-        return memoryview(self.view.obj)[start:start + <Py_ssize_t>n].toreadonly()
+        cdef Py_ssize_t start = (self.big_off if self.area or not self.small_cap else self.small_off) + pos
+        return memoryview(self.seg)[start:start + <Py_ssize_t>n].toreadonly()
 
     def consume(self, Py_ssize_t nbytes):
         """Drop ``nbytes`` readable bytes (after ``peek``)."""
@@ -1200,17 +1571,32 @@ cdef class Ring:
         """Wait until ``nbytes`` of room (or a closed reader); False on timeout."""
         cdef double t = _timeout_arg(timeout)
         cdef int rc
-        if nbytes < 1 or <uint64_t>nbytes > self.cap:
+        if nbytes < 1 or <uint64_t>nbytes > self.big_cap:
             raise ValueError("nbytes must be in [1, capacity]")
         _gate_enter(&self.wgate, t)
         try:
             self._check_open()
-            if self._room() >= <uint64_t>nbytes or shr_load_rshut(self.h) or t == 0:
-                return bool(self._room() >= <uint64_t>nbytes or shr_load_rshut(self.h))
-            rc = self._wait(1, nbytes, t)
-            return rc != 0
+            if self._room_for(nbytes) or shr_load_rshut(self.h) or t == 0:
+                return bool(self._room_for(nbytes) or shr_load_rshut(self.h))
+            while True:
+                # Beyond the small area: wait until it is empty (then the
+                # large one takes the bytes).
+                rc = self._wait(1, min(<uint64_t>nbytes, self.cap), t)
+                if rc != 1 or self._room_for(nbytes) or shr_load_rshut(self.h):
+                    return rc != 0
         finally:
             _gate_leave(&self.wgate)
+
+    cdef bint _room_for(self, Py_ssize_t nbytes) except -1:
+        """Producer: is there room for ``nbytes`` (going on in the large
+        area if the small one has too little)?"""
+        cdef uint64_t room = self._room()
+        if room < <uint64_t>nbytes and self.small_cap and not self.area:
+            if self.head == self.seen_tail:
+                room = self._pick_area(nbytes)
+            elif self._chain():
+                room = self._room()
+        return room >= <uint64_t>nbytes
 
     def close(self):
         """Detach from the segment.  Threads blocked in this ring must have been
@@ -1224,7 +1610,7 @@ cdef class Ring:
             self.attached = False
             self.h = NULL
             self.data = NULL
-            PyBuffer_Release(&self.view)
+            self.seg.exports -= 1
         _gate_leave(&self.wgate)
         _gate_leave(&self.rgate)
 
@@ -1237,8 +1623,9 @@ cdef class Ring:
     def __repr__(self):
         if not self.attached:
             return "<Ring closed>"
-        return "<Ring capacity=%d head=%d tail=%d%s>" % (
-            self.cap, self.head, self.tail, " broken" if self.broken else "")
+        return "<Ring capacity=%d%s head=%d tail=%d%s>" % (
+            self.big_cap, (" small=%d %s" % (self.small_cap, "large" if self.area else "small"))
+            if self.small_cap else "", self.head, self.tail, " broken" if self.broken else "")
 
 
 # ---------------------------------------------------------------------------
@@ -1566,8 +1953,8 @@ cdef class Export:
                     slice_ns = <int64_t>(SLEEP_SLICE * 1e9)
                 else:
                     slice_ns = min(max(limit - shr_now_ns(), 0), <int64_t>(SLEEP_SLICE * 1e9))
-                self._waiting = 1
                 _gate_hold(&self._gate)
+                self._waiting = 1
                 with nogil:
                     rc = shr_wait_any(conds, n, bells, kinds, self._local_bell,
                                       max(spin, 0), slice_ns, &which, &spun)

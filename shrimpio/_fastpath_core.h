@@ -50,13 +50,24 @@ typedef struct {
     /* line 0: written once by the creator */
     uint32_t magic;
     uint32_t version;
-    uint64_t capacity;
-    char pad0[48];
+    uint64_t capacity;                /* version 2: the large area's */
+    uint32_t small;                   /* version 2: the small area's capacity */
+    char pad0[44];
     /* line 1: the producer's */
     _Atomic uint64_t head;
     _Atomic uint32_t write_shut;      /* producer will write no more */
     _Atomic uint32_t producer_cpu;    /* CPU of its last publish, + 1 (0: unknown) */
-    char pad1[48];
+    /* version 2: the area the bytes from stream position `base` on are in
+     * (0 small, 1 large), each at ((pos - base) & (its capacity - 1));
+     * changed while the ring is empty, or from small to large ahead of
+     * the consumer (see shr_store_chain), before the next head. */
+    _Atomic uint64_t base;
+    _Atomic uint32_t area;
+    uint32_t pad1a;
+    /* version 2, with area 1 from `base` on: the small area's bytes before
+     * `base` are at ((pos - sbase) & (small - 1)) (see shr_store_chain). */
+    _Atomic uint64_t sbase;
+    char pad1[24];
     /* line 2: the consumer's */
     _Atomic uint64_t tail;
     _Atomic uint32_t consumer_cpu;    /* CPU of its last release, + 1 (0: unknown) */
@@ -84,10 +95,14 @@ static inline uint32_t shr_load_wshut(shr_ring_hdr *h) {
 static inline uint32_t shr_load_rshut(shr_ring_hdr *h) {
     return atomic_load_explicit(&h->read_shut, memory_order_acquire);
 }
-static inline void shr_init(shr_ring_hdr *h, uint64_t cap) {
+/* An empty ring: version 1 (one area of `cap` bytes after the header), or,
+ * with `small`, version 2 (a small area of `small` bytes after the header,
+ * where it starts, and a large one of `cap` bytes elsewhere). */
+static inline void shr_init(shr_ring_hdr *h, uint64_t cap, uint32_t small) {
     memset((void *)h, 0, sizeof(*h));
     h->capacity = cap;
-    h->version = SHR_RING_VERSION;
+    h->small = small;
+    h->version = small ? 2u : SHR_RING_VERSION;
     atomic_thread_fence(memory_order_seq_cst);
     h->magic = SHR_RING_MAGIC;
     atomic_thread_fence(memory_order_seq_cst);
@@ -96,10 +111,36 @@ static inline void shr_init(shr_ring_hdr *h, uint64_t cap) {
 static inline void shr_reader_asleep(shr_ring_hdr *h) {
     atomic_store_explicit(&h->reader_sleeping, 1, memory_order_seq_cst);
 }
-static inline int shr_header_ok(shr_ring_hdr *h) {
-    return h->magic == SHR_RING_MAGIC && h->version == SHR_RING_VERSION;
+static inline int shr_header_ok(shr_ring_hdr *h, uint32_t small) {
+    return h->magic == SHR_RING_MAGIC && h->version == (small ? 2u : SHR_RING_VERSION)
+           && (!small || h->small == small);
 }
 static inline uint64_t shr_header_cap(shr_ring_hdr *h) { return h->capacity; }
+static inline uint64_t shr_load_base(shr_ring_hdr *h) {
+    return atomic_load_explicit(&h->base, memory_order_relaxed);
+}
+static inline uint32_t shr_load_area(shr_ring_hdr *h) {
+    return atomic_load_explicit(&h->area, memory_order_acquire);
+}
+/* The producer, while the ring is empty: the next bytes go to `area` from
+ * stream position `base` on (published by the next head, a seq_cst store). */
+/* (area last, with release: a consumer that sees it sees base and sbase;
+ * one that sees a new base with an old area reads it as a chain under way.) */
+static inline void shr_store_area(shr_ring_hdr *h, uint32_t area, uint64_t base) {
+    atomic_store_explicit(&h->sbase, base, memory_order_relaxed);
+    atomic_store_explicit(&h->base, base, memory_order_relaxed);
+    atomic_store_explicit(&h->area, area, memory_order_release);
+}
+/* The producer, in the small area (addressed from `sbase`) with bytes
+ * unread: the bytes from stream position `base` on go to the large area. */
+static inline void shr_store_chain(shr_ring_hdr *h, uint64_t base, uint64_t sbase) {
+    atomic_store_explicit(&h->sbase, sbase, memory_order_relaxed);
+    atomic_store_explicit(&h->base, base, memory_order_relaxed);
+    atomic_store_explicit(&h->area, 1, memory_order_release);
+}
+static inline uint64_t shr_load_sbase(shr_ring_hdr *h) {
+    return atomic_load_explicit(&h->sbase, memory_order_relaxed);
+}
 
 static inline void shr_set_wshut(shr_ring_hdr *h) {
     atomic_store_explicit(&h->write_shut, 1, memory_order_seq_cst);

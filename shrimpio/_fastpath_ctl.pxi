@@ -62,10 +62,14 @@ def recvmsg_fds(int sock, Py_ssize_t bufsize, int maxfds, int flags=0):
     return (out if r == bufsize else out[:r]), [fdv[i] for i in range(nfds)], mflags
 
 
-def prepare_rings(Segment seg not None, Py_ssize_t offset2, capacity1, capacity2):
+def prepare_rings(Segment seg not None, Py_ssize_t offset2, capacity1, capacity2,
+                  Py_ssize_t small=0):
     """Write the headers of two empty rings, at offset 0 and ``offset2`` of
     ``seg`` (a new connection's segment, before anyone attaches): what
-    ``Ring(seg, ..., create=True)`` does, without making the objects."""
+    ``Ring(seg, ..., create=True)`` does, without making the objects.
+    With ``small``, two-area rings (header version 2): the headers and
+    small areas must lie in the segment's hot part (the large areas are
+    checked by the rings that attach)."""
     cdef uint64_t c1, c2
     if seg.base == NULL:
         raise ValueError("segment is closed")
@@ -75,12 +79,17 @@ def prepare_rings(Segment seg not None, Py_ssize_t offset2, capacity1, capacity2
         if cap < MIN_CAPACITY or cap > MAX_CAPACITY or (cap & (cap - 1)):
             raise ValueError("ring capacity must be a power of two in [%d, 2**40], got %d"
                              % (MIN_CAPACITY, cap))
-    if (offset2 < 0 or offset2 % 64 or <uint64_t>offset2 < SHR_RING_HEADER + c1
+    if small:
+        if (small < <Py_ssize_t>MIN_CAPACITY or small & (small - 1) or offset2 % 64
+                or offset2 < SHR_RING_HEADER + small or offset2 + SHR_RING_HEADER + small > min(seg.size, seg.mapped)
+                or <uint64_t>small >= c1 or <uint64_t>small >= c2):
+            raise ValueError("the two rings do not fit the segment")
+    elif (offset2 < 0 or offset2 % 64 or <uint64_t>offset2 < SHR_RING_HEADER + c1
             or offset2 + SHR_RING_HEADER > seg.size
             or <uint64_t>(seg.size - offset2 - SHR_RING_HEADER) < c2):
         raise ValueError("the two rings do not fit the segment")
-    shr_init(<shr_ring_hdr *>seg.base, c1)
-    shr_init(<shr_ring_hdr *>(seg.base + offset2), c2)
+    shr_init(<shr_ring_hdr *>seg.base, c1, small)
+    shr_init(<shr_ring_hdr *>(seg.base + offset2), c2, small)
     # A new connection's readers count as asleep: the first byte each way
     # rings the doorbell, so a program that waits for the fd in a poller of
     # its own before it ever reads sees the data come (Ring._arm_reader

@@ -29,7 +29,7 @@ cdef int _ring_arm(Ring ring, bint writable, bint always=False) except -1:
     c.h = ring.h
     c.pos = ring.head if writable else ring.tail
     c.need = 1
-    c.cap = ring.cap
+    c.cap = ring._wcap() if writable else ring.cap
     c.writable = writable
     if not always and shr_cond_ready(&c):
         return 1
@@ -172,7 +172,7 @@ def spin_rings(list rings not None, list writables not None, list kfds not None,
         c[i].writable = 1 if writables[i] else 0
         c[i].pos = ring.head if c[i].writable else ring.tail
         c[i].need = 1
-        c[i].cap = ring.cap
+        c[i].cap = ring._wcap() if c[i].writable else ring.cap
         if shr_cond_ready(&c[i]):
             return i
         if ring.spin_ns > budget:
@@ -253,7 +253,7 @@ def rings_slept(list rings not None, list writables not None, double waited):
         c.writable = 1 if writables[i] else 0
         c.pos = ring.head if c.writable else ring.tail
         c.need = 1
-        c.cap = ring.cap
+        c.cap = ring._wcap() if c.writable else ring.cap
         ready.append(shr_cond_ready(&c) != 0)
         any_ready = any_ready or ready[i]
     for i in range(n):

@@ -1,8 +1,9 @@
 """Helpers for the data-plane tests (test_fastpath.py, test_ring.py, test_wait.py).
 
 Ring header layout, from ``shrimpio/_fastpath_core.h`` (``shr_ring_hdr``, 256 bytes):
-line 0 magic (u32 @0), version (u32 @4), capacity (u64 @8); line 1 head (u64 @64),
-write_shut (u32 @72), producer_cpu (u32 @76); line 2 tail (u64 @128), consumer_cpu
+line 0 magic (u32 @0), version (u32 @4), capacity (u64 @8), small (u32 @16, version 2);
+line 1 head (u64 @64), write_shut (u32 @72), producer_cpu (u32 @76), base (u64 @80) and
+area (u32 @88), sbase (u64 @96, version 2); line 2 tail (u64 @128), consumer_cpu
 (u32 @136); line 3 reader_sleeping (u32 @192),
 writer_sleeping (u32 @196), read_shut (u32 @200).
 """
@@ -32,9 +33,13 @@ FIELDS = {  # name: (offset, struct format)
     "magic": (0, "<I"),
     "version": (4, "<I"),
     "capacity": (8, "<Q"),
+    "small": (16, "<I"),
     "head": (64, "<Q"),
     "write_shut": (72, "<I"),
     "producer_cpu": (76, "<I"),
+    "base": (80, "<Q"),
+    "area": (88, "<I"),
+    "sbase": (96, "<Q"),
     "tail": (128, "<Q"),
     "consumer_cpu": (136, "<I"),
     "reader_sleeping": (192, "<I"),

@@ -400,10 +400,9 @@ def _entry(lst) -> str:
 def _good_parts():
     c2s = s2c = 4096
     off2, size = Connection.layout(c2s, s2c)
-    seg = Segment(size)
-    from shrimpio._fastpath import Ring
-    Ring(seg, 0, c2s, create=True).close()
-    Ring(seg, off2, s2c, create=True).close()
+    seg = Segment(size, hot=_connection.HOT)
+    from shrimpio._fastpath import prepare_rings
+    prepare_rings(seg, off2, c2s, s2c, _connection.SMALL_RING)
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     body = {"v": 1, "c2s": c2s, "s2c": s2c, "size": size,
             "client": ["127.0.0.1", 4242], "server": ["127.0.0.1", 1]}
@@ -874,7 +873,7 @@ def test_segment_mapped_over_a_closed_one():
 
 
 def test_kit_reuses_a_buried_mapping():
-    seg = Segment(Connection.layout(DEFAULT_RING, DEFAULT_RING)[1])
+    seg = Segment(Connection.layout(DEFAULT_RING, DEFAULT_RING)[1], hot=_connection.HOT)
     _connection.bury(seg)
     _connection.refill()
     assert seg.closed and _connection._graveyard == [] and len(_connection._spares) == 1
@@ -923,8 +922,8 @@ def test_sendmsg_recvmsg_fds_roundtrip():
 
 def test_prepare_rings_is_ring_create():
     from shrimpio._fastpath import Ring, prepare_rings
-    off2, size = Connection.layout(4096, 8192)
-    seg = Segment(size)
+    off2 = Ring.footprint(4096)                      # one area per ring
+    seg = Segment(off2 + Ring.footprint(8192))
     try:
         prepare_rings(seg, off2, 4096, 8192)
         r1, r2 = Ring(seg, 0, 4096), Ring(seg, off2, 8192)   # attach: the headers check out

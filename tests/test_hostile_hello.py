@@ -20,8 +20,9 @@ import threading
 import pytest
 
 import shrimpio.socket as ss
+from shrimpio import _connection
 from shrimpio._connection import Connection
-from shrimpio._fastpath import Ring, RingCorruptedError, Segment
+from shrimpio._fastpath import Ring, RingCorruptedError, Segment, prepare_rings
 
 from conftest import wait_for
 from test_connect import _good_parts, _send_raw_hello, connect, exchange, listener  # noqa: F401
@@ -91,8 +92,8 @@ def _variants():
     @v("segment is an unsealable shm file")
     def _(seg, theirs, body, tmp):
         shm = Segment(body["size"], kind="shm")
-        Ring(shm, 0, body["c2s"], create=True).close()
-        Ring(shm, Connection.layout(body["c2s"], body["s2c"])[0], body["s2c"], create=True).close()
+        prepare_rings(shm, Connection.layout(body["c2s"], body["s2c"])[0], body["c2s"], body["s2c"],
+                      _connection.SMALL_RING)
         return [shm.fileno(), theirs.fileno()], [shm]
 
     @v("segment is a regular file on disk")

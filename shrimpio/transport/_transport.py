@@ -17,6 +17,11 @@ Writing: ``write()`` copies into the ring at once; what does not fit is
 buffered and the transport arms the ring's writer-sleeping flag and watches
 the space doorbell.  Flow control (``pause_writing``/``resume_writing``)
 follows the buffer, as asyncio's selector transports do.
+
+Memory: once a second the loop offers each of its transports' send rings a
+trim (``Ring.trim``): one that holds pages of its large area and whose
+bytes were all read gives them back (docs/data-plane.md, "Two areas"), so
+a connection idle after a large transfer costs one page again.
 """
 
 from __future__ import annotations
@@ -39,6 +44,30 @@ __all__ = ["ShmTransport"]
 # shrimpio loop's add_reader (which serves callbacks of the program, see _watch).
 _add_reader = uvloop.Loop.add_reader
 _remove_reader = uvloop.Loop.remove_reader
+
+#: Seconds between the loop's offers of a trim to its transports' send rings.
+TRIM_EVERY = 1.0
+
+
+def _trim_later(loop: Any) -> None:
+    if getattr(loop, "_shm_trim_timer", None) is None:
+        loop._shm_trim_timer = loop.call_later(TRIM_EVERY, _trim_sweep, loop)
+
+
+def _trim_sweep(loop: Any) -> None:
+    loop._shm_trim_timer = None
+    transports = getattr(loop, "_shm_transports", None)
+    if not transports:
+        return                      # the next transport starts it again
+    for tr in list(transports.values()):
+        conn = tr._conn
+        if conn is not None and not conn.closed:
+            try:
+                conn.tx.trim()
+            except (OSError, ValueError):
+                pass                # broken or closing: its own calls say so
+    _trim_later(loop)
+
 
 def _core_field(name: str) -> property:
     """A transport attribute kept in its TransportCore (the C fast path
@@ -77,7 +106,10 @@ class ShmTransport(asyncio.Transport):
         self._bell = conn.bell_fd
         self._space = conn.space.fileno()
         self._server = server
-        self._buffer: collections.deque = collections.deque()
+        # Bytes the ring had no room for; an empty tuple while there are
+        # none (a deque costs some 700 bytes, and most connections never
+        # fill their ring).
+        self._buffer: "collections.deque | tuple" = ()
         self._eof_done = False
         self._protocol_paused = False
         self._reader_on = False
@@ -93,6 +125,7 @@ class ShmTransport(asyncio.Transport):
         transports = getattr(loop, "_shm_transports", None)
         if transports is not None:
             transports[id(conn)] = self     # its fd is "used by transport"
+            _trim_later(loop)
         if server is not None:
             server._attach()
         loop.call_soon(self._protocol.connection_made, self)
@@ -204,6 +237,8 @@ class ShmTransport(asyncio.Transport):
             data = memoryview(data)[sent:]
         if not self._buffer:
             self._start_writing()
+            if type(self._buffer) is tuple:
+                self._buffer = collections.deque()
         self._buffer.append(bytes(data))
         self._buffer_size += len(data)
         self._maybe_pause_protocol()
@@ -244,7 +279,7 @@ class ShmTransport(asyncio.Transport):
                 raise
             except BaseException as exc:
                 self._stop_writer()
-                self._buffer.clear()
+                self._buffer = ()
                 self._buffer_size = 0
                 return self._fatal_error(exc, "Fatal write error on shrimpio transport")
             self._buffer_size -= n
@@ -265,6 +300,7 @@ class ShmTransport(asyncio.Transport):
             self._stop_writer()
             self._start_writing()            # re-arm: full again
             return
+        self._buffer = ()
         self._stop_writer()
         if self._eof_requested and not self._eof_done:
             self._do_write_eof()
@@ -354,7 +390,7 @@ class ShmTransport(asyncio.Transport):
     def _force_close(self, exc: Optional[BaseException]) -> None:
         if self._conn_lost:
             return
-        self._buffer.clear()
+        self._buffer = ()
         self._buffer_size = 0
         self._stop_writer()
         if not self._closing:
