@@ -203,6 +203,8 @@ class socket(StdSocket):
         self._peer: tuple = ()
         self._unbound = False
         self._esc: Optional[_escape.Escaped] = None
+        if _report_wanted():
+            _report_at_exit(self)
 
     def bind(self, address: Any) -> None:
         """As ``socket.bind``."""
@@ -676,6 +678,8 @@ class socket(StdSocket):
         super().__del__()
 
     def _report(self) -> None:
+        if _exit_reported == os.getpid():
+            return          # reported at exit already (as still open)
         from ._report import connection_closing
         record = _report_record(self)
         if record is not None:
@@ -843,6 +847,49 @@ def _conn_of_fd(fd: int) -> Optional[Connection]:
 
 def _report_wanted() -> bool:
     return bool(_control.getenv("SHRIMPIO_REPORT"))
+
+
+# SHRIMPIO_REPORT at exit: the sockets of this process that may still hold
+# a connection then (one whose makefile() was never closed, or that the
+# program just left open) write their line, marked "open_at_exit".
+_reportable: "weakref.WeakSet[socket]" = weakref.WeakSet()
+_report_hooked = 0          # the pid whose exit is hooked
+_exit_reported = 0          # the pid that wrote its at-exit lines: no second line after
+#: Called at exit before those lines are written (the asyncio loop's TCP
+#: connections take their byte counts from the kernel then).
+report_exit_hooks: list = []
+
+
+def _report_at_exit(sock: "socket") -> None:
+    global _report_hooked
+    _reportable.add(sock)
+    if _report_hooked != os.getpid():
+        _report_hooked = os.getpid()
+        _control.on_exit(_report_open)
+
+
+def _report_open() -> None:
+    """At exit: a line for each connection still open."""
+    global _exit_reported
+    if _exit_reported == os.getpid():
+        return
+    for hook in report_exit_hooks:
+        try:
+            hook()
+        except Exception:
+            pass
+    from ._report import connection_closing
+    for sock in list(_reportable):
+        try:
+            if sock.fileno() < 0 or sock._esc is not None:
+                continue        # closed (and reported), or its relay reports
+            record = _report_record(sock)
+        except Exception:
+            continue
+        if record is not None:
+            record["open_at_exit"] = True
+            connection_closing(record)
+    _exit_reported = os.getpid()
 
 
 def _report_record(sock: "socket") -> Optional[dict]:

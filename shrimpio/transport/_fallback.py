@@ -21,7 +21,10 @@ from __future__ import annotations
 import os
 import socket as _std
 import struct
+import weakref
 from typing import Any, Callable, Optional
+
+from .. import socket as _ss
 
 __all__ = ["Handoff", "handoff", "tcp_counts"]
 
@@ -123,7 +126,28 @@ def handoff(owner: Any, on_end: Optional[Callable[[], None]] = None, *,
     sock._on_end = on_end
     sock._active = active
     sock.setblocking(False)
+    _handed.add(sock)
+    # (Under the patch this class derives from shrimpio's, as uvloop's
+    # socket.socket does: the owner writes the line, not this copy.)
+    _ss._reportable.discard(sock)
     return sock
+
+
+# Handoffs uvloop still holds: at exit, the owners of those still open take
+# their byte counts from the kernel for their report lines.
+_handed: "weakref.WeakSet[Handoff]" = weakref.WeakSet()
+
+
+def _counts_at_exit() -> None:
+    for sock in list(_handed):
+        owner = sock._owner
+        if owner is not None and owner.fileno() >= 0:
+            counts = tcp_counts(owner, sock._active)
+            if counts is not None:
+                owner._sent, owner._received = counts
+
+
+_ss.report_exit_hooks.append(_counts_at_exit)
 
 
 def end(owner: Any, active: bool = True) -> None:
