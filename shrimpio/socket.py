@@ -30,6 +30,7 @@ import errno
 import os
 import select as _select
 import stat
+import sys
 import _socket as _csocket
 import socket as _std
 import threading
@@ -912,15 +913,22 @@ def _report_record(sock: "socket") -> Optional[dict]:
     return out
 
 
+#: Called by info() with the fd of an object that is not a shrimpio socket:
+#: a hook that knows whose connection that fd is returns its info (the
+#: asyncio loop's TCP connections, driven by uvloop on a copy of the fd).
+info_fd_hooks: list = []
+
+
 def info(sock: Any) -> dict:
-    """Which path a socket's connection took, why, and its byte counts.
+    """Which path a connection took, why, and its byte counts.
 
     ``{"path": "shm" | "tcp" | None, "reason": str, "bytes_sent": int,
     "bytes_received": int}``; ``path`` is None for sockets that are neither
-    (UDP, Unix, unconnected)."""
+    (UDP, Unix, unconnected).  ``sock``: a socket, an asyncio transport or
+    ``StreamWriter``, or the object a transport's
+    ``get_extra_info("socket")`` returns."""
     if not isinstance(sock, socket):
-        return {"path": "tcp" if _is_stream_inet(sock) else None,
-                "reason": "not a shrimpio socket", "bytes_sent": 0, "bytes_received": 0}
+        return _info_of_other(sock, 0)
     conn = sock._shm
     if conn is not None or sock._lst is not None:
         out: dict = {"path": "shm", "reason": ""}
@@ -939,6 +947,43 @@ def info(sock: Any) -> dict:
     if sock._lst is not None:
         out["listener"] = sock._lst.name
     return out
+
+
+def _info_of_other(obj: Any, depth: int) -> dict:
+    """info() of what is not a shrimpio socket: a transport or stream
+    writer (its ``get_extra_info``), asyncio's ``TransportSocket`` (the
+    socket it wraps), or an object on the fd of a connection shrimpio knows
+    (uvloop's ``PseudoSocket``, ``socket.socket(fileno=...)`` in an
+    unpatched module)."""
+    get_extra = getattr(obj, "get_extra_info", None)
+    if callable(get_extra) and depth < 4:
+        try:
+            found = get_extra("shrimpio")
+            inner = get_extra("socket") if found is None else None
+        except Exception:
+            found = inner = None
+        if isinstance(found, dict):
+            return dict(found)
+        if inner is not None and inner is not obj:
+            return _info_of_other(inner, depth + 1) if not isinstance(inner, socket) else info(inner)
+    trsock = sys.modules.get("asyncio.trsock")
+    if trsock is not None and isinstance(obj, trsock.TransportSocket) and depth < 4:
+        inner = obj._sock
+        return info(inner) if isinstance(inner, socket) else _info_of_other(inner, depth + 1)
+    try:
+        fd = obj.fileno()
+    except Exception:
+        fd = -1
+    if isinstance(fd, int) and fd >= 0:
+        owner = _by_fd.get(fd)
+        if owner is not None and owner is not obj and owner.fileno() == fd:
+            return info(owner)
+        for hook in info_fd_hooks:
+            found = hook(fd)
+            if found is not None:
+                return found
+    return {"path": "tcp" if _is_stream_inet(obj) else None,
+            "reason": "not a shrimpio socket", "bytes_sent": 0, "bytes_received": 0}
 
 
 def _is_stream_inet(sock: Any) -> bool:

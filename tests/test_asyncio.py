@@ -546,3 +546,62 @@ def test_fd_reader_registered_before_sock_connect_moves_to_the_rings() -> None:
             lsock.close()
 
     assert shrimpio.run(main()) == b"moved"
+
+
+def test_info_answers_for_transports_writers_and_their_sockets() -> None:
+    """shrimpio.info() of a transport, a StreamWriter and the object of
+    get_extra_info("socket") says the connection's path and counts: on
+    shared memory (the shrimpio loop's transport) and on kernel TCP to a
+    plain server (uvloop's transport on a socket shrimpio owns)."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    def check(writer: asyncio.StreamWriter, path: str, reason: str, n: int) -> None:
+        for obj in (writer, writer.transport, writer.get_extra_info("socket")):
+            got = shrimpio.info(obj)
+            assert (got["path"], got["reason"]) == (path, reason), (obj, got)
+            assert (got["bytes_sent"], got["bytes_received"]) == (n, n), (obj, got)
+
+    async def roundtrip(port: int) -> asyncio.StreamWriter:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(b"x" * 1000)
+        assert await reader.readexactly(1000) == b"x" * 1000
+        return writer
+
+    async def main() -> None:
+        server = await asyncio.start_server(echo, HOST, 0)
+        writer = await roundtrip(server.sockets[0].getsockname()[1])
+        check(writer, "shm", "", 1000)
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+        plain = ss.StdSocket(socket.AF_INET, socket.SOCK_STREAM)     # not shrimpio
+        plain.bind((HOST, 0))
+        plain.listen()
+        plain.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            connecting = asyncio.ensure_future(roundtrip(plain.getsockname()[1]))
+            conn, _ = await loop.sock_accept(plain)
+            with conn:
+                got = b""
+                while len(got) < 1000:
+                    more = await loop.sock_recv(conn, 1000)
+                    assert more, got
+                    got += more
+                assert got == b"x" * 1000
+                await loop.sock_sendall(conn, b"x" * 1000)
+                writer = await connecting
+                check(writer, "tcp", "no shrimpio listener", 1000)
+                writer.close()
+                await writer.wait_closed()
+        finally:
+            plain.close()
+
+    shrimpio.run(main())

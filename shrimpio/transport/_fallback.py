@@ -147,7 +147,23 @@ def _counts_at_exit() -> None:
                 owner._sent, owner._received = counts
 
 
+def _info_of_fd(fd: int) -> Optional[dict]:
+    """shrimpio.info() of uvloop's side of a handed-off connection (its
+    transport's ``get_extra_info("socket")`` is on the handoff's fd): the
+    owner's, with the byte counts the kernel kept."""
+    for sock in list(_handed):
+        owner = sock._owner
+        if owner is not None and sock.fileno() == fd and owner.fileno() >= 0:
+            out = _ss.info(owner)
+            counts = tcp_counts(owner, sock._active)
+            if counts is not None:
+                out.update(bytes_sent=counts[0], bytes_received=counts[1])
+            return out
+    return None
+
+
 _ss.report_exit_hooks.append(_counts_at_exit)
+_ss.info_fd_hooks.append(_info_of_fd)
 
 
 def end(owner: Any, active: bool = True) -> None:
