@@ -30,7 +30,7 @@ import multiprocessing as mp
 import os
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ._bench import _pin, _stats, machine, private_registry
 from ._bench_table import Figure, Row, format_table, from_stats, machine_line
@@ -200,6 +200,28 @@ class _EchoClient(asyncio.Protocol):
             self.closed.set_result(None)
 
 
+#: How long a measurement window may be stretched for its first completed
+#: request (a loaded host can let none complete in a short window).
+WINDOW_DEADLINE = 60.0
+
+
+async def _window(count: Callable[[], int], seconds: float,
+                  at_start: Optional[Callable[[], None]] = None) -> tuple[int, float]:
+    """After a warm-up of ``seconds / 5``, a timed window of ``seconds``:
+    (requests completed in it, its length).  The window ends at its time or,
+    if no request completed by then, once one has (at most WINDOW_DEADLINE
+    more seconds), so that a rate is always measured, never an empty one."""
+    await asyncio.sleep(seconds / 5)          # warm-up: a timed window, not a synchronisation
+    start_n, t0 = count(), time.perf_counter()
+    if at_start is not None:
+        at_start()
+    await asyncio.sleep(seconds)              # the window
+    deadline = t0 + seconds + WINDOW_DEADLINE
+    while count() == start_n and time.perf_counter() < deadline:
+        await asyncio.sleep(0.001)            # the first completion: a condition, with a deadline
+    return count() - start_n, time.perf_counter() - t0
+
+
 async def _client_echo(port: int, seconds: float) -> dict:
     loop = asyncio.get_running_loop()
     msg = b"x" * ECHO_SIZE
@@ -209,10 +231,7 @@ async def _client_echo(port: int, seconds: float) -> dict:
     paths = [_path_of(t) for t, _ in conns]
     for t, _ in conns:
         t.write(msg)
-    await asyncio.sleep(seconds / 5)         # warm-up: timed window, not a synchronisation
-    start_n, t0 = counter[0], time.perf_counter()
-    await asyncio.sleep(seconds)
-    done, elapsed = counter[0] - start_n, time.perf_counter() - t0
+    done, elapsed = await _window(lambda: counter[0], seconds)
     counter[1] = False
     for t, p in conns:
         t.close()
@@ -235,13 +254,12 @@ async def _client_aiohttp(port: int, seconds: float, in_flight: int) -> dict:
                 count[0] += 1
 
         workers = [asyncio.create_task(worker()) for _ in range(in_flight)]
-        await asyncio.sleep(seconds / 5)     # warm-up: timed window, not a synchronisation
-        start_n, t0, cpu0 = count[0], time.perf_counter(), time.process_time()
-        await asyncio.sleep(seconds)
-        done, elapsed = count[0] - start_n, time.perf_counter() - t0
+        cpu0 = [0.0]
+        done, elapsed = await _window(lambda: count[0], seconds,
+                                      lambda: cpu0.__setitem__(0, time.process_time()))
         # How busy the client was: near 100 % means the client's own code,
         # not the connection, sets the rate.
-        busy = (time.process_time() - cpu0) / elapsed * 100
+        busy = (time.process_time() - cpu0[0]) / elapsed * 100
         running[0] = False
         await asyncio.gather(*workers)
     # aiohttp gives a client no public handle on the transport of a small

@@ -11,7 +11,7 @@ message carrying the segment and the server's end of the socketpair (the
 hand-shake is in :mod:`shrimpio._handshake`).  It does not
 wait for an answer: like a TCP connect, the connection exists once it is in
 the listener's backlog, and bytes written before ``accept()`` wait in the ring.
-(DESIGN.md puts each ring in the receiver's segment; building both on the
+(VMMC would put each ring in its receiver's segment; building both on the
 client is what lets ``connect()`` finish before the server accepts.  The
 server validates everything in the segment, so nothing is lost in safety.)
 

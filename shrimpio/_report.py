@@ -1,10 +1,18 @@
-"""``SHRIMPIO_REPORT=file``: one JSON line per connection, written when the
-socket closes, by every patched process (appended with ``O_APPEND``, so
-processes and forked children can share the file).  This is how one sees,
-from outside an unmodified program, which path its connections took::
+"""``SHRIMPIO_REPORT=file``: one JSON line per connection, by every patched
+process (appended with ``O_APPEND``, so processes and forked children can
+share the file).  This is how one sees, from outside an unmodified program,
+which path its connections took::
 
     {"pid": 1234, "path": "shm", "reason": "", "local": [...], "peer": [...],
      "bytes_sent": 5, "bytes_received": 5}
+
+A connection's line is written when its socket closes (or is collected);
+one still open when the process exits (a ``makefile()`` never closed, a
+socket or transport the program just left) writes it at exit, with
+``"open_at_exit": true`` (see ``shrimpio.socket._report_open``: at
+interpreter exit, and at the end of a multiprocessing child).  A process
+killed by a signal, or leaving by ``os._exit`` outside multiprocessing,
+writes no line for what it left open.
 """
 
 from __future__ import annotations

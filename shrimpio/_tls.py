@@ -537,6 +537,8 @@ def _move(sock: "_ss.socket", new: "SSLSocket") -> None:
     sock._closed = True
     _csocket_detach(sock)
     _ss._by_fd[fd] = new
+    if _ss._report_wanted():
+        _ss._report_at_exit(new)
 
 
 class SSLSocket(StdSSLSocket, _ss.socket):

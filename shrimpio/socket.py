@@ -30,6 +30,7 @@ import errno
 import os
 import select as _select
 import stat
+import sys
 import _socket as _csocket
 import socket as _std
 import threading
@@ -203,6 +204,8 @@ class socket(StdSocket):
         self._peer: tuple = ()
         self._unbound = False
         self._esc: Optional[_escape.Escaped] = None
+        if _report_wanted():
+            _report_at_exit(self)
 
     def bind(self, address: Any) -> None:
         """As ``socket.bind``."""
@@ -693,6 +696,8 @@ class socket(StdSocket):
         super().__del__()
 
     def _report(self) -> None:
+        if _exit_reported == os.getpid():
+            return          # reported at exit already (as still open)
         from ._report import connection_closing
         record = _report_record(self)
         if record is not None:
@@ -881,6 +886,49 @@ def _report_wanted() -> bool:
     return bool(_control.getenv("SHRIMPIO_REPORT"))
 
 
+# SHRIMPIO_REPORT at exit: the sockets of this process that may still hold
+# a connection then (one whose makefile() was never closed, or that the
+# program just left open) write their line, marked "open_at_exit".
+_reportable: "weakref.WeakSet[socket]" = weakref.WeakSet()
+_report_hooked = 0          # the pid whose exit is hooked
+_exit_reported = 0          # the pid that wrote its at-exit lines: no second line after
+#: Called at exit before those lines are written (the asyncio loop's TCP
+#: connections take their byte counts from the kernel then).
+report_exit_hooks: list = []
+
+
+def _report_at_exit(sock: "socket") -> None:
+    global _report_hooked
+    _reportable.add(sock)
+    if _report_hooked != os.getpid():
+        _report_hooked = os.getpid()
+        _control.on_exit(_report_open)
+
+
+def _report_open() -> None:
+    """At exit: a line for each connection still open."""
+    global _exit_reported
+    if _exit_reported == os.getpid():
+        return
+    for hook in report_exit_hooks:
+        try:
+            hook()
+        except Exception:
+            pass
+    from ._report import connection_closing
+    for sock in list(_reportable):
+        try:
+            if sock.fileno() < 0 or sock._esc is not None:
+                continue        # closed (and reported), or its relay reports
+            record = _report_record(sock)
+        except Exception:
+            continue
+        if record is not None:
+            record["open_at_exit"] = True
+            connection_closing(record)
+    _exit_reported = os.getpid()
+
+
 def _report_record(sock: "socket") -> Optional[dict]:
     """What ``SHRIMPIO_REPORT`` says about a connected socket (None for
     listeners and unconnected or non-TCP sockets)."""
@@ -901,15 +949,22 @@ def _report_record(sock: "socket") -> Optional[dict]:
     return out
 
 
+#: Called by info() with the fd of an object that is not a shrimpio socket:
+#: a hook that knows whose connection that fd is returns its info (the
+#: asyncio loop's TCP connections, driven by uvloop on a copy of the fd).
+info_fd_hooks: list = []
+
+
 def info(sock: Any) -> dict:
-    """Which path a socket's connection took, why, and its byte counts.
+    """Which path a connection took, why, and its byte counts.
 
     ``{"path": "shm" | "tcp" | None, "reason": str, "bytes_sent": int,
     "bytes_received": int}``; ``path`` is None for sockets that are neither
-    (UDP, Unix, unconnected)."""
+    (UDP, Unix, unconnected).  ``sock``: a socket, an asyncio transport or
+    ``StreamWriter``, or the object a transport's
+    ``get_extra_info("socket")`` returns."""
     if not isinstance(sock, socket):
-        return {"path": "tcp" if _is_stream_inet(sock) else None,
-                "reason": "not a shrimpio socket", "bytes_sent": 0, "bytes_received": 0}
+        return _info_of_other(sock, 0)
     conn = sock._shm
     if conn is not None or sock._lst is not None:
         out: dict = {"path": "shm", "reason": ""}
@@ -928,6 +983,43 @@ def info(sock: Any) -> dict:
     if sock._lst is not None:
         out["listener"] = sock._lst.name
     return out
+
+
+def _info_of_other(obj: Any, depth: int) -> dict:
+    """info() of what is not a shrimpio socket: a transport or stream
+    writer (its ``get_extra_info``), asyncio's ``TransportSocket`` (the
+    socket it wraps), or an object on the fd of a connection shrimpio knows
+    (uvloop's ``PseudoSocket``, ``socket.socket(fileno=...)`` in an
+    unpatched module)."""
+    get_extra = getattr(obj, "get_extra_info", None)
+    if callable(get_extra) and depth < 4:
+        try:
+            found = get_extra("shrimpio")
+            inner = get_extra("socket") if found is None else None
+        except Exception:
+            found = inner = None
+        if isinstance(found, dict):
+            return dict(found)
+        if inner is not None and inner is not obj:
+            return _info_of_other(inner, depth + 1) if not isinstance(inner, socket) else info(inner)
+    trsock = sys.modules.get("asyncio.trsock")
+    if trsock is not None and isinstance(obj, trsock.TransportSocket) and depth < 4:
+        inner = obj._sock
+        return info(inner) if isinstance(inner, socket) else _info_of_other(inner, depth + 1)
+    try:
+        fd = obj.fileno()
+    except Exception:
+        fd = -1
+    if isinstance(fd, int) and fd >= 0:
+        owner = _by_fd.get(fd)
+        if owner is not None and owner is not obj and owner.fileno() == fd:
+            return info(owner)
+        for hook in info_fd_hooks:
+            found = hook(fd)
+            if found is not None:
+                return found
+    return {"path": "tcp" if _is_stream_inet(obj) else None,
+            "reason": "not a shrimpio socket", "bytes_sent": 0, "bytes_received": 0}
 
 
 def _is_stream_inet(sock: Any) -> bool:

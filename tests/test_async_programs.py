@@ -110,18 +110,59 @@ def test_patched_server_plain_client_falls_back(pair):
 # kernel kept (uvloop moved the bytes, not the socket layer).
 
 
+#: What streams_echo_client.py sends (and gets back) on each connection.
+_ECHO_BYTES = sum(len(b"conn 0 line %d\n" % i) for i in range(20)) + 1_000_000
+
+
+def _assert_echo_counts(records: list[dict]) -> None:
+    """The kernel's byte counts are the data, exactly, both ways: the SYN and
+    the FINs (which take a sequence number each) are not bytes."""
+    assert sorted((r["bytes_sent"], r["bytes_received"]) for r in records) \
+        == [(_ECHO_BYTES, _ECHO_BYTES)] * 3, records
+
+
 def test_fallback_client_connection_is_reported():
     with server("streams_echo_server.py", patched=False) as srv:
         out, client = run_client("streams_echo_client.py", [srv.port], patched=True)
         assert out == expected_streams_echo()
         assert_tcp(client, 3, "no shrimpio listener")
+        _assert_echo_counts(client)
 
 
 def test_fallback_server_connection_is_reported():
     with server("streams_echo_server.py", patched=True) as srv:
         out, _ = run_client("streams_echo_client.py", [srv.port], patched=False)
         assert out == expected_streams_echo()
-        assert_tcp(records_when_idle(srv), 3, "peer is not shrimpio")
+        records = records_when_idle(srv)
+        assert_tcp(records, 3, "peer is not shrimpio")
+        _assert_echo_counts(records)
+
+
+_RESETTING_CLIENT = """
+import socket, struct, sys
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+sock.sendall(b"x" * 777)
+got = 0
+while got < 777:
+    got += len(sock.recv(65536))
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+sock.close()                 # a reset, no FIN
+print("reset after", got)
+"""
+
+
+def test_fallback_server_connection_reset_is_counted(tmp_path):
+    """A plain client that resets the connection (no FIN) after its data:
+    the server's line counts the data alone.  (The server's echo task dies
+    of the reset, which asyncio logs: its stderr is not checked here.)"""
+    client = tmp_path / "resetting_client.py"
+    client.write_text(_RESETTING_CLIENT)
+    with program_runner.server("streams_echo_server.py", patched=True) as srv:
+        out, _ = run_client(str(client), [srv.port], patched=False)
+        assert out == "reset after 777\n"
+        records = records_when_idle(srv)
+        assert_tcp(records, 1, "peer is not shrimpio")
+        assert (records[0]["bytes_sent"], records[0]["bytes_received"]) == (777, 777), records
 
 
 # ---------------------------------------------------------------------------

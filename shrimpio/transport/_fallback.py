@@ -21,30 +21,67 @@ from __future__ import annotations
 import os
 import socket as _std
 import struct
+import weakref
 from typing import Any, Callable, Optional
+
+from .. import socket as _ss
 
 __all__ = ["Handoff", "handoff", "tcp_counts"]
 
-# struct tcp_info: tcpi_state is the first byte; tcpi_bytes_acked and
-# tcpi_bytes_received (Linux 4.1 and 4.6) are the u64s at offset 120.
-_TCP_INFO_COUNTS = 120
-_FIN_ACKED_STATES = (5, 6, 7)      # FIN_WAIT2, TIME_WAIT, CLOSE
+# struct tcp_info (linux/tcp.h): tcpi_state is the first byte; then, as
+# offsets: tcpi_bytes_acked and tcpi_bytes_received (u64, Linux 4.1/4.6),
+# tcpi_notsent_bytes (u32, 4.6), tcpi_bytes_sent and tcpi_bytes_retrans
+# (u64, 4.19).
+_ACKED_RECEIVED = 120
+_NOTSENT = 144
+_SENT_RETRANS = 200
+_FIN_WAIT1, _FIN_WAIT2, _TIME_WAIT, _CLOSE = 4, 5, 6, 7
+_CLOSE_WAIT, _LAST_ACK, _CLOSING = 8, 9, 11
+# States in which the peer's FIN has certainly arrived (a socket whose
+# connection went through TIME_WAIT or LAST_ACK reads as CLOSE: see below).
+_PEER_FIN_STATES = (_CLOSE_WAIT, _LAST_ACK, _CLOSING, _TIME_WAIT)
+# States in which our own FIN is queued or in flight, not yet acknowledged.
+_OWN_FIN_PENDING = (_FIN_WAIT1, _LAST_ACK, _CLOSING)
 
 
-def tcp_counts(sock: _std.socket) -> Optional[tuple[int, int]]:
-    """(bytes sent and acknowledged, bytes received) of a kernel TCP
-    connection, from ``TCP_INFO``; None where the kernel does not say."""
+def tcp_counts(sock: _std.socket, active: bool = True) -> Optional[tuple[int, int]]:
+    """(bytes the program sent, bytes it received) on a kernel TCP
+    connection, from ``TCP_INFO``: data only, whoever closed first; None
+    where the kernel does not say.  ``active``: this end made the connection
+    (``connect``), not ``accept``.
+
+    The kernel's counters run over sequence space, in which the SYN and FIN
+    take one number each: ``tcpi_bytes_acked`` counts our SYN (only when we
+    sent it: an accepted connection's starts after the handshake) and our
+    FIN once acknowledged; ``tcpi_bytes_received`` counts the peer's FIN once
+    it arrived, never its SYN.  Sent data is taken from the data-only
+    counters where the kernel has them (payload transmitted, less
+    retransmissions, plus what is queued and not yet sent)."""
     try:
         raw = sock.getsockopt(_std.IPPROTO_TCP, _std.TCP_INFO, 256)
     except (OSError, AttributeError):
         return None
-    if len(raw) < _TCP_INFO_COUNTS + 16:
+    if len(raw) < _ACKED_RECEIVED + 16:
         return None
-    acked, received = struct.unpack_from("QQ", raw, _TCP_INFO_COUNTS)
-    # The kernel counts the SYN as one acknowledged byte, and our FIN once
-    # the peer acknowledged it.
-    acked -= 1 + (raw[0] in _FIN_ACKED_STATES)
-    return max(acked, 0), received
+    state = raw[0]
+    acked, received = struct.unpack_from("QQ", raw, _ACKED_RECEIVED)
+    data_acked = acked - active
+    if len(raw) >= _SENT_RETRANS + 16:
+        (notsent,) = struct.unpack_from("I", raw, _NOTSENT)
+        transmitted, retransmitted = struct.unpack_from("QQ", raw, _SENT_RETRANS)
+        sent = transmitted - retransmitted + notsent
+        if notsent and state in _OWN_FIN_PENDING:
+            sent -= 1                   # our FIN is queued behind data: it counts in notsent
+        own_fin_acked = data_acked > sent
+    else:
+        own_fin_acked = state in (_FIN_WAIT2, _TIME_WAIT, _CLOSE)
+        sent = data_acked - own_fin_acked
+    # CLOSE is where a connection ends whichever way it ended: after both
+    # FINs (through LAST_ACK or TIME_WAIT), or on a reset (no FIN from the
+    # peer, perhaps none from us).  Our FIN acknowledged there means the
+    # orderly end.
+    peer_fin = state in _PEER_FIN_STATES or (state == _CLOSE and own_fin_acked)
+    return max(sent, 0), max(received - peer_fin, 0)
 
 
 class Handoff(_std.socket):
@@ -52,7 +89,7 @@ class Handoff(_std.socket):
     owns: its ``detach()`` (uvloop's last call, after it closed the fd)
     ends the owner too."""
 
-    __slots__ = ("_owner", "_on_end")
+    __slots__ = ("_owner", "_on_end", "_active")
 
     def detach(self) -> int:
         fd = super().detach()
@@ -68,14 +105,16 @@ class Handoff(_std.socket):
         owner, self._owner = self._owner, None
         on_end, self._on_end = self._on_end, None
         if owner is not None:
-            end(owner)
+            end(owner, self._active)
         if on_end is not None:
             on_end()
 
 
-def handoff(owner: Any, on_end: Optional[Callable[[], None]] = None) -> Handoff:
+def handoff(owner: Any, on_end: Optional[Callable[[], None]] = None, *,
+            active: bool = True) -> Handoff:
     """A :class:`Handoff` for ``owner`` (a connected shrimpio socket that
-    took TCP); ``on_end`` runs when uvloop is done with it."""
+    took TCP); ``on_end`` runs when uvloop is done with it; ``active``: the
+    connection was made by ``connect`` here (False: accepted)."""
     try:
         # Kept for the report: once the peer has closed, the kernel may no
         # longer tell.
@@ -85,14 +124,52 @@ def handoff(owner: Any, on_end: Optional[Callable[[], None]] = None) -> Handoff:
     sock = Handoff(owner.family, owner.type, owner.proto, fileno=os.dup(owner.fileno()))
     sock._owner = owner
     sock._on_end = on_end
+    sock._active = active
     sock.setblocking(False)
+    _handed.add(sock)
+    # (Under the patch this class derives from shrimpio's, as uvloop's
+    # socket.socket does: the owner writes the line, not this copy.)
+    _ss._reportable.discard(sock)
     return sock
 
 
-def end(owner: Any) -> None:
+# Handoffs uvloop still holds: at exit, the owners of those still open take
+# their byte counts from the kernel for their report lines.
+_handed: "weakref.WeakSet[Handoff]" = weakref.WeakSet()
+
+
+def _counts_at_exit() -> None:
+    for sock in list(_handed):
+        owner = sock._owner
+        if owner is not None and owner.fileno() >= 0:
+            counts = tcp_counts(owner, sock._active)
+            if counts is not None:
+                owner._sent, owner._received = counts
+
+
+def _info_of_fd(fd: int) -> Optional[dict]:
+    """shrimpio.info() of uvloop's side of a handed-off connection (its
+    transport's ``get_extra_info("socket")`` is on the handoff's fd): the
+    owner's, with the byte counts the kernel kept."""
+    for sock in list(_handed):
+        owner = sock._owner
+        if owner is not None and sock.fileno() == fd and owner.fileno() >= 0:
+            out = _ss.info(owner)
+            counts = tcp_counts(owner, sock._active)
+            if counts is not None:
+                out.update(bytes_sent=counts[0], bytes_received=counts[1])
+            return out
+    return None
+
+
+_ss.report_exit_hooks.append(_counts_at_exit)
+_ss.info_fd_hooks.append(_info_of_fd)
+
+
+def end(owner: Any, active: bool = True) -> None:
     """Close a handed-off shrimpio socket, with uvloop's byte counts."""
     if owner.fileno() >= 0:
-        counts = tcp_counts(owner)
+        counts = tcp_counts(owner, active)
         if counts is not None:
             owner._sent, owner._received = counts
     owner.close()

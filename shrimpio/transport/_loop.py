@@ -99,7 +99,7 @@ class Loop(SockMixin, _watch.WatchMixin, uvloop.Loop):
     async def _serve_tcp(self, sock: Any, factory: Callable, ssl: Any, server: Any,
                          hs_timeout: Any, sd_timeout: Any) -> None:
         server._attach()
-        handed = _fallback.handoff(sock, server._detach)
+        handed = _fallback.handoff(sock, server._detach, active=False)
         await self._set_up_accepted(
             super().connect_accepted_socket(factory, handed, ssl=ssl, ssl_handshake_timeout=hs_timeout,
                                             ssl_shutdown_timeout=sd_timeout),
@@ -155,7 +155,7 @@ class Loop(SockMixin, _watch.WatchMixin, uvloop.Loop):
         if owner is None:               # not TCP (a Unix socket...): uvloop's alone
             handed = sock
         else:
-            handed = _fallback.handoff(owner)
+            handed = _fallback.handoff(owner, active=not server_side)
         try:
             if server_side:
                 return await super().connect_accepted_socket(factory, handed, ssl=ssl, **tls)
