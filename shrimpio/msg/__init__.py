@@ -26,7 +26,7 @@ of the sender's buffer when its receive came late.
 """
 
 from ._base import ANY, BufferTooShort, Message, ProtocolError, Status
-from ._cma import stats as copy_stats
+from ._cma import copy_stats
 from ._channel import RNDV_MIN, CancelledError, Channel, Request
 from ._listen import Pipe, connect, listen
 from ._listen import Listener as MsgListener

@@ -46,16 +46,22 @@ import weakref
 from typing import Any, Callable, Optional
 
 from . import _cma
-from ._base import ANY, BufferTooShort, Message, ProtocolError, Status, check_tag
+from ._base import ANY, MAX_TAG, BufferTooShort, Message, ProtocolError, Status, check_tag
 from ._frame import (CTS, DATA, DESC, DONE, FIN, HEADER, HELLO, HELLO_BODY, MAGIC, MSG, P_BYTES,
                      P_PICKLE, RTS, VERSION, Header, check_descs, check_header, decode, encode,
                      header)
 from ._wire import _Wire, copy_in, wire_for
+from ._msgfast import FastPath, read_msg, write_msg
+from ._frame import mp_loads
 
 __all__ = ["Channel", "Hub", "Request", "RNDV_MIN"]
 
 #: Messages with at least this many bytes of buffers go by rendezvous.
 RNDV_MIN = 64 * 1024
+#: Eager frames up to this size are read by one C call when all there.
+_FAST_MAX = 256 * 1024
+_tuple_new = tuple.__new__
+from pickle import dumps as _dumps, loads as _loads
 #: Alignment of successive buffers of one message in a posted buffer.
 _ALIGN = 64
 
@@ -63,6 +69,17 @@ _ALIGN = 64
 import ctypes as _ctypes
 _TOKEN = _ctypes.create_string_buffer(secrets.token_bytes(16), 16)
 _TOKEN_ADDR = _ctypes.addressof(_TOKEN)
+
+#: _PID is a system call; frames carry it often.
+_PID = os.getpid()
+
+
+def _after_fork() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class _Arrived:
@@ -271,14 +288,16 @@ class Hub:
 
     # -- progress -------------------------------------------------------------
 
-    def pump(self) -> bool:
-        """Handle every frame that has arrived; True if any was."""
+    def pump(self, deep: bool = False) -> bool:
+        """Handle every frame that has arrived; True if any was.  ``deep``
+        also looks for the end of a channel whose rings are empty (one
+        system call each: after a wake-up only)."""
         did = False
         with self.lock:
             if self.listener is not None:
                 did = self.listener._accept_ready()
             for chan in list(self.channels):
-                did = chan._pump() or did
+                did = chan._pump(deep) or did
         return did
 
     def progress(self, timeout: Optional[float], req: Optional[Request] = None) -> None:
@@ -299,7 +318,7 @@ class Hub:
             if self.listener is not None and not self.listener.closed:
                 p.register(self.listener._sock.fileno(), _poll.POLLIN)
             p.poll(None if timeout is None else timeout * 1000.0)
-        self.pump()
+        self.pump(True)
 
 
 class Channel:
@@ -315,6 +334,11 @@ class Channel:
         self._wire: _Wire = wire_for(sock)
         self._hub = hub if hub is not None else Hub()
         self._hub.channels.append(self)
+        # The rings themselves, for the C path of small messages (shm only).
+        self._tx = self._wire.tx if self._wire.shm else None
+        self._rx = self._wire.rx if self._wire.shm else None
+        self._stream = self._wire.stream if self._wire.shm else None
+        self._fp: Optional[FastPath] = None
         self._wlock = threading.Lock()
         self._hdr = bytearray(HEADER.size)
         self._next_mid = 1
@@ -325,8 +349,24 @@ class Channel:
         self._eof = False
         self._error: Optional[BaseException] = None
         self._closed = False
-        self.stats = {"received_copied": 0, "sent_copied": 0, "messages_in": 0, "messages_out": 0}
         self._send_hello()
+        if self._wire.shm:
+            self._install_fast()
+
+    def _install_fast(self) -> None:
+        """Bind the C short cuts as this object's send and recv."""
+        cls = type(self)
+        fp = FastPath(self, self._tx, self._rx, self._stream, self._hub,
+                      cls.send.__get__(self, cls), cls.recv.__get__(self, cls), self._on_fast,
+                      Message, ANY, decode, mp_loads, cls.recv is not Channel.recv)
+        self._fp = fp
+        self.send = fp.send            # type: ignore[method-assign]
+        self.recv = fp.recv            # type: ignore[method-assign]
+
+    def _fast_off(self) -> None:
+        fp = self._fp
+        if fp is not None:
+            fp.ok = fp.ok_tx = False
 
     # -- properties -----------------------------------------------------------
 
@@ -346,12 +386,9 @@ class Channel:
         return self._wire.fileno()
 
     def info(self) -> dict:
-        """The socket layer's record of the path (``shrimpio.info``) and this
-        channel's counters."""
+        """The socket layer's record of the path (``shrimpio.info``)."""
         from ..socket import info
-        d = dict(info(self._sock)) if not self._closed else {}
-        d.update(self.stats)
-        return d
+        return dict(info(self._sock)) if not self._closed else {}
 
     def __repr__(self) -> str:
         path = "closed" if self._closed else ("shm" if self.shm else "tcp")
@@ -360,7 +397,7 @@ class Channel:
     # -- hello ------------------------------------------------------------------
 
     def _send_hello(self) -> None:
-        body = HELLO_BODY.pack(MAGIC, VERSION, 0, os.getpid(), _TOKEN_ADDR, _TOKEN.raw)
+        body = HELLO_BODY.pack(MAGIC, VERSION, 0, _PID, _TOKEN_ADDR, _TOKEN.raw)
         self._write([header(HELLO, body_len=len(body)), body])
 
     def _on_hello(self, h: Header) -> None:
@@ -374,6 +411,8 @@ class Channel:
         if version != VERSION:
             raise ProtocolError(f"shrimpio.msg protocol version {version}, expected {VERSION}")
         self._peer = (pid, addr, bytes(token))
+        if self._fp is not None and not self._closed and self._error is None and not self._eof:
+            self._fp.ok = True
 
     def _may_copy(self, pid: int) -> bool:
         """May we copy to or from ``pid`` (it holds the peer's token)?"""
@@ -419,7 +458,7 @@ class Channel:
         req = SendRequest(self._hub, self)
         total = sum(b.nbytes for b in bufs)
         blen = len(body)
-        pid = os.getpid()
+        pid = _PID
         if total >= RNDV_MIN and self._wire.shm and _cma.available():
             refs = [_cma.BufferRef(b) for b in bufs]
             with self._hub.lock:
@@ -436,13 +475,19 @@ class Channel:
                 req._finish()
                 raise
         else:
-            descs = b"".join(DESC.pack(b.nbytes, 0) for b in bufs)
-            self._write([header(MSG, ptype, len(bufs), blen, tag, 0, total, pid), descs, *bufs, body])
+            if self._tx is not None and len(bufs) <= 1:
+                with self._wlock:
+                    n = write_msg(self._tx, ptype, tag, pid, body, bufs[0] if bufs else None)
+                self._stream.bytes_sent += n
+                req._finish()
+                return req
+            else:
+                descs = b"".join(DESC.pack(b.nbytes, 0) for b in bufs)
+                self._write([header(MSG, ptype, len(bufs), blen, tag, 0, total, pid), descs,
+                             *bufs, body])
             n = total
-            self.stats["sent_copied"] += n
             _cma.stats["sent_copied"] += n
             req._finish()
-        self.stats["messages_out"] += 1
         return req
 
     def send(self, obj: Any, tag: int = 0) -> None:
@@ -490,13 +535,24 @@ class Channel:
 
     # -- frames ------------------------------------------------------------------
 
-    def _pump(self) -> bool:
+    def _pump(self, deep: bool = False) -> bool:
         """Handle the frames that have arrived (the hub's lock is held)."""
         if self._closed or self._error is not None or self._eof:
             return False
         did = False
+        rx = self._rx
         try:
             while True:
+                if rx is not None:
+                    if not rx.readable() and (did or not deep):
+                        return did
+                    if self._peer is not None:
+                        r = read_msg(rx, _FAST_MAX)
+                        if r is not None:
+                            self._stream.bytes_received += r[5]
+                            self._on_fast(r)
+                            did = True
+                            continue
                 got = self._wire.try_header(self._hdr)
                 if got is None:
                     return did
@@ -512,6 +568,7 @@ class Channel:
             return True
 
     def _ended(self, error: Optional[BaseException]) -> None:
+        self._fast_off()
         if error is None:
             self._eof = True
         else:
@@ -562,7 +619,6 @@ class Channel:
         return b
 
     def _copied_in(self, n: int) -> None:
-        self.stats["received_copied"] += n
         _cma.stats["received_copied"] += n
 
     def _on_msg(self, h: Header) -> None:
@@ -588,11 +644,32 @@ class Channel:
                 self._wire.read_into(v)
         self._copied_in(h.total)
         body = self._read_body(h)
-        self.stats["messages_in"] += 1
         if req is None:
             self._hub.queue.append(_Arrived(self, h, descs, body, objs))
         else:
             self._deliver(req, h.ptype, h.tag, body, objs, short)
+
+    def _on_fast(self, r: tuple) -> None:
+        """An eager message read whole by the C path (the hub's lock is held)."""
+        ptype, tag, body, buf, _pid, _n = r
+        objs = [] if buf is None else [buf]
+        n = 0 if buf is None else len(buf)
+        req = self._hub.match_arrival(self, tag)
+        if req is None:
+            a = _Arrived.__new__(_Arrived)
+            a.chan, a.kind, a.ptype, a.tag, a.mid, a.pid = self, MSG, ptype, tag, 0, _pid
+            a.descs, a.body, a.bufs, a.nbytes = [(n, 0)] if buf is not None else [], body, objs, n + len(body)
+            self._hub.queue.append(a)
+            return
+        short = False
+        if req.into is not None and objs:
+            views = _into_slices(req.into, [n])
+            if views is None:
+                short = True
+            else:
+                copy_in(views[0], buf)
+                objs = views
+        self._deliver(req, ptype, tag, body, objs, short)
 
     def _deliver(self, req: Request, ptype: int, tag: int, body: Any, objs: list, short: bool) -> None:
         try:
@@ -611,7 +688,6 @@ class Channel:
     def _on_rts(self, h: Header) -> None:
         descs = self._read_descs(h, True)
         body = self._read_body(h)
-        self.stats["messages_in"] += 1
         req = self._hub.match_arrival(self, h.tag)
         a = _Arrived(self, h, descs, body, None)
         if req is None:
@@ -631,7 +707,6 @@ class Channel:
                 else:
                     for v, o in zip(views, a.bufs):
                         copy_in(v, o)
-                        self.stats["received_copied"] += len(v)
                     objs = views
             self._deliver(req, a.ptype, a.tag, a.body, objs, short)
         else:
@@ -670,8 +745,7 @@ class Channel:
             else:
                 for r in refs:
                     r.release()
-                self.stats["received_copied"] += a.nbytes - len(a.body)
-                self._write([header(FIN, mid=a.mid, pid=os.getpid())])
+                self._write([header(FIN, mid=a.mid, pid=_PID)])
                 self._deliver(req, a.ptype, a.tag, a.body, objs, short)
                 return
         # Ask the sender to write into our destination (or, if it cannot,
@@ -680,9 +754,9 @@ class Channel:
         if _cma.available():
             descs = b"".join(DESC.pack(r.nbytes, r.addr) for r in refs)
             self._write([header(CTS, nbufs=len(refs), mid=a.mid, total=sum(lens),
-                                pid=os.getpid()), descs])
+                                pid=_PID), descs])
         else:
-            self._write([header(CTS, mid=a.mid, pid=os.getpid())])
+            self._write([header(CTS, mid=a.mid, pid=_PID)])
 
     def _on_cts(self, h: Header) -> None:
         descs = self._read_descs(h, True)
@@ -703,12 +777,10 @@ class Channel:
                 self._verified[h.pid] = False
         total = sum(lens)
         if pushed:
-            self.stats["sent_copied"] += total
-            self._write([header(DONE, mid=h.mid, pid=os.getpid())])
+            self._write([header(DONE, mid=h.mid, pid=_PID)])
         else:
             d = b"".join(DESC.pack(n, 0) for n in lens)
             self._write([header(DATA, nbufs=len(lens), mid=h.mid, total=total), d, *req.bufs])
-            self.stats["sent_copied"] += total
             _cma.stats["sent_copied"] += total
         req._finish()
 
@@ -753,6 +825,12 @@ class Channel:
             return
         with self._hub.lock:
             self._closed = True
+            self._fast_off()
+            if self._fp is not None:
+                # (drop the cycle channel -> bound short cuts -> channel)
+                self.__dict__.pop("send", None)
+                self.__dict__.pop("recv", None)
+                self._fp = None
             for req in self._sends.values():
                 req._finish(error=OSError(errno.EBADF, "the channel is closed"))
             self._sends.clear()
@@ -761,7 +839,7 @@ class Channel:
                 for r in item[4]:
                     r.release()
             self._awaiting.clear()
-            self._hub.queue = [a for a in self._hub.queue if a.chan is not self]
+            self._hub.queue[:] = [a for a in self._hub.queue if a.chan is not self]
             if self in self._hub.channels:
                 self._hub.fail_channel(self)
                 self._hub.channels.remove(self)

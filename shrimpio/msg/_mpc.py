@@ -42,9 +42,12 @@ class Connection(Channel):
     def __init__(self, sock: Any, readable: bool = True, writable: bool = True) -> None:
         if not readable and not writable:
             raise ValueError("at least one of `readable` and `writable` must be True")
-        super().__init__(sock)
         self._readable = readable
         self._writable = writable
+        super().__init__(sock)
+        if self._fp is not None:
+            self._fp.readable = readable
+            self._fp.writable = writable
 
     # -- multiprocessing's checks ------------------------------------------------
 
@@ -63,6 +66,8 @@ class Connection(Channel):
     def _bad_message_length(self) -> None:
         if self._writable:
             self._readable = False
+            if self._fp is not None:
+                self._fp.readable = False
         else:
             self.close()
         raise OSError("bad message length")
