@@ -305,7 +305,12 @@ class Hub:
         to ``timeout`` for one (None: for ever) and handle it."""
         if self.pump() or timeout == 0 or (req is not None and req._done):
             return
-        chans = [c for c in self.channels if c._dead_error() is None]
+        self.wait(timeout, self.channels)
+        self.pump(True)
+
+    def wait(self, timeout: Optional[float], chans: list) -> None:
+        """Wait until one of ``chans`` (or the listener) may have input."""
+        chans = [c for c in chans if c._dead_error() is None]
         if self.listener is None and len(chans) == 1:
             chans[0]._wire.wait_readable(timeout)
         elif self.listener is None and not chans:
@@ -318,7 +323,6 @@ class Hub:
             if self.listener is not None and not self.listener.closed:
                 p.register(self.listener._sock.fileno(), _poll.POLLIN)
             p.poll(None if timeout is None else timeout * 1000.0)
-        self.pump(True)
 
 
 class Channel:
@@ -531,7 +535,24 @@ class Channel:
     def poll(self, timeout: Optional[float] = 0.0) -> bool:
         """Is a message (or the end of the channel) there to receive?"""
         self._check_open()
-        return _poll_any(self._hub, self, timeout)
+        return _poll_any(self._hub, [self], timeout)
+
+    def _has_bytes(self) -> bool:
+        w = self._wire
+        return w.readable_now() if not self._closed and self._dead_error() is None else False
+
+    def _input_ready(self) -> bool:
+        """A message of ours is queued, or bytes wait in the rings, or the
+        channel ended (the hub's lock is held)."""
+        if self._dead_error() is not None:
+            return True
+        for a in self._hub.queue:
+            if a.chan is self:
+                return True
+        if self._peer is None and self._has_bytes():
+            self._pump()                 # the peer's hello is not a message
+            return self._input_ready()
+        return self._has_bytes()
 
     # -- frames ------------------------------------------------------------------
 
@@ -922,16 +943,26 @@ def _probe(hub: Hub, owner: Any, tag: Any, source: Any, timeout: Optional[float]
         hub.progress(left)
 
 
-def _poll_any(hub: Hub, owner: Any, timeout: Optional[float]) -> bool:
-    deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+def _poll_any(hub: Hub, chans: Optional[list], timeout: Optional[float]) -> bool:
+    """Is a message (or the end of a channel) there for ``chans`` (None:
+    every channel of the hub)?  Nothing is consumed from the rings, so a
+    poller that watches their fds afterwards sees the same."""
+    if timeout is not None and (timeout != timeout or timeout < 0):
+        timeout = 0.0
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        hub.pump()
         with hub.lock:
-            if hub.queue:
-                return True
-            if any(c._dead_error() is not None for c in hub.channels):
-                return True
+            if hub.listener is not None:
+                hub.listener._accept_ready()
+            cs = list(hub.channels) if chans is None else chans
+            for c in cs:
+                if c._input_ready():
+                    return True
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             return False
-        hub.progress(left)
+        hub.wait(left, cs)
+        with hub.lock:
+            for c in cs:
+                if not c._has_bytes():
+                    c._pump(True)        # the end of a channel shows here

@@ -71,6 +71,7 @@ class Listener:
             sock.close()
             raise
         self._sock = sock
+        self._address = sock.getsockname()
         self._hub = Hub()
         self._hub.listener = self
         self._fresh: list[Channel] = []       # accepted while waiting, not yet returned by accept()
@@ -79,7 +80,8 @@ class Listener:
 
     @property
     def address(self) -> Any:
-        return self._sock.getsockname()
+        """The address clients connect to."""
+        return self._address
 
     @property
     def channels(self) -> list[Channel]:
@@ -157,7 +159,7 @@ class Listener:
 
     def poll(self, timeout: Optional[float] = 0.0) -> bool:
         self._check_open()
-        return _poll_any(self._hub, self, timeout)
+        return _poll_any(self._hub, None, timeout)
 
     def close(self) -> None:
         """Stop listening and close every channel accepted."""

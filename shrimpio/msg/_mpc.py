@@ -318,18 +318,24 @@ def Client(address: Any, family: Optional[str] = None, authkey: Optional[bytes] 
     return c
 
 
+_std_wait = _mpc.wait
+
+
 def wait(object_list: Any, timeout: Optional[float] = None) -> list:
-    """``multiprocessing.connection.wait`` that also sees messages a
-    shrimpio.msg Connection already holds (the stdlib's works on their
-    ``fileno()`` under ``shrimpio.patch``)."""
+    """``multiprocessing.connection.wait`` that also knows shrimpio.msg
+    connections (messages they already hold, and their rings); importing
+    shrimpio.msg makes ``multiprocessing.connection.wait`` this function
+    (it hands lists without shrimpio.msg connections to the stdlib's)."""
     import time
-    deadline = None if timeout is None else time.monotonic() + timeout
     objs = list(object_list)
+    if not any(isinstance(o, Channel) for o in objs):
+        return _std_wait(objs, timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         ready = [o for o in objs if isinstance(o, Channel) and not o.closed and o.poll(0)]
         others = [o for o in objs if not isinstance(o, Channel)]
         if others:
-            ready += _mpc.wait(others, 0)
+            ready += _std_wait(others, 0)
         if ready:
             return ready
         left = None if deadline is None else deadline - time.monotonic()
@@ -338,8 +344,17 @@ def wait(object_list: Any, timeout: Optional[float] = None) -> list:
         from .. import _poll
         p = _poll.poll()
         for o in objs:
-            if isinstance(o, Channel) and o.closed:
-                continue
-            fd = o if isinstance(o, int) else o.fileno()
-            p.register(fd, _poll.POLLIN)
+            if isinstance(o, Channel):
+                if o.closed:
+                    continue
+            p.register(o if isinstance(o, int) else o.fileno(), _poll.POLLIN)
         p.poll(None if left is None else left * 1000.0)
+
+
+def install() -> None:
+    """Make ``multiprocessing.connection.wait`` :func:`wait` (done on import)."""
+    if _mpc.wait is _std_wait:
+        _mpc.wait = wait
+
+
+install()

@@ -222,7 +222,7 @@ cdef class FastPath:
         """Channel.send (see there)."""
         cdef list bufs
         cdef Py_ssize_t n
-        if self.ok_tx and self.writable and type(tag) is int and tag >= 0:
+        if self.ok_tx and self.writable and type(tag) is int and 0 <= tag <= 0x7fffffffffffffff:
             if type(obj) is bytes:
                 if len(<bytes>obj) < RNDV_MIN:
                     n = write_msg(self.tx, P_BYTES, tag, _pid, b"", obj)
