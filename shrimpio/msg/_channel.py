@@ -582,9 +582,11 @@ class Channel:
                     return True
                 self._frame(check_header(Header(self._hdr)))
                 did = True
-        except (ConnectionError, OSError, EOFError) as e:
+        except (ConnectionError, OSError, EOFError, MemoryError) as e:
             if self._closed:
                 return did
+            if isinstance(e, MemoryError):
+                e = ProtocolError("the peer announced a message too large to allocate")
             self._ended(e)
             return True
 
@@ -595,6 +597,8 @@ class Channel:
         else:
             self._error = error
             if isinstance(error, ProtocolError):
+                # A peer that breaks the protocol is hung up on.
+                self._closed = True
                 self._teardown()
         for req in self._sends.values():
             req._finish(error=error or BrokenPipeError(errno.EPIPE, "the peer closed the channel"))

@@ -95,6 +95,7 @@ class Listener:
         """Accept every client waiting (the hub's lock is held)."""
         if self.closed:
             return False
+        self._sweep()
         did = False
         while True:
             try:
@@ -113,6 +114,19 @@ class Listener:
                 continue
             self._fresh.append(ch)
             did = True
+
+    def _sweep(self) -> None:
+        """Let go of channels that ended and have nothing left to receive."""
+        hub = self._hub
+        dead = [c for c in hub.channels if c._dead_error() is not None]
+        if not dead:
+            return
+        queued = {id(a.chan) for a in hub.queue}
+        for c in dead:
+            if id(c) not in queued and c not in self._fresh:
+                hub.channels.remove(c)
+                c._teardown()
+                c._closed = True
 
     def accept(self, timeout: Optional[float] = None) -> Channel:
         """The next channel a client opened (``TimeoutError`` after ``timeout``)."""

@@ -125,8 +125,11 @@ def read_msg(Ring rx, Py_ssize_t limit):
         return None
     if h.ptype != P_PICKLE and h.nbufs != 1:
         return None
-    need = HLEN + DLEN * h.nbufs + h.body_len + h.total
-    if h.total > <uint64_t>limit or need > <uint64_t>limit or need > avail:
+    if h.total > <uint64_t>limit or <uint64_t>h.body_len > <uint64_t>limit:
+        return None
+    # (64-bit sums: body_len is 32-bit, and a 32-bit sum would wrap)
+    need = <uint64_t>HLEN + <uint64_t>DLEN * <uint64_t>h.nbufs + <uint64_t>h.body_len + h.total
+    if need > <uint64_t>limit or need > avail:
         return None
     off = HLEN
     if h.nbufs:
