@@ -28,7 +28,7 @@ import tempfile
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Optional
 
-from ._base import ANY, BufferTooShort
+from ._base import ANY, BufferTooShort, ProtocolError
 from ._channel import Channel
 from ._frame import P_MPBYTES, P_PICKLE, decode, mp_loads
 from ._listen import Pipe, _sock_class
@@ -175,6 +175,13 @@ class Connection(Channel):
                 return len(data)
             return len(msg.payload)
 
+    def _ended(self, error: Optional[BaseException]) -> None:
+        # As multiprocessing's: a peer that exited (even without closing)
+        # is the end of the connection, EOFError, not a reset.
+        if isinstance(error, ConnectionResetError) and not isinstance(error, ProtocolError):
+            error = None
+        super()._ended(error)
+
     def poll(self, timeout: Optional[float] = 0.0) -> bool:
         """Whether there is any input available to be read"""
         self._check_closed()
@@ -248,6 +255,7 @@ class Listener:
         self._family = family
         self._address = sock.getsockname()
         self._unlink = address if family == "AF_UNIX" else None
+        self._pid = os.getpid()            # (a forked child's close() leaves the path)
         self._authkey = authkey
         self._last_accepted = None
 
@@ -268,7 +276,7 @@ class Listener:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
-            if self._unlink is not None:
+            if self._unlink is not None and self._pid == os.getpid():
                 try:
                     os.unlink(self._unlink)
                 except OSError:
