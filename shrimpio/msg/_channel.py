@@ -169,6 +169,12 @@ class Request:
         A matched receive, and a send, cannot be cancelled (False)."""
         return self._hub.cancel(self)
 
+    def __await__(self) -> Any:
+        """``await req``: as ``wait()``, the hub progressing on the running
+        loop meanwhile."""
+        from ._aio import wait_request
+        return wait_request(self).__await__()
+
     def __repr__(self) -> str:
         state = "cancelled" if self._cancelled else ("done" if self._done else "pending")
         return f"<{type(self).__name__} {state}>"
@@ -514,6 +520,21 @@ class Channel:
         return self.irecv(tag, source).wait(timeout)
 
     recv_message = recv
+
+    async def arecv(self, tag: Any = ANY, source: Any = ANY, *, into: Any = None) -> Message:
+        """Awaitable ``recv`` (``into``: as ``recv_into``) on the running loop."""
+        from ._aio import arecv
+        return await arecv(self, tag, source, into=into)
+
+    async def asend(self, obj: Any, tag: int = 0) -> None:
+        """Awaitable ``send``."""
+        from ._aio import asend
+        await asend(self, obj, tag)
+
+    async def aprobe(self, tag: Any = ANY, source: Any = ANY) -> Status:
+        """Awaitable ``probe``."""
+        from ._aio import aprobe
+        return await aprobe(self, tag, source)
 
     def recv_into(self, buf: Any, tag: Any = ANY, source: Any = ANY, *,
                   timeout: Optional[float] = None) -> Message:

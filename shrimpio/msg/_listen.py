@@ -163,6 +163,18 @@ class Listener:
                   timeout: Optional[float] = None) -> Message:
         return self.irecv(tag, source, into=buf).wait(timeout)
 
+    async def arecv(self, tag: Any = ANY, source: Any = ANY, *, into: Any = None) -> Message:
+        """Awaitable ``recv`` on the running loop."""
+        from ._aio import arecv
+        self._check_open()
+        return await arecv(self, tag, source, into=into)
+
+    async def aprobe(self, tag: Any = ANY, source: Any = ANY) -> Status:
+        """Awaitable ``probe``."""
+        from ._aio import aprobe
+        self._check_open()
+        return await aprobe(self, tag, source)
+
     def iprobe(self, tag: Any = ANY, source: Any = ANY) -> Optional[Status]:
         self._check_open()
         return _iprobe(self._hub, self, tag, source)
