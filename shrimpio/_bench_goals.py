@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from ._bench_msg import GOALS as _MSG_GOALS
 from ._bench_table import Goal, Row, fmt, fmt_ratio
 
 __all__ = ["GOALS", "goals"]
@@ -135,7 +136,7 @@ GOALS: list[tuple[str, Callable[[Rows], tuple[str, Optional[bool]]]]] = [
     ("VMMC 1 MiB put near one memcpy (>= 0.8x its rate)", _at_least("vmmc_bw", "memcpy", 0.8)),
     ("connect+accept no slower than kernel TCP", _connect),
     ("idle connected pair < 1% of a core", _idle),
-]
+] + _MSG_GOALS
 
 
 def goals(rows: Rows) -> list[Goal]:
