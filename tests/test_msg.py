@@ -4,9 +4,7 @@ senders, the TCP path, bad arguments.  Real processes (fork) throughout."""
 from __future__ import annotations
 
 import array
-import os
 import pickle
-import time
 
 import pytest
 

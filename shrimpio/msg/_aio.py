@@ -12,11 +12,11 @@ message's rendezvous) is a request awaited as above.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Optional
+from typing import Any
 
 from .._fastpath import drain_bell, ring_arm
 from ._base import ANY, Message, Status, check_tag
-from ._channel import Channel, Hub, Request, RNDV_MIN, _iprobe, _post
+from ._channel import Channel, Hub, Request, RNDV_MIN
 from ._frame import HEADER, DESC, encode
 
 __all__ = ["arecv", "asend", "aprobe", "wait_request"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import pickle
 import struct
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from ._base import ProtocolError
 

@@ -76,6 +76,7 @@ class Listener:
         self._hub.listener = self
         self._fresh: list[Channel] = []       # accepted while waiting, not yet returned by accept()
         self._lock = threading.Lock()
+        self._tried = 0.0                     # last accept attempt (monotonic)
         self.closed = False
 
     @property

@@ -19,10 +19,8 @@ own HMAC challenge over the connection.
 
 from __future__ import annotations
 
-import io
 import multiprocessing.connection as _mpc
 import os
-import pickle
 import socket as _std
 import tempfile
 from multiprocessing.reduction import ForkingPickler
@@ -30,7 +28,7 @@ from typing import Any, Optional
 
 from ._base import ANY, BufferTooShort, ProtocolError
 from ._channel import Channel
-from ._frame import P_MPBYTES, P_PICKLE, decode, mp_loads
+from ._frame import P_PICKLE, decode, mp_loads
 from ._listen import Pipe, _sock_class
 
 __all__ = ["Connection", "Listener", "Client", "Pipe", "wait"]
