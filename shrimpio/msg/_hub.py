@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Hub", "Request", "RecvRequest", "SendRequest", "CancelledError"]
 
+#: Seconds a wait over several channels looks at their rings before sleeping.
+SPIN = 30e-6
+
 
 class _Arrived:
     """A message read (MSG) or announced (RTS) and not yet received."""
@@ -250,6 +253,18 @@ class Hub:
         elif self.listener is None and not chans:
             return
         else:
+            # Several channels: look at their rings for a moment first (a
+            # busy server's next message usually comes within microseconds,
+            # and a poller's sleep and wake-up cost tens), then sleep in
+            # shrimpio's poller.
+            rxs = [c._rx for c in chans if c._rx is not None]
+            if rxs:
+                spin = SPIN if timeout is None else min(SPIN, timeout)
+                end = time.perf_counter() + spin
+                while time.perf_counter() < end:
+                    for rx in rxs:
+                        if rx.readable():
+                            return
             from .. import _poll
             p = _poll.poll()
             for c in chans:
