@@ -45,13 +45,12 @@ from typing import Any, Optional
 from . import _cma
 from ._base import BufferTooShort, Message, ProtocolError, Status, check_tag
 from ._frame import (CTS, DATA, DESC, DONE, FIN, HEADER, HELLO, HELLO_BODY, MAGIC, MSG, P_BYTES,
-                     P_PICKLE, RTS, VERSION, Header, check_descs, check_header, decode, encode,
-                     header)
+                     P_MPBYTES, P_PICKLE, RTS, VERSION, Header, check_descs, check_header, decode,
+                     encode, header, mp_loads)
 from ._hub import (ANY, CancelledError, Hub, Request, RecvRequest, SendRequest, _Arrived,
                    _iprobe, _poll_any, _post, _probe)
 from ._wire import _Wire, copy_in, wire_for
 from ._msgfast import FastPath, read_msg, write_msg
-from ._frame import mp_loads
 
 __all__ = ["Channel", "Hub", "Request", "RNDV_MIN", "CancelledError"]
 
@@ -80,7 +79,7 @@ os.register_at_fork(after_in_child=_after_fork)
 
 def _alloc(ptype: int, n: int) -> tuple[Any, memoryview]:
     """A new destination object of ``n`` bytes, and a writable view of it."""
-    if ptype == P_BYTES:
+    if ptype == P_BYTES or ptype == P_MPBYTES:     # (recv_bytes gives bytes: no copy then)
         b, _ = _cma.new_bytes(n)
         return b, _cma.writable_view(b) if n else memoryview(bytearray(0))
     ba = _cma.new_bytearray(n)

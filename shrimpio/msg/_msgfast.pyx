@@ -137,7 +137,7 @@ def read_msg(Ring rx, Py_ssize_t limit):
         if d.len != h.total:
             return None          # the Python path reports it
         off += DLEN
-        if h.ptype == P_BYTES:
+        if h.ptype == P_BYTES or h.ptype == P_MPBYTES:
             obj = PyBytes_FromStringAndSize(NULL, h.total)
             _copy_at(rx, off, PyBytes_AS_STRING(obj), h.total)
         else:
