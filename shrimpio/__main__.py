@@ -17,6 +17,10 @@
         all of the above in one run, plus connect+accept time and the CPU
         of an idle connected pair, beside TCP, Unix sockets, uvloop and
         pyzmq; a table with ratios and the project's goals (docs/bench.md).
+    shrimpio stat [--json] [--watch SECONDS] [--no-sweep]
+        every shrimpio listener and connection of this user on this host,
+        live: pid and program, addresses, path, bytes each way, ring fill,
+        who waits (docs/stat.md).
 """
 
 from __future__ import annotations
@@ -72,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     from . import _bench_matrix
     bm = sub.add_parser("bench", help="the whole benchmark matrix, with peers and goals")
     _bench_matrix.add_arguments(bm)
+    from . import _stat
+    st = sub.add_parser("stat", help="list this user's shrimpio listeners and connections")
+    _stat.add_arguments(st)
     args = ap.parse_args(argv)
+    if args.command == "stat":
+        return _stat.main(args)
     if args.command == "bench":
         return _bench_matrix.main(args)
     if args.command == "pingpong":

@@ -32,7 +32,7 @@ import _socket as _csocket
 import time
 from typing import Any, Optional
 
-from . import _connection, _control
+from . import _connection, _control, _stat
 from ._connection import Connection, ring_capacity
 from ._fastpath import Segment, adapt_spin, get_busy_poll_us, stream_accept, stream_hello
 from ._handshake import (HELLO_KIND, HELLO_RE, PROTOCOL_VERSION, _AF_UNIX, _SOCK_SEQPACKET, _STREAM,
@@ -129,6 +129,7 @@ class Listener:
         # stream_accept returns them, with the pid that took them (a forked
         # child must not serve a client its parent holds too).
         self.ready: list[tuple[int, tuple]] = []
+        self.stat = _stat.track_listener(name, usock.fileno())
 
     def watch_fds(self) -> list[int]:
         """The fds whose readability may mean a client to accept: the
@@ -234,6 +235,8 @@ class Listener:
         self.spin = adapt_spin(min(self.spin, top), top, top, spun, waited)
 
     def close(self) -> None:
+        _stat.release(self.stat)
+        self.stat = None
         while self.waiting:
             os.close(self.waiting.popitem()[0])     # they read EOF
         while self.ready:

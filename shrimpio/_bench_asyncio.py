@@ -42,7 +42,7 @@ ECHO_SIZE = 1024
 #: Requests in flight in the aiohttp measurements: one (a service calling
 #: another, each answer awaited: the wait for the peer counts) and four (the
 #: aiohttp client busy all the time: its own code sets the rate).
-HTTP_IN_FLIGHT = (1, 4)
+HTTP_IN_FLIGHT = (1, 4, 16)
 
 
 def _in_flight(test: str) -> int:

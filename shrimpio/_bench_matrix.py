@@ -15,8 +15,11 @@ echo_protocol  asyncio echo, 10 clients x 1 KiB, Protocol server    uvloop over 
 echo_streams   the same, streams server                             uvloop over TCP, asyncio alone
 aiohttp_1      aiohttp hello world, 1 request in flight             uvloop over TCP
 aiohttp_4      aiohttp hello world, 4 requests in flight            uvloop over TCP
+aiohttp_16     aiohttp hello world, 16 requests in flight           uvloop over TCP
+aiohttp_4_load the same, 4 in flight, a third process busy on a core uvloop over TCP, same load
 uvicorn        uvicorn (defaults) hello world, http.client          the same programs over TCP
 tornado        tornado hello world, http.client keep-alive          the same programs over TCP
+threading      http.server threads, a new connection per request    the same programs over TCP
 idle_socket    CPU of an idle blocking-socket pair                  (goal: < 1 % of a core)
 idle_asyncio   CPU of an idle asyncio pair                          (goal: < 1 % of a core)
 =============  ===================================================  ================================
@@ -117,6 +120,13 @@ def _sock(kind: str, label: str, size: int) -> Measure:
     return m
 
 
+def _sock_poll(kind: str, label: str) -> Measure:
+    def m(s: Settings) -> Figure:
+        samples = _bench_socket.run_one(kind, s.rtt_rounds, 64, 64, poll=True)
+        return Figure.from_ns(label, samples, paths=[{"shrimpio": "shm"}.get(kind, kind)])
+    return m
+
+
 def _zmq(size: int) -> Measure:
     def m(s: Settings) -> Figure:
         n, reply = (s.rtt_rounds, 64) if size == 64 else (s.bw_rounds, 8)
@@ -147,6 +157,33 @@ def _aio(kind: str, test: str) -> Measure:
             extra["client_cpu_percent"] = res["client_cpu_percent"]
         return Figure(label, res["rps"], None, [res["rps"]], extra)
     return m
+
+
+def _loaded(measure: Measure) -> Measure:
+    """``measure`` while a third process spins on core 1 (the server's)."""
+    def m(s: Settings) -> Figure:
+        with _busy_core(1):
+            return measure(s)
+    return m
+
+
+class _busy_core:
+    """A process of pure busy loop pinned to one core, for as long as the
+    ``with`` lasts (a machine that is busy with something else)."""
+
+    def __init__(self, core: int) -> None:
+        self.core = core
+
+    def __enter__(self) -> "_busy_core":
+        import subprocess
+        code = (f"import os\ntry:\n    os.sched_setaffinity(0, {{{self.core}}})\n"
+                "except OSError:\n    pass\nwhile True:\n    pass\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code])
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 def _web(framework: str, kind: str) -> Measure:
@@ -188,6 +225,8 @@ def specs() -> list[Spec]:
              [(lb, _sock(k, lb, 64)) for lb, k in sock] + [("zmq ipc", _zmq(64)), ("floor", _floor)]),
         Spec("socket_bw", "socket 1 MiB sendall + 8 B ack", "MiB/s",
              [(lb, _sock(k, lb, MIB)) for lb, k in sock] + [("zmq ipc", _zmq(MIB))]),
+        Spec("socket_poll_rtt", "socket 64 B round trip, epoll before each read", "us",
+             [(lb, _sock_poll(k, lb)) for lb, k in sock]),
         Spec("connect", "connect+accept+close", "us", [(lb, _connect(k, lb)) for lb, k in sock]),
         Spec("asyncio_rtt", "asyncio streams 64 B round trip", "us",
              [(a.LABELS[k], _aio(k, "rtt")) for k in a.KINDS]),
@@ -200,6 +239,9 @@ def specs() -> list[Spec]:
         Spec(f"aiohttp_{n}", a.aiohttp_title(n), "req/s",
              [(a.LABELS[k], _aio(k, f"aiohttp-{n}")) for k in a.KINDS], needs="aiohttp")
         for n in a.HTTP_IN_FLIGHT
+    ] + [
+        Spec("aiohttp_4_load", a.aiohttp_title(4) + ", a core busy", "req/s",
+             [(a.LABELS[k], _loaded(_aio(k, "aiohttp-4"))) for k in a.KINDS], needs="aiohttp"),
     ] + [
         Spec(fw, _bench_web.title(fw), "req/s",
              [(_bench_web.LABELS[k], _web(fw, k)) for k in _bench_web.KINDS], needs=fw)

@@ -3,7 +3,10 @@ shared memory, kernel TCP loopback and a Unix socket, in one run.
 
 * 64-byte ping-pong round trip: ``sendall`` 64 bytes, ``recv_into`` 64 back;
 * 1 MiB bandwidth: ``sendall`` 1 MiB, the peer ``recv_into``s it all and
-  answers 8 bytes.
+  answers 8 bytes;
+* the 64-byte round trip again with both sides waiting in a selector
+  (epoll) before each read, as RPC libraries and hand-written servers do
+  (for shrimpio: the patched selector, as ``import shrimpio.patch`` gives).
 
 The two processes are pinned to two different cores.  Each figure is the
 median of three repeats (one with ``--quick``).
@@ -17,41 +20,63 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import selectors
 import socket as _std
 import tempfile
 import time
 
 from ._bench import _pin, _stats, machine, private_registry
 from ._bench_table import Row, format_table, from_stats, machine_line
+from ._poll import epoll as _ShmEpoll
 from .socket import info, socket as ShmSocket
+
+
+class _ShmSelector(selectors.EpollSelector):
+    """The epoll selector as the patch makes it: shrimpio's epoll."""
+    _selector_cls = _ShmEpoll   # type: ignore[assignment]
 
 MIB = 1 << 20
 
 
-def _recv_exact(sock, view, n: int) -> None:
+def _recv_exact(sock, view, n: int, sel=None) -> None:
     got = 0
     while got < n:
+        if sel is not None:
+            sel.select()
         k = sock.recv_into(view[got:n], n - got)
         if k == 0:
             raise ConnectionError("peer closed")
         got += k
 
 
-def _serve(listener, rounds: int, size: int, reply: int) -> None:
+def _selector(sock, poll: bool):
+    """A selector watching ``sock`` for reading, or None (``poll`` false)."""
+    if not poll:
+        return None
+    sel = (_ShmSelector if isinstance(sock, ShmSocket) else selectors.EpollSelector)()
+    sel.register(sock, selectors.EVENT_READ)
+    return sel
+
+
+def _serve(listener, rounds: int, size: int, reply: int, poll: bool = False) -> None:
     """The server: the same code whatever the transport."""
     _pin(1)
     conn, _ = listener.accept()
     listener.close()
+    sel = _selector(conn, poll)
     buf = memoryview(bytearray(max(size, reply)))
     out = b"r" * reply
     for _ in range(rounds):
-        _recv_exact(conn, buf, size)
+        _recv_exact(conn, buf, size, sel)
         conn.sendall(out)
+    if sel is not None:
+        sel.close()
     conn.close()
 
 
-def _client(sock, rounds: int, size: int, reply: int) -> list[int]:
+def _client(sock, rounds: int, size: int, reply: int, poll: bool = False) -> list[int]:
     _pin(0)
+    sel = _selector(sock, poll)
     msg = b"p" * size
     buf = memoryview(bytearray(reply))
     clock = time.perf_counter_ns
@@ -59,8 +84,10 @@ def _client(sock, rounds: int, size: int, reply: int) -> list[int]:
     for _ in range(rounds):
         t0 = clock()
         sock.sendall(msg)
-        _recv_exact(sock, buf, reply)
+        _recv_exact(sock, buf, reply, sel)
         out.append(clock() - t0)
+    if sel is not None:
+        sel.close()
     sock.close()
     return out
 
@@ -78,13 +105,14 @@ def _listener(kind: str, path: str):
     return lst, lst.getsockname()
 
 
-def run_one(kind: str, rounds: int, size: int, reply: int) -> list[int]:
+def run_one(kind: str, rounds: int, size: int, reply: int, poll: bool = False) -> list[int]:
     """Fork a server for ``kind`` (shrimpio, tcp, unix) and be its client:
-    the round-trip times in ns.  A shrimpio connection that did not take
-    shared memory is an error."""
+    the round-trip times in ns.  ``poll``: both wait in a selector before
+    each read.  A shrimpio connection that did not take shared memory is an
+    error."""
     with tempfile.TemporaryDirectory(prefix="shrimpio-bench-") as tmp:
         lst, addr = _listener(kind, os.path.join(tmp, "unix.sock"))
-        p = mp.get_context("fork").Process(target=_serve, args=(lst, rounds, size, reply))
+        p = mp.get_context("fork").Process(target=_serve, args=(lst, rounds, size, reply, poll))
         p.start()
         lst.close()
         if kind == "unix":
@@ -96,7 +124,7 @@ def run_one(kind: str, rounds: int, size: int, reply: int) -> list[int]:
             sock.connect(addr)
             if kind == "shrimpio" and info(sock)["path"] != "shm":
                 raise RuntimeError(f"shrimpio connection took {info(sock)}, expected shared memory")
-            return _client(sock, rounds, size, reply)
+            return _client(sock, rounds, size, reply, poll)
         finally:
             sock.close()            # done, or failed: either way the server sees EOF
             p.join(60)

@@ -143,12 +143,37 @@ class Row:
             a, b = b, a
         return a / b if b > 0 and a > 0 else None
 
+    def run_ratios(self, peer: Figure) -> list[float]:
+        """The ratio in each repeat (a repeat measures the subject and then
+        each peer, so the i-th medians belong together); empty when the
+        figures' repeats do not pair up."""
+        a_runs, b_runs = self.subject.runs, peer.runs
+        if len(a_runs) != len(b_runs):
+            return []
+        out = []
+        for a, b in zip(a_runs, b_runs):
+            if self.lower_is_better:
+                a, b = b, a
+            if a > 0 and b > 0:
+                out.append(a / b)
+        return out if len(out) == len(a_runs) else []
+
+    def worst_ratio(self, peer: Figure) -> Optional[float]:
+        """The subject's advantage over ``peer`` in its worst repeat (the
+        median's ratio when there was one repeat): a regression under
+        contention shows here even when the median hides it."""
+        runs = self.run_ratios(peer)
+        return min(runs) if runs else self.ratio(peer)
+
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict: the figures plus the ratio to each peer."""
+        """A JSON-ready dict: the figures plus the ratio to each peer, per
+        repeat, and the worst."""
         return {"key": self.key, "title": self.title, "unit": self.unit,
                 "better": "lower" if self.lower_is_better else "higher",
                 "figures": [asdict(f) for f in self.figures],
                 "ratios": {f.label: self.ratio(f) for f in self.peers},
+                "run_ratios": {f.label: self.run_ratios(f) for f in self.peers},
+                "worst_ratios": {f.label: self.worst_ratio(f) for f in self.peers},
                 "skipped": dict(self.skipped)}
 
     @classmethod
@@ -193,15 +218,24 @@ def format_table(rows: Iterable[Row], note: bool = True) -> str:
     lines = []
     if note:
         lines.append("(Nx) after a peer: how many times better the first figure is "
-                     "(faster for us and %, more for MiB/s and req/s)")
+                     "(faster for us and %, more for MiB/s and req/s); runs: the same in each repeat")
     for r in rows:
         s = r.subject
         head = (f"{r.title:<{tw}}  {'[' + r.unit + ']':<{uw}} {s.label:<{lw}} {fmt(s.median):>{vw}}"
                 f"  p99 {fmt(s.p99):>{pw}}")
-        parts = [f"{p.label} {fmt(p.median)} ({fmt_ratio(r.ratio(p))})" for p in r.peers]
+        parts = [f"{p.label} {fmt(p.median)} ({_ratios(r, p)})" for p in r.peers]
         parts += [f"{label}: {why}" for label, why in r.skipped.items()]
         lines.append(" | ".join([head, *parts]))
     return "\n".join(lines)
+
+
+def _ratios(row: Row, peer: Figure) -> str:
+    """``55x``, or with several repeats ``55x, runs 53x 55x 57x``."""
+    text = fmt_ratio(row.ratio(peer))
+    runs = row.run_ratios(peer)
+    if len(runs) > 1:
+        text += ", runs " + " ".join(fmt_ratio(x) for x in runs)
+    return text
 
 
 #: Repeats of one figure further apart than this make its row "noisy".

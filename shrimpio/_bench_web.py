@@ -7,12 +7,15 @@ over kernel TCP, with a keep-alive client, in one run.
   ``--http auto``; one worker);
 * ``tornado``: a hello-world ``tornado.web.Application`` on
   ``tornado.httpserver.HTTPServer`` (``asyncio.run``: the shrimpio loop under
-  the patch, asyncio's own loop without it).
+  the patch, asyncio's own loop without it);
+* ``threading``: the stdlib's ``http.server.ThreadingHTTPServer`` (HTTP/1.0:
+  one connection per request), and a client that opens a new connection for
+  each request: what connection setup costs a real program.
 
 The client is the stdlib's ``http.client.HTTPConnection``: one keep-alive
-connection, ``GET /`` then read the whole answer, one request in flight (a
-service calling another and awaiting each answer: the wait for the peer
-counts).  For ``shrimpio`` the server and the client run under ``python -m
+connection (a new one per request for ``threading``), ``GET /`` then read
+the whole answer, one request in flight (a service calling another and
+awaiting each answer: the wait for the peer counts).  For ``shrimpio`` the server and the client run under ``python -m
 shrimpio run`` (as a user would run them); for ``tcp`` the very same
 programs run unpatched.  Both are separate processes, pinned to two
 different cores (server 1, client 0).
@@ -44,7 +47,7 @@ from typing import Any, Callable, Optional
 
 __all__ = ["FRAMEWORKS", "KINDS", "LABELS", "available", "run_one", "server_command", "title"]
 
-FRAMEWORKS = ("uvicorn", "tornado")
+FRAMEWORKS = ("uvicorn", "tornado", "threading")
 KINDS = ("shrimpio", "tcp")
 LABELS = {"shrimpio": "shm", "tcp": "TCP"}
 HOST = "127.0.0.1"
@@ -89,11 +92,36 @@ async def main():
 asyncio.run(main())
 '''
 
+THREADING_APP = '''\
+import http.server
+
+
+class Hello(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", "13")
+        self.end_headers()
+        self.wfile.write(b"Hello, World!")
+
+    def log_message(self, *args):
+        pass
+
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+print("listening on port", server.server_address[1], flush=True)
+server.serve_forever()
+'''
+
 CLIENT = '''\
-"""Keep-alive http.client loop: python client.py PORT SECONDS SERVER_PID"""
+"""http.client loop: python client.py PORT SECONDS SERVER_PID [new]
+(``new``: a new connection for each request, else one kept alive)"""
 import http.client, json, os, statistics, sys, time
 
 port, seconds, server_pid = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+per_request = sys.argv[4:] == ["new"]
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -115,8 +143,22 @@ def runq_seconds(pid):
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
 
+path = None
+
+
 def request():
+    global conn, path
+    if per_request:
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/")
+    if path is None:            # (an HTTP/1.0 answer closes the socket)
+        if "shrimpio.patch" in sys.modules:
+            import shrimpio
+            path = shrimpio.info(conn.sock)["path"]
+        else:
+            import socket
+            path = "tcp" if type(conn.sock) is socket.socket else "?"
     r = conn.getresponse()
     body = r.read()
     if r.status != 200 or body != b"Hello, World!":
@@ -124,12 +166,6 @@ def request():
 
 
 request()
-if "shrimpio.patch" in sys.modules:
-    import shrimpio
-    path = shrimpio.info(conn.sock)["path"]
-else:
-    import socket
-    path = "tcp" if type(conn.sock) is socket.socket else "?"
 clock = time.perf_counter_ns
 end = clock() + int(seconds / 5 * 1e9)          # warm-up
 while clock() < end:
@@ -165,14 +201,15 @@ _PORT = re.compile(rb"(?:http://127\.0\.0\.1:|listening on port )(\d+)")
 
 
 def available(framework: str) -> bool:
-    """Is the framework installed?"""
+    """Is the framework installed?  (``threading``: the stdlib's.)"""
     return importlib.util.find_spec(framework) is not None
 
 
 def title(framework: str) -> str:
     """The table title of a framework's row."""
     return {"uvicorn": "uvicorn hello world (defaults), keep-alive",
-            "tornado": "tornado hello world, keep-alive"}[framework]
+            "tornado": "tornado hello world, keep-alive",
+            "threading": "http.server threads, a connection per request"}[framework]
 
 
 def server_command(framework: str, kind: str) -> list[str]:
@@ -182,13 +219,16 @@ def server_command(framework: str, kind: str) -> list[str]:
         return run + ["-m", "uvicorn", "app:app", "--host", HOST, "--port", "0", "--no-access-log"]
     if framework == "tornado":
         return run + ["tornado_app.py"]
+    if framework == "threading":
+        return run + ["threading_app.py"]
     raise ValueError(f"unknown framework {framework!r}")
 
 
-def client_command(kind: str, port: int, seconds: float, server_pid: int) -> list[str]:
+def client_command(kind: str, port: int, seconds: float, server_pid: int,
+                   per_request: bool = False) -> list[str]:
     """The client's command line."""
     run = [sys.executable, "-m", "shrimpio", "run"] if kind == "shrimpio" else [sys.executable]
-    return run + ["client.py", str(port), str(seconds), str(server_pid)]
+    return run + ["client.py", str(port), str(seconds), str(server_pid)] + (["new"] if per_request else [])
 
 
 def _env(kind: str, report: Optional[Path]) -> dict[str, str]:
@@ -247,6 +287,7 @@ def run_one(framework: str, kind: str, seconds: float, timeout: float = 120) -> 
         d = Path(tmp)
         (d / "app.py").write_text(ASGI_APP)
         (d / "tornado_app.py").write_text(TORNADO_APP)
+        (d / "threading_app.py").write_text(THREADING_APP)
         (d / "client.py").write_text(CLIENT)
         sreport, creport, log = d / "server.report", d / "client.report", d / "server.log"
         with log.open("wb") as out:
@@ -255,7 +296,7 @@ def run_one(framework: str, kind: str, seconds: float, timeout: float = 120) -> 
                                    preexec_fn=_pinned(SERVER_CPU))
         try:
             port = _wait_port(srv, log, time.monotonic() + 60)
-            cli = subprocess.run(client_command(kind, port, seconds, srv.pid), cwd=d,
+            cli = subprocess.run(client_command(kind, port, seconds, srv.pid, framework == "threading"), cwd=d,
                                  env=_env(kind, creport), stdin=subprocess.DEVNULL,
                                  capture_output=True, timeout=timeout, preexec_fn=_pinned(CLIENT_CPU))
             if cli.returncode != 0:
@@ -276,5 +317,6 @@ def run_one(framework: str, kind: str, seconds: float, timeout: float = 120) -> 
             _stop(srv)
     want = "shm" if kind == "shrimpio" else "tcp"
     if set(res["paths"]) != {want}:
-        raise RuntimeError(f"{framework} {kind}: connections took {res['paths']}, expected {want}")
+        took = {p: res["paths"].count(p) for p in set(res["paths"])}
+        raise RuntimeError(f"{framework} {kind}: connections took {took}, expected {want}")
     return res

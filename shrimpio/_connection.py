@@ -44,7 +44,7 @@ import socket as _std
 import _socket as _csocket
 import threading
 
-from . import _control
+from . import _control, _stat
 from ._fastpath import Ring, RingCorruptedError, Segment, Stream, prepare_rings
 
 __all__ = ["Connection", "DEFAULT_RING", "Kit", "ring_capacity", "take_kit", "give_back",
@@ -276,7 +276,7 @@ class Connection:
 
     __slots__ = ("id", "segment", "bell_fd", "bell_owned", "space", "local", "peer", "client",
                  "tx", "rx", "refs", "stream", "closed", "gone", "lock", "kit_due",
-                 "__weakref__")
+                 "stat", "__weakref__")
 
     _next_id = 0
     _shared_below = 0            # ids below this existed at a fork
@@ -313,6 +313,7 @@ class Connection:
         self.gone = False             # EOF seen on a doorbell: the peer is gone
         self.lock = threading.Lock()
         self.kit_due = False          # build a spare kit when we first wait for the peer
+        self.stat = None              # its slot in `shrimpio stat`'s table (socket._install)
 
     # The per-call state lives in the Stream (C), where send/recv update it.
     bytes_sent = property(lambda self: self.stream.bytes_sent, doc="bytes written to the peer")
@@ -382,6 +383,8 @@ class Connection:
                     pass     # already broken or the peer is gone: nothing to tell
         self.closed = True
         self.stream.closed = True
+        _stat.release(self.stat, self.tx, self.rx)
+        self.stat = None
         self.tx.close()
         self.rx.close()
         bury(self.segment)

@@ -2,7 +2,7 @@
 # transport cimports these to reach rings without Python-level calls).
 
 from cpython.pythread cimport PyThread_type_lock
-from libc.stdint cimport uint64_t, int64_t
+from libc.stdint cimport uint64_t, int64_t, uint32_t
 
 
 cdef extern from "_fastpath_core.h":
@@ -54,6 +54,15 @@ cdef class Ring:
     cdef bint closing
     cdef gate_t rgate
     cdef gate_t wgate
+    # `shrimpio stat`: this side's index and "blocked in a wait" mirrored
+    # into the process's stat table (shrimpio/_stat.py); by default into
+    # the two fields below.
+    cdef uint64_t *stat_idx
+    cdef uint32_t *stat_blocked
+    cdef uint64_t stat_idx_none
+    cdef uint32_t stat_blocked_none
+    cdef object stat_owner
+    cdef int _wait_spun
 
     cdef int _check_open(self) except -1
     cdef int _corrupt(self, str what) except -1
@@ -62,6 +71,8 @@ cdef class Ring:
     cdef int _publish(self, uint64_t new_head) except -1
     cdef int _release(self, uint64_t new_tail) except -1
     cdef int _wait(self, int writable, uint64_t need, double timeout) except -2
+    cdef int _wait_until(self, void *cond, int writable, int64_t spin, int64_t limit) except -2
+    cdef int _arm_reader(self) except -1
     cdef bint _peer_gone_now(self, int bell) noexcept
     cdef Py_ssize_t _copy_in(self, uint64_t at, const char *src, Py_ssize_t n) noexcept nogil
     cdef Py_ssize_t _copy_out(self, char *dst, Py_ssize_t n) noexcept nogil

@@ -47,6 +47,7 @@ cdef extern from "_fastpath_core.h" nogil:
     uint32_t shr_load_wshut(shr_ring_hdr *h)
     uint32_t shr_load_rshut(shr_ring_hdr *h)
     void shr_init(shr_ring_hdr *h, uint64_t cap)
+    void shr_reader_asleep(shr_ring_hdr *h)
     int shr_header_ok(shr_ring_hdr *h)
     uint64_t shr_header_cap(shr_ring_hdr *h)
     void shr_set_wshut(shr_ring_hdr *h)
@@ -567,6 +568,8 @@ cdef class Ring:
         self.attached = False
         _gate_init(&self.rgate)
         _gate_init(&self.wgate)
+        self.stat_idx = &self.stat_idx_none
+        self.stat_blocked = &self.stat_blocked_none
         self.bell_kind = _bell_kind(bell)
         self.data_bell = data_bell
         self.space_bell = space_bell
@@ -669,12 +672,14 @@ cdef class Ring:
         self.room_cache -= new_head - self.head
         self.head = new_head
         shr_publish_head(self.h, new_head)
+        self.stat_idx[0] = new_head
         shr_wake_reader(self.h, self.data_bell, self.bell_kind)
         return 0
 
     cdef int _release(self, uint64_t new_tail) except -1:
         self.tail = new_tail
         shr_publish_tail(self.h, new_tail)
+        self.stat_idx[0] = new_tail
         shr_wake_writer(self.h, self.space_bell, self.bell_kind)
         return 0
 
@@ -702,6 +707,32 @@ cdef class Ring:
             memcpy(dst + first, self.data, n - first)
         return n
 
+    cdef int _arm_reader(self) except -1:
+        """An empty ring, and the caller will not wait (timeout 0): leave
+        the doorbell as a poller of the program's own (one that is not
+        shrimpio's, watching the fd) must find it.  Doorbell bytes of data
+        already read are taken; the reader-sleeping flag is set (a full
+        fence, then a look again), so the peer's next byte rings the
+        doorbell and makes the fd readable.  1: data or end of stream came
+        meanwhile; 0: armed (say EAGAIN); 2: the peer is gone (its end of
+        the doorbell read end of file).  Costs what the look for a dead
+        peer cost before (one system call), on this path only."""
+        cdef shr_cond c
+        cdef int r = 0
+        if self.data_bell >= 0 and self.bell_kind == SHR_BELL_SOCKET:
+            r = shr_bell_drain(self.data_bell, SHR_BELL_SOCKET)
+        c.h = self.h
+        c.pos = self.tail
+        c.need = 1
+        c.cap = self.cap
+        c.writable = 0
+        shr_cond_arm(&c, 1)
+        if shr_cond_ready(&c):
+            return 1
+        if r == -2 or r == -1:
+            return 2
+        return 0
+
     cdef bint _peer_gone_now(self, int bell) noexcept:
         """Is the peer behind socket doorbell ``bell`` gone?  One poll(0):
         only for the paths that would otherwise say "try again" (the data
@@ -715,10 +746,8 @@ cdef class Ring:
         """
         cdef shr_cond c
         cdef int bell = self.space_bell if writable else self.data_bell
-        cdef int kind = self.bell_kind
-        cdef int which = 0, spun = 0, rc
-        cdef int64_t spin = self.spin_ns, slice_ns, t0, limit
-        cdef double deadline = -1.0
+        cdef int rc
+        cdef int64_t spin = self.spin_ns, t0, limit
         if bell < 0:
             raise ValueError("this ring has no doorbell for blocking waits; use timeout=0")
         _gate_hold(&self.wgate if writable else &self.rgate)
@@ -729,6 +758,24 @@ cdef class Ring:
         c.writable = writable
         t0 = shr_now_ns()
         limit = -1 if timeout < 0 else t0 + <int64_t>(timeout * 1e9)
+        self.stat_blocked[0] = 1
+        try:
+            rc = self._wait_until(&c, writable, spin, limit)
+        finally:
+            self.stat_blocked[0] = 0
+        if rc == 1:
+            self.spin_ns = _adapt_spin(self.spin_ns, self.spin_max_ns, self._wait_spun,
+                                       shr_now_ns() - t0)
+        return rc
+
+    cdef int _wait_until(self, void *cond, int writable, int64_t spin, int64_t limit) except -2:
+        """_wait's spin and sleeps (``cond``: its shr_cond): 1 ready
+        (``_wait_spun``: caught spinning), 0 timed out, 2 peer gone."""
+        cdef shr_cond *c = <shr_cond *>cond
+        cdef int bell
+        cdef int kind = self.bell_kind
+        cdef int which = 0, spun = 0, rc
+        cdef int64_t slice_ns
         while True:
             if limit < 0:
                 slice_ns = <int64_t>(SLEEP_SLICE * 1e9)
@@ -742,10 +789,11 @@ cdef class Ring:
             # a thread asleep on the old fd keeps its file, and looks again.
             bell = self.space_bell if writable else self.data_bell
             with nogil:
-                rc = shr_wait_any(&c, 1, &bell, &kind, -1, spin, slice_ns, &which, &spun)
+                rc = shr_wait_any(c, 1, &bell, &kind, -1, spin, slice_ns, &which, &spun)
             spin = 0
             if rc == SHR_READY:
-                break
+                self._wait_spun = spun
+                return 1
             if rc == SHR_GONE:
                 return 2
             if rc == SHR_ERROR:
@@ -755,8 +803,37 @@ cdef class Ring:
                 raise ValueError("ring was closed while waiting")
             if rc == SHR_TIMEOUT and limit >= 0 and shr_now_ns() >= limit:
                 return 0
-        self.spin_ns = _adapt_spin(self.spin_ns, self.spin_max_ns, spun, shr_now_ns() - t0)
-        return 1
+
+    def set_stat(self, table, Py_ssize_t idx_at, Py_ssize_t blocked_at, bint writer):
+        """Mirror this end's index (bytes written, for the ``writer``; read,
+        for the reader) and whether a thread is blocked in its wait into a
+        ``shrimpio stat`` table slot: a u64 at ``idx_at`` and a u32 at
+        ``blocked_at`` of the writable buffer ``table`` (shrimpio/_stat.py),
+        which is kept alive.  ``table=None`` goes back to mirroring nowhere.
+        One plain store per publish: the stat reader tolerates torn or
+        stale values."""
+        cdef Py_buffer buf
+        cdef char *p
+        if table is None:
+            self.stat_idx = &self.stat_idx_none
+            self.stat_blocked = &self.stat_blocked_none
+            self.stat_owner = None
+            return
+        view = memoryview(table)
+        PyObject_GetBuffer(view, &buf, PyBUF_WRITABLE)
+        try:
+            if (idx_at < 0 or blocked_at < 0 or idx_at % 8 or blocked_at % 4
+                    or idx_at + 8 > buf.len or blocked_at + 4 > buf.len):
+                raise ValueError("stat slot fields outside the table")
+            p = <char *>buf.buf
+        finally:
+            PyBuffer_Release(&buf)
+        # The memoryview pins the mapping (an mmap with exports cannot be
+        # closed or resized), so the pointers stay valid.
+        self.stat_owner = view
+        self.stat_idx = <uint64_t *>(p + idx_at)
+        self.stat_blocked = <uint32_t *>(p + blocked_at)
+        self.stat_idx[0] = self.head if writer else self.tail
 
     def set_bells(self, int data_bell, int space_bell):
         """Ring (and sleep on) other fds from now on (the same doorbells,
@@ -784,6 +861,13 @@ cdef class Ring:
     def busy_poll_us(self, value):
         self.spin_max_ns = _spin_ns_arg(value, "busy_poll_us")
         self.spin_ns = self.spin_max_ns
+
+    @property
+    def spin_us(self):
+        """The spin of the next wait, in microseconds: the budget as it has
+        adapted to this ring's traffic (between 1/16 of ``busy_poll_us`` and
+        ADAPT_CEILING times it); for tests and diagnostics."""
+        return self.spin_ns / 1000.0
 
     def readable(self):
         """Bytes that can be read now (consumer side)."""
@@ -1005,10 +1089,15 @@ cdef class Ring:
                         return 0
                     continue
                 if timeout == 0:
-                    # Empty, and no waiting: as TCP, a writer that died is the
-                    # end (else a non-blocking reader would see EAGAIN for
-                    # ever).  Data or a shut that came before its death first.
-                    if self._peer_gone_now(self.data_bell):
+                    # Empty, and no waiting: armed for a poller of the
+                    # program's own (see _arm_reader); as TCP, a writer that
+                    # died is the end (else a non-blocking reader would see
+                    # EAGAIN for ever).  Data or a shut that came before its
+                    # death first.
+                    rc = self._arm_reader()
+                    if rc == 1:
+                        continue
+                    if rc == 2:
                         if self._avail() or shr_load_wshut(self.h):
                             continue
                         raise ConnectionResetError(_errno.ECONNRESET, "the writing side is gone")

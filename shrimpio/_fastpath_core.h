@@ -92,6 +92,10 @@ static inline void shr_init(shr_ring_hdr *h, uint64_t cap) {
     h->magic = SHR_RING_MAGIC;
     atomic_thread_fence(memory_order_seq_cst);
 }
+/* A new connection's reader counts as asleep (see prepare_rings). */
+static inline void shr_reader_asleep(shr_ring_hdr *h) {
+    atomic_store_explicit(&h->reader_sleeping, 1, memory_order_seq_cst);
+}
 static inline int shr_header_ok(shr_ring_hdr *h) {
     return h->magic == SHR_RING_MAGIC && h->version == SHR_RING_VERSION;
 }

@@ -4,6 +4,9 @@
 cdef extern from "_fastpath_core.h" nogil:
     int shr_cond_ready(const shr_cond *c)
     void shr_cond_arm(const shr_cond *c, uint32_t v)
+    uint32_t shr_cpu_tag()
+    int shr_peer_here(shr_ring_hdr *h, int writable, uint32_t me)
+    uint32_t shr_peer_cpu(shr_ring_hdr *h, int writable)
 
 
 def ring_arm(Ring ring not None, bint writable, bint always=False):
@@ -121,3 +124,141 @@ cdef int _spin_poll(pollfd *p, unsigned long n, int64_t limit) noexcept nogil:
         # waiter needs next.
         for i in range(16):
             shr_cpu_relax()
+
+
+# -- the pollers' spin ------------------------------------------------------
+#
+# A program that waits in select/poll/epoll before each recv would otherwise
+# sleep in the kernel at once: every message then costs the peer a doorbell
+# write and us a wake-up, which is what loopback TCP costs.  So the patched
+# pollers spin on the rings first, as a blocking recv does, under the same
+# rules: each ring's adaptive budget (Ring.spin_ns, shared with its blocking
+# waits), no spin when every peer was last seen on our own CPU, and the
+# adaptation of _adapt_spin after the wait.  The GIL is released for the
+# spin; the rings' gates keep them mapped meanwhile.
+
+cdef enum:
+    _SPIN_MAX_RINGS = 64
+    _SPIN_MAX_KFDS = 8
+
+
+def spin_rings(list rings not None, list writables not None, list kfds not None,
+               double limit_s=-1.0):
+    """Spin until one of ``rings`` is ready (data or end of stream when its
+    ``writables`` entry is false; room or a closed reader when true), or one
+    of the kernel fds ``kfds`` is readable, for up to the largest of the
+    rings' adaptive budgets (at most ``limit_s`` seconds when >= 0).
+
+    Returns the index of a ready ring, -2 if a kernel fd is readable, -1 if
+    the budget ran out or spinning cannot pay (every peer last seen on our
+    CPU, a closed ring, more than 64 rings or 8 kernel fds).  A ring found
+    ready while spinning keeps (or grows back) its budget."""
+    cdef Py_ssize_t n = len(rings), nk = len(kfds), i, k, entered = 0
+    cdef Ring ring
+    cdef shr_cond c[_SPIN_MAX_RINGS]
+    cdef gate_t *gates[_SPIN_MAX_RINGS]
+    cdef pollfd p[_SPIN_MAX_KFDS]
+    cdef int64_t budget = 0, end
+    cdef uint32_t me = shr_cpu_tag()
+    cdef bint away = False
+    cdef int r = -1
+    if n == 0 or n > _SPIN_MAX_RINGS or nk > _SPIN_MAX_KFDS or len(writables) != n:
+        return -1
+    for i in range(n):
+        ring = <Ring?>rings[i]
+        if ring.h == NULL or ring.closing:
+            return -1
+        c[i].h = ring.h
+        c[i].writable = 1 if writables[i] else 0
+        c[i].pos = ring.head if c[i].writable else ring.tail
+        c[i].need = 1
+        c[i].cap = ring.cap
+        if shr_cond_ready(&c[i]):
+            return i
+        if ring.spin_ns > budget:
+            budget = ring.spin_ns
+        if not shr_peer_here(ring.h, c[i].writable, me):
+            away = True
+    if not away or budget <= 0:
+        return -1
+    if limit_s >= 0 and budget > <int64_t>(limit_s * 1e9):
+        budget = <int64_t>(limit_s * 1e9)
+    for k in range(nk):
+        p[k].fd = kfds[k]
+        p[k].events = POLLIN
+        p[k].revents = 0
+    # The spin releases the GIL (other threads run, as during a blocking
+    # recv's spin).  Each ring's gate for the role we watch is entered and
+    # held, so that no thread can close (unmap) it meanwhile; a ring in use
+    # by another thread (a recv or send in progress) is not spun for.
+    try:
+        for i in range(n):
+            ring = <Ring>rings[i]
+            gates[i] = &ring.wgate if c[i].writable else &ring.rgate
+            if gates[i].busy:
+                return -1
+            gates[i].busy = 1
+            entered += 1
+        for i in range(n):
+            _gate_hold(gates[i])
+        end = shr_now_ns() + budget
+        with nogil:
+            r = _spin_conds(c, n, p, nk, end)
+    finally:
+        for i in range(entered):
+            _gate_leave(gates[i])
+    if r >= 0:
+        ring = <Ring>rings[r]
+        ring.spin_ns = _adapt_spin(ring.spin_ns, ring.spin_max_ns, 1, 0)
+    return r
+
+
+cdef int _spin_conds(shr_cond *c, Py_ssize_t n, pollfd *p, Py_ssize_t nk,
+                     int64_t end) noexcept nogil:
+    """spin_rings' loop: the index of a ready cond, -2 if a kernel fd is
+    readable, -1 when the clock passes ``end``."""
+    cdef Py_ssize_t i, k
+    while shr_now_ns() < end:
+        for k in range(32):
+            for i in range(n):
+                if shr_cond_ready(&c[i]):
+                    return i
+            shr_cpu_relax()
+        if nk and poll(p, nk, 0) != 0:
+            return -2
+    return -1
+
+
+def rings_slept(list rings not None, list writables not None, double waited):
+    """After a spin by :func:`spin_rings` found nothing and the poller slept
+    ``waited`` seconds: the rings that are ready now adapt their budgets as
+    a blocking wait's would (grown if the event came soon enough for a
+    longer spin to have caught it, halved if it came late); if none is
+    ready (a kernel fd or the timeout ended the wait), a long wait halves
+    them all, so that idle connections do not keep the poller spinning."""
+    cdef Py_ssize_t n = len(rings), i
+    cdef Ring ring
+    cdef shr_cond c
+    cdef int64_t w = <int64_t>(waited * 1e9)
+    cdef bint any_ready = False
+    cdef list ready = []
+    if len(writables) != n:
+        raise ValueError("rings and writables differ in length")
+    for i in range(n):
+        ring = <Ring?>rings[i]
+        if ring.h == NULL:
+            ready.append(False)
+            continue
+        c.h = ring.h
+        c.writable = 1 if writables[i] else 0
+        c.pos = ring.head if c.writable else ring.tail
+        c.need = 1
+        c.cap = ring.cap
+        ready.append(shr_cond_ready(&c) != 0)
+        any_ready = any_ready or ready[i]
+    for i in range(n):
+        ring = <Ring>rings[i]
+        if ready[i]:
+            ring.spin_ns = _adapt_spin(ring.spin_ns, ring.spin_max_ns, 0, w)
+        elif not any_ready and w > ring.spin_max_ns * ADAPT_CEILING:
+            ring.spin_ns = _adapt_spin(ring.spin_ns, ring.spin_max_ns, 0, w)

@@ -229,6 +229,7 @@ cdef class Stream:
     cdef Py_ssize_t _recv(self, char *dst, Py_ssize_t nbytes, int flags, object timeout) except -1:
         cdef double t = self._t(flags, timeout)
         cdef Py_ssize_t n, got
+        cdef int armed
         cdef Ring rx = self.rx
         if nbytes == 0:
             if self.closed or rx.h == NULL:
@@ -246,9 +247,12 @@ cdef class Stream:
                     if not rx.wait_readable(None if t < 0 else t):
                         raise TimeoutError("timed out")
                 n = <Py_ssize_t>min(rx._avail(), <uint64_t>nbytes)
+                if n == 0 and t == 0 and not rx.at_eof():
+                    armed = rx._arm_reader()
+                    if armed == 0:
+                        raise BlockingIOError(_errno.EAGAIN, "Resource temporarily unavailable")
+                    n = <Py_ssize_t>min(rx._avail(), <uint64_t>nbytes)   # came meanwhile (or gone: 0)
                 rx._copy_out(dst, n)        # a copy across the wrap; nothing consumed
-                if n == 0 and t == 0 and not rx.at_eof() and not rx._peer_gone_now(rx.data_bell):
-                    raise BlockingIOError(_errno.EAGAIN, "Resource temporarily unavailable")
                 return n
             if flags & _MSG_WAITALL and t != 0:
                 got = 0

@@ -46,10 +46,7 @@
 # closing) stay in Python on the owning transport: they run once per
 # connection, not once per message.
 
-cdef extern from "_fastpath_core.h" nogil:
-    uint32_t shr_cpu_tag()
-    int shr_peer_here(shr_ring_hdr *h, int writable, uint32_t me)
-    uint32_t shr_peer_cpu(shr_ring_hdr *h, int writable)
+# (shr_cpu_tag, shr_peer_here, shr_peer_cpu: declared in _fastpath_poll.pxi)
 
 
 def peer_cpu(Ring ring not None, bint writable):
@@ -77,15 +74,28 @@ cdef class _Polled:
     cdef bint _hot
     cdef int64_t _budget_ns         # how long the ring stays hot (adapts)
     cdef int64_t _base_ns           # the busy-poll budget it adapts from
+    cdef bint _slept                # we armed the ring when the budget ran out
 
     cdef int _poll_once(self, LoopPoller poller, bint polled) except -1:
         return 0
 
+    cdef inline int _arm(self) except -1:
+        """Arm the ring (the budget ran out): 1 if it was ready after all."""
+        if _ring_arm(self._rx, False):
+            return 1
+        self._slept = True
+        return 0
+
     cdef inline int _woke(self) except -1:
         """The doorbell rang: adapt the budget to how long after the loop's
-        last data it came (see _adapt_spin)."""
-        self._budget_ns = _adapt_spin(self._budget_ns, self._base_ns, 0,
-                                      shr_now_ns() - self._poller.activity_ns)
+        last data it came (see _adapt_spin) -- if it rang because we stopped
+        polling.  A ring can also be armed without us (a new ring's reader
+        counts as asleep; a non-blocking read that found it empty arms it):
+        such a ring says nothing of our budget."""
+        if self._slept:
+            self._slept = False
+            self._budget_ns = _adapt_spin(self._budget_ns, self._base_ns, 0,
+                                          shr_now_ns() - self._poller.activity_ns)
         return 0
 
     cdef inline bint _stay_hot(self, LoopPoller poller, int moved) noexcept:
@@ -246,7 +256,7 @@ cdef class TransportCore(_Polled):
             poller._add(self)
         elif self._stay_hot(poller, r):
             poller._add(self)
-        elif _ring_arm(self._rx, False):
+        elif self._arm():
             poller._add(self)
         return r
 
@@ -390,7 +400,7 @@ cdef class RingWatch(_Polled):
             poller._add(self)
             return False
         self._armed_ns = shr_now_ns()
-        return bool(_ring_arm(self._rx, False))
+        return bool(self._arm())
 
     def stop(self):
         """No reader waits any more: leave the hot list at the next turn."""
@@ -422,7 +432,7 @@ cdef class RingWatch(_Polled):
             poller._add(self)
             return 0
         self._armed_ns = shr_now_ns()
-        if _ring_arm(self._rx, False):
+        if self._arm():
             self._wanted = False
             self._on_data()                       # came while arming
             return 1

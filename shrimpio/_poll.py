@@ -14,8 +14,13 @@ each shrimpio fd of interest is *armed*:
 * write interest: if the send ring has room, ready now; else set the
   writer-sleeping flag and let the kernel watch the space socket.
 
-If anything was ready at arming time, the kernel is asked with a zero
-timeout only.  After the kernel returns, doorbell bytes are drained, the rings
+Before arming, when nothing is ready, the poller spins on the rings of
+interest (and polls the few kernel fds of interest without sleeping) for the
+rings' adaptive budget, as a blocking ``recv`` does: a program that polls
+before each read would otherwise pay a doorbell and a wake-up per message,
+the cost of loopback TCP (``spin_rings`` in _fastpath_poll.pxi says when a
+spin cannot pay).  If anything was ready at arming time, the kernel is asked
+with a zero timeout only.  After the kernel returns, doorbell bytes are drained, the rings
 are asked again, and only what the rings confirm is reported: level-triggered,
 and no spurious readiness (a non-blocking ``recv`` after ``select`` says
 readable does not raise ``BlockingIOError``).  A listener is ready when its TCP
@@ -44,7 +49,7 @@ import weakref
 from typing import Any, Iterable, Optional
 
 from . import socket as _ss
-from ._fastpath import drain_bell, ring_arm, ring_progress
+from ._fastpath import drain_bell, ring_arm, ring_progress, rings_slept, spin_rings
 
 __all__ = ["select", "poll", "epoll", "drain"]
 
@@ -137,8 +142,12 @@ def _want(sock: Any, read: bool, write: bool,
     return r, w, watch
 
 
-def _ready(sock: Any, read: bool, write: bool) -> tuple[bool, bool]:
-    """After the kernel wait: what the rings confirm (drains doorbells)."""
+def _ready(sock: Any, read: bool, write: bool,
+           fired: Optional[set[int]] = None) -> tuple[bool, bool]:
+    """After the kernel wait: what the rings confirm.  Drains the doorbells
+    of the connection if the kernel said one of them is readable (``fired``:
+    the kernel fds with events; None: drain regardless): a byte not drained
+    now keeps its fd readable, and the next wait drains it."""
     lst = sock._lst
     if lst is not None:
         if not read:
@@ -157,7 +166,8 @@ def _ready(sock: Any, read: bool, write: bool) -> tuple[bool, bool]:
     conn = sock._shm
     if conn is None or conn.closed:
         return read, write            # closed under us: let the call raise EBADF
-    drain(conn)
+    if fired is None or conn.bell_fd in fired or conn.space.fileno() in fired:
+        drain(conn)
     if conn.gone:
         return read, write
     try:
@@ -180,6 +190,59 @@ def _hup(conn: Any) -> bool:
         return conn.tx.write_shut and (conn.rd_shut or conn.gone or conn.rx.at_eof())
     except (OSError, ValueError):   # closed under us, or broken (reported ready)
         return False
+
+
+class _Spun:
+    """The rings a poller spun on, to adapt their budgets after its wait."""
+
+    __slots__ = ("rings", "writables", "t0")
+
+    def __init__(self, rings: list, writables: list, t0: float) -> None:
+        self.rings, self.writables, self.t0 = rings, writables, t0
+
+    def slept(self) -> None:
+        rings_slept(self.rings, self.writables, time.monotonic() - self.t0)
+
+
+def _spin_first(shm: dict[int, Any], read: set[int], write: set[int], kfds: list[int],
+                deadline: Optional[float]) -> Optional[_Spun]:
+    """Spin before a poller's first arming (see the module's docstring).
+    ``shm``: fd -> shrimpio socket, with ``read``/``write`` interests;
+    ``kfds``: the kernel fds of read interest.  Returns what to adapt after
+    the kernel wait when the spin found nothing; None when something is
+    ready (the arming pass reports it) or no spin was tried."""
+    left = _left(deadline)
+    if left is not None and left <= 0:
+        return None
+    rings: list = []
+    writables: list = []
+    kernel = list(kfds)
+    for fd, sock in shm.items():
+        lst = sock._lst
+        if lst is not None:
+            if fd in read:
+                if lst.ready:
+                    return None
+                kernel.extend(sock._accept_fds())
+            continue
+        conn = sock._shm
+        if conn.gone or conn.rd_shut:
+            return None
+        if fd in read:
+            rings.append(conn.rx)
+            writables.append(False)
+        if fd in write:
+            rings.append(conn.tx)
+            writables.append(True)
+    if not rings:
+        return None
+    t0 = time.monotonic()
+    try:
+        if spin_rings(rings, writables, kernel, -1.0 if left is None else left) != -1:
+            return None
+    except (OSError, ValueError, TypeError):
+        return None          # closed or broken under us: the arming pass says so
+    return _Spun(rings, writables, t0)
 
 
 def _real_poll_once(fds: list[int]) -> bool:
@@ -221,6 +284,9 @@ def select(rlist: Iterable[Any], wlist: Iterable[Any], xlist: Iterable[Any],
     if not shm:
         return _real_select(rlist, wlist, xlist, timeout)
     deadline = _deadline(timeout)
+    plain_r = [fd for fd in rfds if fd not in shm]
+    plain_w = [fd for fd in wfds if fd not in shm]
+    spun = None if plain_w else _spin_first(shm, set(rfds), set(wfds), plain_r, deadline)
     while True:
         now_r, now_w, kr = set(), set(), set()
         for fd, sock in shm.items():
@@ -230,8 +296,6 @@ def select(rlist: Iterable[Any], wlist: Iterable[Any], xlist: Iterable[Any],
             if w:
                 now_w.add(fd)
             kr.update(k for k, _ in watch)
-        plain_r = [fd for fd in rfds if fd not in shm]
-        plain_w = [fd for fd in wfds if fd not in shm]
         wait = 0.0 if (now_r or now_w) else _left(deadline)
         try:
             kr_ready, kw_ready, kx_ready = _real_select(plain_r + sorted(kr), plain_w, xfds, wait)
@@ -239,10 +303,14 @@ def select(rlist: Iterable[Any], wlist: Iterable[Any], xlist: Iterable[Any],
             for sock in shm.values():
                 _ready(sock, False, False)
             raise
+        if spun is not None:
+            spun.slept()
+            spun = None
         got_r = {fd for fd in plain_r if fd in kr_ready}
         got_w = set(kw_ready)
+        fired = set(kr_ready) | set(kw_ready)
         for fd, sock in shm.items():
-            r, w = _ready(sock, fd in rfds, fd in wfds)
+            r, w = _ready(sock, fd in rfds, fd in wfds, fired)
             if r:
                 got_r.add(fd)
             if w:
@@ -290,6 +358,13 @@ def _poll_many(interest: dict[int, int], timeout: Optional[float], maxevents: in
     ``regs`` (epoll): the shm fds' registrations, for edge-triggered ones."""
     shm = {fd: s for fd in interest if (s := _shrimp(fd)) is not None}
     deadline = _deadline(timeout)
+    spun = None
+    if shm and not (regs and any(r.edge for r in regs.values())):
+        plain = [(fd, m) for fd, m in interest.items() if fd not in shm]
+        if not any(m & _OUT_BITS for _, m in plain):
+            spun = _spin_first(shm, {fd for fd in shm if interest[fd] & _IN_BITS},
+                               {fd for fd in shm if interest[fd] & _OUT_BITS},
+                               [fd for fd, m in plain if m & _IN_BITS], deadline)
     while True:
         kernel = _real_poll()
         now: dict[int, int] = {}
@@ -323,13 +398,18 @@ def _poll_many(interest: dict[int, int], timeout: Optional[float], maxevents: in
             for sock in shm.values():
                 _ready(sock, False, False)
             raise
+        if spun is not None:
+            spun.slept()
+            spun = None
         out: dict[int, int] = {}
+        fired = set()
         for kfd, ev in events:
+            fired.add(kfd)
             if kfd in interest and kfd not in shm:
                 out[kfd] = ev
         for fd, sock in shm.items():
             mask = interest[fd]
-            r, w = _ready(sock, bool(mask & _IN_BITS), bool(mask & _OUT_BITS))
+            r, w = _ready(sock, bool(mask & _IN_BITS), bool(mask & _OUT_BITS), fired)
             reg = regs.get(fd) if regs else None
             if reg is not None and reg.edge and sock._shm is not None:
                 r, w = reg.news(sock._shm, r, w)
@@ -547,7 +627,8 @@ class epoll:
             return self._ep.poll(-1 if timeout is None else timeout, maxevents)
         # The kernel fds of the epoll join as one more pollable fd.
         interest = {fd: _to_poll(reg.mask) for fd, reg in live.items()}
-        interest[self._ep.fileno()] = POLLIN
+        if self._kmask:
+            interest[self._ep.fileno()] = POLLIN
         events = _poll_many(interest, timeout, -1, live)
         out = []
         for fd, ev in events:

@@ -37,7 +37,7 @@ import time
 import weakref
 from typing import Any, Optional
 
-from . import _accept, _connection, _control, _escape, _handshake, _route
+from . import _accept, _connection, _control, _escape, _handshake, _route, _stat
 from ._connection import Connection
 from ._fastpath import spin_readable
 from . import _sockargs
@@ -256,6 +256,8 @@ class socket(StdSocket):
                 return
         super().connect(address)
         self._remember_peer()
+        if self._route is not None and self._route.path == _route.TCP:
+            _stat.track_tcp(self, self._route.reason)
 
     def _remember_peer(self) -> None:
         """Keep a kernel connection's peer address for the report: by the
@@ -293,6 +295,8 @@ class socket(StdSocket):
         self._route = _route.SHM_ROUTE
         _unindexed_add(conn)
         _by_fd[self.fileno()] = self
+        if conn.stat is None:
+            conn.stat = _stat.track_connection(conn, self.fileno())
 
     # -- listening ------------------------------------------------------------
 
@@ -433,6 +437,7 @@ class socket(StdSocket):
             else:
                 sock._route = _route.Route(_route.TCP, "peer is not shrimpio")
             sock._peer = addr
+            _stat.track_tcp(sock, sock._route.reason)
         return sock
 
     def _accept_nowait(self) -> tuple[int, Any]:
@@ -651,6 +656,7 @@ class socket(StdSocket):
         fd = self.fileno()
         if fd >= 0 and self._esc is None and _report_wanted():
             self._report()
+        _stat.tcp_closing(self)
         conn, self._shm = self._shm, None
         lst, self._lst = self._lst, None
         # (Our _by_fd entry may stay: it is checked against fileno() on use,

@@ -17,7 +17,9 @@ import pytest
 
 def _fds() -> set[int]:
     """Open fds, less multiprocessing's heap arenas (``/dev/shm/pym-*``), which
-    the stdlib keeps for the life of the process by design.  shrimpio's spare
+    the stdlib keeps for the life of the process by design, and shrimpio's
+    stat table (``/memfd:shrimpio-stat``: one per process, for its life;
+    shrimpio/_stat.py).  shrimpio's spare
     connect kits (one segment and socketpair a process keeps ready once it
     connects repeatedly) are closed first: they are not a leak."""
     conn_mod = sys.modules.get("shrimpio._connection")
@@ -29,7 +31,7 @@ def _fds() -> set[int]:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue  # the fd listing itself, already closed
-        if not target.startswith("/dev/shm/pym-"):
+        if not target.startswith(("/dev/shm/pym-", "/memfd:shrimpio-stat")):
             fds.add(int(fd))
     return fds
 

@@ -183,10 +183,12 @@ def test_stdlib_socket_from_a_library_gets_shared_memory_without_the_patch() -> 
 
 
 def test_loop_poller_polls_busy_rings_then_lets_the_loop_sleep() -> None:
-    """One poller per loop: while connections move data their rings are on
-    its hot list (every turn reads them); once traffic stops for longer than
-    the busy-poll budget the list empties (each ring armed, the loop free to
-    sleep in epoll), and the next message still arrives (doorbell)."""
+    """One poller per loop: once traffic stops for longer than the
+    busy-poll budget its hot list empties (each ring armed, the loop free
+    to sleep in epoll), and the next message still arrives (doorbell).
+    (While data flows rings stay hot only if the peer may be running
+    elsewhere: here both ends are in this process, on one CPU, so a ring may
+    arm at once; tests/test_spin_policy.py covers the hot list.)"""
     async def main() -> None:
         loop = asyncio.get_running_loop()
 
@@ -204,7 +206,6 @@ def test_loop_poller_polls_busy_rings_then_lets_the_loop_sleep() -> None:
                 writer.write(b"%d\n" % i)
             for i, (reader, writer) in enumerate(pairs):
                 assert await reader.readline() == b"%d\n" % i
-            assert poller.hot_count() >= 1          # just moved data: still polled
             deadline = loop.time() + 10
             while poller.hot_count() and loop.time() < deadline:
                 await asyncio.sleep(0.01)           # a condition polled with a deadline

@@ -139,7 +139,10 @@ def test_cpu_measurement_sees_a_spinning_process():
         stop.set()
         p.join(10)
     assert p.exitcode == 0
-    assert pct > 30, pct                       # a whole core when it gets one
+    # A whole core when it gets one; on a busy host a share of one (load 8
+    # on two cores: ~25 %).  One clock tick over 0.5 s is 2 %: an idle
+    # process measures 0-2 %.
+    assert pct > 6, pct
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +225,27 @@ def test_goals_and_table_from_figures():
     assert got["aiohttp >= 1.5x uvloop TCP"].met is None
     text = format_goals(goals(rows))
     assert "MISSED" in text and "not measured" in text and "4 of 6 measured goals met" in text
+
+
+def test_ratio_per_repeat_and_goals_on_the_worst():
+    """Three repeats: each repeat's ratio is shown, and a goal is met only
+    if it held in every repeat (here the median says 2x, one run 1.2x)."""
+    shm = Figure("shm", 100.0, None, [100.0, 100.0, 120.0])
+    tcp = Figure("TCP", 200.0, None, [200.0, 210.0, 144.0])
+    row = Row("aiohttp_4", "aiohttp_4", "req/s", [Figure("shm", 100.0, None, [20.0, 30.0, 30.0]),
+                                                  Figure("uvloop TCP", 10.0, None, [10.0, 10.0, 25.0])])
+    assert row.run_ratios(row.peer("uvloop TCP")) == [2.0, 3.0, 1.2]
+    assert row.worst_ratio(row.peer("uvloop TCP")) == 1.2
+    us = Row("socket_rtt", "socket_rtt", "us", [shm, tcp])
+    assert us.run_ratios(tcp) == [2.0, 2.1, 1.2] and us.worst_ratio(tcp) == 1.2
+    assert "(2.00x, runs 2.00x 2.10x 1.20x)" in format_table([us])
+    assert us.to_json()["worst_ratios"] == {"TCP": 1.2}
+    by_key = {"aiohttp_4": row}
+    met = {g.text: g.met for g in goals(by_key)}
+    assert met["aiohttp >= 1.5x uvloop TCP"] is False
+    # Repeats that do not pair up: the median's ratio.
+    odd = Row("x", "x", "us", [Figure("shm", 1.0, None, [1.0, 1.0]), Figure("TCP", 3.0, None, [3.0])])
+    assert odd.run_ratios(odd.peer("TCP")) == [] and odd.worst_ratio(odd.peer("TCP")) == 3.0
 
 
 def test_noisy_figures_are_named_under_the_table():
