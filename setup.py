@@ -13,7 +13,14 @@ extensions = [
                  "shrimpio/_fastpath_transport.pxi",
                  "shrimpio/_fastpath_exit.pxi", "shrimpio/_fastpath_exit.h"],
         extra_compile_args=["-O3", "-std=gnu11"],
-    )
+    ),
+    Extension(
+        "shrimpio.msg._msgfast",
+        ["shrimpio/msg/_msgfast.pyx"],
+        include_dirs=["shrimpio", "."],
+        depends=["shrimpio/_fastpath.pxd", "shrimpio/_fastpath_core.h"],
+        extra_compile_args=["-O3", "-std=gnu11"],
+    ),
 ]
 
 setup(

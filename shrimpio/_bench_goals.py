@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from ._bench_msg import GOALS as _MSG_GOALS
 from ._bench_table import Goal, Row, fmt, fmt_ratio
 
 __all__ = ["GOALS", "goals"]
@@ -187,7 +188,7 @@ GOALS: list[tuple[str, Callable[[Rows], tuple[str, Optional[bool]]]]] = [
     ("memory per idle connection within 2x of TCP's", _scale_memory),
     ("after close, memory back to baseline (as TCP's, +1 KB)", _scale_closed),
     ("connect rate at scale no worse than TCP's", _scale_rate),
-]
+] + _MSG_GOALS
 
 
 def goals(rows: Rows) -> list[Goal]:

@@ -53,7 +53,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TextIO
 
-from . import _bench, _bench_asyncio, _bench_conn, _bench_scale, _bench_socket, _bench_web, _bench_zmq
+from . import (_bench, _bench_asyncio, _bench_conn, _bench_msg, _bench_scale, _bench_socket, _bench_web,
+               _bench_zmq)
 from ._bench_table import Figure, Row, format_goals, format_noise, format_table, machine_line, pick_median
 from ._bench_goals import goals
 
@@ -274,7 +275,7 @@ def specs() -> list[Spec]:
     ] + [
         Spec("idle_socket", "idle CPU, blocking socket pair", "%", [("shm", _idle("socket"))], repeat=False),
         Spec("idle_asyncio", "idle CPU, asyncio pair", "%", [("shm", _idle("asyncio"))], repeat=False),
-    ] + [
+    ] + _bench_msg.specs(Spec, Figure) + [
         Spec(_bench_scale.row_key(mode, suffix),
              _bench_scale.row_title(mode, suffix, getattr(FULL, f"scale_{mode}")), unit,
              [(_bench_scale.LABELS[k], _scale(mode, k, suffix)) for k in _bench_scale.KINDS], slow=True)
@@ -322,6 +323,7 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "not installed"
     out["pyzmq"] = _bench_zmq.version()
+    out.update(_bench_msg.versions())
     return out
 
 
@@ -340,6 +342,8 @@ def _measure_row(sp: Spec, s: Settings, progress: Progress) -> tuple[Optional[Ro
             progress.step(f"{sp.title}: {label}" + (f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""))
             try:
                 runs[label].append(measure(s))
+            except _bench_msg.NotInstalled as exc:
+                missing[label] = str(exc)
             except Exception as exc:       # the rest of the matrix still runs
                 missing[label] = f"failed: {type(exc).__name__}: {exc}"
     subject = sp.kinds[0][0]

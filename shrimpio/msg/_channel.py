@@ -1,0 +1,672 @@
+"""Channels, the matching of messages to receives, and requests.
+
+Theory of operation
+-------------------
+A :class:`Channel` is one connection (shared memory, or kernel TCP as the
+socket layer decided) carrying frames (:mod:`._frame`).  Receives are
+matched in a :class:`Hub`: a channel of its own has one; a
+:class:`~shrimpio.msg.Listener` shares one among all the channels it
+accepted, so that one receiver serves many senders.  The hub holds the
+receives posted and not yet matched (in posting order) and the messages
+arrived and not yet received (in arrival order).  An arriving message goes
+to the first posted receive that matches its tag and source; a new receive
+takes the first queued message that matches: so order is kept per (source,
+tag), as MPI keeps it.
+
+Small messages (below ``RNDV_MIN`` bytes of buffers) are *eager*: the
+pickle and the buffers are written into the peer's ring, and read out of
+it into their destination (a posted buffer, or a new object).  Larger ones
+are sent by *rendezvous*: the sender writes a request to send (RTS) with
+its buffers' addresses, and waits.  The receiver, when a receive matches:
+
+* if that receive was posted before the RTS arrived, answers CTS with its
+  destination's addresses, and the sender writes the bytes there with one
+  ``process_vm_writev`` (VMMC's deliberate update into the buffer the
+  receiver posted: transfer redirection, no receiver copy), then DONE;
+* if the RTS was queued first (the receive came late), copies the bytes
+  itself with one ``process_vm_readv`` and says FIN;
+* where the kernel refuses cross-memory copies (another pid namespace,
+  Yama's ptrace scope), the CTS asks for the bytes inline (DATA), through
+  the rings.
+
+Progress is made by whoever waits: a blocked ``recv``, ``wait``, ``test``,
+a blocking ``send`` of a large message (waiting for CTS or FIN), ``probe``.
+A large ``isend`` completes when the sender next calls into the channel.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import threading
+from typing import Any, Optional
+
+from . import _cma
+from ._base import BufferTooShort, Message, ProtocolError, Status, check_tag
+from ._frame import (CTS, DATA, DESC, DONE, FIN, HEADER, HELLO, HELLO_BODY, MAGIC, MSG, P_BYTES,
+                     P_MPBYTES, P_PICKLE, RTS, VERSION, Header, check_descs, check_header, decode,
+                     encode, header, mp_loads)
+from ._hub import (ANY, CancelledError, Hub, Request, RecvRequest, SendRequest, _Arrived,
+                   _iprobe, _poll_any, _post, _probe)
+from ._wire import _Wire, copy_in, wire_for
+from ._msgfast import FastPath, read_msg, write_msg
+
+__all__ = ["Channel", "Hub", "Request", "RNDV_MIN", "CancelledError"]
+
+#: Messages with at least this many bytes of buffers go by rendezvous.
+RNDV_MIN = 64 * 1024
+#: Eager frames up to this size are read by one C call when all there.
+_FAST_MAX = 256 * 1024
+#: Alignment of successive buffers of one message in a posted buffer.
+_ALIGN = 64
+
+# This process's token for peers' cross-memory checks (see _cma.verify).
+import ctypes as _ctypes
+_TOKEN = _ctypes.create_string_buffer(secrets.token_bytes(16), 16)
+_TOKEN_ADDR = _ctypes.addressof(_TOKEN)
+
+#: _PID is a system call; frames carry it often.
+_PID = os.getpid()
+
+
+def _after_fork() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+def _alloc(ptype: int, n: int) -> tuple[Any, memoryview]:
+    """A new destination object of ``n`` bytes, and a writable view of it."""
+    if ptype == P_BYTES or ptype == P_MPBYTES:     # (recv_bytes gives bytes: no copy then)
+        b, _ = _cma.new_bytes(n)
+        return b, _cma.writable_view(b) if n else memoryview(bytearray(0))
+    ba = _cma.new_bytearray(n)
+    return ba, memoryview(ba)
+
+
+def _into_slices(into: memoryview, lens: list[int]) -> Optional[list[memoryview]]:
+    """Views of ``into`` for buffers of these lengths (64-byte aligned
+    after the first), or None if it is too small."""
+    out, off = [], 0
+    for n in lens:
+        if off + n > len(into):
+            return None
+        out.append(into[off:off + n])
+        off += n
+        off = (off + _ALIGN - 1) // _ALIGN * _ALIGN
+    return out
+
+class Channel:
+    """A message channel to one peer process (see the module docstring).
+
+    Made by :func:`~shrimpio.msg.connect`, :meth:`Listener.accept
+    <shrimpio.msg.Listener.accept>` or :func:`~shrimpio.msg.Pipe`; a
+    context manager; ``close()`` ends it (the peer's receives then raise
+    ``EOFError``)."""
+
+    def __init__(self, sock: Any, hub: Optional[Hub] = None) -> None:
+        self._sock = sock
+        self._wire: _Wire = wire_for(sock)
+        self._hub = hub if hub is not None else Hub()
+        self._hub.channels.append(self)
+        # The rings themselves, for the C path of small messages (shm only).
+        self._tx = self._wire.tx if self._wire.shm else None
+        self._rx = self._wire.rx if self._wire.shm else None
+        self._stream = self._wire.stream if self._wire.shm else None
+        self._fp: Optional[FastPath] = None
+        self._wlock = threading.Lock()
+        self._hdr = bytearray(HEADER.size)
+        self._next_mid = 1
+        self._sends: dict[int, SendRequest] = {}      # RTS sent, waiting for CTS or FIN
+        self._awaiting: dict[int, tuple] = {}         # CTS sent, waiting for DONE or DATA
+        self._peer: Optional[tuple[int, int, bytes]] = None   # pid, token address, token
+        self._verified: dict[int, bool] = {}
+        self._eof = False
+        self._error: Optional[BaseException] = None
+        self._closed = False
+        self._send_hello()
+        if self._wire.shm:
+            self._install_fast()
+
+    def _install_fast(self) -> None:
+        """Bind the C short cuts as this object's send and recv."""
+        cls = type(self)
+        fp = FastPath(self, self._tx, self._rx, self._stream, self._hub,
+                      cls.send.__get__(self, cls), cls.recv.__get__(self, cls), self._on_fast,
+                      Message, ANY, decode, mp_loads, cls.recv is not Channel.recv)
+        self._fp = fp
+        self.send = fp.send            # type: ignore[method-assign]
+        self.recv = fp.recv            # type: ignore[method-assign]
+
+    def _fast_off(self) -> None:
+        fp = self._fp
+        if fp is not None:
+            fp.ok = fp.ok_tx = False
+
+    # -- properties -----------------------------------------------------------
+
+    @property
+    def shm(self) -> bool:
+        """True on shared memory, False over a kernel socket."""
+        return self._wire.shm
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        """The connection's fd (readable when data or the peer's end is
+        there, for the pollers shrimpio patches and for its own loop)."""
+        self._check_open()
+        return self._wire.fileno()
+
+    def info(self) -> dict:
+        """The socket layer's record of the path (``shrimpio.info``)."""
+        from ..socket import info
+        return dict(info(self._sock)) if not self._closed else {}
+
+    def __repr__(self) -> str:
+        path = "closed" if self._closed else ("shm" if self.shm else "tcp")
+        return f"<shrimpio.msg.Channel {path}>"
+
+    # -- hello ------------------------------------------------------------------
+
+    def _send_hello(self) -> None:
+        body = HELLO_BODY.pack(MAGIC, VERSION, 0, _PID, _TOKEN_ADDR, _TOKEN.raw)
+        self._write([header(HELLO, body_len=len(body)), body])
+
+    def _on_hello(self, h: Header) -> None:
+        if h.body_len != HELLO_BODY.size or h.nbufs or h.total or self._peer is not None:
+            raise ProtocolError("bad hello")
+        raw = bytearray(HELLO_BODY.size)
+        self._wire.read_into(memoryview(raw))
+        magic, version, _, pid, addr, token = HELLO_BODY.unpack(raw)
+        if magic != MAGIC:
+            raise ProtocolError("the peer is not a shrimpio.msg channel")
+        if version != VERSION:
+            raise ProtocolError(f"shrimpio.msg protocol version {version}, expected {VERSION}")
+        self._peer = (pid, addr, bytes(token))
+        if self._fp is not None and not self._closed and self._error is None and not self._eof:
+            self._fp.ok = True
+
+    def _may_copy(self, pid: int) -> bool:
+        """May we copy to or from ``pid`` (it holds the peer's token)?"""
+        ok = self._verified.get(pid)
+        if ok is None:
+            ok = (self._peer is not None and self._wire.shm
+                  and _cma.verify(pid, self._peer[1], self._peer[2]))
+            self._verified[pid] = ok
+        return ok
+
+    # -- writing -----------------------------------------------------------------
+
+    def _write(self, parts: list) -> None:
+        with self._wlock:
+            self._wire.write(parts)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OSError(errno.EBADF, "the channel is closed")
+
+    def _dead_error(self) -> Optional[BaseException]:
+        if self._error is not None:
+            return self._error
+        if self._eof or self._closed:
+            return EOFError("the peer closed the channel" if self._eof else "the channel is closed")
+        return None
+
+    # -- sending ----------------------------------------------------------------------
+
+    def isend(self, obj: Any, tag: int = 0) -> Request:
+        """Start sending ``obj``; the request completes once the buffers of
+        ``obj`` may be reused (at once for small messages)."""
+        return self._isend(obj, check_tag(tag, False), False)
+
+    def _isend(self, obj: Any, tag: int, mp_bytes: bool) -> SendRequest:
+        self._check_open()
+        if self._error is not None:
+            raise self._error
+        ptype, body, bufs = encode(obj, mp_bytes)
+        return self._send_parts(ptype, body, bufs, tag)
+
+    def _send_parts(self, ptype: int, body: Any, bufs: list, tag: int) -> SendRequest:
+        req = SendRequest(self._hub, self)
+        total = sum(b.nbytes for b in bufs)
+        blen = len(body)
+        pid = _PID
+        if total >= RNDV_MIN and self._wire.shm and _cma.available():
+            refs = [_cma.BufferRef(b) for b in bufs]
+            with self._hub.lock:
+                mid = self._next_mid
+                self._next_mid += 1
+                req.mid, req.bufs, req._refs = mid, bufs, refs
+                self._sends[mid] = req
+            descs = b"".join(DESC.pack(r.nbytes, r.addr) for r in refs)
+            try:
+                self._write([header(RTS, ptype, len(bufs), blen, tag, mid, total, pid), descs, body])
+            except BaseException:
+                with self._hub.lock:
+                    self._sends.pop(mid, None)
+                req._finish()
+                raise
+        else:
+            if self._tx is not None and len(bufs) <= 1:
+                with self._wlock:
+                    n = write_msg(self._tx, ptype, tag, pid, body, bufs[0] if bufs else None)
+                self._stream.bytes_sent += n
+                req._finish()
+                return req
+            else:
+                descs = b"".join(DESC.pack(b.nbytes, 0) for b in bufs)
+                self._write([header(MSG, ptype, len(bufs), blen, tag, 0, total, pid), descs,
+                             *bufs, body])
+            n = total
+            _cma.stats["sent_copied"] += n
+            req._finish()
+        return req
+
+    def send(self, obj: Any, tag: int = 0) -> None:
+        """Send ``obj`` (any picklable object; buffers and numpy arrays go
+        without being pickled) with ``tag``; returns once ``obj`` may be
+        reused."""
+        self.isend(obj, tag).wait()
+
+    # -- receiving --------------------------------------------------------------
+
+    def irecv(self, tag: Any = ANY, source: Any = ANY, *, into: Any = None) -> Request:
+        """Post a receive; ``into`` (a writable contiguous buffer) receives
+        the message's buffers (posted before the message arrives, a large
+        one lands there with no copy by this process)."""
+        return _post(self._hub, self, tag, source, into, own=self)
+
+    def recv(self, tag: Any = ANY, source: Any = ANY, *, timeout: Optional[float] = None) -> Message:
+        """The next message matching ``tag`` and ``source`` (ANY: any).
+        ``EOFError`` once the peer closed and nothing is left."""
+        return self.irecv(tag, source).wait(timeout)
+
+    recv_message = recv
+
+    async def arecv(self, tag: Any = ANY, source: Any = ANY, *, into: Any = None) -> Message:
+        """Awaitable ``recv`` (``into``: as ``recv_into``) on the running loop."""
+        from ._aio import arecv
+        return await arecv(self, tag, source, into=into)
+
+    async def asend(self, obj: Any, tag: int = 0) -> None:
+        """Awaitable ``send``."""
+        from ._aio import asend
+        await asend(self, obj, tag)
+
+    async def aprobe(self, tag: Any = ANY, source: Any = ANY) -> Status:
+        """Awaitable ``probe``."""
+        from ._aio import aprobe
+        return await aprobe(self, tag, source)
+
+    def recv_into(self, buf: Any, tag: Any = ANY, source: Any = ANY, *,
+                  timeout: Optional[float] = None) -> Message:
+        """Receive the next matching message's buffers into ``buf``; the
+        payload is rebuilt over ``buf`` (a raw buffer message: a memoryview
+        of the bytes received).  ``BufferTooShort`` (the message in its
+        ``args[0]``) if ``buf`` is too small."""
+        return self.irecv(tag, source, into=buf).wait(timeout)
+
+    def iprobe(self, tag: Any = ANY, source: Any = ANY) -> Optional[Status]:
+        """The next matching message's :class:`Status` if one has arrived,
+        else None; the message stays to be received."""
+        return _iprobe(self._hub, self, tag, source)
+
+    def probe(self, tag: Any = ANY, source: Any = ANY, *, timeout: Optional[float] = None) -> Status:
+        """Wait for a matching message (not receiving it)."""
+        return _probe(self._hub, self, tag, source, timeout)
+
+    def poll(self, timeout: Optional[float] = 0.0) -> bool:
+        """Is a message (or the end of the channel) there to receive?"""
+        self._check_open()
+        return _poll_any(self._hub, [self], timeout)
+
+    def _has_bytes(self) -> bool:
+        w = self._wire
+        return w.readable_now() if not self._closed and self._dead_error() is None else False
+
+    def _input_ready(self) -> bool:
+        """A message of ours is queued, or bytes wait in the rings, or the
+        channel ended (the hub's lock is held)."""
+        if self._dead_error() is not None:
+            return True
+        for a in self._hub.queue:
+            if a.chan is self:
+                return True
+        if self._peer is None and self._has_bytes():
+            self._pump()                 # the peer's hello is not a message
+            return self._input_ready()
+        return self._has_bytes()
+
+    # -- frames ------------------------------------------------------------------
+
+    def _pump(self, deep: bool = False) -> bool:
+        """Handle the frames that have arrived (the hub's lock is held)."""
+        if self._closed or self._error is not None or self._eof:
+            return False
+        did = False
+        rx = self._rx
+        try:
+            while True:
+                if rx is not None:
+                    if not rx.readable() and (did or not deep):
+                        return did
+                    if self._peer is not None:
+                        r = read_msg(rx, _FAST_MAX)
+                        if r is not None:
+                            self._stream.bytes_received += r[5]
+                            self._on_fast(r)
+                            did = True
+                            continue
+                got = self._wire.try_header(self._hdr)
+                if got is None:
+                    return did
+                if got is False:
+                    self._ended(None)
+                    return True
+                self._frame(check_header(Header(self._hdr)))
+                did = True
+        except (ConnectionError, OSError, EOFError, MemoryError) as e:
+            if self._closed:
+                return did
+            if isinstance(e, MemoryError):
+                e = ProtocolError("the peer announced a message too large to allocate")
+            self._ended(e)
+            return True
+
+    def _ended(self, error: Optional[BaseException]) -> None:
+        self._fast_off()
+        if error is None:
+            self._eof = True
+        else:
+            self._error = error
+            if isinstance(error, ProtocolError):
+                # A peer that breaks the protocol is hung up on.
+                self._closed = True
+                self._teardown()
+        for req in self._sends.values():
+            req._finish(error=error or BrokenPipeError(errno.EPIPE, "the peer closed the channel"))
+        self._sends.clear()
+        for item in self._awaiting.values():
+            item[0]._finish(error=error or ConnectionResetError(
+                "the peer closed the channel in the middle of a message"))
+        self._awaiting.clear()
+        self._hub.fail_channel(self)
+
+    def _frame(self, h: Header) -> None:
+        k = h.kind
+        if k == HELLO:
+            self._on_hello(h)
+            return
+        if self._peer is None:
+            raise ProtocolError("the peer did not say hello first")
+        if k == MSG:
+            self._on_msg(h)
+        elif k == RTS:
+            self._on_rts(h)
+        elif k == CTS:
+            self._on_cts(h)
+        elif k == FIN:
+            self._on_fin(h)
+        elif k in (DONE, DATA):
+            self._on_done(h)
+
+    def _read_descs(self, h: Header, addresses: bool) -> list:
+        if not h.nbufs:
+            if h.total:
+                raise ProtocolError("buffer bytes announced without buffers")
+            return []
+        raw = bytearray(h.nbufs * DESC.size)
+        self._wire.read_into(memoryview(raw))
+        return check_descs(raw, h.nbufs, h.total, addresses)
+
+    def _read_body(self, h: Header) -> bytes:
+        if not h.body_len:
+            return b""
+        b, view = _alloc(P_BYTES, h.body_len)
+        self._wire.read_into(view)
+        return b
+
+    def _copied_in(self, n: int) -> None:
+        _cma.stats["received_copied"] += n
+
+    def _on_msg(self, h: Header) -> None:
+        descs = self._read_descs(h, False)
+        lens = [n for n, _ in descs]
+        req = self._hub.match_arrival(self, h.tag)
+        objs: list = []
+        views: Optional[list] = None
+        short = False
+        if req is not None and req.into is not None:
+            views = _into_slices(req.into, lens)
+            short = views is None
+        if views is None:
+            views = []
+            for n in lens:
+                o, v = _alloc(h.ptype, n)
+                objs.append(o)
+                views.append(v)
+        else:
+            objs = views
+        for v in views:
+            if len(v):
+                self._wire.read_into(v)
+        self._copied_in(h.total)
+        body = self._read_body(h)
+        if req is None:
+            self._hub.queue.append(_Arrived(self, h, descs, body, objs))
+        else:
+            self._deliver(req, h.ptype, h.tag, body, objs, short)
+
+    def _on_fast(self, r: tuple) -> None:
+        """An eager message read whole by the C path (the hub's lock is held)."""
+        ptype, tag, body, buf, _pid, _n = r
+        objs = [] if buf is None else [buf]
+        n = 0 if buf is None else len(buf)
+        req = self._hub.match_arrival(self, tag)
+        if req is None:
+            a = _Arrived.__new__(_Arrived)
+            a.chan, a.kind, a.ptype, a.tag, a.mid, a.pid = self, MSG, ptype, tag, 0, _pid
+            a.descs, a.body, a.bufs, a.nbytes = [(n, 0)] if buf is not None else [], body, objs, n + len(body)
+            self._hub.queue.append(a)
+            return
+        short = False
+        if req.into is not None and objs:
+            views = _into_slices(req.into, [n])
+            if views is None:
+                short = True
+            else:
+                copy_in(views[0], buf)
+                objs = views
+        self._deliver(req, ptype, tag, body, objs, short)
+
+    def _deliver(self, req: Request, ptype: int, tag: int, body: Any, objs: list, short: bool) -> None:
+        try:
+            obj = decode(ptype, body, objs)
+        except ProtocolError as e:
+            req._finish(error=e)
+            return
+        if req.into is not None and ptype != P_PICKLE and not short:
+            obj = objs[0]
+        msg = Message(obj, tag, self)
+        if short:
+            req._finish(error=BufferTooShort(msg))
+        else:
+            req._finish(msg)
+
+    def _on_rts(self, h: Header) -> None:
+        descs = self._read_descs(h, True)
+        body = self._read_body(h)
+        req = self._hub.match_arrival(self, h.tag)
+        a = _Arrived(self, h, descs, body, None)
+        if req is None:
+            self._hub.queue.append(a)
+        else:
+            req._early = True
+            self._rendezvous(a, req, early=True)
+
+    def _take_queued(self, a: _Arrived, req: RecvRequest) -> None:
+        """A receive posted after its message arrived (the hub's lock is held)."""
+        if a.kind == MSG:
+            objs, short = a.bufs, False
+            if req.into is not None:
+                views = _into_slices(req.into, [len(memoryview(o)) for o in a.bufs])
+                if views is None:
+                    short = True
+                else:
+                    for v, o in zip(views, a.bufs):
+                        copy_in(v, o)
+                    objs = views
+            self._deliver(req, a.ptype, a.tag, a.body, objs, short)
+        else:
+            try:
+                self._rendezvous(a, req, early=False)
+            except (ConnectionError, OSError) as e:
+                req._finish(error=e)
+
+    def _rendezvous(self, a: _Arrived, req: RecvRequest, early: bool) -> None:
+        lens = [n for n, _ in a.descs]
+        views: Optional[list] = None
+        short = False
+        if req.into is not None:
+            views = _into_slices(req.into, lens)
+            short = views is None
+        objs: list
+        if views is None:
+            objs, views = [], []
+            for n in lens:
+                o, v = _alloc(a.ptype, n)
+                objs.append(o)
+                views.append(v)
+        else:
+            objs = views
+        refs = [_cma.BufferRef(v, writable=True) for v in views]
+        local = _cma.ranges(refs)
+        if not early and self._may_copy(a.pid):
+            try:
+                _cma.pull(a.pid, local, [(addr, n) for n, addr in a.descs])
+            except OSError as e:
+                if e.errno == errno.ESRCH:
+                    for r in refs:
+                        r.release()
+                    raise ConnectionResetError(errno.ECONNRESET, "the sender is gone") from e
+                self._verified[a.pid] = False          # copy it the other way
+            else:
+                for r in refs:
+                    r.release()
+                self._write([header(FIN, mid=a.mid, pid=_PID)])
+                self._deliver(req, a.ptype, a.tag, a.body, objs, short)
+                return
+        # Ask the sender to write into our destination (or, if it cannot,
+        # to send the bytes inline).
+        self._awaiting[a.mid] = (req, a, objs, views, refs, short)
+        if _cma.available():
+            descs = b"".join(DESC.pack(r.nbytes, r.addr) for r in refs)
+            self._write([header(CTS, nbufs=len(refs), mid=a.mid, total=sum(lens),
+                                pid=_PID), descs])
+        else:
+            self._write([header(CTS, mid=a.mid, pid=_PID)])
+
+    def _on_cts(self, h: Header) -> None:
+        descs = self._read_descs(h, True)
+        req = self._sends.pop(h.mid, None)
+        if req is None:
+            raise ProtocolError(f"clear to send for unknown message {h.mid}")
+        lens = [b.nbytes for b in req.bufs]
+        if descs and [n for n, _ in descs] != lens:
+            raise ProtocolError("clear to send with other buffer lengths than sent")
+        pushed = False
+        if descs and self._may_copy(h.pid):
+            try:
+                _cma.push(h.pid, _cma.ranges(req._refs), [(addr, n) for n, addr in descs])
+                pushed = True
+            except OSError as e:
+                if e.errno == errno.ESRCH:
+                    raise ConnectionResetError(errno.ECONNRESET, "the receiver is gone") from e
+                self._verified[h.pid] = False
+        total = sum(lens)
+        if pushed:
+            self._write([header(DONE, mid=h.mid, pid=_PID)])
+        else:
+            d = b"".join(DESC.pack(n, 0) for n in lens)
+            self._write([header(DATA, nbufs=len(lens), mid=h.mid, total=total), d, *req.bufs])
+            _cma.stats["sent_copied"] += total
+        req._finish()
+
+    def _on_fin(self, h: Header) -> None:
+        if h.nbufs or h.total or h.body_len:
+            raise ProtocolError("bad FIN")
+        req = self._sends.pop(h.mid, None)
+        if req is None:
+            raise ProtocolError(f"FIN for unknown message {h.mid}")
+        req._finish()
+
+    def _on_done(self, h: Header) -> None:
+        item = self._awaiting.pop(h.mid, None)
+        if item is None:
+            raise ProtocolError(f"data for unknown message {h.mid}")
+        req, a, objs, views, refs, short = item
+        for r in refs:
+            r.release()
+        if h.kind == DATA:
+            descs = self._read_descs(h, False)
+            if [n for n, _ in descs] != [n for n, _ in a.descs]:
+                raise ProtocolError("inline data with other buffer lengths than announced")
+            for v in views:
+                if len(v):
+                    self._wire.read_into(v)
+            self._copied_in(h.total)
+        elif h.nbufs or h.total or h.body_len:
+            raise ProtocolError("bad DONE")
+        self._deliver(req, a.ptype, a.tag, a.body, objs, short)
+
+    # -- closing --------------------------------------------------------------------
+
+    def _teardown(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Close the channel; pending requests on it fail."""
+        if self._closed:
+            return
+        with self._hub.lock:
+            self._closed = True
+            self._fast_off()
+            if self._fp is not None:
+                # (drop the cycle channel -> bound short cuts -> channel)
+                self.__dict__.pop("send", None)
+                self.__dict__.pop("recv", None)
+                self._fp = None
+            for req in self._sends.values():
+                req._finish(error=OSError(errno.EBADF, "the channel is closed"))
+            self._sends.clear()
+            for item in self._awaiting.values():
+                item[0]._finish(error=OSError(errno.EBADF, "the channel is closed"))
+                for r in item[4]:
+                    r.release()
+            self._awaiting.clear()
+            self._hub.queue[:] = [a for a in self._hub.queue if a.chan is not self]
+            if self in self._hub.channels:
+                self._hub.fail_channel(self)
+                self._hub.channels.remove(self)
+        self._teardown()
+
+    def __enter__(self) -> "Channel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed:
+                self._teardown()
+        except Exception:
+            pass

@@ -1,0 +1,119 @@
+"""shrimpio.msg awaited: on the shrimpio loop and on asyncio's own."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+import shrimpio
+from shrimpio import msg
+
+from msg_helpers import fork, join
+from children import reap
+
+np = pytest.importorskip("numpy")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _uvloop_pipe() -> None:
+    """uvloop keeps a process-wide pipe from its first loop on: opened
+    before the leak checks count fds."""
+    async def nothing() -> None:
+        pass
+    shrimpio.run(nothing())
+
+
+@pytest.fixture(params=["shrimpio", "asyncio"])
+def run(request):
+    return shrimpio.run if request.param == "shrimpio" else asyncio.run
+
+
+def _echo(a, n):
+    for _ in range(n):
+        m = a.recv_message()
+        a.send(m.payload, tag=m.tag)
+
+
+def test_asend_arecv_and_await_request(run):
+    a, b = msg.Pipe()
+    pid = fork(_echo, a, 102, close=(b,))
+    a.close()
+
+    async def main():
+        for i in range(100):
+            await b.asend(("n", i), tag=i % 4)
+            m = await b.arecv(tag=i % 4)
+            assert m.payload == ("n", i) and m.source is b
+        big = np.arange(1 << 20, dtype=np.int64)
+        await b.asend(big, tag=9)                   # a large one: rendezvous
+        dest = np.zeros_like(big)
+        req = b.irecv(tag=9, into=dest)
+        await req
+        assert np.array_equal(dest, big)
+        await b.asend(b"x" * 300_000)             # larger than the ring is free
+        st = await b.aprobe()
+        assert st.nbytes >= 300_000
+        assert (await b.arecv()).payload == b"x" * 300_000
+
+    try:
+        run(main())
+    finally:
+        b.close()
+    join(pid)
+
+
+def test_listener_arecv_many(run):
+    lst = msg.listen()
+
+    def sender(k):
+        with msg.connect(lst.address) as ch:
+            for i in range(20):
+                ch.send((k, i))
+            ch.recv_message()
+
+    pids = [fork(sender, k, close=(lst,)) for k in range(3)]
+
+    async def main():
+        got = {}
+        for _ in range(60):
+            m = await lst.arecv()
+            k, i = m.payload
+            assert got.get(k, -1) == i - 1
+            got[k] = i
+            if i == 19:
+                await m.source.asend("done")
+        return got
+
+    try:
+        assert run(main()) == {0: 19, 1: 19, 2: 19}
+    finally:
+        lst.close()
+    for pid in pids:
+        join(pid)
+
+
+def test_arecv_sees_a_dead_peer(run):
+    a, b = msg.Pipe()
+
+    def child():
+        a.send("up")
+        import time
+        time.sleep(60)
+
+    pid = fork(child, close=(b,))
+    a.close()
+
+    async def main():
+        assert (await b.arecv()).payload == "up"
+        asyncio.get_running_loop().call_later(0.1, os.kill, pid, signal.SIGKILL)
+        with pytest.raises((ConnectionResetError, EOFError)):
+            await asyncio.wait_for(b.arecv(), 10)
+
+    try:
+        run(main())
+    finally:
+        b.close()
+        reap(pid, 10)
