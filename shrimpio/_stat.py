@@ -4,24 +4,25 @@ this host, live, for programs that did nothing special.
 Theory of operation
 -------------------
 Each process that has a shrimpio listener or connection keeps a *stat
-table*: a memfd named ``shrimpio-stat`` (one fd per process, close-on-exec)
-holding a header page and 256-byte slots, one per listener or connection
-(see ``SLOT`` below).  The process writes a slot when the listener or
-connection comes and frees it when it closes; on the data path each ring end
-mirrors its index into the slot with one plain store (``Ring.set_stat``):
-bytes written by the producer, bytes read by the consumer.  A ring's waits
-mark the slot while a thread is blocked in them.  Nothing else is written,
-so the table costs no system call and nothing measurable on the data path.
+table*: a memfd named ``shrimpio-stat`` (close-on-exec), mapped once, of a
+header page and 256-byte slots, one per listener or connection (see
+``SLOT`` below); the process holds one fd for it (its mapping's).  The
+process writes a slot when the listener or connection comes and frees it
+when it closes; on the data path each ring end mirrors its index into the
+slot with one plain store (``Ring.set_stat``): bytes written by the
+producer, bytes read by the consumer.  A ring's waits mark the slot while a
+thread is blocked in them.  Nothing else is written, so the table costs no
+system call and nothing measurable on the data path.
 
 ``shrimpio stat`` finds the tables as ``ss`` and ``lsof`` find sockets:
 it looks through ``/proc/<pid>/fd`` of this user's processes for the fds
 named ``/memfd:shrimpio-stat``, opens each through that link (any process
 of the same user may), maps it read-only and lists the slots.  Nothing is
 written to disk, so nothing can be left behind: a process that exits,
-however it exits, takes its table with it.  A forked child closes the
-inherited fd (its inherited connections stay listed under the parent, whose
-slots they are) and makes its own table at its first listener or
-connection.  A ring's fill is the producer's count minus the consumer's,
+however it exits, takes its table with it.  A forked child keeps the
+parent's mapping (its inherited connections stay listed under the parent,
+whose slots they are: tables are told apart by inode and owner) and makes
+its own table at its first listener or connection.  A ring's fill is the producer's count minus the consumer's,
 from the two processes' slots of one connection (matched by their
 addresses).  Stale registry entries (listeners that died without closing)
 are shown and swept (``Registry.sweep``).
@@ -42,13 +43,12 @@ import time
 from typing import Any, Optional
 
 __all__ = ["track_connection", "track_listener", "track_tcp", "tcp_closing", "release", "scan",
-           "table_fd"]
+           "ensure_table"]
 
 MAGIC = b"SHRSTAT1"
 HEADER = 4096                   # magic, version, pid, slots in use (then unused)
 SLOT = 256
-CHUNK_SLOTS = 256               # the table grows by this many slots (64 KiB)
-MAX_SLOTS = 1 << 20
+MAX_SLOTS = 1 << 16             # slots a process can list (16 MiB of address space, sparse)
 
 KIND_SHM, KIND_TCP, KIND_LISTENER = 1, 2, 3
 KINDS = {KIND_SHM: "shm", KIND_TCP: "tcp", KIND_LISTENER: "listen"}
@@ -72,41 +72,39 @@ assert _REASON[0] + _REASON[1] == SLOT
 # --- the writing side: this process's table -----------------------------------
 
 class _Table:
-    """This process's stat table (see the module docstring)."""
+    """This process's stat table (see the module docstring): one mapping
+    of a memfd sized for ``MAX_SLOTS`` slots up front (a sparse file: only
+    the pages of slots ever used take memory), so that its slots never move
+    and the process holds one fd for it (the mapping's own; Python's mmap
+    keeps a duplicate of the fd it maps, and the original is closed)."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.fd = os.memfd_create("shrimpio-stat", getattr(os, "MFD_CLOEXEC", 1))
+        fd = os.memfd_create("shrimpio-stat", getattr(os, "MFD_CLOEXEC", 1))
         try:
-            os.ftruncate(self.fd, HEADER)
-            self.head = mmap.mmap(self.fd, HEADER)
-            self.head[:24] = MAGIC + struct.pack("<IIQ", 1, 0, self.pid)
-            self.chunks: list[mmap.mmap] = []
-            self.free: list[int] = []
-        except BaseException:
-            os.close(self.fd)
-            raise
+            os.ftruncate(fd, HEADER + MAX_SLOTS * SLOT)
+            self.map = mmap.mmap(fd, HEADER + MAX_SLOTS * SLOT)
+        finally:
+            os.close(fd)
+        self.map[:24] = MAGIC + struct.pack("<IIQ", 1, 0, self.pid)
+        self.used = 0                    # high-water mark of slots (the header says it too)
+        self.free: list[int] = []
 
     def take(self) -> tuple[mmap.mmap, int]:
-        """A free slot: (its chunk, its offset in the chunk)."""
-        if not self.free:
-            n = len(self.chunks)
-            if (n + 1) * CHUNK_SLOTS > MAX_SLOTS:
-                raise OSError(errno.ENOSPC, "stat table full")
-            size = CHUNK_SLOTS * SLOT
-            os.ftruncate(self.fd, HEADER + (n + 1) * size)
-            self.chunks.append(mmap.mmap(self.fd, size, offset=HEADER + n * size))
-            self.free = list(range((n + 1) * CHUNK_SLOTS - 1, n * CHUNK_SLOTS - 1, -1))
-            struct.pack_into("<I", self.head, 12, (n + 1) * CHUNK_SLOTS)
-        i = self.free.pop()
-        return self.chunks[i // CHUNK_SLOTS], (i % CHUNK_SLOTS) * SLOT
+        """A free slot: (the mapping, the slot's offset in it)."""
+        if self.free:
+            i = self.free.pop()
+        elif self.used < MAX_SLOTS:
+            i = self.used
+            self.used += 1
+            struct.pack_into("<I", self.map, 12, self.used)
+        else:
+            raise OSError(errno.ENOSPC, "stat table full")
+        return self.map, HEADER + i * SLOT
 
     def give_back(self, chunk: mmap.mmap, at: int) -> None:
         struct.pack_into("<I", chunk, at, 0)        # free: the reader skips it
-        for k, c in enumerate(self.chunks):
-            if c is chunk:
-                self.free.append(k * CHUNK_SLOTS + at // SLOT)
-                return
+        self.free.append((at - HEADER) // SLOT)
 
 
 _table: Optional[_Table] = None
@@ -248,29 +246,23 @@ def _start_time(pid: int) -> Optional[int]:
 
 
 def _forked() -> None:
-    """In a forked child: let go of the parent's table fd (the mapping stays
-    for the inherited connections' rings; their slots are the parent's)."""
+    """In a forked child: a new pid (its next listener or connection makes
+    the child's own table; the parent's mapping stays, for the inherited
+    connections' rings, whose slots are the parent's)."""
     global _pid
     _pid = os.getpid()
-    if _table is not None and _table.pid != _pid:
-        try:
-            os.close(_table.fd)
-        except OSError:
-            pass
-        _table.fd = -1
 
 
 os.register_at_fork(after_in_child=_forked)
 
 
-def table_fd() -> int:
-    """This process's table's fd, made now if it has none (for tests: an fd
-    the process keeps for its life)."""
+def ensure_table() -> None:
+    """Make this process's table now if it has none (for tests: the fd a
+    process keeps for its life)."""
+    global _table
     with _lock:
-        global _table
         if _table is None or _table.pid != _pid:
             _table = _Table()
-        return _table.fd
 
 
 # --- the reading side: `shrimpio stat` -------------------------------------------
@@ -296,7 +288,10 @@ def _read_table(pid: int, fd: int) -> tuple[Optional[int], list[dict], str]:
     finally:
         os.close(tfd)
     try:
-        data = bytes(m)        # one copy: the owner may change it meanwhile
+        # One copy (the owner may change it meanwhile) of the slots it ever used.
+        used = min(struct.unpack_from("<I", m, 12)[0], (size - HEADER) // SLOT)
+        size = HEADER + used * SLOT
+        data = bytes(m[:size])
     finally:
         m.close()
     if data[:8] != MAGIC:

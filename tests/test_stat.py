@@ -193,7 +193,8 @@ if how == "garbage":
     os.pwrite(fd, os.urandom(4096 + 256 * 4), 0)
 elif how == "slots":
     os.ftruncate(fd, 4096 + 256 * 4)
-    os.pwrite(fd, b"SHRSTAT1" + (1).to_bytes(4, "little") + bytes(4) + os.getpid().to_bytes(8, "little"), 0)
+    os.pwrite(fd, b"SHRSTAT1" + (1).to_bytes(4, "little") + (4).to_bytes(4, "little")
+              + os.getpid().to_bytes(8, "little"), 0)
     for i in range(4):           # live slots full of garbage
         os.pwrite(fd, (1).to_bytes(4, "little") + (i % 4).to_bytes(4, "little") + os.urandom(248),
                   4096 + 256 * i)
@@ -213,7 +214,7 @@ def test_a_hostile_table_is_reported_not_trusted(how):
         mine = [q for q in res["processes"] if q["pid"] == p.pid]
         if how == "slots":
             (q,) = mine
-            assert not q["error"]
+            assert not q["error"] and 1 <= len(q["entries"]) <= 3     # kinds 1-3 of 0-3
             for e in q["entries"]:
                 assert e["kind"] in ("shm", "tcp", "listen")
                 assert isinstance(e["local"], str) and len(e["local"]) < 64
@@ -226,3 +227,36 @@ def test_a_hostile_table_is_reported_not_trusted(how):
         assert str(p.pid) in text.stdout
     finally:
         _finish(p)
+
+
+def test_a_process_holds_one_fd_for_its_table():
+    """However many listeners and connections, one fd on the table (the
+    mapping's: Python's mmap keeps its own duplicate of the fd it maps)."""
+    from shrimpio.socket import socket as ShmSocket
+    import socket
+
+    def table_fds() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:shrimpio-stat")
+            except OSError:
+                pass
+        return n
+
+    lst = ShmSocket(socket.AF_INET, socket.SOCK_STREAM)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen()
+    pairs = []
+    try:
+        for _ in range(100):             # several pages of slots
+            c = ShmSocket(socket.AF_INET, socket.SOCK_STREAM)
+            c.connect(lst.getsockname())
+            pairs.append((c, lst.accept()[0]))
+        assert all(c._shm is not None for c, _ in pairs)
+        assert table_fds() == 1
+    finally:
+        for c, s in pairs:
+            c.close()
+            s.close()
+        lst.close()
