@@ -54,9 +54,11 @@ def counters():
 
 
 cdef inline void _copy_at(Ring rx, uint64_t off, char *dst, uint64_t n) noexcept:
-    """Copy n readable bytes starting ``off`` bytes after the consumer position."""
+    """Copy n readable bytes starting ``off`` bytes after the consumer
+    position, in the ring's current area (stream position p is at
+    ``(p - base) & (cap - 1)`` of it; _avail() has adopted the area)."""
     cdef uint64_t mask = rx.cap - 1
-    cdef uint64_t pos = (rx.tail + off) & mask
+    cdef uint64_t pos = (rx.tail - rx.base + off) & mask
     cdef uint64_t first = rx.cap - pos
     if n <= first:
         memcpy(dst, rx.data + pos, n)
