@@ -9,6 +9,16 @@ cdef extern from "_fastpath_core.h" nogil:
     uint32_t shr_peer_cpu(shr_ring_hdr *h, int writable)
 
 
+cdef inline void _ring_cond(Ring ring, bint writable, shr_cond *c) noexcept:
+    """The condition a poller waits on for one ring end: one byte to read,
+    or room for one byte (in the area the producer may write now)."""
+    c.h = ring.h
+    c.writable = 1 if writable else 0
+    c.pos = ring.head if writable else ring.tail
+    c.need = 1
+    c.cap = ring._wcap() if writable else ring.cap
+
+
 def ring_arm(Ring ring not None, bint writable, bint always=False):
     """Is the ring ready now (data or end of stream; or room, or a closed
     reader)?  If not (or ``always``: an edge-triggered waiter, which wants
@@ -26,11 +36,7 @@ cdef int _ring_arm(Ring ring, bint writable, bint always=False) except -1:
     """ring_arm for C callers: 1 ready, 0 armed."""
     cdef shr_cond c
     ring._check_open()
-    c.h = ring.h
-    c.pos = ring.head if writable else ring.tail
-    c.need = 1
-    c.cap = ring._wcap() if writable else ring.cap
-    c.writable = writable
+    _ring_cond(ring, writable, &c)
     if not always and shr_cond_ready(&c):
         return 1
     shr_cond_arm(&c, 1)
@@ -168,11 +174,7 @@ def spin_rings(list rings not None, list writables not None, list kfds not None,
         ring = <Ring?>rings[i]
         if ring.h == NULL or ring.closing:
             return -1
-        c[i].h = ring.h
-        c[i].writable = 1 if writables[i] else 0
-        c[i].pos = ring.head if c[i].writable else ring.tail
-        c[i].need = 1
-        c[i].cap = ring._wcap() if c[i].writable else ring.cap
+        _ring_cond(ring, writables[i], &c[i])
         if shr_cond_ready(&c[i]):
             return i
         if ring.spin_ns > budget:
@@ -249,11 +251,7 @@ def rings_slept(list rings not None, list writables not None, double waited):
         if ring.h == NULL:
             ready.append(False)
             continue
-        c.h = ring.h
-        c.writable = 1 if writables[i] else 0
-        c.pos = ring.head if c.writable else ring.tail
-        c.need = 1
-        c.cap = ring._wcap() if c.writable else ring.cap
+        _ring_cond(ring, writables[i], &c)
         ready.append(shr_cond_ready(&c) != 0)
         any_ready = any_ready or ready[i]
     for i in range(n):
