@@ -278,6 +278,20 @@ static inline void shr_cond_arm(const shr_cond *c, uint32_t v) {
     if (v) atomic_thread_fence(memory_order_seq_cst);
 }
 
+/* How many times a waiter of this process stopped sleeping on a ring (and
+ * cleared its sleeping flag, maybe after draining the doorbell).  A patched
+ * epoll keeps idle rings armed between its polls; when this count moved, a
+ * flag it set may have been cleared, or a ring meant for it drained, and it
+ * arms them all again (see _epoll.py). */
+static _Atomic uint64_t shr_unarmed;
+
+static inline void shr_note_unarmed(void) {
+    atomic_fetch_add_explicit(&shr_unarmed, 1, memory_order_relaxed);
+}
+static inline uint64_t shr_unarmed_count(void) {
+    return atomic_load_explicit(&shr_unarmed, memory_order_relaxed);
+}
+
 /* After publishing: wake the other side if (and only if) it sleeps. */
 static inline int shr_wake_reader(shr_ring_hdr *h, int fd, int kind) {
     if (atomic_load_explicit(&h->reader_sleeping, memory_order_seq_cst) &&
@@ -409,6 +423,7 @@ static int shr_wait_any_in(const shr_cond *conds, int n, const int *bells, const
             if (shr_cond_ready(&conds[i])) {
                 int j;
                 for (j = 0; j < n; j++) shr_cond_arm(&conds[j], 0);
+                shr_note_unarmed();
                 *which = i;
                 return SHR_READY;
             }
@@ -433,6 +448,7 @@ static int shr_wait_any_in(const shr_cond *conds, int n, const int *bells, const
         }
         r = ppoll(pfd, (nfds_t)np, tsp, NULL);
         for (i = 0; i < n; i++) shr_cond_arm(&conds[i], 0);
+        shr_note_unarmed();
         if (r < 0) {
             if (errno == EINTR) return SHR_EINTR;
             return SHR_ERROR;

@@ -7,6 +7,8 @@ cdef extern from "_fastpath_core.h" nogil:
     uint32_t shr_cpu_tag()
     int shr_peer_here(shr_ring_hdr *h, int writable, uint32_t me)
     uint32_t shr_peer_cpu(shr_ring_hdr *h, int writable)
+    void shr_note_unarmed()
+    uint64_t shr_unarmed_count()
 
 
 cdef inline void _ring_cond(Ring ring, bint writable, shr_cond *c) noexcept:
@@ -54,11 +56,23 @@ def ring_progress(Ring ring not None, bint writable):
     return (shr_load_head(ring.h) << 1) | (shr_load_wshut(ring.h) != 0)
 
 
-def drain_bell(int fd):
+def drain_bell(int fd, bint note=True):
     """Swallow the pending rings of a socket doorbell without blocking.
     True if the peer is gone (end of file, reset, or any other error: a
-    doorbell that fails can never ring again)."""
+    doorbell that fails can never ring again).  ``note``: count it as a
+    wake-up taken (see :func:`unarmed_count`); a patched epoll draining
+    the doorbells it watches itself passes False."""
+    if note:
+        shr_note_unarmed()
     return shr_bell_drain(fd, SHR_BELL_SOCKET) != 0
+
+
+def unarmed_count():
+    """How many times, so far, a waiter of this process cleared a ring's
+    sleeping flag or drained a doorbell (a blocking wait ending, a
+    poller's drain): when it moves, a ring armed earlier may no longer
+    be, and whoever keeps rings armed across calls arms them again."""
+    return shr_unarmed_count()
 
 
 def ring_peek_into(Ring ring not None, buffer, Py_ssize_t nbytes=-1):

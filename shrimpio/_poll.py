@@ -26,11 +26,10 @@ and no spurious readiness (a non-blocking ``recv`` after ``select`` says
 readable does not raise ``BlockingIOError``).  A listener is ready when its TCP
 socket or its registry socket has a connection waiting.
 
-What a registered fd is, is decided at poll time: ``epoll`` keeps each
-registration where it belongs now (a socket registered before its
-``connect()``/``listen()`` is watched as what it became; ``fd_changing``
-takes a kernel registration out before ``dup2`` replaces its file), and
-honours ``EPOLLONESHOT`` and ``EPOLLET`` for shrimpio fds too.
+``select`` and ``poll`` arm every shrimpio fd of interest on each call (the
+program hands them all in on each call, and the kernel's cost is in
+proportion too); ``epoll`` (in _epoll.py) keeps idle registrations armed
+between its polls, so that its cost follows the connections that are ready.
 
 A connection whose ring the peer broke (``RingCorruptedError``) is
 reported ready for whatever was asked, so that its own ``recv``/``send``
@@ -45,13 +44,12 @@ import errno
 import math
 import select as _select
 import time
-import weakref
 from typing import Any, Iterable, Optional
 
 from . import socket as _ss
-from ._fastpath import drain_bell, ring_arm, ring_progress, rings_slept, spin_rings
+from ._fastpath import drain_bell, ring_arm, rings_slept, spin_rings
 
-__all__ = ["select", "poll", "epoll", "drain"]
+__all__ = ["select", "poll", "drain"]  # (and epoll, fd_changing: see __getattr__)
 
 _real_select = _select.select
 _real_poll = _select.poll
@@ -352,14 +350,13 @@ class poll:
         return _poll_many(self._fds, timeout, -1)
 
 
-def _poll_many(interest: dict[int, int], timeout: Optional[float], maxevents: int,
-               regs: "Optional[dict[int, _Reg]]" = None) -> list[tuple[int, int]]:
-    """Shared by poll and epoll: ``interest`` maps fd -> poll-style mask.
-    ``regs`` (epoll): the shm fds' registrations, for edge-triggered ones."""
+def _poll_many(interest: dict[int, int], timeout: Optional[float],
+               maxevents: int) -> list[tuple[int, int]]:
+    """select.poll's wait: ``interest`` maps fd -> poll-style mask."""
     shm = {fd: s for fd in interest if (s := _shrimp(fd)) is not None}
     deadline = _deadline(timeout)
     spun = None
-    if shm and not (regs and any(r.edge for r in regs.values())):
+    if shm:
         plain = [(fd, m) for fd, m in interest.items() if fd not in shm]
         if not any(m & _OUT_BITS for _, m in plain):
             spun = _spin_first(shm, {fd for fd in shm if interest[fd] & _IN_BITS},
@@ -374,11 +371,7 @@ def _poll_many(interest: dict[int, int], timeout: Optional[float], maxevents: in
             if sock is None:
                 kernel.register(fd, mask)
                 continue
-            reg = regs.get(fd) if regs else None
-            edge = reg is not None and reg.edge and sock._shm is not None
-            r, w, watch = _want(sock, bool(mask & _IN_BITS), bool(mask & _OUT_BITS), edge)
-            if edge:
-                r, w = reg.news(sock._shm, r, w, peek=True)
+            r, w, watch = _want(sock, bool(mask & _IN_BITS), bool(mask & _OUT_BITS))
             ev = (POLLIN if r else 0) | (POLLOUT if w else 0)
             if ev:
                 now[fd] = ev
@@ -410,12 +403,8 @@ def _poll_many(interest: dict[int, int], timeout: Optional[float], maxevents: in
         for fd, sock in shm.items():
             mask = interest[fd]
             r, w = _ready(sock, bool(mask & _IN_BITS), bool(mask & _OUT_BITS), fired)
-            reg = regs.get(fd) if regs else None
-            if reg is not None and reg.edge and sock._shm is not None:
-                r, w = reg.news(sock._shm, r, w)
             ev = (POLLIN if r else 0) | (POLLOUT if w else 0)
-            # POLLHUP whatever was asked; edge-triggered, only with an edge.
-            if (ev or reg is None or not reg.edge) and _hup(sock._shm):
+            if _hup(sock._shm):                 # POLLHUP whatever was asked
                 ev |= POLLHUP
             if ev:
                 out[fd] = ev
@@ -424,233 +413,10 @@ def _poll_many(interest: dict[int, int], timeout: Optional[float], maxevents: in
             return items if maxevents < 0 else items[:maxevents]
 
 
-# ---------------------------------------------------------------------------
-# select.epoll
-
-
-class _Reg:
-    """An epoll registration of a shrimpio fd: its mask, the connection or
-    listener it was made for (a registration outlives neither: the stdlib's
-    epoll forgets an fd when its file closes), its one-shot state, and the
-    last edges reported (edge-triggered)."""
-
-    __slots__ = ("mask", "ref", "armed", "edge", "oneshot", "last_r", "last_w")
-
-    def __init__(self, mask: int, sock: Any) -> None:
-        self.ref = weakref.ref(sock._shm if sock._shm is not None else sock._lst)
-        self.set_mask(mask)
-
-    def set_mask(self, mask: int) -> None:
-        self.mask = mask
-        self.armed = True
-        self.edge = bool(mask & _EPOLLET)
-        self.oneshot = bool(mask & _EPOLLONESHOT)
-        self.last_r = self.last_w = None
-
-    def is_for(self, sock: Any) -> bool:
-        return self.ref() is (sock._shm if sock._shm is not None else sock._lst)
-
-    def news(self, conn: Any, r: bool, w: bool, peek: bool = False) -> tuple[bool, bool]:
-        """Edge-triggered: which of (readable, writable) changed since they
-        were last reported (the peer wrote, read, shut or died); ``peek``
-        leaves the record as it is."""
-        try:
-            mr = (ring_progress(conn.rx, False), conn.gone, conn.rd_shut) if r else None
-            mw = (ring_progress(conn.tx, True), conn.gone) if w else None
-        except (OSError, ValueError):
-            return r, w                     # broken or closed: report, the calls raise
-        r = r and mr != self.last_r
-        w = w and mw != self.last_w
-        if not peek:
-            if r:
-                self.last_r = mr
-            if w:
-                self.last_w = mw
-        return r, w
-
-
-_EPOLLET = getattr(_select, "EPOLLET", 1 << 31)
-_EPOLLONESHOT = getattr(_select, "EPOLLONESHOT", 1 << 30)
-
-#: Live patched epoll objects, told when an fd is about to become a shrimpio
-#: connection or listener (see fd_changing).
-_epolls: "weakref.WeakSet[epoll]" = weakref.WeakSet()
-
-
-def fd_changing(fd: int) -> None:
-    """``fd`` (a shrimpio socket's) is about to become a shared-memory
-    connection (its file replaced by ``dup2``) or listener, or to stop
-    being one (its file replaced by a kernel socket's).  An epoll that has
-    it registered takes it out while the registration is still on this
-    file (the kernel drops it silently with the file), and decides at its
-    next poll where it belongs.  (Installed in ``shrimpio.socket.fd_change_hooks``.)"""
-    if not _epolls:
-        return
-    for ep in list(_epolls):
-        ep._fd_changing(fd)
-
-
-class epoll:
-    """``select.epoll`` that understands shrimpio sockets.
-
-    Whether a registered fd is a shrimpio connection or listener is decided
-    at poll time, not at registration: a socket registered before its
-    ``connect()`` or ``listen()`` (pyftpdlib does so) is watched as what it
-    became.  Kernel fds are registered in a real epoll (``EPOLLET`` and
-    ``EPOLLONESHOT`` as the kernel does them); shrimpio fds honour both too:
-    one-shot until ``modify()``, edge-triggered on the peer's next write,
-    read, shut or death."""
-
-    def __init__(self, sizehint: int = -1, flags: int = 0) -> None:
-        self._ep = _real_epoll(sizehint, flags)
-        self._shm: dict[int, _Reg] = {}      # shrimpio fd -> registration
-        self._kmask: dict[int, int] = {}     # fds registered in the kernel epoll (maybe stale)
-        self._moving: dict[int, int] = {}    # taken out of the kernel by fd_changing: fd -> mask
-        _epolls.add(self)
-
-    def fileno(self) -> int:
-        return self._ep.fileno()
-
-    @property
-    def closed(self) -> bool:
-        return self._ep.closed
-
-    def close(self) -> None:
-        self._ep.close()
-        self._shm.clear()
-        self._kmask.clear()
-        self._moving.clear()
-        _epolls.discard(self)
-
-    def __enter__(self) -> "epoll":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def _check(self) -> None:
-        if self._ep.closed:
-            raise ValueError("I/O operation on closed epoll object")
-
-    def _live(self, fd: int) -> "Optional[_Reg]":
-        """fd's shrimpio registration if it still stands (else it is
-        forgotten: the file it was made for is gone)."""
-        reg = self._shm.get(fd)
-        if reg is None:
-            return None
-        sock = _shrimp(fd)
-        if sock is not None and reg.is_for(sock):
-            return reg
-        del self._shm[fd]
-        return None
-
-    def register(self, fd: Any, eventmask: int = _select.EPOLLIN | _select.EPOLLPRI | _select.EPOLLOUT) -> None:
-        self._check()
-        fd = _fd_of(fd)
-        sock = _shrimp(fd)
-        if sock is not None:
-            if self._live(fd) is not None or fd in self._moving:
-                raise FileExistsError(errno.EEXIST, "File exists")
-            self._shm[fd] = _Reg(eventmask, sock)
-            self._kmask.pop(fd, None)
-            return
-        self._live(fd)
-        if fd in self._moving:
-            raise FileExistsError(errno.EEXIST, "File exists")
-        self._ep.register(fd, eventmask)
-        self._kmask[fd] = eventmask
-
-    def modify(self, fd: Any, eventmask: int) -> None:
-        self._check()
-        fd = _fd_of(fd)
-        reg = self._live(fd)
-        if reg is not None:
-            reg.set_mask(eventmask)
-            return
-        if fd in self._moving:
-            self._moving[fd] = eventmask
-            return
-        self._ep.modify(fd, eventmask)
-        self._kmask[fd] = eventmask
-
-    def unregister(self, fd: Any) -> None:
-        self._check()
-        fd = _fd_of(fd)
-        if self._live(fd) is not None:
-            del self._shm[fd]
-            return
-        if self._moving.pop(fd, None) is not None:
-            return
-        self._ep.unregister(fd)
-        self._kmask.pop(fd, None)
-
-    def _fd_changing(self, fd: int) -> None:
-        if self._ep.closed:
-            return
-        reg = self._live(fd)
-        if reg is not None:                  # a shrimpio fd about to be a kernel one
-            del self._shm[fd]
-            self._moving[fd] = reg.mask
-            return
-        mask = self._kmask.pop(fd, None)
-        if mask is None:
-            return
-        try:
-            self._ep.unregister(fd)          # only if registered for this very file
-        except OSError:
-            return                           # a stale entry (that file was closed)
-        self._moving[fd] = mask
-
-    def _settle(self) -> None:
-        """Put the fds fd_changing took out where they now belong."""
-        for fd, mask in list(self._moving.items()):
-            del self._moving[fd]
-            sock = _shrimp(fd)
-            if sock is not None:
-                self._shm[fd] = _Reg(mask, sock)
-                continue
-            try:                             # still (or again) a kernel socket
-                self._ep.register(fd, mask)
-                self._kmask[fd] = mask
-            except OSError:
-                pass                         # closed meanwhile: forgotten, as by the kernel
-
-    def poll(self, timeout: Optional[float] = None, maxevents: int = -1) -> list[tuple[int, int]]:
-        self._check()
-        if timeout is not None and timeout < 0:
-            timeout = None
-        if self._moving:
-            self._settle()
-        live = {fd: reg for fd in list(self._shm) if (reg := self._live(fd)) is not None}
-        live = {fd: reg for fd, reg in live.items() if reg.armed}
-        if not live:
-            return self._ep.poll(-1 if timeout is None else timeout, maxevents)
-        # The kernel fds of the epoll join as one more pollable fd.
-        interest = {fd: _to_poll(reg.mask) for fd, reg in live.items()}
-        if self._kmask:
-            interest[self._ep.fileno()] = POLLIN
-        events = _poll_many(interest, timeout, -1, live)
-        out = []
-        for fd, ev in events:
-            if fd == self._ep.fileno():
-                continue
-            reg = live[fd]
-            if reg.oneshot:
-                reg.armed = False            # until modify() re-arms it
-            out.append((fd, _to_epoll(ev)))
-        if any(fd == self._ep.fileno() for fd, _ in events):
-            out += self._ep.poll(0, maxevents)
-        return out if maxevents is None or maxevents < 0 else out[:maxevents]
-
-
-def _to_poll(mask: int) -> int:
-    return ((POLLIN if mask & (_select.EPOLLIN | _select.EPOLLPRI) else 0)
-            | (POLLOUT if mask & _select.EPOLLOUT else 0))
-
-
-def _to_epoll(ev: int) -> int:
-    return ((_select.EPOLLIN if ev & POLLIN else 0) | (_select.EPOLLOUT if ev & POLLOUT else 0)
-            | (_select.EPOLLHUP if ev & POLLHUP else 0))
-
-
-_ss.fd_change_hooks.append(fd_changing)
+def __getattr__(name: str) -> Any:
+    # select.epoll is in _epoll.py (it keeps registrations armed between
+    # polls), which imports this module's helpers.
+    if name in ("epoll", "fd_changing"):
+        from . import _epoll
+        return getattr(_epoll, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,7 +31,7 @@ import selectors as _selectors
 import socket as _std
 from typing import Any
 
-from . import _fdhooks, _poll
+from . import _epoll, _fdhooks, _poll
 from .socket import StdSocket, socket
 
 __all__ = ["enable", "disable", "enabled"]
@@ -74,11 +74,11 @@ def enable() -> None:
     _select.select = _poll.select
     _select.poll = _poll.poll
     if hasattr(_select, "epoll"):
-        _select.epoll = _poll.epoll
+        _select.epoll = _epoll.epoll
     _selectors.SelectSelector._select = staticmethod(_poll.select)
     _selectors.PollSelector._selector_cls = _poll.poll
     if hasattr(_selectors, "EpollSelector"):
-        _selectors.EpollSelector._selector_cls = _poll.epoll
+        _selectors.EpollSelector._selector_cls = _epoll.epoll
     _fdhooks.install()
     _install_ssl()
     _install_loop_policy()

@@ -378,6 +378,12 @@ def _scribbler(addr, cmd_r, done_w):
             struct.pack_into("<Q", mv, _HEAD, 2 ** 40)
         elif cmd == b"t":        # our consumer index (the victim writes by it)
             struct.pack_into("<Q", mv, off2 + _TAIL, 2 ** 63)
+        # ...and ring both doorbells, as a peer does after it moves an index.
+        # (A peer that scribbles and stays silent is a silent peer: an epoll
+        # sees it when it next rings or dies; select and poll look at every
+        # ring on each call and see it at once.)
+        os.write(conn.bell_fd, b"\1")
+        conn.space.send(b"\1")
         os.write(done_w, cmd)
 
 
