@@ -330,9 +330,10 @@ class epoll:
         nothing is ready, arm its rings (it goes cold); else only look."""
         conn = sock._shm
         if arm:
-            r, w, _ = _poll._want(sock, reg.read, reg.write, reg.edge)
-        else:
-            r, w = _poll._ready(sock, reg.read, reg.write, ())
+            _poll._want(sock, reg.read, reg.write, reg.edge)
+        # What the rings say, validated: a ring the peer broke is ready for
+        # whatever was asked (its own recv/send raise).
+        r, w = _poll._ready(sock, reg.read, reg.write, ())
         if reg.edge:
             r, w = reg.news(conn, r, w)
         ev = (POLLIN if r else 0) | (POLLOUT if w else 0)
