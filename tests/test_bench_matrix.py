@@ -288,6 +288,8 @@ def test_bandwidth_goal_reads_the_1mib_row_worst_repeat():
             "socket_bw_16m": row("socket_bw_16m", [3000.0, 3000.0, 3000.0], [3000.0, 3000.0, 3000.0])}
     got = {g.text: g for g in goals(rows)}["socket 1 MiB bandwidth >= 2x Unix socket"]
     assert got.met is True and got.value == "2.00x (16 MiB 1.00x)"      # worst repeat: 8000 / 4000
+    assert {g.text: g for g in goals({"socket_bw_16m": rows["socket_bw_16m"]})}[
+        "socket 1 MiB bandwidth >= 2x Unix socket"].value == "-"          # the goal's row not measured
     rows["socket_bw"] = row("socket_bw", [9000.0, 5000.0, 9000.0], [3000.0, 3000.0, 3000.0])
     assert {g.text: g for g in goals(rows)}["socket 1 MiB bandwidth >= 2x Unix socket"].met is False
 
@@ -317,6 +319,12 @@ def test_aiohttp_goal_needs_every_in_flight_row():
     assert got.value == "2.00x 1 in flight (client CPU 60%/50%), 1.20x 4 in flight (client CPU 60%/50%)"
     rows["aiohttp_4"] = row("aiohttp_4", 15000.0, 10000.0)
     assert {g.text: g for g in goals(rows)}["aiohttp >= 1.5x uvloop TCP"].met is True
+    # in the order of the table, in flight counted as numbers; the loaded row named as such
+    rows["aiohttp_16"] = row("aiohttp_16", 20000.0, 10000.0)
+    rows["aiohttp_4_load"] = row("aiohttp_4_load", 8000.0, 4000.0)
+    value = {g.text: g for g in goals(rows)}["aiohttp >= 1.5x uvloop TCP"].value
+    assert [part.split(" (")[0] for part in value.split("), ")] == [
+        "2.00x 1 in flight", "1.50x 4 in flight", "2.00x 16 in flight", "2.00x 4 in flight, a core busy"]
 
 
 def _stats(us: float) -> dict:

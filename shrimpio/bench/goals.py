@@ -73,11 +73,13 @@ def _ratio_of(rows: Rows, key: str, a: str, b: str) -> Optional[float]:
 
 def _aiohttp(rows: Rows) -> tuple[str, Optional[bool]]:
     parts, met = [], []
-    for key in sorted(k for k in rows if k.startswith("aiohttp_")):
+    keys = [k for k in rows if k.startswith("aiohttp_")]
+    for key in sorted(keys, key=lambda k: (k.endswith("_load"), int(k.split("_")[1]))):
         r = _ratio(rows, key, "uvloop TCP")
         if r is None:
             continue
-        text = f"{fmt_ratio(r)} {key.partition('_')[2]} in flight"
+        text = f"{fmt_ratio(r)} " + ("4 in flight, a core busy" if key.endswith("_load")
+                                     else f"{key.partition('_')[2]} in flight")
         busy = [f.extra.get("client_cpu_percent") for f in rows[key].figures]
         if all(b is not None for b in busy):
             # A client that is busy all the time sets the rate itself.
@@ -117,7 +119,7 @@ def _bandwidth(rows: Rows) -> tuple[str, Optional[bool]]:
     others = [(name, _ratio(rows, key, "Unix")) for name, key in (("64 KiB", "socket_bw_64k"),
                                                                 ("16 MiB", "socket_bw_16m"))]
     others = [(name, r) for name, r in others if r is not None]
-    if others:
+    if met is not None and others:
         text += " (" + ", ".join(f"{name} {fmt_ratio(r)}" for name, r in others) + ")"
     return text, met
 
