@@ -347,3 +347,38 @@ def test_pingpong_and_bench_socket_print_through_the_shared_table():
                                                              "http_in_flight": [1, 4]},
                                                 "rtt_64B": {"shrimpio": _stats(7.0)},
                                                 "echo_1KiB": {}})] == ["asyncio_rtt"]
+
+
+def test_python_m_shrimpio_bench_is_the_bench_command(tmp_path):
+    env = child_env(inherit_pythonpath=False)
+    res = subprocess.run([sys.executable, "-m", "shrimpio.bench", "--rows", "nope"], capture_output=True,
+                         text=True, env=env, timeout=60, cwd=tmp_path)
+    assert res.returncode == 2 and res.stdout == ""
+    assert "unknown row(s) nope" in res.stderr and "socket_bw_16m" in res.stderr
+
+
+def test_connect_rounds_in_fresh_interpreters(tmp_path):
+    """``python -m shrimpio.bench.rows.connect``: each kind measured in its
+    own interpreter per round, every connection on its labelled path (the
+    child raises otherwise), the rounds' medians and pooled percentiles."""
+    env = child_env(inherit_pythonpath=False)
+    res = subprocess.run([sys.executable, "-m", "shrimpio.bench.rows.connect", "--rounds", "2", "-n", "20",
+                          "--json"], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    table = json.loads(res.stdout)
+    assert list(table) == ["shrimpio", "tcp", "unix"]
+    for t in table.values():
+        assert t["n"] == 2 * 20 and len(t["round_medians_us"]) == 2
+        assert 0 < t["p50_us"] <= t["p90_us"] <= t["p99_us"]
+
+
+def test_tls_over_shm_beside_tls_over_tcp(tmp_path):
+    pytest.importorskip("trustme")
+    env = child_env(inherit_pythonpath=False)
+    res = subprocess.run([sys.executable, "-m", "shrimpio.bench.rows.tls", "--rounds", "1", "-n", "50",
+                          "--mib", "2", "--json"], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [r["path"] for r in out["runs"]["shm"]] == ["shm"] and [r["path"] for r in out["runs"]["tcp"]] == ["tcp"]
+    assert out["summary"]["shm"]["mib_s"] > 0 and out["summary"]["ratio"]["rtt"] > 0
