@@ -97,6 +97,19 @@ def test_table_text_and_missing_pyzmq(tiny, capsys, monkeypatch):
     assert "socket 1 MiB bandwidth >= 2x Unix socket" in out and "wall time" in out
 
 
+def test_progress_counts_no_repeats_of_a_missing_peer(capsys, monkeypatch):
+    """pyzmq missing, two repeats: its peer is tried once, and the progress
+    count still ends at its total."""
+    monkeypatch.setattr(zmq_ipc, "available", lambda: False)
+    monkeypatch.setattr(runner, "FULL", runner.Settings(**{**TINY.__dict__, "repeats": 2}))
+    rc, out, err = _bench_cli(capsys, "--rows", "socket_bw")
+    assert rc == 0 and "zmq ipc: pyzmq not installed" in out
+    steps = [line for line in err.splitlines() if line.startswith("[")]
+    assert len(steps) == 2 * 4 + 1                       # shm, TCP, Unix, memcpy twice; zmq once
+    assert steps[-1].startswith(f"[{len(steps)}/{len(steps)}] ")
+    assert sum("zmq ipc" in line for line in steps) == 1
+
+
 def test_shrimpio_figure_on_the_wrong_path_is_a_failure(tiny, capsys, monkeypatch):
     real = connect.bench_connect
 

@@ -136,6 +136,8 @@ def _measure_row(sp: Spec, s: Settings, progress: Progress) -> tuple[Optional[Ro
                 missing[label] = str(exc)
             except Exception as exc:       # the rest of the matrix still runs
                 missing[label] = f"failed: {type(exc).__name__}: {exc}"
+            if label in missing:
+                progress.total -= repeats - rep - 1      # its later repeats are not measured
     subject = sp.kinds[0][0]
     if subject in missing:
         return None, missing
