@@ -67,20 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv[1:])
     ap = argparse.ArgumentParser(prog="shrimpio", description="shared-memory communication for Python")
     sub = ap.add_subparsers(dest="command", required=True)
-    from . import _bench
+    from .bench import runner
+    from .bench.rows import aio, sockets, vmmc
 
     sub.add_parser("run", help="run an unmodified program (prog.py or -m module) over shrimpio")
     pp = sub.add_parser("pingpong", help="VMMC round trip and bandwidth beside a Unix socket")
-    _bench.add_arguments(pp)
-    from . import _bench_socket
+    vmmc.add_arguments(pp)
     bs = sub.add_parser("bench-socket", help="blocking sockets: shrimpio vs TCP vs Unix socket")
-    _bench_socket.add_arguments(bs)
-    from . import _bench_asyncio
+    sockets.add_arguments(bs)
     ba = sub.add_parser("bench-asyncio", help="asyncio: shrimpio loop vs uvloop over TCP")
-    _bench_asyncio.add_arguments(ba)
-    from . import _bench_matrix
+    aio.add_arguments(ba)
     bm = sub.add_parser("bench", help="the whole benchmark matrix, with peers and goals")
-    _bench_matrix.add_arguments(bm)
+    runner.add_arguments(bm)
     from . import _stat
     st = sub.add_parser("stat", help="list this user's shrimpio listeners and connections")
     _stat.add_arguments(st)
@@ -93,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chaos":
         return _chaos.main(args)
     if args.command == "bench":
-        return _bench_matrix.main(args)
+        return runner.main(args)
     if args.command == "pingpong":
-        _bench.main(args)
+        vmmc.main(args)
     elif args.command == "bench-socket":
-        _bench_socket.main(args)
+        sockets.main(args)
     elif args.command == "bench-asyncio":
-        _bench_asyncio.main(args)
+        aio.main(args)
     return 0
 
 

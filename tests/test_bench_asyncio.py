@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from shrimpio import _bench_asyncio as bench
+from shrimpio.bench.rows import aio as bench
 
 MEASUREMENTS = [("rtt", 200), ("echo-protocol", 0.1), ("echo-streams", 0.1), ("aiohttp-1", 0.1),
                 ("aiohttp-4", 0.1)]

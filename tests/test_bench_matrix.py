@@ -17,12 +17,13 @@ import pytest
 
 import shrimpio
 from children import child_env
-from shrimpio import _bench, _bench_asyncio, _bench_conn, _bench_matrix, _bench_socket, _bench_zmq
+from shrimpio.bench import common, runner
+from shrimpio.bench.rows import aio, connect, sockets, vmmc, zmq_ipc
 from shrimpio.__main__ import main
-from shrimpio._bench_goals import goals
-from shrimpio._bench_table import Figure, Row, format_goals, format_noise, format_table
+from shrimpio.bench.goals import goals
+from shrimpio.bench.table import Figure, Row, format_goals, format_noise, format_table
 
-TINY = _bench_matrix.Settings(rtt_rounds=200, bw_rounds=5, connects=20, async_rtt_rounds=100,
+TINY = runner.Settings(rtt_rounds=200, bw_rounds=5, connects=20, async_rtt_rounds=100,
                               seconds=0.1, idle_seconds=0.5, repeats=1)
 PNG = b"\x89PNG\r\n\x1a\n"
 MACHINE = {"cpu": "cpu", "cores": 2, "python": "3.11", "kernel": "6"}
@@ -31,7 +32,7 @@ MACHINE = {"cpu": "cpu", "cores": 2, "python": "3.11", "kernel": "6"}
 @pytest.fixture
 def tiny(monkeypatch):
     """``shrimpio bench`` without --quick measures TINY amounts."""
-    monkeypatch.setattr(_bench_matrix, "FULL", TINY)
+    monkeypatch.setattr(runner, "FULL", TINY)
 
 
 def _bench_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -65,14 +66,14 @@ def test_json_has_every_requested_row_with_consistent_ratios(tiny, capsys):
     assert labels["connect"] == ["shm", "TCP", "Unix"]
     for key in ("socket_rtt", "socket_bw"):
         row = next(r for r in res["rows"] if r["key"] == key)
-        if _bench_zmq.available():
+        if zmq_ipc.available():
             assert "zmq ipc" in labels[key]
         else:
             assert row["skipped"] == {"zmq ipc": "pyzmq not installed"}
     # connect+accept: every connection, seen from both ends, took the path it is labelled with
-    connect = next(r for r in res["rows"] if r["key"] == "connect")
-    assert [f["extra"]["paths"] for f in connect["figures"]] == [["shm"], ["tcp"], ["unix"]]
-    assert all(f["extra"]["n"] == TINY.connects for f in connect["figures"])
+    conn_row = next(r for r in res["rows"] if r["key"] == "connect")
+    assert [f["extra"]["paths"] for f in conn_row["figures"]] == [["shm"], ["tcp"], ["unix"]]
+    assert all(f["extra"]["n"] == TINY.connects for f in conn_row["figures"])
     # goals: the measured ones are judged from those same ratios, the rest "not measured"
     g = {x["text"]: x for x in res["goals"]}
     tcp = next(r for r in res["rows"] if r["key"] == "socket_rtt")["ratios"]["TCP"]
@@ -87,7 +88,7 @@ def test_json_has_every_requested_row_with_consistent_ratios(tiny, capsys):
 
 
 def test_table_text_and_missing_pyzmq(tiny, capsys, monkeypatch):
-    monkeypatch.setattr(_bench_zmq, "available", lambda: False)
+    monkeypatch.setattr(zmq_ipc, "available", lambda: False)
     rc, out, _ = _bench_cli(capsys, "--rows", "socket_bw")
     assert rc == 0
     line = next(x for x in out.splitlines() if x.startswith("socket 1 MiB"))
@@ -96,14 +97,27 @@ def test_table_text_and_missing_pyzmq(tiny, capsys, monkeypatch):
     assert "socket 1 MiB bandwidth >= 2x Unix socket" in out and "wall time" in out
 
 
+def test_progress_counts_no_repeats_of_a_missing_peer(capsys, monkeypatch):
+    """pyzmq missing, two repeats: its peer is tried once, and the progress
+    count still ends at its total."""
+    monkeypatch.setattr(zmq_ipc, "available", lambda: False)
+    monkeypatch.setattr(runner, "FULL", runner.Settings(**{**TINY.__dict__, "repeats": 2}))
+    rc, out, err = _bench_cli(capsys, "--rows", "socket_bw")
+    assert rc == 0 and "zmq ipc: pyzmq not installed" in out
+    steps = [line for line in err.splitlines() if line.startswith("[")]
+    assert len(steps) == 2 * 4 + 1                       # shm, TCP, Unix, memcpy twice; zmq once
+    assert steps[-1].startswith(f"[{len(steps)}/{len(steps)}] ")
+    assert sum("zmq ipc" in line for line in steps) == 1
+
+
 def test_shrimpio_figure_on_the_wrong_path_is_a_failure(tiny, capsys, monkeypatch):
-    real = _bench_conn.bench_connect
+    real = connect.bench_connect
 
     def fell_back(kind: str, n: int) -> dict:
         res = real(kind, n)
         return dict(res, paths=["tcp"]) if kind == "shrimpio" else res
 
-    monkeypatch.setattr(_bench_conn, "bench_connect", fell_back)
+    monkeypatch.setattr(connect, "bench_connect", fell_back)
     rc, out, _ = _bench_cli(capsys, "--json", "--rows", "connect")
     res = json.loads(out)
     assert rc == 1 and res["rows"] == []
@@ -117,7 +131,7 @@ def test_unknown_row(capsys):
 
 @pytest.mark.parametrize("kind", ["socket", "asyncio"])
 def test_idle_pair_uses_little_cpu(kind):
-    res = _bench_conn.idle_pair(kind, 0.5)
+    res = connect.idle_pair(kind, 0.5)
     assert res["paths"] == ["shm", "shm"]
     assert len(res["per_process"]) == 2 and res["percent"] == pytest.approx(sum(res["per_process"]))
     assert res["percent"] < 5, res             # 1 clock tick is 2 % of 0.5 s
@@ -139,7 +153,7 @@ def test_cpu_measurement_sees_a_spinning_process():
     spinner.start()
     sleeper.start()
     try:
-        spun, slept = _bench_conn.cpu_percent([spinner.pid, sleeper.pid], 1.0)
+        spun, slept = connect.cpu_percent([spinner.pid, sleeper.pid], 1.0)
     finally:
         stop.set()
         spinner.join(30)
@@ -154,7 +168,7 @@ def matplotlib_fonts(tmp_path_factory):
     """matplotlib keeps the font files it has used open for the life of the
     process (its font cache): load them before the leak check looks."""
     pytest.importorskip("matplotlib")
-    from shrimpio._bench_plot import plot
+    from shrimpio.bench.plot import plot
     row = _row("socket_rtt", "us", ("shm", 1.0), ("TCP", 85.7))
     plot({"machine": MACHINE, "rows": [row.to_json()]}, str(tmp_path_factory.mktemp("fonts") / "warm.png"))
 
@@ -180,7 +194,7 @@ def test_plot_without_matplotlib_says_so(tmp_path):
 
 def test_zmq_peer_measures():
     pytest.importorskip("zmq")
-    samples = _bench_zmq.bench_zmq(50, 64, 64)
+    samples = zmq_ipc.bench_zmq(50, 64, 64)
     assert len(samples) == 50 and min(samples) > 0
 
 
@@ -190,7 +204,7 @@ def test_progress_rewrites_its_line_on_a_terminal():
             return True
 
     out = Tty()
-    p = _bench_matrix.Progress(2, out)
+    p = runner.Progress(2, out)
     p.step("socket 64 B round trip: TCP")
     p.step("connect+accept+close: shm")
     p.done()
@@ -252,6 +266,47 @@ def test_ratio_per_repeat_and_goals_on_the_worst():
     assert odd.run_ratios(odd.peer("TCP")) == [] and odd.worst_ratio(odd.peer("TCP")) == 3.0
 
 
+def test_bandwidth_rows_64k_1m_16m_beside_unix_tcp_and_memcpy(tiny, capsys):
+    """The three message sizes, each over shared memory, TCP and a Unix
+    socket in the same run, with one memcpy of the message as the floor;
+    every figure moved its rows' messages on the path it is labelled with."""
+    wanted = ["socket_bw_64k", "socket_bw", "socket_bw_16m"]
+    rc, out, err = _bench_cli(capsys, "--json", "--rows", ",".join(wanted))
+    assert rc == 0, err
+    res = json.loads(out)
+    assert [r["key"] for r in res["rows"]] == wanted
+    titles = [r["title"] for r in res["rows"]]
+    assert titles == ["socket 64 KiB sendall + 8 B ack", "socket 1 MiB sendall + 8 B ack",
+                      "socket 16 MiB sendall + 8 B ack"]
+    for row, size in zip(res["rows"], (64 << 10, 1 << 20, 16 << 20)):
+        figs = {f["label"]: f for f in row["figures"]}
+        assert row["unit"] == "MiB/s" and row["figures"][0]["label"] == "shm"
+        assert {"shm", "TCP", "Unix", "memcpy"} <= set(figs)
+        for label, path in (("shm", "shm"), ("TCP", "tcp"), ("Unix", "unix")):
+            assert figs[label]["extra"]["paths"] == [path]
+        assert all(f["extra"]["n"] == sockets.bw_rounds(TINY, size) for f in figs.values())
+        assert all(f["median"] > 0 for f in figs.values())
+        assert set(row["worst_ratios"]) >= {"TCP", "Unix", "memcpy"}
+    goal = next(g for g in res["goals"] if g["text"] == "socket 1 MiB bandwidth >= 2x Unix socket")
+    unix = [r for r in res["rows"] if r["key"] == "socket_bw"][0]["worst_ratios"]["Unix"]
+    assert goal["met"] == (unix >= 2)
+    assert "(64 KiB " in goal["value"] and ", 16 MiB " in goal["value"]
+
+
+def test_bandwidth_goal_reads_the_1mib_row_worst_repeat():
+    def row(key, shm_runs, unix_runs):
+        return Row(key, key, "MiB/s", [Figure("shm", sorted(shm_runs)[1], None, shm_runs),
+                                       Figure("Unix", sorted(unix_runs)[1], None, unix_runs)])
+    rows = {"socket_bw": row("socket_bw", [9000.0, 8000.0, 9000.0], [3000.0, 4000.0, 3000.0]),
+            "socket_bw_16m": row("socket_bw_16m", [3000.0, 3000.0, 3000.0], [3000.0, 3000.0, 3000.0])}
+    got = {g.text: g for g in goals(rows)}["socket 1 MiB bandwidth >= 2x Unix socket"]
+    assert got.met is True and got.value == "2.00x (16 MiB 1.00x)"      # worst repeat: 8000 / 4000
+    assert {g.text: g for g in goals({"socket_bw_16m": rows["socket_bw_16m"]})}[
+        "socket 1 MiB bandwidth >= 2x Unix socket"].value == "-"          # the goal's row not measured
+    rows["socket_bw"] = row("socket_bw", [9000.0, 5000.0, 9000.0], [3000.0, 3000.0, 3000.0])
+    assert {g.text: g for g in goals(rows)}["socket 1 MiB bandwidth >= 2x Unix socket"].met is False
+
+
 def test_noisy_figures_are_named_under_the_table():
     """A figure whose repeats are more than 1.5x apart is listed (the run's
     ratios from it may move); steady figures and single repeats are not."""
@@ -277,6 +332,12 @@ def test_aiohttp_goal_needs_every_in_flight_row():
     assert got.value == "2.00x 1 in flight (client CPU 60%/50%), 1.20x 4 in flight (client CPU 60%/50%)"
     rows["aiohttp_4"] = row("aiohttp_4", 15000.0, 10000.0)
     assert {g.text: g for g in goals(rows)}["aiohttp >= 1.5x uvloop TCP"].met is True
+    # in the order of the table, in flight counted as numbers; the loaded row named as such
+    rows["aiohttp_16"] = row("aiohttp_16", 20000.0, 10000.0)
+    rows["aiohttp_4_load"] = row("aiohttp_4_load", 8000.0, 4000.0)
+    value = {g.text: g for g in goals(rows)}["aiohttp >= 1.5x uvloop TCP"].value
+    assert [part.split(" (")[0] for part in value.split("), ")] == [
+        "2.00x 1 in flight", "1.50x 4 in flight", "2.00x 16 in flight", "2.00x 4 in flight, a core busy"]
 
 
 def _stats(us: float) -> dict:
@@ -286,16 +347,51 @@ def _stats(us: float) -> dict:
 def test_pingpong_and_bench_socket_print_through_the_shared_table():
     res = {"machine": MACHINE, "rtt_64B": {"reference": _stats(0.4), "vmmc": _stats(0.8), "unix": _stats(64.0)},
            "put_1MiB": {"vmmc": _stats(40.0), "unix": _stats(250.0), "memcpy": _stats(32.0)}}
-    text = _words(_bench.report(res))
+    text = _words(vmmc.report(res))
     assert "VMMC 0.80 p99 1.60 | Unix 64.0 (80x) | floor 0.40 (0.50x)" in text
     assert "VMMC 25000 p99 12500 | Unix 4000 (6.25x) | memcpy 31250 (0.80x)" in text
     res = {"machine": MACHINE, "rtt_64B": {"shrimpio": _stats(1.0), "tcp": _stats(85.0), "unix": _stats(65.0)},
            "bw_1MiB": {"shrimpio": _stats(100.0), "tcp": _stats(300.0), "unix": _stats(400.0)}}
-    text = _words(_bench_socket.report(res))
+    text = _words(sockets.report(res))
     assert "shm 1.00 p99 2.00 | TCP 85.0 (85x) | Unix 65.0 (65x)" in text
     assert "shm 10000 p99 5000 | TCP 3333 (3.00x) | Unix 2500 (4.00x)" in text
-    assert [r.key for r in _bench_socket.rows(res)] == ["socket_rtt", "socket_bw"]
-    assert [r.key for r in _bench_asyncio.rows({"settings": {"echo_clients": 10, "echo_bytes": 1024,
+    assert [r.key for r in sockets.rows(res)] == ["socket_rtt", "socket_bw"]
+    assert [r.key for r in aio.rows({"settings": {"echo_clients": 10, "echo_bytes": 1024,
                                                              "http_in_flight": [1, 4]},
                                                 "rtt_64B": {"shrimpio": _stats(7.0)},
                                                 "echo_1KiB": {}})] == ["asyncio_rtt"]
+
+
+def test_python_m_shrimpio_bench_is_the_bench_command(tmp_path):
+    env = child_env(inherit_pythonpath=False)
+    res = subprocess.run([sys.executable, "-m", "shrimpio.bench", "--rows", "nope"], capture_output=True,
+                         text=True, env=env, timeout=60, cwd=tmp_path)
+    assert res.returncode == 2 and res.stdout == ""
+    assert "unknown row(s) nope" in res.stderr and "socket_bw_16m" in res.stderr
+
+
+def test_connect_rounds_in_fresh_interpreters(tmp_path):
+    """``python -m shrimpio.bench.rows.connect``: each kind measured in its
+    own interpreter per round, every connection on its labelled path (the
+    child raises otherwise), the rounds' medians and pooled percentiles."""
+    env = child_env(inherit_pythonpath=False)
+    res = subprocess.run([sys.executable, "-m", "shrimpio.bench.rows.connect", "--rounds", "2", "-n", "20",
+                          "--json"], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    table = json.loads(res.stdout)
+    assert list(table) == ["shrimpio", "tcp", "unix"]
+    for t in table.values():
+        assert t["n"] == 2 * 20 and len(t["round_medians_us"]) == 2
+        assert 0 < t["p50_us"] <= t["p90_us"] <= t["p99_us"]
+
+
+def test_tls_over_shm_beside_tls_over_tcp(tmp_path):
+    pytest.importorskip("trustme")
+    env = child_env(inherit_pythonpath=False)
+    res = subprocess.run([sys.executable, "-m", "shrimpio.bench.rows.tls", "--rounds", "1", "-n", "50",
+                          "--mib", "2", "--json"], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [r["path"] for r in out["runs"]["shm"]] == ["shm"] and [r["path"] for r in out["runs"]["tcp"]] == ["tcp"]
+    assert out["summary"]["shm"]["mib_s"] > 0 and out["summary"]["ratio"]["rtt"] > 0

@@ -7,8 +7,8 @@ import importlib.util
 
 import pytest
 
-from shrimpio import _bench_msg as B
-from shrimpio._bench_matrix import Figure, Spec, specs
+from shrimpio.bench.rows import msg as B
+from shrimpio.bench.runner import Figure, Spec, specs
 
 pytest.importorskip("numpy")
 

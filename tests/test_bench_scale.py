@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import pytest
 
-from shrimpio import _bench, _bench_matrix, _bench_scale
-from shrimpio._bench_goals import goals
-from shrimpio._bench_table import Figure, Row
+from shrimpio.bench import common, runner
+from shrimpio.bench.rows import scale
+from shrimpio.bench.goals import goals
+from shrimpio.bench.table import Figure, Row
 
 
-@pytest.mark.parametrize("mode", _bench_scale.MODES)
+@pytest.mark.parametrize("mode", scale.MODES)
 def test_one_run_per_kind(mode):
-    with _bench.private_registry():
-        for kind in _bench_scale.KINDS:
-            res = _bench_scale.run_one(mode, kind, 40)     # checks both ends' paths
+    with common.private_registry():
+        for kind in scale.KINDS:
+            res = scale.run_one(mode, kind, 40)     # checks both ends' paths
             assert res["n"] == 40 and res["errors"] == 0 and res["connect_per_s"] > 0
             for part in ("idle", "closed"):
                 assert set(res[part]) >= {"server_pss", "client_pss", "slab", "page_tables", "shmem", "total"}
@@ -29,15 +30,15 @@ def test_one_run_per_kind(mode):
 
 def test_a_mode_s_rows_share_its_runs(monkeypatch):
     calls = []
-    real = _bench_scale.run_one
+    real = scale.run_one
 
     def counted(mode, kind, n, timeout=300):
         calls.append((mode, kind, n))
         return real(mode, kind, n, timeout)
 
-    monkeypatch.setattr(_bench_scale, "run_one", counted)
-    s = _bench_matrix.Settings(scale_asyncio=30, repeats=1)
-    res = _bench_matrix.run(s, rows=["scale_asyncio", "scale_asyncio_closed", "scale_asyncio_rate"])
+    monkeypatch.setattr(scale, "run_one", counted)
+    s = runner.Settings(scale_asyncio=30, repeats=1)
+    res = runner.run(s, rows=["scale_asyncio", "scale_asyncio_closed", "scale_asyncio_rate"])
     assert sorted(calls) == [("asyncio", "shrimpio", 30), ("asyncio", "tcp", 30)]
     assert [r["key"] for r in res["rows"]] == ["scale_asyncio", "scale_asyncio_closed", "scale_asyncio_rate"]
     units = [r["unit"] for r in res["rows"]]
@@ -47,11 +48,11 @@ def test_a_mode_s_rows_share_its_runs(monkeypatch):
 
 
 def test_quick_leaves_the_scale_rows_out_unless_named():
-    quick = [sp.key for sp in _bench_matrix.chosen_specs(_bench_matrix.QUICK)]
-    full = [sp.key for sp in _bench_matrix.chosen_specs(_bench_matrix.FULL)]
+    quick = [sp.key for sp in runner.chosen_specs(runner.QUICK)]
+    full = [sp.key for sp in runner.chosen_specs(runner.FULL)]
     assert not any(k.startswith("scale_") for k in quick)
     assert {"scale_asyncio", "scale_threaded_rate"} <= set(full) and set(quick) < set(full)
-    assert [sp.key for sp in _bench_matrix.chosen_specs(_bench_matrix.QUICK, ["scale_threaded"])] == \
+    assert [sp.key for sp in runner.chosen_specs(runner.QUICK, ["scale_threaded"])] == \
         ["scale_threaded"]
 
 

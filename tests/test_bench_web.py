@@ -15,30 +15,31 @@ import sys
 
 import pytest
 
-from shrimpio import _bench, _bench_matrix, _bench_web
+from shrimpio.bench import common, runner
+from shrimpio.bench.rows import web
 from shrimpio.__main__ import main
-from shrimpio._bench_goals import goals
-from shrimpio._bench_table import Figure, Row, format_goals
+from shrimpio.bench.goals import goals
+from shrimpio.bench.table import Figure, Row, format_goals
 
 pytestmark = pytest.mark.timeout(300)
 
-TINY = _bench_matrix.Settings(rtt_rounds=200, bw_rounds=5, connects=20, async_rtt_rounds=100,
+TINY = runner.Settings(rtt_rounds=200, bw_rounds=5, connects=20, async_rtt_rounds=100,
                               seconds=0.1, idle_seconds=0.5, repeats=1)
 
 
 def _needs(framework: str) -> pytest.MarkDecorator:
-    return pytest.mark.skipif(not _bench_web.available(framework), reason=f"{framework} not installed")
+    return pytest.mark.skipif(not web.available(framework), reason=f"{framework} not installed")
 
 
-@pytest.mark.parametrize("framework", [pytest.param(fw, marks=_needs(fw)) for fw in _bench_web.FRAMEWORKS])
+@pytest.mark.parametrize("framework", [pytest.param(fw, marks=_needs(fw)) for fw in web.FRAMEWORKS])
 def test_each_kind_runs_on_its_path(framework):
     """Over shared memory both ends report shm (SHRIMPIO_REPORT of the
     server and the client); over TCP the client's socket is a kernel one.
     The client's window gives a rate, a median and a p99, and the CPU of
     both processes."""
-    with _bench.private_registry():
-        for kind in _bench_web.KINDS:
-            res = _bench_web.run_one(framework, kind, 0.1)      # raises on the wrong path
+    with common.private_registry():
+        for kind in web.KINDS:
+            res = web.run_one(framework, kind, 0.1)      # raises on the wrong path
             want = "shm" if kind == "shrimpio" else "tcp"
             assert set(res["paths"]) == {want}, res
             if kind == "shrimpio":
@@ -53,26 +54,26 @@ def test_commands_are_the_same_programs_patched_or_not():
     """The TCP figure is the very program of the shm one, without
     ``shrimpio run``; uvicorn keeps its defaults (no --loop, --http or
     --workers), only its access log is off."""
-    for fw in _bench_web.FRAMEWORKS:
-        shm, tcp = (_bench_web.server_command(fw, k) for k in _bench_web.KINDS)
+    for fw in web.FRAMEWORKS:
+        shm, tcp = (web.server_command(fw, k) for k in web.KINDS)
         assert shm[1:4] == ["-m", "shrimpio", "run"] and shm[4:] == tcp[1:]
-    uv = _bench_web.server_command("uvicorn", "tcp")
+    uv = web.server_command("uvicorn", "tcp")
     assert not {"--loop", "--http", "--workers"} & set(uv) and "--no-access-log" in uv
-    env = _bench_web._env("tcp", None)
+    env = web._env("tcp", None)
     assert env["SHRIMPIO_DISABLE"] == "1" and "SHRIMPIO_REPORT" not in env
     with pytest.raises(ValueError):
-        _bench_web.server_command("flask", "tcp")
+        web.server_command("flask", "tcp")
 
 
 def test_server_that_dies_is_a_failure_not_a_hang(monkeypatch):
-    monkeypatch.setattr(_bench_web, "TORNADO_APP", "raise SystemExit('no server today')\n")
-    with _bench.private_registry(), pytest.raises(RuntimeError, match="no server today"):
-        _bench_web.run_one("tornado", "tcp", 0.1)
+    monkeypatch.setattr(web, "TORNADO_APP", "raise SystemExit('no server today')\n")
+    with common.private_registry(), pytest.raises(RuntimeError, match="no server today"):
+        web.run_one("tornado", "tcp", 0.1)
 
 
-@pytest.mark.skipif(not all(map(_bench_web.available, _bench_web.FRAMEWORKS)), reason="uvicorn or tornado missing")
+@pytest.mark.skipif(not all(map(web.available, web.FRAMEWORKS)), reason="uvicorn or tornado missing")
 def test_matrix_rows_and_goal_lines(monkeypatch, capsys):
-    monkeypatch.setattr(_bench_matrix, "FULL", TINY)
+    monkeypatch.setattr(runner, "FULL", TINY)
     rc = main(["bench", "--json", "--rows", "uvicorn,tornado"])
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -91,14 +92,14 @@ def test_matrix_rows_and_goal_lines(monkeypatch, capsys):
 
 
 def test_missing_framework_is_a_skipped_row(monkeypatch, capsys):
-    real = _bench_matrix.importlib.util.find_spec
-    monkeypatch.setattr(_bench_matrix.importlib.util, "find_spec",
+    real = runner.importlib.util.find_spec
+    monkeypatch.setattr(runner.importlib.util, "find_spec",
                         lambda name, *a: None if name == "tornado" else real(name, *a))
-    monkeypatch.setattr(_bench_matrix, "FULL", TINY)
+    monkeypatch.setattr(runner, "FULL", TINY)
     rc = main(["bench", "--json", "--rows", "tornado"])
     res = json.loads(capsys.readouterr()[0])
     assert rc == 0 and res["rows"] == []
-    assert res["skipped_rows"] == [{"key": "tornado", "title": _bench_web.title("tornado"),
+    assert res["skipped_rows"] == [{"key": "tornado", "title": web.title("tornado"),
                                     "reason": "tornado not installed"}]
 
 
@@ -118,7 +119,7 @@ def test_goal_line_from_figures():
 def test_client_program_reads_cpu_of_another_process(tmp_path):
     """The client's /proc reading (utime + stime of the server) works on
     a process that is not itself: checked against a busy child."""
-    code = _bench_web.CLIENT.split("conn = http.client")[0] + (
+    code = web.CLIENT.split("conn = http.client")[0] + (
         "import subprocess\n"
         "p = subprocess.Popen([sys.executable, '-c', 'import time\\nt = time.process_time()\\n"
         "while time.process_time() - t < 0.3: pass'])\n"

@@ -806,7 +806,7 @@ def test_accept_with_busy_poll_off_still_accepts(listener, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["shrimpio", "tcp", "unix"])
 def test_bench_connect(kind, monkeypatch):
-    from shrimpio import _bench_conn
+    from shrimpio.bench.rows import connect as _bench_conn
     monkeypatch.setattr(_bench_conn, "_pin", lambda cpu: None)
     res = _bench_conn.bench_connect(kind, 5)
     samples = res["samples"]

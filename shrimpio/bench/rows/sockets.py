@@ -2,8 +2,10 @@
 shared memory, kernel TCP loopback and a Unix socket, in one run.
 
 * 64-byte ping-pong round trip: ``sendall`` 64 bytes, ``recv_into`` 64 back;
-* 1 MiB bandwidth: ``sendall`` 1 MiB, the peer ``recv_into``s it all and
-  answers 8 bytes;
+* bandwidth: ``sendall`` of a 64 KiB, 1 MiB or 16 MiB message, the peer
+  ``recv_into``s it all into one buffer and answers 8 bytes (``shrimpio
+  bench`` adds one ``memcpy`` of the message as the floor: the data is
+  copied into the ring and out of it);
 * the 64-byte round trip again with both sides waiting in a selector
   (epoll) before each read, as RPC libraries and hand-written servers do
   (for shrimpio: the patched selector, as ``import shrimpio.patch`` gives).
@@ -25,10 +27,14 @@ import socket as _std
 import tempfile
 import time
 
-from ._bench import _pin, _stats, machine, private_registry
-from ._bench_table import Row, format_table, from_stats, machine_line
-from ._poll import epoll as _ShmEpoll
-from .socket import info, socket as ShmSocket
+from ..._poll import epoll as _ShmEpoll
+from ...socket import info, socket as ShmSocket
+from ..common import machine, private_registry
+from ..common import pin as _pin
+from ..common import stats as _stats
+from ..spec import Measure, Settings, Spec
+from ..table import Figure, Row, format_table, from_stats, machine_line
+from . import vmmc, zmq_ipc
 
 
 class _ShmSelector(selectors.EpollSelector):
@@ -185,3 +191,51 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     res = run(quick=args.quick)
     print(json.dumps(res, indent=2) if args.json else report(res))
+
+
+# --- the rows of ``shrimpio bench`` ---------------------------------------------
+
+#: Bandwidth rows: key -> message size.  ``socket_bw`` (1 MiB) carries the goal.
+BW_SIZES = {"socket_bw_64k": 64 << 10, "socket_bw": MIB, "socket_bw_16m": 16 * MIB}
+_PATHS = {"shrimpio": "shm", "tcp": "tcp", "unix": "unix"}
+_SOCK = [("shm", "shrimpio"), ("TCP", "tcp"), ("Unix", "unix")]
+
+
+def bw_rounds(s: Settings, size: int) -> int:
+    """Messages per bandwidth figure: about ``bw_rounds`` MiB whatever the
+    size (each figure moves the same bytes), at least 10 messages."""
+    return max(10, s.bw_rounds * MIB // size)
+
+
+def _rtt(kind: str, label: str, poll: bool = False) -> Measure:
+    def m(s: Settings) -> Figure:
+        samples = run_one(kind, s.rtt_rounds, 64, 64, poll=poll)   # checks shrimpio took shm
+        return Figure.from_ns(label, samples, paths=[_PATHS[kind]])
+    return m
+
+
+def _bw(kind: str, label: str, size: int) -> Measure:
+    def m(s: Settings) -> Figure:
+        samples = run_one(kind, bw_rounds(s, size), size, 8)
+        return Figure.from_ns(label, samples, size, paths=[_PATHS[kind]])
+    return m
+
+
+def _size_name(size: int) -> str:
+    return f"{size // MIB} MiB" if size >= MIB else f"{size >> 10} KiB"
+
+
+def specs() -> list[Spec]:
+    """``socket_rtt``, the bandwidth rows (64 KiB, 1 MiB, 16 MiB) and
+    ``socket_poll_rtt``."""
+    out = [Spec("socket_rtt", "socket 64 B round trip", "us",
+                [(lb, _rtt(k, lb)) for lb, k in _SOCK] + [("zmq ipc", zmq_ipc.measure(64)), ("floor", vmmc.floor)])]
+    for key, size in BW_SIZES.items():
+        kinds = [(lb, _bw(k, lb, size)) for lb, k in _SOCK]
+        if size == MIB:
+            kinds.append(("zmq ipc", zmq_ipc.measure(size, lambda s: bw_rounds(s, MIB))))
+        kinds.append(("memcpy", lambda s, size=size: vmmc.memcpy(size, bw_rounds(s, size))))
+        out.append(Spec(key, f"socket {_size_name(size)} sendall + 8 B ack", "MiB/s", kinds))
+    out.append(Spec("socket_poll_rtt", "socket 64 B round trip, epoll before each read", "us",
+                    [(lb, _rtt(k, lb, poll=True)) for lb, k in _SOCK]))
+    return out

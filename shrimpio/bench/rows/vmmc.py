@@ -17,40 +17,26 @@ connection's Unix socket as the doorbell and once with eventfds.  This is
 the measurement behind the doorbell choice (docs/data-plane.md).
 
     python -m shrimpio pingpong [--quick] [--json] [--doorbells]
-    python bench/bench_vmmc.py  (the same)
+    python -m shrimpio.bench.rows.vmmc [--quick] [--json] [--doorbells]  (the same)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import socket
-import statistics
-import tempfile
 import time
-from typing import Iterator
 
-from . import _fastpath
-from ._bench_table import Row, format_table, from_stats, machine_line
-from ._fastpath import Ring, Segment
-from .vmmc import Endpoint
-
-MIB = 1 << 20
-
-
-def _pin(cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:
-        os.sched_setaffinity(0, {cpu % os.cpu_count()})
-
-
-def _stats(samples_ns: list[int]) -> dict:
-    s = sorted(samples_ns)
-    return {"median_us": statistics.median(s) / 1000, "p99_us": s[min(len(s) - 1, int(len(s) * 0.99))] / 1000,
-            "n": len(s)}
+from ... import _fastpath
+from ..._fastpath import Ring, Segment
+from ...vmmc import Endpoint
+from ..common import MIB, machine, private_registry
+from ..common import pin as _pin
+from ..common import stats as _stats
+from ..spec import Measure, Settings, Spec
+from ..table import Figure, Row, format_table, from_stats, machine_line
 
 
 # --- reference: two calls per half trip, nothing else -----------------------
@@ -170,11 +156,11 @@ def bench_unix(n: int, size: int) -> list[int]:
     return res
 
 
-def bench_memcpy(n: int) -> list[int]:
-    """One copy of the same 1 MiB message into a mapped segment: the floor
-    for a put."""
-    src = b"p" * MIB
-    seg = Segment(MIB)
+def bench_memcpy(n: int, size: int = MIB) -> list[int]:
+    """One copy of the same ``size``-byte message into a mapped segment:
+    the floor for a put."""
+    src = b"p" * size
+    seg = Segment(size)
     dst = memoryview(seg)
     clock = time.perf_counter_ns
     res = []
@@ -244,35 +230,6 @@ def bench_doorbell(n: int, bell: str) -> list[int]:
         os.close(mine[1])
     seg.close()
     return res
-
-
-def machine() -> dict:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": model or platform.processor(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "kernel": platform.release()}
-
-
-@contextlib.contextmanager
-def private_registry() -> Iterator[None]:
-    """A throwaway registry for one benchmark run (removed after), unless the
-    user chose one with ``SHRIMPIO_REGISTRY``."""
-    if "SHRIMPIO_REGISTRY" in os.environ:
-        yield
-        return
-    with tempfile.TemporaryDirectory(prefix="shrimpio-bench-") as tmp:
-        os.environ["SHRIMPIO_REGISTRY"] = tmp
-        try:
-            yield
-        finally:
-            del os.environ["SHRIMPIO_REGISTRY"]
 
 
 def run(quick: bool = False, repeats: int = 3, doorbells: bool = False) -> dict:
@@ -350,3 +307,47 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     res = run(quick=args.quick, doorbells=args.doorbells)
     print(json.dumps(res, indent=2) if args.json else report(res))
+
+
+
+# --- the rows of ``shrimpio bench`` ---------------------------------------------
+
+def _vmmc(size: int) -> Measure:
+    def m(s: Settings) -> Figure:
+        n = s.rtt_rounds if size == 64 else s.bw_rounds
+        return Figure.from_ns("VMMC", bench_vmmc(n, size), 0 if size == 64 else MIB)
+    return m
+
+
+def _unix_pair(size: int) -> Measure:
+    def m(s: Settings) -> Figure:
+        n = s.rtt_rounds if size == 64 else s.bw_rounds
+        return Figure.from_ns("Unix", bench_unix(n, size), 0 if size == 64 else MIB)
+    return m
+
+
+def floor(s: Settings) -> Figure:
+    """The Cython spin loop's round trip: the floor of every 64-byte row."""
+    return Figure.from_ns("floor", bench_reference(s.rtt_rounds))
+
+
+def memcpy(size: int, rounds: int) -> Figure:
+    """One copy of ``size`` bytes, ``rounds`` times: the floor of a bandwidth row."""
+    return Figure.from_ns("memcpy", bench_memcpy(rounds, size), size)
+
+
+def specs() -> list[Spec]:
+    """``vmmc_rtt`` and ``vmmc_bw``."""
+    return [
+        Spec("vmmc_rtt", "VMMC 64 B put+notify round trip", "us",
+             [("VMMC", _vmmc(64)), ("Unix", _unix_pair(64)), ("floor", floor)]),
+        Spec("vmmc_bw", "VMMC 1 MiB put + 8 B ack", "MiB/s",
+             [("VMMC", _vmmc(MIB)), ("Unix", _unix_pair(MIB)), ("memcpy", lambda s: memcpy(MIB, s.bw_rounds))]),
+    ]
+
+
+if __name__ == "__main__":
+    _ap = argparse.ArgumentParser(prog="python -m shrimpio.bench.rows.vmmc",
+                                  description=(__doc__ or "").splitlines()[0])
+    add_arguments(_ap)
+    main(_ap.parse_args())

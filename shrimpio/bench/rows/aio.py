@@ -32,8 +32,11 @@ import statistics
 import time
 from typing import Any, Callable, Optional
 
-from ._bench import _pin, _stats, machine, private_registry
-from ._bench_table import Figure, Row, format_table, from_stats, machine_line
+from ..common import machine, private_registry
+from ..common import pin as _pin
+from ..common import stats as _stats
+from ..spec import Measure, Settings, Spec
+from ..table import Figure, Row, format_table, from_stats, machine_line
 
 KINDS = ("shrimpio", "uvloop")
 HOST = "127.0.0.1"
@@ -54,9 +57,9 @@ def _in_flight(test: str) -> int:
 
 def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
     if kind == "shrimpio":
-        from . import patch       # as ``shrimpio run``: patched sockets (enable(),
+        from ... import patch       # as ``shrimpio run``: patched sockets (enable(),
         patch.enable()            # not the import: it may have been disabled since)
-        from .transport import new_event_loop
+        from ...transport import new_event_loop
         return new_event_loop
     import uvloop
     return uvloop.new_event_loop
@@ -498,3 +501,72 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     res = run(quick=args.quick)
     print(json.dumps(res, indent=2) if args.json else report(res))
+
+
+# --- the rows of ``shrimpio bench`` ---------------------------------------------
+
+def _aio(kind: str, test: str) -> Measure:
+    label = LABELS[kind]
+
+    def m(s: Settings) -> Figure:
+        if test == "rtt":                 # run_one checks each connection's path
+            res = run_one(kind, test, s.async_rtt_rounds)
+            return Figure.from_ns(label, res["samples"], paths=sorted(set(res["paths"])))
+        res = run_one(kind, test, s.seconds)
+        extra = {"paths": sorted(set(res["paths"]))}
+        if "client_cpu_percent" in res:
+            extra["client_cpu_percent"] = res["client_cpu_percent"]
+        return Figure(label, res["rps"], None, [res["rps"]], extra)
+    return m
+
+
+def _loaded(measure: Measure) -> Measure:
+    """``measure`` while a third process spins on core 1 (the server's)."""
+    def m(s: Settings) -> Figure:
+        with _busy_core(1):
+            return measure(s)
+    return m
+
+
+class _busy_core:
+    """A process of pure busy loop pinned to one core, for as long as the
+    ``with`` lasts (a machine that is busy with something else)."""
+
+    def __init__(self, core: int) -> None:
+        self.core = core
+
+    def __enter__(self) -> "_busy_core":
+        import subprocess
+        import sys
+        code = (f"import os\ntry:\n    os.sched_setaffinity(0, {{{self.core}}})\n"
+                "except OSError:\n    pass\nwhile True:\n    pass\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code])
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _streams_bound_figure(s: Settings) -> Figure:
+    rate = streams_bound(s.seconds)
+    return Figure("asyncio alone", rate, None, [rate])
+
+
+def specs() -> list[Spec]:
+    """``asyncio_rtt``, the echo rows and the aiohttp rows."""
+    return [
+        Spec("asyncio_rtt", "asyncio streams 64 B round trip", "us",
+             [(LABELS[k], _aio(k, "rtt")) for k in KINDS]),
+        Spec("echo_protocol", echo_title("protocol"), "req/s",
+             [(LABELS[k], _aio(k, "echo-protocol")) for k in KINDS]),
+        Spec("echo_streams", echo_title("streams"), "req/s",
+             [(LABELS[k], _aio(k, "echo-streams")) for k in KINDS] + [("asyncio alone", _streams_bound_figure)]),
+    ] + [
+        Spec(f"aiohttp_{n}", aiohttp_title(n), "req/s",
+             [(LABELS[k], _aio(k, f"aiohttp-{n}")) for k in KINDS], needs="aiohttp")
+        for n in HTTP_IN_FLIGHT
+    ] + [
+        Spec("aiohttp_4_load", aiohttp_title(4) + ", a core busy", "req/s",
+             [(LABELS[k], _loaded(_aio(k, "aiohttp-4"))) for k in KINDS], needs="aiohttp"),
+    ]

@@ -12,7 +12,7 @@ Each kind runs in a fresh interpreter (``shm``: ``shrimpio.patch`` enabled;
 the report gives the median of the rounds' medians and the ratio.  Needs
 ``trustme`` (the ``test`` extra) for the certificate.
 
-    python bench/bench_tls.py [--rounds 3] [-n 5000] [--json]
+    python -m shrimpio.bench.rows.tls [--rounds 3] [-n 5000] [--json]
 """
 
 from __future__ import annotations
@@ -26,13 +26,8 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MIB = 1 << 20
-
-
-def _pin(cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(0, {cpu % os.cpu_count()})
+from ..common import MIB
+from ..common import pin as _pin
 
 
 def _recv_exact(sock, view, n: int) -> None:
@@ -84,7 +79,7 @@ def _child(kind: str, rounds: int, big_rounds: int) -> dict:
             os._exit(0)
     _pin(0)
     raw = socket.create_connection(lst.getsockname())
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as _bench_socket (no Nagle stalls)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as rows/sockets.py (no Nagle stalls)
     s = cctx.wrap_socket(raw, server_hostname="127.0.0.1")
     path = shrimpio.info(s)["path"]
     assert path == ("shm" if kind == "shm" else "tcp"), path
@@ -117,7 +112,8 @@ def _child(kind: str, rounds: int, big_rounds: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m shrimpio.bench.rows.tls",
+                                 description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-n", type=int, default=5000, help="64-byte round trips per run")
     ap.add_argument("--mib", type=int, default=500, help="MiB sent per run")
@@ -128,12 +124,12 @@ def main() -> None:
         print(json.dumps(_child(args.child, args.n, args.mib)))
         return
     results: dict = {"shm": [], "tcp": []}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="shrimpio-bench-") as reg:
         env["SHRIMPIO_REGISTRY"] = reg
         for _ in range(args.rounds):
             for kind in ("shm", "tcp"):
-                out = subprocess.run([sys.executable, __file__, "--child", kind, "-n", str(args.n),
+                out = subprocess.run([sys.executable, "-m", "shrimpio.bench.rows.tls", "--child", kind, "-n", str(args.n),
                                       "--mib", str(args.mib)], capture_output=True, env=env,
                                      check=True).stdout
                 results[kind].append(json.loads(out))

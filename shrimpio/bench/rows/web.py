@@ -45,7 +45,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-__all__ = ["FRAMEWORKS", "KINDS", "LABELS", "available", "run_one", "server_command", "title"]
+from ..spec import Measure, Settings, Spec
+from ..table import Figure
+
+__all__ = ["FRAMEWORKS", "KINDS", "LABELS", "available", "run_one", "server_command", "specs", "title"]
 
 FRAMEWORKS = ("uvicorn", "tornado", "threading")
 KINDS = ("shrimpio", "tcp")
@@ -320,3 +323,22 @@ def run_one(framework: str, kind: str, seconds: float, timeout: float = 120) -> 
         took = {p: res["paths"].count(p) for p in set(res["paths"])}
         raise RuntimeError(f"{framework} {kind}: connections took {took}, expected {want}")
     return res
+
+
+# --- the rows of ``shrimpio bench`` ---------------------------------------------
+
+def _measure(framework: str, kind: str) -> Measure:
+    label = LABELS[kind]
+
+    def m(s: Settings) -> Figure:
+        res = run_one(framework, kind, s.seconds)   # checks both ends' paths
+        extra = {k: res[k] for k in ("median_us", "p99_us", "n", "client_cpu_percent", "server_cpu_percent")}
+        extra["paths"] = sorted(set(res["paths"]))
+        return Figure(label, res["rps"], None, [res["rps"]], extra)
+    return m
+
+
+def specs() -> list[Spec]:
+    """One row per framework (skipped when it is not installed)."""
+    return [Spec(fw, title(fw), "req/s", [(LABELS[k], _measure(fw, k)) for k in KINDS], needs=fw)
+            for fw in FRAMEWORKS]

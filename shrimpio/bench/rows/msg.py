@@ -35,7 +35,7 @@ import tempfile
 import time
 from typing import Any, Callable, Optional
 
-from ._bench import _pin
+from ..common import pin as _pin
 
 __all__ = ["specs", "GOALS", "NotInstalled", "versions"]
 
@@ -64,7 +64,7 @@ def _mpiexec() -> str:
 def _cma_ok() -> bool:
     """Do cross-memory copies work here (else large messages take the rings)?"""
     import ctypes
-    from .msg import _cma
+    from ...msg import _cma
     tok = ctypes.create_string_buffer(b"shrimpio-bench-c", 16)
     return _cma.verify(os.getpid(), ctypes.addressof(tok), tok.raw)
 
@@ -167,7 +167,7 @@ OBJ = b"m" * 64
 # -- 64 B object round trip ---------------------------------------------------------------
 
 def rtt_msg(n: int) -> list[int]:
-    from . import msg
+    from ... import msg
     a, b = msg.Pipe()
 
     def server() -> None:
@@ -257,7 +257,7 @@ def rtt_zmq(n: int) -> list[int]:
 def _run_mpi(test: str, n: int, size: int) -> list[int]:
     exe = _mpiexec()
     env = dict(os.environ)
-    proc = subprocess.run([exe, "-n", "2", sys.executable, "-m", "shrimpio._bench_msg", "mpi", test,
+    proc = subprocess.run([exe, "-n", "2", sys.executable, "-m", "shrimpio.bench.rows.msg", "mpi", test,
                            str(n), str(size)], capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"mpiexec failed: {proc.stderr.strip()[-300:]}")
@@ -278,7 +278,7 @@ def _array(size: int) -> Any:
 
 
 def bw_msg(n: int, size: int, posted: bool = True) -> tuple[list[int], Any]:
-    from . import msg
+    from ... import msg
     a, b = msg.Pipe()
 
     def server() -> dict:
@@ -398,7 +398,7 @@ def bw_memcpy(n: int, size: int) -> list[int]:
     return _timed(n, lambda: np.copyto(dst, src))
 
 
-# -- mpi4py, as run by ``mpiexec -n 2 python -m shrimpio._bench_msg mpi TEST N SIZE`` ----------
+# -- mpi4py, as run by ``mpiexec -n 2 python -m shrimpio.bench.rows.msg mpi TEST N SIZE`` ----------
 
 def _mpi_main(test: str, n: int, size: int) -> None:
     from mpi4py import MPI
@@ -437,7 +437,7 @@ def _mpi_main(test: str, n: int, size: int) -> None:
 # -- the rows ---------------------------------------------------------------------------------
 
 def specs(Spec: Any, Figure: Any) -> list:
-    """The rows, as ``_bench_matrix.Spec`` objects (classes passed in: no
+    """The rows, as ``runner.Spec`` objects (classes passed in: no
     import cycle)."""
 
     def rtt(label: str, fn: Callable[[int], list[int]]) -> Any:

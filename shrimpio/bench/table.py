@@ -81,7 +81,7 @@ class Figure:
 
 
 def from_stats(label: str, stats: dict[str, Any], nbytes: int = 0) -> Figure:
-    """From a ``{"median_us", "p99_us", "n"}`` dict (``_bench._stats``), as
+    """From a ``{"median_us", "p99_us", "n"}`` dict (``common.stats``), as
     :meth:`Figure.from_ns` would have made it."""
     med, p99 = stats["median_us"], stats["p99_us"]
     extra = {"n": stats["n"]} if "n" in stats else {}

@@ -1,7 +1,7 @@
 """pyzmq over ``ipc://`` as a peer of the blocking-socket benchmark.
 
 A REQ/REP pair in two forked processes pinned to two cores, the same
-workload as ``_bench_socket``: a 64-byte request answered with 64 bytes
+workload as ``sockets``: a 64-byte request answered with 64 bytes
 (round trip), or 1 MiB answered with 8 bytes (bandwidth).  Each process
 makes its own ``zmq.Context`` after the fork.  pyzmq is optional
 (``pip install 'shrimpio[bench]'``): :func:`available` says whether it is
@@ -15,11 +15,13 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
-from ._bench import _pin
+from ..common import pin as _pin
+from ..spec import Measure, NotInstalled, Settings
+from ..table import Figure
 
-__all__ = ["available", "bench_zmq", "version"]
+__all__ = ["available", "bench_zmq", "measure", "version"]
 
 
 def available() -> bool:
@@ -93,3 +95,14 @@ def bench_zmq(rounds: int, size: int, reply: int) -> list[int]:
             if p.exitcode is None:
                 p.kill()
                 p.join()
+
+
+def measure(size: int, bw_rounds: Callable[[Settings], int] = lambda s: s.bw_rounds) -> Measure:
+    """The ``zmq ipc`` peer of a socket row: 64 B answered with 64 (round
+    trip), or ``size`` bytes answered with 8, ``bw_rounds`` times (bandwidth)."""
+    def m(s: Settings) -> Figure:
+        if not available():
+            raise NotInstalled("pyzmq not installed")
+        n, reply = (s.rtt_rounds, 64) if size == 64 else (bw_rounds(s), 8)
+        return Figure.from_ns("zmq ipc", bench_zmq(n, size, reply), 0 if size == 64 else size)
+    return m

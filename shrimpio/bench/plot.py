@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._bench_table import Row, fmt, fmt_ratio
+from .table import Row, fmt, fmt_ratio
 
 __all__ = ["plot"]
 

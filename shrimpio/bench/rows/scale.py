@@ -54,7 +54,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["KINDS", "LABELS", "MODES", "PER_CLIENT", "WINDOW", "fd_budget", "meminfo", "run_one", "smaps"]
+from ..spec import FULL, Measure, Settings, Spec
+from ..table import Figure
+
+__all__ = ["KINDS", "LABELS", "MODES", "PER_CLIENT", "WINDOW", "fd_budget", "meminfo", "new_run", "run_one", "smaps",
+           "specs"]
 
 KINDS = ("shrimpio", "tcp")
 LABELS = {"shrimpio": "shm", "tcp": "TCP"}
@@ -531,3 +535,33 @@ def figure_values(res: dict[str, Any], suffix: str) -> tuple[float, dict[str, An
     part = res["idle" if suffix == "" else "closed"]
     extra.update({k: v / 1024 for k, v in part.items() if k != "total"})
     return part["total"] / 1024, extra
+
+
+# --- the rows of ``shrimpio bench`` ---------------------------------------------
+
+_runs = Runs()
+
+
+def new_run() -> None:
+    """Forget the measurements of the last ``shrimpio bench`` run."""
+    global _runs
+    _runs = Runs()
+
+
+def _measure(mode: str, kind: str, suffix: str) -> Measure:
+    label = LABELS[kind]
+
+    def m(s: Settings) -> Figure:
+        n = s.scale_asyncio if mode == "asyncio" else s.scale_threaded
+        value, extra = figure_values(_runs.get(mode, kind, suffix, n), suffix)
+        extra["paths"] = [label.lower()]
+        return Figure(label, value, None, [value], extra)
+    return m
+
+
+def specs() -> list[Spec]:
+    """Per mode, memory per idle connection, memory left after close and the
+    connect rate (slow: left out of ``--quick`` unless named)."""
+    return [Spec(row_key(mode, suffix), row_title(mode, suffix, getattr(FULL, f"scale_{mode}")), unit,
+                 [(LABELS[k], _measure(mode, k, suffix)) for k in KINDS], slow=True)
+            for mode in MODES for suffix, _, unit in ROWS]

@@ -12,21 +12,36 @@
   time (``/proc/<pid>/stat`` utime + stime) over a window.
 
 Each pair is pinned to two cores (server 1, client 0).
+
+Run as a program, it measures :func:`bench_connect` alone, in interleaved
+rounds, each in a fresh interpreter (the machine is noisy), and prints the
+median of the rounds' medians beside the pooled percentiles; ``--tree DIR``
+measures the ``shrimpio`` kind of another checkout as well (built in
+place), labelled ``shrimpio@DIR``: a before/after comparison in one run.
+
+    python -m shrimpio.bench.rows.connect [--rounds 5] [-n 3000] [--tree ../old] [--json]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import multiprocessing as mp
 import os
 import signal
+import statistics
+import subprocess
+import sys
 import socket as _std
 import tempfile
 import time
 from typing import Any, Sequence
 
-from ._bench import _pin
-from .socket import info, socket as ShmSocket
+from ..common import pin as _pin
+from ...socket import info, socket as ShmSocket
+from ..spec import Measure, Settings, Spec
+from ..table import Figure
 
 __all__ = ["CONNECT_KINDS", "bench_connect", "cpu_percent", "cpu_seconds", "idle_pair"]
 
@@ -175,7 +190,7 @@ def _idle_socket_side(lst: Any, server: bool, pipe: Any) -> None:
 
 def _idle_asyncio_side(server: bool, pipe: Any) -> None:
     _pin(1 if server else 0)
-    from ._bench_asyncio import _loop_factory, _path_of
+    from .aio import _loop_factory, _path_of
 
     async def serve() -> None:
         done = asyncio.get_running_loop().create_future()
@@ -256,3 +271,102 @@ def idle_pair(kind: str, seconds: float) -> dict[str, Any]:
         for pipe in (s_here, c_here, s_there, c_there):
             pipe.close()
     return {"percent": sum(per_process), "per_process": per_process, "paths": paths}
+
+
+# --- the rows of ``shrimpio bench`` ---------------------------------------------
+
+_LABELS = {"shrimpio": "shm", "tcp": "TCP", "unix": "Unix"}
+
+
+def _connect(kind: str) -> Measure:
+    def m(s: Settings) -> Figure:
+        res = bench_connect(kind, s.connects)
+        want = {"shrimpio": "shm"}.get(kind, kind)
+        if res["paths"] != [want]:
+            raise RuntimeError(f"{kind} connections took {res['paths']}, expected {want}")
+        return Figure.from_ns(_LABELS[kind], res["samples"], paths=res["paths"])
+    return m
+
+
+def _idle(kind: str) -> Measure:
+    def m(s: Settings) -> Figure:
+        res = idle_pair(kind, s.idle_seconds)
+        if set(res["paths"]) != {"shm"}:
+            raise RuntimeError(f"idle {kind} pair took {res['paths']}, expected shm")
+        return Figure("shm", res["percent"], None, [res["percent"]],
+                      {"per_process": res["per_process"], "paths": res["paths"], "seconds": s.idle_seconds})
+    return m
+
+
+def specs() -> list[Spec]:
+    """``connect``."""
+    return [Spec("connect", "connect+accept+close", "us", [(_LABELS[k], _connect(k)) for k in CONNECT_KINDS])]
+
+
+def idle_specs() -> list[Spec]:
+    """``idle_socket`` and ``idle_asyncio``: one measurement each (it lasts
+    ``idle_seconds``)."""
+    return [Spec("idle_socket", "idle CPU, blocking socket pair", "%", [("shm", _idle("socket"))], repeat=False),
+            Spec("idle_asyncio", "idle CPU, asyncio pair", "%", [("shm", _idle("asyncio"))], repeat=False)]
+
+
+# --- ``python -m shrimpio.bench.rows.connect``: rounds in fresh interpreters ----------
+
+#: One round of one kind, in a fresh interpreter; argv: tree (or ""), kind, n.
+#: An older checkout has the benchmark at ``shrimpio._bench_conn``.
+_ROUND = ("import sys, json\n"
+          "if sys.argv[1]: sys.path.insert(0, sys.argv[1])\n"
+          "try:\n    from shrimpio.bench.rows.connect import bench_connect\n"
+          "except ImportError:\n    from shrimpio._bench_conn import bench_connect\n"
+          "print(json.dumps(bench_connect(sys.argv[2], int(sys.argv[3]))['samples']))\n")
+
+
+def _pct(samples: list[int], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(len(s) * q))] / 1000
+
+
+def rounds(n: int, nrounds: int, trees: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """Per label (each kind, and ``shrimpio@TREE`` per other checkout), the
+    median of the rounds' medians, each round's median and the pooled
+    percentiles, in microseconds."""
+    runs = [(f"shrimpio@{t}", os.path.abspath(t), "shrimpio") for t in trees]
+    runs += [(kind, "", kind) for kind in CONNECT_KINDS]
+    res: dict[str, list[list[int]]] = {label: [] for label, _, _ in runs}
+    for _ in range(nrounds):
+        for label, tree, kind in runs:
+            out = subprocess.run([sys.executable, "-c", _ROUND, tree, kind, str(n)],
+                                 capture_output=True, text=True, check=True, cwd="/").stdout
+            res[label].append(json.loads(out))
+    table = {}
+    for label, rs in res.items():
+        pooled = [v for r in rs for v in r]
+        medians = [statistics.median(r) / 1000 for r in rs]
+        table[label] = {"median_of_medians_us": statistics.median(medians), "round_medians_us": medians,
+                        "p50_us": _pct(pooled, 0.5), "p90_us": _pct(pooled, 0.9),
+                        "p99_us": _pct(pooled, 0.99), "n": len(pooled)}
+    return table
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m shrimpio.bench.rows.connect",
+                                 description="connect+accept+close: shrimpio vs TCP vs Unix, in rounds")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("-n", type=int, default=3000, help="connections per kind and round")
+    ap.add_argument("--tree", action="append", default=[],
+                    help="another checkout whose shrimpio kind to measure too")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    table = rounds(args.n, args.rounds, args.tree)
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return
+    print(f"{'':24s}{'median*':>9s}{'p50':>9s}{'p90':>9s}{'p99':>9s}   round medians (us)")
+    for label, t in table.items():
+        print(f"{label:24s}{t['median_of_medians_us']:9.1f}{t['p50_us']:9.1f}{t['p90_us']:9.1f}"
+              f"{t['p99_us']:9.1f}   " + " ".join(f"{m:.0f}" for m in t["round_medians_us"]))
+    print("* median of the rounds' medians; p50/p90/p99 of all samples pooled")
+
+
+if __name__ == "__main__":
+    _main()
