@@ -27,7 +27,7 @@ import socket as _std
 import tempfile
 import time
 
-from ..._poll import epoll as _ShmEpoll
+from ..._epoll import epoll as _ShmEpoll
 from ...socket import info, socket as ShmSocket
 from ..common import machine, private_registry
 from ..common import pin as _pin
