@@ -9,7 +9,7 @@ which path its connections took::
 A connection's line is written when its socket closes (or is collected);
 one still open when the process exits (a ``makefile()`` never closed, a
 socket or transport the program just left) writes it at exit, with
-``"open_at_exit": true`` (see ``shrimpio.socket._report_open``: at
+``"open_at_exit": true`` (see ``shrimpio._sockinfo.report_open``: at
 interpreter exit, and at the end of a multiprocessing child).  A process
 killed by a signal, or leaving by ``os._exit`` outside multiprocessing,
 writes no line for what it left open.

@@ -22,7 +22,7 @@ import time
 import pytest
 
 import shrimpio.socket as ss
-from shrimpio import _accept, _connection, _control, _handshake, _poll, _route
+from shrimpio import _accept, _connection, _control, _handshake, _poll, _route, _sockindex
 from shrimpio._connection import DEFAULT_RING, Connection, Kit
 from shrimpio._fastpath import Segment, spin_readable
 
@@ -379,7 +379,8 @@ def test_recv_message_takes_a_queued_message_without_polling(monkeypatch):
 
         def no_poll():
             raise AssertionError("recv_message polled although a message was queued")
-        monkeypatch.setattr(_control.select, "poll", no_poll)
+        from shrimpio import _messages
+        monkeypatch.setattr(_messages, "_real_poll", no_poll)      # (the poll its waits use)
         assert _control.recv_message(b, timeout=1.0) == _control.Message("hi", {"n": 1}, [])
         monkeypatch.undo()
         with pytest.raises(TimeoutError):
@@ -823,14 +824,14 @@ def test_dup_fd_adopts_its_connection_after_many_others(listener):
     """Connections are indexed by inode only when a socket is made from a
     bare fd; the pending list stays bounded meanwhile."""
     keep = None
-    for i in range(ss._UNINDEXED_PRUNE * 2 + 5):
+    for i in range(_sockindex._UNINDEXED_PRUNE * 2 + 5):
         cli, srv = pair(listener)
         if i == 3:
             keep = (cli, srv)
             continue
         cli.close()
         srv.close()
-    assert len(ss._unindexed) <= ss._UNINDEXED_PRUNE
+    assert len(_sockindex.unindexed) <= _sockindex._UNINDEXED_PRUNE
     cli, srv = keep
     twin = ss.socket(fileno=os.dup(cli.fileno()))
     try:
