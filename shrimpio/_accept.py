@@ -32,11 +32,15 @@ import _socket as _csocket
 import time
 from typing import Any, Optional
 
-from . import _connection, _control, _stat
+from . import _connection, _control, _process, _stat
 from ._connection import Connection, ring_capacity
 from ._fastpath import Segment, adapt_spin, get_busy_poll_us, stream_accept, stream_hello
 from ._handshake import (HELLO_KIND, HELLO_RE, PROTOCOL_VERSION, _AF_UNIX, _SOCK_SEQPACKET, _STREAM,
                          _family, addr_tuple, registry)
+
+#: The stdlib's class, whatever ``shrimpio.patch`` puts in ``socket.socket``
+#: later (its ``__init__`` would be shrimpio's own, which looks the fd up).
+_StdSocket = _std.socket
 
 __all__ = ["ACCEPT_SPIN", "HELLO_WAIT", "Listener", "MAX_WAITING", "accept_hello", "accept_shm",
            "next_client", "register_listener"]
@@ -199,13 +203,13 @@ class Listener:
         got = next_client(self, 0.0)
         if got is None:
             return False
-        self.ready.append((os.getpid(), got))
+        self.ready.append((_process.pid, got))
         return True
 
     def take_ready(self) -> "tuple | None":
         """A client acceptable() took, if any (one taken by another process
         before a fork is that process's: our copies are closed)."""
-        pid = os.getpid()
+        pid = _process.pid
         while self.ready:
             try:
                 owner, got = self.ready.pop(0)
@@ -319,7 +323,7 @@ def accept_shm(sock: Any, lst: Listener, bare: bool) -> "tuple[Any, Any] | None"
             # blocking, and a default timeout was applied by the
             # constructor).
             new = cls.__new__(cls)
-            _std.socket.__init__(new, family, _STREAM, sock.proto, fd)
+            _StdSocket.__init__(new, family, _STREAM, sock.proto, fd)
             new._clear()
         else:
             new = cls(family, _STREAM, sock.proto, fileno=fd)

@@ -12,6 +12,7 @@
 #include <fcntl.h>
 #include <stddef.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/uio.h>
@@ -107,9 +108,31 @@ static inline int shr_dial_unix(const char *path, size_t len, long long timeout_
     memset(&sa, 0, sizeof sa);
     sa.sun_family = AF_UNIX;
     memcpy(sa.sun_path, path, len);
-    fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | (timeout_us == 0 ? SOCK_NONBLOCK : 0), 0);
+    /* A Unix connect blocks only while the listener's backlog is full:
+     * try without waiting first, and only if that says EAGAIN (full) do it
+     * again with the timeout as SO_SNDTIMEO (two more system calls). */
+    fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | (timeout_us >= 0 ? SOCK_NONBLOCK : 0), 0);
     if (fd < 0)
         return -errno;
+    if (timeout_us > 0) {
+        if (connect(fd, (struct sockaddr *)&sa, offsetof(struct sockaddr_un, sun_path) + len) == 0) {
+            int off = 0;
+            if (ioctl(fd, FIONBIO, &off) != 0) {    /* blocking, as the slow way leaves it */
+                err = errno;
+                close(fd);
+                return -err;
+            }
+            return fd;
+        }
+        err = errno;
+        close(fd);
+        if (err != EAGAIN && err != EWOULDBLOCK)
+            return -err;
+        err = 0;
+        fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+            return -errno;
+    }
     if (timeout_us > 0) {
         struct timeval tv = {(time_t)(timeout_us / 1000000), (suseconds_t)(timeout_us % 1000000)};
         if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) != 0)
@@ -122,8 +145,11 @@ static inline int shr_dial_unix(const char *path, size_t len, long long timeout_
         if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &zero, sizeof zero) != 0)
             err = errno;
     }
-    if (!err && timeout_us == 0 && fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0)
-        err = errno;
+    if (!err && timeout_us == 0) {
+        int off = 0;
+        if (ioctl(fd, FIONBIO, &off) != 0)
+            err = errno;
+    }
     if (err) {
         close(fd);
         return -err;
@@ -147,19 +173,20 @@ static inline long long shr_peer_uid(int sock) {
 
 /* Is fd a connected Unix SOCK_SEQPACKET socket?  (1 yes, 0 no or not a socket.) */
 static inline int shr_is_unix_seqpacket(int fd) {
-    int type = 0, domain = 0;
+    int type = 0;
     struct sockaddr_un peer;
     socklen_t len = sizeof type;
     if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_SEQPACKET)
         return 0;
-    len = sizeof domain;
-    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 || domain != AF_UNIX)
-        return 0;
     /* Connected (so not listening either: a listening socket has no peer,
      * and one with a connection pending is readable for ever while every
-     * recv on it fails). */
+     * recv on it fails), and a Unix socket: the peer's address says its
+     * family (so no SO_DOMAIN call). */
+    memset(&peer, 0, sizeof peer);
     len = sizeof peer;
-    return getpeername(fd, (struct sockaddr *)&peer, &len) == 0;
+    if (getpeername(fd, (struct sockaddr *)&peer, &len) != 0)
+        return 0;
+    return len >= sizeof peer.sun_family && peer.sun_family == AF_UNIX;
 }
 
 /* The client's half of a stream hello that fits in one call: bind the

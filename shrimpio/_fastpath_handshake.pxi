@@ -107,7 +107,7 @@ def stream_connect(bytes path not None, timeout, int user_fd, int family, bytes 
     its fd.  A listener of another user raises ``PermissionError``; other
     failures ``OSError``; either way ``ctl`` is closed."""
     cdef int ctl, rc = 0, port = 0, err
-    cdef long long uid
+    cdef long long uid, me
     cdef int fds[2]
     if len(pre) != 8:
         raise ValueError("pre must be the 8 bytes of the header before its length")
@@ -124,16 +124,17 @@ def stream_connect(bytes path not None, timeout, int user_fd, int family, bytes 
     with nogil:
         uid = shr_peer_uid(ctl)
         err = errno
-        if uid == geteuid() and seg_fd >= 0:
+        me = geteuid()              # (asked once per call: a process may change it)
+        if uid == me and seg_fd >= 0:
             rc = shr_stream_hello(ctl, user_fd, family, ipp, ipn, prep, hp, hn, tp, tn, fds, &port)
             err = errno
     if uid < 0 or rc < 0:
         close(ctl)
         raise OSError(err, _os.strerror(err))
-    if uid != geteuid():
+    if uid != me:
         close(ctl)
         raise PermissionError(_errno.EACCES, "shrimpio endpoint is served by uid %d, not by "
-                              "this user (uid %d)" % (uid, geteuid()))
+                              "this user (uid %d)" % (uid, me))
     return ctl, (port if rc == 1 else 0)
 
 

@@ -1,7 +1,7 @@
-"""Process-wide helpers of the control plane: environment variables read
-without re-encoding their names on every call (a connect reads several, any
-of which may change at any time), and exit hooks that also run at the end of
-a multiprocessing child."""
+"""Process-wide helpers of the control plane: this process's pid without a
+system call, environment variables read without re-encoding their names on
+every call (a connect reads several, any of which may change at any time),
+and exit hooks that also run at the end of a multiprocessing child."""
 
 from __future__ import annotations
 
@@ -9,7 +9,22 @@ import os
 import sys
 from typing import Callable
 
-__all__ = ["environ_data", "getenv", "on_exit"]
+__all__ = ["environ_data", "getenv", "on_exit", "pid"]
+
+#: This process's pid.  ``os.getpid()`` is a system call each time (glibc
+#: no longer caches it), and a connection asks several times (whose kit,
+#: whose listener queue, whose report); an at-fork hook keeps this one
+#: right in a child.  (A child made by a raw ``fork()`` that runs no
+#: at-fork hooks, e.g. from C, would see its parent's.)
+pid = os.getpid()
+
+
+def _forked() -> None:
+    global pid
+    pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 _ENVIRON_TYPE = type(os.environ) if os.name == "posix" else None
 

@@ -62,6 +62,9 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,96}")
 _SOCK_CLOEXEC = getattr(socket, "SOCK_CLOEXEC", 0)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SO_PEERCRED = int(socket.SO_PEERCRED)
+#: The stdlib's class, whatever ``shrimpio.patch`` puts in ``socket.socket``
+#: later: registry sockets are plain Unix sockets, never shrimpio's.
+_StdSocket = socket.socket
 
 
 def registry_root() -> str:
@@ -138,7 +141,7 @@ def _dial(path: str, timeout: float | None, raw: bool = False) -> tuple[socket.s
     fd = dial_unix(os.fsencode(path), timeout)
     if fd < 0:
         return None, -fd
-    return (_csocket.socket if raw else socket.socket)(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fd), 0
+    return (_csocket.socket if raw else _StdSocket)(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fd), 0
 
 
 def _is_stale(path: str) -> bool:
@@ -152,7 +155,7 @@ def _is_stale(path: str) -> bool:
 def peer_credentials(sock) -> tuple[int, int, int]:
     """(pid, uid, gid) of the peer of a connected AF_UNIX socket, via SO_PEERCRED."""
     if isinstance(sock, int):
-        s = socket.socket(fileno=sock)
+        s = _StdSocket(fileno=sock)
         try:
             return peer_credentials(s)
         finally:
@@ -223,7 +226,7 @@ class Registry:
     def listen(self, name: str, backlog: int = 128) -> socket.socket:
         """Bind and listen at <registry>/<name>.sock, replacing a stale entry; FileExistsError if live."""
         path = self._entry_path(name)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | _SOCK_CLOEXEC)
+        sock = _StdSocket(socket.AF_UNIX, socket.SOCK_SEQPACKET | _SOCK_CLOEXEC)
         try:
             with self._locked():
                 try:

@@ -21,6 +21,8 @@ import json
 import os
 from typing import Any
 
+from . import _process
+
 __all__ = ["connection_closing"]
 
 
@@ -29,7 +31,7 @@ def connection_closing(record: dict[str, Any]) -> None:
     path = os.environ.get("SHRIMPIO_REPORT")
     if not path:
         return
-    line = (json.dumps(dict(record, pid=os.getpid()), default=list) + "\n").encode()
+    line = (json.dumps(dict(record, pid=_process.pid), default=list) + "\n").encode()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError:

@@ -11,13 +11,12 @@ and those still open at exit write theirs then, marked ``open_at_exit``.
 
 from __future__ import annotations
 
-import os
 import socket as _std
 import sys
 import weakref
 from typing import TYPE_CHECKING, Any, Optional
 
-from . import _control
+from . import _control, _process
 from ._sockindex import by_fd
 
 if TYPE_CHECKING:
@@ -45,21 +44,21 @@ report_exit_hooks: list = []
 def report_at_exit(sock: "socket") -> None:
     global _report_hooked
     reportable.add(sock)
-    if _report_hooked != os.getpid():
-        _report_hooked = os.getpid()
+    if _report_hooked != _process.pid:
+        _report_hooked = _process.pid
         _control.on_exit(report_open)
 
 
 def reported_at_exit() -> bool:
     """Whether this process wrote its at-exit lines (a socket closed after
     that writes no second line)."""
-    return _exit_reported == os.getpid()
+    return _exit_reported == _process.pid
 
 
 def report_open() -> None:
     """At exit: a line for each connection still open."""
     global _exit_reported
-    if _exit_reported == os.getpid():
+    if _exit_reported == _process.pid:
         return
     for hook in report_exit_hooks:
         try:
@@ -77,7 +76,7 @@ def report_open() -> None:
         if record is not None:
             record["open_at_exit"] = True
             connection_closing(record)
-    _exit_reported = os.getpid()
+    _exit_reported = _process.pid
 
 
 def report_record(sock: "socket") -> Optional[dict]:
