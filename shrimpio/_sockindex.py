@@ -122,7 +122,7 @@ def escape_passed_fds(ancdata: list) -> None:
             if lsock is not None and lsock._lst is not None and lsock.fileno() == fd:
                 # A listener another process may accept on too: as after
                 # a fork (see socket._accept_nowait and Listener.close).
-                lsock._lst.forks = -1
+                lsock._lst.share_with_others()
                 os.set_blocking(fd, False)
 
 

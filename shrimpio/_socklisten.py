@@ -76,7 +76,7 @@ def adopt_listener(lsock: Any, name: str, usock_fd: int) -> None:
     usock.setblocking(False)
     os.set_blocking(lsock.fileno(), False)
     lsock._lst = _Listener(name, usock)
-    lsock._lst.forks = -1              # shared: see _accept.Listener.close
+    lsock._lst.share_with_others()     # see _accept.Listener.close
     lsock._route = None
     by_fd[lsock.fileno()] = lsock
     listening(lsock._lst)
