@@ -99,10 +99,15 @@ static inline ssize_t shr_recvmsg_fds(int sock, char *buf, size_t len, int *fds,
  * the listener's backlog is full: timeout_us < 0 waits as long as that
  * takes, 0 not at all (-EAGAIN), more that many microseconds (through
  * SO_SNDTIMEO, which connect() honours, reset afterwards).  -EINTR: a
- * signal came; the caller handles it and may dial again. */
-static inline int shr_dial_unix(const char *path, size_t len, long long timeout_us) {
+ * signal came; the caller handles it and may dial again.  `nonblock`:
+ * NULL, or where to say that the fd is left non-blocking (the caller then
+ * makes it blocking itself, after what it wants done at once). */
+static inline int shr_dial_unix(const char *path, size_t len, long long timeout_us,
+                                int *nonblock) {
     struct sockaddr_un sa;
     int fd, err = 0;
+    if (nonblock)
+        *nonblock = 0;
     if (len == 0 || len >= sizeof sa.sun_path)
         return -ENAMETOOLONG;
     memset(&sa, 0, sizeof sa);
@@ -117,6 +122,10 @@ static inline int shr_dial_unix(const char *path, size_t len, long long timeout_
     if (timeout_us > 0) {
         if (connect(fd, (struct sockaddr *)&sa, offsetof(struct sockaddr_un, sun_path) + len) == 0) {
             int off = 0;
+            if (nonblock) {                         /* the caller makes it blocking */
+                *nonblock = 1;
+                return fd;
+            }
             if (ioctl(fd, FIONBIO, &off) != 0) {    /* blocking, as the slow way leaves it */
                 err = errno;
                 close(fd);
@@ -145,7 +154,9 @@ static inline int shr_dial_unix(const char *path, size_t len, long long timeout_
         if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &zero, sizeof zero) != 0)
             err = errno;
     }
-    if (!err && timeout_us == 0) {
+    if (!err && timeout_us == 0 && nonblock)
+        *nonblock = 1;
+    else if (!err && timeout_us == 0) {
         int off = 0;
         if (ioctl(fd, FIONBIO, &off) != 0)
             err = errno;
@@ -189,27 +200,18 @@ static inline int shr_is_unix_seqpacket(int fd) {
     return len >= sizeof peer.sun_family && peer.sun_family == AF_UNIX;
 }
 
-/* The client's half of a stream hello that fits in one call: bind the
- * user's TCP socket `user` to (ip, 0) (`ip` is `iplen` packed bytes of
- * `family`: 4 for AF_INET, 16 for AF_INET6), read back its port, and send
- * over `ctl` the control message pre[0..8) + length + head + port + tail
- * with the fds fds[0..2).  `pre` is the message header without its length
- * field (the caller knows the protocol; this only does the arithmetic).
- * Returns 1 (sent, *port set), 0 (nothing sent: the socket was bound
- * already, or elsewhere; the caller takes the general way), -1 errno. */
-static inline int shr_stream_hello(int ctl, int user, int family, const char *ip, size_t iplen,
-                                   const char *pre, const char *head, size_t headlen,
-                                   const char *tail, size_t taillen, const int *fds, int *port) {
+/* The client's local address for a stream hello: bind the user's TCP
+ * socket `user` to (ip, 0) (`ip` is `iplen` packed bytes of `family`: 4
+ * for AF_INET, 16 for AF_INET6) and read back its port.  Returns 1 (bound,
+ * *port set), 0 (the socket was bound already, or elsewhere: the caller
+ * takes the general way), -1 errno. */
+static inline int shr_bind_local(int user, int family, const char *ip, size_t iplen, int *port) {
     union {
         struct sockaddr sa;
         struct sockaddr_in v4;
         struct sockaddr_in6 v6;
     } want, got;
     socklen_t len, glen = sizeof got;
-    char msg[4096 + 64];
-    char digits[8];
-    size_t n, total;
-    uint32_t be;
     memset(&want, 0, sizeof want);
     *port = 0;
     if (family == AF_INET && iplen == 4) {
@@ -237,7 +239,20 @@ static inline int shr_stream_hello(int ctl, int user, int family, const char *ip
             return 0;
         *port = ntohs(got.v6.sin6_port);
     }
-    n = (size_t)snprintf(digits, sizeof digits, "%d", *port);
+    return 1;
+}
+
+/* Send over `ctl` the stream hello pre[0..8) + length + head + port +
+ * tail with the fds fds[0..2).  `pre` is the message header without its
+ * length field (the caller knows the protocol; this only does the
+ * arithmetic).  Returns 1 (sent), -1 errno. */
+static inline int shr_send_hello(int ctl, const char *pre, const char *head, size_t headlen,
+                                 const char *tail, size_t taillen, int port, const int *fds) {
+    char msg[4096 + 64];
+    char digits[8];
+    size_t n, total;
+    uint32_t be;
+    n = (size_t)snprintf(digits, sizeof digits, "%d", port);
     total = 12 + headlen + n + taillen;
     if (total > sizeof msg) {
         errno = EMSGSIZE;

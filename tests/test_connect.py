@@ -1059,6 +1059,65 @@ def test_stream_accept_reports_a_space_fd_of_the_wrong_kind(tmp_path):
         lst.close()
 
 
+def test_a_served_destination_binds_before_its_dial(listener, monkeypatch):
+    """Once a destination was served, a connect binds its socket before the
+    registry dial, so that the hello follows the listener's wake-up by one
+    system call (the listener parks a client whose hello is late); the
+    first connect, and one after the listener went, do not (a socket that
+    then goes by TCP would stay bound)."""
+    from shrimpio import _fastpath
+    _connection.refill()
+    calls = []
+    real = _fastpath.stream_connect
+
+    def spy(*args):
+        got = real(*args)
+        calls.append((args[10] if len(args) > 10 else False, got[1], got[2]))
+        return got
+    monkeypatch.setattr(_handshake, "stream_connect", spy)
+    addr = listener.getsockname()
+    _handshake._client_routes.clear()          # (a destination seen before: served already)
+    for _ in range(3):
+        _connection.refill()
+        cli, srv = pair(listener)
+        exchange(cli, srv)
+        cli.close()
+        srv.close()
+    assert [c[0] for c in calls] == [False, True, True], calls
+    assert all(c[1] > 0 and c[2] for c in calls), calls     # hello with the dial, socket bound here
+    listener.close()
+    # The listener is gone: a plain TCP server takes its address; the
+    # bound-first socket falls back to TCP with the reason, and works.
+    plain = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        plain.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        plain.bind(addr)
+        plain.listen()
+        _connection.refill()
+        n0 = len(calls)
+        cli = connect(addr)
+        try:
+            assert ss.info(cli)["path"] == "tcp" and ss.info(cli)["reason"] == "no shrimpio listener"
+            srv, peer = plain.accept()
+            with srv:
+                assert peer == cli.getsockname()
+                cli.sendall(b"ping")
+                assert srv.recv(4) == b"ping"
+        finally:
+            cli.close()
+        assert calls[n0][0] and calls[n0][2], calls    # it did bind first
+        n1 = len(calls)
+        cli = connect(addr)                            # and the next does not
+        try:
+            assert ss.info(cli)["path"] == "tcp"
+            plain.accept()[0].close()
+        finally:
+            cli.close()
+        assert not any(c[0] for c in calls[n1:]), calls
+    finally:
+        plain.close()
+
+
 def test_connect_sends_the_hello_with_the_dial(listener, monkeypatch):
     """With a spare kit and an unbound socket, the registry connect, the
     local address and the hello are one call; the listener sees the same
