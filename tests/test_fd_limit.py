@@ -197,14 +197,16 @@ asyncio.run(main(int(sys.argv[1])))
 
 
 @pytest.mark.parametrize("headroom", [1, 2])
-def test_an_asyncio_server_one_fd_short_serves_a_tcp_client(headroom):
+def test_an_asyncio_server_one_fd_short_serves_a_tcp_client(headroom, tmp_path):
     """A kernel TCP client of the shrimpio loop's server needs one fd, as
     with uvloop or asyncio alone: the hand-over of the connection to uvloop
     must not take a second one (it took a dup of the fd, and failed with
     EMFILE one fd short of the limit: a connection TCP serves, lost)."""
     import json
+    report = tmp_path / "report"
     srv = subprocess.Popen([sys.executable, "-c", TCP_SERVER, str(headroom)],
-                           stdout=subprocess.PIPE, text=True, env=child_env())
+                           stdout=subprocess.PIPE, text=True,
+                           env=child_env({"SHRIMPIO_REPORT": str(report)}))
     cli = None
     try:
         port = srv.stdout.readline().strip()
@@ -217,6 +219,11 @@ def test_an_asyncio_server_one_fd_short_serves_a_tcp_client(headroom):
         assert out["errors"] == [], out
         assert srv.wait(timeout=30) == 0
         assert cli.wait(timeout=30) == 0
+        # One line for the connection, whichever way it was handed to uvloop.
+        lines = [json.loads(x) for x in report.read_text().splitlines()]
+        assert len(lines) == 1, lines
+        assert lines[0]["path"] == "tcp" and lines[0]["reason"] == "peer is not shrimpio", lines
+        assert lines[0]["peer"][0] == "127.0.0.1" and lines[0]["local"][1] == int(port), lines
     finally:
         for p in (srv, cli):
             if p is not None:

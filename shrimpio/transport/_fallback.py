@@ -198,8 +198,8 @@ def _report_given(owner: Any, counts: Optional[tuple[int, int]] = None,
                   open_at_exit: bool = False) -> None:
     """The report line of an owner whose fd uvloop took (see handoff):
     written here, as its close has no fd to report on."""
-    if not _ss._report_wanted() or not owner._peer:
-        return
+    if not _ss._report_wanted() or not owner._peer or (_ss._reported_at_exit() and not open_at_exit):
+        return                      # (nothing to say, or said at exit already)
     from .._report import connection_closing
     record = _ss.info(owner)
     record.update(local=owner._local, peer=owner._peer)
