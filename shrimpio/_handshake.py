@@ -14,8 +14,8 @@ listener's uid, bind the user's socket to (destination, 0) for its local
 address, send the hello with the kit's two fds.  (A destination whose last
 connect found a listener is bound first, so that the hello follows the
 listener's wake-up at once.)  Only what does not fit
-that call (no spare kit, a socket bound already, a stale or busy entry, a
-timeout) goes the general way, here in Python, with the same checks.  Then
+that call (no spare kit, a socket bound already, a stale or busy
+entry) goes the general way, here in Python, with the same checks.  Then
 the :class:`~shrimpio._connection.Connection` attaches the rings and the
 registry socket is ``dup2``-ed onto the user's fd (its number never
 changes); that fd is then the connection's data doorbell too.
