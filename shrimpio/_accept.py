@@ -25,18 +25,24 @@ client, never for one whose hello has not come (or will be refused).
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import os
 import socket as _std
 import _socket as _csocket
+import struct
 import time
 from typing import Any, Optional
 
-from . import _connection, _control, _stat
+from . import _connection, _control, _process, _stat
 from ._connection import Connection, ring_capacity
 from ._fastpath import Segment, adapt_spin, get_busy_poll_us, stream_accept, stream_hello
 from ._handshake import (HELLO_KIND, HELLO_RE, PROTOCOL_VERSION, _AF_UNIX, _SOCK_SEQPACKET, _STREAM,
                          _family, addr_tuple, registry)
+
+#: The stdlib's class, whatever ``shrimpio.patch`` puts in ``socket.socket``
+#: later (its ``__init__`` would be shrimpio's own, which looks the fd up).
+_StdSocket = _std.socket
 
 __all__ = ["ACCEPT_SPIN", "HELLO_WAIT", "Listener", "MAX_WAITING", "accept_hello", "accept_shm",
            "next_client", "register_listener"]
@@ -106,6 +112,53 @@ def accept_spin_top() -> float:
     return get_busy_poll_us() * ACCEPT_SPIN / 1e6
 
 
+_FLOCK = struct.Struct("hhqqi4x")     # struct flock: l_type, l_whence, l_start, l_len, l_pid
+#: How long a listener trusts what it learnt of other holders (seconds).
+HOLDERS_TTL = 0.25
+
+
+class _Holders:
+    """Which processes may accept on a listener's registry entry, as far
+    as its busy-poll needs to know.  A listener shared through a fork
+    (a pre-fork server's workers) must not busy-poll: the processes share
+    one queue of clients, and a spinning one would take them all.  But a
+    fork does not mean that two processes accept: a server forked by the
+    process that made its listener, which then closes its copy, accepts
+    alone.  Each process that accepts holds a POSIX read lock on a memfd
+    made with the listener (such locks belong to a process, are not
+    inherited by fork, and go when it closes the memfd or dies);
+    ``F_GETLK`` then says whether another process holds one too."""
+
+    __slots__ = ("fd", "locked_by", "known", "others")
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("shrimpio-listener", os.MFD_CLOEXEC)
+        self.locked_by = 0          # the pid that took its lock
+        self.known = -1.0           # when `others` was last asked
+        self.others = True
+
+    def alone(self) -> bool:
+        """Does no other live process accept on this listener?"""
+        now = time.monotonic()
+        if self.locked_by == _process.pid and now - self.known < HOLDERS_TTL:
+            return not self.others
+        try:
+            if self.locked_by != _process.pid:
+                fcntl.lockf(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 0)
+                self.locked_by = _process.pid
+            got = fcntl.fcntl(self.fd, fcntl.F_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
+            self.others = _FLOCK.unpack(got)[0] != fcntl.F_UNLCK
+        except OSError:
+            self.others = True      # (cannot tell: as shared)
+        self.known = now
+        return not self.others
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)            # (our lock goes with it)
+
+
 class Listener:
     """The registry half of a listening shrimpio socket.
 
@@ -130,6 +183,10 @@ class Listener:
         # child must not serve a client its parent holds too).
         self.ready: list[tuple[int, tuple]] = []
         self.stat = _stat.track_listener(name, usock.fileno())
+        try:
+            self.holders: "_Holders | None" = _Holders()
+        except OSError:             # (no memfd, or no fd left: as shared)
+            self.holders = None
 
     def watch_fds(self) -> list[int]:
         """The fds whose readability may mean a client to accept: the
@@ -181,6 +238,14 @@ class Listener:
                 os.close(ctl)           # out of time: it reads EOF
         return None
 
+    def share_with_others(self) -> None:
+        """Other processes may accept on the entry from now on (its fd went
+        to them): shared for good, whoever holds what."""
+        self.forks = -1
+        if self.holders is not None:
+            self.holders.close()
+            self.holders = None
+
     @property
     def shared(self) -> bool:
         """Is the entry's queue shared with other processes (a fork, or the
@@ -196,16 +261,19 @@ class Listener:
         while their hello has not come).  No wait."""
         if self.ready:
             return True
-        got = next_client(self, 0.0)
+        # A client's hello follows its connect by a few system calls: spin
+        # for it as accept() does (parked, it would cost a kernel wait and a
+        # wake-up more).
+        got = next_client(self, get_busy_poll_us() / 1e6)
         if got is None:
             return False
-        self.ready.append((os.getpid(), got))
+        self.ready.append((_process.pid, got))
         return True
 
     def take_ready(self) -> "tuple | None":
         """A client acceptable() took, if any (one taken by another process
         before a fork is that process's: our copies are closed)."""
-        pid = os.getpid()
+        pid = _process.pid
         while self.ready:
             try:
                 owner, got = self.ready.pop(0)
@@ -217,11 +285,12 @@ class Listener:
         return None
 
     def spin_budget(self) -> float:
-        if self.shared:
+        if self.shared and (self.holders is None or not self.holders.alone()):
             # Processes sharing one queue of clients each sleep until one
             # comes and the kernel wakes them: whichever is free takes it,
             # so the load spreads over them as over a shared TCP listener's
             # (a spinning one would take every client it can keep up with).
+            # One that accepts alone (see _Holders) spins as if unshared.
             return 0.0
         top = accept_spin_top()
         if self.spin > top:
@@ -237,6 +306,9 @@ class Listener:
     def close(self) -> None:
         _stat.release(self.stat)
         self.stat = None
+        if self.holders is not None:
+            self.holders.close()
+            self.holders = None
         while self.waiting:
             os.close(self.waiting.popitem()[0])     # they read EOF
         while self.ready:
@@ -319,7 +391,7 @@ def accept_shm(sock: Any, lst: Listener, bare: bool) -> "tuple[Any, Any] | None"
             # blocking, and a default timeout was applied by the
             # constructor).
             new = cls.__new__(cls)
-            _std.socket.__init__(new, family, _STREAM, sock.proto, fd)
+            _StdSocket.__init__(new, family, _STREAM, sock.proto, fd)
             new._clear()
         else:
             new = cls(family, _STREAM, sock.proto, fileno=fd)

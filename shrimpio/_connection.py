@@ -44,7 +44,7 @@ import socket as _std
 import _socket as _csocket
 import threading
 
-from . import _control, _stat
+from . import _control, _process, _stat
 from ._fastpath import Ring, RingCorruptedError, Segment, Stream, prepare_rings
 
 __all__ = ["Connection", "DEFAULT_RING", "Kit", "ring_capacity", "take_kit", "give_back",
@@ -139,7 +139,7 @@ class Kit:
     def __init__(self, c2s: int, s2c: int) -> None:
         off2, size = Connection.layout(c2s, s2c)
         self.caps = (c2s, s2c)
-        self.pid = os.getpid()
+        self.pid = _process.pid
         kind = _segment_kind()
         # A closed connection's mapping, if one waits to be unmapped: the
         # new segment is mapped over it (one system call instead of two).
@@ -182,7 +182,7 @@ def take_kit(c2s: int, s2c: int) -> "Kit | None":
     """A spare kit for rings of these capacities, or None.  No system call."""
     if not _spares or c2s != DEFAULT_RING or s2c != DEFAULT_RING:
         return None
-    kind, pid = _segment_kind(), os.getpid()
+    kind, pid = _segment_kind(), _process.pid
     while True:
         try:
             kit = _spares.pop()
@@ -197,7 +197,7 @@ def give_back(kit: "Kit | None") -> None:
     """An unused kit (the connect went to TCP): keep it as a spare or close it."""
     if kit is None:
         return
-    if kit.pid == os.getpid() and kit.caps == (DEFAULT_RING, DEFAULT_RING) \
+    if kit.pid == _process.pid and kit.caps == (DEFAULT_RING, DEFAULT_RING) \
             and len(_spares) < SPARES:
         _keep(kit)
     else:

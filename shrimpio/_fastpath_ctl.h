@@ -12,6 +12,7 @@
 #include <fcntl.h>
 #include <stddef.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/uio.h>
@@ -98,18 +99,49 @@ static inline ssize_t shr_recvmsg_fds(int sock, char *buf, size_t len, int *fds,
  * the listener's backlog is full: timeout_us < 0 waits as long as that
  * takes, 0 not at all (-EAGAIN), more that many microseconds (through
  * SO_SNDTIMEO, which connect() honours, reset afterwards).  -EINTR: a
- * signal came; the caller handles it and may dial again. */
-static inline int shr_dial_unix(const char *path, size_t len, long long timeout_us) {
+ * signal came; the caller handles it and may dial again.  `nonblock`:
+ * NULL, or where to say that the fd is left non-blocking (the caller then
+ * makes it blocking itself, after what it wants done at once). */
+static inline int shr_dial_unix(const char *path, size_t len, long long timeout_us,
+                                int *nonblock) {
     struct sockaddr_un sa;
     int fd, err = 0;
+    if (nonblock)
+        *nonblock = 0;
     if (len == 0 || len >= sizeof sa.sun_path)
         return -ENAMETOOLONG;
     memset(&sa, 0, sizeof sa);
     sa.sun_family = AF_UNIX;
     memcpy(sa.sun_path, path, len);
-    fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | (timeout_us == 0 ? SOCK_NONBLOCK : 0), 0);
+    /* A Unix connect blocks only while the listener's backlog is full:
+     * try without waiting first, and only if that says EAGAIN (full) do it
+     * again with the timeout as SO_SNDTIMEO (two more system calls). */
+    fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | (timeout_us >= 0 ? SOCK_NONBLOCK : 0), 0);
     if (fd < 0)
         return -errno;
+    if (timeout_us > 0) {
+        if (connect(fd, (struct sockaddr *)&sa, offsetof(struct sockaddr_un, sun_path) + len) == 0) {
+            int off = 0;
+            if (nonblock) {                         /* the caller makes it blocking */
+                *nonblock = 1;
+                return fd;
+            }
+            if (ioctl(fd, FIONBIO, &off) != 0) {    /* blocking, as the slow way leaves it */
+                err = errno;
+                close(fd);
+                return -err;
+            }
+            return fd;
+        }
+        err = errno;
+        close(fd);
+        if (err != EAGAIN && err != EWOULDBLOCK)
+            return -err;
+        err = 0;
+        fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+            return -errno;
+    }
     if (timeout_us > 0) {
         struct timeval tv = {(time_t)(timeout_us / 1000000), (suseconds_t)(timeout_us % 1000000)};
         if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) != 0)
@@ -122,8 +154,13 @@ static inline int shr_dial_unix(const char *path, size_t len, long long timeout_
         if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &zero, sizeof zero) != 0)
             err = errno;
     }
-    if (!err && timeout_us == 0 && fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0)
-        err = errno;
+    if (!err && timeout_us == 0 && nonblock)
+        *nonblock = 1;
+    else if (!err && timeout_us == 0) {
+        int off = 0;
+        if (ioctl(fd, FIONBIO, &off) != 0)
+            err = errno;
+    }
     if (err) {
         close(fd);
         return -err;
@@ -147,42 +184,34 @@ static inline long long shr_peer_uid(int sock) {
 
 /* Is fd a connected Unix SOCK_SEQPACKET socket?  (1 yes, 0 no or not a socket.) */
 static inline int shr_is_unix_seqpacket(int fd) {
-    int type = 0, domain = 0;
+    int type = 0;
     struct sockaddr_un peer;
     socklen_t len = sizeof type;
     if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_SEQPACKET)
         return 0;
-    len = sizeof domain;
-    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 || domain != AF_UNIX)
-        return 0;
     /* Connected (so not listening either: a listening socket has no peer,
      * and one with a connection pending is readable for ever while every
-     * recv on it fails). */
+     * recv on it fails), and a Unix socket: the peer's address says its
+     * family (so no SO_DOMAIN call). */
+    memset(&peer, 0, sizeof peer);
     len = sizeof peer;
-    return getpeername(fd, (struct sockaddr *)&peer, &len) == 0;
+    if (getpeername(fd, (struct sockaddr *)&peer, &len) != 0)
+        return 0;
+    return len >= sizeof peer.sun_family && peer.sun_family == AF_UNIX;
 }
 
-/* The client's half of a stream hello that fits in one call: bind the
- * user's TCP socket `user` to (ip, 0) (`ip` is `iplen` packed bytes of
- * `family`: 4 for AF_INET, 16 for AF_INET6), read back its port, and send
- * over `ctl` the control message pre[0..8) + length + head + port + tail
- * with the fds fds[0..2).  `pre` is the message header without its length
- * field (the caller knows the protocol; this only does the arithmetic).
- * Returns 1 (sent, *port set), 0 (nothing sent: the socket was bound
- * already, or elsewhere; the caller takes the general way), -1 errno. */
-static inline int shr_stream_hello(int ctl, int user, int family, const char *ip, size_t iplen,
-                                   const char *pre, const char *head, size_t headlen,
-                                   const char *tail, size_t taillen, const int *fds, int *port) {
+/* The client's local address for a stream hello: bind the user's TCP
+ * socket `user` to (ip, 0) (`ip` is `iplen` packed bytes of `family`: 4
+ * for AF_INET, 16 for AF_INET6) and read back its port.  Returns 1 (bound,
+ * *port set), 0 (the socket was bound already, or elsewhere: the caller
+ * takes the general way), -1 errno. */
+static inline int shr_bind_local(int user, int family, const char *ip, size_t iplen, int *port) {
     union {
         struct sockaddr sa;
         struct sockaddr_in v4;
         struct sockaddr_in6 v6;
     } want, got;
     socklen_t len, glen = sizeof got;
-    char msg[4096 + 64];
-    char digits[8];
-    size_t n, total;
-    uint32_t be;
     memset(&want, 0, sizeof want);
     *port = 0;
     if (family == AF_INET && iplen == 4) {
@@ -210,7 +239,20 @@ static inline int shr_stream_hello(int ctl, int user, int family, const char *ip
             return 0;
         *port = ntohs(got.v6.sin6_port);
     }
-    n = (size_t)snprintf(digits, sizeof digits, "%d", *port);
+    return 1;
+}
+
+/* Send over `ctl` the stream hello pre[0..8) + length + head + port +
+ * tail with the fds fds[0..2).  `pre` is the message header without its
+ * length field (the caller knows the protocol; this only does the
+ * arithmetic).  Returns 1 (sent), -1 errno. */
+static inline int shr_send_hello(int ctl, const char *pre, const char *head, size_t headlen,
+                                 const char *tail, size_t taillen, int port, const int *fds) {
+    char msg[4096 + 64];
+    char digits[8];
+    size_t n, total;
+    uint32_t be;
+    n = (size_t)snprintf(digits, sizeof digits, "%d", port);
     total = 12 + headlen + n + taillen;
     if (total > sizeof msg) {
         errno = EMSGSIZE;

@@ -8,12 +8,16 @@
 # they run in C with the GIL released, and only their results come back.
 
 cdef extern from "_fastpath_ctl.h" nogil:
-    int shr_dial_unix(const char *path, size_t len, long long timeout_us)
+    int shr_dial_unix(const char *path, size_t len, long long timeout_us, int *nonblock)
     long long shr_peer_uid(int sock)
     int shr_is_unix_seqpacket(int fd)
-    int shr_stream_hello(int ctl, int user, int family, const char *ip, size_t iplen,
-                         const char *pre, const char *head, size_t headlen,
-                         const char *tail, size_t taillen, const int *fds, int *port)
+    int shr_bind_local(int user, int family, const char *ip, size_t iplen, int *port)
+    int shr_send_hello(int ctl, const char *pre, const char *head, size_t headlen,
+                       const char *tail, size_t taillen, int port, const int *fds)
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+    unsigned long FIONBIO
 
 cdef extern from "<sys/socket.h>" nogil:
     int accept4(int sockfd, void *addr, void *addrlen, int flags)
@@ -86,7 +90,7 @@ def dial_unix(bytes path not None, timeout=None):
     cdef int fd
     while True:
         with nogil:
-            fd = shr_dial_unix(p, n, us)
+            fd = shr_dial_unix(p, n, us, NULL)
         if fd != -EINTR:
             return fd
         PyErr_CheckSignals()
@@ -94,47 +98,80 @@ def dial_unix(bytes path not None, timeout=None):
 
 def stream_connect(bytes path not None, timeout, int user_fd, int family, bytes ip not None,
                    bytes pre not None, bytes head not None, bytes tail not None, int seg_fd,
-                   int space_fd):
+                   int space_fd, bint bind_first=False):
     """A client's connect to a listener's registry entry ``path``, in one call:
     dial (as :func:`dial_unix`), check that the listener is this user
     (``SO_PEERCRED``), and, if ``seg_fd >= 0``, bind ``user_fd`` to (``ip``,
     0) and send the hello ``pre`` + length + ``head`` + port + ``tail``
-    with ``seg_fd`` and ``space_fd`` (see ``shr_stream_hello``).
+    with ``seg_fd`` and ``space_fd`` (see ``shr_send_hello``).
+    ``bind_first``: bind before the dial, so that the hello follows the
+    listener's wake-up (its connect) by one system call, not four (the
+    listener would park a client whose hello is late, and wait again);
+    for destinations known to be served, as the socket stays bound if the
+    dial fails.
 
-    Returns ``(ctl, port)``: ``ctl < 0`` is ``-errno`` of the dial (nothing
-    else done); ``port == 0`` means no hello went (no kit, or the socket
-    was bound already): the caller sends it its own way over ``ctl``, now
-    its fd.  A listener of another user raises ``PermissionError``; other
-    failures ``OSError``; either way ``ctl`` is closed."""
+    Returns ``(ctl, port, bound)``: ``ctl < 0`` is ``-errno`` of the dial
+    (nothing else done but the bind, if ``bound``); ``port == 0`` means no
+    hello went (no kit, or the socket was bound already): the caller sends
+    it its own way over ``ctl``, now its fd.  ``bound``: ``user_fd`` was
+    bound here.  A listener of another user raises ``PermissionError``;
+    other failures ``OSError``; either way ``ctl`` is closed."""
     cdef int ctl, rc = 0, port = 0, err
-    cdef long long uid
+    cdef int bound = 0
+    cdef long long uid, me
     cdef int fds[2]
     if len(pre) != 8:
         raise ValueError("pre must be the 8 bytes of the header before its length")
-    ctl = dial_unix(path, timeout)
-    if ctl < 0:
-        return ctl, 0
-    fds[0] = seg_fd
-    fds[1] = space_fd
     cdef const char *ipp = ip
     cdef const char *prep = pre
     cdef const char *hp = head
     cdef const char *tp = tail
     cdef size_t ipn = len(ip), hn = len(head), tn = len(tail)
+    cdef long long us = _timeout_us(timeout)
+    cdef const char *pathp = path
+    cdef size_t pathn = len(path)
+    cdef int nonblock = 0, off = 0
+    me = geteuid()                  # (asked once per call: a process may change it)
+    if seg_fd >= 0 and bind_first:
+        with nogil:
+            bound = shr_bind_local(user_fd, family, ipp, ipn, &port)
+            err = errno
+        if bound < 0:
+            raise OSError(err, _os.strerror(err))
+    while True:
+        with nogil:
+            ctl = shr_dial_unix(pathp, pathn, us, &nonblock)
+        if ctl != -EINTR:
+            break
+        PyErr_CheckSignals()
+    if ctl < 0:
+        return ctl, 0, bound == 1
+    fds[0] = seg_fd
+    fds[1] = space_fd
     with nogil:
+        # Between the dial (which wakes the listener) and the hello, as
+        # little as can be: the listener then finds it there.
         uid = shr_peer_uid(ctl)
         err = errno
-        if uid == geteuid() and seg_fd >= 0:
-            rc = shr_stream_hello(ctl, user_fd, family, ipp, ipn, prep, hp, hn, tp, tn, fds, &port)
+        if uid == me and seg_fd >= 0:
+            if not bind_first:
+                bound = shr_bind_local(user_fd, family, ipp, ipn, &port)
+                err = errno
+            rc = bound
+            if bound == 1:
+                rc = shr_send_hello(ctl, prep, hp, hn, tp, tn, port, fds)
+                err = errno
+        if nonblock and rc >= 0 and uid >= 0 and ioctl(ctl, FIONBIO, &off) != 0:
+            rc = -1                 # (blocking from here on, as dial_unix leaves it)
             err = errno
     if uid < 0 or rc < 0:
         close(ctl)
         raise OSError(err, _os.strerror(err))
-    if uid != geteuid():
+    if uid != me:
         close(ctl)
         raise PermissionError(_errno.EACCES, "shrimpio endpoint is served by uid %d, not by "
-                              "this user (uid %d)" % (uid, geteuid()))
-    return ctl, (port if rc == 1 else 0)
+                              "this user (uid %d)" % (uid, me))
+    return ctl, (port if rc == 1 else 0), bound == 1
 
 
 cdef object _take_hello(int fd, Py_ssize_t bufsize, int maxfds):

@@ -164,7 +164,7 @@ def _reduce_socket(sock: Any) -> Any:
         return _rebuild_socket, (df, sock.family, sock.type, sock.proto, None, None)
     # The registry entry is now shared with another process: as after a
     # fork, closing our copy removes it only if nobody listens there.
-    lst.forks = -1
+    lst.share_with_others()
     return _rebuild_socket, (df, sock.family, sock.type, sock.proto, lst.name,
                              reduction.DupFd(lst.usock.fileno()))
 

@@ -11,9 +11,11 @@ use shared memory and which registry entries may serve it
 (segment with two ring headers, space socketpair) and makes *one* call into
 C, :func:`~shrimpio._fastpath.stream_connect`: dial the entry, check the
 listener's uid, bind the user's socket to (destination, 0) for its local
-address, send the hello with the kit's two fds.  Only what does not fit
-that call (no spare kit, a socket bound already, a stale or busy entry, a
-timeout) goes the general way, here in Python, with the same checks.  Then
+address, send the hello with the kit's two fds.  (A destination whose last
+connect found a listener is bound first, so that the hello follows the
+listener's wake-up at once.)  Only what does not fit
+that call (no spare kit, a socket bound already, a stale or busy
+entry) goes the general way, here in Python, with the same checks.  Then
 the :class:`~shrimpio._connection.Connection` attaches the rings and the
 registry socket is ``dup2``-ed onto the user's fd (its number never
 changes); that fd is then the connection's data doorbell too.
@@ -179,13 +181,16 @@ class _Destination:
     the packed address to bind to and our address as the peer sees it."""
 
     __slots__ = ("reg", "names", "entries", "flat", "numeric", "peer", "ip", "local_host", "listed",
-                 "turn")
+                 "turn", "served")
 
     def __init__(self, reg: _control.Registry, family: int, numeric: str, port: int) -> None:
         self.reg = reg
         self.names = _route.candidate_entries(family, numeric, port)
         self.listed = -1.0          # when the groups were last listed (see register_listener)
         self.turn = 0
+        # The last connect found a listener: the next binds before its dial
+        # (see _fastpath.stream_connect).
+        self.served = False
         self.entries: tuple = ()
         self.list_members()
         if unspecified(numeric):
@@ -378,8 +383,12 @@ def _dial(sock: Any, dest: _Destination, family: int, timeout: Optional[float], 
     reason = "no shrimpio listener"
     for name, path in dest.in_turn():
         try:
-            ctl, lport = stream_connect(path, timeout, user_fd, family, dest.ip, _PRE, head,
-                                        tail, seg_fd, space_fd)
+            ctl, lport, bound = stream_connect(path, timeout, user_fd, family, dest.ip, _PRE, head,
+                                               tail, seg_fd, space_fd, fast and dest.served)
+            if bound:
+                sock._unbound = False
+                if lport == 0:
+                    seg_fd = space_fd = -1  # (the next entry's dial: the general way)
             if ctl == -errno.ENOENT:
                 continue
             if ctl < 0:
@@ -387,6 +396,7 @@ def _dial(sock: Any, dest: _Destination, family: int, timeout: Optional[float], 
                 # A stale entry, a full backlog, an error: the registry's
                 # general way sorts them out (and says why).
                 ctl, lport = dest.reg.connect(name, timeout=timeout, raw=True).detach(), 0
+            dest.served = True
             return ctl, lport, ""
         except FileNotFoundError:
             continue
@@ -396,6 +406,7 @@ def _dial(sock: Any, dest: _Destination, family: int, timeout: Optional[float], 
             return -1, 0, describe_error(exc)
         except ValueError as exc:   # e.g. entry path too long for a Unix socket
             return -1, 0, f"registry unusable: {exc}"
+    dest.served = False
     return -1, 0, reason
 
 

@@ -153,9 +153,12 @@ def _ready(sock: Any, read: bool, write: bool,
         # A TCP client waiting, or a shared-memory one whose hello came:
         # one that only connected to the registry entry is not acceptable
         # yet (accept() would say EAGAIN), so the listener takes it now.
-        if lst.ready or _real_poll_once([sock.fileno()]):
+        # (What the kernel wait said, when there was one: no second poll.)
+        if lst.ready or (_real_poll_once([sock.fileno()]) if fired is None
+                         else sock.fileno() in fired):
             return True, False
-        if _real_poll_once(lst.watch_fds()):
+        if (_real_poll_once(lst.watch_fds()) if fired is None
+                else any(fd in fired for fd in lst.watch_fds())):
             try:
                 return lst.acceptable(), False
             except OSError:

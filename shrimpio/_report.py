@@ -9,7 +9,7 @@ which path its connections took::
 A connection's line is written when its socket closes (or is collected);
 one still open when the process exits (a ``makefile()`` never closed, a
 socket or transport the program just left) writes it at exit, with
-``"open_at_exit": true`` (see ``shrimpio.socket._report_open``: at
+``"open_at_exit": true`` (see ``shrimpio._sockinfo.report_open``: at
 interpreter exit, and at the end of a multiprocessing child).  A process
 killed by a signal, or leaving by ``os._exit`` outside multiprocessing,
 writes no line for what it left open.
@@ -21,6 +21,8 @@ import json
 import os
 from typing import Any
 
+from . import _process
+
 __all__ = ["connection_closing"]
 
 
@@ -29,7 +31,7 @@ def connection_closing(record: dict[str, Any]) -> None:
     path = os.environ.get("SHRIMPIO_REPORT")
     if not path:
         return
-    line = (json.dumps(dict(record, pid=os.getpid()), default=list) + "\n").encode()
+    line = (json.dumps(dict(record, pid=_process.pid), default=list) + "\n").encode()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError:

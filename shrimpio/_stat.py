@@ -34,7 +34,6 @@ field is checked and a bad table is reported, never trusted.
 from __future__ import annotations
 
 import errno
-import functools
 import mmap
 import os
 import struct
@@ -127,12 +126,6 @@ _TEXTS = struct.Struct("<64s64s72s")         # local, peer, reason
 _STATE_AT = 0
 
 
-@functools.lru_cache(maxsize=1024)
-def _texts(local: Any, peer: Any, reason: str) -> bytes:
-    return _TEXTS.pack(*(t.encode("utf-8", "replace")[:n - 1]
-                         for t, n in ((_address(local), 64), (_address(peer), 64), (reason, 72))))
-
-
 def _address(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         host = str(addr[0])
@@ -156,11 +149,11 @@ def _open_slot(kind: int, fd: int, local: Any, peer: Any, reason: str,
             _disabled = True
             return None
         table = _table
-    try:
-        texts = _texts(local, peer, reason)
-    except TypeError:                    # an unhashable address
-        texts = _texts.__wrapped__(local, peer, reason)
-    _TEXTS.pack_into(chunk, at + _LOCAL[0], *_TEXTS.unpack(texts))
+    # (struct pads each text with NULs; one byte is kept for the last NUL.
+    # No cache: a connection's port is new each time.)
+    _TEXTS.pack_into(chunk, at + _LOCAL[0], _address(local).encode("utf-8", "replace")[:63],
+                     _address(peer).encode("utf-8", "replace")[:63],
+                     reason.encode("utf-8", "replace")[:71])
     # The state word last: a reader sees the slot live only when it is whole.
     _FIXED.pack_into(chunk, at, 0, kind, 0, 0, time.time_ns(), caps[0], caps[1], 0, 0, fd)
     struct.pack_into("<I", chunk, at, 1)

@@ -22,112 +22,53 @@ stdlib meaning.  Each object is in one of three states:
 Decisions about the path are made in :mod:`shrimpio._route` and recorded on
 the object (``shrimpio.info(sock)``); the hand-shake of a shared-memory
 connect is in :mod:`shrimpio._handshake`, accept in :mod:`shrimpio._accept`.
+This module holds the class and its data calls; its helpers are
+:mod:`shrimpio._socklisten` (``listen()``/``accept()``),
+:mod:`shrimpio._sockindex` (which object or connection an fd is),
+:mod:`shrimpio._sockinfo` (``info()`` and ``SHRIMPIO_REPORT``) and
+:mod:`shrimpio._sockargs` (argument checks and options over shared memory).
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import select as _select
 import stat
-import sys
 import _socket as _csocket
 import socket as _std
-import threading
-import time
-import weakref
 from typing import Any, Optional
 
-from . import _accept, _connection, _control, _escape, _handshake, _route, _stat
+from . import _accept, _connection, _escape, _handshake, _route, _socklisten, _stat
 from ._connection import Connection
-from ._fastpath import spin_readable
 from . import _sockargs
 from ._sockargs import NOARG as _NOARG
 from ._accept import Listener as _Listener
+from ._sockindex import (  # noqa: F401  (the old names: other modules use them)
+    by_fd as _by_fd, by_inode as _by_inode, conn_of_fd as _conn_of_fd, detached as _detached,
+    ebadf as _ebadf, escape_passed_fds as _escape_passed_fds, fd_change_hooks,
+    fd_changing as _fd_changing, index_pending as _index_pending, inode as _inode,
+    unindexed as _unindexed, unindexed_add as _unindexed_add,
+)
+from ._sockinfo import (  # noqa: F401
+    info, info_fd_hooks, report_at_exit as _report_at_exit, report_exit_hooks,
+    report_record as _report_record, report_wanted as _report_wanted,
+    reportable as _reportable, reported_at_exit as _reported_at_exit,
+)
 
 __all__ = ["socket", "info", "StdSocket"]
 
 #: The stdlib class, whatever ``shrimpio.patch`` does to the module attribute.
 StdSocket = _std.socket
-#: The kernel's poll, whatever the patch does to select.poll: shrimpio's own
-#: waits watch kernel fds only (the patched poller would treat a listener's
-#: own fd as a listener again, and accept ahead for it).
-_real_poll = _select.poll
 _STREAM = _std.SOCK_STREAM
 _TYPE_MASK = ~(getattr(_std, "SOCK_NONBLOCK", 0) | getattr(_std, "SOCK_CLOEXEC", 0))
 _AF_INET, _AF_INET6 = int(_std.AF_INET), int(_std.AF_INET6)
 _MSG_DONTWAIT = int(_std.MSG_DONTWAIT)
 _AF_UNIX, _SOCK_SEQPACKET = int(_std.AF_UNIX), int(_std.SOCK_SEQPACKET)
+_registry = _handshake.registry
 # family and type as plain ints: the stdlib properties build enum members,
 # which costs a microsecond a time on the connect and accept paths.
 _family = _csocket.socket.family.__get__
 _type = _csocket.socket.type.__get__
-
-#: Called with an fd whose file is about to be replaced, or that is about to
-#: become (or stop being) a shared-memory connection or listener: pollers
-#: that keep registrations (the patched epoll) put it where it now belongs.
-fd_change_hooks: list = []
-
-
-def _fd_changing(fd: int) -> None:
-    for hook in fd_change_hooks:
-        hook(fd)
-
-
-# fd -> socket object, for the pollers and fromfd (weak: objects die normally).
-_by_fd: "weakref.WeakValueDictionary[int, socket]" = weakref.WeakValueDictionary()
-# (st_dev, st_ino) of a control socket -> its Connection, so that an fd made
-# by os.dup/socket.fromfd/inheritance finds the connection again.
-_by_inode: "weakref.WeakValueDictionary[tuple[int, int], Connection]" = weakref.WeakValueDictionary()
-# Connections whose socket object was detach()ed: the bare fd owns them until
-# a new socket object adopts the fd.
-_detached: "dict[tuple[int, int], Connection]" = {}
-# Connections not yet in _by_inode: indexing one costs an fstat, and is
-# only needed when a socket object is made from a bare fd, so it waits
-# until then (_index_pending).
-_unindexed: "list[weakref.ref[Connection]]" = []
-_UNINDEXED_PRUNE = 64
-
-
-_unindexed_lock = threading.Lock()
-
-
-def _index_pending() -> None:
-    """Put the connections made since the last call into _by_inode (the
-    inode of a connection's own doorbell fd is that of its control socket)."""
-    with _unindexed_lock:
-        pending = _unindexed[:]
-        del _unindexed[:]
-    for ref in pending:
-        conn = ref()
-        if conn is not None and not conn.closed:
-            try:
-                _by_inode[_inode(conn.bell_fd)] = conn
-            except OSError:
-                pass
-
-
-def _unindexed_add(conn: Connection) -> None:
-    ref = weakref.ref(conn)
-    with _unindexed_lock:
-        _unindexed.append(ref)
-        if len(_unindexed) <= _UNINDEXED_PRUNE:
-            return
-        # Forget the closed ones (most, in a process that never adopts fds).
-        _unindexed[:] = [r for r in _unindexed if (c := r()) is not None and not c.closed]
-        if len(_unindexed) <= _UNINDEXED_PRUNE:
-            return
-    _index_pending()
-_registry = _handshake.registry
-
-
-def _inode(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
-
-
-def _ebadf() -> OSError:
-    return OSError(errno.EBADF, "Bad file descriptor")
 
 
 class socket(StdSocket):
@@ -310,47 +251,12 @@ class socket(StdSocket):
             super().listen()
         else:
             super().listen(backlog)
-        if self._lst is not None or not self._is_tcp():
-            return
-        host, port = StdSocket.getsockname(self)[:2]
-        route = _route.listener_allowed(host, port)
-        if route.path != _route.SHM:
-            self._route = route
-            return
-        v6only = self.family == _std.AF_INET6 and _handshake.unspecified(host) \
-            and bool(StdSocket.getsockopt(self, _std.IPPROTO_IPV6, _std.IPV6_V6ONLY))
-        name = _route.entry_name(self.family, host, port, v6only)
-        try:
-            name, usock = _accept.register_listener(self, name, max(backlog, 128) if backlog >= 0 else 128)
-        except FileExistsError as exc:
-            self._route = _route.Route(_route.TCP, str(exc.args[0]))
-            return
-        except (OSError, ValueError) as exc:
-            # The TCP listener is up; a registry we cannot use (entry path
-            # longer than a Unix socket address, bad permissions...) only
-            # costs the fast path: listen() must not fail for it.
-            self._route = _route.Route(_route.TCP, f"registry unusable: {exc}")
-            return
-        usock.setblocking(False)
-        # (The TCP listener's fd keeps the blocking mode its timeout gives
-        # it, as the stdlib's: see _accept_nowait.)
-        self._lst = _Listener(name, usock)
-        _by_fd[self.fileno()] = self
-        _listening(self._lst)
-        if fd_change_hooks:
-            _fd_changing(self.fileno())          # (registered in an epoll before listen)
+        _socklisten.listen(self, backlog)
 
     def _adopt_listener(self, name: str, usock_fd: int) -> None:
         """This kernel listening socket came from another process with its
         registry socket (see _mpconn): share that entry's queue of clients."""
-        usock = _csocket.socket(_std.AF_UNIX, _std.SOCK_SEQPACKET, 0, usock_fd)
-        usock.setblocking(False)
-        os.set_blocking(self.fileno(), False)
-        self._lst = _Listener(name, usock)
-        self._lst.forks = -1              # shared: see _accept.Listener.close
-        self._route = None
-        _by_fd[self.fileno()] = self
-        _listening(self._lst)
+        _socklisten.adopt_listener(self, name, usock_fd)
 
     def settimeout(self, value: Optional[float]) -> None:
         super().settimeout(value)
@@ -362,67 +268,7 @@ class socket(StdSocket):
 
     def accept(self) -> tuple["socket", Any]:
         """As ``socket.accept``; serves TCP and shared-memory clients."""
-        lst = self._lst
-        if lst is None:
-            fd, addr = self._accept()
-            sock = self._kernel_accepted(fd, addr)
-            if _std.getdefaulttimeout() is None and self.gettimeout():
-                sock.setblocking(True)
-            return sock, addr
-        timeout = self.gettimeout()
-        deadline = None if not timeout else time.monotonic() + timeout
-        poller = watched = None
-        spin_from = -1.0      # when the busy-poll phase began (-1: not yet)
-        spun = False
-        while True:
-            got = self._accept_shm(lst)
-            if got is None:
-                try:
-                    fd, addr = self._accept_nowait()
-                except (BlockingIOError, InterruptedError):
-                    pass
-                else:
-                    sock = self._kernel_accepted(fd, addr)
-                    if _std.getdefaulttimeout() is None:
-                        sock.setblocking(True)
-                    got = sock, addr
-            if got is not None:
-                if spin_from >= 0:
-                    lst.adapt(spun, time.monotonic() - spin_from)
-                return got
-            if timeout == 0:
-                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
-            if spin_from < 0:
-                # Busy-poll first (as a ring reader does): a client that
-                # connects soon is then served without our being put to
-                # sleep and woken up, which costs both sides more than the
-                # connection itself.  The budget adapts (see _Listener).
-                # Closed connections' unmapping waited for this moment.
-                _connection.reap()
-                spin_from = time.monotonic()
-                budget = lst.spin_budget()
-                if deadline is not None:
-                    budget = min(budget, max(0.0, deadline - spin_from))
-                if budget > 0 and spin_readable((self.fileno(), lst.usock.fileno()), budget):
-                    spun = True
-                    continue
-            wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
-            if wait_ms == 0:
-                raise TimeoutError("timed out")
-            # Clients whose hello is late are watched too, until their time
-            # is up (the next accept attempt then drops them).
-            fds = self._accept_fds()
-            first = lst.next_deadline()
-            if first is not None:
-                left = max(0, int((first - time.monotonic()) * 1000) + 1)
-                wait_ms = left if wait_ms is None else min(wait_ms, left)
-            if poller is None or fds != watched:
-                poller, watched = _real_poll(), fds
-                for fd in fds:
-                    poller.register(fd, _select.POLLIN)
-            poller.poll(wait_ms)
-            if self.fileno() < 0 or self._lst is None:
-                raise _ebadf()
+        return _socklisten.accept(self)
 
     def _accept_fds(self) -> list[int]:
         """The fds whose readability may mean a client for ``accept()``:
@@ -432,42 +278,13 @@ class socket(StdSocket):
 
     def _kernel_accepted(self, fd: int, addr: Any) -> "socket":
         """The socket object for a connection accepted by the kernel, with
-        its reason: the listener's own (disabled, ruled out, no registry) if
-        it offered no shared memory, else the client's not being shrimpio."""
-        sock = type(self)(self.family, self.type, self.proto, fileno=fd)
-        if self._is_tcp():
-            if self._lst is None and self._route is not None and self._route.path == _route.TCP:
-                sock._route = self._route
-            else:
-                sock._route = _route.Route(_route.TCP, "peer is not shrimpio")
-            sock._peer = addr
-            _stat.track_tcp(sock, sock._route.reason)
-        return sock
+        the reason it is not shared memory."""
+        return _socklisten.kernel_accepted(self, fd, addr)
 
     def _accept_nowait(self) -> tuple[int, Any]:
-        """Accept a pending TCP connection, or raise BlockingIOError at once.
-        (``_accept`` on this object would first wait up to its timeout for
-        the TCP side, while shared-memory clients queue unseen.)
-
-        A listener's fd has the blocking mode the stdlib gives it (blocking
-        without a timeout, as ``fcntl`` shows).  A blocking one is asked
-        first whether a client is there (one ``poll``) and accepted under
-        the listener's lock, so no thread of ours takes that client in
-        between; one shared with other processes (a fork, a listener
-        pickled for multiprocessing), any of which could take it, is made
-        non-blocking instead, and stays so."""
-        lst = self._lst
-        if lst is not None and self.gettimeout() is None and not lst.shared:
-            with _tcp_accept_lock(lst):
-                if not spin_readable((self.fileno(),), 0.0):
-                    raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
-                return _csocket.socket._accept(self)
-        tmp = _csocket.socket(self.family, self.type, self.proto, self.fileno())
-        try:
-            tmp.settimeout(0.0)
-            return tmp._accept()
-        finally:
-            tmp.detach()
+        """Accept a pending TCP connection, or raise BlockingIOError at once
+        (see _socklisten.accept_nowait)."""
+        return _socklisten.accept_nowait(self)
 
     def _accept_shm(self, lst: _Listener) -> Optional[tuple["socket", Any]]:
         return _accept.accept_shm(self, lst, type(self) is socket)
@@ -696,7 +513,7 @@ class socket(StdSocket):
         super().__del__()
 
     def _report(self) -> None:
-        if _exit_reported == os.getpid():
+        if _reported_at_exit():
             return          # reported at exit already (as still open)
         from ._report import connection_closing
         record = _report_record(self)
@@ -787,244 +604,3 @@ class socket(StdSocket):
             return super().getsockopt(level, optname, buflen)
         return _sockargs.getsockopt(self, self._conn(), level, optname, buflen)
 
-
-# Listeners of this process with a registry entry, so that the entries go
-# when the process exits without closing them (and, once per process, the
-# stale entries of listeners that died go when one starts listening).
-_listeners: "weakref.WeakSet[_Listener]" = weakref.WeakSet()
-_listen_hooked = 0          # the pid that hooked its exit and swept
-
-
-_tcp_locks: "weakref.WeakKeyDictionary[_Listener, threading.Lock]" = weakref.WeakKeyDictionary()
-_tcp_locks_lock = threading.Lock()
-
-
-def _tcp_accept_lock(lst: _Listener) -> threading.Lock:
-    """The lock of a listener's TCP accepts (see socket._accept_nowait)."""
-    lock = _tcp_locks.get(lst)
-    if lock is None:
-        with _tcp_locks_lock:
-            lock = _tcp_locks.setdefault(lst, threading.Lock())
-    return lock
-
-
-def _listening(lst: _Listener) -> None:
-    global _listen_hooked
-    _listeners.add(lst)
-    if _listen_hooked == os.getpid():
-        return
-    _listen_hooked = os.getpid()
-    _control.on_exit(_close_listeners)
-    try:
-        _registry().sweep()
-    except OSError:
-        pass
-
-
-def _close_listeners() -> None:
-    """At exit: the registry entries of listeners still open go (a forked
-    child's copy of a listener removes the entry only if nobody else
-    listens there, see _accept.Listener.close)."""
-    for lst in list(_listeners):
-        try:
-            lst.close()
-        except OSError:
-            pass
-
-
-def _escape_passed_fds(ancdata: list) -> None:
-    """Before fds go to another process in ``SCM_RIGHTS``: a shared-memory
-    connection among them escapes to a kernel stream (the other process
-    could only read its doorbell), an escaped one can no longer be taken
-    back (see _escape), and a listener among them is shared from then on."""
-    import array
-    for item in ancdata:
-        try:
-            level, kind, data = item
-        except (TypeError, ValueError):
-            return                       # the stdlib raises its own error
-        if level != _std.SOL_SOCKET or kind != _std.SCM_RIGHTS:
-            continue
-        fds = array.array("i")
-        try:
-            raw = memoryview(data).cast("B")
-            fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
-        except (TypeError, ValueError):
-            continue
-        for fd in fds:
-            conn = _conn_of_fd(fd)
-            if conn is not None:
-                _escape.escape_conn(conn, "fd sent to another process", fd)
-            _escape.shared(fd)
-            lsock = _by_fd.get(fd)
-            if lsock is not None and lsock._lst is not None and lsock.fileno() == fd:
-                # A listener another process may accept on too: as after
-                # a fork (see socket._accept_nowait and Listener.close).
-                lsock._lst.forks = -1
-                os.set_blocking(fd, False)
-
-
-def _conn_of_fd(fd: int) -> Optional[Connection]:
-    """The live shared-memory connection whose control socket ``fd`` is
-    (a socket object's fd or a bare copy of one), or None."""
-    sock = _by_fd.get(fd)
-    if sock is not None and sock._shm is not None and sock.fileno() == fd:
-        return None if sock._shm.closed else sock._shm
-    if not (_by_inode or _detached or _unindexed):
-        return None
-    try:
-        key = _inode(fd)
-    except OSError:
-        return None
-    if _unindexed and key not in _by_inode and key not in _detached:
-        _index_pending()
-    conn = _detached.get(key) or _by_inode.get(key)
-    return None if conn is None or conn.closed else conn
-
-
-def _report_wanted() -> bool:
-    return bool(_control.getenv("SHRIMPIO_REPORT"))
-
-
-# SHRIMPIO_REPORT at exit: the sockets of this process that may still hold
-# a connection then (one whose makefile() was never closed, or that the
-# program just left open) write their line, marked "open_at_exit".
-_reportable: "weakref.WeakSet[socket]" = weakref.WeakSet()
-_report_hooked = 0          # the pid whose exit is hooked
-_exit_reported = 0          # the pid that wrote its at-exit lines: no second line after
-#: Called at exit before those lines are written (the asyncio loop's TCP
-#: connections take their byte counts from the kernel then).
-report_exit_hooks: list = []
-
-
-def _report_at_exit(sock: "socket") -> None:
-    global _report_hooked
-    _reportable.add(sock)
-    if _report_hooked != os.getpid():
-        _report_hooked = os.getpid()
-        _control.on_exit(_report_open)
-
-
-def _report_open() -> None:
-    """At exit: a line for each connection still open."""
-    global _exit_reported
-    if _exit_reported == os.getpid():
-        return
-    for hook in report_exit_hooks:
-        try:
-            hook()
-        except Exception:
-            pass
-    from ._report import connection_closing
-    for sock in list(_reportable):
-        try:
-            if sock.fileno() < 0 or sock._esc is not None:
-                continue        # closed (and reported), or its relay reports
-            record = _report_record(sock)
-        except Exception:
-            continue
-        if record is not None:
-            record["open_at_exit"] = True
-            connection_closing(record)
-    _exit_reported = os.getpid()
-
-
-def _report_record(sock: "socket") -> Optional[dict]:
-    """What ``SHRIMPIO_REPORT`` says about a connected socket (None for
-    listeners and unconnected or non-TCP sockets)."""
-    if sock._lst is not None or not sock._is_tcp():
-        return None
-    try:
-        local = sock.getsockname()
-    except OSError:
-        return None
-    try:
-        peer = sock.getpeername()
-    except OSError:          # a kernel connection the peer already closed
-        peer = sock._peer
-    if not peer:
-        return None          # never connected
-    out = info(sock)
-    out.update(local=local, peer=peer)
-    return out
-
-
-#: Called by info() with the fd of an object that is not a shrimpio socket:
-#: a hook that knows whose connection that fd is returns its info (the
-#: asyncio loop's TCP connections, driven by uvloop on a copy of the fd).
-info_fd_hooks: list = []
-
-
-def info(sock: Any) -> dict:
-    """Which path a connection took, why, and its byte counts.
-
-    ``{"path": "shm" | "tcp" | None, "reason": str, "bytes_sent": int,
-    "bytes_received": int}``; ``path`` is None for sockets that are neither
-    (UDP, Unix, unconnected).  ``sock``: a socket, an asyncio transport or
-    ``StreamWriter``, or the object a transport's
-    ``get_extra_info("socket")`` returns."""
-    if not isinstance(sock, socket):
-        return _info_of_other(sock, 0)
-    conn = sock._shm
-    if conn is not None or sock._lst is not None:
-        out: dict = {"path": "shm", "reason": ""}
-    elif sock._route is not None:
-        out = {"path": sock._route.path, "reason": sock._route.reason}
-    else:
-        out = {"path": "tcp" if sock._is_tcp() else None, "reason": ""}
-    if conn is not None:
-        out.update(bytes_sent=conn.bytes_sent, bytes_received=conn.bytes_received,
-                   ring_bytes=(conn.tx.capacity, conn.rx.capacity))
-    elif sock._esc is not None:
-        relayed = sock._esc.relay.conn          # the relay counts what crossed
-        out.update(bytes_sent=relayed.bytes_sent, bytes_received=relayed.bytes_received)
-    else:
-        out.update(bytes_sent=sock._sent, bytes_received=sock._received)
-    if sock._lst is not None:
-        out["listener"] = sock._lst.name
-    return out
-
-
-def _info_of_other(obj: Any, depth: int) -> dict:
-    """info() of what is not a shrimpio socket: a transport or stream
-    writer (its ``get_extra_info``), asyncio's ``TransportSocket`` (the
-    socket it wraps), or an object on the fd of a connection shrimpio knows
-    (uvloop's ``PseudoSocket``, ``socket.socket(fileno=...)`` in an
-    unpatched module)."""
-    get_extra = getattr(obj, "get_extra_info", None)
-    if callable(get_extra) and depth < 4:
-        try:
-            found = get_extra("shrimpio")
-            inner = get_extra("socket") if found is None else None
-        except Exception:
-            found = inner = None
-        if isinstance(found, dict):
-            return dict(found)
-        if inner is not None and inner is not obj:
-            return _info_of_other(inner, depth + 1) if not isinstance(inner, socket) else info(inner)
-    trsock = sys.modules.get("asyncio.trsock")
-    if trsock is not None and isinstance(obj, trsock.TransportSocket) and depth < 4:
-        inner = obj._sock
-        return info(inner) if isinstance(inner, socket) else _info_of_other(inner, depth + 1)
-    try:
-        fd = obj.fileno()
-    except Exception:
-        fd = -1
-    if isinstance(fd, int) and fd >= 0:
-        owner = _by_fd.get(fd)
-        if owner is not None and owner is not obj and owner.fileno() == fd:
-            return info(owner)
-        for hook in info_fd_hooks:
-            found = hook(fd)
-            if found is not None:
-                return found
-    return {"path": "tcp" if _is_stream_inet(obj) else None,
-            "reason": "not a shrimpio socket", "bytes_sent": 0, "bytes_received": 0}
-
-
-def _is_stream_inet(sock: Any) -> bool:
-    try:
-        return (sock.family in (_std.AF_INET, _std.AF_INET6)
-                and sock.type & _TYPE_MASK == _STREAM)
-    except (AttributeError, OSError):
-        return False

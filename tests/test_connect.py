@@ -22,7 +22,7 @@ import time
 import pytest
 
 import shrimpio.socket as ss
-from shrimpio import _accept, _connection, _control, _handshake, _poll, _route
+from shrimpio import _accept, _connection, _control, _handshake, _poll, _route, _sockindex
 from shrimpio._connection import DEFAULT_RING, Connection, Kit
 from shrimpio._fastpath import Segment, spin_readable
 
@@ -379,7 +379,8 @@ def test_recv_message_takes_a_queued_message_without_polling(monkeypatch):
 
         def no_poll():
             raise AssertionError("recv_message polled although a message was queued")
-        monkeypatch.setattr(_control.select, "poll", no_poll)
+        from shrimpio import _messages
+        monkeypatch.setattr(_messages, "_real_poll", no_poll)      # (the poll its waits use)
         assert _control.recv_message(b, timeout=1.0) == _control.Message("hi", {"n": 1}, [])
         monkeypatch.undo()
         with pytest.raises(TimeoutError):
@@ -823,14 +824,14 @@ def test_dup_fd_adopts_its_connection_after_many_others(listener):
     """Connections are indexed by inode only when a socket is made from a
     bare fd; the pending list stays bounded meanwhile."""
     keep = None
-    for i in range(ss._UNINDEXED_PRUNE * 2 + 5):
+    for i in range(_sockindex._UNINDEXED_PRUNE * 2 + 5):
         cli, srv = pair(listener)
         if i == 3:
             keep = (cli, srv)
             continue
         cli.close()
         srv.close()
-    assert len(ss._unindexed) <= ss._UNINDEXED_PRUNE
+    assert len(_sockindex.unindexed) <= _sockindex._UNINDEXED_PRUNE
     cli, srv = keep
     twin = ss.socket(fileno=os.dup(cli.fileno()))
     try:
@@ -1056,6 +1057,65 @@ def test_stream_accept_reports_a_space_fd_of_the_wrong_kind(tmp_path):
         os.close(w)
         cli.close()
         lst.close()
+
+
+def test_a_served_destination_binds_before_its_dial(listener, monkeypatch):
+    """Once a destination was served, a connect binds its socket before the
+    registry dial, so that the hello follows the listener's wake-up by one
+    system call (the listener parks a client whose hello is late); the
+    first connect, and one after the listener went, do not (a socket that
+    then goes by TCP would stay bound)."""
+    from shrimpio import _fastpath
+    _connection.refill()
+    calls = []
+    real = _fastpath.stream_connect
+
+    def spy(*args):
+        got = real(*args)
+        calls.append((args[10] if len(args) > 10 else False, got[1], got[2]))
+        return got
+    monkeypatch.setattr(_handshake, "stream_connect", spy)
+    addr = listener.getsockname()
+    _handshake._client_routes.clear()          # (a destination seen before: served already)
+    for _ in range(3):
+        _connection.refill()
+        cli, srv = pair(listener)
+        exchange(cli, srv)
+        cli.close()
+        srv.close()
+    assert [c[0] for c in calls] == [False, True, True], calls
+    assert all(c[1] > 0 and c[2] for c in calls), calls     # hello with the dial, socket bound here
+    listener.close()
+    # The listener is gone: a plain TCP server takes its address; the
+    # bound-first socket falls back to TCP with the reason, and works.
+    plain = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        plain.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        plain.bind(addr)
+        plain.listen()
+        _connection.refill()
+        n0 = len(calls)
+        cli = connect(addr)
+        try:
+            assert ss.info(cli)["path"] == "tcp" and ss.info(cli)["reason"] == "no shrimpio listener"
+            srv, peer = plain.accept()
+            with srv:
+                assert peer == cli.getsockname()
+                cli.sendall(b"ping")
+                assert srv.recv(4) == b"ping"
+        finally:
+            cli.close()
+        assert calls[n0][0] and calls[n0][2], calls    # it did bind first
+        n1 = len(calls)
+        cli = connect(addr)                            # and the next does not
+        try:
+            assert ss.info(cli)["path"] == "tcp"
+            plain.accept()[0].close()
+        finally:
+            cli.close()
+        assert not any(c[0] for c in calls[n1:]), calls
+    finally:
+        plain.close()
 
 
 def test_connect_sends_the_hello_with_the_dial(listener, monkeypatch):

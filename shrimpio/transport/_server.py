@@ -112,13 +112,17 @@ class Server(asyncio.AbstractServer):
                 _remove_reader(self._loop, lsock._lst.usock.fileno())
 
     def _accept_tcp(self, lsock: Any) -> None:
-        for _ in range(self._backlog):
+        for i in range(self._backlog):
             try:
                 fd, addr = lsock._accept_nowait()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCE:
+                # (The kernel's accept takes an fd before it looks for a
+                # client: having just taken the last fd for one, it says
+                # EMFILE although nobody may be waiting.  Then the listener
+                # says whether someone is, on the next turn, as uvloop's.)
+                if exc.errno in _OUT_OF_RESOURCE and i == 0:
                     self._pause(lsock, exc)
                 return                       # ECONNABORTED and the like: the next one
             sock = lsock._kernel_accepted(fd, addr)
@@ -129,18 +133,18 @@ class Server(asyncio.AbstractServer):
         # The late clients' readers go first: accepting may close their fds.
         self._unwatch_late()
         try:
-            for _ in range(64):
+            for i in range(64):
                 lst = lsock._lst
                 if lst is None:
                     return
                 try:
                     got = lsock._accept_shm(lst)
                 except OSError as exc:
-                    if exc.errno in _OUT_OF_RESOURCE:
+                    if exc.errno in _OUT_OF_RESOURCE and i == 0:
                         # The client waits (in the registry's backlog, or
                         # parked with its hello unread), as TCP's would.
                         self._pause(lsock, exc)
-                    else:
+                    elif exc.errno not in _OUT_OF_RESOURCE:    # (see _accept_tcp)
                         self._loop.call_exception_handler({"message": "shrimpio accept failed",
                                                            "exception": exc})
                     return
