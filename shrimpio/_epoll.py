@@ -467,10 +467,12 @@ class epoll:
         result += kernel
         return result if maxevents is None or maxevents < 0 else result[:maxevents]
 
-    def _listening(self, out: dict[int, int], fired: Optional[set] = None) -> None:
+    def _listening(self, out: dict[int, int], fired: Optional[set] = None,
+                   kfired: Optional[set] = None) -> None:
         """Listeners with a client to accept go to ``out``.  Without
         ``fired``, only what costs no system call (clients taken ahead);
-        with it, the listeners whose fds the kernel reported are asked."""
+        with it, the listeners whose fds the kernel reported (``kfired``)
+        are asked."""
         for fd in list(self._listeners):
             reg, sock = self._live(fd)
             if reg is None or not reg.read or not reg.armed or fd in out:
@@ -478,7 +480,7 @@ class epoll:
             if fired is None:
                 if sock._lst.ready:
                     out[fd] = POLLIN
-            elif fd in fired and _poll._ready(sock, True, False)[0]:
+            elif fd in fired and _poll._ready(sock, True, False, kfired)[0]:
                 out[fd] = POLLIN
 
     def _wait_listeners(self, wait: Optional[float], out: dict[int, int]) -> float:
@@ -498,7 +500,7 @@ class epoll:
         got = p.poll(-1 if wait is None else int(wait * 1000 + 0.999))
         fired = {owner[kfd] for kfd, _ in got if kfd in owner}
         if fired:
-            self._listening(out, fired)
+            self._listening(out, fired, {kfd for kfd, _ in got})
         return 0.0
 
 
