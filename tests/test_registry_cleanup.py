@@ -18,6 +18,10 @@ from conftest import wait_for
 
 LISTENER = """
 import os, signal, socket, sys, time
+# The signals at their default action, whatever this child inherited (under
+# nohup, SIGHUP comes ignored, and then no signal kills it).
+for sig in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_DFL)
 import shrimpio.patch
 how = sys.argv[1]
 if how == "own-handler":
