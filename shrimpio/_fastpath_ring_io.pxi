@@ -173,19 +173,30 @@ cdef int _ring_write_raw(Ring r, const char *src, Py_ssize_t n, double timeout) 
     return 0
 
 
-cdef int _ring_read_big(Ring r, char *dst, uint64_t n) except -1:
-    """Copy out n readable bytes, releasing them piece by piece: the
-    writer refills the ring while we copy (one copy's time, not two)."""
-    cdef uint64_t piece
+cdef uint64_t _ring_read_big(Ring r, char *dst, uint64_t n, uint64_t avail) except? 0xffffffffffffffff:
+    """Copy out up to n bytes, ``avail`` (<= n) of them readable now,
+    releasing them piece by piece: the writer refills the ring while we
+    copy (one copy's time, not two).  Bytes that come meanwhile are taken
+    too, up to n, without waiting (as a TCP recv takes what its queue got
+    while it copied): a big posted buffer fills in one call, where each
+    return would cost the caller a Python round of recv_into.  Returns the
+    count."""
+    cdef uint64_t piece, done = 0
     _gate_hold(&r.rgate)
-    while n:
-        piece = min(n, <uint64_t>PIPE_CHUNK)
+    while True:
+        piece = min(avail, <uint64_t>PIPE_CHUNK)
         with nogil:
-            _ring_copy_out(r, dst, piece)
+            _ring_copy_out(r, dst + done, piece)
         _ring_release(r, r.tail + piece)
-        dst += piece
-        n -= piece
-    return 0
+        done += piece
+        avail -= piece
+        if done == n:
+            return done
+        if not avail:
+            avail = _ring_avail(r)
+            if not avail:
+                return done
+            avail = min(avail, n - done)
 
 
 cdef Py_ssize_t _ring_read(Ring r, char *dst, Py_ssize_t n, double timeout) except -1:
@@ -202,7 +213,7 @@ cdef Py_ssize_t _ring_read(Ring r, char *dst, Py_ssize_t n, double timeout) exce
                 if avail > <uint64_t>n:
                     avail = n
                 if <Py_ssize_t>avail >= NOGIL_COPY:
-                    _ring_read_big(r, dst, avail)
+                    return _ring_read_big(r, dst, n, avail)
                 else:
                     _ring_copy_out(r, dst, avail)
                     _ring_release(r, r.tail + avail)
