@@ -83,7 +83,7 @@ cdef class Ring:
         """Bytes a ring of this capacity takes in a segment (header included)."""
         return SHR_RING_HEADER + capacity
 
-    # -- internals ---------------------------------------------------------
+    # -- checks, trimming, stat mirror, doorbells ---------------------------
 
     cdef int _check_open(self) except -1:
         if not self.attached or self.closing:
