@@ -81,30 +81,12 @@ cdef class Ring:
 
     cdef int _check_open(self) except -1
     cdef int _corrupt(self, str what) except -1
-    cdef int _set_area(self, uint32_t area, uint64_t base) except -1
-    cdef int _adopt(self, uint64_t head) except -1
-    cdef int _chain(self) except -1
-    cdef uint64_t _wcap(self) noexcept
-    cdef uint64_t _pick_area(self, uint64_t want) except? 0xffffffffffffffff
-    cdef bint _room_for(self, Py_ssize_t nbytes) except -1
-    cdef void _punch(self, int64_t now) noexcept
-    cdef int _trim_idle(self) except -1
+    # The ring's operations are functions of the module (_fastpath_ring_*.pxi);
+    # these three are for modules that cimport Ring (shrimpio.msg).
     cdef uint64_t _avail(self) except? 0xffffffffffffffff
-    cdef uint64_t _room(self) except? 0xffffffffffffffff
-    cdef int _publish(self, uint64_t new_head) except -1
     cdef int _release(self, uint64_t new_tail) except -1
-    cdef int _wait(self, int writable, uint64_t need, double timeout) except -2
-    cdef int _wait_until(self, void *cond, int writable, int64_t spin, int64_t limit) except -2
-    cdef int _arm_reader(self) except -1
-    cdef bint _peer_gone_now(self, int bell) noexcept
-    cdef Py_ssize_t _copy_in(self, uint64_t at, const char *src, Py_ssize_t n) noexcept nogil
-    cdef Py_ssize_t _copy_out(self, char *dst, Py_ssize_t n) noexcept nogil
-    cdef int _writable_check(self) except -1
     cdef Py_ssize_t _write_bufs(self, Py_buffer *bufs, Py_ssize_t nbufs, Py_ssize_t total,
                                 double timeout, bint all_) except -1
-    cdef int _write_raw(self, const char *src, Py_ssize_t n, double timeout) except -1
-    cdef Py_ssize_t _read(self, char *dst, Py_ssize_t n, double timeout) except -1
-    cdef int _read_big(self, char *dst, uint64_t n) except -1
 
 
 cdef class Proxy:

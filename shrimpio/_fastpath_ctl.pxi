@@ -92,7 +92,7 @@ def prepare_rings(Segment seg not None, Py_ssize_t offset2, capacity1, capacity2
     shr_init(<shr_ring_hdr *>(seg.base + offset2), c2, small)
     # A new connection's readers count as asleep: the first byte each way
     # rings the doorbell, so a program that waits for the fd in a poller of
-    # its own before it ever reads sees the data come (Ring._arm_reader
+    # its own before it ever reads sees the data come (_ring_arm_reader
     # keeps it so after a read that found the ring empty).
     shr_reader_asleep(<shr_ring_hdr *>seg.base)
     shr_reader_asleep(<shr_ring_hdr *>(seg.base + offset2))

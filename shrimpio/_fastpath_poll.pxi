@@ -18,7 +18,7 @@ cdef inline void _ring_cond(Ring ring, bint writable, shr_cond *c) noexcept:
     c.writable = 1 if writable else 0
     c.pos = ring.head if writable else ring.tail
     c.need = 1
-    c.cap = ring._wcap() if writable else ring.cap
+    c.cap = _area_wcap(ring) if writable else ring.cap
 
 
 def ring_arm(Ring ring not None, bint writable, bint always=False):
@@ -87,10 +87,10 @@ def ring_peek_into(Ring ring not None, buffer, Py_ssize_t nbytes=-1):
     try:
         if nbytes < 0 or nbytes > buf.len:
             nbytes = buf.len
-        avail = ring._avail()
+        avail = _ring_avail(ring)
         if avail > <uint64_t>nbytes:
             avail = nbytes
-        return ring._copy_out(<char *>buf.buf, avail)
+        return _ring_copy_out(ring, <char *>buf.buf, avail)
     finally:
         PyBuffer_Release(&buf)
 

@@ -104,13 +104,13 @@ cdef class Stream:
                 _odd_send_flags(self, flags, False)
             if buf.len == 0:
                 try:
-                    self.tx._writable_check()
+                    _ring_writable_check(self.tx)
                 except (OSError, ValueError):
                     return self._write_failed(0, head0)
                 return 0
             while True:
                 try:
-                    n = self.tx._write_bufs(&buf, 1, buf.len, t, False) if done == 0 else \
+                    n = _ring_write_bufs(self.tx, &buf, 1, buf.len, t, False) if done == 0 else \
                         self._write_rest(&buf, done, t)
                 except (OSError, ValueError):
                     if not done:
@@ -128,14 +128,14 @@ cdef class Stream:
         cdef Py_buffer rest
         rest.buf = <char *>buf.buf + done
         rest.len = buf.len - done
-        return self.tx._write_bufs(&rest, 1, rest.len, t, False)
+        return _ring_write_bufs(self.tx, &rest, 1, rest.len, t, False)
 
     cdef Py_ssize_t _send_now(self, Py_buffer *buf) except -1:
         """A non-blocking send for the asyncio transport: what fits now
         (``BlockingIOError`` if nothing does), errors as ``send``'s."""
         cdef Py_ssize_t n = 0
         try:
-            n = self.tx._write_bufs(buf, 1, buf.len, 0.0, False)
+            n = _ring_write_bufs(self.tx, buf, 1, buf.len, 0.0, False)
         except (OSError, ValueError):
             self._translate()
         self.bytes_sent += n
@@ -184,7 +184,7 @@ cdef class Stream:
             return False
         if not shr_load_rshut(tx.h) or shr_load_tail(tx.h) == tx.head:
             return False
-        return tx._peer_gone_now(self.rx.data_bell)
+        return _ring_peer_gone(tx, self.rx.data_bell)
 
     cdef Py_ssize_t _eof(self) except -1:
         """End of stream for a read: 0, or the reset a close with bytes of
@@ -216,9 +216,9 @@ cdef class Stream:
                 _odd_send_flags(self, flags, False)
             try:
                 if buf.len == 0:
-                    self.tx._writable_check()
+                    _ring_writable_check(self.tx)
                 else:
-                    self.tx._write_bufs(&buf, 1, buf.len, t, True)
+                    _ring_write_bufs(self.tx, &buf, 1, buf.len, t, True)
             except (OSError, ValueError):
                 if self._write_failed(buf.len, head0) < buf.len:
                     raise BrokenPipeError(_errno.EPIPE, "Broken pipe") from None
@@ -286,27 +286,27 @@ cdef class Stream:
             t = 0.0
         try:
             if flags & _MSG_PEEK:
-                if t != 0 and not rx._avail() and not rx.at_eof():
+                if t != 0 and not _ring_avail(rx) and not rx.at_eof():
                     if not rx.wait_readable(None if t < 0 else t):
                         raise TimeoutError("timed out")
-                n = <Py_ssize_t>min(rx._avail(), <uint64_t>nbytes)
+                n = <Py_ssize_t>min(_ring_avail(rx), <uint64_t>nbytes)
                 if n == 0 and t == 0 and not rx.at_eof():
-                    armed = rx._arm_reader()
+                    armed = _ring_arm_reader(rx)
                     if armed == 0:
                         raise BlockingIOError(_errno.EAGAIN, "Resource temporarily unavailable")
-                    n = <Py_ssize_t>min(rx._avail(), <uint64_t>nbytes)   # came meanwhile (or gone: 0)
-                rx._copy_out(dst, n)        # a copy across the wrap; nothing consumed
+                    n = <Py_ssize_t>min(_ring_avail(rx), <uint64_t>nbytes)   # came meanwhile (or gone: 0)
+                _ring_copy_out(rx, dst, n)        # a copy across the wrap; nothing consumed
                 return n
             if flags & _MSG_WAITALL and t != 0:
                 got = 0
                 while got < nbytes:
-                    n = rx._read(dst + got, nbytes - got, t)
+                    n = _ring_read(rx, dst + got, nbytes - got, t)
                     if n == 0:
                         break
                     got += n
                 n = got
             else:
-                n = rx._read(dst, nbytes, t)
+                n = _ring_read(rx, dst, nbytes, t)
         except RingCorruptedError:
             raise                   # the peer broke the ring: its calls raise
         except ConnectionResetError:

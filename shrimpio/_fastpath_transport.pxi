@@ -274,7 +274,7 @@ cdef class TransportCore(_Polled):
             try:
                 # Ask the ring first: an empty poll must not cost an exception
                 # or an allocation; it is what a busy loop does most.
-                avail = rx._avail() if rx.h != NULL else 0
+                avail = _ring_avail(rx) if rx.h != NULL else 0
                 if not avail and not self.gone and rx.h != NULL and not rx.at_eof():
                     break
                 if self.buffered:
