@@ -40,7 +40,7 @@ import errno
 import os
 import secrets
 import threading
-from typing import Any, Optional
+from typing import Any, Coroutine, Optional
 
 from . import _cma
 from ._base import BufferTooShort, Message, ProtocolError, Status, check_tag
@@ -76,6 +76,18 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
+
+_aio_mod: Any = None
+
+
+def _aio() -> Any:
+    """shrimpio.msg._aio (imported on first use: it imports this module)."""
+    global _aio_mod
+    if _aio_mod is None:
+        from . import _aio as m
+        _aio_mod = m
+    return _aio_mod
+
 
 def _alloc(ptype: int, n: int) -> tuple[Any, memoryview]:
     """A new destination object of ``n`` bytes, and a writable view of it."""
@@ -126,6 +138,7 @@ class Channel:
         self._eof = False
         self._error: Optional[BaseException] = None
         self._closed = False
+        self._aio: Any = None                         # its waits on a shrimpio loop (_aio.py)
         self._send_hello()
         if self._wire.shm:
             self._install_fast()
@@ -288,15 +301,15 @@ class Channel:
 
     recv_message = recv
 
-    async def arecv(self, tag: Any = ANY, source: Any = ANY, *, into: Any = None) -> Message:
-        """Awaitable ``recv`` (``into``: as ``recv_into``) on the running loop."""
-        from ._aio import arecv
-        return await arecv(self, tag, source, into=into)
+    # (plain functions returning the coroutine: one coroutine, not two)
 
-    async def asend(self, obj: Any, tag: int = 0) -> None:
+    def arecv(self, tag: Any = ANY, source: Any = ANY, *, into: Any = None) -> Coroutine[Any, Any, Message]:
+        """Awaitable ``recv`` (``into``: as ``recv_into``) on the running loop."""
+        return _aio().arecv(self, tag, source, into=into)
+
+    def asend(self, obj: Any, tag: int = 0) -> Coroutine[Any, Any, None]:
         """Awaitable ``send``."""
-        from ._aio import asend
-        await asend(self, obj, tag)
+        return _aio().asend(self, obj, tag)
 
     async def aprobe(self, tag: Any = ANY, source: Any = ANY) -> Status:
         """Awaitable ``probe``."""
@@ -627,6 +640,9 @@ class Channel:
     # -- closing --------------------------------------------------------------------
 
     def _teardown(self) -> None:
+        if self._aio is not None:
+            self._aio.close()
+            self._aio = None
         try:
             self._sock.close()
         except OSError:
