@@ -184,6 +184,8 @@ async def _until_room(ch: Channel, need: int) -> None:
 async def wait_request(req: Request) -> Any:
     """``await req``: the request's result, its hub progressing meanwhile."""
     hub = req._hub
+    if not req._done and req._chan is not None and getattr(req, "mid", None):
+        req._chan._local_progress(req)       # a large send to this process
     while not req._done:
         await _until_readable(hub)
         # (deep: one system call a channel, so only when the rings held

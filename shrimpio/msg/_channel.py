@@ -40,6 +40,7 @@ import errno
 import os
 import secrets
 import threading
+import weakref
 from typing import Any, Coroutine, Optional
 
 from . import _cma
@@ -69,13 +70,25 @@ _TOKEN_ADDR = _ctypes.addressof(_TOKEN)
 #: _PID is a system call; frames carry it often.
 _PID = os.getpid()
 
+#: The channels of this process by id (told to the peer in the hello): a
+#: channel whose peer is among them, and neither went through a fork, has
+#: its peer in this process and nowhere else (see _local_peer).
+_CHANNELS: "weakref.WeakValueDictionary[int, Channel]" = weakref.WeakValueDictionary()
+
+
+def _before_fork() -> None:
+    # Both processes hold every channel made so far: either may use either
+    # end from now on, so none is known to be local any more.
+    for ch in list(_CHANNELS.values()):
+        ch._forked = True
+
 
 def _after_fork() -> None:
     global _PID
     _PID = os.getpid()
 
 
-os.register_at_fork(after_in_child=_after_fork)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork)
 
 _aio_mod: Any = None
 
@@ -138,6 +151,10 @@ class Channel:
         self._eof = False
         self._error: Optional[BaseException] = None
         self._closed = False
+        self._forked = False
+        self._cid = secrets.randbits(64) or 1
+        self._peer_cid = 0
+        _CHANNELS[self._cid] = self
         self._aio: Any = None                         # its waits on a shrimpio loop (_aio.py)
         self._send_hello()
         if self._wire.shm:
@@ -187,7 +204,7 @@ class Channel:
     # -- hello ------------------------------------------------------------------
 
     def _send_hello(self) -> None:
-        body = HELLO_BODY.pack(MAGIC, VERSION, 0, _PID, _TOKEN_ADDR, _TOKEN.raw)
+        body = HELLO_BODY.pack(MAGIC, VERSION, 0, _PID, _TOKEN_ADDR, _TOKEN.raw, self._cid)
         self._write([header(HELLO, body_len=len(body)), body])
 
     def _on_hello(self, h: Header) -> None:
@@ -195,12 +212,13 @@ class Channel:
             raise ProtocolError("bad hello")
         raw = bytearray(HELLO_BODY.size)
         self._wire.read_into(memoryview(raw))
-        magic, version, _, pid, addr, token = HELLO_BODY.unpack(raw)
+        magic, version, _, pid, addr, token, cid = HELLO_BODY.unpack(raw)
         if magic != MAGIC:
             raise ProtocolError("the peer is not a shrimpio.msg channel")
         if version != VERSION:
             raise ProtocolError(f"shrimpio.msg protocol version {version}, expected {VERSION}")
         self._peer = (pid, addr, bytes(token))
+        self._peer_cid = cid
         if self._fp is not None and not self._closed and self._error is None and not self._eof:
             self._fp.ok = True
 
@@ -285,6 +303,52 @@ class Channel:
         without being pickled) with ``tag``; returns once ``obj`` may be
         reused."""
         self.isend(obj, tag).wait()
+
+    # -- a peer in this process ---------------------------------------------------------
+
+    def _local_peer(self) -> Optional["Channel"]:
+        """The other end, if it is a channel of this process that no other
+        process holds (made after the last fork, as this one)."""
+        if self._peer is None:
+            with self._hub.lock:
+                self._pump()                 # its hello
+        peer = _CHANNELS.get(self._peer_cid) if self._peer_cid else None
+        if peer is None or peer is self or peer._forked or self._forked or peer._closed:
+            return None
+        return peer
+
+    def _local_progress(self, req: SendRequest) -> None:
+        """A large send waits for its receiver: if that is a channel of this
+        process, this thread may be the one that must receive (a send then
+        a receive in one thread), so serve it here.  The receiver's hub
+        reads the announce: a receive already posted takes it by
+        rendezvous as usual (our wait then sees the answer); else it is
+        queued, and becomes a message whose buffers are a copy of ours (the
+        send completes at once: one copy, as an eager message's)."""
+        peer = self._local_peer()
+        if peer is None:
+            return
+        hub = peer._hub
+        snap = None
+        with hub.lock:
+            if req._done:
+                return
+            peer._pump()
+            for a in hub.queue:
+                if a.chan is peer and a.kind == RTS and a.mid == req.mid:
+                    snap = []
+                    for b in req.bufs:
+                        o, v = _alloc(a.ptype, b.nbytes)
+                        if b.nbytes:
+                            v[:] = b
+                        snap.append(o)
+                    a.kind, a.bufs, a.descs = MSG, snap, [(n, 0) for n, _ in a.descs]
+                    break
+        if snap is not None:
+            _cma.stats["sent_copied"] += sum(b.nbytes for b in req.bufs)
+            with self._hub.lock:
+                self._sends.pop(req.mid, None)
+            req._finish()
 
     # -- receiving --------------------------------------------------------------
 
@@ -652,6 +716,8 @@ class Channel:
         """Close the channel; pending requests on it fail."""
         if self._closed:
             return
+        if _CHANNELS.get(self._cid) is self:
+            del _CHANNELS[self._cid]
         with self._hub.lock:
             self._closed = True
             self._fast_off()

@@ -97,6 +97,8 @@ class Request:
         else:
             deadline = None
         hub = self._hub
+        if not self._done and self._chan is not None and getattr(self, "mid", None):
+            self._chan._local_progress(self)       # a large send to this process
         while not self._done:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -136,6 +138,11 @@ class RecvRequest(Request):
 
 class SendRequest(Request):
     __slots__ = ("mid", "bufs")
+
+    def __init__(self, hub: "Hub", chan: Optional["Channel"]) -> None:
+        super().__init__(hub, chan)
+        self.mid = 0                       # a large message's id (0: eager)
+        self.bufs: list = []
 
 class Hub:
     """Posted receives and arrived messages of a set of channels."""
