@@ -40,6 +40,7 @@ import errno
 import os
 import secrets
 import threading
+import time
 import weakref
 from typing import Any, Coroutine, Optional
 
@@ -51,7 +52,7 @@ from ._frame import (CTS, DATA, DESC, DONE, FIN, HEADER, HELLO, HELLO_BODY, MAGI
 from ._hub import (ANY, CancelledError, Hub, Request, RecvRequest, SendRequest, _Arrived,
                    _iprobe, _poll_any, _post, _probe)
 from ._wire import _Wire, copy_in, wire_for
-from ._msgfast import FastPath, read_msg, write_msg
+from ._msgfast import FastPath, read_msg, wait_spinning, write_msg
 
 __all__ = ["Channel", "Hub", "Request", "RNDV_MIN", "CancelledError"]
 
@@ -59,6 +60,19 @@ __all__ = ["Channel", "Hub", "Request", "RNDV_MIN", "CancelledError"]
 RNDV_MIN = 64 * 1024
 #: Eager frames up to this size are read by one C call when all there.
 _FAST_MAX = 256 * 1024
+#: A sender waiting for the answer to its announce (CTS or FIN) spins this
+#: long before it sleeps: a receiver that has posted answers within tens
+#: of microseconds, and a sleep costs a wake-up of hundreds on a busy host.
+_ANSWER_SPIN = 0.0005
+#: A receiver waiting for the end of a copy into its buffer (DONE) sleeps
+#: until this share of the copy's expected time, then spins (up to the
+#: rest of it, and _DONE_SPIN more) so that the end costs no wake-up.
+_DONE_SLEEP = 0.8
+_DONE_SPIN = 0.002
+#: The first guess at a cross-memory copy's rate (bytes/s), before one
+#: was measured on the channel: a high one (a guess too high costs some
+#: spinning, one too low a wake-up).
+_RATE_GUESS = 8e9
 #: Alignment of successive buffers of one message in a posted buffer.
 _ALIGN = 64
 
@@ -146,6 +160,9 @@ class Channel:
         self._next_mid = 1
         self._sends: dict[int, SendRequest] = {}      # RTS sent, waiting for CTS or FIN
         self._awaiting: dict[int, tuple] = {}         # CTS sent, waiting for DONE or DATA
+        self._due: dict[int, float] = {}              # (of those) when DONE is expected
+        self._cts_at: dict[int, float] = {}           # (of those) when CTS was sent
+        self._rate = _RATE_GUESS                      # of the peer's last copy into ours
         self._peer: Optional[tuple[int, int, bytes]] = None   # pid, token address, token
         self._verified: dict[int, bool] = {}
         self._eof = False
@@ -402,6 +419,32 @@ class Channel:
         self._check_open()
         return _poll_any(self._hub, [self], timeout)
 
+    def _wait_input(self, timeout: Optional[float]) -> None:
+        """Wait until input may be there, as long as ``timeout`` allows
+        (the hub's wait on a channel of its own).  In a rendezvous the
+        channel knows when the answer is due and spins for it (see
+        _ANSWER_SPIN, _DONE_SLEEP)."""
+        rx = self._rx
+        if rx is None:
+            self._wire.wait_readable(timeout)
+            return
+        if self._awaiting:
+            now = time.perf_counter()
+            due = min(end for end in self._due.values()) if self._due else now
+            nap = (due - now) * _DONE_SLEEP
+            if nap > 0.0005:
+                if timeout is not None:
+                    nap = min(nap, timeout)
+                if wait_spinning(rx, nap, 0.0):
+                    return
+                if timeout is not None:
+                    timeout = max(0.0, timeout - nap)
+            wait_spinning(rx, timeout, max(0.0, due - time.perf_counter()) + _DONE_SPIN)
+        elif self._sends:
+            wait_spinning(rx, timeout, _ANSWER_SPIN)
+        else:
+            rx.wait_readable(timeout)
+
     def _has_bytes(self) -> bool:
         w = self._wire
         return w.readable_now() if not self._closed and self._dead_error() is None else False
@@ -472,6 +515,8 @@ class Channel:
             item[0]._finish(error=error or ConnectionResetError(
                 "the peer closed the channel in the middle of a message"))
         self._awaiting.clear()
+        self._due.clear()
+        self._cts_at.clear()
         self._hub.fail_channel(self)
 
     def _frame(self, h: Header) -> None:
@@ -641,6 +686,9 @@ class Channel:
         # Ask the sender to write into our destination (or, if it cannot,
         # to send the bytes inline).
         self._awaiting[a.mid] = (req, a, objs, views, refs, short)
+        now = time.perf_counter()
+        self._cts_at[a.mid] = now
+        self._due[a.mid] = now + sum(lens) / self._rate
         if _cma.available():
             descs = b"".join(DESC.pack(r.nbytes, r.addr) for r in refs)
             self._write([header(CTS, nbufs=len(refs), mid=a.mid, total=sum(lens),
@@ -687,6 +735,12 @@ class Channel:
         if item is None:
             raise ProtocolError(f"data for unknown message {h.mid}")
         req, a, objs, views, refs, short = item
+        self._due.pop(h.mid, None)
+        sent = self._cts_at.pop(h.mid, None)
+        if sent is not None and h.kind == DONE and a.nbytes >= (1 << 20):
+            took = time.perf_counter() - sent
+            if took > 0:
+                self._rate = max(1e8, a.nbytes / took)
         for r in refs:
             r.release()
         if h.kind == DATA:
@@ -734,6 +788,8 @@ class Channel:
                 for r in item[4]:
                     r.release()
             self._awaiting.clear()
+            self._due.clear()
+            self._cts_at.clear()
             self._hub.queue[:] = [a for a in self._hub.queue if a.chan is not self]
             if self in self._hub.channels:
                 self._hub.fail_channel(self)

@@ -256,7 +256,7 @@ class Hub:
         """Wait until one of ``chans`` (or the listener) may have input."""
         chans = [c for c in chans if c._dead_error() is None]
         if self.listener is None and len(chans) == 1:
-            chans[0]._wire.wait_readable(timeout)
+            chans[0]._wait_input(timeout)
         elif self.listener is None and not chans:
             return
         else:

@@ -154,6 +154,21 @@ def read_msg(Ring rx, Py_ssize_t limit):
     return (h.ptype, h.tag, body, obj, h.pid, need)
 
 
+def wait_spinning(Ring rx, timeout, double spin):
+    """``rx.wait_readable(timeout)``, spinning ``spin`` seconds before it
+    sleeps, for a wait whose length the channel knows better than the
+    ring's adaptive budget (a rendezvous: the answer to an announce comes
+    within microseconds, the end of a large copy at a time it can
+    estimate); the ring's budget is left as it was, so that such waits do
+    not teach it about the channel's other waits."""
+    cdef int64_t saved = rx.spin_ns
+    rx.spin_ns = <int64_t>(spin * 1e9) if spin > 0 else 0
+    try:
+        return rx.wait_readable(timeout)
+    finally:
+        rx.spin_ns = saved
+
+
 # -- the short cuts of Channel.send and Channel.recv ----------------------------------------
 
 from pickle import dumps as _dumps, loads as _loads
