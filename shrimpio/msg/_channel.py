@@ -65,10 +65,11 @@ _FAST_MAX = 256 * 1024
 #: of microseconds, and a sleep costs a wake-up of hundreds on a busy host.
 _ANSWER_SPIN = 0.0005
 #: A receiver waiting for the end of a copy into its buffer (DONE) sleeps
-#: until this share of the copy's expected time, then spins (up to the
-#: rest of it, and _DONE_SPIN more) so that the end costs no wake-up.
-_DONE_SLEEP = 0.8
-_DONE_SPIN = 0.002
+#: until _DONE_EARLY before its expected end, then spins up to _DONE_SPIN
+#: (so that the end costs no wake-up, and on a loaded host the spin takes
+#: little from the other processes: longer spins measured worse there).
+_DONE_EARLY = 0.0003
+_DONE_SPIN = 0.0013
 #: The first guess at a cross-memory copy's rate (bytes/s), before one
 #: was measured on the channel: a high one (a guess too high costs some
 #: spinning, one too low a wake-up).
@@ -423,7 +424,7 @@ class Channel:
         """Wait until input may be there, as long as ``timeout`` allows
         (the hub's wait on a channel of its own).  In a rendezvous the
         channel knows when the answer is due and spins for it (see
-        _ANSWER_SPIN, _DONE_SLEEP)."""
+        _ANSWER_SPIN, _DONE_EARLY)."""
         rx = self._rx
         if rx is None:
             self._wire.wait_readable(timeout)
@@ -431,15 +432,15 @@ class Channel:
         if self._awaiting:
             now = time.perf_counter()
             due = min(end for end in self._due.values()) if self._due else now
-            nap = (due - now) * _DONE_SLEEP
-            if nap > 0.0005:
+            nap = due - now - _DONE_EARLY
+            if nap > 0:
                 if timeout is not None:
                     nap = min(nap, timeout)
                 if wait_spinning(rx, nap, 0.0):
                     return
                 if timeout is not None:
                     timeout = max(0.0, timeout - nap)
-            wait_spinning(rx, timeout, max(0.0, due - time.perf_counter()) + _DONE_SPIN)
+            wait_spinning(rx, timeout, _DONE_SPIN)
         elif self._sends:
             wait_spinning(rx, timeout, _ANSWER_SPIN)
         else:
