@@ -42,7 +42,7 @@ class _RingWaiter:
     doorbell (a duplicate: the channel may be closed while the loop runs,
     and its fd number reused)."""
 
-    __slots__ = ("loop", "conn", "hot", "fd", "bell", "fut")
+    __slots__ = ("loop", "conn", "hot", "fd", "bell", "fut", "pid")
 
     def __init__(self, loop: Any, conn: Any) -> None:
         from ..transport._transport import _loop_poller
@@ -56,12 +56,15 @@ class _RingWaiter:
 
     def _listen(self) -> None:
         self.bell = self.conn.bell_fd
+        self.pid = _channel._PID
         self.fd = os.dup(self.bell)
         _base_add_reader(self.loop, self.fd, self._on_bell)
 
     def _unlisten(self) -> None:
         if self.fd >= 0:
-            if not self.loop.is_closed():
+            # (A forked child holds a copy of the parent's loop, whose epoll
+            # instance is the parent's: it only closes its copy of the fd.)
+            if self.pid == _channel._PID and not self.loop.is_closed():
                 _base_remove_reader(self.loop, self.fd)
             os.close(self.fd)
             self.fd = -1
