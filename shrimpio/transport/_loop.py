@@ -26,13 +26,14 @@ from .. import socket as _ss
 from ..socket import StdSocket, socket as ShmSocket
 from . import _fallback, _watch
 from ._server import Server
+from ._signals import SignalMixin
 from ._sock import SockMixin, is_shm, take_twin, tcp_reason
 from ._transport import ShmTransport
 
 __all__ = ["Loop", "new_event_loop", "run", "EventLoopPolicy", "install"]
 
 
-class Loop(SockMixin, _watch.WatchMixin, uvloop.Loop):
+class Loop(SignalMixin, SockMixin, _watch.WatchMixin, uvloop.Loop):
     """``uvloop.Loop`` that runs shrimpio connections over shared memory."""
 
     def __init__(self) -> None:
