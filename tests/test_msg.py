@@ -9,7 +9,7 @@ import pickle
 import pytest
 
 from shrimpio import msg
-from shrimpio.msg import ANY, Message
+from shrimpio.msg import ANY, Message, _channel
 
 from msg_helpers import fork, join
 
@@ -367,6 +367,9 @@ def test_large_send_in_one_thread_to_a_posted_receive_is_not_copied_by_the_recei
         r.wait(10)
         assert msg.copy_stats()["received_copied"] == before["received_copied"]
         assert np.array_equal(dest, src)
+        # the receiver learned the copy's rate (its next DONE wait is timed by it)
+        # and keeps nothing of the finished rendezvous
+        assert not b._awaiting and not b._due and not b._cts_at and b._rate != _channel._RATE_GUESS
         # isend, a receive, then the wait: also in one thread
         s = a.isend(src * 2, tag=2)
         assert np.array_equal(b.recv_message(tag=2).payload, src * 2)
