@@ -9,7 +9,7 @@ import pickle
 import pytest
 
 from shrimpio import msg
-from shrimpio.msg import ANY, Message
+from shrimpio.msg import ANY, Message, _channel
 
 from msg_helpers import fork, join
 
@@ -313,3 +313,97 @@ def test_recv_into_rebuilds_payload_over_the_buffer():
         a.send(b"abc")
         m = b.recv_into(raw)
         assert bytes(m.payload) == b"abc" and raw[:3] == b"abc"
+
+
+# -- a large message sent and received by one thread -------------------------------------------
+
+@pytest.mark.parametrize("kind", ["bytes", "bytearray", "memoryview", "numpy", "nested"])
+def test_large_send_then_recv_in_one_thread(kind):
+    """A large send whose receiver is this thread completes (its buffers
+    are copied once, as an eager message's), and the copy is taken at send
+    time: changing the buffer afterwards does not change the message."""
+    a, b = msg.Pipe()
+    with a, b:
+        n = 3 << 20
+        raw = bytearray(bytes(range(256)) * (n // 256))
+        objs = {"bytes": bytes(raw), "bytearray": raw, "memoryview": memoryview(raw).cast("I"),
+                "numpy": np.frombuffer(raw, dtype=np.uint32).copy(),
+                "nested": {"arr": np.frombuffer(raw, dtype=np.uint8).copy(), "tag": "t"}}
+        obj = objs[kind]
+        want = bytes(raw)
+        a.send(obj, tag=5)                        # returned: no receiver ran meanwhile
+        if kind == "bytearray":
+            obj[:4] = b"XXXX"
+        elif kind in ("numpy",):
+            obj[:4] = 0
+        elif kind == "nested":
+            obj["arr"][:4] = 0
+        got = b.recv_message(tag=5).payload
+        if kind == "nested":
+            assert got["tag"] == "t" and got["arr"].tobytes() == want and got["arr"].flags.writeable
+        elif kind == "numpy":
+            assert got.dtype == np.uint32 and got.tobytes() == want
+        elif kind == "memoryview":
+            assert isinstance(got, memoryview) and got.format == "I" and got.tobytes() == want
+        else:
+            assert type(got) is type(obj) and got == want
+        # and both ways, several in a row, without a receive in between
+        for i in range(3):
+            b.send(np.full(1 << 18, i, dtype=np.int64), tag=i)
+        for i in range(3):
+            assert np.array_equal(a.recv_message(tag=i).payload, np.full(1 << 18, i, dtype=np.int64))
+
+
+def test_large_send_in_one_thread_to_a_posted_receive_is_not_copied_by_the_receiver():
+    a, b = msg.Pipe()
+    with a, b:
+        src = np.arange(1 << 20, dtype=np.int64)
+        dest = np.zeros_like(src)
+        r = b.irecv(tag=1, into=dest)
+        before = msg.copy_stats()
+        a.send(src, tag=1)                        # the posted receive answers: one copy, by us
+        after = msg.copy_stats()
+        assert after["sent_copied"] - before["sent_copied"] == src.nbytes
+        r.wait(10)
+        assert msg.copy_stats()["received_copied"] == before["received_copied"]
+        assert np.array_equal(dest, src)
+        # the receiver learned the copy's rate (its next DONE wait is timed by it)
+        # and keeps nothing of the finished rendezvous
+        assert not b._awaiting and not b._due and not b._cts_at and b._rate != _channel._RATE_GUESS
+        # isend, a receive, then the wait: also in one thread
+        s = a.isend(src * 2, tag=2)
+        assert np.array_equal(b.recv_message(tag=2).payload, src * 2)
+        s.wait(10)
+
+
+def test_large_send_to_a_listener_of_this_process_in_one_thread():
+    with msg.listen() as lst:
+        ch = msg.connect(lst.address)
+        with ch:
+            lst.accept(timeout=10)                # (the receiving end must exist to be served)
+            big = np.arange(1 << 19, dtype=np.float64)
+            ch.send(big, tag=3)
+            m = lst.recv(tag=3, timeout=10)
+            assert np.array_equal(m.payload, big)
+            m.source.send(big + 1)
+            assert np.array_equal(ch.recv().payload, big + 1)
+
+
+def test_a_pipe_made_before_a_fork_still_goes_by_rendezvous():
+    """Both processes hold both ends after a fork: a send must not take the
+    one-thread short cut there (the other process may be the receiver)."""
+    a, b = msg.Pipe()
+    with a, b:
+        def child():
+            dest = np.zeros(1 << 20, dtype=np.int64)
+            a.recv_into(dest)
+            a.send(int(dest.sum()))
+
+        pid = fork(child, close=(b,))
+        try:
+            assert b._forked and a._forked and b._local_peer() is None
+            src = np.arange(1 << 20, dtype=np.int64)
+            b.send(src)                           # the child receives it (by rendezvous)
+            assert b.recv() == int(src.sum())
+        finally:
+            join(pid)

@@ -117,3 +117,82 @@ def test_arecv_sees_a_dead_peer(run):
     finally:
         b.close()
         reap(pid, 10)
+
+
+def test_large_asend_then_arecv_in_one_task(run):
+    a, b = msg.Pipe()
+
+    async def main():
+        big = np.arange(1 << 20, dtype=np.int64)
+        await a.asend(big, tag=1)                 # its receiver is this task, later
+        big[:] = 0
+        m = await b.arecv(tag=1)
+        assert np.array_equal(m.payload, np.arange(1 << 20, dtype=np.int64))
+        dest = np.zeros(1 << 20, dtype=np.int64)
+        req = b.irecv(tag=2, into=dest)
+        await a.asend(np.ones(1 << 20, dtype=np.int64), tag=2)
+        await req
+        assert int(dest.sum()) == 1 << 20
+
+    with a, b:
+        run(main())
+
+
+def _delayed_echo(a, n):
+    """Echo ``n`` messages; a message "wait" is answered only after the
+    next one arrives (the parent's waits for it outlast any spin)."""
+    held = None
+    for _ in range(n):
+        m = a.recv_message()
+        if m.payload == "wait":
+            held = m
+            continue
+        if held is not None:
+            a.send("waited")
+            held = None
+        a.send(m.payload, tag=m.tag)
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_awaited_waits_on_the_shrimpio_loop_hot_and_armed():
+    """Awaited receives on the shrimpio loop: answers that come at once
+    (polled on the loop's hot list) and answers that come after the
+    ring was armed (the doorbell wakes the loop); one fd (a duplicate of
+    the doorbell) for all of a channel's waits, given back at close."""
+    a, b = msg.Pipe()
+    pid = fork(_delayed_echo, a, 221, close=(b,))
+    a.close()
+
+    async def main():
+        base = _fds()
+        for i in range(200):
+            await b.asend(i, tag=i % 3)
+            assert (await b.arecv(tag=i % 3)).payload == i
+        assert _fds() <= base + 1                  # not an fd a wait
+        for i in range(10):
+            await b.asend("wait")
+            got = asyncio.ensure_future(b.arecv())
+            await asyncio.sleep(0.02)              # the receive is asleep by now
+            assert not got.done()
+            await b.asend(("go", i))
+            assert (await asyncio.wait_for(got, 10)).payload == "waited"
+            assert (await b.arecv()).payload == ("go", i)
+        # a receive that is given up (cancelled) loses nothing
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(b.arecv(), 0.01)
+        await b.asend("after")
+        assert (await b.arecv()).payload == "after"
+        assert _fds() == base + 1
+        dup = b._aio.fd
+        b.close()
+        with pytest.raises(OSError):
+            os.fstat(dup)                          # the duplicate went with the channel
+
+    try:
+        shrimpio.run(main())
+    finally:
+        b.close()
+        join(pid)

@@ -176,7 +176,7 @@ def test_dead_peer_is_an_error_at_once(blocked_in):
 # -- hostile frames ------------------------------------------------------------------------
 
 def _hello(pid=1, magic=_frame.MAGIC, version=_frame.VERSION) -> bytes:
-    body = _frame.HELLO_BODY.pack(magic, version, 0, pid, 4096, b"t" * 16)
+    body = _frame.HELLO_BODY.pack(magic, version, 0, pid, 4096, b"t" * 16, 7)
     return _frame.header(_frame.HELLO, body_len=len(body)) + body
 
 

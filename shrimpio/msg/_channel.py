@@ -40,7 +40,9 @@ import errno
 import os
 import secrets
 import threading
-from typing import Any, Optional
+import time
+import weakref
+from typing import Any, Coroutine, Optional
 
 from . import _cma
 from ._base import BufferTooShort, Message, ProtocolError, Status, check_tag
@@ -50,7 +52,7 @@ from ._frame import (CTS, DATA, DESC, DONE, FIN, HEADER, HELLO, HELLO_BODY, MAGI
 from ._hub import (ANY, CancelledError, Hub, Request, RecvRequest, SendRequest, _Arrived,
                    _iprobe, _poll_any, _post, _probe)
 from ._wire import _Wire, copy_in, wire_for
-from ._msgfast import FastPath, read_msg, write_msg
+from ._msgfast import FastPath, read_msg, wait_spinning, write_msg
 
 __all__ = ["Channel", "Hub", "Request", "RNDV_MIN", "CancelledError"]
 
@@ -58,6 +60,20 @@ __all__ = ["Channel", "Hub", "Request", "RNDV_MIN", "CancelledError"]
 RNDV_MIN = 64 * 1024
 #: Eager frames up to this size are read by one C call when all there.
 _FAST_MAX = 256 * 1024
+#: A sender waiting for the answer to its announce (CTS or FIN) spins this
+#: long before it sleeps: a receiver that has posted answers within tens
+#: of microseconds, and a sleep costs a wake-up of hundreds on a busy host.
+_ANSWER_SPIN = 0.0005
+#: A receiver waiting for the end of a copy into its buffer (DONE) sleeps
+#: until _DONE_EARLY before its expected end, then spins up to _DONE_SPIN
+#: (so that the end costs no wake-up, and on a loaded host the spin takes
+#: little from the other processes: longer spins measured worse there).
+_DONE_EARLY = 0.0003
+_DONE_SPIN = 0.0013
+#: The first guess at a cross-memory copy's rate (bytes/s), before one
+#: was measured on the channel: a high one (a guess too high costs some
+#: spinning, one too low a wake-up).
+_RATE_GUESS = 8e9
 #: Alignment of successive buffers of one message in a posted buffer.
 _ALIGN = 64
 
@@ -69,13 +85,37 @@ _TOKEN_ADDR = _ctypes.addressof(_TOKEN)
 #: _PID is a system call; frames carry it often.
 _PID = os.getpid()
 
+#: The channels of this process by id (told to the peer in the hello): a
+#: channel whose peer is among them, and neither went through a fork, has
+#: its peer in this process and nowhere else (see _local_peer).
+_CHANNELS: "weakref.WeakValueDictionary[int, Channel]" = weakref.WeakValueDictionary()
+
+
+def _before_fork() -> None:
+    # Both processes hold every channel made so far: either may use either
+    # end from now on, so none is known to be local any more.
+    for ch in list(_CHANNELS.values()):
+        ch._forked = True
+
 
 def _after_fork() -> None:
     global _PID
     _PID = os.getpid()
 
 
-os.register_at_fork(after_in_child=_after_fork)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork)
+
+_aio_mod: Any = None
+
+
+def _aio() -> Any:
+    """shrimpio.msg._aio (imported on first use: it imports this module)."""
+    global _aio_mod
+    if _aio_mod is None:
+        from . import _aio as m
+        _aio_mod = m
+    return _aio_mod
+
 
 def _alloc(ptype: int, n: int) -> tuple[Any, memoryview]:
     """A new destination object of ``n`` bytes, and a writable view of it."""
@@ -121,11 +161,19 @@ class Channel:
         self._next_mid = 1
         self._sends: dict[int, SendRequest] = {}      # RTS sent, waiting for CTS or FIN
         self._awaiting: dict[int, tuple] = {}         # CTS sent, waiting for DONE or DATA
+        self._due: dict[int, float] = {}              # (of those) when DONE is expected
+        self._cts_at: dict[int, float] = {}           # (of those) when CTS was sent
+        self._rate = _RATE_GUESS                      # of the peer's last copy into ours
         self._peer: Optional[tuple[int, int, bytes]] = None   # pid, token address, token
         self._verified: dict[int, bool] = {}
         self._eof = False
         self._error: Optional[BaseException] = None
         self._closed = False
+        self._forked = False
+        self._cid = secrets.randbits(64) or 1
+        self._peer_cid = 0
+        _CHANNELS[self._cid] = self
+        self._aio: Any = None                         # its waits on a shrimpio loop (_aio.py)
         self._send_hello()
         if self._wire.shm:
             self._install_fast()
@@ -174,7 +222,7 @@ class Channel:
     # -- hello ------------------------------------------------------------------
 
     def _send_hello(self) -> None:
-        body = HELLO_BODY.pack(MAGIC, VERSION, 0, _PID, _TOKEN_ADDR, _TOKEN.raw)
+        body = HELLO_BODY.pack(MAGIC, VERSION, 0, _PID, _TOKEN_ADDR, _TOKEN.raw, self._cid)
         self._write([header(HELLO, body_len=len(body)), body])
 
     def _on_hello(self, h: Header) -> None:
@@ -182,12 +230,13 @@ class Channel:
             raise ProtocolError("bad hello")
         raw = bytearray(HELLO_BODY.size)
         self._wire.read_into(memoryview(raw))
-        magic, version, _, pid, addr, token = HELLO_BODY.unpack(raw)
+        magic, version, _, pid, addr, token, cid = HELLO_BODY.unpack(raw)
         if magic != MAGIC:
             raise ProtocolError("the peer is not a shrimpio.msg channel")
         if version != VERSION:
             raise ProtocolError(f"shrimpio.msg protocol version {version}, expected {VERSION}")
         self._peer = (pid, addr, bytes(token))
+        self._peer_cid = cid
         if self._fp is not None and not self._closed and self._error is None and not self._eof:
             self._fp.ok = True
 
@@ -273,6 +322,52 @@ class Channel:
         reused."""
         self.isend(obj, tag).wait()
 
+    # -- a peer in this process ---------------------------------------------------------
+
+    def _local_peer(self) -> Optional["Channel"]:
+        """The other end, if it is a channel of this process that no other
+        process holds (made after the last fork, as this one)."""
+        if self._peer is None:
+            with self._hub.lock:
+                self._pump()                 # its hello
+        peer = _CHANNELS.get(self._peer_cid) if self._peer_cid else None
+        if peer is None or peer is self or peer._forked or self._forked or peer._closed:
+            return None
+        return peer
+
+    def _local_progress(self, req: SendRequest) -> None:
+        """A large send waits for its receiver: if that is a channel of this
+        process, this thread may be the one that must receive (a send then
+        a receive in one thread), so serve it here.  The receiver's hub
+        reads the announce: a receive already posted takes it by
+        rendezvous as usual (our wait then sees the answer); else it is
+        queued, and becomes a message whose buffers are a copy of ours (the
+        send completes at once: one copy, as an eager message's)."""
+        peer = self._local_peer()
+        if peer is None:
+            return
+        hub = peer._hub
+        snap = None
+        with hub.lock:
+            if req._done:
+                return
+            peer._pump()
+            for a in hub.queue:
+                if a.chan is peer and a.kind == RTS and a.mid == req.mid:
+                    snap = []
+                    for b in req.bufs:
+                        o, v = _alloc(a.ptype, b.nbytes)
+                        if b.nbytes:
+                            v[:] = b
+                        snap.append(o)
+                    a.kind, a.bufs, a.descs = MSG, snap, [(n, 0) for n, _ in a.descs]
+                    break
+        if snap is not None:
+            _cma.stats["sent_copied"] += sum(b.nbytes for b in req.bufs)
+            with self._hub.lock:
+                self._sends.pop(req.mid, None)
+            req._finish()
+
     # -- receiving --------------------------------------------------------------
 
     def irecv(self, tag: Any = ANY, source: Any = ANY, *, into: Any = None) -> Request:
@@ -288,15 +383,15 @@ class Channel:
 
     recv_message = recv
 
-    async def arecv(self, tag: Any = ANY, source: Any = ANY, *, into: Any = None) -> Message:
-        """Awaitable ``recv`` (``into``: as ``recv_into``) on the running loop."""
-        from ._aio import arecv
-        return await arecv(self, tag, source, into=into)
+    # (plain functions returning the coroutine: one coroutine, not two)
 
-    async def asend(self, obj: Any, tag: int = 0) -> None:
+    def arecv(self, tag: Any = ANY, source: Any = ANY, *, into: Any = None) -> Coroutine[Any, Any, Message]:
+        """Awaitable ``recv`` (``into``: as ``recv_into``) on the running loop."""
+        return _aio().arecv(self, tag, source, into=into)
+
+    def asend(self, obj: Any, tag: int = 0) -> Coroutine[Any, Any, None]:
         """Awaitable ``send``."""
-        from ._aio import asend
-        await asend(self, obj, tag)
+        return _aio().asend(self, obj, tag)
 
     async def aprobe(self, tag: Any = ANY, source: Any = ANY) -> Status:
         """Awaitable ``probe``."""
@@ -324,6 +419,32 @@ class Channel:
         """Is a message (or the end of the channel) there to receive?"""
         self._check_open()
         return _poll_any(self._hub, [self], timeout)
+
+    def _wait_input(self, timeout: Optional[float]) -> None:
+        """Wait until input may be there, as long as ``timeout`` allows
+        (the hub's wait on a channel of its own).  In a rendezvous the
+        channel knows when the answer is due and spins for it (see
+        _ANSWER_SPIN, _DONE_EARLY)."""
+        rx = self._rx
+        if rx is None:
+            self._wire.wait_readable(timeout)
+            return
+        if self._awaiting:
+            now = time.perf_counter()
+            due = min(end for end in self._due.values()) if self._due else now
+            nap = due - now - _DONE_EARLY
+            if nap > 0:
+                if timeout is not None:
+                    nap = min(nap, timeout)
+                if wait_spinning(rx, nap, 0.0):
+                    return
+                if timeout is not None:
+                    timeout = max(0.0, timeout - nap)
+            wait_spinning(rx, timeout, _DONE_SPIN)
+        elif self._sends:
+            wait_spinning(rx, timeout, _ANSWER_SPIN)
+        else:
+            rx.wait_readable(timeout)
 
     def _has_bytes(self) -> bool:
         w = self._wire
@@ -395,6 +516,8 @@ class Channel:
             item[0]._finish(error=error or ConnectionResetError(
                 "the peer closed the channel in the middle of a message"))
         self._awaiting.clear()
+        self._due.clear()
+        self._cts_at.clear()
         self._hub.fail_channel(self)
 
     def _frame(self, h: Header) -> None:
@@ -564,6 +687,9 @@ class Channel:
         # Ask the sender to write into our destination (or, if it cannot,
         # to send the bytes inline).
         self._awaiting[a.mid] = (req, a, objs, views, refs, short)
+        now = time.perf_counter()
+        self._cts_at[a.mid] = now
+        self._due[a.mid] = now + sum(lens) / self._rate
         if _cma.available():
             descs = b"".join(DESC.pack(r.nbytes, r.addr) for r in refs)
             self._write([header(CTS, nbufs=len(refs), mid=a.mid, total=sum(lens),
@@ -610,6 +736,12 @@ class Channel:
         if item is None:
             raise ProtocolError(f"data for unknown message {h.mid}")
         req, a, objs, views, refs, short = item
+        self._due.pop(h.mid, None)
+        sent = self._cts_at.pop(h.mid, None)
+        if sent is not None and h.kind == DONE and a.nbytes >= (1 << 20):
+            took = time.perf_counter() - sent
+            if took > 0:
+                self._rate = max(1e8, a.nbytes / took)
         for r in refs:
             r.release()
         if h.kind == DATA:
@@ -627,6 +759,9 @@ class Channel:
     # -- closing --------------------------------------------------------------------
 
     def _teardown(self) -> None:
+        if self._aio is not None:
+            self._aio.close()
+            self._aio = None
         try:
             self._sock.close()
         except OSError:
@@ -636,6 +771,8 @@ class Channel:
         """Close the channel; pending requests on it fail."""
         if self._closed:
             return
+        if _CHANNELS.get(self._cid) is self:
+            del _CHANNELS[self._cid]
         with self._hub.lock:
             self._closed = True
             self._fast_off()
@@ -652,6 +789,8 @@ class Channel:
                 for r in item[4]:
                     r.release()
             self._awaiting.clear()
+            self._due.clear()
+            self._cts_at.clear()
             self._hub.queue[:] = [a for a in self._hub.queue if a.chan is not self]
             if self in self._hub.channels:
                 self._hub.fail_channel(self)

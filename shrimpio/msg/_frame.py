@@ -9,7 +9,7 @@ for an eager ``MSG`` (and a ``DATA`` answer), the buffers' bytes, then the
 body (a pickle, or the raw type's details).  Kinds:
 
 ========  ======================  ==================================================
-HELLO     both sides, once        pid, address and 16-byte token (see _cma)
+HELLO     both sides, once        pid, address and 16-byte token (see _cma), channel id
 MSG       sender -> receiver      an eager message: everything inline
 RTS       sender -> receiver      a large message: body inline, buffers by address
 CTS       receiver -> sender      "write them here" (descriptors: our addresses),
@@ -37,9 +37,10 @@ __all__ = ["HEADER", "DESC", "HELLO", "MSG", "RTS", "CTS", "DONE", "DATA", "FIN"
 
 HEADER = struct.Struct("<BBHIqQQI4x")
 DESC = struct.Struct("<QQ")
-HELLO_BODY = struct.Struct("<4sHHIQ16s")      # magic, version, reserved, pid, token address, token
+# magic, version, reserved, pid, token address, token, channel id (random: see Channel._local_peer)
+HELLO_BODY = struct.Struct("<4sHHIQ16sQ")
 MAGIC = b"SHMS"
-VERSION = 1
+VERSION = 2
 
 HELLO, MSG, RTS, CTS, DONE, DATA, FIN = 1, 2, 3, 4, 5, 6, 7
 _KINDS = frozenset((HELLO, MSG, RTS, CTS, DONE, DATA, FIN))

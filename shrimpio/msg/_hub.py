@@ -97,6 +97,8 @@ class Request:
         else:
             deadline = None
         hub = self._hub
+        if not self._done and self._chan is not None and getattr(self, "mid", None):
+            self._chan._local_progress(self)       # a large send to this process
         while not self._done:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -136,6 +138,11 @@ class RecvRequest(Request):
 
 class SendRequest(Request):
     __slots__ = ("mid", "bufs")
+
+    def __init__(self, hub: "Hub", chan: Optional["Channel"]) -> None:
+        super().__init__(hub, chan)
+        self.mid = 0                       # a large message's id (0: eager)
+        self.bufs: list = []
 
 class Hub:
     """Posted receives and arrived messages of a set of channels."""
@@ -249,7 +256,7 @@ class Hub:
         """Wait until one of ``chans`` (or the listener) may have input."""
         chans = [c for c in chans if c._dead_error() is None]
         if self.listener is None and len(chans) == 1:
-            chans[0]._wire.wait_readable(timeout)
+            chans[0]._wait_input(timeout)
         elif self.listener is None and not chans:
             return
         else:

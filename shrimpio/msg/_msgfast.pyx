@@ -154,6 +154,21 @@ def read_msg(Ring rx, Py_ssize_t limit):
     return (h.ptype, h.tag, body, obj, h.pid, need)
 
 
+def wait_spinning(Ring rx, timeout, double spin):
+    """``rx.wait_readable(timeout)``, spinning ``spin`` seconds before it
+    sleeps, for a wait whose length the channel knows better than the
+    ring's adaptive budget (a rendezvous: the answer to an announce comes
+    within microseconds, the end of a large copy at a time it can
+    estimate); the ring's budget is left as it was, so that such waits do
+    not teach it about the channel's other waits."""
+    cdef int64_t saved = rx.spin_ns
+    rx.spin_ns = <int64_t>(spin * 1e9) if spin > 0 else 0
+    try:
+        return rx.wait_readable(timeout)
+    finally:
+        rx.spin_ns = saved
+
+
 # -- the short cuts of Channel.send and Channel.recv ----------------------------------------
 
 from pickle import dumps as _dumps, loads as _loads
@@ -241,6 +256,38 @@ cdef class FastPath:
                     self.stream.bytes_sent += n
                     return None
         return self.slow_send(obj, tag)
+
+    def try_recv(self, tag):
+        """A small message matching ``tag`` (any if ANY) as a Message, read
+        without waiting (the awaited receive's short cut): 0 if the ring
+        holds nothing and the short cut still applies, None if the general
+        path must say (a frame it handles, something posted or queued, the
+        end of the channel)."""
+        cdef object r, obj
+        cdef int ptype
+        if not (self.ok and self.readable) or self.pending or self.queue:
+            return None
+        self.lock.acquire()
+        try:
+            if not self.ok or self.pending or self.queue:
+                return None
+            r = read_msg(self.rx, FAST_MAX)
+            if r is None:
+                return None if self.rx._avail() else 0
+            self.stream.bytes_received += r[5]
+            if tag is not self.any_ and r[1] != tag:
+                self.on_fast(r)        # queued: another tag
+                return None
+            ptype = r[0]
+            if ptype == P_PICKLE and r[3] is None:
+                obj = _loads(r[2])
+            elif ptype == P_BYTES:
+                obj = r[3]
+            else:
+                obj = self.decode(ptype, r[2], [] if r[3] is None else [r[3]])
+            return _tuple_new(self.message, (obj, r[1], self.chan))
+        finally:
+            self.lock.release()
 
     def recv(self, tag=None, source=None, timeout=None):
         """Channel.recv, or Connection.recv (``mp``); see there."""

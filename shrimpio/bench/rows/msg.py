@@ -5,6 +5,8 @@ pyzmq over ``ipc://`` and mpi4py over MPICH.
 key            one sample
 =============  =========================================================
 msg_rtt        a 64-byte ``bytes`` object sent and sent back
+msg_artt       the same awaited on the shrimpio loop (both sides), beside
+               the blocking calls and the loop's streams over shm
 msg_1m         a 1 MiB numpy array sent, an 8-byte answer back (MiB/s)
 msg_64m        the same with 64 MiB
 =============  =========================================================
@@ -188,6 +190,55 @@ def rtt_msg(n: int) -> list[int]:
         return out
 
     return _pair(server, client)[0]
+
+
+def rtt_msg_async(n: int) -> list[int]:
+    """``await asend``/``await arecv`` on the shrimpio loop, both sides."""
+    from . import msg
+    from .transport import new_event_loop
+    a, b = msg.Pipe()
+
+    def run(coro: Any) -> Any:
+        loop = new_event_loop()
+        try:
+            return loop.run_until_complete(coro)
+        finally:
+            loop.close()
+
+    async def serve() -> None:
+        for _ in range(n + _WARM):
+            await a.asend((await a.arecv()).payload)
+
+    async def ask() -> list[int]:
+        for _ in range(_WARM):
+            await b.asend(OBJ)
+            await b.arecv()
+        clock = time.perf_counter_ns
+        out = []
+        for _ in range(n):
+            t0 = clock()
+            await b.asend(OBJ)
+            await b.arecv()
+            out.append(clock() - t0)
+        return out
+
+    def server() -> None:
+        b.close()
+        run(serve())
+        a.close()
+
+    def client() -> list[int]:
+        a.close()
+        out = run(ask())
+        b.close()
+        return out
+
+    return _pair(server, client)[0]
+
+
+def rtt_streams(n: int) -> list[int]:
+    from . import _bench_asyncio
+    return _bench_asyncio.run_one("shrimpio", "rtt", n)["samples"]
 
 
 def rtt_mp(n: int) -> list[int]:
@@ -457,7 +508,11 @@ def specs(Spec: Any, Figure: Any) -> list:
                  [("shrimpio.msg", rtt("shrimpio.msg", rtt_msg)),
                   ("mp.Pipe", rtt("mp.Pipe", rtt_mp)),
                   ("zmq ipc", rtt("zmq ipc", rtt_zmq)),
-                  ("mpi4py", rtt("mpi4py", rtt_mpi))])]
+                  ("mpi4py", rtt("mpi4py", rtt_mpi))]),
+            Spec("msg_artt", "msg 64 B awaited round trip (shrimpio loop)", "us",
+                 [("shrimpio.msg", rtt("shrimpio.msg", rtt_msg_async)),
+                  ("msg blocking", rtt("msg blocking", rtt_msg)),
+                  ("streams shm", rtt("streams shm", rtt_streams))])]
     for key, size in SIZES.items():
         name = "1 MiB" if size == MIB else "64 MiB"
         rows.append(Spec(key, f"msg {name} numpy array + 8 B ack", "MiB/s",
