@@ -29,6 +29,7 @@ threading        http.server threads, a new connection per request    the same p
 idle_socket      CPU of an idle blocking-socket pair                  (goal: < 1 % of a core)
 idle_asyncio     CPU of an idle asyncio pair                          (goal: < 1 % of a core)
 msg_rtt          shrimpio.msg 64 B object round trip                  mp.Pipe, pyzmq, mpi4py
+msg_artt         shrimpio.msg 64 B awaited round trip (shrimpio loop)  asyncio streams over shm
 msg_1m, msg_64m  shrimpio.msg numpy array + 8 B ack                   mp.Pipe, pyzmq, mpi4py, memcpy
 scale_asyncio    10,000 idle connections to one asyncio server:       the same programs over TCP
                  memory per connection (``_closed``: left after

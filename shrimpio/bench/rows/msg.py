@@ -194,8 +194,8 @@ def rtt_msg(n: int) -> list[int]:
 
 def rtt_msg_async(n: int) -> list[int]:
     """``await asend``/``await arecv`` on the shrimpio loop, both sides."""
-    from . import msg
-    from .transport import new_event_loop
+    from ... import msg
+    from ...transport import new_event_loop
     a, b = msg.Pipe()
 
     def run(coro: Any) -> Any:
@@ -237,8 +237,8 @@ def rtt_msg_async(n: int) -> list[int]:
 
 
 def rtt_streams(n: int) -> list[int]:
-    from . import _bench_asyncio
-    return _bench_asyncio.run_one("shrimpio", "rtt", n)["samples"]
+    from . import aio
+    return aio.run_one("shrimpio", "rtt", n)["samples"]
 
 
 def rtt_mp(n: int) -> list[int]:
