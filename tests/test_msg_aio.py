@@ -163,7 +163,7 @@ def test_awaited_waits_on_the_shrimpio_loop_hot_and_armed():
     ring was armed (the doorbell wakes the loop); one fd (a duplicate of
     the doorbell) for all of a channel's waits, given back at close."""
     a, b = msg.Pipe()
-    pid = fork(_delayed_echo, a, 221, close=(b,))
+    pid = fork(_delayed_echo, a, 222, close=(b,))
     a.close()
 
     async def main():
@@ -185,6 +185,12 @@ def test_awaited_waits_on_the_shrimpio_loop_hot_and_armed():
             await asyncio.wait_for(b.arecv(), 0.01)
         await b.asend("after")
         assert (await b.arecv()).payload == "after"
+        # ...on the general path too (a receive into a buffer)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(b.arecv(into=bytearray(64)), 0.01)
+        await b.asend(b"after, into")
+        got = await asyncio.wait_for(b.arecv(into=bytearray(64)), 10)
+        assert bytes(got.payload) == b"after, into"
         assert _fds() == base + 1
         dup = b._aio.fd
         b.close()

@@ -217,7 +217,15 @@ async def arecv(self: Any, tag: Any = ANY, source: Any = ANY, *, into: Any = Non
                 got = fp.try_recv(tag)
         if got:
             return got
-    return await wait_request(self.irecv(tag, source, into=into))
+    req = self.irecv(tag, source, into=into)
+    try:
+        return await wait_request(req)
+    except BaseException:
+        # Given up (cancelled, timed out): a receive that no message has
+        # matched yet is withdrawn, so that the next message goes to the
+        # next receive, not to this abandoned one.
+        req.cancel()
+        raise
 
 
 async def asend(self: Channel, obj: Any, tag: int = 0) -> None:
