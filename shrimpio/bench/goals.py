@@ -189,6 +189,7 @@ GOALS: list[tuple[str, Callable[[Rows], tuple[str, Optional[bool]]]]] = [
     ("socket 64 B rtt >= 30x faster than kernel TCP", _at_least("socket_rtt", "TCP", 30)),
     ("socket 64 B rtt within 8x of the Cython spin loop", _near_floor),
     ("socket rtt polling before each read >= 3x kernel TCP", _at_least("socket_poll_rtt", "TCP", 3)),
+    ("the same with 1000 idle connections >= 3x kernel TCP", _at_least("socket_idle_rtt", "TCP", 3)),
     ("asyncio streams rtt >= 8x faster than uvloop TCP", _at_least("asyncio_rtt", "uvloop TCP", 8)),
     ("asyncio echo >= 3x uvloop TCP", _echo),
     ("aiohttp >= 1.5x uvloop TCP", _aiohttp),

@@ -15,6 +15,7 @@ socket_bw_64k    blocking socket 64 KiB sendall + 8 B ack             TCP, Unix,
 socket_bw        the same, 1 MiB                                      TCP, Unix, pyzmq ipc, one memcpy
 socket_bw_16m    the same, 16 MiB                                     TCP, Unix, one memcpy
 socket_poll_rtt  64 B round trip, epoll before each read              TCP, Unix
+socket_idle_rtt  the same, 1,000 idle connections also registered    TCP, Unix
 connect          connect + accept + both close, per connection        TCP, Unix
 asyncio_rtt      asyncio streams 64 B round trip                      uvloop over TCP
 echo_protocol    asyncio echo, 10 clients x 1 KiB, Protocol server    uvloop over TCP
@@ -29,7 +30,7 @@ threading        http.server threads, a new connection per request    the same p
 idle_socket      CPU of an idle blocking-socket pair                  (goal: < 1 % of a core)
 idle_asyncio     CPU of an idle asyncio pair                          (goal: < 1 % of a core)
 msg_rtt          shrimpio.msg 64 B object round trip                  mp.Pipe, pyzmq, mpi4py
-msg_artt         shrimpio.msg 64 B awaited round trip (shrimpio loop)  asyncio streams over shm
+msg_artt         shrimpio.msg 64 B round trip with await              asyncio streams over shm
 msg_1m, msg_64m  shrimpio.msg numpy array + 8 B ack                   mp.Pipe, pyzmq, mpi4py, memcpy
 scale_asyncio    10,000 idle connections to one asyncio server:       the same programs over TCP
                  memory per connection (``_closed``: left after

@@ -22,10 +22,12 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import resource
 import selectors
 import socket as _std
 import tempfile
 import time
+from typing import Any
 
 from ..._epoll import epoll as _ShmEpoll
 from ...socket import info, socket as ShmSocket
@@ -64,12 +66,17 @@ def _selector(sock, poll: bool):
     return sel
 
 
-def _serve(listener, rounds: int, size: int, reply: int, poll: bool = False) -> None:
-    """The server: the same code whatever the transport."""
+def _serve(listener, rounds: int, size: int, reply: int, poll: bool = False, idle: int = 0) -> None:
+    """The server: the same code whatever the transport.  ``idle``: after
+    the busy connection, accept that many more and register them in the
+    selector too (they stay silent)."""
     _pin(1)
     conn, _ = listener.accept()
+    quiet = [listener.accept()[0] for _ in range(idle)]
     listener.close()
     sel = _selector(conn, poll)
+    for q in quiet:
+        sel.register(q, selectors.EVENT_READ)
     buf = memoryview(bytearray(max(size, reply)))
     out = b"r" * reply
     for _ in range(rounds):
@@ -77,6 +84,8 @@ def _serve(listener, rounds: int, size: int, reply: int, poll: bool = False) -> 
         conn.sendall(out)
     if sel is not None:
         sel.close()
+    for q in quiet:
+        q.close()
     conn.close()
 
 
@@ -111,28 +120,61 @@ def _listener(kind: str, path: str):
     return lst, lst.getsockname()
 
 
-def run_one(kind: str, rounds: int, size: int, reply: int, poll: bool = False) -> list[int]:
+def _connected(kind: str, addr: Any):
+    if kind == "unix":
+        sock = _std.socket(_std.AF_UNIX, _std.SOCK_STREAM)
+    else:
+        sock = (ShmSocket if kind == "shrimpio" else _std.socket)(_std.AF_INET, _std.SOCK_STREAM)
+        sock.setsockopt(_std.IPPROTO_TCP, _std.TCP_NODELAY, 1)
+    try:
+        sock.connect(addr)
+        if kind == "shrimpio" and info(sock)["path"] != "shm":
+            raise RuntimeError(f"shrimpio connection took {info(sock)}, expected shared memory")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def run_one(kind: str, rounds: int, size: int, reply: int, poll: bool = False,
+            idle: int = 0) -> list[int]:
     """Fork a server for ``kind`` (shrimpio, tcp, unix) and be its client:
     the round-trip times in ns.  ``poll``: both wait in a selector before
-    each read.  A shrimpio connection that did not take shared memory is an
-    error."""
+    each read; ``idle``: that many more connections stay silent, registered
+    in the server's selector.  A shrimpio connection that did not take
+    shared memory is an error."""
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if idle:
+        # Each shared-memory connection holds two fds on each side (the
+        # control socket and the space doorbell): the soft limit goes up
+        # for the run, as far as the hard one allows.
+        want = 2 * idle + 256
+        if limits[1] != resource.RLIM_INFINITY and limits[1] < want:
+            raise RuntimeError(f"{idle} idle connections need {want} fds; the hard limit is {limits[1]}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(limits[0], want), limits[1]))
+    try:
+        return _run_one(kind, rounds, size, reply, poll, idle)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
+def _run_one(kind: str, rounds: int, size: int, reply: int, poll: bool, idle: int) -> list[int]:
     with tempfile.TemporaryDirectory(prefix="shrimpio-bench-") as tmp:
         lst, addr = _listener(kind, os.path.join(tmp, "unix.sock"))
-        p = mp.get_context("fork").Process(target=_serve, args=(lst, rounds, size, reply, poll))
+        p = mp.get_context("fork").Process(target=_serve, args=(lst, rounds, size, reply, poll, idle))
         p.start()
         lst.close()
-        if kind == "unix":
-            sock = _std.socket(_std.AF_UNIX, _std.SOCK_STREAM)
-        else:
-            sock = (ShmSocket if kind == "shrimpio" else _std.socket)(_std.AF_INET, _std.SOCK_STREAM)
-            sock.setsockopt(_std.IPPROTO_TCP, _std.TCP_NODELAY, 1)
+        quiet: list = []
+        sock = None
         try:
-            sock.connect(addr)
-            if kind == "shrimpio" and info(sock)["path"] != "shm":
-                raise RuntimeError(f"shrimpio connection took {info(sock)}, expected shared memory")
+            sock = _connected(kind, addr)
+            quiet = [_connected(kind, addr) for _ in range(idle)]
             return _client(sock, rounds, size, reply, poll)
         finally:
-            sock.close()            # done, or failed: either way the server sees EOF
+            for q in quiet:
+                q.close()
+            if sock is not None:
+                sock.close()        # done, or failed: either way the server sees EOF
             p.join(60)
             if p.exitcode is None:
                 p.kill()
@@ -207,11 +249,15 @@ def bw_rounds(s: Settings, size: int) -> int:
     return max(10, s.bw_rounds * MIB // size)
 
 
-def _rtt(kind: str, label: str, poll: bool = False) -> Measure:
+def _rtt(kind: str, label: str, poll: bool = False, idle: int = 0) -> Measure:
     def m(s: Settings) -> Figure:
-        samples = run_one(kind, s.rtt_rounds, 64, 64, poll=poll)   # checks shrimpio took shm
+        samples = run_one(kind, s.rtt_rounds, 64, 64, poll=poll, idle=idle)   # checks shrimpio took shm
         return Figure.from_ns(label, samples, paths=[_PATHS[kind]])
     return m
+
+
+#: Silent connections beside the busy one in ``socket_idle_rtt``.
+IDLE = 1000
 
 
 def _bw(kind: str, label: str, size: int) -> Measure:
@@ -238,4 +284,7 @@ def specs() -> list[Spec]:
         out.append(Spec(key, f"socket {_size_name(size)} sendall + 8 B ack", "MiB/s", kinds))
     out.append(Spec("socket_poll_rtt", "socket 64 B round trip, epoll before each read", "us",
                     [(lb, _rtt(k, lb, poll=True)) for lb, k in _SOCK]))
+    out.append(Spec("socket_idle_rtt",
+                    f"socket 64 B round trip, epoll before each read, {IDLE} idle connections", "us",
+                    [(lb, _rtt(k, lb, poll=True, idle=IDLE)) for lb, k in _SOCK]))
     return out
