@@ -395,3 +395,21 @@ def test_tls_over_shm_beside_tls_over_tcp(tmp_path):
     out = json.loads(res.stdout)
     assert [r["path"] for r in out["runs"]["shm"]] == ["shm"] and [r["path"] for r in out["runs"]["tcp"]] == ["tcp"]
     assert out["summary"]["shm"]["mib_s"] > 0 and out["summary"]["ratio"]["rtt"] > 0
+
+
+def test_idle_row_registers_silent_connections_on_every_path(tiny, capsys, monkeypatch):
+    """``socket_idle_rtt``: the poll-before-read loop with more connections
+    open and registered in the server's selector; each figure on the path
+    it is labelled with, and the goal judged beside TCP."""
+    monkeypatch.setattr(sockets, "IDLE", 50)
+    rc, out, err = _bench_cli(capsys, "--json", "--rows", "socket_idle_rtt")
+    assert rc == 0, err
+    res = json.loads(out)
+    row = res["rows"][0]
+    assert row["key"] == "socket_idle_rtt" and "50 idle connections" in row["title"]
+    figs = {f["label"]: f for f in row["figures"]}
+    for label, path in (("shm", "shm"), ("TCP", "tcp"), ("Unix", "unix")):
+        assert figs[label]["extra"]["paths"] == [path]
+        assert figs[label]["extra"]["n"] == TINY.rtt_rounds
+    goal = next(g for g in res["goals"] if "idle connections" in g["text"])
+    assert goal["met"] == (row["worst_ratios"]["TCP"] >= 3)
