@@ -39,6 +39,18 @@ print(got.decode(), flush=True)
 """
 
 
+def limit_leaving(free: int) -> int:
+    """The fd limit under which exactly ``free`` more fds can be opened in
+    this process: fd numbers are the lowest free ones, and the limit bounds
+    the number, not the count (earlier tests leave holes below the highest
+    open fd)."""
+    lowest = os.open(os.devnull, os.O_RDONLY)      # the number listdir's own fd takes
+    os.close(lowest)
+    used = {int(fd) for fd in os.listdir("/proc/self/fd")} - {lowest}
+    holes = [n for n in range(max(used) + free + 1) if n not in used]
+    return holes[free - 1] + 1
+
+
 @pytest.mark.parametrize("headroom", [1, 2])
 def test_a_listener_out_of_fds_keeps_its_client_waiting(headroom):
     lst = ss.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -50,8 +62,7 @@ def test_a_listener_out_of_fds_keeps_its_client_waiting(headroom):
     srv = None
     try:
         assert child.stdout.readline().strip() == "shm"
-        have = len(os.listdir("/proc/self/fd")) - 1
-        resource.setrlimit(resource.RLIMIT_NOFILE, (have + headroom, saved[1]))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(headroom), saved[1]))
         try:
             lst.settimeout(2)
             try:
@@ -249,8 +260,7 @@ def test_a_listener_one_fd_short_serves_its_client_as_tcp_would():
     srv = None
     try:
         child.stdout.readline()
-        have = len(os.listdir("/proc/self/fd")) - 1
-        resource.setrlimit(resource.RLIMIT_NOFILE, (have + 1, saved[1]))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(1), saved[1]))
         try:
             lst.settimeout(5)
             srv, _ = lst.accept()
