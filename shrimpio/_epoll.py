@@ -56,7 +56,7 @@ from typing import Any, Optional
 
 from . import _poll
 from . import socket as _ss
-from ._fastpath import drain_bell, ring_progress, unarmed_count
+from ._fastpath import ring_progress, unarmed_count
 from ._poll import POLLHUP, POLLIN, POLLOUT, _deadline, _fd_of, _hup, _left, _shrimp
 
 __all__ = ["epoll", "fd_changing"]
@@ -387,7 +387,7 @@ class epoll:
             if conn is None or conn.closed:
                 out[fd] = (POLLIN if reg.read else 0) | (POLLOUT if reg.write else 0)
                 continue
-            _drain(conn)
+            _poll.drain(conn, note=False)    # (our own doorbells: no wake-up taken)
             if not reg.armed:
                 continue                     # one-shot, already reported: until modify()
             ev = self._events(fd, reg, sock, arm=True)
@@ -411,6 +411,12 @@ class epoll:
                 read.add(fd)
         return _poll._spin_first(shm, read, write, [self._ep.fileno()], deadline)
 
+    def _heat_all(self) -> None:
+        """Look at (and so arm again) every connection on the next look,
+        and remember the wake-up count this answers."""
+        self._armed_at = unarmed_count()
+        self._hot.update(dict.fromkeys(fd for fd in self._shm if fd not in self._listeners))
+
     def poll(self, timeout: Optional[float] = None, maxevents: int = -1) -> list[tuple[int, int]]:
         self._check()
         if timeout is not None and timeout < 0:
@@ -424,11 +430,9 @@ class epoll:
         kernel: list = []
         spun = None
         mixed = False
-        count = unarmed_count()
-        if count != self._armed_at:
-            self._hot.update(dict.fromkeys(fd for fd in self._shm if fd not in self._listeners))
+        if unarmed_count() != self._armed_at:
             mixed = self._armed_at >= 0
-            self._armed_at = count
+            self._heat_all()
         idle = self._look(self._hot, False, out)
         self._listening(out)
         if not out and (deadline is None or deadline > time.monotonic()):
@@ -452,8 +456,7 @@ class epoll:
             self._rung(events, out, kernel)
             if unarmed_count() != self._armed_at:
                 # Someone else may have taken a wake-up meant for us.
-                self._hot.update(dict.fromkeys(fd for fd in self._shm if fd not in self._listeners))
-                self._armed_at = unarmed_count()
+                self._heat_all()
                 mixed = True
                 if not out and not kernel:
                     continue
@@ -502,17 +505,6 @@ class epoll:
         if fired:
             self._listening(out, fired, {kfd for kfd, _ in got})
         return 0.0
-
-
-def _drain(conn: Any) -> None:
-    """Swallow a connection's doorbells (the epoll's own drain: it does not
-    count as a wake-up taken from others); note the peer's death."""
-    data_eof = drain_bell(conn.bell_fd, False)
-    space_eof = drain_bell(conn.space.fileno(), False)
-    if data_eof and conn.rd_shut:
-        data_eof = False                     # our own SHUT_RD: see _poll.drain
-    if data_eof or space_eof:
-        conn.gone = True
 
 
 def _to_epoll(ev: int) -> int:

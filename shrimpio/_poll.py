@@ -92,10 +92,12 @@ def _shrimp(fd: int) -> Any:
     return None
 
 
-def drain(conn: Any) -> None:
-    """Swallow pending doorbell bytes of a connection; note the peer's death."""
-    data_eof = drain_bell(conn.bell_fd)
-    space_eof = drain_bell(conn.space.fileno())
+def drain(conn: Any, note: bool = True) -> None:
+    """Swallow pending doorbell bytes of a connection; note the peer's death.
+    ``note``: count it as a wake-up taken from other waiters (see
+    ``_fastpath.drain_bell``); the epoll draining its own doorbells does not."""
+    data_eof = drain_bell(conn.bell_fd, note)
+    space_eof = drain_bell(conn.space.fileno(), note)
     # After our own shutdown(SHUT_RD) the control socket reports EOF (that is
     # how blocked readers are woken): not a sign of the peer's death, which
     # the space socket still reports.
