@@ -325,23 +325,29 @@ class _Engine:
             raise _handshake_timed_out() from None
 
     def _handshake(self) -> None:
-        obj = self._obj
+        self._drive(self._obj.do_handshake, _HANDSHAKE, _HANDSHAKE)
+        self._ready = True
+
+    def _drive(self, step: Any, sending: str, pulling: str) -> None:
+        """Runs one TLS exchange (the handshake, the shutdown) to its end:
+        each time the engine wants the peer's records, what it wrote goes out
+        and the next records come in; what it wrote last goes out too.
+        `sending` and `pulling` name the operation in a timeout's message."""
         nonblocking, deadline = self._clock()
         while True:
             try:
                 with self._ssl:
-                    obj.do_handshake()
+                    step()
             except _WantRead:
-                self._send(nonblocking, deadline, _HANDSHAKE)
-                if not self._pull(nonblocking, deadline, _HANDSHAKE):
+                self._send(nonblocking, deadline, sending)
+                if not self._pull(nonblocking, deadline, pulling):
                     raise
                 continue
             except _SSLError:
                 self._spill()
                 raise
             break
-        self._send(nonblocking, deadline, _HANDSHAKE)
-        self._ready = True
+        self._send(nonblocking, deadline, sending)
 
     def read(self, n: int = 1024, buffer: Any = None) -> Any:
         obj = self._obj
@@ -422,24 +428,9 @@ class _Engine:
         return total
 
     def shutdown(self) -> Any:
-        obj = self._obj
-        nonblocking, deadline = self._clock()
-        while True:
-            try:
-                with self._ssl:
-                    obj.shutdown()
-            except _WantRead:
-                self._send(nonblocking, deadline, _WRITE)
-                if not self._pull(nonblocking, deadline, _READ):
-                    raise
-                continue
-            except _SSLError:
-                self._spill()
-                raise
-            break
-        self._send(nonblocking, deadline, _WRITE)
+        self._drive(self._obj.shutdown, _WRITE, _READ)
         self._ready = False
-        return obj.owner                 # as the C engine: the socket it runs on
+        return self._obj.owner                 # as the C engine: the socket it runs on
 
     def pending(self) -> int:
         return self._obj.pending()

@@ -158,8 +158,20 @@ def _scale_memory(rows: Rows) -> tuple[str, Optional[bool]]:
     got = _scale_pairs(rows, "")
     if not got:
         return "-", None
-    text = ", ".join(f"{shm / tcp:.2f}x {mode} ({fmt(shm)} vs {fmt(tcp)} KB)" for mode, shm, tcp in got)
+    text = ", ".join(f"{_ratio_text(shm / tcp, 2.0)}x {mode} ({fmt(shm)} vs {fmt(tcp)} KB)"
+                     for mode, shm, tcp in got)
     return text, all(shm <= 2 * tcp for _, shm, tcp in got)
+
+
+def _ratio_text(ratio: float, limit: float) -> str:
+    """`ratio` with two decimals, or as many more as it takes (up to 4) not
+    to print the limit itself for a ratio on the wrong side of it (a goal
+    missed by 0.3 % must not read "2.00x ... MISSED")."""
+    for digits in (2, 3, 4):
+        text = f"{ratio:.{digits}f}"
+        if (float(text) == limit) == (ratio == limit):
+            break
+    return text
 
 
 #: Memory a closed connection may leave behind beyond what one over TCP
