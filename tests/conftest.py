@@ -116,3 +116,10 @@ def no_leaks(request):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "allow_leaks: skip the leak check (for tests that check leaks themselves)")
+
+
+def pytest_runtest_setup(item):
+    """A test marked ``chaos`` (the chaos suite's long runs) is opt-in: it
+    runs only when the marker expression names it (``pytest -m chaos``)."""
+    if item.get_closest_marker("chaos") and "chaos" not in (item.config.getoption("-m") or ""):
+        pytest.skip("long chaos run: pytest -m chaos (or shrimpio chaos)")

@@ -62,18 +62,9 @@ def test_round(name, params, seed):
     _check(run_round(name, seed, params))
 
 
-def _only_with_m_chaos(request) -> None:
-    """The long run is opt-in: only when the marker expression names it
-    (``pytest -m chaos``).  (Here, not in a conftest.py of tests/chaos:
-    that would shadow tests/conftest.py, which test helpers import.)"""
-    if "chaos" not in (request.config.getoption("-m") or ""):
-        pytest.skip("long chaos run: pytest -m chaos (or shrimpio chaos)")
-
-
 @pytest.mark.chaos
 @pytest.mark.timeout(0)
-def test_long_run(request):
-    _only_with_m_chaos(request)
+def test_long_run():
     from shrimpio._chaos import run_rounds
     minutes = float(os.environ.get("SHRIMPIO_CHAOS_MINUTES", "5"))
     seed = int(os.environ.get("SHRIMPIO_CHAOS_SEED", random.SystemRandom().randrange(1 << 31)))

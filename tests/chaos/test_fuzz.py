@@ -38,18 +38,9 @@ def test_seeds_are_in_the_corpus():
         assert set(seeds()) <= have, target
 
 
-def _only_with_m_chaos(request) -> None:
-    """The long run is opt-in: only when the marker expression names it
-    (``pytest -m chaos``).  (Here, not in a conftest.py of tests/chaos:
-    that would shadow tests/conftest.py, which test helpers import.)"""
-    if "chaos" not in (request.config.getoption("-m") or ""):
-        pytest.skip("long chaos run: pytest -m chaos (or shrimpio chaos)")
-
-
 @pytest.mark.chaos
 @pytest.mark.timeout(0)
-def test_fuzz_each_target(request):
-    _only_with_m_chaos(request)
+def test_fuzz_each_target():
     pytest.importorskip("atheris")
     from shrimpio._chaos import run_fuzz
     seconds = float(os.environ.get("SHRIMPIO_FUZZ_SECONDS", "120"))
