@@ -1,5 +1,5 @@
-"""App matrix: twisted (a Protocol echo server and client) and gevent
-(monkey.patch_all() server and client)."""
+"""App matrix: twisted (a Protocol echo server and client), gevent
+(monkey.patch_all() server and client) and trio (its own epoll loop)."""
 
 from __future__ import annotations
 
@@ -36,4 +36,19 @@ def test_gevent_monkey_patched():
         client = apps.procs[-1]
         apps.stop(srv)
         assert "3 connections echoed" in out, out
+        assert_shm(srv, client, at_least=3)
+
+
+@pytest.mark.timeout(60)
+def test_trio_echo():
+    """trio drives non-blocking sockets with its own epoll loop
+    (EPOLLONESHOT registrations, modified before each wait)."""
+    need("trio")
+    with Apps() as apps:
+        srv = apps.start("server", ["trio_server.py"])
+        port = apps.wait_port(srv)
+        out = apps.run("client", ["trio_client.py", port])
+        client = apps.procs[-1]
+        apps.stop(srv)
+        assert f"3 streams echoed 2000000 {appdata.digest(appdata.blob(2_000_000))}" in out, out
         assert_shm(srv, client, at_least=3)
