@@ -35,6 +35,7 @@ import errno
 import os
 import stat
 import _socket as _csocket
+import _thread
 import socket as _std
 from typing import Any, Optional
 
@@ -67,6 +68,10 @@ _AF_UNIX, _SOCK_SEQPACKET = int(_std.AF_UNIX), int(_std.SOCK_SEQPACKET)
 _registry = _handshake.registry
 # family and type as plain ints: the stdlib properties build enum members,
 # which costs a microsecond a time on the connect and accept paths.
+#: Sockets being closed (by id): a lock their closer holds, and its thread.
+_closing: dict[int, Any] = {}
+_allocate_lock = _thread.allocate_lock
+_get_ident = _thread.get_ident
 _family = _csocket.socket.family.__get__
 _type = _csocket.socket.type.__get__
 
@@ -478,8 +483,29 @@ class socket(StdSocket):
                 pass
 
     def _real_close(self, _ss: Any = _csocket.socket) -> None:
-        self._let_go()
-        _ss.close(self)
+        # Several threads may close one socket at once (a library's I/O
+        # thread and its owner).  The stdlib's close is atomic (in C, under
+        # the GIL); ours does Python work first (the report, the
+        # connection's release), where the GIL can change hands.  The first
+        # closer does it all; the others wait until it has (as the kernel's
+        # close, a close that returned means the fd is closed), then find
+        # the fd closed and do nothing.
+        # (A close made inside the first one, by the same thread, returns:
+        # the first one finishes the work.)
+        mine = (_allocate_lock(), _get_ident())
+        mine[0].acquire()
+        first = _closing.setdefault(id(self), mine)      # atomic under the GIL
+        if first is not mine:
+            if first[1] != mine[1]:
+                with first[0]:
+                    pass
+            return
+        try:
+            self._let_go()
+            _ss.close(self)
+        finally:
+            del _closing[id(self)]
+            mine[0].release()
 
     def _let_go(self) -> None:
         """What closing this object means beyond its fd: the report, its

@@ -159,3 +159,59 @@ def test_asyncio_transport_never_closed_is_reported(tmp_path, server_patched):
         rec = records[0]
         assert rec["path"] == (SHM if server_patched else TCP), rec
         assert rec["open_at_exit"] is True and rec["bytes_sent"] == rec["bytes_received"] == 5, rec
+
+
+_CLOSE_RACE = """
+import socket, sys, threading
+port, n = int(sys.argv[1]), int(sys.argv[2])
+for i in range(n):
+    sock = socket.create_connection(("127.0.0.1", port))
+    keep = sock.dup() if i % 2 else None        # a second object on the connection
+    sock.sendall(b"ping\\n")
+    got = b""
+    while not got.endswith(b"\\n"):
+        got += sock.recv(100)
+    start = threading.Barrier(3)
+    def closer():
+        start.wait()
+        sock.close()
+    threads = [threading.Thread(target=closer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sock.fileno() == -1
+    if keep is not None:
+        # The connection is the dup's still: one close, however many threads made it.
+        keep.sendall(b"still here\\n")
+        got = b""
+        while not got.endswith(b"\\n"):
+            got += keep.recv(100)
+        assert got == b"still here\\n", got
+        keep.close()
+print("done")
+"""
+
+
+def test_a_socket_closed_by_several_threads_at_once_closes_once(tmp_path):
+    """Three threads close one socket at the same moment (paramiko's
+    transport thread and its owner do): the connection is let go once (a
+    dup of it keeps working) and reported once, with its addresses; the
+    stdlib's close is idempotent under the same race."""
+    n = 30
+    prog = tmp_path / "prog.py"
+    prog.write_text(_CLOSE_RACE)
+    report = tmp_path / "client.report"
+    with server(_example("echo_server.py"), patched=True) as srv:
+        res = _run([prog, srv.port, n], report)
+        assert res.stdout.decode().strip() == "done", res
+        records = read_report(report)
+        # One line per connection: n closed by the threads; the dups' lines
+        # are the same connections' (the last holder reports), so at most n
+        # + n/2 lines, each with TCP addresses.
+        odd = [r for r in records if r["peer"] != ["127.0.0.1", int(srv.port)] or r["path"] != SHM]
+        assert not odd, odd
+        ports = [r["local"][1] for r in records]
+        assert len(set(ports)) == n, ports
+        assert len(ports) == len(set(ports)) + n // 2, sorted(ports)
+        server_records(srv, n)

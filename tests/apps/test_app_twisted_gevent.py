@@ -1,5 +1,6 @@
 """App matrix: twisted (a Protocol echo server and client), gevent
-(monkey.patch_all() server and client) and trio (its own epoll loop)."""
+(monkey.patch_all() server and client), trio (its own epoll loop) and
+paramiko (SSH: a transport thread per connection)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,23 @@ def test_trio_echo():
         apps.stop(srv)
         assert f"3 streams echoed 2000000 {appdata.digest(appdata.blob(2_000_000))}" in out, out
         assert_shm(srv, client, at_least=3)
+
+
+@pytest.mark.timeout(90)
+def test_paramiko_ssh_echo():
+    """paramiko: blocking sockets read with a timeout by a transport thread
+    per connection, closed by that thread and by the program at once; each
+    connection reported once, on shared memory."""
+    need("paramiko")
+    with Apps() as apps:
+        srv = apps.start("server", ["paramiko_server.py"])
+        port = apps.wait_port(srv)
+        out = apps.run("client", ["paramiko_client.py", port])
+        client = apps.procs[-1]
+        apps.stop(srv)
+        assert f"2 connections echoed 2000000 {appdata.digest(appdata.blob(2_000_000))}" in out, out
+        assert_shm(srv, client, at_least=2)
+        for proc in (srv, client):
+            records = proc.records()
+            assert len(records) == 2, records            # once each, not once per closer
+            assert all(r["local"][0] == r["peer"][0] == "127.0.0.1" for r in records), records
