@@ -49,9 +49,11 @@ too.  Listeners (a few per program) are looked at on every poll.
 from __future__ import annotations
 
 import errno
+import os
 import select as _select
 import time
 import weakref
+from _thread import get_ident as _get_ident
 from typing import Any, Optional
 
 from . import _poll
@@ -162,6 +164,8 @@ class epoll:
         self._listeners: set[int] = set()
         self._armed_at = -1                  # unarmed_count() when all were last armed
         self._looked = 0                     # registrations looked at, all polls (for tests)
+        self._poller: Optional[int] = None   # the thread in poll(), if one is
+        self._wake = -1                      # eventfd in the kernel epoll (see _woken)
         _epolls.add(self)
 
     def fileno(self) -> int:
@@ -173,6 +177,9 @@ class epoll:
 
     def close(self) -> None:
         self._ep.close()
+        if self._wake >= 0:
+            os.close(self._wake)
+            self._wake = -1
         for d in (self._shm, self._kmask, self._moving, self._bells, self._hot):
             d.clear()
         self._listeners.clear()
@@ -258,6 +265,7 @@ class epoll:
                 raise FileExistsError(errno.EEXIST, "File exists")
             self._add(fd, eventmask, sock)
             self._kmask.pop(fd, None)
+            self._changed()
             return
         self._live(fd)
         if fd in self._moving:
@@ -274,9 +282,11 @@ class epoll:
             reg.set_mask(eventmask)
             if fd not in self._listeners:
                 self._hot[fd] = None
+            self._changed()
             return
         if fd in self._moving:
             self._moving[fd] = eventmask
+            self._changed()
             return
         self._ep.modify(fd, eventmask)
         self._kmask[fd] = eventmask
@@ -291,6 +301,22 @@ class epoll:
             return
         self._ep.unregister(fd)
         self._kmask.pop(fd, None)
+
+    def _changed(self) -> None:
+        """A shrimpio registration was made or changed.  The kernel's epoll
+        watches an fd from the moment it is registered, even by a thread
+        other than the one waiting in ``epoll_wait`` (cheroot's and other
+        thread-pool servers hand a connection back to the selector from
+        the worker that served it); ours looks at a new registration when
+        its poll next looks, so a poll waiting in another thread is woken
+        (an eventfd in the kernel epoll) to look now."""
+        poller = self._poller
+        if poller is None or poller == _get_ident():
+            return
+        if self._wake < 0:
+            self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._ep.register(self._wake, _EPOLLIN)
+        os.eventfd_write(self._wake, 1)
 
     def _fd_changing(self, fd: int) -> None:
         if self._ep.closed:
@@ -372,6 +398,12 @@ class epoll:
         seen = set()
         for kfd, ev in events:
             fd = self._bells.get(kfd)
+            if kfd == self._wake:
+                try:
+                    os.eventfd_read(self._wake)     # the hot set is looked at next
+                except BlockingIOError:
+                    pass
+                continue
             if fd is None:
                 if kfd in self._kmask:
                     kernel.append((kfd, ev))
@@ -404,7 +436,7 @@ class epoll:
         shm = {fd: sock for fd, _, sock in idle}
         read = {fd for fd, reg, _ in idle if reg.read}
         write = {fd for fd, reg, _ in idle if reg.write}
-        for fd in self._listeners:          # a client of a listener ends the spin too
+        for fd in list(self._listeners):    # a client of a listener ends the spin too
             reg, sock = self._live(fd)
             if reg is not None and reg.read and reg.armed:
                 shm[fd] = sock
@@ -415,17 +447,33 @@ class epoll:
         """Look at (and so arm again) every connection on the next look,
         and remember the wake-up count this answers."""
         self._armed_at = unarmed_count()
-        self._hot.update(dict.fromkeys(fd for fd in self._shm if fd not in self._listeners))
+        listeners = self._listeners
+        self._hot.update(dict.fromkeys(fd for fd in list(self._shm) if fd not in listeners))
 
     def poll(self, timeout: Optional[float] = None, maxevents: int = -1) -> list[tuple[int, int]]:
         self._check()
+        self._poller = _get_ident()
+        try:
+            return self._poll(timeout, maxevents)
+        finally:
+            self._poller = None
+
+    def _poll(self, timeout: Optional[float], maxevents: int) -> list[tuple[int, int]]:
         if timeout is not None and timeout < 0:
             timeout = None
         if self._moving:
             self._settle()
-        if not self._shm:
-            return self._ep.poll(-1 if timeout is None else timeout, maxevents)
         deadline = _deadline(timeout)
+        while not self._shm:
+            left = _left(deadline)
+            events = self._ep.poll(-1 if left is None else left, maxevents)
+            if self._wake < 0 or all(kfd != self._wake for kfd, _ in events):
+                return events
+            # Another thread registered a shrimpio fd (see _changed).
+            self._rung(events, {}, [])
+            events = [e for e in events if e[0] != self._wake]
+            if events or (deadline is not None and time.monotonic() >= deadline):
+                return events
         out: dict[int, int] = {}
         kernel: list = []
         spun = None
@@ -442,7 +490,7 @@ class epoll:
                 self._look([fd for fd, _, _ in idle], False, out)
                 self._listening(out)
         while True:
-            self._look([fd for fd in self._hot if fd not in out], True, out)
+            self._look([fd for fd in list(self._hot) if fd not in out], True, out)
             left = _left(deadline)
             wait = 0.0 if out else left
             if mixed and (wait is None or wait > _SLICE):
@@ -494,7 +542,7 @@ class epoll:
         p = _poll._real_poll()
         p.register(self._ep.fileno(), POLLIN)
         owner: dict[int, int] = {}
-        for fd in self._listeners:
+        for fd in list(self._listeners):
             reg, sock = self._live(fd)
             if reg is not None and reg.read and reg.armed:
                 for kfd in sock._accept_fds():

@@ -160,3 +160,64 @@ def test_no_wakeup_lost_to_a_blocked_reader_of_the_same_connection():
         ep.close()
         for s in (cli, srv, lst):
             s.close()
+
+
+_EPOLL_WAITS = {"x86_64": {"232", "281", "441"}, "aarch64": {"22", "441"}}
+
+
+def _in_epoll_wait(thread: threading.Thread) -> bool:
+    with open(f"/proc/self/task/{thread.native_id}/syscall") as f:
+        return f.read().split()[0] in _EPOLL_WAITS[platform.machine()]
+
+
+def _shm_pair() -> "tuple[ShmSocket, ShmSocket, ShmSocket]":
+    lst = ShmSocket(socket.AF_INET, socket.SOCK_STREAM)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    cli = ShmSocket(socket.AF_INET, socket.SOCK_STREAM)
+    cli.connect(lst.getsockname())
+    srv, _ = lst.accept()
+    assert srv._shm is not None
+    return lst, cli, srv
+
+
+@pytest.mark.skipif(platform.machine() not in _EPOLL_WAITS, reason="epoll_wait's number unknown here")
+@pytest.mark.parametrize("others", [0, 1], ids=["alone", "beside-an-idle-one"])
+def test_a_registration_from_another_thread_is_watched_at_once(others):
+    """The kernel's epoll watches an fd from its registration on, even one
+    registered by another thread while a poll waits (cheroot's workers hand
+    kept-alive connections back to the selector that its main thread waits
+    in): the waiting poll reports it at once, not when its timeout ends."""
+    pairs = [_shm_pair() for _ in range(others + 1)]
+    _, cli, srv = pairs[0]
+    ep = ShmEpoll()
+    try:
+        for _, _, idle in pairs[1:]:
+            ep.register(idle.fileno(), select.EPOLLIN)
+        got: list = []
+        poller = threading.Thread(target=lambda: got.append(ep.poll(60)))
+        poller.start()
+        wait_for(lambda: _in_epoll_wait(poller), what="the poll to wait in the kernel")
+        cli.sendall(b"x")
+        ep.register(srv.fileno(), select.EPOLLIN)
+        poller.join(10)
+        assert not poller.is_alive(), "the poll did not see the new registration"
+        assert got == [[(srv.fileno(), select.EPOLLIN)]]
+        # And a registration whose data comes after it: armed on that look.
+        srv.setblocking(False)
+        assert srv.recv(10) == b"x"
+        ep.unregister(srv.fileno())
+        got.clear()
+        poller = threading.Thread(target=lambda: got.append(ep.poll(60)))
+        poller.start()
+        wait_for(lambda: _in_epoll_wait(poller), what="the poll to wait in the kernel")
+        ep.register(srv.fileno(), select.EPOLLIN)
+        wait_for(lambda: _in_epoll_wait(poller), what="the poll to wait again")
+        cli.sendall(b"y")
+        poller.join(10)
+        assert not poller.is_alive() and got == [[(srv.fileno(), select.EPOLLIN)]], got
+    finally:
+        ep.close()
+        for trio in pairs:
+            for s in trio:
+                s.close()
