@@ -1,5 +1,5 @@
 """App matrix: HTTP servers and clients (tornado, aiohttp, uvicorn, hypercorn,
-gunicorn), each unmodified under ``shrimpio run``, real traffic checked, and
+gunicorn, cheroot, waitress), each unmodified under ``shrimpio run``, real traffic checked, and
 every connection on shared memory at both ends."""
 
 from __future__ import annotations
@@ -134,3 +134,22 @@ def test_gunicorn(worker):
         apps.stop(srv)
         check_http_transcript(out)
         assert_shm(srv, cli)
+
+
+@pytest.mark.parametrize("server", ["cheroot", "waitress"])
+@pytest.mark.timeout(90)
+def test_threaded_wsgi_server(server):
+    """Thread-pool WSGI servers: cheroot (its workers register kept-alive
+    connections with the selector its main thread waits in) and waitress
+    (its own poll loop, woken by a pipe when a worker is done).  Keep-alive
+    requests, then 20 connections each for one request, from 4 threads."""
+    need(server, "requests")
+    with Apps() as apps:
+        srv = apps.start("server", [f"{server}_server.py"])
+        port = apps.wait_port(srv)
+        out = apps.run("client", ["http_client.py", port, "20", "4"])
+        cli = apps.procs[-1]
+        apps.stop(srv)
+        check_http_transcript(out)
+        assert "pids: " in out, out
+        assert_shm(srv, cli, at_least=21)
