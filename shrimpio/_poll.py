@@ -275,6 +275,10 @@ def _left(deadline: Optional[float]) -> Optional[float]:
 # select.select
 
 
+#: select()'s limit (glibc's fd_set): fds from here on are refused.
+_FD_SETSIZE = 1024
+
+
 def select(rlist: Iterable[Any], wlist: Iterable[Any], xlist: Iterable[Any],
            timeout: Optional[float] = None) -> tuple[list, list, list]:
     """``select.select`` that understands shrimpio sockets."""
@@ -282,6 +286,10 @@ def select(rlist: Iterable[Any], wlist: Iterable[Any], xlist: Iterable[Any],
     rfds = [_fd_of(o) for o in rlist]
     wfds = [_fd_of(o) for o in wlist]
     xfds = [_fd_of(o) for o in xlist]
+    if any(fd >= _FD_SETSIZE for fds in (rfds, wfds, xfds) for fd in fds):
+        # As the stdlib's, whatever the fd is: a program that falls back to
+        # poll() on this error must see it over shared memory too.
+        raise ValueError("filedescriptor out of range in select()")
     shm = {fd: _shrimp(fd) for fd in set(rfds) | set(wfds)}
     shm = {fd: s for fd, s in shm.items() if s is not None}
     if not shm:

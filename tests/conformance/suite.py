@@ -1406,6 +1406,28 @@ class PollerApiTests:
         with pytest.raises(ValueError):
             select.select([-1], [], [], 0)
 
+    def test_select_refuses_an_fd_beyond_its_set_size(self, net):
+        # select() takes fds below FD_SETSIZE (1024) only, whatever they
+        # are; programs fall back to poll() on this ValueError.
+        import resource
+        cli, srv = net.pair()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard <= 1100:
+            pytest.skip("needs an fd number above 1024")
+        if soft != resource.RLIM_INFINITY and soft <= 1100:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+        try:
+            high = type(srv)(fileno=os.dup2(srv.fileno(), 1100))   # the same connection
+            try:
+                with pytest.raises(ValueError, match="out of range"):
+                    select.select([high], [], [], 0)
+                with pytest.raises(ValueError, match="out of range"):
+                    select.select([], [high.fileno()], [], 0)
+            finally:
+                high.close()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
 
 class ThreadTests:
     """Threads: full duplex on one socket, many connections at once."""
