@@ -49,6 +49,7 @@ too.  Listeners (a few per program) are looked at on every poll.
 from __future__ import annotations
 
 import errno
+import operator as _operator
 import os
 import select as _select
 import time
@@ -261,6 +262,7 @@ class epoll:
         fd = _fd_of(fd)
         sock = _shrimp(fd)
         if sock is not None:
+            eventmask = _operator.index(eventmask)      # (the stdlib's TypeError)
             if self._live(fd)[0] is not None or fd in self._moving:
                 raise FileExistsError(errno.EEXIST, "File exists")
             self._add(fd, eventmask, sock)
@@ -279,7 +281,7 @@ class epoll:
         fd = _fd_of(fd)
         reg, _ = self._live(fd)
         if reg is not None:
-            reg.set_mask(eventmask)
+            reg.set_mask(_operator.index(eventmask))
             if fd not in self._listeners:
                 self._hot[fd] = None
             self._changed()
@@ -452,6 +454,11 @@ class epoll:
 
     def poll(self, timeout: Optional[float] = None, maxevents: int = -1) -> list[tuple[int, int]]:
         self._check()
+        # The stdlib's argument checks, with its errors.
+        if timeout is not None and not isinstance(timeout, (int, float)):
+            raise TypeError("timeout must be an integer or None")
+        if maxevents != -1 and maxevents < 1:
+            raise ValueError(f"maxevents must be greater than 0, got {maxevents}")
         self._poller = _get_ident()
         try:
             return self._poll(timeout, maxevents)
@@ -516,7 +523,7 @@ class epoll:
             if reg is not None and reg.oneshot:
                 reg.armed = False            # until modify() re-arms it
         result += kernel
-        return result if maxevents is None or maxevents < 0 else result[:maxevents]
+        return result if maxevents == -1 else result[:maxevents]
 
     def _listening(self, out: dict[int, int], fired: Optional[set] = None,
                    kfired: Optional[set] = None) -> None:

@@ -286,6 +286,8 @@ def select(rlist: Iterable[Any], wlist: Iterable[Any], xlist: Iterable[Any],
     rfds = [_fd_of(o) for o in rlist]
     wfds = [_fd_of(o) for o in wlist]
     xfds = [_fd_of(o) for o in xlist]
+    if timeout is not None and not isinstance(timeout, (int, float)):
+        raise TypeError("timeout must be a float or None")
     if any(fd >= _FD_SETSIZE for fds in (rfds, wfds, xfds) for fd in fds):
         # As the stdlib's, whatever the fd is: a program that falls back to
         # poll() on this error must see it over shared memory too.

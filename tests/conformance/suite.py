@@ -1406,6 +1406,38 @@ class PollerApiTests:
         with pytest.raises(ValueError):
             select.select([-1], [], [], 0)
 
+    def test_poller_argument_errors_are_the_stdlib_s(self, net):
+        from shrimpio._poll import _real_epoll, _real_select
+
+        def outcome(fn):
+            try:
+                fn()
+            except Exception as exc:             # noqa: BLE001 - that is what is compared
+                return type(exc), str(exc)
+            return None
+
+        cases = [
+            ("epoll maxevents 0", lambda ep, s, sel: ep.poll(0, 0)),
+            ("epoll maxevents -2", lambda ep, s, sel: ep.poll(0, -2)),
+            ("epoll str timeout", lambda ep, s, sel: ep.poll("1")),
+            ("epoll str mask", lambda ep, s, sel: ep.register(s, "x")),
+            ("select str timeout", lambda ep, s, sel: sel([s], [], [], "1")),
+            ("select negative timeout", lambda ep, s, sel: sel([s], [], [], -1)),
+        ]
+        std_cli, std_srv = _std_pair()
+        cli, srv = net.pair()
+        std_ep, ep = _real_epoll(), select.epoll()
+        try:
+            for name, fn in cases:
+                want = outcome(lambda: fn(std_ep, std_srv, _real_select))
+                assert want is not None, name
+                assert outcome(lambda: fn(ep, srv, select.select)) == want, name
+        finally:
+            std_ep.close()
+            ep.close()
+            std_cli.close()
+            std_srv.close()
+
     def test_select_refuses_an_fd_beyond_its_set_size(self, net):
         # select() takes fds below FD_SETSIZE (1024) only, whatever they
         # are; programs fall back to poll() on this ValueError.
