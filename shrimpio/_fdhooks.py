@@ -4,7 +4,11 @@
 
 * ``os.sendfile`` into a shared-memory connection's fd copies the file's
   bytes into the send ring (the kernel's sendfile would write them into the
-  connection's doorbell, where the peer never reads them);
+  connection's doorbell, where the peer never reads them); ``os.read`` and
+  ``os.write`` of such an fd receive from and send into the rings (the
+  kernel's would read and write the doorbell); ``open``/``os.fdopen`` of it
+  make a file object that reads the fd in C, so the connection escapes to a
+  kernel stream first;
 * ``subprocess.Popen`` given such an fd as a child's stdin, stdout or stderr,
   or in ``pass_fds``, and ``multiprocessing``'s spawn (which passes fds to
   the child it starts): the program that runs there reads and writes the fd
@@ -26,11 +30,13 @@ The multiprocessing hooks are installed when those modules are imported
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import functools
 import importlib.abc
 import importlib.machinery
 import inspect
+import io
 import os
 import subprocess
 import sys
@@ -89,6 +95,56 @@ def sendfile(out_fd: int, in_fd: int, offset: Optional[int], count: int, *args: 
     if offset is None and sent < len(data):
         os.lseek(in_fd, sent - len(data), os.SEEK_CUR)
     return sent
+
+
+_real_read: Callable[[int, int], bytes] = os.read
+_real_write: Callable[[int, Any], int] = os.write
+_real_open: Callable[..., Any] = io.open
+_by_fd_refs = _ss._by_fd.data          # fd -> weak reference (no Python-level get())
+
+
+def _shm_socket(fd: Any) -> Any:
+    """The shrimpio socket object whose fd ``fd`` is, if it is on shared
+    memory (a plain dict look-up for any other fd)."""
+    ref = _by_fd_refs.get(fd) if type(fd) is int else None
+    sock = ref() if ref is not None else None
+    if sock is None or sock._shm is None or sock._shm.closed or sock.fileno() != fd:
+        return None
+    return sock
+
+
+def read(fd: int, length: int) -> bytes:
+    """``os.read`` that understands shared-memory connections: a socket's
+    fd read as a file gives what ``recv`` would (the kernel's read() of a
+    socket is a recv), from the ring, not the doorbell's bytes.  The fd's
+    blocking mode decides (a socket object with a timeout has a
+    non-blocking fd: EAGAIN when there is nothing, as the kernel says)."""
+    sock = _shm_socket(fd)
+    if sock is None:
+        return _real_read(fd, length)
+    if length < 0:
+        raise ValueError("negative length")      # (what os.read says)
+    return sock._shm.stream.recv(length, 0, None if sock.gettimeout() is None else 0.0)
+
+
+def write(fd: int, data: Any) -> int:
+    """``os.write`` that understands shared-memory connections (a send into
+    the ring; see :func:`read`)."""
+    sock = _shm_socket(fd)
+    if sock is None:
+        return _real_write(fd, data)
+    return sock._shm.stream.send(data, 0, None if sock.gettimeout() is None else 0.0)
+
+
+def open(file: Any, *args: Any, **kwargs: Any) -> Any:   # noqa: A001 - it is builtins.open
+    """``open``/``io.open``/``os.fdopen`` given a shared-memory connection's
+    fd: a file object reads and writes the fd in C, so the connection
+    escapes to a kernel stream first (see _escape)."""
+    if type(file) is int and file >= 0:
+        conn = _ss._conn_of_fd(file)
+        if conn is not None:
+            _escape.escape_conn(conn, "fd opened as a file", file)
+    return _real_open(file, *args, **kwargs)
 
 
 def _fd_params() -> tuple[int, ...]:
@@ -250,6 +306,8 @@ def install() -> None:
     _installed = True
     if _real_sendfile is not None:
         os.sendfile = sendfile
+    os.read, os.write = read, write
+    builtins.open = io.open = open
     subprocess.Popen._execute_child = _execute_child  # type: ignore[attr-defined]
     for name, (hook, _unhook) in _MODULE_HOOKS.items():
         mod = sys.modules.get(name)
@@ -265,6 +323,8 @@ def uninstall() -> None:
     _installed = False
     if _real_sendfile is not None:
         os.sendfile = _real_sendfile
+    os.read, os.write = _real_read, _real_write
+    builtins.open = io.open = _real_open
     subprocess.Popen._execute_child = _real_execute_child  # type: ignore[attr-defined]
     if _finder in sys.meta_path:
         sys.meta_path.remove(_finder)

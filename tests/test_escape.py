@@ -547,3 +547,55 @@ def test_os_sendfile_on_a_socket_with_a_timeout_waits_for_room(listener, patched
     finally:
         c.close()
         s.close()
+
+
+def test_os_read_and_write_of_the_fd_use_the_rings(listener, patched):
+    """``os.read``/``os.write`` of a connection's fd are the socket's recv
+    and send (as the kernel's read and write of a socket are): the bytes
+    come from and go to the rings, not the doorbell; the connection stays
+    on shared memory; a non-blocking fd (a socket with a timeout) says
+    EAGAIN when there is nothing, as the kernel's does."""
+    c, s = pair(listener)
+    try:
+        c.sendall(b"hello raw")
+        assert os.read(s.fileno(), 100) == b"hello raw"
+        assert os.write(s.fileno(), b"back raw") == 8
+        assert c.recv(100) == b"back raw"
+        blob = os.urandom(BIG)
+        t = ResultThread(lambda: c.sendall(blob))
+        t.start()
+        got = bytearray()
+        while len(got) < len(blob):
+            got += os.read(s.fileno(), 1 << 20)
+        t.result(timeout=30)
+        assert bytes(got) == blob
+        s.settimeout(5)
+        with pytest.raises(BlockingIOError):
+            os.read(s.fileno(), 10)
+        assert shrimpio.info(s)["path"] == "shm"
+        c.close()
+        assert os.read(s.fileno(), 10) == b""             # end of stream
+    finally:
+        c.close()
+        s.close()
+
+
+def test_fd_opened_as_a_file_escapes(listener, patched):
+    """``os.fdopen``/``open`` of a connection's fd make a file object that
+    reads the fd in C: the connection escapes to a kernel stream first, the
+    bytes already in the ring come first, and the peer stays on shared
+    memory."""
+    c, s = pair(listener)
+    try:
+        c.sendall(b"before ")
+        with os.fdopen(s.fileno(), "rb", buffering=0, closefd=False) as f:
+            assert shrimpio.info(s)["reason"] == "fd escaped: fd opened as a file"
+            c.sendall(b"after")
+            got = b""
+            while len(got) < 12:
+                got += f.read(100)
+            assert got == b"before after"
+        assert shrimpio.info(c)["path"] == "shm"
+    finally:
+        c.close()
+        s.close()

@@ -206,12 +206,10 @@ def test_a_socket_closed_by_several_threads_at_once_closes_once(tmp_path):
         res = _run([prog, srv.port, n], report)
         assert res.stdout.decode().strip() == "done", res
         records = read_report(report)
-        # One line per connection: n closed by the threads; the dups' lines
-        # are the same connections' (the last holder reports), so at most n
-        # + n/2 lines, each with TCP addresses.
+        # One line per socket object: the n closed by the threads, and the
+        # n/2 dups; each with the connection's TCP addresses.
         odd = [r for r in records if r["peer"] != ["127.0.0.1", int(srv.port)] or r["path"] != SHM]
         assert not odd, odd
-        ports = [r["local"][1] for r in records]
-        assert len(set(ports)) == n, ports
-        assert len(ports) == len(set(ports)) + n // 2, sorted(ports)
+        # (Ports are not a key: a closed connection's port comes back.)
+        assert len(records) == n + n // 2, records
         server_records(srv, n)
