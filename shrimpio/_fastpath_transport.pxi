@@ -35,6 +35,13 @@
 #   to ADAPT_CEILING times the busy-poll budget; one that rang much later
 #   halves it.
 #
+# * a loop whose core is shared with other busy tasks still polls.  Polling
+#   is charged to our share of the core, but sleeping costs more there: each
+#   message then needs a doorbell write by the peer and a wake-up whose
+#   delay is the scheduler's (measured: arming at once for 20 ms after each
+#   involuntary context switch made the aiohttp rows 15-30 % slower with a
+#   busy task on the server's core, and far worse on a loaded host).
+#
 # A turn that found nothing, when nothing else ran since the previous turn,
 # spins a few microseconds over the hot rings before it gives the loop back:
 # a peer that answers within that window costs no epoll_wait and no loop

@@ -30,6 +30,11 @@ def test_measurement_runs_on_its_path(kind, test, amount):
             assert len(res["paths"]) == bench.ECHO_CLIENTS
         if test.startswith("aiohttp"):   # the client's own CPU over the window
             assert 0 < res["client_cpu_percent"] < 150, res
+            # CPU per request of each side, over the same window: each side
+            # did work for the requests, at most a core's worth (one thread;
+            # a margin for where the readings fall)
+            for side in ("client_cpu_us", "server_cpu_us"):
+                assert 0 < res[side] <= 1.5e6 / res["rps"], (side, res)
 
 
 def test_report_lists_every_figure():

@@ -162,23 +162,30 @@ class ShmTransport(asyncio.Transport):
 
     # -- reading -----------------------------------------------------------
 
+    # pause_reading, resume_reading and is_reading read the core's fields
+    # directly, not through the properties: aiohttp's client calls
+    # resume_reading twice per request, paused or not.
+
     def is_reading(self) -> bool:
-        return not self._paused and not self._closing
+        core = self._core
+        return not core.paused and not core.closing
 
     def pause_reading(self) -> None:
-        if self._closing or self._paused:
+        core = self._core
+        if core.closing or core.paused:
             return
         # The doorbell's reader stays installed: a pause is often short (an
         # HTTP client pauses between responses), and taking the reader off
         # and on costs two epoll_ctl calls.  A paused ring is never armed,
         # so the peer does not ring; if the doorbell fires anyway (the peer
         # died: end of file), _on_bell takes the reader off.
-        self._paused = True
+        core.paused = True
 
     def resume_reading(self) -> None:
-        if self._closing or not self._paused:
+        core = self._core
+        if core.closing or not core.paused:
             return
-        self._paused = False
+        core.paused = False
         self._start_reading()
 
     def _start_reading(self) -> None:
@@ -197,12 +204,13 @@ class ShmTransport(asyncio.Transport):
             _remove_reader(self._loop, self._bell)
 
     def _on_bell(self) -> None:
+        core = self._core
         if drain_bell(self._bell):
-            self._conn.gone = self._core.gone = True
-        if self._paused:
+            self._conn.gone = core.gone = True
+        if core.paused:
             self._stop_reader()      # resume_reading puts it back
             return
-        self._core.wake()
+        core.wake()
 
     def _on_eof(self) -> None:
         self._read_eof = True

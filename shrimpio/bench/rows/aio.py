@@ -6,9 +6,11 @@ kernel TCP loopback, same code, in one run.
 * ``echo_1KiB``: vmbench-style echo, 10 concurrent client connections each
   with one 1 KiB message in flight, against an ``asyncio.Protocol`` echo
   server and against an asyncio streams echo server; requests per second;
-* ``aiohttp_1``, ``aiohttp_4``: an aiohttp hello-world server and an aiohttp
-  ``ClientSession`` client (keep-alive, 1 or 4 requests in flight); requests
-  per second.
+* ``aiohttp_1``, ``aiohttp_4``, ``aiohttp_16``: an aiohttp hello-world
+  server and an aiohttp ``ClientSession`` client (keep-alive, 1, 4 or 16
+  requests in flight); requests per second, and each side's CPU per request
+  (a client busy all the time bounds the ratio of the two loops by the
+  ratio of their clients' CPU per request).
 
 Each measurement forks a fresh server and a fresh client process, pinned to
 two different cores.  For ``shrimpio`` both import ``shrimpio.patch`` (as
@@ -43,8 +45,8 @@ HOST = "127.0.0.1"
 ECHO_CLIENTS = 10
 ECHO_SIZE = 1024
 #: Requests in flight in the aiohttp measurements: one (a service calling
-#: another, each answer awaited: the wait for the peer counts) and four (the
-#: aiohttp client busy all the time: its own code sets the rate).
+#: another, each answer awaited: the wait for the peer counts), four and
+#: sixteen (the aiohttp client busy all the time: its own code sets the rate).
 HTTP_IN_FLIGHT = (1, 4, 16)
 
 
@@ -242,7 +244,23 @@ async def _client_echo(port: int, seconds: float) -> dict:
     return {"rps": done / elapsed, "paths": paths}
 
 
-async def _client_aiohttp(port: int, seconds: float, in_flight: int) -> dict:
+def _cpu_seconds(pid: int) -> Optional[float]:
+    """CPU time of process ``pid`` so far (its main thread's, in ns from
+    schedstat, else user + system in clock ticks); None without /proc."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+async def _client_aiohttp(port: int, seconds: float, in_flight: int, server_pid: int) -> dict:
     import aiohttp
     url = f"http://{HOST}:{port}/"
     count = [0]
@@ -257,25 +275,35 @@ async def _client_aiohttp(port: int, seconds: float, in_flight: int) -> dict:
                 count[0] += 1
 
         workers = [asyncio.create_task(worker()) for _ in range(in_flight)]
-        cpu0 = [0.0]
-        done, elapsed = await _window(lambda: count[0], seconds,
-                                      lambda: cpu0.__setitem__(0, time.process_time()))
-        # How busy the client was: near 100 % means the client's own code,
-        # not the connection, sets the rate.
-        busy = (time.process_time() - cpu0[0]) / elapsed * 100
+        cpu0: list = [0.0, None]
+
+        def at_start() -> None:
+            cpu0[:] = [time.process_time(), _cpu_seconds(server_pid)]
+
+        done, elapsed = await _window(lambda: count[0], seconds, at_start)
+        client_cpu = time.process_time() - cpu0[0]
+        server_end = _cpu_seconds(server_pid)
         running[0] = False
         await asyncio.gather(*workers)
+    # How busy the client was: near 100 % means the client's own code, not
+    # the connection, sets the rate; then the ratio of the two paths is at
+    # most the ratio of their client CPU per request.
+    res = {"rps": done / elapsed, "paths": [], "client_cpu_percent": client_cpu / elapsed * 100}
+    if done:
+        res["client_cpu_us"] = client_cpu / done * 1e6
+        if cpu0[1] is not None and server_end is not None:
+            res["server_cpu_us"] = (server_end - cpu0[1]) / done * 1e6
     # aiohttp gives a client no public handle on the transport of a small
     # response (released before the caller sees it): the server checks.
-    return {"rps": done / elapsed, "paths": [], "client_cpu_percent": busy}
+    return res
 
 
-def _client(kind: str, test: str, port: int, amount: float, pipe: Any) -> None:
+def _client(kind: str, test: str, port: int, amount: float, server_pid: int, pipe: Any) -> None:
     _pin(0)
     if test == "rtt":
         coro = _client_rtt(port, int(amount))
     elif test.startswith("aiohttp"):
-        coro = _client_aiohttp(port, amount, _in_flight(test))
+        coro = _client_aiohttp(port, amount, _in_flight(test), server_pid)
     else:
         coro = _client_echo(port, amount)
     try:
@@ -371,7 +399,7 @@ def run_one(kind: str, test: str, amount: float) -> dict:
         if not s_here.poll(30):
             raise RuntimeError(f"{kind} {test} server did not start")
         port = s_here.recv()
-        cli = ctx.Process(target=_client, args=(kind, test, port, amount, c_there))
+        cli = ctx.Process(target=_client, args=(kind, test, port, amount, srv.pid, c_there))
         cli.start()
         c_there.close()
         try:
@@ -514,8 +542,9 @@ def _aio(kind: str, test: str) -> Measure:
             return Figure.from_ns(label, res["samples"], paths=sorted(set(res["paths"])))
         res = run_one(kind, test, s.seconds)
         extra = {"paths": sorted(set(res["paths"]))}
-        if "client_cpu_percent" in res:
-            extra["client_cpu_percent"] = res["client_cpu_percent"]
+        for k in ("client_cpu_percent", "client_cpu_us", "server_cpu_us"):
+            if k in res:
+                extra[k] = res[k]
         return Figure(label, res["rps"], None, [res["rps"]], extra)
     return m
 
