@@ -351,6 +351,9 @@ def test_hello_template_is_the_control_message_it_claims_to_be():
     b'{"kind":"stream","v":1,"c2s":4096,"s2c":4096,"size":12288,"client":["127.0.0.1",1],"server":["::1",0]} ',
     b'{"kind":"stream","v":1,"c2s":4096,"s2c":4096,"size":12288,"client":["fe80::1%lo",1],"server":["::1",0]}',
     b'{"kind": "stream", "v": 1, "c2s": 4096, "s2c": 4096, "size": 12288, "client": ["h", 1], "server": ["h", 0]}',
+    b'{"kind":"stream","v":1,"c2s":4096,"s2c":4096,"size":12288,"client":["h",1],"server":["h",0],"late":1}',
+    b'{"kind":"stream","v":1,"c2s":4096,"s2c":4096,"size":12288,"client":["h",1],"server":["h",0],"late":2}',
+    b'{"kind":"stream","v":1,"c2s":4096,"s2c":4096,"size":12288,"client":["h",1],"server":["h",0],"late":1,"late":1}',
 ])
 def test_fast_hello_match_means_what_the_json_means(payload):
     """The listener's shortcut for its clients' hello matches only JSON that
@@ -364,12 +367,14 @@ def test_fast_hello_match_means_what_the_json_means(payload):
         return
     assert obj == {"kind": "stream", "v": 1, "c2s": int(m[1]), "s2c": int(m[2]),
                    "size": int(m[3]), "client": [m[4].decode(), int(m[5])],
-                   "server": [m[6].decode(), int(m[7])]}
+                   "server": [m[6].decode(), int(m[7])], **({"late": 1} if m[8] else {})}
 
 
-def test_the_hello_our_clients_send_takes_the_shortcut():
-    payload = _handshake.hello(DEFAULT_RING, DEFAULT_RING, 1, ("::1", 65535), ("127.0.0.1", 80))
-    assert _handshake.HELLO_RE.fullmatch(payload) is not None
+@pytest.mark.parametrize("late", [False, True])
+def test_the_hello_our_clients_send_takes_the_shortcut(late):
+    payload = _handshake.hello(DEFAULT_RING, DEFAULT_RING, 1, ("::1", 65535), ("127.0.0.1", 80), late)
+    m = _handshake.HELLO_RE.fullmatch(payload)
+    assert m is not None and bool(m[8]) == late
 
 
 def test_recv_message_takes_a_queued_message_without_polling(monkeypatch):
