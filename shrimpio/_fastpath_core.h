@@ -209,8 +209,8 @@ static inline int shr_bell_ring(int fd, int kind) {
  * the client's socket layer, which asks (shr_refusal_take) when it finds its
  * peer gone: it then goes on by TCP instead of reading end of file.  Rare,
  * so a few slots and a spin lock suffice; the one-byte path never comes here. */
-#define SHR_REFUSALS 8
-#define SHR_REFUSAL_MAX 120
+#define SHR_REFUSALS 256
+#define SHR_REFUSAL_MAX 64
 typedef struct { int fd; int len; char msg[SHR_REFUSAL_MAX]; } shr_refusal;
 static shr_refusal shr_refusals[SHR_REFUSALS];
 static atomic_flag shr_refusals_lock = ATOMIC_FLAG_INIT;

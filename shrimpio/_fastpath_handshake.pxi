@@ -289,10 +289,10 @@ def take_refusal(int fd):
     has closed its end, whatever is still queued on ``fd`` is drained first
     (a peer found gone by a poll, not a read, left it there); a live
     peer's doorbell is not touched.  Taken once: asked again, None."""
-    cdef char out[128]
+    cdef char out[64]
     cdef int n
     cdef pollfd p
-    if SHR_REFUSAL_MAX > 128:
+    if SHR_REFUSAL_MAX > 64:
         raise SystemError("refusal buffer too small")
     with nogil:
         n = shr_refusal_take(fd, out)

@@ -68,6 +68,10 @@ def late_fallback(sock: Any, conn: Connection) -> bool:
     if reason is None:
         return False
     fd = sock.fileno()
+    if fd_change_hooks:
+        # A patched epoll lets go of the connection while it is still one
+        # (it finds the fd's new file at its next poll).
+        fd_changing(fd)
     timeout = sock.gettimeout()
     pending, shut = conn.unsent()
     local, peer = conn.local, conn.peer
@@ -89,8 +93,6 @@ def late_fallback(sock: Any, conn: Connection) -> bool:
             tcp.sendall(pending)
         if shut:
             tcp.shutdown(_std.SHUT_WR)
-        if fd_change_hooks:
-            fd_changing(fd)           # a patched epoll lets go of the old file
         os.dup2(tcp.fileno(), fd, inheritable=False)
     except OSError:
         tcp.close()
