@@ -16,6 +16,10 @@ A client whose hello is not there after the busy-poll is not waited for
 loop): it waits on the :class:`Listener`, whose fds to watch then include
 its control socket, until its hello comes or HELLO_WAIT runs out.
 
+A listener one or two fds short of its limit has no room for a hello's
+fds: it sends that client to TCP (:func:`refuse`, the late fallback) and
+knows it again when it comes (:func:`late_reason`).
+
 The pollers ask :meth:`Listener.acceptable`, which takes clients as
 ``accept()`` would (:func:`next_client`) and keeps those that passed for
 it: a listener is reported readable only when ``accept()`` will return a
@@ -36,16 +40,17 @@ from typing import Any, Optional
 
 from . import _connection, _control, _process, _stat
 from ._connection import Connection, ring_capacity
-from ._fastpath import Segment, adapt_spin, get_busy_poll_us, stream_accept, stream_hello
+from ._fastpath import (Segment, adapt_spin, get_busy_poll_us, spin_readable, stream_accept,
+                        stream_hello)
 from ._handshake import (HELLO_KIND, HELLO_RE, PROTOCOL_VERSION, _AF_UNIX, _SOCK_SEQPACKET, _STREAM,
-                         _family, addr_tuple, registry)
+                         _family, addr_tuple, json_str, registry)
 
 #: The stdlib's class, whatever ``shrimpio.patch`` puts in ``socket.socket``
 #: later (its ``__init__`` would be shrimpio's own, which looks the fd up).
 _StdSocket = _std.socket
 
-__all__ = ["ACCEPT_SPIN", "HELLO_WAIT", "Listener", "MAX_WAITING", "accept_hello", "accept_shm",
-           "next_client", "register_listener"]
+__all__ = ["ACCEPT_SPIN", "FD_LIMIT", "HELLO_WAIT", "Listener", "MAX_WAITING", "accept_hello", "accept_shm",
+           "late_reason", "next_client", "refuse", "register_listener"]
 
 
 # -- listeners sharing an address ---------------------------------------------------
@@ -220,13 +225,17 @@ class Listener:
             try:
                 got = stream_hello(ctl, _control.MAX_MESSAGE + 1, _control.MAX_FDS)
             except OSError as exc:
-                if exc.errno == errno.EMFILE:
-                    # No room for its fds yet: it waits (accept() says
-                    # EMFILE, as a kernel listener's would).
-                    self.waiting[ctl] = deadline
-                else:
+                if exc.errno != errno.EMFILE:
                     os.close(ctl)
-                raise
+                    raise
+                # No room for its fds: by TCP if it can follow (see refuse).
+                refused = refuse(ctl, FD_LIMIT)
+                if refused:
+                    continue
+                self.waiting[ctl] = deadline
+                if refused is None:
+                    raise           # it waits (accept() says EMFILE, as TCP's would)
+                continue            # (once its hello is there)
             except BaseException:
                 os.close(ctl)
                 raise
@@ -352,11 +361,23 @@ def next_client(lst: Listener, spin: float) -> "tuple[int, Connection, tuple, tu
                 return ready
         got = lst.take_hello() if lst.waiting else None
         if got is None:
-            got = stream_accept(usock, spin, _control.MAX_MESSAGE + 1, _control.MAX_FDS)
+            try:
+                got = stream_accept(usock, spin, _control.MAX_MESSAGE + 1, _control.MAX_FDS)
+            except OSError as exc:
+                # The kernel's accept takes an fd before it looks for a
+                # client: out of fds it says EMFILE when nobody is there
+                # either.  Say it only for a client that waits.
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and not spin_readable((usock,), 0.0):
+                    return None
+                raise
             if got is None:
                 return None
             if got[1] is None:          # no hello yet: never wait for it here
                 lst.park(got[0])
+                continue
+            if got[1] is False:         # no room for the hello's fds: by TCP
+                if not refuse(got[0], FD_LIMIT):
+                    lst.park(got[0])    # (its hello to come, or it waits for room)
                 continue
         fd, data, fds, msg_flags, space_ok = got
         try:
@@ -369,6 +390,95 @@ def next_client(lst: Listener, spin: float) -> "tuple[int, Connection, tuple, tu
                 continue
             raise
         return fd, conn, client, server
+
+
+# -- the late fallback: a client sent to TCP after its connect returned -----------
+#
+# A shared-memory client's connect() returns once its hello is queued, as a
+# TCP connect returns once the kernel queued the connection; the listener
+# takes the hello later.  A listener one or two fds short of its limit can
+# take the client's control socket (one fd, as TCP's accept) but not the
+# hello's two fds (the kernel would drop what it cannot install).  It then
+# refuses the client: a control message {"kind": "tcp", "reason": ...} on
+# the client's control socket, which it closes at once (the hello, unread,
+# goes with it; its fds are released).  The client's socket layer finds the
+# refusal when it next finds its peer gone (shr_refusal_note keeps it from
+# the doorbell's drains), connects by kernel TCP from the same local
+# address, sends what it had written into its ring, and goes on there
+# (_handshake.late_fallback).  The listener accepts that TCP connection
+# with the one fd it has, and knows it by its address: both report the
+# refusal's reason.
+
+FD_LIMIT = "fd limit"
+#: Refused clients' addresses: port -> (host, reason, until when it may come
+#: by TCP), so that the TCP connection reports why it is not shared memory.
+late_clients: dict[int, tuple[str, str, float]] = {}
+LATE_WAIT = 30.0
+_LATE_MAX = 1024
+_MSG_PEEK_NOW = int(_std.MSG_PEEK | _std.MSG_DONTWAIT)
+_MSG_SEND_NOW = int(_std.MSG_DONTWAIT | _std.MSG_NOSIGNAL)
+_HEADER_SIZE = len(_control.header(0))
+
+
+def refusal(reason: str) -> bytes:
+    """The control message that sends a client to TCP."""
+    payload = b'{"kind":"tcp","reason":%s}' % json_str(reason)
+    return _control.header(len(payload)) + payload
+
+
+def refuse(ctl: int, reason: str) -> "bool | None":
+    """Send the client of control socket ``ctl`` to TCP (see above) and
+    close ``ctl``: True.  False (nothing done) if its hello is not there yet
+    (the caller keeps it waiting for it: then the client is known by its
+    address when it comes by TCP); None (nothing done) if its hello does
+    not say it can follow a refusal (an asyncio client, whose transport
+    reads the rings itself): it waits for fds, as a TCP client in the
+    backlog would.  The hello is only peeked at: no fd of it is taken
+    (there is no room for them)."""
+    s = _csocket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, ctl)
+    try:
+        data = s.recv(_control.MAX_MESSAGE + 1, _MSG_PEEK_NOW)
+    except (BlockingIOError, InterruptedError):
+        s.detach()
+        return False
+    except OSError:
+        data = b""                  # gone
+    m = HELLO_RE.fullmatch(data[_HEADER_SIZE:]) if data else None
+    if data and (m is None or not m[8]):
+        s.detach()
+        return None
+    try:
+        if m is not None:
+            _note_late(int(m[5]), m[4].decode(), reason)
+            s.send(refusal(reason), _MSG_SEND_NOW)
+    except OSError:
+        pass                        # gone already: nothing to tell
+    finally:
+        s.close()                   # ctl: the hello goes unread, its fds released
+    return True
+
+
+def _note_late(port: int, host: str, reason: str) -> None:
+    now = time.monotonic()
+    if len(late_clients) >= _LATE_MAX:
+        stale = [p for p, v in late_clients.items() if v[2] < now] or list(late_clients)[:1]
+        for p in stale:
+            late_clients.pop(p, None)
+    late_clients[port] = (host, reason, now + LATE_WAIT)
+
+
+def late_reason(family: int, addr: Any) -> "str | None":
+    """Why a client accepted by TCP came that way, if this listener sent it
+    (see refuse): matched by its address, once."""
+    try:
+        host, port = addr[0], int(addr[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+    got = late_clients.get(port)
+    if got is None or addr_tuple(family, (got[0], port))[0] != host:
+        return None
+    del late_clients[port]
+    return got[1] if got[2] >= time.monotonic() else None
 
 
 def accept_shm(sock: Any, lst: Listener, bare: bool) -> "tuple[Any, Any] | None":

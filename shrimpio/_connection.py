@@ -45,7 +45,8 @@ import _socket as _csocket
 import threading
 
 from . import _control, _process, _stat
-from ._fastpath import Ring, RingCorruptedError, Segment, Stream, prepare_rings
+from ._fastpath import (Ring, RingCorruptedError, Segment, Stream, forget_refusal, prepare_rings,
+                        take_refusal)
 
 __all__ = ["Connection", "DEFAULT_RING", "Kit", "ring_capacity", "take_kit", "give_back",
            "refill", "connected", "drop_spares", "bury", "reap"]
@@ -382,6 +383,43 @@ class Connection:
         if self.bell_fd == closing_fd and not self.bell_owned and not self.closed:
             self.set_bell(os.dup(closing_fd), owned=True)
 
+    # -- a listener's refusal (the late fallback, see _accept.refuse) --------
+
+    def refused(self) -> "str | None":
+        """Why the listener sent this client to TCP without ever taking its
+        hello, if it did (asked when the peer is found gone: a refusal is
+        its last message before it closes our control socket).  Once."""
+        if not self.client or self.closed:
+            return None
+        msg = take_refusal(self.bell_fd)
+        if msg is None:
+            return None
+        try:
+            got = _control.decode_payload(_control.datagram_payload(msg, 0, []), [])
+            reason = got.body.get("reason") if got.kind == "tcp" else None
+        except (_control.ProtocolError, AttributeError, ValueError):
+            reason = None
+        return reason if isinstance(reason, str) and reason else "handshake refused"
+
+    def unsent(self) -> tuple[bytes, bool]:
+        """What we wrote that the peer never read, and whether we shut our
+        writing side: all of it, for a connection the listener refused (it
+        never attached), read here as its consumer would."""
+        c2s = self.tx.capacity
+        ring = Ring(self.segment, 0, c2s, small=SMALL_RING, big_offset=HOT)
+        try:
+            chunks = []
+            while True:
+                try:
+                    data = ring.read(c2s, timeout=0)
+                except BlockingIOError:
+                    return b"".join(chunks), False
+                if not data:
+                    return b"".join(chunks), True
+                chunks.append(data)
+        finally:
+            ring.close()
+
     # -- state -------------------------------------------------------------
 
     @property
@@ -410,6 +448,8 @@ class Connection:
                     pass     # already broken or the peer is gone: nothing to tell
         self.closed = True
         self.stream.closed = True
+        if self.client:
+            forget_refusal(self.bell_fd)    # (its fd number will be another's)
         _stat.release(self.stat, self.tx, self.rx)
         self.stat = None
         self.tx.close()

@@ -200,6 +200,67 @@ static inline int shr_bell_ring(int fd, int kind) {
     }
 }
 
+/* ---- a listener's refusal, kept for its client ---------------------------
+ * A data doorbell carries one-byte rings.  The only longer datagram that
+ * comes on one is a listener's refusal of a client whose hello it could not
+ * take (out of fds: shrimpio/_accept.py), a control message ("SHRM"...) sent
+ * just before it closes the client's control socket.  Whichever drain
+ * swallows it (a ring wait, a poller, the loop) keeps it here, by fd, for
+ * the client's socket layer, which asks (shr_refusal_take) when it finds its
+ * peer gone: it then goes on by TCP instead of reading end of file.  Rare,
+ * so a few slots and a spin lock suffice; the one-byte path never comes here. */
+#define SHR_REFUSALS 256
+#define SHR_REFUSAL_MAX 64
+typedef struct { int fd; int len; char msg[SHR_REFUSAL_MAX]; } shr_refusal;
+static shr_refusal shr_refusals[SHR_REFUSALS];
+static atomic_flag shr_refusals_lock = ATOMIC_FLAG_INIT;
+static unsigned shr_refusals_next;
+static atomic_int shr_refusals_kept;   /* slots in use: 0 spares closers the lock */
+
+static inline void shr_refusals_hold(void) {
+    while (atomic_flag_test_and_set_explicit(&shr_refusals_lock, memory_order_acquire))
+        sched_yield();
+}
+
+static inline void shr_refusals_release(void) {
+    atomic_flag_clear_explicit(&shr_refusals_lock, memory_order_release);
+}
+
+static inline void shr_refusal_note(int fd, const char *buf, ssize_t n) {
+    int i, slot = -1;
+    if (n < 4 || memcmp(buf, "SHRM", 4) != 0) return;
+    if (n > SHR_REFUSAL_MAX) n = SHR_REFUSAL_MAX;
+    shr_refusals_hold();
+    for (i = 0; i < SHR_REFUSALS; i++)
+        if (shr_refusals[i].len > 0 && shr_refusals[i].fd == fd) slot = i;
+    if (slot < 0) {
+        slot = (int)(shr_refusals_next++ % SHR_REFUSALS);
+        if (shr_refusals[slot].len == 0) atomic_fetch_add(&shr_refusals_kept, 1);
+    }
+    shr_refusals[slot].fd = fd;
+    shr_refusals[slot].len = (int)n;
+    memcpy(shr_refusals[slot].msg, buf, (size_t)n);
+    shr_refusals_release();
+}
+
+/* The refusal kept for `fd` (copied to out, its length returned; 0: none),
+ * forgotten once taken.  out holds SHR_REFUSAL_MAX bytes, or is NULL (a
+ * connection closing forgets its own: the fd number will be reused). */
+static inline int shr_refusal_take(int fd, char *out) {
+    int i, n = 0;
+    if (atomic_load_explicit(&shr_refusals_kept, memory_order_relaxed) == 0) return 0;
+    shr_refusals_hold();
+    for (i = 0; i < SHR_REFUSALS; i++)
+        if (shr_refusals[i].len > 0 && shr_refusals[i].fd == fd) {
+            n = shr_refusals[i].len;
+            if (out != NULL) memcpy(out, shr_refusals[i].msg, (size_t)n);
+            shr_refusals[i].len = 0;
+            atomic_fetch_sub(&shr_refusals_kept, 1);
+        }
+    shr_refusals_release();
+    return n;
+}
+
 /* Drain pending rings. 0 ok, -2 the peer is gone (EOF), -1 error (which
  * callers also take as the peer's death: see shr_wait_any_in).
  * Bounded: a peer flooding the doorbell must not keep us here (past our
@@ -214,6 +275,7 @@ static inline int shr_bell_drain(int fd, int kind) {
         else
             r = read(fd, buf, 8);
         if (r > 0) {
+            if (r > 1 && kind == SHR_BELL_SOCKET) shr_refusal_note(fd, buf, r);
             if (kind != SHR_BELL_SOCKET || ++reads >= 16) return 0;
             continue;
         }

@@ -223,7 +223,9 @@ def stream_accept(int listener, double spin, Py_ssize_t bufsize, int maxfds):
 
     Returns ``(ctl, data, fds, msg_flags, space_ok)``, everything the
     caller's to check and close (``space_ok``: ``fds[1]`` is a Unix
-    seqpacket socket), or None when no client is waiting.  ``data`` is None
+    seqpacket socket), or None when no client is waiting.  ``data`` is
+    False when this process has no room for the fds a hello brings (its
+    message is left unread); None
     when the client has not sent its message within the spin: the caller
     keeps it aside and asks :func:`stream_hello` later (never waiting for
     it here: one silent client must not hold up the others).  A client
@@ -257,7 +259,7 @@ def stream_accept(int listener, double spin, Py_ssize_t bufsize, int maxfds):
                 got = _take_hello(fd, bufsize, maxfds)
             except OSError as exc:
                 if exc.errno == EMFILE:
-                    return fd, None, [], 0, False     # kept aside until there is room
+                    return fd, False, [], 0, False    # no room for its fds (see _accept.refuse)
                 close(fd)
                 raise
             except BaseException:
@@ -269,3 +271,44 @@ def stream_accept(int listener, double spin, Py_ssize_t bufsize, int maxfds):
                 return (fd,) + got
         close(fd)                    # refused or dead: it reads EOF
         PyErr_CheckSignals()
+
+
+# -- a listener's refusal, for its client (see shr_refusal_note) ---------------
+
+cdef extern from "_fastpath_core.h" nogil:
+    int shr_refusal_take(int fd, char *out)
+    int SHR_REFUSAL_MAX
+
+cdef extern from "<poll.h>" nogil:
+    short POLLHUP
+
+
+def take_refusal(int fd):
+    """The refusal a listener sent on the data doorbell ``fd`` before it
+    closed it (the whole control message, as sent), or None.  If the peer
+    has closed its end, whatever is still queued on ``fd`` is drained first
+    (a peer found gone by a poll, not a read, left it there); a live
+    peer's doorbell is not touched.  Taken once: asked again, None."""
+    cdef char out[64]
+    cdef int n
+    cdef pollfd p
+    if SHR_REFUSAL_MAX > 64:
+        raise SystemError("refusal buffer too small")
+    with nogil:
+        n = shr_refusal_take(fd, out)
+        if n == 0:
+            p.fd = fd
+            p.events = POLLIN
+            p.revents = 0
+            if poll(&p, 1, 0) == 1 and (p.revents & POLLHUP):
+                shr_bell_drain(fd, SHR_BELL_SOCKET)
+                n = shr_refusal_take(fd, out)
+    if n <= 0:
+        return None
+    return PyBytes_FromStringAndSize(out, n)
+
+
+def forget_refusal(int fd):
+    """Forget a refusal kept for ``fd`` (its connection closes: the fd
+    number will be another's).  No system call."""
+    shr_refusal_take(fd, NULL)

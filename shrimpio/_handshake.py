@@ -59,6 +59,10 @@ _PRE = _control.header(0)[:8]
 _HEAD = ('{"kind":"%s","v":%d,' % (HELLO_KIND, PROTOCOL_VERSION)
          + '"c2s":%d,"s2c":%d,"size":%d,"client":[%s,').encode()
 _TAIL = b'],"server":[%s,%d]}'
+# A client whose socket layer follows a listener's refusal after its
+# connect returned (the late fallback, _socklate) says so: the listener
+# sends only such clients to TCP when it has no room for their fds.
+_TAIL_LATE = b'],"server":[%s,%d],"late":1}'
 
 # The same hello as the listener recognises it: a strict subset of JSON
 # (numbers without leading zeros, host strings without escapes), so that a
@@ -68,7 +72,7 @@ HELLO_RE = re.compile(
     (r'\{"kind":"%s","v":%d,' % (HELLO_KIND, PROTOCOL_VERSION)
      + r'"c2s":(0|[1-9][0-9]{0,18}),"s2c":(0|[1-9][0-9]{0,18}),"size":(0|[1-9][0-9]{0,18}),'
      r'"client":\["([0-9A-Za-z.:%_-]{1,64})",(0|[1-9][0-9]{0,5})\],'
-     r'"server":\["([0-9A-Za-z.:%_-]{1,64})",(0|[1-9][0-9]{0,5})\]\}').encode())
+     r'"server":\["([0-9A-Za-z.:%_-]{1,64})",(0|[1-9][0-9]{0,5})\](,"late":1)?\}').encode())
 
 
 @functools.lru_cache(maxsize=256)
@@ -77,15 +81,16 @@ def json_str(text: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)
-def hello_parts(c2s: int, s2c: int, size: int, client_host: str, server: tuple) -> tuple[bytes, bytes]:
+def hello_parts(c2s: int, s2c: int, size: int, client_host: str, server: tuple,
+                late: bool = False) -> tuple[bytes, bytes]:
     """The hello's bytes before and after the client's port."""
     return (_HEAD % (c2s, s2c, size, json_str(client_host)),
-            _TAIL % (json_str(server[0]), int(server[1])))
+            (_TAIL_LATE if late else _TAIL) % (json_str(server[0]), int(server[1])))
 
 
-def hello(c2s: int, s2c: int, size: int, client: tuple, server: tuple) -> bytes:
+def hello(c2s: int, s2c: int, size: int, client: tuple, server: tuple, late: bool = False) -> bytes:
     """The whole hello payload (the general way; C joins the parts itself)."""
-    head, tail = hello_parts(c2s, s2c, size, client[0], tuple(server[:2]))
+    head, tail = hello_parts(c2s, s2c, size, client[0], tuple(server[:2]), late)
     return head + b"%d" % int(client[1]) + tail
 
 
@@ -263,12 +268,14 @@ def destination(family: int, host: str, port: int) -> "_route.Route | _Destinati
 
 # -- connect ---------------------------------------------------------------------
 
-def connect_shm(sock: Any, address: Any, kit_later: bool = False) -> bool:
+def connect_shm(sock: Any, address: Any, kit_later: bool = False, late: bool = False) -> bool:
     """Connect ``sock`` (a shrimpio socket, TCP, not connected) over shared
     memory if the route allows and a shrimpio listener answers; False (with
     the reason recorded on ``sock``) to go by TCP.  ``kit_later``: build the
     spare connect kit when this connection first waits for its peer rather
-    than now (see _connection)."""
+    than now (see _connection).  ``late``: the socket's own data calls
+    will use the connection, and move it to TCP if the listener sends it
+    there after this returned (see _socklate); the hello says so."""
     if not isinstance(address, tuple) or len(address) < 2:
         return False        # let the stdlib raise its own TypeError
     host, port = address[0], address[1]
@@ -293,7 +300,7 @@ def connect_shm(sock: Any, address: Any, kit_later: bool = False) -> bool:
     kit = _connection.take_kit(c2s, s2c)
     timeout = sock.gettimeout()
     try:
-        ctl, lport, reason = _dial(sock, dest, family, timeout, user_fd, kit, c2s, s2c)
+        ctl, lport, reason = _dial(sock, dest, family, timeout, user_fd, kit, c2s, s2c, late)
     except BaseException:
         _connection.give_back(kit)
         raise
@@ -310,7 +317,7 @@ def connect_shm(sock: Any, address: Any, kit_later: bool = False) -> bool:
             if kit is None:
                 kit = Kit(c2s, s2c)
             seg = kit.segment
-            _control.send_payload_fd(ctl, hello(c2s, s2c, seg.size, local, dest.peer),
+            _control.send_payload_fd(ctl, hello(c2s, s2c, seg.size, local, dest.peer, late),
                                      (seg.fileno(), kit.theirs.fileno()))
         # ctl is the doorbell fd the connection keeps.  Should this fail,
         # closing ctl tells the listener: EOF.
@@ -369,13 +376,13 @@ def _fd_headroom_mark() -> int:
 
 
 def _dial(sock: Any, dest: _Destination, family: int, timeout: Optional[float], user_fd: int,
-          kit: "Kit | None", c2s: int, s2c: int) -> tuple[int, int, str]:
+          kit: "Kit | None", c2s: int, s2c: int, late: bool) -> tuple[int, int, str]:
     """Connect to the first live candidate entry: (control fd, our port if
     the hello went too else 0, "") or (-1, 0, why not)."""
     fast = kit is not None and sock._unbound and dest.ip
     if fast:
         seg = kit.segment
-        head, tail = hello_parts(c2s, s2c, seg.size, dest.local_host, dest.peer[:2])
+        head, tail = hello_parts(c2s, s2c, seg.size, dest.local_host, dest.peer[:2], late)
         seg_fd, space_fd = seg.fileno(), kit.theirs.fileno()
     else:
         head = tail = b""

@@ -49,9 +49,11 @@ by_inode: "weakref.WeakValueDictionary[tuple[int, int], Connection]" = weakref.W
 detached: "dict[tuple[int, int], Connection]" = {}
 # Connections not yet in by_inode: indexing one costs an fstat, and is
 # only needed when a socket object is made from a bare fd, so it waits
-# until then (index_pending).
-unindexed: "list[weakref.ref[Connection]]" = []
-_UNINDEXED_PRUNE = 64
+# until then (index_pending).  A weak set: an entry goes with its
+# connection (a list of weak references kept the dead ones until the next
+# add, a few per closed connection, scattered over the heap: they kept the
+# memory of every closed connection around them from going back).
+unindexed: "weakref.WeakSet[Connection]" = weakref.WeakSet()
 
 
 _unindexed_lock = threading.Lock()
@@ -61,11 +63,10 @@ def index_pending() -> None:
     """Put the connections made since the last call into by_inode (the
     inode of a connection's own doorbell fd is that of its control socket)."""
     with _unindexed_lock:
-        pending = unindexed[:]
-        del unindexed[:]
-    for ref in pending:
-        conn = ref()
-        if conn is not None and not conn.closed:
+        pending = list(unindexed)
+        unindexed.clear()
+    for conn in pending:
+        if not conn.closed:
             try:
                 by_inode[inode(conn.bell_fd)] = conn
             except OSError:
@@ -73,15 +74,8 @@ def index_pending() -> None:
 
 
 def unindexed_add(conn: Connection) -> None:
-    ref = weakref.ref(conn)
     with _unindexed_lock:
-        unindexed.append(ref)
-        if len(unindexed) <= _UNINDEXED_PRUNE:
-            return
-        # Forget the closed ones (most, in a process that never adopts fds).
-        unindexed[:] = [r for r in unindexed if (c := r()) is not None and not c.closed]
-        if len(unindexed) <= _UNINDEXED_PRUNE:
-            return
+        unindexed.add(conn)
 
 
 def ebadf() -> OSError:

@@ -156,7 +156,9 @@ def kernel_accepted(lsock: Any, fd: int, addr: Any) -> Any:
         if lsock._lst is None and lsock._route is not None and lsock._route.path == _route.TCP:
             sock._route = lsock._route
         else:
-            sock._route = _route.Route(_route.TCP, "peer is not shrimpio")
+            # (A client this listener sent to TCP says why: see _accept.refuse.)
+            late = _accept.late_reason(lsock.family, addr) if _accept.late_clients else None
+            sock._route = _route.Route(_route.TCP, late or "peer is not shrimpio")
         sock._peer = addr
         _stat.track_tcp(sock, sock._route.reason)
     return sock
@@ -184,6 +186,13 @@ def accept_nowait(lsock: Any) -> tuple[int, Any]:
     try:
         tmp.settimeout(0.0)
         return tmp._accept()
+    except OSError as exc:
+        # (The kernel takes an fd before it looks for a client: out of fds,
+        # EMFILE although nobody waits, maybe while a shared-memory client
+        # holds our last fd until its hello comes; see _accept.refuse.)
+        if exc.errno in (errno.EMFILE, errno.ENFILE) and not spin_readable((lsock.fileno(),), 0.0):
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable") from None
+        raise
     finally:
         tmp.detach()
 

@@ -33,6 +33,7 @@ field is checked and a bad table is reported, never trusted.
 
 from __future__ import annotations
 
+import array
 import errno
 import mmap
 import os
@@ -87,7 +88,11 @@ class _Table:
             os.close(fd)
         self.map[:24] = MAGIC + struct.pack("<IIQ", 1, 0, self.pid)
         self.used = 0                    # high-water mark of slots (the header says it too)
-        self.free: list[int] = []
+        # Free slot numbers, unboxed: a list would hold an int object per
+        # closed connection, allocated at its close and scattered over the
+        # heap, keeping the memory of the closed connections around them
+        # from going back to the system.
+        self.free = array.array("I")
 
     def take(self) -> tuple[mmap.mmap, int]:
         """A free slot: (the mapping, the slot's offset in it)."""

@@ -39,7 +39,7 @@ import _thread
 import socket as _std
 from typing import Any, Optional
 
-from . import _accept, _connection, _escape, _handshake, _route, _socklisten, _stat
+from . import _accept, _connection, _escape, _handshake, _route, _socklate, _socklisten, _stat
 from ._connection import Connection
 from . import _sockargs
 from ._sockargs import NOARG as _NOARG
@@ -65,6 +65,7 @@ _TYPE_MASK = ~(getattr(_std, "SOCK_NONBLOCK", 0) | getattr(_std, "SOCK_CLOEXEC",
 _AF_INET, _AF_INET6 = int(_std.AF_INET), int(_std.AF_INET6)
 _MSG_DONTWAIT = int(_std.MSG_DONTWAIT)
 _AF_UNIX, _SOCK_SEQPACKET = int(_std.AF_UNIX), int(_std.SOCK_SEQPACKET)
+_LATE_ERRNOS = _socklate.LATE_ERRNOS
 _registry = _handshake.registry
 # family and type as plain ints: the stdlib properties build enum members,
 # which costs a microsecond a time on the connect and accept paths.
@@ -201,7 +202,7 @@ class socket(StdSocket):
         if self._is_tcp() and self.fileno() >= 0:
             if fd_change_hooks:
                 _fd_changing(self.fileno())      # (registered in an epoll before connect)
-            if self._try_shm(address, kit_later=True):
+            if self._try_shm(address, kit_later=True, late=True):
                 return
         super().connect(address)
         self._remember_peer()
@@ -229,11 +230,11 @@ class socket(StdSocket):
             return exc.errno
         return 0
 
-    def _try_shm(self, address: Any, kit_later: bool = False) -> bool:
+    def _try_shm(self, address: Any, kit_later: bool = False, late: bool = False) -> bool:
         """Connect over shared memory if the route allows and a shrimpio
         listener answers; False (with the reason recorded) to go by TCP
         (see _handshake.connect_shm)."""
-        return _handshake.connect_shm(self, address, kit_later)
+        return _handshake.connect_shm(self, address, kit_later, late)
 
     def _local_address(self, dest: str) -> tuple:
         return _handshake.local_address(self, dest)
@@ -303,7 +304,12 @@ class socket(StdSocket):
             n = super().send(data, flags)
             self._sent += n
             return n
-        return conn.stream.send(data, flags, self.gettimeout())
+        try:
+            return conn.stream.send(data, flags, self.gettimeout())
+        except OSError as exc:
+            if conn.client and exc.errno in _LATE_ERRNOS and self._late(conn):
+                return self.send(data, flags)     # (nothing of this call went in)
+            raise
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         """As ``socket.sendall``."""
@@ -312,7 +318,16 @@ class socket(StdSocket):
             super().sendall(data, flags)
             self._sent += memoryview(data).nbytes
             return
-        conn.stream.sendall(data, flags, self.gettimeout())
+        before = conn.stream.bytes_sent
+        try:
+            conn.stream.sendall(data, flags, self.gettimeout())
+        except OSError as exc:
+            if conn.client and exc.errno in _LATE_ERRNOS:
+                done = conn.stream.bytes_sent - before      # (in the ring: sent again with it)
+                if self._late(conn):
+                    with memoryview(data) as view, view.cast("B") as rest:
+                        return self.sendall(rest[done:], flags)
+            raise
 
     def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0, address: Any = None) -> int:
         """As ``socket.sendmsg`` (gather).  Over shared memory, ancillary data
@@ -328,7 +343,13 @@ class socket(StdSocket):
             return n
         if address is not None or type(ancdata) not in (tuple, list) or ancdata:
             return _sockargs.sendmsg(self, self._conn(), buffers, ancdata, flags, address)
-        return conn.stream.sendmsg(list(buffers), flags, self.gettimeout())
+        buffers = list(buffers)
+        try:
+            return conn.stream.sendmsg(buffers, flags, self.gettimeout())
+        except OSError as exc:
+            if conn.client and exc.errno in _LATE_ERRNOS and self._late(conn):
+                return self.sendmsg(buffers, ancdata, flags)     # (nothing of this call went in)
+            raise
 
     def sendto(self, data: Any, *args: Any) -> int:
         """As ``socket.sendto``; a connected stream ignores the address."""
@@ -385,7 +406,15 @@ class socket(StdSocket):
             return data
         if conn.kit_due:
             self._kit_while_waiting(conn, flags)
-        return conn.stream.recv(bufsize, flags, self.gettimeout())
+        try:
+            data = conn.stream.recv(bufsize, flags, self.gettimeout())
+        except OSError as exc:
+            if conn.client and exc.errno in _LATE_ERRNOS and self._late(conn):
+                return self.recv(bufsize, flags)
+            raise
+        if not data and conn.client and bufsize and self._late(conn):
+            return self.recv(bufsize, flags)
+        return data
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """As ``socket.recv_into``."""
@@ -396,7 +425,20 @@ class socket(StdSocket):
             return n
         if conn.kit_due:
             self._kit_while_waiting(conn, flags)
-        return conn.stream.recv_into(buffer, nbytes, flags, self.gettimeout())
+        try:
+            n = conn.stream.recv_into(buffer, nbytes, flags, self.gettimeout())
+        except OSError as exc:
+            if conn.client and exc.errno in _LATE_ERRNOS and self._late(conn):
+                return self.recv_into(buffer, nbytes, flags)
+            raise
+        if n == 0 and conn.client and self._late(conn):
+            return self.recv_into(buffer, nbytes, flags)
+        return n
+
+    def _late(self, conn: Connection) -> bool:
+        """The peer looks gone: if it is a listener that sent this client to
+        TCP instead (out of fds), go on by TCP (see _socklate)."""
+        return _socklate.late_fallback(self, conn)
 
     def _kit_while_waiting(self, conn: Connection, flags: int) -> None:
         """A read of a new connection is about to wait for the peer (a
@@ -442,7 +484,21 @@ class socket(StdSocket):
             res = super().recvmsg_into(buffers, ancbufsize, flags)
             self._received += res[0]
             return res
-        return _sockargs.recvmsg_into(self, self._conn(), buffers, ancbufsize, flags)
+        conn = self._conn()
+        if conn.client and isinstance(buffers, (list, tuple)) is False:
+            try:
+                buffers = list(buffers)     # (read again should the call move to TCP)
+            except TypeError:
+                pass                        # (the checks below say what the stdlib says)
+        try:
+            res = _sockargs.recvmsg_into(self, conn, buffers, ancbufsize, flags)
+        except OSError as exc:
+            if conn.client and exc.errno in _LATE_ERRNOS and self._late(conn):
+                return self.recvmsg_into(buffers, ancbufsize, flags)
+            raise
+        if res[0] == 0 and conn.client and self._late(conn):
+            return self.recvmsg_into(buffers, ancbufsize, flags)
+        return res
 
     # -- shutdown and close --------------------------------------------------------
 

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+import shrimpio
 import shrimpio.patch
 import shrimpio.socket as ss
 from children import child_env
@@ -48,15 +49,39 @@ def limit_leaving(free: int) -> int:
     os.close(lowest)
     used = {int(fd) for fd in os.listdir("/proc/self/fd")} - {lowest}
     holes = [n for n in range(max(used) + free + 1) if n not in used]
-    return holes[free - 1] + 1
+    return holes[free - 1] + 1 if free else holes[0]
 
 
-@pytest.mark.parametrize("headroom", [1, 2])
-def test_a_listener_out_of_fds_keeps_its_client_waiting(headroom):
+ASYNC_CLIENT = r"""
+import asyncio, sys
+import shrimpio, shrimpio.patch
+
+
+async def main():
+    r, w = await asyncio.open_connection("127.0.0.1", int(sys.argv[1]))
+    print(w.get_extra_info("shrimpio")["path"], flush=True)
+    w.write(b"ping")
+    print((await r.readexactly(4)).decode(), flush=True)
+    w.close()
+    await w.wait_closed()
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("client,headroom", [("blocking", 0), ("asyncio", 0), ("asyncio", 1)])
+def test_a_listener_out_of_fds_keeps_its_client_waiting(client, headroom):
+    """No fd free at all: accept() fails with EMFILE, as TCP's, and the
+    client waits in the registry's backlog; served over shared memory once
+    fds are free.  An asyncio client (whose transport reads the rings
+    itself: it cannot follow a late fallback, and its hello does not say
+    "late") waits so one fd short too, rather than being sent to TCP."""
     lst = ss.socket(socket.AF_INET, socket.SOCK_STREAM)
     lst.bind(("127.0.0.1", 0))
     lst.listen(4)
-    child = subprocess.Popen([sys.executable, "-c", CLIENT, str(lst.getsockname()[1])],
+    child = subprocess.Popen([sys.executable, "-c", CLIENT if client == "blocking" else ASYNC_CLIENT,
+                              str(lst.getsockname()[1])],
                              stdout=subprocess.PIPE, text=True, env=child_env())
     saved = resource.getrlimit(resource.RLIMIT_NOFILE)
     srv = None
@@ -139,17 +164,17 @@ asyncio.run(main(int(sys.argv[1])))
 """
 
 
-@pytest.mark.parametrize("headroom", [0, 1, 2])
-def test_an_asyncio_server_out_of_fds_pauses_and_keeps_its_client(headroom):
+def test_an_asyncio_server_out_of_fds_pauses_and_keeps_its_client():
     """Found by the chaos suite (scenario ``exhaust``, asyncio server): the
     shrimpio loop's server, out of fds for a shared-memory client, called
     its exception handler with "shrimpio accept failed" and went straight
     back to the registry socket, still readable: a core spun, a log line a
     turn.  As asyncio's accept does for kernel TCP, it now says "out of
     system resource" and stops accepting for a second; the client waits and
-    is served once fds are free."""
+    is served once fds are free.  (One or two fds short, it serves the
+    client by TCP at once: see the late fallback tests below.)"""
     import json
-    srv = subprocess.Popen([sys.executable, "-c", ASYNC_SERVER, str(headroom)],
+    srv = subprocess.Popen([sys.executable, "-c", ASYNC_SERVER, "0"],
                            stdout=subprocess.PIPE, text=True, env=child_env())
     cli = None
     try:
@@ -244,43 +269,184 @@ def test_an_asyncio_server_one_fd_short_serves_a_tcp_client(headroom, tmp_path):
                 p.stdout.close()
 
 
-@pytest.mark.xfail(strict=True, reason="needs a late fallback to TCP: a shared-memory client's "
-                   "connect() returns before the listener sees its hello, and the listener needs "
-                   "three fds for it where TCP's accept needs one (see docs/control-plane.md)")
-def test_a_listener_one_fd_short_serves_its_client_as_tcp_would():
-    """With one fd free, kernel TCP's accept() succeeds; a shared-memory
-    client's hello brings two fds more than that, so today the listener says
-    EMFILE (and the client waits): a connection TCP would serve, delayed."""
-    lst = ss.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(4)
-    child = subprocess.Popen([sys.executable, "-c", CLIENT, str(lst.getsockname()[1])],
+# -- the late fallback: one or two fds short, a listener serves its
+# shared-memory client by TCP, as a kernel listener would have (see
+# _accept.refuse, _socklate) ------------------------------------------------------
+
+LATE_CLIENT = r"""
+import json, os, selectors, socket, sys
+import shrimpio.patch
+from shrimpio import info
+port, size, blocking, shut = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
+data = os.urandom(size)
+c = socket.create_connection(("127.0.0.1", port), timeout=20)
+before = info(c)
+name = c.getsockname()
+if not blocking:
+    c.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(c, selectors.EVENT_WRITE)
+    view = memoryview(data)
+    while view:                        # (all of it fits the ring: no wait for the peer)
+        sel.select(20)
+        view = view[c.send(view):]
+    sel.modify(c, selectors.EVENT_READ)
+else:
+    c.sendall(data)
+if shut:
+    c.shutdown(socket.SHUT_WR)
+print(json.dumps({"written": len(data), "before": before}), flush=True)
+got = bytearray()
+while True:                            # the listener answers with our bytes, reversed
+    if blocking:
+        d = c.recv(65536)
+    else:
+        if not sel.select(10):             # (the registration follows the fd's new file)
+            sys.exit("no event in 10 s")
+        try:
+            d = c.recv(65536)
+        except BlockingIOError:
+            continue
+    if not d:
+        break
+    got += d
+print(json.dumps({"ok": bytes(got) == data[::-1], "got": len(got), "after": info(c),
+                  "name": [name, c.getsockname()]}), flush=True)
+c.close()
+"""
+
+
+def _serve_late(lst, headroom, size, shut, blocking="1"):
+    """Start a client that connects and writes ``size`` bytes (and shuts its
+    writing side if ``shut``) before the listener, left ``headroom`` fds,
+    looks; accept it, echo what came reversed, close.  The client's two
+    report lines and the accepted socket's info."""
+    import json
+    child = subprocess.Popen([sys.executable, "-c", LATE_CLIENT, str(lst.getsockname()[1]), str(size),
+                              blocking, "1" if shut else "0"],
                              stdout=subprocess.PIPE, text=True, env=child_env())
     saved = resource.getrlimit(resource.RLIMIT_NOFILE)
     srv = None
     try:
-        child.stdout.readline()
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(1), saved[1]))
+        first = json.loads(child.stdout.readline())
+        assert first["written"] == size and first["before"]["path"] == "shm", first
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(headroom), saved[1]))
         try:
-            lst.settimeout(5)
-            srv, _ = lst.accept()
+            lst.settimeout(10)
+            srv, _ = lst.accept()      # as TCP's: one fd is enough
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+        got_info = shrimpio.info(srv)
+        srv.settimeout(20)
+        got = bytearray()
+        while len(got) < size:
+            d = srv.recv(65536)
+            if not d:
+                break
+            got += d
+        if shut:
+            assert srv.recv(1) == b""  # the client's shutdown came after its bytes
+        srv.sendall(bytes(got[::-1]))
+        srv.close()
+        srv = None
+        last = json.loads(child.stdout.readline())
+        assert child.wait(timeout=30) == 0
+        return last, got_info, len(got)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, saved)
-        if srv is None:
-            try:
-                srv, _ = lst.accept()         # (serve it, so the child ends)
-            except OSError:
-                pass
         if srv is not None:
-            srv.settimeout(10)
-            try:
-                srv.sendall(srv.recv(4)[::-1])
-            except OSError:
-                pass
             srv.close()
-        lst.close()
-        child.kill()
+        if child.poll() is None:
+            child.kill()
         child.wait()
         child.stdout.close()
+
+
+def _listener():
+    lst = ss.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(4)
+    return lst
+
+
+@pytest.mark.parametrize("headroom", [1, 2])
+def test_a_listener_one_fd_short_serves_its_client_as_tcp_would(headroom):
+    """With one fd free, kernel TCP's accept() succeeds; a shared-memory
+    client's hello brings two fds more than that.  The listener takes the
+    client's control socket alone, sends it to TCP ("fd limit") and accepts
+    its TCP connection: the bytes the client wrote into its ring before
+    (its connect() had returned) come first, nothing lost or doubled, and
+    both sides say why they are not on shared memory."""
+    lst = _listener()
+    try:
+        last, srv_info, n = _serve_late(lst, headroom, 4, shut=False)
+    finally:
+        lst.close()
+    assert n == 4
+    assert srv_info["path"] == "tcp" and srv_info["reason"] == "fd limit", srv_info
+    assert last["ok"], last
+    assert last["after"]["path"] == "tcp" and last["after"]["reason"] == "fd limit", last
+    assert last["name"][0] == last["name"][1], last     # the address it was told stays true
+
+
+def test_a_refused_client_replays_a_ring_full_of_bytes_and_its_shutdown():
+    """What the client wrote before the refusal, more than the ring's small
+    area (the large one in use), and its SHUT_WR after them: the kernel
+    connection carries all of it, then end of file."""
+    lst = _listener()
+    try:
+        last, srv_info, n = _serve_late(lst, 1, 200_000, shut=True)
+    finally:
+        lst.close()
+    assert n == 200_000
+    assert srv_info["reason"] == "fd limit", srv_info
+    assert last["ok"] and last["after"]["reason"] == "fd limit", last
+
+
+def test_a_non_blocking_selectors_client_goes_on_by_tcp():
+    """A non-blocking client driven by selectors: the refusal makes its
+    socket readable (its peer looks gone); its recv() moves it to TCP and
+    says EAGAIN or returns data, as a kernel socket would, and the
+    selector goes on watching the fd (now a kernel socket)."""
+    lst = _listener()
+    try:
+        last, srv_info, n = _serve_late(lst, 1, 50_000, shut=False, blocking="0")
+    finally:
+        lst.close()
+    assert n == 50_000
+    assert srv_info["reason"] == "fd limit", srv_info
+    assert last["ok"] and last["after"]["path"] == "tcp" and last["after"]["reason"] == "fd limit", last
+
+
+@pytest.mark.parametrize("headroom", [1, 2])
+def test_an_asyncio_server_one_fd_short_serves_a_shm_client_by_tcp(headroom, tmp_path):
+    """The shrimpio loop's server, one or two fds short: a shared-memory
+    client is sent to TCP and served there, with no error and no pause
+    (uvloop's accept takes the one fd), and the report says why."""
+    import json
+    report = tmp_path / "report"
+    srv = subprocess.Popen([sys.executable, "-c", TCP_SERVER, str(headroom)],
+                           stdout=subprocess.PIPE, text=True,
+                           env=child_env({"SHRIMPIO_REPORT": str(report)}))
+    cli = None
+    try:
+        port = srv.stdout.readline().strip()
+        assert port.isdigit(), port
+        cli = subprocess.Popen([sys.executable, "-c", CLIENT, port], stdout=subprocess.PIPE,
+                               text=True, env=child_env())
+        assert cli.stdout.readline().strip() == "shm"      # (connect() returned: then refused)
+        assert cli.stdout.readline().strip() == "ping"      # served, nothing lost
+        out = json.loads(srv.stdout.readline())
+        assert out["errors"] == [], out
+        assert srv.wait(timeout=30) == 0
+        assert cli.wait(timeout=30) == 0
+        lines = [json.loads(x) for x in report.read_text().splitlines()]
+        assert len(lines) == 1, lines
+        assert lines[0]["path"] == "tcp" and lines[0]["reason"] == "fd limit", lines
+    finally:
+        for p in (srv, cli):
+            if p is not None:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+                p.stdout.close()

@@ -160,7 +160,7 @@ print("emfile", errors, flush=True)
 def test_listener_short_of_fds_says_emfile_and_loses_nobody(tmp_path):
     """A listener out of fds: accept() raises EMFILE as a kernel listener's
     would; the clients waiting are served once fds are free again, each
-    with its bytes."""
+    with its bytes (one or two fds short, by TCP)."""
     p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SERVER), "40"], env=child_env(),
                          stdout=subprocess.PIPE, text=True)
     try:
@@ -174,7 +174,11 @@ def test_listener_short_of_fds_says_emfile_and_loses_nobody(tmp_path):
             socks.append(c)
         for i, c in enumerate(socks):
             assert c.recv(100) == b"%d\n" % i
-        assert all(shrimpio.info(c)["path"] == "shm" for c in socks)
+        # Shared memory, or TCP for those the listener took one or two fds
+        # short of its limit (the late fallback: test_fd_limit.py).
+        paths = [(shrimpio.info(c)["path"], shrimpio.info(c)["reason"]) for c in socks]
+        assert set(paths) <= {("shm", ""), ("tcp", "fd limit")}, paths
+        assert ("shm", "") in paths, paths
         bye = ShmSocket(socket.AF_INET, socket.SOCK_STREAM)
         bye.settimeout(30)
         bye.connect(("127.0.0.1", port))
