@@ -115,6 +115,17 @@ def test_idle_connections_cost_nothing_per_poll():
             child.wait()
 
 
+def _shm_pair() -> "tuple[ShmSocket, ShmSocket, ShmSocket]":
+    lst = ShmSocket(socket.AF_INET, socket.SOCK_STREAM)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    cli = ShmSocket(socket.AF_INET, socket.SOCK_STREAM)
+    cli.connect(lst.getsockname())
+    srv, _ = lst.accept()
+    assert srv._shm is not None
+    return lst, cli, srv
+
+
 _PPOLL = {"x86_64": 271, "aarch64": 73}
 
 
@@ -130,15 +141,9 @@ def test_no_wakeup_lost_to_a_blocked_reader_of_the_same_connection():
     """A thread blocked in recv() on a connection an epoll also watches
     clears the ring's sleeping flag and drains the doorbell when it wakes:
     the epoll must still see the next message (the kernel's would)."""
-    lst = ShmSocket(socket.AF_INET, socket.SOCK_STREAM)
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(1)
-    cli = ShmSocket(socket.AF_INET, socket.SOCK_STREAM)
-    cli.connect(lst.getsockname())
-    srv, _ = lst.accept()
+    lst, cli, srv = _shm_pair()
     ep = ShmEpoll()
     try:
-        assert srv._shm is not None
         ep.register(srv.fileno(), select.EPOLLIN)
         assert ep.poll(0) == []                          # armed: idle
         got: list = []
@@ -168,17 +173,6 @@ _EPOLL_WAITS = {"x86_64": {"232", "281", "441"}, "aarch64": {"22", "441"}}
 def _in_epoll_wait(thread: threading.Thread) -> bool:
     with open(f"/proc/self/task/{thread.native_id}/syscall") as f:
         return f.read().split()[0] in _EPOLL_WAITS[platform.machine()]
-
-
-def _shm_pair() -> "tuple[ShmSocket, ShmSocket, ShmSocket]":
-    lst = ShmSocket(socket.AF_INET, socket.SOCK_STREAM)
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(1)
-    cli = ShmSocket(socket.AF_INET, socket.SOCK_STREAM)
-    cli.connect(lst.getsockname())
-    srv, _ = lst.accept()
-    assert srv._shm is not None
-    return lst, cli, srv
 
 
 @pytest.mark.skipif(platform.machine() not in _EPOLL_WAITS, reason="epoll_wait's number unknown here")

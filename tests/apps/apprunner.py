@@ -256,6 +256,18 @@ class Apps:
 
     # -- stopping --------------------------------------------------------------
 
+    def serve_one_client(self, server: Sequence[Union[str, int, Path]],
+                         client: Sequence[Union[str, int, Path]]) -> "tuple[str, Proc, Proc]":
+        """Start ``server`` (a program that prints "... on port N"), run
+        ``client`` with the port as its first argument, stop the server:
+        (the client's output, the server, the client)."""
+        srv = self.start("server", server)
+        port = self.wait_port(srv)
+        out = self.run("client", [client[0], port, *client[1:]])
+        cli = self.procs[-1]
+        self.stop(srv)
+        return out, srv, cli
+
     def stop(self, proc: Proc, timeout: float = STOP_TIMEOUT) -> None:
         """Stop ``proc`` with its stop signal and wait for its whole process
         group to leave; what is still there after ``timeout`` is killed and

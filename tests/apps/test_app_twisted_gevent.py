@@ -46,11 +46,7 @@ def test_trio_echo():
     (EPOLLONESHOT registrations, modified before each wait)."""
     need("trio")
     with Apps() as apps:
-        srv = apps.start("server", ["trio_server.py"])
-        port = apps.wait_port(srv)
-        out = apps.run("client", ["trio_client.py", port])
-        client = apps.procs[-1]
-        apps.stop(srv)
+        out, srv, client = apps.serve_one_client(["trio_server.py"], ["trio_client.py"])
         assert f"3 streams echoed 2000000 {appdata.digest(appdata.blob(2_000_000))}" in out, out
         assert_shm(srv, client, at_least=3)
 
@@ -62,11 +58,7 @@ def test_paramiko_ssh_echo():
     connection reported once, on shared memory."""
     need("paramiko")
     with Apps() as apps:
-        srv = apps.start("server", ["paramiko_server.py"])
-        port = apps.wait_port(srv)
-        out = apps.run("client", ["paramiko_client.py", port])
-        client = apps.procs[-1]
-        apps.stop(srv)
+        out, srv, client = apps.serve_one_client(["paramiko_server.py"], ["paramiko_client.py"])
         assert f"2 connections echoed 2000000 {appdata.digest(appdata.blob(2_000_000))}" in out, out
         assert_shm(srv, client, at_least=2)
         for proc in (srv, client):

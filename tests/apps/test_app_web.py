@@ -145,11 +145,7 @@ def test_threaded_wsgi_server(server):
     requests, then 20 connections each for one request, from 4 threads."""
     need(server, "requests")
     with Apps() as apps:
-        srv = apps.start("server", [f"{server}_server.py"])
-        port = apps.wait_port(srv)
-        out = apps.run("client", ["http_client.py", port, "20", "4"])
-        cli = apps.procs[-1]
-        apps.stop(srv)
+        out, srv, cli = apps.serve_one_client([f"{server}_server.py"], ["http_client.py", "20", "4"])
         check_http_transcript(out)
         assert "pids: " in out, out
         assert_shm(srv, cli, at_least=21)
