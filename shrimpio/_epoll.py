@@ -165,7 +165,7 @@ class epoll:
         self._listeners: set[int] = set()
         self._armed_at = -1                  # unarmed_count() when all were last armed
         self._looked = 0                     # registrations looked at, all polls (for tests)
-        self._poller: Optional[int] = None   # the thread in poll(), if one is
+        self._pollers: set[int] = set()      # the threads in poll()
         self._wake = -1                      # eventfd in the kernel epoll (see _woken)
         _epolls.add(self)
 
@@ -312,8 +312,8 @@ class epoll:
         the worker that served it); ours looks at a new registration when
         its poll next looks, so a poll waiting in another thread is woken
         (an eventfd in the kernel epoll) to look now."""
-        poller = self._poller
-        if poller is None or poller == _get_ident():
+        pollers = self._pollers
+        if not pollers or (len(pollers) == 1 and _get_ident() in pollers):
             return
         if self._wake < 0:
             self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -459,11 +459,12 @@ class epoll:
             raise TypeError("timeout must be an integer or None")
         if maxevents != -1 and maxevents < 1:
             raise ValueError(f"maxevents must be greater than 0, got {maxevents}")
-        self._poller = _get_ident()
+        me = _get_ident()
+        self._pollers.add(me)
         try:
             return self._poll(timeout, maxevents)
         finally:
-            self._poller = None
+            self._pollers.discard(me)
 
     def _poll(self, timeout: Optional[float], maxevents: int) -> list[tuple[int, int]]:
         if timeout is not None and timeout < 0:
