@@ -251,6 +251,7 @@ async def asend(self: Channel, obj: Any, tag: int = 0) -> None:
                 # (what _send_parts does, without a request to await)
                 with self._wlock:
                     n = write_msg(tx, ptype, tag, _channel._PID, body, bufs[0] if bufs else None)
+                    self._msgs_out += 1
                 self._stream.bytes_sent += n
                 return
     elif self._tx is None:

@@ -47,17 +47,16 @@ from typing import Any, Coroutine, Optional
 from . import _cma
 from ._base import BufferTooShort, Message, ProtocolError, Status, check_tag
 from ._frame import (CTS, DATA, DESC, DONE, FIN, HEADER, HELLO, HELLO_BODY, MAGIC, MSG, P_BYTES,
-                     P_MPBYTES, P_PICKLE, RTS, VERSION, Header, check_descs, check_header, decode,
-                     encode, header, mp_loads)
+                     P_MPBYTES, P_PICKLE, PUT, REVOKE, RNDV_MIN, RTR, RTS, VERSION, Header,
+                     check_descs, check_header, decode, encode, header, mp_loads)
 from ._hub import (ANY, CancelledError, Hub, Request, RecvRequest, SendRequest, _Arrived,
                    _iprobe, _poll_any, _post, _probe)
 from ._wire import _Wire, copy_in, wire_for
+from . import _offer
 from ._msgfast import FastPath, read_msg, wait_spinning, write_msg
 
 __all__ = ["Channel", "Hub", "Request", "RNDV_MIN", "CancelledError"]
 
-#: Messages with at least this many bytes of buffers go by rendezvous.
-RNDV_MIN = 64 * 1024
 #: Eager frames up to this size are read by one C call when all there.
 _FAST_MAX = 256 * 1024
 #: A sender waiting for the answer to its announce (CTS or FIN) spins this
@@ -74,8 +73,6 @@ _DONE_SPIN = 0.0013
 #: was measured on the channel: a high one (a guess too high costs some
 #: spinning, one too low a wake-up).
 _RATE_GUESS = 8e9
-#: Alignment of successive buffers of one message in a posted buffer.
-_ALIGN = 64
 
 # This process's token for peers' cross-memory checks (see _cma.verify).
 import ctypes as _ctypes
@@ -129,14 +126,8 @@ def _alloc(ptype: int, n: int) -> tuple[Any, memoryview]:
 def _into_slices(into: memoryview, lens: list[int]) -> Optional[list[memoryview]]:
     """Views of ``into`` for buffers of these lengths (64-byte aligned
     after the first), or None if it is too small."""
-    out, off = [], 0
-    for n in lens:
-        if off + n > len(into):
-            return None
-        out.append(into[off:off + n])
-        off += n
-        off = (off + _ALIGN - 1) // _ALIGN * _ALIGN
-    return out
+    offs = _offer.layout(lens, len(into))
+    return None if offs is None else [into[o:o + n] for o, n in zip(offs, lens)]
 
 class Channel:
     """A message channel to one peer process (see the module docstring).
@@ -162,7 +153,16 @@ class Channel:
         self._sends: dict[int, SendRequest] = {}      # RTS sent, waiting for CTS or FIN
         self._awaiting: dict[int, tuple] = {}         # CTS sent, waiting for DONE or DATA
         self._due: dict[int, float] = {}              # (of those) when DONE is expected
-        self._cts_at: dict[int, float] = {}           # (of those) when CTS was sent
+        self._cts_at: dict[int, float] = {}           # (of those) when CTS was sent (or PUT came)
+        # Ready to receive (_offer.py): our receives offered to the peer,
+        # the peer's offers to us, and messages read and sent (frames
+        # MSG, RTS, PUT; with the C path's counts).
+        self._offers: dict[int, list] = {}            # id -> [receive, being revoked]
+        self._offers_in: list = []
+        self._next_rid = 1
+        self._claim = 0                               # the offer a PUT being sent takes
+        self._claim_lost = False                      # ... and it was taken back meanwhile
+        self._msgs_in = self._msgs_out = 0
         self._rate = _RATE_GUESS                      # of the peer's last copy into ours
         self._peer: Optional[tuple[int, int, bytes]] = None   # pid, token address, token
         self._verified: dict[int, bool] = {}
@@ -184,9 +184,22 @@ class Channel:
         fp = FastPath(self, self._tx, self._rx, self._stream, self._hub,
                       cls.send.__get__(self, cls), cls.recv.__get__(self, cls), self._on_fast,
                       Message, ANY, decode, mp_loads, cls.recv is not Channel.recv)
+        fp.send_pickled = self._send_pickled
         self._fp = fp
         self.send = fp.send            # type: ignore[method-assign]
         self.recv = fp.recv            # type: ignore[method-assign]
+
+    def _count_in(self) -> int:
+        fp = self._fp
+        return self._msgs_in + (fp.n_in if fp is not None else 0)
+
+    def _count_out(self) -> int:
+        fp = self._fp
+        return self._msgs_out + (fp.n_out if fp is not None else 0)
+
+    @staticmethod
+    def _pid() -> int:
+        return _PID
 
     def _fast_off(self) -> None:
         fp = self._fp
@@ -288,10 +301,16 @@ class Channel:
         if total >= RNDV_MIN and self._wire.shm and _cma.available():
             refs = [_cma.BufferRef(b) for b in bufs]
             with self._hub.lock:
+                self._pump()                 # offers (ready to receive) that have arrived
+                taken = _offer.take(self, tag, [r.nbytes for r in refs]) if self._offers_in else None
+                if taken is not None:
+                    _offer.put(self, req, ptype, body, bufs, refs, tag, total, taken)
+                    return req
                 mid = self._next_mid
                 self._next_mid += 1
                 req.mid, req.bufs, req._refs = mid, bufs, refs
                 self._sends[mid] = req
+                self._msgs_out += 1
             descs = b"".join(DESC.pack(r.nbytes, r.addr) for r in refs)
             try:
                 self._write([header(RTS, ptype, len(bufs), blen, tag, mid, total, pid), descs, body])
@@ -304,17 +323,24 @@ class Channel:
             if self._tx is not None and len(bufs) <= 1:
                 with self._wlock:
                     n = write_msg(self._tx, ptype, tag, pid, body, bufs[0] if bufs else None)
+                    self._msgs_out += 1
                 self._stream.bytes_sent += n
                 req._finish()
                 return req
             else:
                 descs = b"".join(DESC.pack(b.nbytes, 0) for b in bufs)
-                self._write([header(MSG, ptype, len(bufs), blen, tag, 0, total, pid), descs,
-                             *bufs, body])
+                with self._wlock:
+                    self._wire.write([header(MSG, ptype, len(bufs), blen, tag, 0, total, pid), descs,
+                                      *bufs, body])
+                    self._msgs_out += 1
             n = total
             _cma.stats["sent_copied"] += n
             req._finish()
         return req
+
+    def _send_pickled(self, body: bytes, bufs: list, tag: int) -> None:
+        """send() of an object the C path has pickled (buffers out of band)."""
+        self._send_parts(P_PICKLE, body, bufs, tag).wait()
 
     def send(self, obj: Any, tag: int = 0) -> None:
         """Send ``obj`` (any picklable object; buffers and numpy arrays go
@@ -479,6 +505,7 @@ class Channel:
                     if self._peer is not None:
                         r = read_msg(rx, _FAST_MAX)
                         if r is not None:
+                            self._msgs_in += 1
                             self._stream.bytes_received += r[5]
                             self._on_fast(r)
                             did = True
@@ -518,6 +545,8 @@ class Channel:
         self._awaiting.clear()
         self._due.clear()
         self._cts_at.clear()
+        self._offers.clear()
+        self._offers_in.clear()
         self._hub.fail_channel(self)
 
     def _frame(self, h: Header) -> None:
@@ -537,6 +566,12 @@ class Channel:
             self._on_fin(h)
         elif k in (DONE, DATA):
             self._on_done(h)
+        elif k == PUT:
+            _offer.on_put(self, h)
+        elif k == RTR:
+            _offer.on_rtr(self, h)
+        elif k == REVOKE:
+            _offer.on_revoke(self, h)
 
     def _read_descs(self, h: Header, addresses: bool) -> list:
         if not h.nbufs:
@@ -559,6 +594,7 @@ class Channel:
 
     def _on_msg(self, h: Header) -> None:
         descs = self._read_descs(h, False)
+        self._msgs_in += 1
         lens = [n for n, _ in descs]
         req = self._hub.match_arrival(self, h.tag)
         objs: list = []
@@ -624,8 +660,14 @@ class Channel:
     def _on_rts(self, h: Header) -> None:
         descs = self._read_descs(h, True)
         body = self._read_body(h)
+        self._msgs_in += 1
+        self._announced(h, descs, body, RTS)
+
+    def _announced(self, h: Header, descs: list, body: Any, kind: int) -> None:
+        """A large message announced (an RTS, or a PUT whose offer is gone)."""
         req = self._hub.match_arrival(self, h.tag)
         a = _Arrived(self, h, descs, body, None)
+        a.kind = kind
         if req is None:
             self._hub.queue.append(a)
         else:
@@ -651,7 +693,7 @@ class Channel:
             except (ConnectionError, OSError) as e:
                 req._finish(error=e)
 
-    def _rendezvous(self, a: _Arrived, req: RecvRequest, early: bool) -> None:
+    def _rendezvous(self, a: _Arrived, req: RecvRequest, early: bool, answer_tag: int = 0) -> None:
         lens = [n for n, _ in a.descs]
         views: Optional[list] = None
         short = False
@@ -686,40 +728,53 @@ class Channel:
                 return
         # Ask the sender to write into our destination (or, if it cannot,
         # to send the bytes inline).
+        self._await_copy(a, req, objs, views, refs, short)
+        if _cma.available():
+            descs = b"".join(DESC.pack(r.nbytes, r.addr) for r in refs)
+            self._write([header(CTS, tag=answer_tag, nbufs=len(refs), mid=a.mid, total=sum(lens),
+                                pid=_PID), descs])
+        else:
+            self._write([header(CTS, tag=answer_tag, mid=a.mid, pid=_PID)])
+
+    def _await_copy(self, a: _Arrived, req: RecvRequest, objs: list, views: list, refs: list,
+                    short: bool) -> None:
+        """The sender will write ``a`` into ``views`` (or send it inline)."""
         self._awaiting[a.mid] = (req, a, objs, views, refs, short)
         now = time.perf_counter()
         self._cts_at[a.mid] = now
-        self._due[a.mid] = now + sum(lens) / self._rate
-        if _cma.available():
-            descs = b"".join(DESC.pack(r.nbytes, r.addr) for r in refs)
-            self._write([header(CTS, nbufs=len(refs), mid=a.mid, total=sum(lens),
-                                pid=_PID), descs])
-        else:
-            self._write([header(CTS, mid=a.mid, pid=_PID)])
+        self._due[a.mid] = now + a.nbytes / self._rate
 
     def _on_cts(self, h: Header) -> None:
         descs = self._read_descs(h, True)
         req = self._sends.pop(h.mid, None)
         if req is None:
+            if _offer.stale_cts(h) and h.mid < self._next_mid:
+                return                   # we wrote into the offer already
             raise ProtocolError(f"clear to send for unknown message {h.mid}")
         lens = [b.nbytes for b in req.bufs]
         if descs and [n for n, _ in descs] != lens:
             raise ProtocolError("clear to send with other buffer lengths than sent")
+        self._write_out(req, h.mid, h.pid, [(addr, n) for n, addr in descs])
+
+    def _write_out(self, req: SendRequest, mid: int, pid: int, remote: list) -> None:
+        """Write a large message's buffers into the receiver's ``remote``
+        ranges and say DONE (or, if we may not, send them inline: DATA)."""
         pushed = False
-        if descs and self._may_copy(h.pid):
+        if remote and self._may_copy(pid):
             try:
-                _cma.push(h.pid, _cma.ranges(req._refs), [(addr, n) for n, addr in descs])
+                _cma.push(pid, _cma.ranges(req._refs), remote)
                 pushed = True
             except OSError as e:
                 if e.errno == errno.ESRCH:
                     raise ConnectionResetError(errno.ECONNRESET, "the receiver is gone") from e
-                self._verified[h.pid] = False
-        total = sum(lens)
+                self._verified[pid] = False
         if pushed:
-            self._write([header(DONE, mid=h.mid, pid=_PID)])
+            self._write([header(DONE, mid=mid, pid=_PID)])
         else:
+            lens = [b.nbytes for b in req.bufs]
+            total = sum(lens)
             d = b"".join(DESC.pack(n, 0) for n in lens)
-            self._write([header(DATA, nbufs=len(lens), mid=h.mid, total=total), d, *req.bufs])
+            self._write([header(DATA, nbufs=len(lens), mid=mid, total=total), d, *req.bufs])
             _cma.stats["sent_copied"] += total
         req._finish()
 
@@ -791,6 +846,8 @@ class Channel:
             self._awaiting.clear()
             self._due.clear()
             self._cts_at.clear()
+            self._offers.clear()
+            self._offers_in.clear()
             self._hub.queue[:] = [a for a in self._hub.queue if a.chan is not self]
             if self in self._hub.channels:
                 self._hub.fail_channel(self)

@@ -17,6 +17,7 @@ import threading
 from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, Optional
 
+from . import _offer
 from ._base import ANY, Status, check_tag
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class Request:
     ``cancel()``.  A receive's result is a :class:`Message`, a send's None."""
 
     __slots__ = ("_hub", "_chan", "_done", "_result", "_error", "_cancelled", "tag", "source",
-                 "into", "_refs", "_early", "_raw", "__weakref__")
+                 "into", "_refs", "_early", "_raw", "_offer", "__weakref__")
 
     def __init__(self, hub: "Hub", chan: Optional["Channel"]) -> None:
         self._hub = hub
@@ -64,6 +65,7 @@ class Request:
         self._refs: list = []
         self._early = False
         self._raw: Any = None
+        self._offer: Any = None            # (channel, id) of a receive offered to its sender
 
     @property
     def done(self) -> bool:
@@ -179,6 +181,8 @@ class Hub:
                 self._check_live(req)
                 if not req._done:
                     self.pending.append(req)
+                    if req.into is not None:
+                        _offer.offer(self, req)
                 return
             a.chan._take_queued(a, req)
 
@@ -187,6 +191,8 @@ class Hub:
             if req._done:
                 return False
             if isinstance(req, RecvRequest) and req in self.pending:
+                if req._offer is not None and not _offer.revoke(self, req):
+                    return False             # its message is being written into it
                 self.pending.remove(req)
                 req._cancelled = True
                 req._finish()

@@ -185,6 +185,26 @@ def _after_fork():
 _os.register_at_fork(after_in_child=_after_fork)
 
 cdef object _tuple_new = tuple.__new__
+DEF OOB_MIN = 1024
+DEF MAX_BUFS = 1024
+
+
+cdef object _oob_raws(list bufs):
+    """The flat views of the PickleBuffers a pickle put out of band, if
+    all of them go out of band by encode()'s rules (contiguous, 1 KiB or
+    more, at most MAX_BUFS): then that pickle is the message's body."""
+    cdef list raws = []
+    if len(bufs) > MAX_BUFS:
+        return None
+    for pb in bufs:
+        try:
+            raw = pb.raw()
+        except BufferError:
+            return None
+        if raw.nbytes < OOB_MIN:
+            return None
+        raws.append(raw)
+    return raws
 DEF RNDV_MIN = 64 * 1024
 DEF FAST_MAX = 256 * 1024
 
@@ -201,6 +221,9 @@ cdef class FastPath:
     cdef public bint mp          # multiprocessing semantics: recv() gives the object alone
     cdef public bint readable
     cdef public bint writable
+    cdef public unsigned long long n_in     # messages read here (the channel adds its own)
+    cdef public unsigned long long n_out    # messages written here
+    cdef public object send_pickled         # (body, raw buffers, tag): a pickle made here
     cdef Ring tx
     cdef Ring rx
     cdef object stream
@@ -237,6 +260,8 @@ cdef class FastPath:
         self.writable = True
         self.ok = False
         self.ok_tx = True
+        self.n_in = self.n_out = 0
+        self.send_pickled = None
 
     def send(self, obj, tag=0):
         """Channel.send (see there)."""
@@ -246,6 +271,7 @@ cdef class FastPath:
             if type(obj) is bytes:
                 if len(<bytes>obj) < RNDV_MIN:
                     n = write_msg(self.tx, P_BYTES, tag, _pid, b"", obj)
+                    self.n_out += 1
                     self.stream.bytes_sent += n
                     return None
             elif type(obj) is not bytearray and type(obj) is not memoryview:
@@ -253,8 +279,13 @@ cdef class FastPath:
                 body = _dumps(obj, 5, buffer_callback=bufs.append)
                 if not bufs:
                     n = write_msg(self.tx, P_PICKLE, tag, _pid, body, None)
+                    self.n_out += 1
                     self.stream.bytes_sent += n
                     return None
+                if self.send_pickled is not None:
+                    raws = _oob_raws(bufs)
+                    if raws is not None:         # (else pickled again, some in-band)
+                        return self.send_pickled(body, raws, tag)
         return self.slow_send(obj, tag)
 
     def try_recv(self, tag):
@@ -274,6 +305,7 @@ cdef class FastPath:
             r = read_msg(self.rx, FAST_MAX)
             if r is None:
                 return None if self.rx._avail() else 0
+            self.n_in += 1
             self.stream.bytes_received += r[5]
             if tag is not self.any_ and r[1] != tag:
                 self.on_fast(r)        # queued: another tag
@@ -309,6 +341,7 @@ cdef class FastPath:
                     break
                 r = read_msg(self.rx, FAST_MAX)
                 if r is not None:
+                    self.n_in += 1
                     self.stream.bytes_received += r[5]
                     if tag is not self.any_ and r[1] != tag:
                         self.on_fast(r)        # queued: another tag
