@@ -117,7 +117,7 @@ def _aio() -> Any:
 def _alloc(ptype: int, n: int) -> tuple[Any, memoryview]:
     """A new destination object of ``n`` bytes, and a writable view of it."""
     if ptype == P_BYTES or ptype == P_MPBYTES:     # (recv_bytes gives bytes: no copy then)
-        b, _ = _cma.new_bytes(n)
+        b = _cma.new_bytes(n)
         return b, _cma.writable_view(b) if n else memoryview(bytearray(0))
     ba = _cma.new_bytearray(n)
     return ba, memoryview(ba)
@@ -185,6 +185,7 @@ class Channel:
                       cls.send.__get__(self, cls), cls.recv.__get__(self, cls), self._on_fast,
                       Message, ANY, decode, mp_loads, cls.recv is not Channel.recv)
         fp.send_pickled = self._send_pickled
+        fp.on_rtr = self._offer_read
         self._fp = fp
         self.send = fp.send            # type: ignore[method-assign]
         self.recv = fp.recv            # type: ignore[method-assign]
@@ -337,6 +338,9 @@ class Channel:
             _cma.stats["sent_copied"] += n
             req._finish()
         return req
+
+    def _offer_read(self, r: tuple) -> None:
+        _offer.add(self, r)
 
     def _send_pickled(self, body: bytes, bufs: list, tag: int) -> None:
         """send() of an object the C path has pickled (buffers out of band)."""

@@ -191,8 +191,14 @@ def on_rtr(chan: "Channel", h: "Header") -> None:
     chan._wire.read_into(memoryview(raw))
     seen, any_tag = RTR_BODY.unpack(raw)
     n, addr = descs[0]
+    add(chan, (h.mid, h.tag, any_tag, addr, n, h.pid, seen))
+
+
+def add(chan: "Channel", r: tuple) -> None:
+    """Keep an offer: (id, tag, any tag, address, length, pid, seen), as
+    on_rtr or the C path (_msgfast.read_rtr) read it."""
     offers = chan._offers_in
-    offers.append(Offer(h.mid, seen, ANY if any_tag else h.tag, addr, n, h.pid))
+    offers.append(Offer(r[0], r[6], ANY if r[2] else r[1], r[3], r[4], r[5]))
     if len(offers) > _MAX_OFFERS:
         del offers[0]
 
