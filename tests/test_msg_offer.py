@@ -255,3 +255,22 @@ def test_hostile_offer_frames():
             req.wait(10)
     finally:
         p.close()
+
+
+def test_isend_announces_and_does_not_copy_at_once():
+    """An isend returns at once (RTS), offer or not: the copy is made when
+    the sender next makes progress, into the same posted buffer."""
+    a, b = msg.Pipe()
+    with a, b:
+        src = np.arange(1 << 18, dtype=np.int64)
+        dest = np.zeros_like(src)
+        req = b.irecv(into=dest)
+        s = a.isend(src)
+        assert not s.done and a._sends and not dest.any()
+        s.wait(10)                            # (one thread: the receiver answers CTS in it)
+        m = req.wait(10)
+        assert np.array_equal(dest, src) and np.shares_memory(m.payload, dest)
+        # the offer it did not take is stale now, and not used for the next send
+        a.send(src + 1)
+        assert not a._offers_in
+        assert np.array_equal(b.recv_message().payload, src + 1) and np.array_equal(dest, src)

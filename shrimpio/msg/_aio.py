@@ -259,7 +259,7 @@ async def asend(self: Channel, obj: Any, tag: int = 0) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, lambda: self._send_parts(ptype, body, bufs, tag).wait())
         return
-    await wait_request(self._send_parts(ptype, body, bufs, tag))
+    await wait_request(self._send_parts(ptype, body, bufs, tag, True))
 
 
 async def aprobe(self: Any, tag: Any = ANY, source: Any = ANY) -> Status:

@@ -287,14 +287,18 @@ class Channel:
         ``obj`` may be reused (at once for small messages)."""
         return self._isend(obj, check_tag(tag, False), False)
 
-    def _isend(self, obj: Any, tag: int, mp_bytes: bool) -> SendRequest:
+    def _isend(self, obj: Any, tag: int, mp_bytes: bool, now: bool = False) -> SendRequest:
         self._check_open()
         if self._error is not None:
             raise self._error
         ptype, body, bufs = encode(obj, mp_bytes)
-        return self._send_parts(ptype, body, bufs, tag)
+        return self._send_parts(ptype, body, bufs, tag, now)
 
-    def _send_parts(self, ptype: int, body: Any, bufs: list, tag: int) -> SendRequest:
+    def _send_parts(self, ptype: int, body: Any, bufs: list, tag: int,
+                    now: bool = False) -> SendRequest:
+        """Send a message (encoded); ``now``: the caller waits for it to
+        complete, so it may take an offered receive and copy at once (an
+        ``isend`` returns at once: it announces, RTS)."""
         req = SendRequest(self._hub, self)
         total = sum(b.nbytes for b in bufs)
         blen = len(body)
@@ -303,7 +307,8 @@ class Channel:
             refs = [_cma.BufferRef(b) for b in bufs]
             with self._hub.lock:
                 self._pump()                 # offers (ready to receive) that have arrived
-                taken = _offer.take(self, tag, [r.nbytes for r in refs]) if self._offers_in else None
+                taken = (_offer.take(self, tag, [r.nbytes for r in refs])
+                         if now and self._offers_in else None)
                 if taken is not None:
                     _offer.put(self, req, ptype, body, bufs, refs, tag, total, taken)
                     return req
@@ -344,13 +349,13 @@ class Channel:
 
     def _send_pickled(self, body: bytes, bufs: list, tag: int) -> None:
         """send() of an object the C path has pickled (buffers out of band)."""
-        self._send_parts(P_PICKLE, body, bufs, tag).wait()
+        self._send_parts(P_PICKLE, body, bufs, tag, True).wait()
 
     def send(self, obj: Any, tag: int = 0) -> None:
         """Send ``obj`` (any picklable object; buffers and numpy arrays go
         without being pickled) with ``tag``; returns once ``obj`` may be
         reused."""
-        self.isend(obj, tag).wait()
+        self._isend(obj, check_tag(tag, False), False, True).wait()
 
     # -- a peer in this process ---------------------------------------------------------
 

@@ -105,7 +105,7 @@ class Connection(Channel):
             raise ValueError("size is negative")
         elif offset + size > n:
             raise ValueError("buffer length < offset + size")
-        self._isend(m[offset:offset + size], 0, True).wait()
+        self._isend(m[offset:offset + size], 0, True, True).wait()
 
     def send(self, obj: Any, tag: int = 0) -> None:
         """Send a (picklable) object"""
