@@ -26,6 +26,7 @@ from .._fastpath import RingWatch, drain_bell, ring_arm
 from ._base import ANY, Message, Status, check_tag
 from . import _channel
 from ._channel import Channel, Hub, Request, RNDV_MIN
+from ._hub import _check_probe_live
 from ._msgfast import write_msg
 from ._frame import HEADER, DESC, encode
 
@@ -269,11 +270,6 @@ async def aprobe(self: Any, tag: Any = ANY, source: Any = ANY) -> Status:
         if st is not None:
             return st
         hub = self._hub
-        req = Request(hub, None)
-        req.tag, req.source, req.into = tag, source, None
-        with hub.lock:
-            hub._check_live(req)
-        if req._done:
-            raise req._error or EOFError("the peer closed the channel")
+        _check_probe_live(hub, tag, source)
         await _until_readable(hub)
         hub.pump(True)

@@ -129,6 +129,22 @@ def _into_slices(into: memoryview, lens: list[int]) -> Optional[list[memoryview]
     offs = _offer.layout(lens, len(into))
     return None if offs is None else [into[o:o + n] for o, n in zip(offs, lens)]
 
+def _destinations(req: Optional[RecvRequest], ptype: int, lens: list[int]) -> tuple[list, list, bool]:
+    """Where a message's buffers of these lengths go: (the objects the
+    payload is rebuilt over, writable views of them, too short?): slices
+    of the receive's ``into``, or new objects if it has none (or is too
+    short: the message is received anyway, into new objects)."""
+    views = _into_slices(req.into, lens) if req is not None and req.into is not None else None
+    if views is not None:
+        return views, views, False
+    objs, views = [], []
+    for n in lens:
+        o, v = _alloc(ptype, n)
+        objs.append(o)
+        views.append(v)
+    return objs, views, req is not None and req.into is not None
+
+
 class Channel:
     """A message channel to one peer process (see the module docstring).
 
@@ -604,22 +620,8 @@ class Channel:
     def _on_msg(self, h: Header) -> None:
         descs = self._read_descs(h, False)
         self._msgs_in += 1
-        lens = [n for n, _ in descs]
         req = self._hub.match_arrival(self, h.tag)
-        objs: list = []
-        views: Optional[list] = None
-        short = False
-        if req is not None and req.into is not None:
-            views = _into_slices(req.into, lens)
-            short = views is None
-        if views is None:
-            views = []
-            for n in lens:
-                o, v = _alloc(h.ptype, n)
-                objs.append(o)
-                views.append(v)
-        else:
-            objs = views
+        objs, views, short = _destinations(req, h.ptype, [n for n, _ in descs])
         for v in views:
             if len(v):
                 self._wire.read_into(v)
@@ -704,20 +706,7 @@ class Channel:
 
     def _rendezvous(self, a: _Arrived, req: RecvRequest, early: bool, answer_tag: int = 0) -> None:
         lens = [n for n, _ in a.descs]
-        views: Optional[list] = None
-        short = False
-        if req.into is not None:
-            views = _into_slices(req.into, lens)
-            short = views is None
-        objs: list
-        if views is None:
-            objs, views = [], []
-            for n in lens:
-                o, v = _alloc(a.ptype, n)
-                objs.append(o)
-                views.append(v)
-        else:
-            objs = views
+        objs, views, short = _destinations(req, a.ptype, lens)
         refs = [_cma.BufferRef(v, writable=True) for v in views]
         local = _cma.ranges(refs)
         if not early and self._may_copy(a.pid):

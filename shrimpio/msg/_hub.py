@@ -332,18 +332,24 @@ def _iprobe(hub: Hub, owner: Any, tag: Any, source: Any) -> Optional[Status]:
     return None
 
 
+def _check_probe_live(hub: Hub, tag: Any, source: Any) -> None:
+    """Raise what a receive of (tag, source) would, if no live channel can
+    give it a message."""
+    dummy = RecvRequest(hub, None)
+    dummy.tag, dummy.source, dummy.into = tag, source, None
+    with hub.lock:
+        hub._check_live(dummy)
+    if dummy._done:
+        raise dummy._error or EOFError("the peer closed the channel")
+
+
 def _probe(hub: Hub, owner: Any, tag: Any, source: Any, timeout: Optional[float]) -> Status:
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         st = _iprobe(hub, owner, tag, source)
         if st is not None:
             return st
-        dummy = RecvRequest(hub, None)
-        dummy.tag, dummy.source, dummy.into = tag, source, None
-        with hub.lock:
-            hub._check_live(dummy)
-        if dummy._done:
-            raise dummy._error or EOFError("the peer closed the channel")
+        _check_probe_live(hub, tag, source)
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             raise TimeoutError("timed out")
