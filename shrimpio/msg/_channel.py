@@ -52,7 +52,7 @@ from ._frame import (CTS, DATA, DESC, DONE, FIN, HEADER, HELLO, HELLO_BODY, MAGI
 from ._hub import (ANY, CancelledError, Hub, Request, RecvRequest, SendRequest, _Arrived,
                    _iprobe, _poll_any, _post, _probe)
 from ._wire import _Wire, copy_in, wire_for
-from . import _offer
+from . import _local, _offer
 from ._msgfast import FastPath, read_msg, wait_spinning, write_msg
 
 __all__ = ["Channel", "Hub", "Request", "RNDV_MIN", "CancelledError"]
@@ -342,6 +342,11 @@ class Channel:
                 req._finish()
                 raise
         else:
+            if blen + total >= RNDV_MIN:
+                peer = self._local_peer()            # (it may be this thread: see _local.py)
+                if peer is not None and _local.hand_over(self, peer, ptype, body, bufs, tag, pid):
+                    req._finish()
+                    return req
             if self._tx is not None and len(bufs) <= 1:
                 with self._wlock:
                     n = write_msg(self._tx, ptype, tag, pid, body, bufs[0] if bufs else None)

@@ -302,13 +302,13 @@ cdef class FastPath:
             elif type(obj) is not bytearray and type(obj) is not memoryview:
                 bufs = []
                 body = _dumps(obj, 5, buffer_callback=bufs.append)
-                if not bufs:
+                if not bufs and len(<bytes>body) < RNDV_MIN:
                     n = write_msg(self.tx, P_PICKLE, tag, _pid, body, None)
                     self.n_out += 1
                     self.stream.bytes_sent += n
                     return None
                 if self.send_pickled is not None:
-                    raws = _oob_raws(bufs)
+                    raws = _oob_raws(bufs) if bufs else []
                     if raws is not None:         # (else pickled again, some in-band)
                         return self.send_pickled(body, raws, tag)
         return self.slow_send(obj, tag)
