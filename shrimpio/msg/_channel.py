@@ -29,6 +29,13 @@ its buffers' addresses, and waits.  The receiver, when a receive matches:
   Yama's ptrace scope), the CTS asks for the bytes inline (DATA), through
   the rings.
 
+A receive posted with a large ``into`` that only one channel can satisfy
+is offered to its sender ahead of the message (RTR, see _offer.py): a
+blocking send that finds the offer writes PUT (an RTS naming it), copies
+into the buffer at once and writes DONE, with no CTS to wait for.  A
+large eager message to a channel of this process is handed over rather
+than written (see _local.py).
+
 Progress is made by whoever waits: a blocked ``recv``, ``wait``, ``test``,
 a blocking ``send`` of a large message (waiting for CTS or FIN), ``probe``.
 A large ``isend`` completes when the sender next calls into the channel.
