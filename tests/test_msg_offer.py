@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -274,3 +275,44 @@ def test_isend_announces_and_does_not_copy_at_once():
         a.send(src + 1)
         assert not a._offers_in
         assert np.array_equal(b.recv_message().payload, src + 1) and np.array_equal(dest, src)
+
+
+def _numbered_sender(a, k: int, n: int) -> None:
+    for i in range(k):
+        a.send(np.full(n, i + 1, dtype=np.uint8), tag=1)
+    a.recv_message(tag=3)
+
+
+@needs_cma
+def test_cancels_racing_a_sender_lose_nothing_and_write_no_cancelled_buffer():
+    """Offered receives cancelled at random moments while another process
+    sends: every message arrives once, in order; a buffer whose receive
+    was cancelled is never written; one whose cancel failed holds its
+    message."""
+    import random
+    k, n = 30, 1 << 20
+    a, b = msg.Pipe()
+    with a, b:
+        pid = fork(_numbered_sender, a, k, n, close=(b,))
+        try:
+            got, cancelled, rng = [], 0, random.Random(5)
+            deadline = time.monotonic() + 120
+            while len(got) < k:
+                assert time.monotonic() < deadline
+                dest = np.zeros(n, dtype=np.uint8)
+                r = b.irecv(tag=1, into=dest)
+                end = time.perf_counter() + rng.random() * 0.002
+                while time.perf_counter() < end and not r.test():
+                    pass
+                if r.cancel():
+                    cancelled += 1
+                    assert not dest.any()              # never written
+                    continue
+                m = r.wait(30)
+                v = int(m.payload[0])
+                assert np.shares_memory(m.payload, dest) and (dest == v).all()
+                got.append(v)
+            b.send(None, tag=3)
+        finally:
+            join(pid)
+        assert got == list(range(1, k + 1))
