@@ -316,3 +316,22 @@ def test_cancels_racing_a_sender_lose_nothing_and_write_no_cancelled_buffer():
         finally:
             join(pid)
         assert got == list(range(1, k + 1))
+
+
+def test_a_small_send_while_an_offer_is_held_makes_it_stale():
+    """The C send path leaves messages to the general one while offers
+    are held (so that every message is counted against them in order);
+    a small message sent after the offer was read takes the receive, and
+    the offer is dropped, not used for the large one after it."""
+    a, b = msg.Pipe()
+    with a, b:
+        dest = np.zeros(1 << 20, dtype=np.uint8)
+        req = b.irecv(into=dest)
+        b.send("ping", tag=9)
+        assert a.recv_message(tag=9).payload == "ping"      # the offer was read before it
+        assert len(a._offers_in) == 1 and a._fp.offered
+        a.send(b"small")
+        assert not a._offers_in and not a._fp.offered
+        a.send(np.full(1 << 20, 4, dtype=np.uint8))
+        assert bytes(req.wait(10).payload) == b"small" and not dest[5:].any()
+        assert (b.recv_message().payload == 4).all()

@@ -251,8 +251,8 @@ async def asend(self: Channel, obj: Any, tag: int = 0) -> None:
             if len(bufs) <= 1:
                 # (what _send_parts does, without a request to await)
                 with self._wlock:
-                    n = write_msg(tx, ptype, tag, _channel._PID, body, bufs[0] if bufs else None)
                     self._msgs_out += 1
+                    n = write_msg(tx, ptype, tag, _channel._PID, body, bufs[0] if bufs else None)
                 self._stream.bytes_sent += n
                 return
     elif self._tx is None:

@@ -330,19 +330,21 @@ class Channel:
             refs = [_cma.BufferRef(b) for b in bufs]
             with self._hub.lock:
                 self._pump()                 # offers (ready to receive) that have arrived
-                taken = (_offer.take(self, tag, [r.nbytes for r in refs])
-                         if now and self._offers_in else None)
-                if taken is not None:
-                    _offer.put(self, req, ptype, body, bufs, refs, tag, total, taken)
+                if now and self._offers_in and _offer.put(self, req, ptype, body, bufs, refs,
+                                                          tag, total):
                     return req
                 mid = self._next_mid
                 self._next_mid += 1
                 req.mid, req.bufs, req._refs = mid, bufs, refs
                 self._sends[mid] = req
-                self._msgs_out += 1
             descs = b"".join(DESC.pack(r.nbytes, r.addr) for r in refs)
             try:
-                self._write([header(RTS, ptype, len(bufs), blen, tag, mid, total, pid), descs, body])
+                with self._wlock:
+                    self._msgs_out += 1          # (counted first: see _offer.put)
+                    if self._offers_in:
+                        _offer.prune(self)
+                    self._wire.write([header(RTS, ptype, len(bufs), blen, tag, mid, total, pid),
+                                      descs, body])
             except BaseException:
                 with self._hub.lock:
                     self._sends.pop(mid, None)
@@ -356,17 +358,21 @@ class Channel:
                     return req
             if self._tx is not None and len(bufs) <= 1:
                 with self._wlock:
-                    n = write_msg(self._tx, ptype, tag, pid, body, bufs[0] if bufs else None)
                     self._msgs_out += 1
+                    if self._offers_in:
+                        _offer.prune(self)
+                    n = write_msg(self._tx, ptype, tag, pid, body, bufs[0] if bufs else None)
                 self._stream.bytes_sent += n
                 req._finish()
                 return req
             else:
                 descs = b"".join(DESC.pack(b.nbytes, 0) for b in bufs)
                 with self._wlock:
+                    self._msgs_out += 1
+                    if self._offers_in:
+                        _offer.prune(self)
                     self._wire.write([header(MSG, ptype, len(bufs), blen, tag, 0, total, pid), descs,
                                       *bufs, body])
-                    self._msgs_out += 1
             n = total
             _cma.stats["sent_copied"] += n
             req._finish()

@@ -246,6 +246,7 @@ cdef class FastPath:
     cdef public bint writable
     cdef public unsigned long long n_in     # messages read here (the channel adds its own)
     cdef public unsigned long long n_out    # messages written here
+    cdef public bint offered                # the peer's offers are held: sends go the general way
     cdef public object send_pickled         # (body, raw buffers, tag): a pickle made here
     cdef public object on_rtr               # (read_rtr's tuple): an offer read here
     cdef Ring tx
@@ -285,6 +286,7 @@ cdef class FastPath:
         self.ok = False
         self.ok_tx = True
         self.n_in = self.n_out = 0
+        self.offered = False
         self.send_pickled = None
         self.on_rtr = None
 
@@ -294,17 +296,17 @@ cdef class FastPath:
         cdef Py_ssize_t n
         if self.ok_tx and self.writable and type(tag) is int and 0 <= tag <= 0x7fffffffffffffff:
             if type(obj) is bytes:
-                if len(<bytes>obj) < RNDV_MIN:
+                if len(<bytes>obj) < RNDV_MIN and not self.offered:
+                    self.n_out += 1          # (counted first: see _offer.py)
                     n = write_msg(self.tx, P_BYTES, tag, _pid, b"", obj)
-                    self.n_out += 1
                     self.stream.bytes_sent += n
                     return None
             elif type(obj) is not bytearray and type(obj) is not memoryview:
                 bufs = []
                 body = _dumps(obj, 5, buffer_callback=bufs.append)
-                if not bufs and len(<bytes>body) < RNDV_MIN:
-                    n = write_msg(self.tx, P_PICKLE, tag, _pid, body, None)
+                if not bufs and len(<bytes>body) < RNDV_MIN and not self.offered:
                     self.n_out += 1
+                    n = write_msg(self.tx, P_PICKLE, tag, _pid, body, None)
                     self.stream.bytes_sent += n
                     return None
                 if self.send_pickled is not None:

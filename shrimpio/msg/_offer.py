@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from ._frame import Header
     from ._hub import Hub, RecvRequest, SendRequest
 
-__all__ = ["offer", "on_rtr", "on_revoke", "take", "put", "on_put", "revoke"]
+__all__ = ["offer", "on_rtr", "on_revoke", "prune", "put", "on_put", "revoke"]
 
 #: Alignment of successive buffers of one message in a posted buffer.
 ALIGN = 64
@@ -201,6 +201,7 @@ def add(chan: "Channel", r: tuple) -> None:
     offers.append(Offer(r[0], r[6], ANY if r[2] else r[1], r[3], r[4], r[5]))
     if len(offers) > _MAX_OFFERS:
         del offers[0]
+    _held(chan)
 
 
 def on_revoke(chan: "Channel", h: "Header") -> None:
@@ -208,20 +209,37 @@ def on_revoke(chan: "Channel", h: "Header") -> None:
     for i, o in enumerate(offers):
         if o.rid == h.mid:
             del offers[i]
+            _held(chan)
             break
     if chan._claim == h.mid:
         chan._claim_lost = True
 
 
-def take(chan: "Channel", tag: int, lens: list[int]) -> Optional[tuple[Offer, list]]:
+def _held(chan: "Channel") -> None:
+    """Tell the C send path whether offers are held (it then leaves
+    small messages to the general path, whose writes are counted under
+    the channel's write lock: see put)."""
+    fp = chan._fp
+    if fp is not None:
+        fp.offered = bool(chan._offers_in)
+
+
+def prune(chan: "Channel") -> None:
+    """Drop the offers a message of ours went past (the write lock is held)."""
+    sent = chan._count_out()
+    offers = chan._offers_in
+    if any(o.seen != sent for o in offers):
+        offers[:] = [o for o in offers if o.seen == sent]
+        _held(chan)
+
+
+def _take(chan: "Channel", tag: int, lens: list[int]) -> Optional[tuple[Offer, list]]:
     """The offer a large message of ``tag`` goes to, and its destination
-    ranges (the hub's lock is held, frames pumped); None: send an RTS."""
+    ranges (the write lock is held, frames pumped); None: send an RTS."""
     offers = chan._offers_in
     if not offers:
         return None
-    sent = chan._count_out()
-    if any(o.seen != sent for o in offers):
-        offers[:] = [o for o in offers if o.seen == sent]    # stale ones
+    prune(chan)
     for i, o in enumerate(offers):
         if o.tag is ANY or o.tag == tag:
             offs = layout(lens, o.nbytes)
@@ -233,18 +251,32 @@ def take(chan: "Channel", tag: int, lens: list[int]) -> Optional[tuple[Offer, li
 
 
 def put(chan: "Channel", req: "SendRequest", ptype: int, body: Any, bufs: list, refs: list,
-        tag: int, total: int, taken: tuple[Offer, list]) -> None:
-    """Send a large message into an offered receive (the hub's lock is held)."""
-    o, remote = taken
-    mid = chan._next_mid
-    chan._next_mid += 1
-    req.mid, req.bufs, req._refs = mid, bufs, refs
-    descs = b"".join(DESC.pack(r.nbytes, r.addr) for r in refs)
-    chan._claim, chan._claim_lost = o.rid, False
-    try:
-        chan._write([header(PUT, ptype, len(bufs), len(body), tag, mid, total, chan._pid()),
-                     descs, RID.pack(o.rid), body])
+        tag: int, total: int) -> bool:
+    """Send a large message into an offered receive, if one is there for
+    it (the hub's lock is held, frames pumped); False: send an RTS.
+
+    The choice and the PUT are made under the channel's write lock, and
+    every other message is counted under it before it is written (the C
+    path leaves them to the general one while offers are held): so no
+    message of ours can go between the count the offer was checked
+    against and the PUT."""
+    with chan._wlock:
+        taken = _take(chan, tag, [r.nbytes for r in refs])
+        if taken is None:
+            return False
+        o, remote = taken
+        mid = chan._next_mid
+        chan._next_mid += 1
+        req.mid, req.bufs, req._refs = mid, bufs, refs
+        descs = b"".join(DESC.pack(r.nbytes, r.addr) for r in refs)
+        chan._claim, chan._claim_lost = o.rid, False
         chan._msgs_out += 1
+        try:
+            chan._wire.write([header(PUT, ptype, len(bufs), len(body), tag, mid, total, chan._pid()),
+                              descs, RID.pack(o.rid), body])
+        finally:
+            _held(chan)
+    try:
         chan._pump()                # a REVOKE written before our PUT shows here
     finally:
         chan._claim = 0
@@ -255,6 +287,7 @@ def put(chan: "Channel", req: "SendRequest", ptype: int, body: Any, bufs: list, 
         chan._sends[mid] = req      # taken back: the receiver answers as to an RTS
     else:
         chan._write_out(req, mid, o.pid, remote)
+    return True
 
 
 def stale_cts(h: "Header") -> bool:
