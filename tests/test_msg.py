@@ -407,3 +407,30 @@ def test_a_pipe_made_before_a_fork_still_goes_by_rendezvous():
             assert b.recv() == int(src.sum())
         finally:
             join(pid)
+
+
+@pytest.mark.parametrize("path", ["shm", "tcp"])
+def test_large_inband_pickle_sent_and_received_in_one_thread(path, monkeypatch):
+    """A large message that is not sent by rendezvous (a pickle with large
+    in-band parts; anything over kernel TCP) to a channel of this process
+    is handed over, not written: the send returns, in order with what was
+    written before it, and the receive gets it (a write would block for
+    ever on a full ring or socket, the reader being this thread)."""
+    if path == "tcp":
+        monkeypatch.setenv("SHRIMPIO_TCP", "127.0.0.1")
+    with msg.listen() as lst:
+        a = msg.connect(lst.address)
+        with a:
+            b = lst.accept(timeout=10)
+            assert a.shm == (path == "shm")
+            big = {"x": b"x" * (8 << 20)}
+            a.send("before", tag=1)
+            a.send(big, tag=1)
+            a.send(np.arange(1 << 18), tag=1)
+            dest = bytearray(4 << 20)
+            r = b.irecv(tag=2, into=dest)
+            a.send(b"y" * (3 << 20), tag=2)          # into a posted buffer
+            assert lst.recv(tag=1, timeout=10).payload == "before"
+            assert lst.recv(tag=1, timeout=10).payload == big
+            assert np.array_equal(lst.recv(tag=1, timeout=10).payload, np.arange(1 << 18))
+            assert bytes(r.wait(10).payload) == b"y" * (3 << 20) and dest[:3 << 20] == b"y" * (3 << 20)

@@ -140,7 +140,8 @@ def test_large_asend_then_arecv_in_one_task(run):
 
 def _delayed_echo(a, n):
     """Echo ``n`` messages; a message "wait" is answered only after the
-    next one arrives (the parent's waits for it outlast any spin)."""
+    next one arrives (the parent's waits for it outlast any spin); then
+    wait for the parent's end."""
     held = None
     for _ in range(n):
         m = a.recv_message()
@@ -151,6 +152,12 @@ def _delayed_echo(a, n):
             a.send("waited")
             held = None
         a.send(m.payload, tag=m.tag)
+    # Stay until the parent closes: our exit would be EOF on its doorbell,
+    # and its waiter then lets go of its fd, which the parent still counts.
+    try:
+        a.recv_message()
+    except EOFError:
+        pass
 
 
 def _fds() -> int:

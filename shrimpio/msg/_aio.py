@@ -26,6 +26,7 @@ from .._fastpath import RingWatch, drain_bell, ring_arm
 from ._base import ANY, Message, Status, check_tag
 from . import _channel
 from ._channel import Channel, Hub, Request, RNDV_MIN
+from ._hub import _check_probe_live
 from ._msgfast import write_msg
 from ._frame import HEADER, DESC, encode
 
@@ -250,6 +251,7 @@ async def asend(self: Channel, obj: Any, tag: int = 0) -> None:
             if len(bufs) <= 1:
                 # (what _send_parts does, without a request to await)
                 with self._wlock:
+                    self._msgs_out += 1
                     n = write_msg(tx, ptype, tag, _channel._PID, body, bufs[0] if bufs else None)
                 self._stream.bytes_sent += n
                 return
@@ -258,7 +260,7 @@ async def asend(self: Channel, obj: Any, tag: int = 0) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, lambda: self._send_parts(ptype, body, bufs, tag).wait())
         return
-    await wait_request(self._send_parts(ptype, body, bufs, tag))
+    await wait_request(self._send_parts(ptype, body, bufs, tag, True))
 
 
 async def aprobe(self: Any, tag: Any = ANY, source: Any = ANY) -> Status:
@@ -268,11 +270,6 @@ async def aprobe(self: Any, tag: Any = ANY, source: Any = ANY) -> Status:
         if st is not None:
             return st
         hub = self._hub
-        req = Request(hub, None)
-        req.tag, req.source, req.into = tag, source, None
-        with hub.lock:
-            hub._check_live(req)
-        if req._done:
-            raise req._error or EOFError("the peer closed the channel")
+        _check_probe_live(hub, tag, source)
         await _until_readable(hub)
         hub.pump(True)

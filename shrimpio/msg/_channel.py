@@ -29,6 +29,13 @@ its buffers' addresses, and waits.  The receiver, when a receive matches:
   Yama's ptrace scope), the CTS asks for the bytes inline (DATA), through
   the rings.
 
+A receive posted with a large ``into`` that only one channel can satisfy
+is offered to its sender ahead of the message (RTR, see _offer.py): a
+blocking send that finds the offer writes PUT (an RTS naming it), copies
+into the buffer at once and writes DONE, with no CTS to wait for.  A
+large eager message to a channel of this process is handed over rather
+than written (see _local.py).
+
 Progress is made by whoever waits: a blocked ``recv``, ``wait``, ``test``,
 a blocking ``send`` of a large message (waiting for CTS or FIN), ``probe``.
 A large ``isend`` completes when the sender next calls into the channel.
@@ -47,17 +54,16 @@ from typing import Any, Coroutine, Optional
 from . import _cma
 from ._base import BufferTooShort, Message, ProtocolError, Status, check_tag
 from ._frame import (CTS, DATA, DESC, DONE, FIN, HEADER, HELLO, HELLO_BODY, MAGIC, MSG, P_BYTES,
-                     P_MPBYTES, P_PICKLE, RTS, VERSION, Header, check_descs, check_header, decode,
-                     encode, header, mp_loads)
+                     P_MPBYTES, P_PICKLE, PUT, REVOKE, RNDV_MIN, RTR, RTS, VERSION, Header,
+                     check_descs, check_header, decode, encode, header, mp_loads)
 from ._hub import (ANY, CancelledError, Hub, Request, RecvRequest, SendRequest, _Arrived,
                    _iprobe, _poll_any, _post, _probe)
 from ._wire import _Wire, copy_in, wire_for
+from . import _local, _offer
 from ._msgfast import FastPath, read_msg, wait_spinning, write_msg
 
 __all__ = ["Channel", "Hub", "Request", "RNDV_MIN", "CancelledError"]
 
-#: Messages with at least this many bytes of buffers go by rendezvous.
-RNDV_MIN = 64 * 1024
 #: Eager frames up to this size are read by one C call when all there.
 _FAST_MAX = 256 * 1024
 #: A sender waiting for the answer to its announce (CTS or FIN) spins this
@@ -74,8 +80,6 @@ _DONE_SPIN = 0.0013
 #: was measured on the channel: a high one (a guess too high costs some
 #: spinning, one too low a wake-up).
 _RATE_GUESS = 8e9
-#: Alignment of successive buffers of one message in a posted buffer.
-_ALIGN = 64
 
 # This process's token for peers' cross-memory checks (see _cma.verify).
 import ctypes as _ctypes
@@ -120,7 +124,7 @@ def _aio() -> Any:
 def _alloc(ptype: int, n: int) -> tuple[Any, memoryview]:
     """A new destination object of ``n`` bytes, and a writable view of it."""
     if ptype == P_BYTES or ptype == P_MPBYTES:     # (recv_bytes gives bytes: no copy then)
-        b, _ = _cma.new_bytes(n)
+        b = _cma.new_bytes(n)
         return b, _cma.writable_view(b) if n else memoryview(bytearray(0))
     ba = _cma.new_bytearray(n)
     return ba, memoryview(ba)
@@ -129,14 +133,24 @@ def _alloc(ptype: int, n: int) -> tuple[Any, memoryview]:
 def _into_slices(into: memoryview, lens: list[int]) -> Optional[list[memoryview]]:
     """Views of ``into`` for buffers of these lengths (64-byte aligned
     after the first), or None if it is too small."""
-    out, off = [], 0
+    offs = _offer.layout(lens, len(into))
+    return None if offs is None else [into[o:o + n] for o, n in zip(offs, lens)]
+
+def _destinations(req: Optional[RecvRequest], ptype: int, lens: list[int]) -> tuple[list, list, bool]:
+    """Where a message's buffers of these lengths go: (the objects the
+    payload is rebuilt over, writable views of them, too short?): slices
+    of the receive's ``into``, or new objects if it has none (or is too
+    short: the message is received anyway, into new objects)."""
+    views = _into_slices(req.into, lens) if req is not None and req.into is not None else None
+    if views is not None:
+        return views, views, False
+    objs, views = [], []
     for n in lens:
-        if off + n > len(into):
-            return None
-        out.append(into[off:off + n])
-        off += n
-        off = (off + _ALIGN - 1) // _ALIGN * _ALIGN
-    return out
+        o, v = _alloc(ptype, n)
+        objs.append(o)
+        views.append(v)
+    return objs, views, req is not None and req.into is not None
+
 
 class Channel:
     """A message channel to one peer process (see the module docstring).
@@ -162,7 +176,16 @@ class Channel:
         self._sends: dict[int, SendRequest] = {}      # RTS sent, waiting for CTS or FIN
         self._awaiting: dict[int, tuple] = {}         # CTS sent, waiting for DONE or DATA
         self._due: dict[int, float] = {}              # (of those) when DONE is expected
-        self._cts_at: dict[int, float] = {}           # (of those) when CTS was sent
+        self._cts_at: dict[int, float] = {}           # (of those) when CTS was sent (or PUT came)
+        # Ready to receive (_offer.py): our receives offered to the peer,
+        # the peer's offers to us, and messages read and sent (frames
+        # MSG, RTS, PUT; with the C path's counts).
+        self._offers: dict[int, list] = {}            # id -> [receive, being revoked]
+        self._offers_in: list = []
+        self._next_rid = 1
+        self._claim = 0                               # the offer a PUT being sent takes
+        self._claim_lost = False                      # ... and it was taken back meanwhile
+        self._msgs_in = self._msgs_out = 0
         self._rate = _RATE_GUESS                      # of the peer's last copy into ours
         self._peer: Optional[tuple[int, int, bytes]] = None   # pid, token address, token
         self._verified: dict[int, bool] = {}
@@ -184,9 +207,23 @@ class Channel:
         fp = FastPath(self, self._tx, self._rx, self._stream, self._hub,
                       cls.send.__get__(self, cls), cls.recv.__get__(self, cls), self._on_fast,
                       Message, ANY, decode, mp_loads, cls.recv is not Channel.recv)
+        fp.send_pickled = self._send_pickled
+        fp.on_rtr = self._offer_read
         self._fp = fp
         self.send = fp.send            # type: ignore[method-assign]
         self.recv = fp.recv            # type: ignore[method-assign]
+
+    def _count_in(self) -> int:
+        fp = self._fp
+        return self._msgs_in + (fp.n_in if fp is not None else 0)
+
+    def _count_out(self) -> int:
+        fp = self._fp
+        return self._msgs_out + (fp.n_out if fp is not None else 0)
+
+    @staticmethod
+    def _pid() -> int:
+        return _PID
 
     def _fast_off(self) -> None:
         fp = self._fp
@@ -273,14 +310,18 @@ class Channel:
         ``obj`` may be reused (at once for small messages)."""
         return self._isend(obj, check_tag(tag, False), False)
 
-    def _isend(self, obj: Any, tag: int, mp_bytes: bool) -> SendRequest:
+    def _isend(self, obj: Any, tag: int, mp_bytes: bool, now: bool = False) -> SendRequest:
         self._check_open()
         if self._error is not None:
             raise self._error
         ptype, body, bufs = encode(obj, mp_bytes)
-        return self._send_parts(ptype, body, bufs, tag)
+        return self._send_parts(ptype, body, bufs, tag, now)
 
-    def _send_parts(self, ptype: int, body: Any, bufs: list, tag: int) -> SendRequest:
+    def _send_parts(self, ptype: int, body: Any, bufs: list, tag: int,
+                    now: bool = False) -> SendRequest:
+        """Send a message (encoded); ``now``: the caller waits for it to
+        complete, so it may take an offered receive and copy at once (an
+        ``isend`` returns at once: it announces, RTS)."""
         req = SendRequest(self._hub, self)
         total = sum(b.nbytes for b in bufs)
         blen = len(body)
@@ -288,39 +329,67 @@ class Channel:
         if total >= RNDV_MIN and self._wire.shm and _cma.available():
             refs = [_cma.BufferRef(b) for b in bufs]
             with self._hub.lock:
+                self._pump()                 # offers (ready to receive) that have arrived
+                if now and self._offers_in and _offer.put(self, req, ptype, body, bufs, refs,
+                                                          tag, total):
+                    return req
                 mid = self._next_mid
                 self._next_mid += 1
                 req.mid, req.bufs, req._refs = mid, bufs, refs
                 self._sends[mid] = req
             descs = b"".join(DESC.pack(r.nbytes, r.addr) for r in refs)
             try:
-                self._write([header(RTS, ptype, len(bufs), blen, tag, mid, total, pid), descs, body])
+                with self._wlock:
+                    self._msgs_out += 1          # (counted first: see _offer.put)
+                    if self._offers_in:
+                        _offer.prune(self)
+                    self._wire.write([header(RTS, ptype, len(bufs), blen, tag, mid, total, pid),
+                                      descs, body])
             except BaseException:
                 with self._hub.lock:
                     self._sends.pop(mid, None)
                 req._finish()
                 raise
         else:
+            if blen + total >= RNDV_MIN:
+                peer = self._local_peer()            # (it may be this thread: see _local.py)
+                if peer is not None and _local.hand_over(self, peer, ptype, body, bufs, tag, pid):
+                    req._finish()
+                    return req
             if self._tx is not None and len(bufs) <= 1:
                 with self._wlock:
+                    self._msgs_out += 1
+                    if self._offers_in:
+                        _offer.prune(self)
                     n = write_msg(self._tx, ptype, tag, pid, body, bufs[0] if bufs else None)
                 self._stream.bytes_sent += n
                 req._finish()
                 return req
             else:
                 descs = b"".join(DESC.pack(b.nbytes, 0) for b in bufs)
-                self._write([header(MSG, ptype, len(bufs), blen, tag, 0, total, pid), descs,
-                             *bufs, body])
+                with self._wlock:
+                    self._msgs_out += 1
+                    if self._offers_in:
+                        _offer.prune(self)
+                    self._wire.write([header(MSG, ptype, len(bufs), blen, tag, 0, total, pid), descs,
+                                      *bufs, body])
             n = total
             _cma.stats["sent_copied"] += n
             req._finish()
         return req
 
+    def _offer_read(self, r: tuple) -> None:
+        _offer.add(self, r)
+
+    def _send_pickled(self, body: bytes, bufs: list, tag: int) -> None:
+        """send() of an object the C path has pickled (buffers out of band)."""
+        self._send_parts(P_PICKLE, body, bufs, tag, True).wait()
+
     def send(self, obj: Any, tag: int = 0) -> None:
         """Send ``obj`` (any picklable object; buffers and numpy arrays go
         without being pickled) with ``tag``; returns once ``obj`` may be
         reused."""
-        self.isend(obj, tag).wait()
+        self._isend(obj, check_tag(tag, False), False, True).wait()
 
     # -- a peer in this process ---------------------------------------------------------
 
@@ -479,6 +548,7 @@ class Channel:
                     if self._peer is not None:
                         r = read_msg(rx, _FAST_MAX)
                         if r is not None:
+                            self._msgs_in += 1
                             self._stream.bytes_received += r[5]
                             self._on_fast(r)
                             did = True
@@ -518,6 +588,8 @@ class Channel:
         self._awaiting.clear()
         self._due.clear()
         self._cts_at.clear()
+        self._offers.clear()
+        self._offers_in.clear()
         self._hub.fail_channel(self)
 
     def _frame(self, h: Header) -> None:
@@ -537,6 +609,12 @@ class Channel:
             self._on_fin(h)
         elif k in (DONE, DATA):
             self._on_done(h)
+        elif k == PUT:
+            _offer.on_put(self, h)
+        elif k == RTR:
+            _offer.on_rtr(self, h)
+        elif k == REVOKE:
+            _offer.on_revoke(self, h)
 
     def _read_descs(self, h: Header, addresses: bool) -> list:
         if not h.nbufs:
@@ -559,22 +637,9 @@ class Channel:
 
     def _on_msg(self, h: Header) -> None:
         descs = self._read_descs(h, False)
-        lens = [n for n, _ in descs]
+        self._msgs_in += 1
         req = self._hub.match_arrival(self, h.tag)
-        objs: list = []
-        views: Optional[list] = None
-        short = False
-        if req is not None and req.into is not None:
-            views = _into_slices(req.into, lens)
-            short = views is None
-        if views is None:
-            views = []
-            for n in lens:
-                o, v = _alloc(h.ptype, n)
-                objs.append(o)
-                views.append(v)
-        else:
-            objs = views
+        objs, views, short = _destinations(req, h.ptype, [n for n, _ in descs])
         for v in views:
             if len(v):
                 self._wire.read_into(v)
@@ -624,8 +689,14 @@ class Channel:
     def _on_rts(self, h: Header) -> None:
         descs = self._read_descs(h, True)
         body = self._read_body(h)
+        self._msgs_in += 1
+        self._announced(h, descs, body, RTS)
+
+    def _announced(self, h: Header, descs: list, body: Any, kind: int) -> None:
+        """A large message announced (an RTS, or a PUT whose offer is gone)."""
         req = self._hub.match_arrival(self, h.tag)
         a = _Arrived(self, h, descs, body, None)
+        a.kind = kind
         if req is None:
             self._hub.queue.append(a)
         else:
@@ -651,22 +722,9 @@ class Channel:
             except (ConnectionError, OSError) as e:
                 req._finish(error=e)
 
-    def _rendezvous(self, a: _Arrived, req: RecvRequest, early: bool) -> None:
+    def _rendezvous(self, a: _Arrived, req: RecvRequest, early: bool, answer_tag: int = 0) -> None:
         lens = [n for n, _ in a.descs]
-        views: Optional[list] = None
-        short = False
-        if req.into is not None:
-            views = _into_slices(req.into, lens)
-            short = views is None
-        objs: list
-        if views is None:
-            objs, views = [], []
-            for n in lens:
-                o, v = _alloc(a.ptype, n)
-                objs.append(o)
-                views.append(v)
-        else:
-            objs = views
+        objs, views, short = _destinations(req, a.ptype, lens)
         refs = [_cma.BufferRef(v, writable=True) for v in views]
         local = _cma.ranges(refs)
         if not early and self._may_copy(a.pid):
@@ -686,40 +744,53 @@ class Channel:
                 return
         # Ask the sender to write into our destination (or, if it cannot,
         # to send the bytes inline).
+        self._await_copy(a, req, objs, views, refs, short)
+        if _cma.available():
+            descs = b"".join(DESC.pack(r.nbytes, r.addr) for r in refs)
+            self._write([header(CTS, tag=answer_tag, nbufs=len(refs), mid=a.mid, total=sum(lens),
+                                pid=_PID), descs])
+        else:
+            self._write([header(CTS, tag=answer_tag, mid=a.mid, pid=_PID)])
+
+    def _await_copy(self, a: _Arrived, req: RecvRequest, objs: list, views: list, refs: list,
+                    short: bool) -> None:
+        """The sender will write ``a`` into ``views`` (or send it inline)."""
         self._awaiting[a.mid] = (req, a, objs, views, refs, short)
         now = time.perf_counter()
         self._cts_at[a.mid] = now
-        self._due[a.mid] = now + sum(lens) / self._rate
-        if _cma.available():
-            descs = b"".join(DESC.pack(r.nbytes, r.addr) for r in refs)
-            self._write([header(CTS, nbufs=len(refs), mid=a.mid, total=sum(lens),
-                                pid=_PID), descs])
-        else:
-            self._write([header(CTS, mid=a.mid, pid=_PID)])
+        self._due[a.mid] = now + a.nbytes / self._rate
 
     def _on_cts(self, h: Header) -> None:
         descs = self._read_descs(h, True)
         req = self._sends.pop(h.mid, None)
         if req is None:
+            if _offer.stale_cts(h) and h.mid < self._next_mid:
+                return                   # we wrote into the offer already
             raise ProtocolError(f"clear to send for unknown message {h.mid}")
         lens = [b.nbytes for b in req.bufs]
         if descs and [n for n, _ in descs] != lens:
             raise ProtocolError("clear to send with other buffer lengths than sent")
+        self._write_out(req, h.mid, h.pid, [(addr, n) for n, addr in descs])
+
+    def _write_out(self, req: SendRequest, mid: int, pid: int, remote: list) -> None:
+        """Write a large message's buffers into the receiver's ``remote``
+        ranges and say DONE (or, if we may not, send them inline: DATA)."""
         pushed = False
-        if descs and self._may_copy(h.pid):
+        if remote and self._may_copy(pid):
             try:
-                _cma.push(h.pid, _cma.ranges(req._refs), [(addr, n) for n, addr in descs])
+                _cma.push(pid, _cma.ranges(req._refs), remote)
                 pushed = True
             except OSError as e:
                 if e.errno == errno.ESRCH:
                     raise ConnectionResetError(errno.ECONNRESET, "the receiver is gone") from e
-                self._verified[h.pid] = False
-        total = sum(lens)
+                self._verified[pid] = False
         if pushed:
-            self._write([header(DONE, mid=h.mid, pid=_PID)])
+            self._write([header(DONE, mid=mid, pid=_PID)])
         else:
+            lens = [b.nbytes for b in req.bufs]
+            total = sum(lens)
             d = b"".join(DESC.pack(n, 0) for n in lens)
-            self._write([header(DATA, nbufs=len(lens), mid=h.mid, total=total), d, *req.bufs])
+            self._write([header(DATA, nbufs=len(lens), mid=mid, total=total), d, *req.bufs])
             _cma.stats["sent_copied"] += total
         req._finish()
 
@@ -791,6 +862,8 @@ class Channel:
             self._awaiting.clear()
             self._due.clear()
             self._cts_at.clear()
+            self._offers.clear()
+            self._offers_in.clear()
             self._hub.queue[:] = [a for a in self._hub.queue if a.chan is not self]
             if self in self._hub.channels:
                 self._hub.fail_channel(self)

@@ -29,6 +29,8 @@ import errno
 import os
 from typing import Any, Iterable, Sequence
 
+from ._msgfast import BufferRef, vm_copy
+
 __all__ = ["copy_stats", "BufferRef", "available", "pull", "push", "verify", "stats", "new_bytes",
            "new_bytearray"]
 
@@ -42,82 +44,26 @@ def copy_stats() -> dict:
     return {"received_copied": stats["received_copied"] + r, "sent_copied": stats["sent_copied"] + s}
 
 
-class _iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-class _Py_buffer(ctypes.Structure):
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
-                ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
-                ("internal", ctypes.c_void_p)]
-
-
 _api = ctypes.pythonapi
-_api.PyObject_GetBuffer.argtypes = [ctypes.py_object, ctypes.POINTER(_Py_buffer), ctypes.c_int]
-_api.PyObject_GetBuffer.restype = ctypes.c_int
-_api.PyBuffer_Release.argtypes = [ctypes.POINTER(_Py_buffer)]
-_api.PyBuffer_Release.restype = None
 _api.PyBytes_FromStringAndSize.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
 _api.PyBytes_FromStringAndSize.restype = ctypes.py_object
 _api.PyByteArray_FromStringAndSize.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
 _api.PyByteArray_FromStringAndSize.restype = ctypes.py_object
 
 _libc = ctypes.CDLL(None, use_errno=True)
-try:
-    _readv = _libc.process_vm_readv
-    _writev = _libc.process_vm_writev
-except AttributeError:          # no such call in this libc: copies go through the rings
-    _readv = _writev = None
-else:
-    for _f in (_readv, _writev):
-        _f.argtypes = [ctypes.c_int, ctypes.POINTER(_iovec), ctypes.c_ulong,
-                       ctypes.POINTER(_iovec), ctypes.c_ulong, ctypes.c_ulong]
-        _f.restype = ctypes.c_ssize_t
-
-#: Iovecs per call (the kernel's IOV_MAX).
-_IOV_MAX = 1024
+#: Does this libc have the calls (else copies go through the rings)?
+_HAVE = hasattr(_libc, "process_vm_readv") and hasattr(_libc, "process_vm_writev")
 
 
 def available() -> bool:
     """Does this system have process_vm_readv/writev at all?"""
-    return _readv is not None
+    return _HAVE
 
 
-class BufferRef:
-    """A held buffer export of ``obj`` (contiguous, writable if asked): its
-    address and length stay valid until ``release()``."""
-
-    __slots__ = ("_view", "addr", "nbytes", "_held")
-
-    def __init__(self, obj: Any, writable: bool = False) -> None:
-        self._view = _Py_buffer()
-        # PyBUF_SIMPLE (0) or PyBUF_WRITABLE (1): both refuse non-contiguous buffers.
-        _api.PyObject_GetBuffer(obj, ctypes.byref(self._view), 1 if writable else 0)
-        self._held = True
-        self.addr = int(self._view.buf or 0)
-        self.nbytes = int(self._view.len)
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            _api.PyBuffer_Release(ctypes.byref(self._view))
-
-    def __del__(self) -> None:
-        self.release()
-
-
-def new_bytes(n: int) -> tuple[bytes, BufferRef]:
-    """A new ``bytes`` of ``n`` bytes, not yet filled, and a reference to
-    its storage (as C code fills a fresh bytes object before sharing it)."""
-    b = _api.PyBytes_FromStringAndSize(None, n)
-    ref = BufferRef.__new__(BufferRef)
-    ref._view = None
-    ref._held = False
-    ref.addr = id(b) + _BYTES_OFFSET
-    ref.nbytes = n
-    return b, ref
+def new_bytes(n: int) -> bytes:
+    """A new ``bytes`` of ``n`` bytes, not yet filled (as C code fills a
+    fresh bytes object before sharing it: see writable_view)."""
+    return _api.PyBytes_FromStringAndSize(None, n)
 
 
 def new_bytearray(n: int) -> bytearray:
@@ -138,77 +84,34 @@ def writable_view(b: bytes) -> memoryview:
     return memoryview(arr).cast("B")
 
 
-def _iovs(pairs: Sequence[tuple[int, int]]) -> "ctypes.Array[_iovec]":
-    arr = (_iovec * len(pairs))()
-    for i, (addr, n) in enumerate(pairs):
-        arr[i].base = addr
-        arr[i].len = n
-    return arr
-
-
-def _copy(fn: Any, pid: int, local: Sequence[tuple[int, int]],
+def _copy(write: bool, pid: int, local: Sequence[tuple[int, int]],
           remote: Sequence[tuple[int, int]]) -> int:
-    """Copy the byte ranges ``local`` <-> ``remote`` (same total) with
-    process_vm_readv/writev, resuming after partial transfers."""
-    if fn is None:
+    if not _HAVE:
         raise OSError(errno.ENOSYS, "process_vm_readv/writev are not available")
-    total = sum(n for _, n in local)
-    if total != sum(n for _, n in remote):
-        raise ValueError("local and remote ranges differ in size")
-    done = 0
-    loc = [(a, n) for a, n in local if n]
-    rem = [(a, n) for a, n in remote if n]
-    while loc:
-        lchunk, rchunk = loc[:_IOV_MAX], rem[:_IOV_MAX]
-        want = min(sum(n for _, n in lchunk), sum(n for _, n in rchunk))
-        got = fn(pid, _iovs(lchunk), len(lchunk), _iovs(rchunk), len(rchunk), 0)
-        if got < 0:
-            e = ctypes.get_errno()
-            if e == errno.EINTR:
-                continue
-            raise OSError(e, f"cross-memory copy with pid {pid}: {os.strerror(e)}")
-        if got == 0 and want:
-            raise OSError(errno.EFAULT, f"cross-memory copy with pid {pid} moved nothing")
-        done += got
-        loc = _advance(loc, got)
-        rem = _advance(rem, got)
-    return done
-
-
-def _advance(ranges: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
-    out = list(ranges)
-    while n and out:
-        a, k = out[0]
-        if k <= n:
-            n -= k
-            out.pop(0)
-        else:
-            out[0] = (a + n, k - n)
-            n = 0
-    return out
+    return vm_copy(write, pid, list(local), list(remote))
 
 
 def push(pid: int, local: Sequence[tuple[int, int]], remote: Sequence[tuple[int, int]]) -> int:
     """Write our ranges into process ``pid``'s (the GIL is released)."""
-    n = _copy(_writev, pid, local, remote)
+    n = _copy(True, pid, local, remote)
     stats["sent_copied"] += n
     return n
 
 
 def pull(pid: int, local: Sequence[tuple[int, int]], remote: Sequence[tuple[int, int]]) -> int:
     """Read process ``pid``'s ranges into ours (the GIL is released)."""
-    n = _copy(_readv, pid, local, remote)
+    n = _copy(False, pid, local, remote)
     stats["received_copied"] += n
     return n
 
 
 def verify(pid: int, addr: int, token: bytes) -> bool:
     """Is ``token`` at ``addr`` in process ``pid``, and may we access it?"""
-    if _readv is None or pid <= 0 or addr <= 0:
+    if not _HAVE or pid <= 0 or addr <= 0:
         return False
     buf = ctypes.create_string_buffer(len(token))
     try:
-        _copy(_readv, pid, [(ctypes.addressof(buf), len(token))], [(addr, len(token))])
+        _copy(False, pid, [(ctypes.addressof(buf), len(token))], [(addr, len(token))])
     except OSError:
         return False
     return buf.raw == token

@@ -17,6 +17,12 @@ CTS       receiver -> sender      "write them here" (descriptors: our addresses)
 DONE      sender -> receiver      written into the addresses of CTS
 DATA      sender -> receiver      the buffers inline, after a CTS without addresses
 FIN       receiver -> sender      pulled with process_vm_readv: the sender is free
+RTR       receiver -> sender      ready to receive: a posted destination (one
+                                  descriptor) and, in the body, how many messages
+                                  had arrived when it was posted (see _offer.py)
+PUT       sender -> receiver      a large message that takes an RTR (its id after the
+                                  descriptors): as RTS, but the sender writes at once
+REVOKE    receiver -> sender      an RTR taken back (its receive was cancelled)
 ========  ======================  ==================================================
 
 Everything read from a peer is checked here (kinds, types, counts,
@@ -31,7 +37,8 @@ from typing import Any, Callable
 
 from ._base import ProtocolError
 
-__all__ = ["HEADER", "DESC", "HELLO", "MSG", "RTS", "CTS", "DONE", "DATA", "FIN",
+__all__ = ["HEADER", "DESC", "HELLO", "MSG", "RTS", "CTS", "DONE", "DATA", "FIN", "RTR", "PUT",
+           "REVOKE", "RTR_BODY", "RID", "CTS_TO_PUT",
            "P_PICKLE", "P_BYTES", "P_BYTEARRAY", "P_VIEW", "P_MPBYTES", "encode", "decode",
            "Header", "check_header", "MAX_BUFS", "OOB_MIN"]
 
@@ -40,11 +47,21 @@ DESC = struct.Struct("<QQ")
 # magic, version, reserved, pid, token address, token, channel id (random: see Channel._local_peer)
 HELLO_BODY = struct.Struct("<4sHHIQ16sQ")
 MAGIC = b"SHMS"
-VERSION = 2
+VERSION = 3
 
-HELLO, MSG, RTS, CTS, DONE, DATA, FIN = 1, 2, 3, 4, 5, 6, 7
-_KINDS = frozenset((HELLO, MSG, RTS, CTS, DONE, DATA, FIN))
-_NAMES = {HELLO: "HELLO", MSG: "MSG", RTS: "RTS", CTS: "CTS", DONE: "DONE", DATA: "DATA", FIN: "FIN"}
+HELLO, MSG, RTS, CTS, DONE, DATA, FIN, RTR, PUT, REVOKE = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+_KINDS = frozenset((HELLO, MSG, RTS, CTS, DONE, DATA, FIN, RTR, PUT, REVOKE))
+_NAMES = {HELLO: "HELLO", MSG: "MSG", RTS: "RTS", CTS: "CTS", DONE: "DONE", DATA: "DATA", FIN: "FIN",
+          RTR: "RTR", PUT: "PUT", REVOKE: "REVOKE"}
+#: An RTR's body: messages seen from the peer when it was posted, any tag (0/1).
+RTR_BODY = struct.Struct("<QB7x")
+#: A PUT's RTR id, after its descriptors.
+RID = struct.Struct("<Q")
+#: The tag of a CTS that answers a PUT whose RTR was being revoked: the
+#: sender may have written already, and then ignores it (see _offer.py).
+CTS_TO_PUT = 1
+#: Messages with at least this many bytes of buffers go by rendezvous.
+RNDV_MIN = 64 * 1024
 
 #: Payload types: a pickle with out-of-band buffers, or a buffer sent as itself.
 P_PICKLE, P_BYTES, P_BYTEARRAY, P_VIEW, P_MPBYTES = 0, 1, 2, 3, 4
@@ -87,8 +104,12 @@ def check_header(h: Header) -> Header:
         raise ProtocolError(f"message buffers of {h.total} bytes")
     if h.tag < 0:
         raise ProtocolError(f"negative tag {h.tag}")
-    if h.ptype != P_PICKLE and h.kind in (MSG, RTS) and h.nbufs != 1:
+    if h.ptype != P_PICKLE and h.kind in (MSG, RTS, PUT) and h.nbufs != 1:
         raise ProtocolError(f"a raw message with {h.nbufs} buffers")
+    if h.kind == RTR and (h.nbufs != 1 or h.body_len != RTR_BODY.size or h.total < RNDV_MIN):
+        raise ProtocolError("bad ready-to-receive")
+    if h.kind == REVOKE and (h.nbufs or h.body_len or h.total):
+        raise ProtocolError("bad revoke")
     return h
 
 

@@ -17,6 +17,7 @@ import threading
 from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, Optional
 
+from . import _offer
 from ._base import ANY, Status, check_tag
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class Request:
     ``cancel()``.  A receive's result is a :class:`Message`, a send's None."""
 
     __slots__ = ("_hub", "_chan", "_done", "_result", "_error", "_cancelled", "tag", "source",
-                 "into", "_refs", "_early", "_raw", "__weakref__")
+                 "into", "_refs", "_early", "_raw", "_offer", "__weakref__")
 
     def __init__(self, hub: "Hub", chan: Optional["Channel"]) -> None:
         self._hub = hub
@@ -64,6 +65,7 @@ class Request:
         self._refs: list = []
         self._early = False
         self._raw: Any = None
+        self._offer: Any = None            # (channel, id) of a receive offered to its sender
 
     @property
     def done(self) -> bool:
@@ -179,6 +181,8 @@ class Hub:
                 self._check_live(req)
                 if not req._done:
                     self.pending.append(req)
+                    if req.into is not None:
+                        _offer.offer(self, req)
                 return
             a.chan._take_queued(a, req)
 
@@ -187,6 +191,8 @@ class Hub:
             if req._done:
                 return False
             if isinstance(req, RecvRequest) and req in self.pending:
+                if req._offer is not None and not _offer.revoke(self, req):
+                    return False             # its message is being written into it
                 self.pending.remove(req)
                 req._cancelled = True
                 req._finish()
@@ -326,18 +332,24 @@ def _iprobe(hub: Hub, owner: Any, tag: Any, source: Any) -> Optional[Status]:
     return None
 
 
+def _check_probe_live(hub: Hub, tag: Any, source: Any) -> None:
+    """Raise what a receive of (tag, source) would, if no live channel can
+    give it a message."""
+    dummy = RecvRequest(hub, None)
+    dummy.tag, dummy.source, dummy.into = tag, source, None
+    with hub.lock:
+        hub._check_live(dummy)
+    if dummy._done:
+        raise dummy._error or EOFError("the peer closed the channel")
+
+
 def _probe(hub: Hub, owner: Any, tag: Any, source: Any, timeout: Optional[float]) -> Status:
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         st = _iprobe(hub, owner, tag, source)
         if st is not None:
             return st
-        dummy = RecvRequest(hub, None)
-        dummy.tag, dummy.source, dummy.into = tag, source, None
-        with hub.lock:
-            hub._check_live(dummy)
-        if dummy._done:
-            raise dummy._error or EOFError("the peer closed the channel")
+        _check_probe_live(hub, tag, source)
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             raise TimeoutError("timed out")

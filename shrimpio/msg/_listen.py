@@ -32,6 +32,21 @@ def _family(address: Any) -> int:
     raise TypeError(f"address must be a (host, port) tuple, not {address!r}")
 
 
+def listening(sock: Any, address: Any, backlog: int, blocking: bool) -> Any:
+    """``sock`` bound to ``address`` and listening (an inet one with
+    SO_REUSEADDR, as multiprocessing's listeners); closed if that fails."""
+    try:
+        if sock.family != _std.AF_UNIX:
+            sock.setsockopt(_std.SOL_SOCKET, _std.SO_REUSEADDR, 1)
+        sock.setblocking(blocking)
+        sock.bind(address)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def connect(address: Any, *, timeout: Optional[float] = None) -> Channel:
     """A channel to the shrimpio.msg listener at ``address`` ((host, port)):
     shared memory if it is on this host, kernel TCP otherwise."""
@@ -61,15 +76,8 @@ class Listener:
     """
 
     def __init__(self, address: Any = ("127.0.0.1", 0), backlog: int = 128) -> None:
-        sock = _sock_class()(_family(address), _std.SOCK_STREAM)
-        try:
-            sock.setsockopt(_std.SOL_SOCKET, _std.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(backlog)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
+        sock = listening(_sock_class()(_family(address), _std.SOCK_STREAM), address, backlog,
+                         blocking=False)
         self._sock = sock
         self._address = sock.getsockname()
         self._hub = Hub()

@@ -29,7 +29,7 @@ from typing import Any, Optional
 from ._base import ANY, BufferTooShort, ProtocolError
 from ._channel import Channel
 from ._frame import P_PICKLE, decode, mp_loads
-from ._listen import Pipe, _sock_class
+from ._listen import Pipe, _sock_class, listening
 
 __all__ = ["Connection", "Listener", "Client", "Pipe", "wait"]
 
@@ -105,7 +105,7 @@ class Connection(Channel):
             raise ValueError("size is negative")
         elif offset + size > n:
             raise ValueError("buffer length < offset + size")
-        self._isend(m[offset:offset + size], 0, True).wait()
+        self._isend(m[offset:offset + size], 0, True, True).wait()
 
     def send(self, obj: Any, tag: int = 0) -> None:
         """Send a (picklable) object"""
@@ -240,15 +240,7 @@ class Listener:
             sock = _std.socket(_std.AF_UNIX, _std.SOCK_STREAM)
         else:
             raise ValueError(f"unrecognized family {family!r}")
-        try:
-            if family == "AF_INET":
-                sock.setsockopt(_std.SOL_SOCKET, _std.SO_REUSEADDR, 1)
-            sock.setblocking(True)
-            sock.bind(address)
-            sock.listen(backlog)
-        except BaseException:
-            sock.close()
-            raise
+        listening(sock, address, backlog, blocking=True)
         self._sock: Optional[Any] = sock
         self._family = family
         self._address = sock.getsockname()

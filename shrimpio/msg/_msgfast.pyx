@@ -38,6 +38,9 @@ cdef extern from *:
 DEF HLEN = 40
 DEF DLEN = 16
 DEF K_MSG = 2
+DEF K_RTR = 8
+DEF RTR_BLEN = 16
+DEF RNDV_MIN = 64 * 1024       # (_frame.RNDV_MIN)
 DEF P_PICKLE = 0
 DEF P_BYTES = 1
 DEF P_MPBYTES = 4
@@ -154,6 +157,27 @@ def read_msg(Ring rx, Py_ssize_t limit):
     return (h.ptype, h.tag, body, obj, h.pid, need)
 
 
+def read_rtr(Ring rx):
+    """The next frame if it is a well-formed ready-to-receive (RTR, see
+    _offer.py), consumed: (id, tag, any tag, address, length, pid, seen,
+    its size); None otherwise (nothing consumed; the Python path reads it,
+    and says what is wrong with it)."""
+    cdef char head[HLEN + DLEN + RTR_BLEN]
+    cdef msg_hdr *h = <msg_hdr *>head
+    cdef msg_desc *d = <msg_desc *>(head + HLEN)
+    cdef uint64_t *body = <uint64_t *>(head + HLEN + DLEN)
+    cdef uint64_t need = HLEN + DLEN + RTR_BLEN
+    if rx._avail() < need:
+        return None
+    _copy_at(rx, 0, head, need)
+    if (h.kind != K_RTR or h.nbufs != 1 or h.body_len != RTR_BLEN or h.total < RNDV_MIN
+            or h.tag < 0 or d.len != h.total or d.addr == 0 or h.ptype > P_MPBYTES):
+        return None
+    rx._release(rx.tail + need)
+    return (h.mid, h.tag, (<uint8_t *>(head + HLEN + DLEN + 8))[0] != 0, d.addr, d.len, h.pid,
+            body[0], need)
+
+
 def wait_spinning(Ring rx, timeout, double spin):
     """``rx.wait_readable(timeout)``, spinning ``spin`` seconds before it
     sleeps, for a wait whose length the channel knows better than the
@@ -185,7 +209,26 @@ def _after_fork():
 _os.register_at_fork(after_in_child=_after_fork)
 
 cdef object _tuple_new = tuple.__new__
-DEF RNDV_MIN = 64 * 1024
+DEF OOB_MIN = 1024
+DEF MAX_BUFS = 1024
+
+
+cdef object _oob_raws(list bufs):
+    """The flat views of the PickleBuffers a pickle put out of band, if
+    all of them go out of band by encode()'s rules (contiguous, 1 KiB or
+    more, at most MAX_BUFS): then that pickle is the message's body."""
+    cdef list raws = []
+    if len(bufs) > MAX_BUFS:
+        return None
+    for pb in bufs:
+        try:
+            raw = pb.raw()
+        except BufferError:
+            return None
+        if raw.nbytes < OOB_MIN:
+            return None
+        raws.append(raw)
+    return raws
 DEF FAST_MAX = 256 * 1024
 
 
@@ -201,6 +244,11 @@ cdef class FastPath:
     cdef public bint mp          # multiprocessing semantics: recv() gives the object alone
     cdef public bint readable
     cdef public bint writable
+    cdef public unsigned long long n_in     # messages read here (the channel adds its own)
+    cdef public unsigned long long n_out    # messages written here
+    cdef public bint offered                # the peer's offers are held: sends go the general way
+    cdef public object send_pickled         # (body, raw buffers, tag): a pickle made here
+    cdef public object on_rtr               # (read_rtr's tuple): an offer read here
     cdef Ring tx
     cdef Ring rx
     cdef object stream
@@ -237,6 +285,10 @@ cdef class FastPath:
         self.writable = True
         self.ok = False
         self.ok_tx = True
+        self.n_in = self.n_out = 0
+        self.offered = False
+        self.send_pickled = None
+        self.on_rtr = None
 
     def send(self, obj, tag=0):
         """Channel.send (see there)."""
@@ -244,18 +296,35 @@ cdef class FastPath:
         cdef Py_ssize_t n
         if self.ok_tx and self.writable and type(tag) is int and 0 <= tag <= 0x7fffffffffffffff:
             if type(obj) is bytes:
-                if len(<bytes>obj) < RNDV_MIN:
+                if len(<bytes>obj) < RNDV_MIN and not self.offered:
+                    self.n_out += 1          # (counted first: see _offer.py)
                     n = write_msg(self.tx, P_BYTES, tag, _pid, b"", obj)
                     self.stream.bytes_sent += n
                     return None
             elif type(obj) is not bytearray and type(obj) is not memoryview:
                 bufs = []
                 body = _dumps(obj, 5, buffer_callback=bufs.append)
-                if not bufs:
+                if not bufs and len(<bytes>body) < RNDV_MIN and not self.offered:
+                    self.n_out += 1
                     n = write_msg(self.tx, P_PICKLE, tag, _pid, body, None)
                     self.stream.bytes_sent += n
                     return None
+                if self.send_pickled is not None:
+                    raws = _oob_raws(bufs) if bufs else []
+                    if raws is not None:         # (else pickled again, some in-band)
+                        return self.send_pickled(body, raws, tag)
         return self.slow_send(obj, tag)
+
+    cdef bint _offer_read(self) except -1:
+        """An offer (RTR) read, if one is next in the ring (the lock is held)."""
+        if self.on_rtr is None:
+            return False
+        o = read_rtr(self.rx)
+        if o is None:
+            return False
+        self.stream.bytes_received += o[7]
+        self.on_rtr(o)
+        return True
 
     def try_recv(self, tag):
         """A small message matching ``tag`` (any if ANY) as a Message, read
@@ -272,8 +341,11 @@ cdef class FastPath:
             if not self.ok or self.pending or self.queue:
                 return None
             r = read_msg(self.rx, FAST_MAX)
+            while r is None and self._offer_read():
+                r = read_msg(self.rx, FAST_MAX)
             if r is None:
                 return None if self.rx._avail() else 0
+            self.n_in += 1
             self.stream.bytes_received += r[5]
             if tag is not self.any_ and r[1] != tag:
                 self.on_fast(r)        # queued: another tag
@@ -309,6 +381,7 @@ cdef class FastPath:
                     break
                 r = read_msg(self.rx, FAST_MAX)
                 if r is not None:
+                    self.n_in += 1
                     self.stream.bytes_received += r[5]
                     if tag is not self.any_ and r[1] != tag:
                         self.on_fast(r)        # queued: another tag
@@ -326,6 +399,8 @@ cdef class FastPath:
                         return obj
                     return _tuple_new(self.message, (obj, r[1], self.chan))
                 if self.rx._avail():
+                    if self._offer_read():
+                        continue
                     break                  # a frame for the general path
             finally:
                 self.lock.release()
@@ -335,3 +410,133 @@ cdef class FastPath:
         if self.mp:
             return self.slow_recv()
         return self.slow_recv(tag, source, timeout=timeout)
+
+
+# -- buffer addresses and cross-memory copies (used by _cma.py) ----------------------------
+
+from cpython.buffer cimport PyBUF_WRITABLE
+from libc.stdlib cimport malloc, free
+from libc.errno cimport errno, EINTR
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t process_vm_readv(int pid, const iovec *local, unsigned long liovcnt,
+                             const iovec *remote, unsigned long riovcnt, unsigned long flags)
+    ssize_t process_vm_writev(int pid, const iovec *local, unsigned long liovcnt,
+                              const iovec *remote, unsigned long riovcnt, unsigned long flags)
+
+DEF IOV_MAX = 1024
+
+
+cdef class BufferRef:
+    """A held buffer export of ``obj`` (contiguous; writable if asked):
+    its address and length stay valid until ``release()``."""
+
+    cdef Py_buffer view
+    cdef bint held
+    cdef readonly size_t addr
+    cdef readonly Py_ssize_t nbytes
+
+    def __cinit__(self, obj, bint writable=False):
+        # PyBUF_SIMPLE and PyBUF_WRITABLE both refuse non-contiguous buffers.
+        PyObject_GetBuffer(obj, &self.view, PyBUF_WRITABLE if writable else PyBUF_SIMPLE)
+        self.held = True
+        self.addr = <size_t>self.view.buf
+        self.nbytes = self.view.len
+
+    def release(self):
+        if self.held:
+            self.held = False
+            PyBuffer_Release(&self.view)
+
+    def __dealloc__(self):
+        if self.held:
+            self.held = False
+            PyBuffer_Release(&self.view)
+
+
+cdef iovec *_iovs(list ranges, Py_ssize_t *count, uint64_t *total) except NULL:
+    cdef Py_ssize_t n = len(ranges), i, k = 0
+    cdef iovec *v = <iovec *>malloc(max(n, 1) * sizeof(iovec))
+    cdef uint64_t length
+    if v == NULL:
+        raise MemoryError()
+    total[0] = 0
+    try:
+        for i in range(n):
+            addr, length = ranges[i]
+            if length:
+                v[k].iov_base = <void *><size_t>addr
+                v[k].iov_len = length
+                total[0] += length
+                k += 1
+    except BaseException:
+        free(v)
+        raise
+    count[0] = k
+    return v
+
+
+cdef void _advance(iovec **v, Py_ssize_t *n, size_t done) noexcept nogil:
+    while done and n[0]:
+        if v[0][0].iov_len <= done:
+            done -= v[0][0].iov_len
+            v[0] += 1
+            n[0] -= 1
+        else:
+            v[0][0].iov_base = <char *>v[0][0].iov_base + done
+            v[0][0].iov_len -= done
+            done = 0
+
+
+def vm_copy(bint write, int pid, list local, list remote):
+    """Copy the byte ranges ``local`` <-> ``remote`` (lists of (address,
+    length), the same total) into (``write``) or out of process ``pid``
+    with process_vm_writev/readv, resuming after partial transfers; the
+    GIL is released.  The bytes moved; ``OSError`` as the call fails."""
+    cdef Py_ssize_t nl, nr, cl, cr
+    cdef uint64_t tl, tr, done = 0
+    cdef iovec *lv = _iovs(local, &nl, &tl)
+    cdef iovec *rv
+    cdef iovec *lp
+    cdef iovec *rp
+    cdef ssize_t got
+    cdef int err = 0
+    try:
+        rv = _iovs(remote, &nr, &tr)
+    except BaseException:
+        free(lv)
+        raise
+    try:
+        if tl != tr:
+            raise ValueError("local and remote ranges differ in size")
+        lp, rp = lv, rv
+        with nogil:
+            while nl and nr:
+                cl = min(nl, IOV_MAX)
+                cr = min(nr, IOV_MAX)
+                if write:
+                    got = process_vm_writev(pid, lp, cl, rp, cr, 0)
+                else:
+                    got = process_vm_readv(pid, lp, cl, rp, cr, 0)
+                if got < 0:
+                    if errno == EINTR:
+                        continue
+                    err = errno
+                    break
+                if got == 0:
+                    err = -1
+                    break
+                done += got
+                _advance(&lp, &nl, got)
+                _advance(&rp, &nr, got)
+        if err == -1:
+            raise OSError(14, f"cross-memory copy with pid {pid} moved nothing")    # EFAULT
+        if err:
+            raise OSError(err, f"cross-memory copy with pid {pid}: {_os.strerror(err)}")
+        return done
+    finally:
+        free(lv)
+        free(rv)

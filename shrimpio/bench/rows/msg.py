@@ -85,53 +85,17 @@ def versions() -> dict[str, str]:
 
 # -- running a pair ----------------------------------------------------------------------
 
-def _pair(server: Callable[[], Any], client: Callable[[], list[int]]) -> tuple[list[int], Any]:
-    """Fork ``server`` (core 1; its return value comes back as JSON) and run
-    ``client`` here (core 0); (client's samples, server's value)."""
+def _fork(fn: Callable[[], Any], core: Optional[int] = None) -> tuple[int, int]:
+    """Fork a child that runs ``fn`` (pinned to ``core``) and writes its
+    return value as JSON to a pipe: (pid, the pipe's read end)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         code = 1
         try:
-            _pin(1)
-            out = server()
-            os.write(w, json.dumps(out).encode())
-            code = 0
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    os.close(w)
-    affinity = os.sched_getaffinity(0)
-    try:
-        _pin(0)
-        samples = client()
-    finally:
-        os.sched_setaffinity(0, affinity)
-        data = b""
-        while True:
-            chunk = os.read(r, 65536)
-            if not chunk:
-                break
-            data += chunk
-        os.close(r)
-        _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError("the server process failed")
-    return samples, json.loads(data) if data else None
-
-
-def _in_child(fn: Callable[[], list[int]]) -> list[int]:
-    """Run ``fn`` in a forked process (for libraries, as libzmq, that keep
-    threads and fds of their own): its samples."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        code = 1
-        try:
+            if core is not None:
+                _pin(core)
             os.write(w, json.dumps(fn()).encode())
             code = 0
         except BaseException:
@@ -140,6 +104,11 @@ def _in_child(fn: Callable[[], list[int]]) -> list[int]:
         finally:
             os._exit(code)
     os.close(w)
+    return pid, r
+
+
+def _join(pid: int, r: int, who: str) -> Any:
+    """The forked child's return value (see _fork), once it has exited."""
     data = b""
     while True:
         chunk = os.read(r, 1 << 20)
@@ -149,8 +118,34 @@ def _in_child(fn: Callable[[], list[int]]) -> list[int]:
     os.close(r)
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError("the client process failed")
-    return json.loads(data)
+        raise RuntimeError(f"the {who} process failed")
+    return json.loads(data) if data else None
+
+
+def _pair(server: Callable[[], Any], client: Callable[[], list[int]]) -> tuple[list[int], Any]:
+    """Fork ``server`` (core 1; its return value comes back as JSON) and run
+    ``client`` here (core 0); (client's samples, server's value)."""
+    pid, r = _fork(server, 1)
+    affinity = os.sched_getaffinity(0)
+    try:
+        _pin(0)
+        samples = client()
+    except BaseException:
+        os.sched_setaffinity(0, affinity)
+        try:
+            _join(pid, r, "server")
+        except RuntimeError:
+            pass                           # (the client's error says more)
+        raise
+    os.sched_setaffinity(0, affinity)
+    return samples, _join(pid, r, "server")
+
+
+def _in_child(fn: Callable[[], list[int]]) -> list[int]:
+    """Run ``fn`` in a forked process (for libraries, as libzmq, that keep
+    threads and fds of their own): its samples."""
+    pid, r = _fork(fn)
+    return _join(pid, r, "client")
 
 
 def _timed(n: int, step: Callable[[], Any]) -> list[int]:
@@ -166,30 +161,116 @@ def _timed(n: int, step: Callable[[], Any]) -> list[int]:
 OBJ = b"m" * 64
 
 
-# -- 64 B object round trip ---------------------------------------------------------------
+# -- one pair of each library: a server answering, a client timing its asks ------------------
 
-def rtt_msg(n: int) -> list[int]:
+Ask = Callable[[], Any]
+
+
+def _msg_pair(n: int, warm: int, serve: Callable[[Any], Any],
+              make_ask: Callable[[Any], Ask]) -> tuple[list[int], Any]:
+    """shrimpio.msg: ``serve(end)`` in the server (its return value comes
+    back); the client times ``n`` calls of ``make_ask(end)`` after
+    ``warm`` untimed ones."""
     from ... import msg
     a, b = msg.Pipe()
 
-    def server() -> None:
+    def server() -> Any:
         b.close()
-        for _ in range(n + _WARM):
-            a.send(a.recv())
+        out = serve(a)
         a.close()
+        return out
 
     def client() -> list[int]:
         a.close()
-        for _ in range(_WARM):
-            b.send(OBJ)
-            b.recv()
+        ask = make_ask(b)
+        for _ in range(warm):
+            ask()
         if not b.shm:
             raise RuntimeError("shrimpio.msg did not take shared memory")
-        out = _timed(n, lambda: (b.send(OBJ), b.recv()))
+        out = _timed(n, ask)
         b.close()
         return out
 
+    return _pair(server, client)
+
+
+def _mp_pair(n: int, warm: int, serve_one: Callable[[Any], Any],
+             make_ask: Callable[[Any], Ask]) -> list[int]:
+    """multiprocessing.Pipe: ``serve_one(end)`` answers one ask."""
+    import multiprocessing
+    a, b = multiprocessing.Pipe()
+
+    def server() -> None:
+        b.close()
+        for _ in range(n + warm):
+            serve_one(a)
+
+    def client() -> list[int]:
+        a.close()
+        ask = make_ask(b)
+        for _ in range(warm):
+            ask()
+        return _timed(n, ask)
+
     return _pair(server, client)[0]
+
+
+def _zmq_url() -> tuple[str, str]:
+    d = tempfile.mkdtemp(prefix="shrimpio-bench-zmq-")
+    return f"ipc://{d}/s", d
+
+
+def _zmq_pair(n: int, warm: int, serve_one: Callable[[Any], Any],
+              make_ask: Callable[[Any], Ask]) -> list[int]:
+    """pyzmq REQ/REP over ``ipc://``, the client in a child of its own
+    (libzmq keeps threads and fds)."""
+    _need("zmq", "pyzmq")
+    url, d = _zmq_url()
+    rd, wr = os.pipe()
+
+    def server() -> None:
+        import zmq
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.REP)
+        s.setsockopt(zmq.LINGER, 0)
+        s.bind(url)
+        os.write(wr, b"1")
+        for _ in range(n + warm):
+            serve_one(s)
+        s.close()
+        ctx.term()
+
+    def client() -> list[int]:
+        import zmq
+        os.read(rd, 1)
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.REQ)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(url)
+        ask = make_ask(s)
+        for _ in range(warm):
+            ask()
+        out = _timed(n, ask)
+        s.close()
+        ctx.term()
+        return out
+
+    try:
+        return _pair(server, lambda: _in_child(client))[0]
+    finally:
+        os.close(rd)
+        os.close(wr)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# -- 64 B object round trip ---------------------------------------------------------------
+
+def rtt_msg(n: int) -> list[int]:
+    def serve(a: Any) -> None:
+        for _ in range(n + _WARM):
+            a.send(a.recv())
+
+    return _msg_pair(n, _WARM, serve, lambda b: lambda: (b.send(OBJ), b.recv()))[0]
 
 
 def rtt_msg_async(n: int) -> list[int]:
@@ -242,67 +323,12 @@ def rtt_streams(n: int) -> list[int]:
 
 
 def rtt_mp(n: int) -> list[int]:
-    import multiprocessing
-    a, b = multiprocessing.Pipe()
-
-    def server() -> None:
-        b.close()
-        for _ in range(n + _WARM):
-            a.send(a.recv())
-
-    def client() -> list[int]:
-        a.close()
-        for _ in range(_WARM):
-            b.send(OBJ)
-            b.recv()
-        return _timed(n, lambda: (b.send(OBJ), b.recv()))
-
-    return _pair(server, client)[0]
-
-
-def _zmq_url() -> tuple[str, str]:
-    d = tempfile.mkdtemp(prefix="shrimpio-bench-zmq-")
-    return f"ipc://{d}/s", d
+    return _mp_pair(n, _WARM, lambda a: a.send(a.recv()), lambda b: lambda: (b.send(OBJ), b.recv()))
 
 
 def rtt_zmq(n: int) -> list[int]:
-    _need("zmq", "pyzmq")
-    url, d = _zmq_url()
-    rd, wr = os.pipe()
-
-    def server() -> None:
-        import zmq
-        ctx = zmq.Context()
-        s = ctx.socket(zmq.REP)
-        s.setsockopt(zmq.LINGER, 0)
-        s.bind(url)
-        os.write(wr, b"1")
-        for _ in range(n + _WARM):
-            s.send_pyobj(s.recv_pyobj())
-        s.close()
-        ctx.term()
-
-    def client() -> list[int]:
-        import zmq
-        os.read(rd, 1)
-        ctx = zmq.Context()
-        s = ctx.socket(zmq.REQ)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(url)
-        for _ in range(_WARM):
-            s.send_pyobj(OBJ)
-            s.recv_pyobj()
-        out = _timed(n, lambda: (s.send_pyobj(OBJ), s.recv_pyobj()))
-        s.close()
-        ctx.term()
-        return out
-
-    try:
-        return _pair(server, lambda: _in_child(client))[0]
-    finally:
-        os.close(rd)
-        os.close(wr)
-        shutil.rmtree(d, ignore_errors=True)
+    return _zmq_pair(n, _WARM, lambda s: s.send_pyobj(s.recv_pyobj()),
+                     lambda s: lambda: (s.send_pyobj(OBJ), s.recv_pyobj()))
 
 
 def _run_mpi(test: str, n: int, size: int) -> list[int]:
@@ -330,113 +356,54 @@ def _array(size: int) -> Any:
 
 def bw_msg(n: int, size: int, posted: bool = True) -> tuple[list[int], Any]:
     from ... import msg
-    a, b = msg.Pipe()
 
-    def server() -> dict:
-        b.close()
+    def serve(a: Any) -> dict:
         total = n + 2
-        if posted:
-            dest = _array(size)
-            req = a.irecv(into=dest)
-            a.send(b"ready")
-            s0 = msg.copy_stats()
-            for i in range(total):
+        dest = _array(size) if posted else None
+        req = a.irecv(into=dest) if posted else None
+        a.send(b"ready")
+        s0 = msg.copy_stats()
+        for i in range(total):
+            if posted:
                 req.wait()
-                if i == 1:
-                    s0 = msg.copy_stats()          # after the warm-up
-                req = a.irecv(into=dest) if i + 1 < total else None
-                a.send(b"ack-8-by")
-            moved = msg.copy_stats()["received_copied"] - s0["received_copied"]
-        else:
-            a.send(b"ready")
-            for i in range(total):
-                if i == 1:
-                    s0 = msg.copy_stats()
+                if i + 1 < total:
+                    req = a.irecv(into=dest)
+            else:
                 a.recv()
-                a.send(b"ack-8-by")
-            moved = msg.copy_stats()["received_copied"] - s0["received_copied"]
-        a.close()
-        return {"receiver_copied": moved / (total - 1)}
+            if i == 1:
+                s0 = msg.copy_stats()          # after the warm-up
+            a.send(b"ack-8-by")
+        moved = msg.copy_stats()["received_copied"] - s0["received_copied"]
+        return {"receiver_copied": moved / (total - 2)}
 
-    def client() -> list[int]:
-        a.close()
+    def make_ask(b: Any) -> Ask:
         arr = _array(size)
         b.recv()
-        for _ in range(2):
-            b.send(arr)
-            b.recv()
-        if not b.shm:
-            raise RuntimeError("shrimpio.msg did not take shared memory")
-        out = _timed(n, lambda: (b.send(arr), b.recv()))
-        b.close()
-        return out
+        return lambda: (b.send(arr), b.recv())
 
-    return _pair(server, client)
+    return _msg_pair(n, 2, serve, make_ask)
 
 
 def bw_mp(n: int, size: int) -> list[int]:
-    import multiprocessing
-    a, b = multiprocessing.Pipe()
-
-    def server() -> None:
-        b.close()
-        for _ in range(n + 2):
-            a.recv()
-            a.send_bytes(b"ack-8-by")
-
-    def client() -> list[int]:
-        a.close()
+    def make_ask(b: Any) -> Ask:
         arr = _array(size)
-        for _ in range(2):
-            b.send(arr)
-            b.recv_bytes()
-        return _timed(n, lambda: (b.send(arr), b.recv_bytes()))
+        return lambda: (b.send(arr), b.recv_bytes())
 
-    return _pair(server, client)[0]
+    return _mp_pair(n, 2, lambda a: (a.recv(), a.send_bytes(b"ack-8-by")), make_ask)
 
 
 def bw_zmq(n: int, size: int) -> list[int]:
-    _need("zmq", "pyzmq")
-    url, d = _zmq_url()
-    rd, wr = os.pipe()
-
-    def server() -> None:
+    def serve_one(s: Any) -> None:
         import numpy as np
-        import zmq
-        ctx = zmq.Context()
-        s = ctx.socket(zmq.REP)
-        s.setsockopt(zmq.LINGER, 0)
-        s.bind(url)
-        os.write(wr, b"1")
-        for _ in range(n + 2):
-            f = s.recv(copy=False)
-            np.frombuffer(f.buffer, dtype=np.uint8)
-            s.send(b"ack-8-by")
-        s.close()
-        ctx.term()
+        f = s.recv(copy=False)
+        np.frombuffer(f.buffer, dtype=np.uint8)
+        s.send(b"ack-8-by")
 
-    def client() -> list[int]:
-        import zmq
-        os.read(rd, 1)
-        ctx = zmq.Context()
-        s = ctx.socket(zmq.REQ)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(url)
+    def make_ask(s: Any) -> Ask:
         arr = _array(size)
-        for _ in range(2):
-            s.send(arr, copy=False)
-            s.recv()
-        out = _timed(n, lambda: (s.send(arr, copy=False), s.recv()))
-        s.close()
-        ctx.term()
-        return out
+        return lambda: (s.send(arr, copy=False), s.recv())
 
-    try:
-        return _pair(server, lambda: _in_child(client))[0]
-    finally:
-        os.close(rd)
-        os.close(wr)
-        shutil.rmtree(d, ignore_errors=True)
+    return _zmq_pair(n, 2, serve_one, make_ask)
 
 
 def bw_mpi(n: int, size: int) -> list[int]:
