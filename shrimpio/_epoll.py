@@ -39,6 +39,10 @@ blocking calls or several pollers with an epoll), and while that happens it
 waits in slices, so that a wake-up taken in the instant before a wait is
 found within one slice.
 
+A registration or modification made by another thread while a poll waits
+wakes that poll (an eventfd in the kernel epoll), so that it looks at the new
+registration at once, as the kernel's epoll would watch it.
+
 What a registered fd is, is decided at poll time: a socket registered
 before its ``connect()``/``listen()`` is watched as what it became
 (``fd_changing`` takes a registration out before ``dup2`` replaces its
