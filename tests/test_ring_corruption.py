@@ -355,6 +355,7 @@ import struct  # noqa: E402
 import shrimpio.patch  # noqa: E402
 import shrimpio.socket as ss  # noqa: E402
 from shrimpio._connection import Connection  # noqa: E402
+from shrimpio._fdhooks import _real_write  # noqa: E402
 
 shrimpio.patch.disable()
 
@@ -382,7 +383,9 @@ def _scribbler(addr, cmd_r, done_w):
         # (A peer that scribbles and stays silent is a silent peer: an epoll
         # sees it when it next rings or dies; select and poll look at every
         # ring on each call and see it at once.)
-        os.write(conn.bell_fd, b"\1")
+        # (The kernel's write: the patched os.write of a connection's fd
+        # sends into the ring, which would rewrite the scribbled index.)
+        _real_write(conn.bell_fd, b"\1")
         conn.space.send(b"\1")
         os.write(done_w, cmd)
 
