@@ -17,7 +17,8 @@
 * ``multiprocessing.connection``'s socket Listener and Client give
   connections on shared memory (:mod:`shrimpio._mpconn`);
 * gevent's cooperative sockets and servers run over shared memory
-  (:mod:`shrimpio._gevent`);
+  (:mod:`shrimpio._gevent`); eventlet's stay on kernel TCP and say so
+  (:mod:`shrimpio._eventlet`);
 * a listening shrimpio socket given to another process (a ``Process``
   argument, a pool's ``initargs``: pickled with its fd) takes its registry
   socket along, so that the processes share one queue of shared-memory
@@ -262,6 +263,16 @@ def _unhook_gevent_ssl(mod: Any) -> None:
     _gevent.uninstall_ssl(mod)
 
 
+def _hook_eventlet(mod: Any) -> None:
+    from . import _eventlet
+    _eventlet.install(mod)
+
+
+def _unhook_eventlet(mod: Any) -> None:
+    from . import _eventlet
+    _eventlet.uninstall(mod)
+
+
 def _hook_mp_reduction(mod: Any) -> None:
     mod.register(_ss.socket, _reduce_socket)
 
@@ -274,6 +285,7 @@ _MODULE_HOOKS: dict[str, tuple[Callable[[Any], None], Callable[[Any], None]]] = 
     "gevent._socket3": (_hook_gevent_socket, _unhook_gevent_socket),
     "gevent.baseserver": (_hook_gevent_server, _unhook_gevent_server),
     "gevent.ssl": (_hook_gevent_ssl, _unhook_gevent_ssl),
+    "eventlet.greenio.base": (_hook_eventlet, _unhook_eventlet),
 }
 
 

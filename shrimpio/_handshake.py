@@ -281,6 +281,10 @@ def connect_shm(sock: Any, address: Any, kit_later: bool = False, late: bool = F
     host, port = address[0], address[1]
     if not isinstance(host, str) or not isinstance(port, int):
         return False
+    forced = _route.class_rule(sock)
+    if forced is not None:
+        sock._route = forced
+        return False
     family = _family(sock)
     dest = destination(family, host, port)
     if type(dest) is not _Destination:

@@ -5,6 +5,9 @@ Theory of operation
 A stream connection goes over shared memory when all of these hold, checked
 in this order (the first that fails is the recorded *reason*):
 
+0. the socket's class may use shared memory: a class whose owner polls the
+   fd in the kernel (eventlet's green sockets, :mod:`shrimpio._eventlet`)
+   names its reason in ``_only_tcp`` (:func:`class_rule`);
 1. shrimpio is enabled (``SHRIMPIO_DISABLE`` unset) - reason ``"disabled"``;
 2. no user rule keeps this port/address on TCP - ``"disabled by rule"``;
 3. the destination is an address of this host, in this network namespace -
@@ -36,7 +39,7 @@ from typing import NamedTuple, Optional
 
 from ._control import environ_data, getenv
 
-__all__ = ["Route", "decide_client", "listener_allowed", "is_local_address", "add_tcp_rule",
+__all__ = ["Route", "class_rule", "decide_client", "listener_allowed", "is_local_address", "add_tcp_rule",
            "clear_tcp_rules", "entry_name", "enabled"]
 
 SHM = "shm"
@@ -57,6 +60,13 @@ class Route(NamedTuple):
 
 
 SHM_ROUTE = Route(SHM, "")
+
+
+def class_rule(sock: object) -> Optional[Route]:
+    """The TCP route of ``sock`` if its class must stay on kernel TCP (rule
+    0 above), else None."""
+    reason = getattr(sock, "_only_tcp", None)
+    return None if reason is None else Route(TCP, reason)
 
 
 def enabled() -> bool:

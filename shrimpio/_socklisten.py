@@ -41,7 +41,7 @@ def listen(lsock: Any, backlog: int) -> None:
     if lsock._lst is not None or not lsock._is_tcp():
         return
     host, port = StdSocket.getsockname(lsock)[:2]
-    route = _route.listener_allowed(host, port)
+    route = _route.class_rule(lsock) or _route.listener_allowed(host, port)
     if route.path != _route.SHM:
         lsock._route = route
         return

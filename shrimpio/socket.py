@@ -84,6 +84,11 @@ class socket(StdSocket):
     __slots__ = ("_shm", "_lst", "_route", "_sent", "_received", "_bufs", "_opts",
                  "_local", "_peer", "_unbound", "_esc")
 
+    #: A reason, in a subclass whose sockets must stay on kernel TCP (their
+    #: owner polls the fd in the kernel: shrimpio._eventlet); their
+    #: connections and listeners report it.
+    _only_tcp: Optional[str] = None
+
     def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
                  fileno: Optional[int] = None) -> None:
         # An fd of a shared-memory connection (detached, os.dup-ed, inherited)

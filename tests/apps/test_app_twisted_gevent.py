@@ -1,12 +1,12 @@
 """App matrix: twisted (a Protocol echo server and client), gevent
-(monkey.patch_all() server and client), trio (its own epoll loop) and
+(monkey.patch_all() server and client), eventlet (kernel TCP, said so), trio (its own epoll loop) and
 paramiko (SSH: a transport thread per connection)."""
 
 from __future__ import annotations
 
 import pytest
 
-from apprunner import Apps, appdata, assert_shm, need
+from apprunner import TCP, Apps, appdata, assert_shm, need
 
 pytestmark = [pytest.mark.apps]
 
@@ -38,6 +38,34 @@ def test_gevent_monkey_patched():
         apps.stop(srv)
         assert "3 connections echoed" in out, out
         assert_shm(srv, client, at_least=3)
+
+
+@pytest.mark.timeout(60)
+def test_eventlet_stays_on_tcp_and_says_so():
+    """eventlet's green sockets come from an unpatched copy of socket and its
+    hub polls the fd in the kernel: its connections stay on kernel TCP, and
+    every one of them (its server's, its client's) reports why; a patched
+    plain client of its server reports "no shrimpio listener"."""
+    need("eventlet")
+    from shrimpio._eventlet import REASON
+    with Apps() as apps:
+        srv = apps.start("server", ["eventlet_server.py"])
+        port = apps.wait_port(srv)
+        green_out = apps.run("client", ["eventlet_client.py", port])
+        green = apps.procs[-1]
+        plain_out = apps.run("plain", ["line_echo_client.py", port])
+        plain = apps.procs[-1]
+        apps.stop(srv)
+        assert "3 connections echoed" in green_out, green_out
+        assert plain_out.count("20 lines and 300001 bytes echoed") == 2, plain_out
+        green_reasons = [(r["path"], r["reason"]) for r in green.records()]
+        assert green_reasons == [(TCP, REASON)] * 3, green_reasons
+        plain_reasons = [(r["path"], r["reason"]) for r in plain.records()]
+        assert plain_reasons == [(TCP, "no shrimpio listener")] * 2, plain_reasons
+        srv_records = srv.records()
+        assert [(r["path"], r["reason"]) for r in srv_records] == [(TCP, REASON)] * 5, srv_records
+        assert sum(r["bytes_received"] for r in srv_records) == \
+            sum(r["bytes_sent"] for r in green.records() + plain.records()), srv_records
 
 
 @pytest.mark.timeout(60)
