@@ -13,6 +13,22 @@ def blob(n: int) -> bytes:
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
+def echo_exchange(sock, f, name: bytes) -> tuple[int, str]:
+    """The line-echo clients' exchange on a connected ``sock`` (and
+    ``f = sock.makefile("rb")``): 20 small lines, then one 300 kB line,
+    each echo checked.  (the big line's length, the digest of its echo)"""
+    for i in range(20):
+        line = b"%s line %d\n" % (name, i)
+        sock.sendall(line)
+        got = f.readline()
+        assert got == line, (got, line)
+    big = blob(300_000).replace(b"\n", b".") + b"\n"
+    sock.sendall(big)
+    reply = f.readline()
+    assert reply == big, len(reply)
+    return len(big), digest(reply)
+
+
 #: Each network operation's limit in the clients (seconds): generous for a
 #: loaded machine, short enough that a hang fails fast.
 TIMEOUT = 6

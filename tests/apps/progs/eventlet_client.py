@@ -9,23 +9,14 @@ eventlet.monkey_patch()
 import socket  # noqa: E402
 import sys  # noqa: E402
 
-from appdata import TIMEOUT, blob, digest  # noqa: E402
+from appdata import TIMEOUT, echo_exchange  # noqa: E402
 
 port = int(sys.argv[1])
 
 
 def one(c):
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock, sock.makefile("rb") as f:
-        for i in range(20):
-            line = b"green thread %d line %d\n" % (c, i)
-            sock.sendall(line)
-            got = f.readline()
-            assert got == line, (got, line)
-        big = blob(300_000).replace(b"\n", b".") + b"\n"
-        sock.sendall(big)
-        reply = f.readline()
-        assert reply == big, len(reply)
-        return digest(reply)
+        return echo_exchange(sock, f, b"green thread %d" % c)[1]
 
 
 pool = eventlet.GreenPool()

@@ -11,22 +11,14 @@ import sys  # noqa: E402
 
 import gevent  # noqa: E402
 
-from appdata import TIMEOUT, blob, digest  # noqa: E402
+from appdata import TIMEOUT, echo_exchange  # noqa: E402
 
 port = int(sys.argv[1])
 
 
 def one(c):
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock, sock.makefile("rb") as f:
-        for i in range(20):
-            line = b"greenlet %d line %d\n" % (c, i)
-            sock.sendall(line)
-            assert f.readline() == line
-        big = blob(300_000).replace(b"\n", b".") + b"\n"
-        sock.sendall(big)
-        reply = f.readline()
-        assert reply == big, len(reply)
-        return digest(reply)
+        return echo_exchange(sock, f, b"greenlet %d" % c)[1]
 
 
 jobs = [gevent.spawn(one, c) for c in range(3)]

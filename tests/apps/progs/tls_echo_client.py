@@ -5,20 +5,13 @@ import socket
 import ssl
 import sys
 
-from appdata import TIMEOUT, blob, digest
+from appdata import TIMEOUT, echo_exchange
 
 port = int(sys.argv[1])
 ctx = ssl.create_default_context(cafile=sys.argv[2])
 for c in range(2):
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw, \
             ctx.wrap_socket(raw, server_hostname="localhost") as sock, sock.makefile("rb") as f:
-        for i in range(20):
-            line = b"conn %d line %d\n" % (c, i)
-            sock.sendall(line)
-            assert f.readline() == line
-        big = blob(300_000).replace(b"\n", b".") + b"\n"
-        sock.sendall(big)
-        reply = f.readline()
-        assert reply == big, len(reply)
-        print(f"connection {c}: {sock.version()}, 20 lines and {len(big)} bytes echoed, {digest(reply)}")
+        n, dig = echo_exchange(sock, f, b"conn %d" % c)
+        print(f"connection {c}: {sock.version()}, 20 lines and {n} bytes echoed, {dig}")
 print("done")
