@@ -209,8 +209,10 @@ def _run_program(prog: bytes, w, r, mv, cap: int) -> None:
                 w.write(bytes([arg]) * (arg % (2 * cap) + 1), timeout=0)
             elif k == 1:
                 got = r.read(arg % (2 * cap) + 1, timeout=0)
-                if len(got) > cap:
-                    raise FuzzFailure(f"read {len(got)} bytes from a {cap}-byte ring")
+                # (The reader's capacity: attached by the header, it may be
+                # what the peer wrote there, within the segment.)
+                if len(got) > r.capacity:
+                    raise FuzzFailure(f"read {len(got)} bytes from a {r.capacity}-byte ring")
             elif k == 2:
                 v = r.peek()
                 n = len(v)
@@ -220,7 +222,7 @@ def _run_program(prog: bytes, w, r, mv, cap: int) -> None:
             elif k == 3:
                 w.writev([b"a" * (arg % cap), b"b" * (arg % 7)], timeout=0)
             elif k == 4:
-                if not 0 <= w.free() <= cap or not 0 <= r.readable() <= cap:
+                if not 0 <= w.free() <= w.capacity or not 0 <= r.readable() <= r.capacity:
                     raise FuzzFailure("free/readable outside the capacity")
             elif k == 5:
                 r.at_eof()
