@@ -122,7 +122,16 @@ def handoff(args: dict) -> None:
             out = echo.next_out(min(65536, k - echo.sent))
             sock.sendall(out)
             echo.out_done(len(out))
-        j = rng.randint(0, k)                              # echo read by us
+            # Keep the echo flowing, as _finish_stream does: a stream that
+            # sends more than both directions buffer without reading
+            # deadlocks (kernel TCP on loopback buffers about 4 MB one way,
+            # a ring 256 KiB: docs/sockets.md, "Buffering").
+            while echo.got < echo.sent - (1 << 17):
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise DataError("end of file before the handoff")
+                echo.echoed(data)
+        j = rng.randint(echo.got, k)                       # echo read by us
         while echo.got < j:
             data = sock.recv(j - echo.got)
             if not data:
