@@ -107,7 +107,7 @@ class _Table:
         return self.map, HEADER + i * SLOT
 
     def give_back(self, chunk: mmap.mmap, at: int) -> None:
-        struct.pack_into("<I", chunk, at, 0)        # free: the reader skips it
+        _U32.pack_into(chunk, at, 0)        # free: the reader skips it
         self.free.append((at - HEADER) // SLOT)
 
 
@@ -126,9 +126,9 @@ class Slot:
         self.table, self.chunk, self.at = table, chunk, at
 
 
-_FIXED = struct.Struct("<IIQQQIIIIi")      # state .. fd (56 bytes)
-_TEXTS = struct.Struct("<64s64s72s")         # local, peer, reason
-_STATE_AT = 0
+_SLOT = struct.Struct("<IIQQQIIIIi4x64s64s72s")     # a whole slot, state to reason
+assert _SLOT.size == SLOT and _LOCAL[0] == 56
+_U32 = struct.Struct("<I")
 
 
 def _address(addr: Any) -> str:
@@ -136,6 +136,24 @@ def _address(addr: Any) -> str:
         host = str(addr[0])
         return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
     return "" if addr in (None, (), "") else str(addr)
+
+
+# "host:" (or "[host]:") as slot text, per host: the connections of a
+# process have few hosts and a new port each.
+_host_texts: dict[str, bytes] = {}
+
+
+def _address_text(addr: Any) -> bytes:
+    """``_address(addr)`` as the slot stores it (UTF-8, at most 63 bytes)."""
+    if type(addr) is tuple and len(addr) >= 2 and type(addr[1]) is int:
+        host = addr[0]
+        head = _host_texts.get(host) if type(host) is str else None
+        if head is None:
+            head = _address((host, 0))[:-1].encode("utf-8", "replace")
+            if type(host) is str and len(_host_texts) < 256:
+                _host_texts[host] = head
+        return (head + b"%d" % addr[1])[:63]
+    return _address(addr).encode("utf-8", "replace")[:63]
 
 
 def _open_slot(kind: int, fd: int, local: Any, peer: Any, reason: str,
@@ -154,14 +172,12 @@ def _open_slot(kind: int, fd: int, local: Any, peer: Any, reason: str,
             _disabled = True
             return None
         table = _table
-    # (struct pads each text with NULs; one byte is kept for the last NUL.
-    # No cache: a connection's port is new each time.)
-    _TEXTS.pack_into(chunk, at + _LOCAL[0], _address(local).encode("utf-8", "replace")[:63],
-                     _address(peer).encode("utf-8", "replace")[:63],
-                     reason.encode("utf-8", "replace")[:71])
+    # (struct pads each text with NULs; one byte is kept for the last NUL.)
     # The state word last: a reader sees the slot live only when it is whole.
-    _FIXED.pack_into(chunk, at, 0, kind, 0, 0, time.time_ns(), caps[0], caps[1], 0, 0, fd)
-    struct.pack_into("<I", chunk, at, 1)
+    _SLOT.pack_into(chunk, at, 0, kind, 0, 0, time.time_ns(), caps[0], caps[1], 0, 0, fd,
+                    _address_text(local), _address_text(peer),
+                    reason.encode("utf-8", "replace")[:71] if reason else b"")
+    _U32.pack_into(chunk, at, 1)
     return Slot(table, chunk, at)
 
 
@@ -217,8 +233,9 @@ def tcp_closing(sock: Any) -> None:
 
 def release(slot: Optional[Slot], *rings: Any) -> None:
     """Free ``slot`` (after its connection's or listener's close); its
-    ``rings`` stop mirroring into it.  A slot of the table of another
-    process (inherited over fork) is that process's to free."""
+    ``rings``, if still open, stop mirroring into it (closed rings write
+    nothing).  A slot of the table of another process (inherited over
+    fork) is that process's to free."""
     for ring in rings:
         try:
             ring.set_stat(None, 0, 0, False)
