@@ -35,6 +35,7 @@ import os
 import socket as _std
 import _socket as _csocket
 import struct
+import threading
 import time
 from typing import Any, Optional
 
@@ -301,6 +302,12 @@ class Listener:
             # (a spinning one would take every client it can keep up with).
             # One that accepts alone (see _Holders) spins as if unshared.
             return 0.0
+        if threading.active_count() > _process.cpus():
+            # More threads than CPUs to run them (a server with a thread
+            # per client): a spinning accept() would hold the CPU that the
+            # thread serving the last client needs, and the kernel gives it
+            # back only when the spin ends.
+            return 0.0
         top = accept_spin_top()
         if self.spin > top:
             self.spin = top
@@ -560,11 +567,7 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
         except (ValueError, PermissionError) as exc:  # not a sealed memfd, or too small
             raise _control.ProtocolError(f"bad segment in stream hello: {exc}") from None
         fd1, fds[1] = fds[1], -1
-        try:
-            space = _csocket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fd1)
-        except BaseException:
-            os.close(fd1)
-            raise
+        space = _connection.SpaceFd(fd1)
         return (Connection(seg, ctl, space, client=False, caps=(c2s, s2c), bell_owned=False),
                 client, server)
     except BaseException:

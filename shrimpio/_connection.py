@@ -48,7 +48,7 @@ from . import _control, _process, _stat
 from ._fastpath import (Ring, RingCorruptedError, Segment, Stream, forget_refusal, prepare_rings,
                         take_refusal)
 
-__all__ = ["Connection", "DEFAULT_RING", "Kit", "ring_capacity", "take_kit", "give_back",
+__all__ = ["Connection", "DEFAULT_RING", "Kit", "SpaceFd", "ring_capacity", "take_kit", "give_back",
            "refill", "connected", "drop_spares", "bury", "reap"]
 
 #: Default bytes per direction (about a Unix socket's default buffer).
@@ -450,10 +450,12 @@ class Connection:
         self.stream.closed = True
         if self.client:
             forget_refusal(self.bell_fd)    # (its fd number will be another's)
-        _stat.release(self.stat, self.tx, self.rx)
-        self.stat = None
         self.tx.close()
         self.rx.close()
+        # (Closed, the rings write no more into the slot: it can go to the
+        # next connection.)
+        _stat.release(self.stat)
+        self.stat = None
         bury(self.segment)
         self.space.close()
         if self.bell_owned:
@@ -463,6 +465,30 @@ class Connection:
             # between its registry connect and its hello.
             self.kit_due = False
             refill()
+
+
+class SpaceFd:
+    """The client's end of a space doorbell as the listener holds it: the
+    fd, with the two calls a connection makes of its space socket.  (A
+    socket object made on it would cost a ``getsockname`` to check an fd
+    that ``stream_accept`` checked already: a connected Unix seqpacket
+    socket.)"""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()            # (as a socket object's fd goes with it)
 
 
 def describe_error(exc: BaseException) -> str:
