@@ -45,8 +45,8 @@ import _socket as _csocket
 import threading
 
 from . import _control, _process, _stat
-from ._fastpath import (Ring, RingCorruptedError, Segment, Stream, forget_refusal, prepare_rings,
-                        take_refusal)
+from ._fastpath import (Ring, RingCorruptedError, Segment, Stream, close_fd, forget_refusal,
+                        prepare_rings, take_refusal)
 
 __all__ = ["Connection", "DEFAULT_RING", "Kit", "SpaceFd", "ring_capacity", "take_kit", "give_back",
            "refill", "connected", "drop_spares", "bury", "reap"]
@@ -485,7 +485,7 @@ class SpaceFd:
     def close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            os.close(fd)
+            close_fd(fd)
 
     def __del__(self) -> None:
         self.close()            # (as a socket object's fd goes with it)

@@ -276,6 +276,17 @@ def stream_accept(int listener, double spin, Py_ssize_t bufsize, int maxfds):
         PyErr_CheckSignals()
 
 
+def close_fd(int fd):
+    """Close ``fd``, an fd that cannot make ``close`` wait (a Unix socket, a
+    memfd: never a TCP socket with a linger), keeping the GIL: ``os.close``
+    hands it over, and in a process whose other threads want it (a
+    thread-per-client server) the closer gets it back only at their next
+    release.  An error other than EINTR (the fd is gone then) raises
+    OSError, as ``os.close``."""
+    if close(fd) != 0 and errno != EINTR:
+        PyErr_SetFromErrno(OSError)
+
+
 # -- a listener's refusal, for its client (see shr_refusal_note) ---------------
 
 cdef extern from "_fastpath_core.h" nogil:
