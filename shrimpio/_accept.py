@@ -32,6 +32,7 @@ import errno
 import fcntl
 import functools
 import os
+import re
 import socket as _std
 import _socket as _csocket
 import struct
@@ -541,8 +542,8 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
         payload = _control.datagram_payload(data, msg_flags, fds)
         m = HELLO_RE.fullmatch(payload)
         if m is not None:              # our own clients' hello: no generic decode
-            c2s, s2c, size = int(m[1]), int(m[2]), int(m[3])
-            client, server = (m[4].decode(), int(m[5])), (m[6].decode(), int(m[7]))
+            c2s, s2c, size, client_host, server = _hello_fields(m)
+            client = (client_host, int(m[5]))
         else:
             c2s, s2c, size, client, server = _generic_hello(payload, fds)
         if len(fds) != 2:
@@ -582,6 +583,25 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
             except BufferError:         # still used by a ring: unmapped when freed
                 pass
         raise
+
+
+# A client's hellos differ by its port alone: what the rest of one says,
+# by its text (the bytes around the port), parsed once.
+_hello_texts: dict[bytes, tuple] = {}
+
+
+def _hello_fields(m: "re.Match[bytes]") -> tuple:
+    """(c2s, s2c, size, client host, server address) of a hello that
+    matched HELLO_RE, without the client's port."""
+    text = m.string
+    key = text[:m.start(5)] + text[m.end(5):]
+    got = _hello_texts.get(key)
+    if got is None:
+        got = (int(m[1]), int(m[2]), int(m[3]), m[4].decode(), (m[6].decode(), int(m[7])))
+        if len(_hello_texts) >= 256:
+            _hello_texts.clear()
+        _hello_texts[key] = got
+    return got
 
 
 def _generic_hello(payload: bytes, fds: list[int]) -> tuple:
