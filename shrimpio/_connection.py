@@ -296,7 +296,8 @@ class Connection:
     per side more than a kernel TCP socket, its space socket), or, where
     none can serve (the object whose fd it was closed while others remain,
     an escaped connection's relay), an fd of the control socket this object
-    owns (``bell_owned``).  It owns the segment and the space socket.
+    owns (``bell_owned``).  It owns the segment and the space socket (the
+    listener holds the client's end as a bare fd, :class:`SpaceFd`).
     ``local`` and ``peer`` are the emulated TCP addresses.
     """
 
@@ -308,7 +309,7 @@ class Connection:
     _shared_below = 0            # ids below this existed at a fork
     _forked_parent_gen = 0
 
-    def __init__(self, segment: Segment, bell_fd: int, space: _std.socket, *, client: bool,
+    def __init__(self, segment: Segment, bell_fd: int, space: "_std.socket | SpaceFd", *, client: bool,
                  caps: tuple[int, int], local: tuple = (), peer: tuple = (),
                  create: bool = False, bell_owned: bool = True) -> None:
         self.id = Connection._next_id
