@@ -32,9 +32,11 @@ import errno
 import fcntl
 import functools
 import os
+import re
 import socket as _std
 import _socket as _csocket
 import struct
+import threading
 import time
 from typing import Any, Optional
 
@@ -301,6 +303,12 @@ class Listener:
             # (a spinning one would take every client it can keep up with).
             # One that accepts alone (see _Holders) spins as if unshared.
             return 0.0
+        if threading.active_count() > _process.cpus():
+            # More threads than CPUs to run them (a server with a thread
+            # per client): a spinning accept() would hold the CPU that the
+            # thread serving the last client needs, and the kernel gives it
+            # back only when the spin ends.
+            return 0.0
         top = accept_spin_top()
         if self.spin > top:
             self.spin = top
@@ -534,8 +542,8 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
         payload = _control.datagram_payload(data, msg_flags, fds)
         m = HELLO_RE.fullmatch(payload)
         if m is not None:              # our own clients' hello: no generic decode
-            c2s, s2c, size = int(m[1]), int(m[2]), int(m[3])
-            client, server = (m[4].decode(), int(m[5])), (m[6].decode(), int(m[7]))
+            c2s, s2c, size, client_host, server = _hello_fields(m)
+            client = (client_host, int(m[5]))
         else:
             c2s, s2c, size, client, server = _generic_hello(payload, fds)
         if len(fds) != 2:
@@ -560,11 +568,7 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
         except (ValueError, PermissionError) as exc:  # not a sealed memfd, or too small
             raise _control.ProtocolError(f"bad segment in stream hello: {exc}") from None
         fd1, fds[1] = fds[1], -1
-        try:
-            space = _csocket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fd1)
-        except BaseException:
-            os.close(fd1)
-            raise
+        space = _connection.SpaceFd(fd1)
         return (Connection(seg, ctl, space, client=False, caps=(c2s, s2c), bell_owned=False),
                 client, server)
     except BaseException:
@@ -579,6 +583,25 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
             except BufferError:         # still used by a ring: unmapped when freed
                 pass
         raise
+
+
+# A client's hellos differ by its port alone: what the rest of one says,
+# by its text (the bytes around the port), parsed once.
+_hello_texts: dict[bytes, tuple] = {}
+
+
+def _hello_fields(m: "re.Match[bytes]") -> tuple:
+    """(c2s, s2c, size, client host, server address) of a hello that
+    matched HELLO_RE, without the client's port."""
+    text = m.string
+    key = text[:m.start(5)] + text[m.end(5):]
+    got = _hello_texts.get(key)
+    if got is None:
+        got = (int(m[1]), int(m[2]), int(m[3]), m[4].decode(), (m[6].decode(), int(m[7])))
+        if len(_hello_texts) >= 256:
+            _hello_texts.clear()
+        _hello_texts[key] = got
+    return got
 
 
 def _generic_hello(payload: bytes, fds: list[int]) -> tuple:

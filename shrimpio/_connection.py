@@ -45,10 +45,10 @@ import _socket as _csocket
 import threading
 
 from . import _control, _process, _stat
-from ._fastpath import (Ring, RingCorruptedError, Segment, Stream, forget_refusal, prepare_rings,
-                        take_refusal)
+from ._fastpath import (Ring, RingCorruptedError, Segment, Stream, close_fd, forget_refusal,
+                        prepare_rings, take_refusal)
 
-__all__ = ["Connection", "DEFAULT_RING", "Kit", "ring_capacity", "take_kit", "give_back",
+__all__ = ["Connection", "DEFAULT_RING", "Kit", "SpaceFd", "ring_capacity", "take_kit", "give_back",
            "refill", "connected", "drop_spares", "bury", "reap"]
 
 #: Default bytes per direction (about a Unix socket's default buffer).
@@ -296,7 +296,8 @@ class Connection:
     per side more than a kernel TCP socket, its space socket), or, where
     none can serve (the object whose fd it was closed while others remain,
     an escaped connection's relay), an fd of the control socket this object
-    owns (``bell_owned``).  It owns the segment and the space socket.
+    owns (``bell_owned``).  It owns the segment and the space socket (the
+    listener holds the client's end as a bare fd, :class:`SpaceFd`).
     ``local`` and ``peer`` are the emulated TCP addresses.
     """
 
@@ -308,7 +309,7 @@ class Connection:
     _shared_below = 0            # ids below this existed at a fork
     _forked_parent_gen = 0
 
-    def __init__(self, segment: Segment, bell_fd: int, space: _std.socket, *, client: bool,
+    def __init__(self, segment: Segment, bell_fd: int, space: "_std.socket | SpaceFd", *, client: bool,
                  caps: tuple[int, int], local: tuple = (), peer: tuple = (),
                  create: bool = False, bell_owned: bool = True) -> None:
         self.id = Connection._next_id
@@ -450,10 +451,12 @@ class Connection:
         self.stream.closed = True
         if self.client:
             forget_refusal(self.bell_fd)    # (its fd number will be another's)
-        _stat.release(self.stat, self.tx, self.rx)
-        self.stat = None
         self.tx.close()
         self.rx.close()
+        # (Closed, the rings write no more into the slot: it can go to the
+        # next connection.)
+        _stat.release(self.stat)
+        self.stat = None
         bury(self.segment)
         self.space.close()
         if self.bell_owned:
@@ -463,6 +466,30 @@ class Connection:
             # between its registry connect and its hello.
             self.kit_due = False
             refill()
+
+
+class SpaceFd:
+    """The client's end of a space doorbell as the listener holds it: the
+    fd, with the two calls a connection makes of its space socket.  (A
+    socket object made on it would cost a ``getsockname`` to check an fd
+    that ``stream_accept`` checked already: a connected Unix seqpacket
+    socket.)"""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            close_fd(fd)
+
+    def __del__(self) -> None:
+        self.close()            # (as a socket object's fd goes with it)
 
 
 def describe_error(exc: BaseException) -> str:

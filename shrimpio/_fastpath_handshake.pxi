@@ -185,21 +185,18 @@ cdef object _take_hello(int fd, Py_ssize_t bufsize, int maxfds):
         raise ValueError("bad buffer size or fd count")
     out = PyBytes_FromStringAndSize(NULL, bufsize)
     cdef char *buf = PyBytes_AS_STRING(out)
-    cdef int room
-    with nogil:
-        room = _room_for_fds(fd, _HELLO_FDS)
-    if not room:
+    # (None of these calls can wait: the GIL stays with us, see stream_accept.)
+    if not _room_for_fds(fd, _HELLO_FDS):
         # Out of fds, as a kernel listener's accept() would be: the hello
         # stays queued on the client's socket for when there is room.
         raise OSError(EMFILE, "Too many open files")
-    with nogil:
-        while True:
-            got = shr_recvmsg_fds(fd, buf, bufsize, fdv, maxfds, &nfds, &mflags,
-                                  MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
-            if got >= 0 or errno != EINTR:
-                break
-        if got > 0 and nfds >= 2:
-            space_ok = shr_is_unix_seqpacket(fdv[1])
+    while True:
+        got = shr_recvmsg_fds(fd, buf, bufsize, fdv, maxfds, &nfds, &mflags,
+                              MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+        if got >= 0 or errno != EINTR:
+            break
+    if got > 0 and nfds >= 2:
+        space_ok = shr_is_unix_seqpacket(fdv[1])
     if got < 0 and (errno == EAGAIN or errno == EWOULDBLOCK):
         return None
     fds = [fdv[i] for i in range(nfds)]
@@ -230,7 +227,12 @@ def stream_accept(int listener, double spin, Py_ssize_t bufsize, int maxfds):
     keeps it aside and asks :func:`stream_hello` later (never waiting for
     it here: one silent client must not hold up the others).  A client
     that fails first (dies, is refused) is closed (it reads EOF) and the
-    next one taken."""
+    next one taken.
+
+    The GIL is released only for the spin: the other calls cannot wait (the
+    listener is non-blocking, the receive too), and each release would let
+    another thread (a thread-per-client server's) take the GIL, and keep
+    it until its own next release or the switch interval."""
     cdef int fd
     cdef bint mine
     cdef long long uid
@@ -238,22 +240,23 @@ def stream_accept(int listener, double spin, Py_ssize_t bufsize, int maxfds):
     if spin != spin:
         raise ValueError("bad spin time")
     while True:
-        with nogil:
-            fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC)
+        fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC)
         if fd < 0:
             if errno == EAGAIN or errno == EWOULDBLOCK or errno == EINTR or errno == ECONNABORTED:
                 return None           # (a signal: the caller's loop comes back)
             PyErr_SetFromErrno(OSError)
-        with nogil:
-            uid = shr_peer_uid(fd)
-            mine = uid == geteuid()
-            if mine:
-                # The client sends its hello right after its connect: spin
-                # for it as a ring reader would.
-                p.fd = fd
-                p.events = POLLIN
-                p.revents = 0
-                _spin_poll(&p, 1, shr_now_ns() + <int64_t>(min(max(spin, 0.0), 1.0) * 1e9))
+        uid = shr_peer_uid(fd)
+        mine = uid == geteuid()
+        if mine:
+            # The client sends its hello right after its connect: spin
+            # for it as a ring reader would (one look first: it is
+            # usually there).
+            p.fd = fd
+            p.events = POLLIN
+            p.revents = 0
+            if poll(&p, 1, 0) == 0 and spin > 0:
+                with nogil:
+                    _spin_poll(&p, 1, shr_now_ns() + <int64_t>(min(spin, 1.0) * 1e9))
         if mine:
             try:
                 got = _take_hello(fd, bufsize, maxfds)
@@ -271,6 +274,17 @@ def stream_accept(int listener, double spin, Py_ssize_t bufsize, int maxfds):
                 return (fd,) + got
         close(fd)                    # refused or dead: it reads EOF
         PyErr_CheckSignals()
+
+
+def close_fd(int fd):
+    """Close ``fd``, an fd that cannot make ``close`` wait (a Unix socket, a
+    memfd: never a TCP socket with a linger), keeping the GIL: ``os.close``
+    hands it over, and in a process whose other threads want it (a
+    thread-per-client server) the closer gets it back only at their next
+    release.  An error other than EINTR (the fd is gone then) raises
+    OSError, as ``os.close``."""
+    if close(fd) != 0 and errno != EINTR:
+        PyErr_SetFromErrno(OSError)
 
 
 # -- a listener's refusal, for its client (see shr_refusal_note) ---------------

@@ -111,7 +111,9 @@ def spin_readable(fds, double seconds):
     objects that are about to become ready (a listener's next connection,
     a connection's hello), so that the waiter is not put to sleep and woken
     again, which costs both processes tens of microseconds.  The GIL is
-    released."""
+    released for a spin (``seconds > 0``); a single look keeps it (handing
+    it to another thread for one system call that cannot wait would cost
+    more than the call, and the thread could keep it for a while)."""
     cdef pollfd p[8]
     cdef unsigned long n = 0
     cdef int r = 0
@@ -125,6 +127,8 @@ def spin_readable(fds, double seconds):
         n += 1
     if seconds != seconds or seconds < 0:
         raise ValueError("seconds must be >= 0")
+    if seconds == 0:
+        return poll(p, n, 0) != 0
     limit = shr_now_ns() + <int64_t>(min(seconds, 1.0) * 1e9)
     with nogil:
         r = _spin_poll(p, n, limit)

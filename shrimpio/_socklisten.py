@@ -96,18 +96,25 @@ def accept(lsock: Any) -> tuple[Any, Any]:
     poller = watched = None
     spin_from = -1.0      # when the busy-poll phase began (-1: not yet)
     spun = False
+    lfd, ufd = lsock.fileno(), lst.usock.fileno()
     while True:
-        got = lsock._accept_shm(lst)
-        if got is None:
-            try:
-                fd, addr = lsock._accept_nowait()
-            except (BlockingIOError, InterruptedError):
-                pass
-            else:
-                sock = lsock._kernel_accepted(fd, addr)
-                if _std.getdefaulttimeout() is None:
-                    sock.setblocking(True)
-                got = sock, addr
+        got = None
+        if spin_from >= 0 or lst.ready or lst.waiting or timeout == 0 \
+                or spin_readable((lfd, ufd), 0.0):
+            # (Else nobody is there, as a server that keeps up with its
+            # clients finds most of the time: on to the wait, without an
+            # accept attempt of each kind, a system call and an exception.)
+            got = lsock._accept_shm(lst)
+            if got is None:
+                try:
+                    fd, addr = lsock._accept_nowait()
+                except (BlockingIOError, InterruptedError):
+                    pass
+                else:
+                    sock = lsock._kernel_accepted(fd, addr)
+                    if _std.getdefaulttimeout() is None:
+                        sock.setblocking(True)
+                    got = sock, addr
         if got is not None:
             if spin_from >= 0:
                 lst.adapt(spun, time.monotonic() - spin_from)

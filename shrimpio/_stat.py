@@ -87,6 +87,9 @@ class _Table:
         finally:
             os.close(fd)
         self.map[:24] = MAGIC + struct.pack("<IIQ", 1, 0, self.pid)
+        # What slots are written through (and the rings mirror into): a
+        # view costs the rings less to take than the mmap (never closed).
+        self.view = memoryview(self.map)
         self.used = 0                    # high-water mark of slots (the header says it too)
         # Free slot numbers, unboxed: a list would hold an int object per
         # closed connection, allocated at its close and scattered over the
@@ -94,8 +97,8 @@ class _Table:
         # from going back to the system.
         self.free = array.array("I")
 
-    def take(self) -> tuple[mmap.mmap, int]:
-        """A free slot: (the mapping, the slot's offset in it)."""
+    def take(self) -> tuple[memoryview, int]:
+        """A free slot: (the mapping's view, the slot's offset in it)."""
         if self.free:
             i = self.free.pop()
         elif self.used < MAX_SLOTS:
@@ -104,10 +107,10 @@ class _Table:
             struct.pack_into("<I", self.map, 12, self.used)
         else:
             raise OSError(errno.ENOSPC, "stat table full")
-        return self.map, HEADER + i * SLOT
+        return self.view, HEADER + i * SLOT
 
-    def give_back(self, chunk: mmap.mmap, at: int) -> None:
-        struct.pack_into("<I", chunk, at, 0)        # free: the reader skips it
+    def give_back(self, chunk: memoryview, at: int) -> None:
+        _U32.pack_into(chunk, at, 0)        # free: the reader skips it
         self.free.append((at - HEADER) // SLOT)
 
 
@@ -126,9 +129,9 @@ class Slot:
         self.table, self.chunk, self.at = table, chunk, at
 
 
-_FIXED = struct.Struct("<IIQQQIIIIi")      # state .. fd (56 bytes)
-_TEXTS = struct.Struct("<64s64s72s")         # local, peer, reason
-_STATE_AT = 0
+_SLOT = struct.Struct("<IIQQQIIIIi4x64s64s72s")     # a whole slot, state to reason
+assert _SLOT.size == SLOT and _LOCAL[0] == 56
+_U32 = struct.Struct("<I")
 
 
 def _address(addr: Any) -> str:
@@ -136,6 +139,24 @@ def _address(addr: Any) -> str:
         host = str(addr[0])
         return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
     return "" if addr in (None, (), "") else str(addr)
+
+
+# "host:" (or "[host]:") as slot text, per host: the connections of a
+# process have few hosts and a new port each.
+_host_texts: dict[str, bytes] = {}
+
+
+def _address_text(addr: Any) -> bytes:
+    """``_address(addr)`` as the slot stores it (UTF-8, at most 63 bytes)."""
+    try:
+        head = _host_texts[addr[0]]
+    except (KeyError, TypeError, IndexError):
+        head = None
+    if head is not None and type(addr[1]) is int:
+        return (head + b"%d" % addr[1])[:63]
+    if type(addr) is tuple and len(addr) >= 2 and type(addr[0]) is str and len(_host_texts) < 256:
+        _host_texts[addr[0]] = _address((addr[0], 0))[:-1].encode("utf-8", "replace")
+    return _address(addr).encode("utf-8", "replace")[:63]
 
 
 def _open_slot(kind: int, fd: int, local: Any, peer: Any, reason: str,
@@ -154,14 +175,12 @@ def _open_slot(kind: int, fd: int, local: Any, peer: Any, reason: str,
             _disabled = True
             return None
         table = _table
-    # (struct pads each text with NULs; one byte is kept for the last NUL.
-    # No cache: a connection's port is new each time.)
-    _TEXTS.pack_into(chunk, at + _LOCAL[0], _address(local).encode("utf-8", "replace")[:63],
-                     _address(peer).encode("utf-8", "replace")[:63],
-                     reason.encode("utf-8", "replace")[:71])
+    # (struct pads each text with NULs; one byte is kept for the last NUL.)
     # The state word last: a reader sees the slot live only when it is whole.
-    _FIXED.pack_into(chunk, at, 0, kind, 0, 0, time.time_ns(), caps[0], caps[1], 0, 0, fd)
-    struct.pack_into("<I", chunk, at, 1)
+    _SLOT.pack_into(chunk, at, 0, kind, 0, 0, time.time_ns(), caps[0], caps[1], 0, 0, fd,
+                    _address_text(local), _address_text(peer),
+                    reason.encode("utf-8", "replace")[:71] if reason else b"")
+    _U32.pack_into(chunk, at, 1)
     return Slot(table, chunk, at)
 
 
@@ -217,8 +236,9 @@ def tcp_closing(sock: Any) -> None:
 
 def release(slot: Optional[Slot], *rings: Any) -> None:
     """Free ``slot`` (after its connection's or listener's close); its
-    ``rings`` stop mirroring into it.  A slot of the table of another
-    process (inherited over fork) is that process's to free."""
+    ``rings``, if still open, stop mirroring into it (closed rings write
+    nothing).  A slot of the table of another process (inherited over
+    fork) is that process's to free."""
     for ring in rings:
         try:
             ring.set_stat(None, 0, 0, False)

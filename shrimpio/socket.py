@@ -41,6 +41,7 @@ from typing import Any, Optional
 
 from . import _accept, _connection, _escape, _handshake, _route, _socklate, _socklisten, _stat
 from ._connection import Connection
+from ._fastpath import close_fd as _close_fd
 from . import _sockargs
 from ._sockargs import NOARG as _NOARG
 from ._accept import Listener as _Listener
@@ -562,8 +563,16 @@ class socket(StdSocket):
                     pass
             return
         try:
+            shm = self._shm is not None
             self._let_go()
-            _ss.close(self)
+            if shm:
+                # A connection's fd is a Unix socket: closed keeping the GIL
+                # (see close_fd), as the stdlib's close would otherwise.
+                fd = _ss.detach(self)
+                if fd >= 0:
+                    _close_fd(fd)
+            else:
+                _ss.close(self)
         finally:
             del _closing[id(self)]
             mine[0].release()
