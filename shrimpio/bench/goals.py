@@ -53,8 +53,28 @@ def _echo(rows: Rows) -> tuple[str, Optional[bool]]:
     bound = _ratio_of(rows, "echo_streams", "asyncio alone", "uvloop TCP")
     if bound is not None:
         # What no transport can pass: asyncio's streams code on its own.
-        text += f" (streams bound {fmt_ratio(bound)})"
+        text += f" (streams bound {fmt_ratio(bound)}"
+        cpu = _server_cpu_us(rows, "echo_streams", ("shm", "uvloop TCP", "asyncio alone"))
+        if cpu is not None:
+            # A server busy all the time runs at its share of the core over
+            # its CPU per request: with the peer's share, the ratio is at
+            # most TCP's CPU per request over asyncio's own.
+            shm, tcp, alone = cpu
+            text += (f"; server CPU/request {fmt(shm)} vs {fmt(tcp)} us, asyncio alone {fmt(alone)} us:"
+                     f" at most {fmt_ratio(tcp / alone)} at equal CPU")
+        text += ")"
     return text, all(r >= 3 for _, r in got)
+
+
+def _server_cpu_us(rows: Rows, key: str, labels: tuple[str, ...]) -> Optional[tuple[float, ...]]:
+    """The server CPU per request of each figure of a row, or None if one
+    lacks it."""
+    row = rows.get(key)
+    if row is None:
+        return None
+    by_label = {f.label: f for f in row.figures}
+    got = tuple(by_label[label].extra.get("server_cpu_us") if label in by_label else None for label in labels)
+    return None if any(x is None or x <= 0 for x in got) else got
 
 
 def _ratio_of(rows: Rows, key: str, a: str, b: str) -> Optional[float]:
