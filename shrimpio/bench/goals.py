@@ -122,7 +122,16 @@ def _web(framework: str, target: float = 1.5) -> Callable[[Rows], tuple[str, Opt
         text = fmt_ratio(r)
         p99 = [f.extra.get("p99_us") for f in figs]
         if all(x is not None for x in p99):
-            text += " (p99 " + " vs ".join(fmt(x) for x in p99) + " us"
+            med = [f.extra.get("median_us") for f in figs]
+            if all(x is not None for x in med):
+                text += " (median " + " vs ".join(fmt(x) for x in med) + " us; "
+            else:
+                text += " ("
+            text += "p99 " + " vs ".join(fmt(x) for x in p99) + " us"
+            slow = [f.extra.get("slow_time_percent") for f in figs]
+            if all(x is not None for x in slow):
+                # Requests over 1 ms: on a loaded host, waits for a CPU.
+                text += "; time in requests > 1 ms " + "/".join(f"{x:.0f}%" for x in slow)
             cpu = [(f.extra.get("client_cpu_percent"), f.extra.get("server_cpu_percent")) for f in figs]
             if all(c is not None and s is not None for c, s in cpu):
                 text += "; CPU client " + "/".join(f"{c:.0f}%" for c, _ in cpu)
