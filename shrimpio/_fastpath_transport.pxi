@@ -42,12 +42,15 @@
 #   involuntary context switch made the aiohttp rows 15-30 % slower with a
 #   busy task on the server's core, and far worse on a loaded host).
 #
-# A turn that found nothing, when nothing else ran since the previous turn,
-# spins a few microseconds over the hot rings before it gives the loop back:
+# A turn that found nothing, when nothing else ran since the previous turn
+# and that turn handed no data on, spins a few microseconds over the hot
+# rings before it gives the loop back, and reads what came in the same turn:
 # a peer that answers within that window costs no epoll_wait and no loop
 # iteration.  The window is short so that timers and other callbacks wait no
 # longer than a busy loop iteration would make them; a loop with other work
-# does not spin at all.
+# does not spin at all.  The next turn is scheduled at the end of a turn,
+# after the callbacks its data scheduled (a StreamReader's task), so a
+# spinning turn never holds up work the previous one made.
 #
 # The slow paths (end of stream, errors, buffering when the ring is full,
 # closing) stay in Python on the owning transport: they run once per
@@ -144,6 +147,8 @@ cdef class LoopPoller:
     cdef public int64_t turn_spin_ns    # spin of a turn that found nothing
     cdef int64_t _turn_end              # when the last turn that rescheduled itself ended
     cdef bint _chained                  # ... and this turn is the one it scheduled
+    cdef bint _in_turn                  # run() is reading: it schedules the next turn itself
+    cdef bint _delivered                # the last turn handed data on
 
     def __cinit__(self, loop):
         self._call_soon = loop.call_soon
@@ -155,7 +160,7 @@ cdef class LoopPoller:
         if not core._hot:
             core._hot = True
             self._hot.append(core)
-        if not self._scheduled:
+        if not self._scheduled and not self._in_turn:
             self._scheduled = True
             self._chained = False
             self._call_soon(self._run_cb)
@@ -167,8 +172,6 @@ cdef class LoopPoller:
 
     def run(self):
         """One turn: read every hot ring, keep polling the ones within budget."""
-        cdef list batch = self._hot
-        cdef _Polled core
         cdef int got = 0
         cdef int64_t start = shr_now_ns()
         cdef bint idle = False
@@ -177,25 +180,47 @@ cdef class LoopPoller:
                 # The program worked between our turns: that time does not
                 # count against the hot period (it is not a wait for a peer).
                 self.activity_ns = min(start, self.activity_ns + (start - self._turn_end))
-            else:
+            elif not self._delivered:
                 idle = True         # nothing else ran: the loop only polls
         self._scheduled = False
         self._chained = False
+        # The next turn is scheduled at the end of this one, after every
+        # callback the protocols schedule now (a StreamReader's task): those
+        # run before it, so that a turn that finds the loop idle and spins
+        # never holds up work this turn made.
+        self._in_turn = True
+        try:
+            got = self._pass()
+            if not got and idle and self._hot and self.turn_spin_ns > 0 and self._spin(self._hot):
+                # Data came while we spun: read it in this turn.  The loop had
+                # nothing else to do, so nothing waits longer for it, and the
+                # read costs no loop iteration (an epoll_wait(0)) of its own.
+                got = self._pass()
+        finally:
+            self._in_turn = False
+            self._delivered = got != 0
+            if self._hot and not self._scheduled:
+                self._scheduled = True
+                self._call_soon(self._run_cb)
+        if self._scheduled:
+            self._chained = True
+            self._turn_end = shr_now_ns()
+
+    cdef int _pass(self) except -1:
+        """Read every hot ring once; 1 if any moved data."""
+        cdef list batch = self._hot
+        cdef _Polled core
+        cdef int got = 0
         self._hot = []
         for core in batch:
             core._hot = False
         for core in batch:
             got |= core._poll_once(self, True)
-        if not got and idle and self._hot and self.turn_spin_ns > 0:
-            self._spin(self._hot)
-        if self._hot and not self._scheduled:
-            self._scheduled = True
-            self._call_soon(self._run_cb)
-        if self._scheduled:             # (by this turn, or by a core it polled)
-            self._chained = True
-            self._turn_end = shr_now_ns()
+        return got
 
-    cdef void _spin(self, list hot):
+    cdef bint _spin(self, list hot) noexcept:
+        """Spin up to turn_spin_ns over the hot rings: True once one of them
+        has data (or end of stream), False if none came."""
         cdef _Polled core
         cdef Ring rx
         cdef int64_t end = shr_now_ns() + self.turn_spin_ns
@@ -205,16 +230,18 @@ cdef class LoopPoller:
             if _peer_away(core._rx, me):
                 break
         else:
-            return          # every peer is on our CPU: it runs when we stop
+            return False    # every peer is on our CPU: it runs when we stop
         while True:
-            for core in hot:
-                rx = core._rx
-                if rx.h == NULL or shr_load_head(rx.h) != rx.tail or shr_load_wshut(rx.h):
-                    return
+            # A look at every ring after each pause (some 20-30 ns), the
+            # clock once in 64 looks: data is seen within a pause of coming.
             for i in range(64):
+                for core in hot:
+                    rx = core._rx
+                    if rx.h == NULL or shr_load_head(rx.h) != rx.tail or shr_load_wshut(rx.h):
+                        return True
                 shr_cpu_relax()
             if shr_now_ns() >= end:
-                return
+                return False
 
 
 cdef class TransportCore(_Polled):

@@ -53,8 +53,28 @@ def _echo(rows: Rows) -> tuple[str, Optional[bool]]:
     bound = _ratio_of(rows, "echo_streams", "asyncio alone", "uvloop TCP")
     if bound is not None:
         # What no transport can pass: asyncio's streams code on its own.
-        text += f" (streams bound {fmt_ratio(bound)})"
+        text += f" (streams bound {fmt_ratio(bound)}"
+        cpu = _server_cpu_us(rows, "echo_streams", ("shm", "uvloop TCP", "asyncio alone"))
+        if cpu is not None:
+            # A server busy all the time runs at its share of the core over
+            # its CPU per request: with the peer's share, the ratio is at
+            # most TCP's CPU per request over asyncio's own.
+            shm, tcp, alone = cpu
+            text += (f"; server CPU/request {fmt(shm)} vs {fmt(tcp)} us, asyncio alone {fmt(alone)} us:"
+                     f" at most {fmt_ratio(tcp / alone)} at equal CPU")
+        text += ")"
     return text, all(r >= 3 for _, r in got)
+
+
+def _server_cpu_us(rows: Rows, key: str, labels: tuple[str, ...]) -> Optional[tuple[float, ...]]:
+    """The server CPU per request of each figure of a row, or None if one
+    lacks it."""
+    row = rows.get(key)
+    if row is None:
+        return None
+    by_label = {f.label: f for f in row.figures}
+    got = tuple(by_label[label].extra.get("server_cpu_us") if label in by_label else None for label in labels)
+    return None if any(x is None or x <= 0 for x in got) else got
 
 
 def _ratio_of(rows: Rows, key: str, a: str, b: str) -> Optional[float]:
@@ -102,7 +122,16 @@ def _web(framework: str, target: float = 1.5) -> Callable[[Rows], tuple[str, Opt
         text = fmt_ratio(r)
         p99 = [f.extra.get("p99_us") for f in figs]
         if all(x is not None for x in p99):
-            text += " (p99 " + " vs ".join(fmt(x) for x in p99) + " us"
+            med = [f.extra.get("median_us") for f in figs]
+            if all(x is not None for x in med):
+                text += " (median " + " vs ".join(fmt(x) for x in med) + " us; "
+            else:
+                text += " ("
+            text += "p99 " + " vs ".join(fmt(x) for x in p99) + " us"
+            slow = [f.extra.get("slow_time_percent") for f in figs]
+            if all(x is not None for x in slow):
+                # Requests over 1 ms: on a loaded host, waits for a CPU.
+                text += "; time in requests > 1 ms " + "/".join(f"{x:.0f}%" for x in slow)
             cpu = [(f.extra.get("client_cpu_percent"), f.extra.get("server_cpu_percent")) for f in figs]
             if all(c is not None and s is not None for c, s in cpu):
                 text += "; CPU client " + "/".join(f"{c:.0f}%" for c, _ in cpu)

@@ -227,7 +227,7 @@ async def _window(count: Callable[[], int], seconds: float,
     return count() - start_n, time.perf_counter() - t0
 
 
-async def _client_echo(port: int, seconds: float) -> dict:
+async def _client_echo(port: int, seconds: float, server_pid: int) -> dict:
     loop = asyncio.get_running_loop()
     msg = b"x" * ECHO_SIZE
     counter = [0, True]                     # completed requests, keep going
@@ -236,12 +236,15 @@ async def _client_echo(port: int, seconds: float) -> dict:
     paths = [_path_of(t) for t, _ in conns]
     for t, _ in conns:
         t.write(msg)
-    done, elapsed = await _window(lambda: counter[0], seconds)
+    cpu = _CpuWindow(server_pid)
+    done, elapsed = await _window(lambda: counter[0], seconds, cpu.start)
+    res = {"rps": done / elapsed, "paths": paths}
+    res.update(cpu.per_request(done, elapsed))
     counter[1] = False
     for t, p in conns:
         t.close()
         await p.closed
-    return {"rps": done / elapsed, "paths": paths}
+    return res
 
 
 def _cpu_seconds(pid: int) -> Optional[float]:
@@ -260,6 +263,32 @@ def _cpu_seconds(pid: int) -> Optional[float]:
         return None
 
 
+class _CpuWindow:
+    """The CPU this process (the client) and the server used over a timed
+    window: ``start`` at its beginning, ``per_request`` at its end."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.client0: float = 0.0
+        self.server0: Optional[float] = None
+
+    def start(self) -> None:
+        self.client0, self.server0 = time.process_time(), _cpu_seconds(self.server_pid)
+
+    def per_request(self, done: int, elapsed: float) -> dict:
+        """The client's CPU in percent of a core, and each side's CPU per
+        request in microseconds (what the rate of a side that is busy all
+        the time comes from)."""
+        client = time.process_time() - self.client0
+        server_end = _cpu_seconds(self.server_pid)
+        res = {"client_cpu_percent": client / elapsed * 100}
+        if done:
+            res["client_cpu_us"] = client / done * 1e6
+            if self.server0 is not None and server_end is not None:
+                res["server_cpu_us"] = (server_end - self.server0) / done * 1e6
+        return res
+
+
 async def _client_aiohttp(port: int, seconds: float, in_flight: int, server_pid: int) -> dict:
     import aiohttp
     url = f"http://{HOST}:{port}/"
@@ -275,24 +304,15 @@ async def _client_aiohttp(port: int, seconds: float, in_flight: int, server_pid:
                 count[0] += 1
 
         workers = [asyncio.create_task(worker()) for _ in range(in_flight)]
-        cpu0: list = [0.0, None]
-
-        def at_start() -> None:
-            cpu0[:] = [time.process_time(), _cpu_seconds(server_pid)]
-
-        done, elapsed = await _window(lambda: count[0], seconds, at_start)
-        client_cpu = time.process_time() - cpu0[0]
-        server_end = _cpu_seconds(server_pid)
+        cpu = _CpuWindow(server_pid)
+        done, elapsed = await _window(lambda: count[0], seconds, cpu.start)
+        # How busy the client was: near 100 % means the client's own code, not
+        # the connection, sets the rate; then the ratio of the two paths is at
+        # most the ratio of their client CPU per request.
+        res = {"rps": done / elapsed, "paths": []}
+        res.update(cpu.per_request(done, elapsed))
         running[0] = False
         await asyncio.gather(*workers)
-    # How busy the client was: near 100 % means the client's own code, not
-    # the connection, sets the rate; then the ratio of the two paths is at
-    # most the ratio of their client CPU per request.
-    res = {"rps": done / elapsed, "paths": [], "client_cpu_percent": client_cpu / elapsed * 100}
-    if done:
-        res["client_cpu_us"] = client_cpu / done * 1e6
-        if cpu0[1] is not None and server_end is not None:
-            res["server_cpu_us"] = (server_end - cpu0[1]) / done * 1e6
     # aiohttp gives a client no public handle on the transport of a small
     # response (released before the caller sees it): the server checks.
     return res
@@ -305,7 +325,7 @@ def _client(kind: str, test: str, port: int, amount: float, server_pid: int, pip
     elif test.startswith("aiohttp"):
         coro = _client_aiohttp(port, amount, _in_flight(test), server_pid)
     else:
-        coro = _client_echo(port, amount)
+        coro = _client_echo(port, amount, server_pid)
     try:
         with asyncio.Runner(loop_factory=_loop_factory(kind)) as runner:
             res = runner.run(coro)
@@ -349,21 +369,26 @@ def _streams_bound(seconds: float, pipe: Any) -> None:
         task = asyncio.ensure_future(_streams_echo(reader, writer))
         reader.feed_data(b"x" * ECHO_SIZE)
         await asyncio.sleep(seconds / 5)          # warm-up: a timed window
-        n0, t0 = transport.count, time.perf_counter()
+        n0, t0, c0 = transport.count, time.perf_counter(), time.process_time()
         await asyncio.sleep(seconds)
-        rate = (transport.count - n0) / (time.perf_counter() - t0)
+        n = transport.count - n0
+        rate = n / (time.perf_counter() - t0)
+        cpu_us = (time.process_time() - c0) / n * 1e6 if n else None
         task.cancel()
-        return rate
+        return {"rps": rate, "cpu_us": cpu_us}
 
     import uvloop
     pipe.send(uvloop.run(main()))
 
 
-def streams_bound(seconds: float) -> float:
-    """Requests per second of the streams echo server's own code (asyncio's
-    StreamReader/StreamWriter on uvloop) with a transport that costs
-    nothing, on one pinned core: no transport can make the streams echo
-    faster than this."""
+def streams_bound(seconds: float) -> dict:
+    """The streams echo server's own code (asyncio's StreamReader/StreamWriter
+    on uvloop) with a transport that costs nothing, on one pinned core: its
+    requests per second (``rps``) and CPU per request (``cpu_us``).  No
+    transport can make the streams server use less CPU per request than
+    this; on a loaded host the rate says less (a process that never waits
+    for a peer gets a larger share of its core than a server that does), so
+    the CPU per request is what to set beside the servers'."""
     ctx = mp.get_context("fork")
     here, there = ctx.Pipe()
     p = ctx.Process(target=_streams_bound, args=(seconds, there))
@@ -578,8 +603,9 @@ class _busy_core:
 
 
 def _streams_bound_figure(s: Settings) -> Figure:
-    rate = streams_bound(s.seconds)
-    return Figure("asyncio alone", rate, None, [rate])
+    res = streams_bound(s.seconds)
+    extra = {} if res["cpu_us"] is None else {"server_cpu_us": res["cpu_us"]}
+    return Figure("asyncio alone", res["rps"], None, [res["rps"]], extra)
 
 
 def specs() -> list[Spec]:

@@ -21,7 +21,9 @@ programs run unpatched.  Both are separate processes, pinned to two
 different cores (server 1, client 0).
 
 The client reports requests per second over a timed window (after a fifth
-of warm-up), the median and p99 time of one request, its own CPU and the
+of warm-up), the median and p99 time of one request, the share of the
+window spent in requests slower than 1 ms (on a loaded host: waits for a
+CPU, which set the mean when they dominate), its own CPU and the
 server's (utime + stime from ``/proc``) over the window, in percent of one
 core, and how long each waited for a CPU while runnable (``/proc/<pid>/schedstat``:
 other work on its core).  The path is checked: over shared memory, both ends' connections
@@ -203,6 +205,7 @@ print(json.dumps({"rps": len(samples) / elapsed, "n": len(samples),
                   "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1000,
                   "client_cpu_percent": cpu / elapsed * 100, "server_cpu_percent": scpu / elapsed * 100,
                   "client_runq_percent": q / elapsed * 100, "server_runq_percent": sq / elapsed * 100,
+                  "slow_time_percent": sum(x for x in samples if x > 1e6) / sum(samples) * 100,
                   "paths": sorted(paths)}))
 '''
 
@@ -346,7 +349,8 @@ def _measure(framework: str, kind: str) -> Measure:
 
     def m(s: Settings) -> Figure:
         res = run_one(framework, kind, s.seconds)   # checks both ends' paths
-        extra = {k: res[k] for k in ("median_us", "p99_us", "n", "client_cpu_percent", "server_cpu_percent")}
+        extra = {k: res[k] for k in ("median_us", "p99_us", "n", "client_cpu_percent", "server_cpu_percent",
+                                     "slow_time_percent")}
         extra["paths"] = sorted(set(res["paths"]))
         return Figure(label, res["rps"], None, [res["rps"]], extra)
     return m
