@@ -65,6 +65,51 @@ def test_asend_arecv_and_await_request(run):
     join(pid)
 
 
+def test_listener_arecv_sees_a_client_that_connects_while_it_waits(run):
+    """An awaited listener receive that is already waiting (on its one
+    channel's doorbell) wakes for a client that connects only then: the
+    listener's shared-memory clients arrive on its registry socket, which
+    asyncio's own loop must be told to watch (it hung, seen in CI)."""
+    lst = msg.listen()
+    go_r, go_w = os.pipe()
+
+    def first():
+        with msg.connect(lst.address) as ch:
+            ch.send("first")
+            ch.recv_message()
+
+    def second():
+        assert os.read(go_r, 1) == b"g"      # only once the receive waits
+        with msg.connect(lst.address) as ch:
+            ch.send("second")
+            ch.recv_message()
+
+    pids = [fork(first, close=(lst,)), fork(second, close=(lst,))]
+    os.close(go_r)
+
+    async def main():
+        m = await asyncio.wait_for(lst.arecv(), 10)
+        assert m.payload == "first"
+        waiting = asyncio.ensure_future(lst.arecv())
+        for _ in range(1000):                # until the receive is waiting
+            await asyncio.sleep(0)
+            if not waiting.done():
+                break
+        os.write(go_w, b"g")
+        m2 = await asyncio.wait_for(waiting, 10)
+        assert m2.payload == "second"
+        await m.source.asend("done")
+        await m2.source.asend("done")
+
+    try:
+        run(main())
+    finally:
+        os.close(go_w)
+        lst.close()
+    for pid in pids:
+        join(pid)
+
+
 def test_listener_arecv_many(run):
     lst = msg.listen()
 
