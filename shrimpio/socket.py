@@ -285,8 +285,10 @@ class socket(StdSocket):
     def _accept_fds(self) -> list[int]:
         """The fds whose readability may mean a client for ``accept()``:
         the TCP listener's, the registry entry's, and those of shared-memory
-        clients whose hello is late.  (Listening sockets only.)"""
-        return [self.fileno(), *self._lst.watch_fds()]
+        clients whose hello is late (a listener kept on TCP: its own fd
+        alone).  (Listening sockets only.)"""
+        lst = self._lst
+        return [self.fileno()] if lst is None else [self.fileno(), *lst.watch_fds()]
 
     def _kernel_accepted(self, fd: int, addr: Any) -> "socket":
         """The socket object for a connection accepted by the kernel, with

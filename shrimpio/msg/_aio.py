@@ -151,9 +151,7 @@ async def _until_readable(hub: Hub) -> None:
         # A shared-memory client arrives on the listener's registry socket
         # (or, its hello late, on its own control socket), not on the TCP
         # fd: a loop that is not shrimpio's polls those in the kernel.
-        sock = lst._sock
-        fds.extend(sock._accept_fds() if getattr(sock, "_lst", None) is not None
-                   else [sock.fileno()])
+        fds.extend(lst._sock._accept_fds())
     if not fds:
         return
     fut = loop.create_future()
