@@ -186,7 +186,7 @@ class _Destination:
     the packed address to bind to and our address as the peer sees it."""
 
     __slots__ = ("reg", "names", "entries", "flat", "numeric", "peer", "ip", "local_host", "listed",
-                 "turn", "served")
+                 "turn", "served", "absent")
 
     def __init__(self, reg: _control.Registry, family: int, numeric: str, port: int) -> None:
         self.reg = reg
@@ -196,6 +196,9 @@ class _Destination:
         # The last connect found a listener: the next binds before its dial
         # (see _fastpath.stream_connect).
         self.served = False
+        # The registry directory as it was when no candidate entry was in
+        # it (see known_absent), or None.
+        self.absent: Optional[tuple] = None
         self.entries: tuple = ()
         self.list_members()
         if unspecified(numeric):
@@ -221,6 +224,38 @@ class _Destination:
         self.flat = tuple(g[0] for g in self.entries) if all(len(g) == 1 for g in self.entries) else None
         self.listed = time.monotonic()
 
+    # Theory of operation: a program on shared memory that also talks to
+    # kernel TCP servers of this host (unpatched ones) would dial every
+    # candidate entry for every connect only to find none: three system
+    # calls per entry.  A listener's entry is a file in the registry
+    # directory, so the directory changes (its mtime, ctime) whenever a
+    # listener comes.  A dial that may find nothing (the last one did)
+    # first takes the directory's signature; if the dial then finds no
+    # entry, that signature is remembered, and while one stat() of the
+    # directory gives the same, no listener came: no dial.  An entry made
+    # after the signature was taken changes it; one made before is found
+    # by the dial.  File times come from a coarse clock (a tick of a few
+    # ms): a change in the same tick as the one before would leave them as
+    # they were, so a signature younger than ABSENT_QUIET_NS is not used.
+
+    def known_absent(self) -> bool:
+        """No candidate entry can be in the registry: none was at the last
+        dial, and the directory has not changed since."""
+        if self.absent is None:
+            return False
+        if _dir_signature(self.reg.path) == self.absent:
+            return True
+        self.absent = None
+        return False
+
+    def quiet_signature(self) -> Optional[tuple]:
+        """The directory's signature, taken before a dial, if it has been
+        quiet long enough for its times to tell a later change; else None."""
+        sig = _dir_signature(self.reg.path)
+        if sig is not None and time.time_ns() - max(sig[2], sig[3]) > ABSENT_QUIET_NS:
+            return sig
+        return None
+
     def in_turn(self) -> "Sequence[tuple[str, bytes]]":
         """The entries to try for the next connect: each group's members
         starting from the next one in turn (one connect each, in turn)."""
@@ -237,6 +272,22 @@ class _Destination:
                 k = self.turn % len(group)
                 out.extend(group[k:] + group[:k])
         return out
+
+
+#: How long the registry directory must have been unchanged for a client
+#: to trust that no listener came since its last dial (ns; see
+#: _Destination.known_absent).  Many ticks of the file-time clock.
+ABSENT_QUIET_NS = 50_000_000
+
+
+def _dir_signature(path: str) -> Optional[tuple]:
+    """What changes when an entry is made in or removed from the directory
+    ``path`` (or the directory is made anew), None if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns)
 
 
 # (_route.env_key(), family, numeric host, port) -> the TCP Route that rules
@@ -289,6 +340,9 @@ def connect_shm(sock: Any, address: Any, kit_later: bool = False, late: bool = F
     dest = destination(family, host, port)
     if type(dest) is not _Destination:
         sock._route = dest
+        return False
+    if dest.known_absent():
+        sock._route = _route.Route(_route.TCP, "no shrimpio listener")
         return False
     user_fd = sock.fileno()
     if user_fd >= _fd_headroom_mark():
@@ -392,6 +446,7 @@ def _dial(sock: Any, dest: _Destination, family: int, timeout: Optional[float], 
         head = tail = b""
         seg_fd = space_fd = -1
     reason = "no shrimpio listener"
+    before = None if dest.served else dest.quiet_signature()
     for name, path in dest.in_turn():
         try:
             ctl, lport, bound = stream_connect(path, timeout, user_fd, family, dest.ip, _PRE, head,
@@ -418,6 +473,7 @@ def _dial(sock: Any, dest: _Destination, family: int, timeout: Optional[float], 
         except ValueError as exc:   # e.g. entry path too long for a Unix socket
             return -1, 0, f"registry unusable: {exc}"
     dest.served = False
+    dest.absent = before
     return -1, 0, reason
 
 

@@ -204,34 +204,23 @@ def track_listener(name: str, fd: int) -> Optional[Slot]:
     return _open_slot(KIND_LISTENER, fd, local, "", "")
 
 
-_tcp_finalizers: dict[int, Any] = {}
-
-
 def track_tcp(sock: Any, reason: str) -> None:
     """Give a connected shrimpio socket that went by kernel TCP a slot
-    (with the reason), freed when the socket closes (``tcp_closing``) or is
-    collected.  Its bytes are the kernel's (``ss -ti``): not mirrored."""
-    import weakref
+    (with the reason), kept on the socket (``sock._tcp``) and freed when it
+    closes or is collected (``tcp_closing``).  Its bytes are the kernel's
+    (``ss -ti``): not mirrored."""
     try:
         local, peer = sock.getsockname(), sock.getpeername()
     except OSError:
         return
-    slot = _open_slot(KIND_TCP, sock.fileno(), local, peer, reason)
-    if slot is not None:
-        key = id(sock)
-        _tcp_finalizers[key] = weakref.finalize(sock, _tcp_release, key, slot)
-
-
-def _tcp_release(key: int, slot: Slot) -> None:
-    _tcp_finalizers.pop(key, None)
-    release(slot)
+    sock._tcp = _open_slot(KIND_TCP, sock.fileno(), local, peer, reason)
 
 
 def tcp_closing(sock: Any) -> None:
     """A socket closes: free its TCP slot if it has one."""
-    fin = _tcp_finalizers.get(id(sock)) if _tcp_finalizers else None
-    if fin is not None:
-        fin()
+    slot, sock._tcp = sock._tcp, None
+    if slot is not None:
+        release(slot)
 
 
 def release(slot: Optional[Slot], *rings: Any) -> None:

@@ -83,7 +83,7 @@ class socket(StdSocket):
     sockets of one host and user (see the module docstring)."""
 
     __slots__ = ("_shm", "_lst", "_route", "_sent", "_received", "_bufs", "_opts",
-                 "_local", "_peer", "_unbound", "_esc")
+                 "_local", "_peer", "_unbound", "_esc", "_tcp")
 
     #: A reason, in a subclass whose sockets must stay on kernel TCP (their
     #: owner polls the fd in the kernel: shrimpio._eventlet); their
@@ -157,6 +157,7 @@ class socket(StdSocket):
         self._peer: tuple = ()
         self._unbound = False
         self._esc: Optional[_escape.Escaped] = None
+        self._tcp: Optional[_stat.Slot] = None      # a kernel connection's stat slot
         if _report_wanted():
             _report_at_exit(self)
 
@@ -585,7 +586,8 @@ class socket(StdSocket):
         fd = self.fileno()
         if fd >= 0 and self._esc is None and _report_wanted():
             self._report()
-        _stat.tcp_closing(self)
+        if self._tcp is not None:
+            _stat.tcp_closing(self)
         conn, self._shm = self._shm, None
         lst, self._lst = self._lst, None
         # (Our _by_fd entry may stay: it is checked against fileno() on use,
@@ -606,6 +608,8 @@ class socket(StdSocket):
             if getattr(self, "_shm", None) is not None or getattr(self, "_lst", None) is not None:
                 if self.fileno() >= 0:
                     self._let_go()
+            elif getattr(self, "_tcp", None) is not None:
+                _stat.tcp_closing(self)     # (detached, or collected unclosed)
         except Exception:
             pass                    # (interpreter shutdown: modules half gone)
         super().__del__()

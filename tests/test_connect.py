@@ -198,6 +198,46 @@ def test_unused_kit_goes_back_when_the_connect_falls_back_to_tcp():
         plain.close()
 
 
+def test_a_listener_that_comes_after_a_connect_found_none_takes_the_next_connect():
+    """A client that found no shrimpio listener at an address dials the
+    registry no more while the registry directory stays as it was (see
+    _Destination.known_absent); a shrimpio listener that takes the address
+    afterwards, however soon, gets the very next connect over shared memory."""
+    addr_holder = socket.socket()       # a kernel listener: no shrimpio entry
+    addr_holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    addr_holder.bind(("127.0.0.1", 0))
+    addr_holder.listen()
+    addr = addr_holder.getsockname()
+    dest = _handshake.destination(socket.AF_INET, *addr)
+    # File times tell a change only once the directory has been quiet for
+    # a while (coarse clock): until then every connect dials.
+    wait_for(lambda: dest.quiet_signature() is not None, timeout=5, what="a quiet registry")
+    accepted = []
+    try:
+        for _ in range(2):
+            cli = connect(addr)
+            accepted.append(addr_holder.accept()[0])
+            assert ss.info(cli) == {**ss.info(cli), "path": "tcp", "reason": "no shrimpio listener"}
+            cli.close()
+        assert dest.known_absent()              # the second connect did not dial
+    finally:
+        for srv in accepted:
+            srv.close()
+        addr_holder.close()
+    lst = ss.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(addr)
+    lst.listen()
+    try:
+        assert not dest.known_absent()
+        cli, srv = pair(lst)
+        exchange(cli, srv)
+        cli.close()
+        srv.close()
+    finally:
+        lst.close()
+
+
 def test_drop_spares_closes_their_fds_and_mappings():
     _connection.refill()
     kit = _connection._spares[0]
