@@ -122,13 +122,15 @@ def server(tmp_path):
         s.close()
 
 
-def connect(kind: str, port: int) -> socket.socket:
-    if kind == "tcp":
-        sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
-    else:
-        sock = ss.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.settimeout(DEADLINE)
-        sock.connect(("127.0.0.1", port))
+def connect(kind: str, port: int, sndbuf: int = 0) -> socket.socket:
+    """A client socket of the kind, connected; ``sndbuf``: SO_SNDBUF set
+    before the connect."""
+    sock = socket.socket() if kind == "tcp" else ss.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    sock.settimeout(DEADLINE)
+    sock.connect(("127.0.0.1", port))
+    if kind == "shm":
         assert ss.info(sock)["path"] == "shm", ss.info(sock)
     return sock
 
@@ -193,24 +195,39 @@ def test_response_before_reading_the_request(kind, server):
     assert srv.proc.returncode == 0
 
 
+def _taken_without_a_reader(server, kind: str, sndbuf: int = 0) -> int:
+    """What a non-blocking sender gets in before EAGAIN while its peer
+    does not read (then the peer reads it all and answers)."""
+    srv = server(kind, "hold")
+    with connect(kind, srv.port, sndbuf) as sock:
+        assert srv.line() == "accepted"
+        taken = fill(sock)
+        srv.tell("drain %d" % taken)
+        assert srv.line() == "drained %d" % taken
+        srv.tell("reply")
+        sock.setblocking(True)
+        sock.settimeout(DEADLINE)
+        assert recv_all(sock) == b"done"
+    srv.proc.wait(DEADLINE)
+    return taken
+
+
 def test_nonblocking_sender_takes_what_tcp_takes(server):
     """A non-blocking sender whose peer does not read gets EAGAIN after
     about as many bytes as over loopback TCP (measured here, same test)."""
-    taken = {}
-    for kind in ("tcp", "shm"):
-        srv = server(kind, "hold")
-        with connect(kind, srv.port) as sock:
-            assert srv.line() == "accepted"
-            taken[kind] = fill(sock)
-            srv.tell("drain %d" % taken[kind])
-            assert srv.line() == "drained %d" % taken[kind]
-            srv.tell("reply")
-            sock.setblocking(True)
-            sock.settimeout(DEADLINE)
-            assert recv_all(sock) == b"done"
-        srv.proc.wait(DEADLINE)
+    taken = {kind: _taken_without_a_reader(server, kind) for kind in KINDS}
     assert taken["tcp"] > 1 << 20, taken          # (loopback TCP autotunes up to tcp_wmem[2])
     assert taken["shm"] >= taken["tcp"] * 3 // 4, taken
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sndbuf_set_before_connect_still_bounds_the_sender(kind, server):
+    """SO_SNDBUF set before connect() still chooses a smaller buffer: the
+    ring of that size (docs/sockets.md), kernel TCP's of about it."""
+    taken = _taken_without_a_reader(server, kind, sndbuf=1 << 16)
+    assert 0 < taken < 1 << 20, taken
+    if kind == "shm":
+        assert taken == 1 << 16
 
 
 def _segment_bytes(sock) -> int:
