@@ -51,8 +51,12 @@ from ._fastpath import (Ring, RingCorruptedError, Segment, Stream, close_fd, for
 __all__ = ["Connection", "DEFAULT_RING", "Kit", "SpaceFd", "ring_capacity", "take_kit", "give_back",
            "refill", "connected", "drop_spares", "bury", "reap"]
 
-#: Default bytes per direction (about a Unix socket's default buffer).
-DEFAULT_RING = 256 * 1024
+#: Default bytes per direction: what loopback TCP takes one way before a
+#: sender without a reader waits (its autotuned send and receive buffers,
+#: up to ``tcp_wmem``'s 4 MiB: about 3.9 MB on Linux), so that a program
+#: that writes a few MB before it reads works as over TCP.  Only the pages
+#: written are memory (docs/sockets.md, "Buffering").
+DEFAULT_RING = 4 * 1024 * 1024
 MIN_RING = 4096
 MAX_RING = 64 * 1024 * 1024
 

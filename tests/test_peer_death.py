@@ -218,7 +218,8 @@ def test_blocked_sendall_fails_when_the_reader_dies(listener):
     with Peer(listener.getsockname(), read=False) as peer:
         srv = _accept(listener)
         with srv:
-            t = ResultThread(srv.sendall, b"y" * (4 << 20), deadline=DEADLINE)
+            # (more than the ring holds: the sendall blocks)
+            t = ResultThread(srv.sendall, b"y" * (2 * srv._shm.tx.capacity), deadline=DEADLINE)
             t.start()
             wait_for(lambda: srv._shm.tx.free() == 0, what="the ring to fill")
             peer.kill()

@@ -125,7 +125,7 @@ def handoff(args: dict) -> None:
             # Keep the echo flowing, as _finish_stream does: a stream that
             # sends more than both directions buffer without reading
             # deadlocks (kernel TCP on loopback buffers about 4 MB one way,
-            # a ring 256 KiB: docs/sockets.md, "Buffering").
+            # a ring 4 MiB: docs/sockets.md, "Buffering").
             while echo.got < echo.sent - (1 << 17):
                 data = sock.recv(1 << 16)
                 if not data:
