@@ -5,13 +5,17 @@ bare space fd, and the stat slot's address text."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
 import threading
+import time
+from typing import Any, Callable, Optional
 
 import pytest
 
+import shrimpio
 import shrimpio.socket as ss
 from shrimpio import _accept, _handshake, _process, _stat
 from shrimpio._fastpath import close_fd, get_busy_poll_us
@@ -112,3 +116,143 @@ def test_a_closed_connection_closes_its_fds_on_both_sides():
 def test_stat_address_text_is_the_address_as_listed(addr, text):
     for _ in range(2):                          # (the second time from the host cache)
         assert _stat._address_text(addr) == text == _stat._address(addr).encode()
+
+
+# -- the asyncio connect and accept paths ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def _uvloop_pipe() -> None:
+    """uvloop opens a process-wide pipe with its first loop and keeps it for
+    the life of the process: have it opened before the leak checks count fds."""
+    async def nothing() -> None:
+        pass
+    shrimpio.run(nothing())
+
+
+class _Counted(asyncio.Protocol):
+    """A server protocol that says when each connection is made and lost."""
+
+    def __init__(self, made: list, lost: list) -> None:
+        self.made, self.lost = made, lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made.append(transport)
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.lost.append(exc)
+
+
+async def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
+def test_asyncio_server_serves_shm_clients_without_a_task_each(_uvloop_pipe):
+    """A plain (no TLS) shared-memory connection's transport is made in the
+    server's accepting callback, as uvloop's servers make theirs: no task,
+    no future, no loop turn per connection; connection_made still comes in
+    a callback of its own."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        made: list = []
+        lost: list = []
+        server = await loop.create_server(lambda: _Counted(made, lost), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tasks: list = []
+
+        def counting_factory(lp: Any, coro: Any, **kw: Any) -> asyncio.Task:
+            tasks.append(coro)
+            return asyncio.Task(coro, loop=lp, **kw)
+
+        loop.set_task_factory(counting_factory)    # counts the tasks the loop makes
+        clients = []
+        try:
+            for _ in range(8):
+                clients.append(await loop.create_connection(asyncio.Protocol, "127.0.0.1", port))
+            await _until(lambda: len(made) == 8, "8 connections made")
+            assert tasks == []
+            assert all(shrimpio.info(tr)["path"] == "shm" for tr in made)
+            assert all(shrimpio.info(tr)["path"] == "shm" for tr, _ in clients)
+        finally:
+            for tr, _ in clients:
+                tr.close()
+            await _until(lambda: len(lost) == len(made), "the server's connections lost")
+            server.close()
+            await server.wait_closed()
+
+    shrimpio.run(main())
+
+
+def test_asyncio_server_drops_a_shm_client_whose_protocol_factory_raises(_uvloop_pipe):
+    """The factory's error concerns that connection alone: its socket is
+    closed (the client reads EOF), the server serves the next client."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        made: list = []
+        lost: list = []
+        calls = [0]
+        handled: list = []
+        loop.set_exception_handler(lambda lp, ctx: handled.append(ctx))
+
+        def factory() -> asyncio.Protocol:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise RuntimeError("no protocol for you")
+            return _Counted(made, lost)
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+            assert shrimpio.info(w1)["path"] == "shm"
+            assert await asyncio.wait_for(r1.read(), 10) == b""        # dropped: EOF
+            w1.close()
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+            await _until(lambda: len(made) == 1, "the next client served")
+            assert shrimpio.info(made[0])["path"] == "shm"
+            w2.close()
+            await _until(lambda: len(lost) == 1, "the second connection lost")
+            assert not [c for c in handled if "no protocol" in str(c.get("exception"))]  # not debug
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    shrimpio.run(main())
+
+
+def test_asyncio_connect_to_a_numeric_address_asks_no_resolver(_uvloop_pipe):
+    """create_connection to an IP literal takes the address as it is
+    (asyncio's rule): no getaddrinfo per connect; a name is resolved."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        asked: list = []
+        resolve = loop.getaddrinfo
+
+        async def counting(*args: Any, **kw: Any) -> list:
+            asked.append(args[0])
+            return await resolve(*args, **kw)
+
+        server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        loop.getaddrinfo = counting                   # the instance's: counts its callers
+        try:
+            tr, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+            assert shrimpio.info(tr)["path"] == "shm"
+            assert tr.get_extra_info("peername") == ("127.0.0.1", port)
+            tr.close()
+            assert asked == []
+            tr, _ = await loop.create_connection(asyncio.Protocol, "localhost", port)
+            tr.close()
+            assert asked == ["localhost"]
+            # A port getaddrinfo would refuse is still its to refuse.
+            with pytest.raises((OSError, OverflowError)):
+                await loop.create_connection(asyncio.Protocol, "127.0.0.1", 70000)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    shrimpio.run(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import socket as _std
+from asyncio.base_events import _ipaddr_info
 from typing import Any, Callable, Optional
 
 from ..socket import socket as ShmSocket
@@ -65,8 +66,10 @@ class ConnectMixin:
         order, or staggered by ``delay``); None if a name does not resolve
         (uvloop then says why)."""
         try:
-            infos = await self.getaddrinfo(host, port, family=family, type=_std.SOCK_STREAM,
-                                           proto=proto, flags=flags)
+            # A numeric address needs no resolver (asyncio's rule: uvloop's
+            # getaddrinfo costs a future and a C request per connect).
+            infos = _numeric_info(host, port, family, proto) or await self.getaddrinfo(
+                host, port, family=family, type=_std.SOCK_STREAM, proto=proto, flags=flags)
             local_infos = None if local_addr is None else await self.getaddrinfo(
                 *local_addr, family=family, type=_std.SOCK_STREAM, proto=proto, flags=flags)
         except OSError:
@@ -113,6 +116,16 @@ class ConnectMixin:
         except BaseException:
             sock.close()
             raise
+
+
+def _numeric_info(host: Any, port: Any, family: int, proto: int) -> Optional[list]:
+    """What getaddrinfo says of a numeric IP address and port (one entry,
+    as asyncio's ``_ipaddr_info``), or None to ask it (names, service
+    names, scoped IPv6 addresses, ports it would refuse)."""
+    if type(host) is not str or type(port) is not int or not 0 <= port <= 65535:
+        return None
+    info = _ipaddr_info(host, port, family, _std.SOCK_STREAM, proto)
+    return None if info is None else [info]
 
 
 def _bind_local(sock: Any, family: int, local_infos: list) -> None:

@@ -55,12 +55,32 @@ class MakeTransportMixin:
             if self.get_debug():
                 self.call_exception_handler({"message": message, "exception": exc})
 
-    async def _serve_shm(self, sock: Any, factory: Callable, ssl: Any, server: Any,
-                         hs_timeout: Any, sd_timeout: Any) -> None:
-        await self._set_up_accepted(
-            self._make_shm_transport(sock, factory, ssl, server_side=True, server=server,
-                                     ssl_handshake_timeout=hs_timeout, ssl_shutdown_timeout=sd_timeout),
-            "shrimpio connection setup failed")
+    def _serve_shm(self, sock: Any, factory: Callable, ssl: Any, server: Any,
+                   hs_timeout: Any, sd_timeout: Any) -> None:
+        """Serve a shared-memory connection a server accepted.  Without TLS
+        its transport is made here, in the accepting callback, as uvloop's
+        servers make theirs (the protocol's ``connection_made`` follows in a
+        callback of its own): no task, no future, no loop turn.  With TLS a
+        task awaits the handshake."""
+        if ssl:
+            self.create_task(self._set_up_accepted(
+                self._make_shm_transport(sock, factory, ssl, server_side=True, server=server,
+                                         ssl_handshake_timeout=hs_timeout,
+                                         ssl_shutdown_timeout=sd_timeout),
+                "shrimpio connection setup failed"))
+            return
+        try:
+            ShmTransport(self, sock, factory(), None, server)
+        except (SystemExit, KeyboardInterrupt):
+            sock.close()
+            raise
+        except BaseException as exc:
+            # (A protocol factory that raised: that connection alone is
+            # dropped, and said in debug mode, as uvloop does.)
+            sock.close()
+            if self.get_debug():
+                self.call_exception_handler({"message": "shrimpio connection setup failed",
+                                             "exception": exc})
 
     async def _make_shm_transport(self, sock: Any, factory: Callable, ssl: Any = None, *,
                                   server_side: bool = False, server_hostname: Optional[str] = None,
@@ -103,7 +123,8 @@ class MakeTransportMixin:
         uvloop's (on a socket the shrimpio layer owns, for the report)."""
         shm = _shm_of(sock)
         if shm is not None:
-            shm.setblocking(False)
+            if shm.gettimeout() != 0.0:
+                shm.setblocking(False)
             return await self._make_shm_transport(shm, factory, ssl, server_side=server_side,
                                                   server_hostname=server_hostname, **tls)
         owner = _kernel_owner(sock)

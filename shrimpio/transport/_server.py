@@ -152,8 +152,8 @@ class Server(asyncio.AbstractServer):
                     return
                 conn, _addr = got
                 conn.setblocking(False)
-                self._loop.create_task(self._loop._serve_shm(conn, self._factory, self._ssl, self,
-                                                              self._hs_timeout, self._sd_timeout))
+                self._loop._serve_shm(conn, self._factory, self._ssl, self, self._hs_timeout,
+                                      self._sd_timeout)
         finally:
             if self._watching:
                 self._watch_late()
