@@ -450,3 +450,114 @@ def test_an_asyncio_server_one_fd_short_serves_a_shm_client_by_tcp(headroom, tmp
                     p.kill()
                 p.wait()
                 p.stdout.close()
+
+
+# -- a client that writes and closes before a listener short of fds looks ----------
+#
+# Over TCP its bytes are in the server's kernel by then: the server accepts
+# and reads them, then end of file.  The shared-memory client's bytes are in
+# its ring, which the listener maps only with the hello's fds.
+
+GONE_SERVER = r"""
+import hashlib, json, os, resource, socket, sys
+import shrimpio, shrimpio.patch
+exec(sys.argv[2])                     # limit_leaving, as in the test module
+headroom = int(sys.argv[1])
+lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+lst.bind(("127.0.0.1", 0))
+lst.listen(4)
+print(lst.getsockname()[1], flush=True)
+sys.stdin.readline()                  # the client has written and closed
+saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(headroom), saved[1]))
+lst.settimeout(15)
+try:
+    srv, _ = lst.accept()             # as TCP's: one fd is enough
+    srv.settimeout(15)
+    got = bytearray()
+    while True:
+        d = srv.recv(65536)
+        if not d:
+            break
+        got += d
+finally:
+    resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+print(json.dumps({"n": len(got), "sha": hashlib.sha256(got).hexdigest(),
+                  "info": shrimpio.info(srv)}), flush=True)
+srv.close()
+lst.close()
+"""
+
+GONE_CLIENT = r"""
+import hashlib, json, os, signal, socket, sys
+import shrimpio, shrimpio.patch
+port, size, kill = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+data = os.urandom(size)
+c = socket.create_connection(("127.0.0.1", port), timeout=20)
+path = shrimpio.info(c)["path"]
+c.sendall(data)
+c.close()                             # before the listener took the connection
+print(json.dumps({"path": path, "sha": hashlib.sha256(data).hexdigest()}), flush=True)
+if kill:
+    os.kill(os.getpid(), signal.SIGKILL)   # gone for good: only the listener can read them
+"""
+
+
+def _gone_client(headroom: int, size: int, kill: bool) -> tuple[dict, dict, int]:
+    """A client that connects, writes ``size`` bytes and closes (then dies
+    by SIGKILL if ``kill``), then a server left ``headroom`` fds accepts:
+    (client's line, server's line, client's exit status)."""
+    import json
+    import inspect
+    env = child_env()
+    srv = subprocess.Popen([sys.executable, "-c", GONE_SERVER, str(headroom), inspect.getsource(limit_leaving)],
+                           stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True, env=env)
+    cli = None
+    try:
+        port = srv.stdout.readline().strip()
+        assert port.isdigit(), port
+        cli = subprocess.Popen([sys.executable, "-c", GONE_CLIENT, port, str(size), "1" if kill else "0"],
+                               stdout=subprocess.PIPE, text=True, env=env)
+        first = json.loads(cli.stdout.readline())
+        assert first["path"] == "shm", first
+        srv.stdin.write("go\n")
+        srv.stdin.flush()
+        line = srv.stdout.readline()
+        assert line, "the server found no client"
+        last = json.loads(line)
+        assert srv.wait(timeout=30) == 0
+        return first, last, cli.wait(timeout=30)
+    finally:
+        for p in (srv, cli):
+            if p is not None:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+                p.stdout.close()
+        srv.stdin.close()
+
+
+@pytest.mark.parametrize("headroom", [1, 2])
+@pytest.mark.parametrize("size", [5, 100_000])
+def test_a_client_that_writes_and_closes_before_a_listener_short_of_fds_loses_nothing(headroom, size):
+    """The client's close() finds its hello still unread and lingers (as a
+    TCP close still delivers): the listener's refusal comes, and the
+    lingering client replays its bytes and end of file by TCP."""
+    first, last, status = _gone_client(headroom, size, kill=False)
+    assert last["n"] == size and last["sha"] == first["sha"], (first, last)
+    assert last["info"]["path"] == "tcp" and last["info"]["reason"] == "fd limit", last
+    assert status == 0
+
+
+@pytest.mark.parametrize("size", [5, 100_000])
+def test_a_client_killed_after_close_loses_nothing_to_a_listener_two_fds_short(size):
+    """The client is gone for good (SIGKILL after its close): nobody can
+    follow a refusal.  With two fds free the listener takes the client's
+    segment alone (its space doorbell, useless to a closed peer, left to
+    the kernel) and accepts a connection whose peer has closed: the bytes,
+    then end of file, as TCP."""
+    first, last, status = _gone_client(2, size, kill=True)
+    assert last["n"] == size and last["sha"] == first["sha"], (first, last)
+    assert last["info"]["path"] == "shm", last
+    assert status == -9
