@@ -315,7 +315,11 @@ def take_refusal(int fd):
             p.events = POLLIN
             p.revents = 0
             if poll(&p, 1, 0) == 1 and (p.revents & POLLHUP):
-                shr_bell_drain(fd, SHR_BELL_SOCKET)
+                # A peer that closed with our messages unread (the hello,
+                # a doorbell byte) leaves ECONNRESET, which the first
+                # receive returns before what is queued: drain twice.
+                if shr_bell_drain(fd, SHR_BELL_SOCKET) == -2:
+                    shr_bell_drain(fd, SHR_BELL_SOCKET)
                 n = shr_refusal_take(fd, out)
     if n <= 0:
         return None

@@ -34,16 +34,23 @@ starts with exactly those bytes.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import select as _select
 import socket as _std
 import _socket as _csocket
+import sys
+import threading
+import time
+import warnings
 from typing import Any
 
 from . import _route, _stat
-from ._connection import Connection
+from ._connection import HOT, SMALL_RING, Connection
+from ._fastpath import Ring
 from ._sockindex import by_fd, fd_change_hooks, fd_changing
 
-__all__ = ["late_fallback", "LATE_ERRNOS"]
+__all__ = ["late_fallback", "linger", "replay", "LATE_ERRNOS", "LINGER"]
 
 #: What a failed call on a refused connection raises (the peer looks gone).
 LATE_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN)
@@ -80,19 +87,14 @@ def late_fallback(sock: Any, conn: Connection) -> bool:
     # TCP socket (the process may be short of fds too).
     sock._shm = None
     conn.release()
-    tcp = _csocket.socket(sock.family, _SOCK_STREAM, sock.proto)
     try:
-        try:
-            tcp.setsockopt(_SOL_SOCKET, _SO_REUSEADDR, 1)
-            tcp.bind(local)           # the address the program (and the listener) know
-        except OSError:
-            pass                      # taken meanwhile: any, then
-        tcp.settimeout(timeout if timeout else REPLAY_TIMEOUT)
-        tcp.connect(peer)
-        if pending:
-            tcp.sendall(pending)
-        if shut:
-            tcp.shutdown(_std.SHUT_WR)
+        tcp = replay(sock.family, sock.proto, local, peer, pending, shut,
+                     timeout if timeout else REPLAY_TIMEOUT)
+    except OSError:
+        sock._route = _route.Route(_route.TCP, reason)
+        sock._local, sock._peer = local, peer
+        return False
+    try:
         os.dup2(tcp.fileno(), fd, inheritable=False)
     except OSError:
         tcp.close()
@@ -108,3 +110,214 @@ def late_fallback(sock: Any, conn: Connection) -> bool:
     sock.settimeout(timeout)          # (O_NONBLOCK is the old file's)
     _stat.track_tcp(sock, reason)
     return True
+
+
+def replay(family: int, proto: int, local: Any, peer: Any, pending: bytes, shut: bool,
+           timeout: float) -> _csocket.socket:
+    """A kernel TCP socket bound to ``local`` (the address the program and
+    the listener know; any, if it is taken meanwhile), connected to
+    ``peer``, with ``pending`` sent first (and its writing side shut if
+    ``shut``), each step within ``timeout`` seconds.  OSError (nothing
+    left open) if any step fails."""
+    tcp = _csocket.socket(family, _SOCK_STREAM, proto)
+    try:
+        try:
+            tcp.setsockopt(_SOL_SOCKET, _SO_REUSEADDR, 1)
+            tcp.bind(local)
+        except OSError:
+            pass
+        tcp.settimeout(timeout)
+        tcp.connect(peer)
+        if pending:
+            tcp.sendall(pending)
+        if shut:
+            tcp.shutdown(_std.SHUT_WR)
+    except BaseException:
+        tcp.close()
+        raise
+    return tcp
+
+
+# -- a client that closes before the listener took its hello ----------------------
+#
+# Its close() returns at once, as TCP's does.  Over TCP the bytes written
+# before it are in the server's kernel by then, and a server that accepts
+# later still reads them, then end of file.  Here they are in the ring,
+# which the listener maps when it takes the hello; the client's close
+# writes its end of file there too.  A listener with room for the hello's
+# fds therefore reads them as from any closed peer (and a listener two fds
+# short takes the segment alone when the client has gone: see
+# _accept.gone_space).  Only a refusal (the listener one fd short: it takes
+# none of the hello's fds, and sends the client to TCP) needs the client
+# itself, to send its bytes by TCP: so a client that closes with bytes
+# written while its hello is still unread (queued on its control socket:
+# SIOCOUTQ) keeps the connection open in the background -- lingers, as a
+# TCP close still delivers -- until the listener takes the hello (the
+# queue empties: nothing more to do), closes the control socket (with a
+# refusal: the bytes and the end of file go by TCP, from the same local
+# address; without: it dropped the client) or LINGER seconds pass (the
+# hello stays queued, with the segment's fd: a listener that takes it
+# later still reads it).  One thread serves every lingering connection of
+# the process; it is not a daemon, so a program that exits right after
+# its close waits for it (at most LINGER seconds), as the bytes of a
+# program that exits right after a TCP close still go.  The lingering
+# connection costs no fd more than it had: its control socket moves onto
+# its space doorbell's fd number (a closed client needs no space doorbell)
+# and the program's fd is closed as usual.
+
+#: Longest a closed client waits for the listener to take or refuse its hello.
+LINGER = REPLAY_TIMEOUT
+_SIOCOUTQ = 0x5411                  # (= TIOCOUTQ: bytes sent and not yet read)
+_POLL_IN, _POLL_HUP = int(_select.POLLIN), int(_select.POLLHUP)
+
+_lingering: list = []               # [conn, family, proto, deadline]
+_linger_lock = threading.Lock()
+_linger_thread: "threading.Thread | None" = None
+
+
+class _BellAsSpace:
+    """A lingering connection's space "socket": its doorbell's own fd
+    (the connection owns and closes that)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        pass
+
+
+def unread(fd: int) -> int:
+    """Bytes sent on the Unix socket ``fd`` that its peer has not read."""
+    return int.from_bytes(fcntl.ioctl(fd, _SIOCOUTQ, bytes(4)), sys.byteorder, signed=True)
+
+
+def _may_be_refused(conn: Connection) -> bool:
+    """Can the listener still refuse ``conn`` (a client's)?  Not once it
+    has read anything we sent on the control socket (the hello comes
+    first), nor once it has read a byte of the ring or written one into
+    ours (it took the hello).  (Our first write rings the doorbell before
+    the listener is there, so messages still queued do not say that the
+    hello is.)"""
+    if conn.bytes_received or unread(conn.bell_fd) <= 0:
+        return False
+    ring = Ring(conn.segment, 0, conn.tx.capacity, small=SMALL_RING, big_offset=HOT)
+    try:
+        return ring.readable() >= conn.bytes_sent
+    finally:
+        ring.close()
+
+
+def linger(sock: Any, conn: Connection, fd: int) -> bool:
+    """At the close of ``sock`` (fd ``fd``), the last socket object of the
+    client connection ``conn``: keep the connection in the background if
+    the listener may still refuse it with bytes of ours in the ring (see
+    above): True, and the caller leaves ``conn`` alone.  False: close it
+    as usual."""
+    if (not conn.client or conn.closed or conn.refs != 1 or not conn.bytes_sent
+            or conn.shared_with_child):
+        return False
+    try:
+        if not _may_be_refused(conn):
+            return False                # the listener took the hello: as any close
+    except (OSError, ValueError):
+        return False
+    for action in (conn.tx.shutdown_write, conn.rx.close_read):
+        try:
+            action()                    # (a listener that takes it reads our end of file)
+        except (OSError, ValueError):
+            pass
+    if not conn.bell_owned:
+        if conn.bell_fd != fd:
+            return False
+        try:
+            space = conn.space.detach()     # (a bare socket object: see _handshake)
+            os.dup2(fd, space, inheritable=False)
+        except (OSError, AttributeError):
+            return False
+        conn.space = _BellAsSpace(space)
+        reason = conn.refused()         # kept under the program's fd number, if a drain took it
+        conn.set_bell(space, owned=True)
+    else:
+        reason = None
+    with _linger_lock:
+        _lingering.append([conn, sock.family, sock.proto, time.monotonic() + LINGER, reason])
+        global _linger_thread
+        if _linger_thread is None:
+            _linger_thread = threading.Thread(target=_linger_loop, name="shrimpio-linger", daemon=False)
+            _linger_thread.start()
+    return True
+
+
+def _linger_loop() -> None:
+    global _linger_thread
+    nap = 0.001
+    while True:
+        with _linger_lock:
+            items = list(_lingering)
+            if not items:
+                _linger_thread = None
+                return
+        now = time.monotonic()
+        for item in items:
+            if _linger_done(item, now):
+                with _linger_lock:
+                    _lingering.remove(item)
+        poller = _select.poll()
+        for item in items:
+            if not item[0].closed:
+                poller.register(item[0].bell_fd, _POLL_IN)
+        poller.poll(nap * 1000)
+        nap = min(nap * 2, 0.05)        # (the listener's taking the hello wakes nobody)
+
+
+def _linger_done(item: list, now: float) -> bool:
+    """One look at a lingering connection: True once it is closed."""
+    conn, family, proto, deadline, reason = item
+    try:
+        if reason is None:
+            p = _select.poll()
+            p.register(conn.bell_fd, _POLL_IN)
+            gone = any(ev & _POLL_HUP for _, ev in p.poll(0))
+            if not gone and now < deadline and _may_be_refused(conn):
+                return False            # not taken yet
+            # (A refusal comes before the hang-up, and before the queue
+            # empties as the listener closes: asked after them.)
+            reason = conn.refused()
+        if reason is None:
+            conn.close()                # taken, dropped, or out of time
+            return True
+        pending, shut = conn.unsent()
+        local, peer = conn.local, conn.peer
+        conn.close()
+        try:
+            replay(family, proto, local, peer, pending, shut, LINGER).close()
+        except OSError as exc:
+            warnings.warn(f"shrimpio: {len(pending)} bytes written to {peer} before close() "
+                          f"could not be sent by TCP after the listener refused them ({reason}): "
+                          f"{exc}", RuntimeWarning)
+        return True
+    except Exception:
+        if not conn.closed:
+            conn.close()
+        raise
+
+
+def _forget_lingering() -> None:
+    """In a forked child: the parent's lingering connections are its own
+    (their thread is not here); our copies of their fds go."""
+    global _linger_thread
+    _linger_thread = None
+    while _lingering:
+        conn = _lingering.pop()[0]
+        try:
+            conn.close()                # (shared with the parent: no flag written)
+        except Exception:
+            pass
+
+
+os.register_at_fork(after_in_child=_forget_lingering)
