@@ -52,7 +52,7 @@ from ._handshake import (HELLO_KIND, HELLO_RE, PROTOCOL_VERSION, _AF_UNIX, _SOCK
 _StdSocket = _std.socket
 
 __all__ = ["ACCEPT_SPIN", "FD_LIMIT", "HELLO_WAIT", "Listener", "MAX_WAITING", "accept_hello", "accept_shm",
-           "late_reason", "next_client", "refuse", "register_listener"]
+           "late_reason", "next_client", "refuse", "register_listener", "GoneSpace"]
 
 
 # -- listeners sharing an address ---------------------------------------------------
@@ -525,8 +525,29 @@ def accept_shm(sock: Any, lst: Listener, bare: bool) -> "tuple[Any, Any] | None"
     return new, conn.peer
 
 
+class GoneSpace:
+    """The space doorbell of a client that had closed when its hello was
+    taken, with room for its segment alone (see ``stream_accept``): the
+    control socket stands in for it (its peer is gone, so a wait on it
+    ends at once, as the wait for room in a closed peer's ring must).  The
+    connection owns nothing through it: the socket object made on ``ctl``
+    closes that.  The client's own end went with the hello: the kernel
+    drops the fds a receiver leaves no room for."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        pass
+
+
 def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
-                 space_ok: bool) -> tuple[Connection, tuple, tuple]:
+                 space_ok: "bool | None") -> tuple[Connection, tuple, tuple]:
     """Check a client's hello (as :func:`~shrimpio._fastpath.stream_accept`
     received it) and map its segment: (connection, client address, server
     address); ``ctl``, the client's control socket, is its data doorbell
@@ -536,7 +557,8 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
 
     Every fd is checked before use: the segment must be a sealed memfd
     (one that may be truncated under us would kill us with SIGBUS), the
-    space doorbell a connected Unix seqpacket socket (``space_ok``)."""
+    space doorbell a connected Unix seqpacket socket (``space_ok``; None:
+    a client that has closed, taken with its segment alone)."""
     seg = space = None
     try:
         payload = _control.datagram_payload(data, msg_flags, fds)
@@ -546,7 +568,7 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
             client = (client_host, int(m[5]))
         else:
             c2s, s2c, size, client, server = _generic_hello(payload, fds)
-        if len(fds) != 2:
+        if len(fds) != (1 if space_ok is None else 2):
             raise _control.ProtocolError("stream hello must carry two fds")
         if not (type(c2s) is int and type(s2c) is int and type(size) is int
                 and _layout_ok(c2s, s2c, size)):
@@ -557,7 +579,7 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
                 or type(server[1]) is not int or not 0 <= client[1] <= 65535
                 or not 0 <= server[1] <= 65535):
             raise _control.ProtocolError("bad addresses in stream hello")
-        if not space_ok:
+        if space_ok is False:
             raise _control.ProtocolError("space doorbell is not a Unix seqpacket socket")
         fd0, fds[0] = fds[0], -1
         try:
@@ -567,8 +589,11 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
                                   hot=_connection.HOT)
         except (ValueError, PermissionError) as exc:  # not a sealed memfd, or too small
             raise _control.ProtocolError(f"bad segment in stream hello: {exc}") from None
-        fd1, fds[1] = fds[1], -1
-        space = _connection.SpaceFd(fd1)
+        if space_ok is None:
+            space = GoneSpace(ctl)
+        else:
+            fd1, fds[1] = fds[1], -1
+            space = _connection.SpaceFd(fd1)
         return (Connection(seg, ctl, space, client=False, caps=(c2s, s2c), bell_owned=False),
                 client, server)
     except BaseException:

@@ -521,6 +521,8 @@ def _gone_client(headroom: int, size: int, kill: bool) -> tuple[dict, dict, int]
                                stdout=subprocess.PIPE, text=True, env=env)
         first = json.loads(cli.stdout.readline())
         assert first["path"] == "shm", first
+        if kill:
+            assert cli.wait(timeout=30) == -9     # gone before the listener looks
         srv.stdin.write("go\n")
         srv.stdin.flush()
         line = srv.stdout.readline()
