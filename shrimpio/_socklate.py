@@ -48,9 +48,10 @@ from typing import Any
 from . import _route, _stat
 from ._connection import HOT, SMALL_RING, Connection
 from ._fastpath import Ring
+from ._handshake import late_hellos
 from ._sockindex import by_fd, fd_change_hooks, fd_changing
 
-__all__ = ["late_fallback", "linger", "replay", "LATE_ERRNOS", "LINGER"]
+__all__ = ["late_fallback", "linger", "replay", "settled", "LATE_ERRNOS", "LINGER"]
 
 #: What a failed call on a refused connection raises (the peer looks gone).
 LATE_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN)
@@ -63,15 +64,17 @@ _SOCK_STREAM = int(_std.SOCK_STREAM)
 _SOL_SOCKET, _SO_REUSEADDR = int(_std.SOL_SOCKET), int(_std.SO_REUSEADDR)
 
 
-def late_fallback(sock: Any, conn: Connection) -> bool:
+def late_fallback(sock: Any, conn: Connection, reason: "str | None" = None) -> bool:
     """If the listener refused ``conn`` (``sock``'s connection), move
     ``sock`` onto a kernel TCP connection to it: True, and the caller makes
     its call again.  False: no refusal (the peer is really gone), or the
     TCP connect failed too (the listener is gone: the caller reports what
-    it found, the connection reset)."""
+    it found, the connection reset).  ``reason``: the refusal's, if the
+    caller took it already."""
     if sock._shm is not conn:
         return False
-    reason = conn.refused()
+    if reason is None:
+        reason = conn.refused()
     if reason is None:
         return False
     fd = sock.fileno()
@@ -110,6 +113,41 @@ def late_fallback(sock: Any, conn: Connection) -> bool:
     sock.settimeout(timeout)          # (O_NONBLOCK is the old file's)
     _stat.track_tcp(sock, reason)
     return True
+
+
+async def settled(sock: Any) -> bool:
+    """Before the shrimpio loop's own transport takes over ``sock``, a
+    client connected over shared memory by its own ``connect()`` (whose
+    hello told the listener it can follow a refusal: the transport reads
+    the rings itself, and could not): wait, without holding up the loop
+    (the listener may be in it), until the listener has taken the hello
+    or refused it.  True: ``sock`` stays on shared memory (also once
+    LINGER seconds have passed: the listener is not accepting, and
+    refuses only with a free fd to take the client with); False: it was
+    refused and is a kernel TCP socket now, with what it had written sent
+    first (:func:`late_fallback`, run in the loop's executor: it may wait
+    for the listener to read)."""
+    conn = sock._shm
+    if conn is None or conn.closed or conn not in late_hellos:
+        return conn is not None
+    import asyncio
+    nap, deadline = 0.0005, time.monotonic() + LINGER
+    while True:
+        try:
+            undecided = _may_be_refused(conn)
+        except (OSError, ValueError):
+            undecided = False
+        if not undecided or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(nap)        # (the listener's taking the hello wakes nobody)
+        nap = min(nap * 2, 0.05)
+        if sock._shm is not conn or conn.closed:
+            return sock._shm is not None
+    reason = conn.refused()
+    if reason is None:
+        return True
+    moved = await asyncio.get_running_loop().run_in_executor(None, late_fallback, sock, conn, reason)
+    return not moved and sock._shm is not None
 
 
 def replay(family: int, proto: int, local: Any, peer: Any, pending: bytes, shut: bool,

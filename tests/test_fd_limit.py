@@ -316,13 +316,14 @@ c.close()
 """
 
 
-def _serve_late(lst, headroom, size, shut, blocking="1"):
-    """Start a client that connects and writes ``size`` bytes (and shuts its
-    writing side if ``shut``) before the listener, left ``headroom`` fds,
-    looks; accept it, echo what came reversed, close.  The client's two
-    report lines and the accepted socket's info."""
+def _serve_late(lst, headroom, size, shut, blocking="1", script=LATE_CLIENT):
+    """Start a client (``script``) that connects and writes ``size`` bytes
+    (and shuts its writing side if ``shut``), some or all before the
+    listener, left ``headroom`` fds, looks; accept it, echo what came
+    reversed, close.  The client's two report lines and the accepted
+    socket's info."""
     import json
-    child = subprocess.Popen([sys.executable, "-c", LATE_CLIENT, str(lst.getsockname()[1]), str(size),
+    child = subprocess.Popen([sys.executable, "-c", script, str(lst.getsockname()[1]), str(size),
                               blocking, "1" if shut else "0"],
                              stdout=subprocess.PIPE, text=True, env=child_env())
     saved = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -416,6 +417,53 @@ def test_a_non_blocking_selectors_client_goes_on_by_tcp():
     assert n == 50_000
     assert srv_info["reason"] == "fd limit", srv_info
     assert last["ok"] and last["after"]["path"] == "tcp" and last["after"]["reason"] == "fd limit", last
+
+
+HANDOFF_CLIENT = r"""
+import asyncio, json, os, socket, sys
+import shrimpio.patch
+from shrimpio import info
+port, size = int(sys.argv[1]), int(sys.argv[2])
+data = os.urandom(size)
+c = socket.create_connection(("127.0.0.1", port), timeout=20)
+before = info(c)
+half = size // 2
+c.sendall(data[:half])                 # before the hand-over: in the ring
+print(json.dumps({"written": size, "before": before}), flush=True)
+
+
+async def main():
+    r, w = await asyncio.open_connection(sock=c)
+    w.write(data[half:])
+    await w.drain()
+    got = await asyncio.wait_for(r.read(), 20)
+    after = w.get_extra_info("shrimpio") or info(w.get_extra_info("socket"))
+    print(json.dumps({"ok": got == data[::-1], "got": len(got), "after": after}), flush=True)
+    w.close()
+    await w.wait_closed()
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_socket_connected_then_given_to_asyncio_follows_a_refusal():
+    """A socket connected by its own connect() (its hello says it can
+    follow a refusal) and then given to asyncio (``sock=``): the loop's
+    transport, which reads the rings itself, is made only once the
+    listener has taken the hello or refused it; refused, the socket moves
+    to TCP first (what it wrote before goes first) and gets the kernel
+    transport.  Before, the transport found its peer gone: the bytes and
+    the connection were lost."""
+    lst = _listener()
+    try:
+        last, srv_info, n = _serve_late(lst, 1, 60_000, shut=False, script=HANDOFF_CLIENT)
+    finally:
+        lst.close()
+    assert n == 60_000
+    assert srv_info["path"] == "tcp" and srv_info["reason"] == "fd limit", srv_info
+    assert last["ok"], last
+    assert last["after"]["path"] == "tcp" and last["after"]["reason"] == "fd limit", last
 
 
 @pytest.mark.parametrize("headroom", [1, 2])
