@@ -137,14 +137,17 @@ async def settled(sock: Any) -> bool:
             undecided = _may_be_refused(conn)
         except (OSError, ValueError):
             undecided = False
-        if not undecided or time.monotonic() > deadline:
+        if not undecided:
             break
+        if time.monotonic() > deadline:
+            return True
         await asyncio.sleep(nap)        # (the listener's taking the hello wakes nobody)
         nap = min(nap * 2, 0.05)
         if sock._shm is not conn or conn.closed:
             return sock._shm is not None
     reason = conn.refused()
     if reason is None:
+        late_hellos.discard(conn)      # taken: asked no more
         return True
     moved = await asyncio.get_running_loop().run_in_executor(None, late_fallback, sock, conn, reason)
     return not moved and sock._shm is not None
@@ -256,9 +259,9 @@ def linger(sock: Any, conn: Connection, fd: int) -> bool:
     the listener may still refuse it with bytes of ours in the ring (see
     above): True, and the caller leaves ``conn`` alone.  False: close it
     as usual."""
-    if (not conn.client or conn.closed or conn.refs != 1 or not conn.bytes_sent
+    if (conn not in late_hellos or conn.closed or conn.refs != 1 or not conn.bytes_sent
             or conn.shared_with_child):
-        return False
+        return False                    # (only a "late" hello may be refused)
     try:
         if not _may_be_refused(conn):
             return False                # the listener took the hello: as any close

@@ -466,6 +466,53 @@ def test_a_socket_connected_then_given_to_asyncio_follows_a_refusal():
     assert last["after"]["path"] == "tcp" and last["after"]["reason"] == "fd limit", last
 
 
+SOCK_CALLS_CLIENT = r"""
+import asyncio, json, os, socket, sys
+import shrimpio.patch
+from shrimpio import info
+port, size = int(sys.argv[1]), int(sys.argv[2])
+data = os.urandom(size)
+c = socket.create_connection(("127.0.0.1", port), timeout=20)
+before = info(c)
+half = size // 2
+c.sendall(data[:half])                 # before the loop's calls: in the ring
+print(json.dumps({"written": size, "before": before}), flush=True)
+c.setblocking(False)
+
+
+async def main():
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(c, data[half:])
+    got = bytearray()
+    while True:
+        d = await asyncio.wait_for(loop.sock_recv(c, 65536), 20)
+        if not d:
+            break
+        got += d
+    print(json.dumps({"ok": bytes(got) == data[::-1], "got": len(got), "after": info(c)}), flush=True)
+    c.close()
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_socket_connected_then_used_by_the_loops_sock_calls_follows_a_refusal():
+    """The same socket used by ``loop.sock_sendall``/``sock_recv``, which
+    read and write the rings themselves: they first wait (the loop free)
+    until the listener has taken the hello or refused it; refused, the
+    socket moves to TCP and the calls are the kernel's."""
+    lst = _listener()
+    try:
+        last, srv_info, n = _serve_late(lst, 1, 60_000, shut=False, script=SOCK_CALLS_CLIENT)
+    finally:
+        lst.close()
+    assert n == 60_000
+    assert srv_info["path"] == "tcp" and srv_info["reason"] == "fd limit", srv_info
+    assert last["ok"], last
+    assert last["after"]["path"] == "tcp" and last["after"]["reason"] == "fd limit", last
+
+
 @pytest.mark.parametrize("headroom", [1, 2])
 def test_an_asyncio_server_one_fd_short_serves_a_shm_client_by_tcp(headroom, tmp_path):
     """The shrimpio loop's server, one or two fds short: a shared-memory
