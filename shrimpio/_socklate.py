@@ -86,31 +86,45 @@ def late_fallback(sock: Any, conn: Connection, reason: "str | None" = None) -> b
     pending, shut = conn.unsent()
     local, peer = conn.local, conn.peer
     sent, received = conn.bytes_sent, conn.bytes_received
+    # Every socket object of this process on the connection (dup(),
+    # socket.fromfd) moves with it, as dup()s of a kernel socket share its
+    # connection: whatever one of them writes next goes by TCP too.
+    movers = [sock] + [s for s in list(by_fd.values())
+                       if s is not sock and s._shm is conn and s.fileno() >= 0]
+    timeouts = [s.gettimeout() for s in movers]
     # The connection goes first: its space socket's fd is then free for the
     # TCP socket (the process may be short of fds too).
-    sock._shm = None
-    conn.release()
+    for s in movers:
+        if fd_change_hooks and s is not sock:
+            fd_changing(s.fileno())
+        s._shm = None
+        conn.release()
+    route = _route.Route(_route.TCP, reason)
     try:
         tcp = replay(sock.family, sock.proto, local, peer, pending, shut,
                      timeout if timeout else REPLAY_TIMEOUT)
     except OSError:
-        sock._route = _route.Route(_route.TCP, reason)
-        sock._local, sock._peer = local, peer
-        return False
-    try:
-        os.dup2(tcp.fileno(), fd, inheritable=False)
-    except OSError:
-        tcp.close()
-        sock._route = _route.Route(_route.TCP, reason)
-        sock._local, sock._peer = local, peer
+        tcp = None
+    for s, t in zip(movers, timeouts):
+        s._route = route
+        s._local, s._peer = local, peer
+        if tcp is None:
+            continue
+        sfd = s.fileno()
+        try:
+            os.dup2(tcp.fileno(), sfd, inheritable=False)
+        except OSError:
+            if s is sock:
+                tcp.close()
+                return False
+            continue
+        if by_fd.get(sfd) is s:
+            del by_fd[sfd]
+        s.settimeout(t)               # (O_NONBLOCK is the old file's)
+    if tcp is None:
         return False
     tcp.close()
-    if by_fd.get(fd) is sock:
-        del by_fd[fd]
-    sock._route = _route.Route(_route.TCP, reason)
-    sock._local, sock._peer = local, peer
     sock._sent, sock._received = sent, received
-    sock.settimeout(timeout)          # (O_NONBLOCK is the old file's)
     _stat.track_tcp(sock, reason)
     return True
 

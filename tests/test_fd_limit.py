@@ -419,6 +419,62 @@ def test_a_non_blocking_selectors_client_goes_on_by_tcp():
     assert last["ok"] and last["after"]["path"] == "tcp" and last["after"]["reason"] == "fd limit", last
 
 
+DUP_CLIENT = r"""
+import json, os, selectors, socket, sys
+import shrimpio.patch
+from shrimpio import info
+port, size = int(sys.argv[1]), int(sys.argv[2])
+data = os.urandom(size)
+c = socket.create_connection(("127.0.0.1", port), timeout=20)
+d = c.dup()
+before = info(c)
+third = size // 3
+c.sendall(data[:third])
+d.sendall(data[third:2 * third])
+print(json.dumps({"written": size, "before": before}), flush=True)
+sel = selectors.DefaultSelector()
+sel.register(c, selectors.EVENT_READ)
+if not sel.select(20):                 # the refusal: c's peer looks gone
+    sys.exit("no refusal in 20 s")
+sel.close()
+c.setblocking(False)
+try:
+    c.recv(1)                          # c (and its dup) move to TCP
+except BlockingIOError:
+    pass
+c.settimeout(20)
+d.sendall(data[2 * third:])            # by the dup, after the move
+got = bytearray()
+while True:
+    x = d.recv(65536)
+    if not x:
+        break
+    got += x
+print(json.dumps({"ok": bytes(got) == data[::-1], "got": len(got), "after": info(d),
+                  "c": info(c)}), flush=True)
+c.close()
+d.close()
+"""
+
+
+def test_the_dup_of_a_refused_socket_moves_to_tcp_with_it():
+    """A connection shared by two socket objects (``dup()``): the one that
+    finds the refusal moves to TCP, and so does the other (its fd is put
+    on the same kernel connection), as dup()s of a kernel socket share one
+    connection.  Before, the dup kept the abandoned ring: what it wrote
+    after the move vanished."""
+    lst = _listener()
+    try:
+        last, srv_info, n = _serve_late(lst, 1, 60_000, shut=False, script=DUP_CLIENT)
+    finally:
+        lst.close()
+    assert n == 60_000
+    assert srv_info["path"] == "tcp" and srv_info["reason"] == "fd limit", srv_info
+    assert last["ok"], last
+    for side in ("after", "c"):
+        assert last[side]["path"] == "tcp" and last[side]["reason"] == "fd limit", last
+
+
 HANDOFF_CLIENT = r"""
 import asyncio, json, os, socket, sys
 import shrimpio.patch
