@@ -39,6 +39,7 @@ import os
 import select as _select
 import socket as _std
 import _socket as _csocket
+import struct
 import sys
 import threading
 import time
@@ -67,10 +68,10 @@ _SOL_SOCKET, _SO_REUSEADDR = int(_std.SOL_SOCKET), int(_std.SO_REUSEADDR)
 def late_fallback(sock: Any, conn: Connection, reason: "str | None" = None) -> bool:
     """If the listener refused ``conn`` (``sock``'s connection), move
     ``sock`` onto a kernel TCP connection to it: True, and the caller makes
-    its call again.  False: no refusal (the peer is really gone), or the
-    TCP connect failed too (the listener is gone: the caller reports what
-    it found, the connection reset).  ``reason``: the refusal's, if the
-    caller took it already."""
+    its call again.  False: no refusal (the peer is really gone).  If the
+    TCP connection cannot be made, or what was written cannot be sent on
+    it, ``ConnectionResetError`` saying so (never a silent end of file).
+    ``reason``: the refusal's, if the caller took it already."""
     if sock._shm is not conn:
         return False
     if reason is None:
@@ -100,33 +101,150 @@ def late_fallback(sock: Any, conn: Connection, reason: "str | None" = None) -> b
         s._shm = None
         conn.release()
     route = _route.Route(_route.TCP, reason)
-    try:
-        tcp = replay(sock.family, sock.proto, local, peer, pending, shut,
-                     timeout if timeout else REPLAY_TIMEOUT)
-    except OSError:
-        tcp = None
-    for s, t in zip(movers, timeouts):
+    for s in movers:
         s._route = route
         s._local, s._peer = local, peer
-        if tcp is None:
-            continue
-        sfd = s.fileno()
-        try:
-            os.dup2(tcp.fileno(), sfd, inheritable=False)
-        except OSError:
-            if s is sock:
-                tcp.close()
-                return False
-            continue
+    try:
+        # A non-blocking socket's replay never waits: what does not fit the
+        # kernel's buffers at once goes from a thread (_flush_later).
+        tcp, rest = replay(sock.family, sock.proto, local, peer, pending, shut,
+                           timeout if timeout else REPLAY_TIMEOUT, at_once=timeout == 0)
+    except OSError as exc:
+        raise ConnectionResetError(
+            errno.ECONNRESET, f"the listener sent this connection to TCP ({reason}) and it could "
+            f"not go on there: {exc} ({len(pending)} bytes written before were not delivered)") from exc
+    fds = [s.fileno() for s in movers]
+    try:
+        if rest:
+            _flush_later(tcp, rest, shut, fds, reason)
+        else:
+            for sfd in fds:
+                os.dup2(tcp.fileno(), sfd, inheritable=False)
+    finally:
+        tcp.close()
+    for s, sfd, t in zip(movers, fds, timeouts):
         if by_fd.get(sfd) is s:
             del by_fd[sfd]
         s.settimeout(t)               # (O_NONBLOCK is the old file's)
-    if tcp is None:
-        return False
-    tcp.close()
     sock._sent, sock._received = sent, received
     _stat.track_tcp(sock, reason)
     return True
+
+
+def replay(family: int, proto: int, local: Any, peer: Any, pending: bytes, shut: bool,
+           timeout: float, at_once: bool = False) -> "tuple[_csocket.socket, memoryview]":
+    """A kernel TCP socket bound to ``local`` (the address the program and
+    the listener know; any, if it is taken meanwhile), connected to
+    ``peer``, with ``pending`` sent first (and its writing side shut if
+    ``shut``), each step within ``timeout`` seconds; and what is left of
+    ``pending`` (empty unless ``at_once``: then what did not fit the
+    kernel's buffers at once, the shutdown not made).  OSError (nothing
+    left open) if any step fails."""
+    tcp = _csocket.socket(family, _SOCK_STREAM, proto)
+    rest = memoryview(pending)
+    try:
+        try:
+            tcp.setsockopt(_SOL_SOCKET, _SO_REUSEADDR, 1)
+            tcp.bind(local)
+        except OSError:
+            pass
+        tcp.settimeout(timeout)
+        tcp.connect(peer)
+        if at_once:
+            tcp.setblocking(False)
+            try:
+                while rest:
+                    rest = rest[tcp.send(rest):]
+            except BlockingIOError:
+                return tcp, rest
+        elif rest:
+            tcp.sendall(rest)
+            rest = rest[len(rest):]
+        if shut:
+            tcp.shutdown(_std.SHUT_WR)
+    except BaseException:
+        tcp.close()
+        raise
+    return tcp, rest
+
+
+# -- a non-blocking replay larger than the kernel's buffers -----------------------
+#
+# A kernel connection takes some MB before its server reads (loopback: the
+# sender's buffer grows to tcp_wmem's top, ~4 MB), a ring up to 64 MiB.  A
+# non-blocking program must not wait for its server to read the rest (it
+# may be the program itself, in the same event loop), nor go on writing on
+# the kernel connection before the rest is there.  Its fds get a stand-in
+# until then: one end of a Unix socket pair with its send buffer filled and
+# nothing to read, which a poller never reports ready and on which every
+# call says EAGAIN, as a kernel socket whose buffers are full.  A thread
+# sends the rest (within REPLAY_TIMEOUT), then puts the TCP socket on the
+# fds and pokes the stand-in so that a poller asleep on it wakes and looks
+# again.  If the rest cannot be sent, the TCP connection is reset (the
+# server reads ECONNRESET, never a stream cut short) and so is the stand-in
+# (its peer closes with bytes unread): the program's next call raises
+# ECONNRESET.
+
+_SO_LINGER = int(_std.SO_LINGER)
+
+
+def _flush_later(tcp: _csocket.socket, rest: memoryview, shut: bool, fds: list, reason: str) -> None:
+    stand_in, peer_end = _csocket.socketpair(_std.AF_UNIX, _SOCK_STREAM)
+    try:
+        stand_in.setblocking(False)
+        try:
+            while True:
+                stand_in.send(bytes(65536))
+        except BlockingIOError:
+            pass
+        ino = os.fstat(stand_in.fileno()).st_ino
+        for sfd in fds:
+            os.dup2(stand_in.fileno(), sfd, inheritable=False)
+        keep = os.dup(tcp.fileno())
+    except BaseException:
+        peer_end.close()
+        raise
+    finally:
+        stand_in.close()
+    rest = bytes(rest)
+    thread = threading.Thread(target=_flush, args=(keep, rest, shut, fds, ino, peer_end, reason),
+                              name="shrimpio-replay", daemon=False)
+    thread.start()
+
+
+def _flush(keep: int, rest: bytes, shut: bool, fds: list, ino: int, peer_end: _csocket.socket,
+           reason: str) -> None:
+    tcp = _csocket.socket(fileno=keep)
+    try:
+        try:
+            tcp.settimeout(REPLAY_TIMEOUT)
+            tcp.sendall(rest)
+            if shut:
+                tcp.shutdown(_std.SHUT_WR)
+            tcp.setblocking(False)
+            ok = True
+        except OSError as exc:
+            ok = False
+            warnings.warn(f"shrimpio: the listener sent a connection to TCP ({reason}); "
+                          f"{len(rest)} bytes written before could not be sent there: {exc} "
+                          "(the connection is reset)", RuntimeWarning)
+            tcp.setsockopt(_SOL_SOCKET, _SO_LINGER, struct.pack("ii", 1, 0))
+        for sfd in fds:
+            try:
+                if ok and os.fstat(sfd).st_ino == ino:    # (still the stand-in: not closed)
+                    if fd_change_hooks:
+                        fd_changing(sfd)
+                    os.dup2(tcp.fileno(), sfd, inheritable=False)
+            except OSError:
+                pass
+        if ok:
+            try:
+                peer_end.send(b"\0")  # wakes a poller asleep on the stand-in
+            except OSError:
+                pass
+    finally:
+        tcp.close()
+        peer_end.close()               # (with bytes unread: a stand-in left says ECONNRESET)
 
 
 async def settled(sock: Any) -> bool:
@@ -165,32 +283,6 @@ async def settled(sock: Any) -> bool:
         return True
     moved = await asyncio.get_running_loop().run_in_executor(None, late_fallback, sock, conn, reason)
     return not moved and sock._shm is not None
-
-
-def replay(family: int, proto: int, local: Any, peer: Any, pending: bytes, shut: bool,
-           timeout: float) -> _csocket.socket:
-    """A kernel TCP socket bound to ``local`` (the address the program and
-    the listener know; any, if it is taken meanwhile), connected to
-    ``peer``, with ``pending`` sent first (and its writing side shut if
-    ``shut``), each step within ``timeout`` seconds.  OSError (nothing
-    left open) if any step fails."""
-    tcp = _csocket.socket(family, _SOCK_STREAM, proto)
-    try:
-        try:
-            tcp.setsockopt(_SOL_SOCKET, _SO_REUSEADDR, 1)
-            tcp.bind(local)
-        except OSError:
-            pass
-        tcp.settimeout(timeout)
-        tcp.connect(peer)
-        if pending:
-            tcp.sendall(pending)
-        if shut:
-            tcp.shutdown(_std.SHUT_WR)
-    except BaseException:
-        tcp.close()
-        raise
-    return tcp
 
 
 # -- a client that closes before the listener took its hello ----------------------
@@ -350,7 +442,7 @@ def _linger_done(item: list, now: float) -> bool:
         local, peer = conn.local, conn.peer
         conn.close()
         try:
-            replay(family, proto, local, peer, pending, shut, LINGER).close()
+            replay(family, proto, local, peer, pending, shut, LINGER)[0].close()
         except OSError as exc:
             warnings.warn(f"shrimpio: {len(pending)} bytes written to {peer} before close() "
                           f"could not be sent by TCP after the listener refused them ({reason}): "

@@ -419,6 +419,110 @@ def test_a_non_blocking_selectors_client_goes_on_by_tcp():
     assert last["ok"] and last["after"]["path"] == "tcp" and last["after"]["reason"] == "fd limit", last
 
 
+BIG_RING_CLIENT = r"""
+import json, os, selectors, socket, sys, time
+import shrimpio.patch
+from shrimpio import info
+port, size = int(sys.argv[1]), int(sys.argv[2])
+data = os.urandom(size)
+c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * size)     # a ring that holds it all
+c.settimeout(20)
+c.connect(("127.0.0.1", port))
+before = info(c)
+c.setblocking(False)
+sel = selectors.DefaultSelector()
+sel.register(c, selectors.EVENT_WRITE)
+view = memoryview(data)
+while view:
+    sel.select(20)
+    view = view[c.send(view):]
+print(json.dumps({"written": size, "before": before}), flush=True)
+sel.modify(c, selectors.EVENT_READ)
+while True:                            # the refusal makes it readable
+    if not sel.select(20):
+        sys.exit("no refusal in 20 s")
+    t0 = time.monotonic()
+    try:
+        got = c.recv(65536)
+    except BlockingIOError:
+        got = None
+    took = time.monotonic() - t0
+    if info(c)["path"] == "tcp":
+        break
+print(json.dumps({"moved_in": took, "got": got is not None}), flush=True)
+got = bytearray()
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    sel.select(0.5)                    # (the fd's file changes under the selector)
+    try:
+        d = c.recv(1 << 20)
+    except BlockingIOError:
+        continue
+    if not d:
+        break
+    got += d
+print(json.dumps({"ok": bytes(got) == data[::-1], "got": len(got), "after": info(c)}), flush=True)
+c.close()
+"""
+
+
+def test_a_non_blocking_replay_larger_than_the_kernel_buffers_does_not_block():
+    """A non-blocking client whose ring (sized by SO_SNDBUF) holds more
+    than the kernel's buffers take before the server reads (~4 MB on
+    loopback): the call that finds the refusal returns at once (EAGAIN),
+    the rest goes from a thread while its fd says EAGAIN (a kernel socket
+    with full buffers), and the server, which reads only once the client
+    has gone on, gets every byte.  Before, the call blocked until the
+    server read (up to 10 s, then the bytes were lost)."""
+    import json
+    import select as _sel
+    size = 12 << 20
+    lst = _listener()
+    child = subprocess.Popen([sys.executable, "-c", BIG_RING_CLIENT, str(lst.getsockname()[1]), str(size)],
+                             stdout=subprocess.PIPE, env=child_env())
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+    srv = None
+    try:
+        first = json.loads(child.stdout.readline())
+        assert first["before"]["path"] == "shm", first
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(1), saved[1]))
+        try:
+            lst.settimeout(10)
+            srv, _ = lst.accept()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+        assert shrimpio.info(srv)["reason"] == "fd limit"
+        # The client goes on before the server reads a byte.
+        ready, _, _ = _sel.select([child.stdout], [], [], 5)
+        assert ready, "the client's call blocked until the server reads"
+        moved = json.loads(child.stdout.readline())
+        assert moved["moved_in"] < 1.0, moved
+        srv.settimeout(20)
+        got = bytearray()
+        while len(got) < size:
+            d = srv.recv(1 << 20)
+            if not d:
+                break
+            got += d
+        assert len(got) == size
+        srv.sendall(bytes(got[::-1]))
+        srv.close()
+        srv = None
+        last = json.loads(child.stdout.readline())
+        assert last["ok"] and last["after"]["reason"] == "fd limit", last
+        assert child.wait(timeout=30) == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+        if srv is not None:
+            srv.close()
+        lst.close()
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        child.stdout.close()
+
+
 DUP_CLIENT = r"""
 import json, os, selectors, socket, sys
 import shrimpio.patch
