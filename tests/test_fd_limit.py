@@ -523,6 +523,59 @@ def test_a_non_blocking_replay_larger_than_the_kernel_buffers_does_not_block():
         child.stdout.close()
 
 
+GONE_LISTENER_CLIENT = r"""
+import json, socket, sys
+import shrimpio.patch
+from shrimpio import info
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+c.sendall(b"ping")
+print(json.dumps({"before": info(c)}), flush=True)
+sys.stdin.readline()                   # refused meanwhile, and the listener closed
+try:
+    got = c.recv(10)
+except OSError as exc:
+    print(json.dumps({"error": type(exc).__name__, "errno": exc.errno, "text": str(exc)}), flush=True)
+else:
+    print(json.dumps({"got": got.decode()}), flush=True)
+c.close()
+"""
+
+
+def test_a_refused_client_whose_listener_is_gone_gets_an_error_not_eof():
+    """Refused, then the listener closes before the client's replay: its
+    bytes cannot be delivered.  The call says so (ECONNRESET, with why),
+    never a clean end of file, which would look like a delivered stream."""
+    import json
+    lst = _listener()
+    child = subprocess.Popen([sys.executable, "-c", GONE_LISTENER_CLIENT, str(lst.getsockname()[1])],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env())
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        assert json.loads(child.stdout.readline())["before"]["path"] == "shm"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(1), saved[1]))
+        try:
+            lst.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                lst.accept()           # refuses it (and waits for its TCP connect, in vain)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+        lst.close()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out = json.loads(child.stdout.readline())
+        assert out.get("error") == "ConnectionResetError" and out["errno"] == errno.ECONNRESET, out
+        assert "fd limit" in out["text"] and "4 bytes" in out["text"], out
+        assert child.wait(timeout=30) == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+        lst.close()
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        child.stdout.close()
+        child.stdin.close()
+
+
 DUP_CLIENT = r"""
 import json, os, selectors, socket, sys
 import shrimpio.patch
