@@ -413,7 +413,7 @@ def next_client(lst: Listener, spin: float) -> "tuple[int, Connection, tuple, tu
 # refusal when it next finds its peer gone (shr_refusal_note keeps it from
 # the doorbell's drains), connects by kernel TCP from the same local
 # address, sends what it had written into its ring, and goes on there
-# (_handshake.late_fallback).  The listener accepts that TCP connection
+# (_socklate.late_fallback).  The listener accepts that TCP connection
 # with the one fd it has, and knows it by its address: both report the
 # refusal's reason.
 
