@@ -294,13 +294,14 @@ async def settled(sock: Any) -> bool:
 # writes its end of file there too.  A listener with room for the hello's
 # fds therefore reads them as from any closed peer (and a listener two fds
 # short takes the segment alone when the client has gone: see
-# _accept.gone_space).  Only a refusal (the listener one fd short: it takes
+# _accept.GoneSpace).  Only a refusal (the listener one fd short: it takes
 # none of the hello's fds, and sends the client to TCP) needs the client
 # itself, to send its bytes by TCP: so a client that closes with bytes
-# written while its hello is still unread (queued on its control socket:
-# SIOCOUTQ) keeps the connection open in the background -- lingers, as a
-# TCP close still delivers -- until the listener takes the hello (the
-# queue empties: nothing more to do), closes the control socket (with a
+# written while its hello may still be unread (messages of ours queued on
+# its control socket, SIOCOUTQ, and none of its bytes read: see
+# _may_be_refused) keeps the connection open in the background -- lingers,
+# as a TCP close still delivers -- until the listener takes the hello
+# (nothing more to do), closes the control socket (with a
 # refusal: the bytes and the end of file go by TCP, from the same local
 # address; without: it dropped the client) or LINGER seconds pass (the
 # hello stays queued, with the segment's fd: a listener that takes it
@@ -317,7 +318,7 @@ LINGER = REPLAY_TIMEOUT
 _SIOCOUTQ = 0x5411                  # (= TIOCOUTQ: bytes sent and not yet read)
 _POLL_IN, _POLL_HUP = int(_select.POLLIN), int(_select.POLLHUP)
 
-_lingering: list = []               # [conn, family, proto, deadline]
+_lingering: list = []               # [conn, family, proto, deadline, refusal's reason]
 _linger_lock = threading.Lock()
 _linger_thread: "threading.Thread | None" = None
 
@@ -368,6 +369,8 @@ def linger(sock: Any, conn: Connection, fd: int) -> bool:
     if (conn not in late_hellos or conn.closed or conn.refs != 1 or not conn.bytes_sent
             or conn.shared_with_child):
         return False                    # (only a "late" hello may be refused)
+    if not conn.bell_owned and conn.bell_fd != fd:
+        return False
     try:
         if not _may_be_refused(conn):
             return False                # the listener took the hello: as any close
@@ -379,8 +382,6 @@ def linger(sock: Any, conn: Connection, fd: int) -> bool:
         except (OSError, ValueError):
             pass
     if not conn.bell_owned:
-        if conn.bell_fd != fd:
-            return False
         try:
             space = conn.space.detach()     # (a bare socket object: see _handshake)
             os.dup2(fd, space, inheritable=False)
@@ -391,12 +392,20 @@ def linger(sock: Any, conn: Connection, fd: int) -> bool:
         conn.set_bell(space, owned=True)
     else:
         reason = None
+    global _linger_thread
     with _linger_lock:
         _lingering.append([conn, sock.family, sock.proto, time.monotonic() + LINGER, reason])
-        global _linger_thread
-        if _linger_thread is None:
+        start = _linger_thread is None
+        if start:
             _linger_thread = threading.Thread(target=_linger_loop, name="shrimpio-linger", daemon=False)
+    if start:
+        try:
             _linger_thread.start()
+        except RuntimeError:
+            # No new thread (the interpreter is exiting: a close from an
+            # exit handler or a finalizer): this close lingers itself, as
+            # a close with SO_LINGER would.
+            _linger_loop()
     return True
 
 
@@ -411,7 +420,12 @@ def _linger_loop() -> None:
                 return
         now = time.monotonic()
         for item in items:
-            if _linger_done(item, now):
+            try:
+                done = _linger_done(item, now)
+            except Exception as exc:      # (closed by then: the thread goes on)
+                warnings.warn(f"shrimpio: a closed connection's linger failed: {exc!r}", RuntimeWarning)
+                done = True
+            if done:
                 with _linger_lock:
                     _lingering.remove(item)
         poller = _select.poll()
