@@ -42,6 +42,7 @@ from typing import Any, Optional
 
 from . import _connection, _control, _process, _stat
 from ._connection import Connection, ring_capacity
+from ._socklate import BorrowedBell
 from ._fastpath import (Segment, adapt_spin, get_busy_poll_us, spin_readable, stream_accept,
                         stream_hello)
 from ._handshake import (HELLO_KIND, HELLO_RE, PROTOCOL_VERSION, _AF_UNIX, _SOCK_SEQPACKET, _STREAM,
@@ -52,7 +53,7 @@ from ._handshake import (HELLO_KIND, HELLO_RE, PROTOCOL_VERSION, _AF_UNIX, _SOCK
 _StdSocket = _std.socket
 
 __all__ = ["ACCEPT_SPIN", "FD_LIMIT", "HELLO_WAIT", "Listener", "MAX_WAITING", "accept_hello", "accept_shm",
-           "late_reason", "next_client", "refuse", "register_listener", "GoneSpace"]
+           "late_reason", "next_client", "refuse", "register_listener"]
 
 
 # -- listeners sharing an address ---------------------------------------------------
@@ -525,27 +526,6 @@ def accept_shm(sock: Any, lst: Listener, bare: bool) -> "tuple[Any, Any] | None"
     return new, conn.peer
 
 
-class GoneSpace:
-    """The space doorbell of a client that had closed when its hello was
-    taken, with room for its segment alone (see ``stream_accept``): the
-    control socket stands in for it (its peer is gone, so a wait on it
-    ends at once, as the wait for room in a closed peer's ring must).  The
-    connection owns nothing through it: the socket object made on ``ctl``
-    closes that.  The client's own end went with the hello: the kernel
-    drops the fds a receiver leaves no room for."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        pass
-
-
 def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
                  space_ok: "bool | None") -> tuple[Connection, tuple, tuple]:
     """Check a client's hello (as :func:`~shrimpio._fastpath.stream_accept`
@@ -590,7 +570,7 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
         except (ValueError, PermissionError) as exc:  # not a sealed memfd, or too small
             raise _control.ProtocolError(f"bad segment in stream hello: {exc}") from None
         if space_ok is None:
-            space = GoneSpace(ctl)
+            space = BorrowedBell(ctl)     # (a closed client: see _socklate.BorrowedBell)
         else:
             fd1, fds[1] = fds[1], -1
             space = _connection.SpaceFd(fd1)

@@ -196,7 +196,7 @@ cdef object _take_hello(int fd, Py_ssize_t bufsize, int maxfds):
         # A client that has closed already needs no space doorbell: with
         # room for its segment alone, it is taken alone (the kernel drops
         # the fds past the room we give it) and the listener reads what it
-        # wrote, then end of file, as TCP's would (see _accept.GoneSpace).
+        # wrote, then end of file, as TCP's would (see _accept.accept_hello).
         p.fd = fd
         p.events = POLLIN
         p.revents = 0

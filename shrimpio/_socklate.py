@@ -52,7 +52,7 @@ from ._fastpath import Ring
 from ._handshake import late_hellos
 from ._sockindex import by_fd, fd_change_hooks, fd_changing
 
-__all__ = ["late_fallback", "linger", "replay", "settled", "LATE_ERRNOS", "LINGER"]
+__all__ = ["BorrowedBell", "late_fallback", "linger", "replay", "settled", "LATE_ERRNOS", "LINGER"]
 
 #: What a failed call on a refused connection raises (the peer looks gone).
 LATE_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN)
@@ -294,7 +294,7 @@ async def settled(sock: Any) -> bool:
 # writes its end of file there too.  A listener with room for the hello's
 # fds therefore reads them as from any closed peer (and a listener two fds
 # short takes the segment alone when the client has gone: see
-# _accept.GoneSpace).  Only a refusal (the listener one fd short: it takes
+# _accept.accept_hello).  Only a refusal (the listener one fd short: it takes
 # none of the hello's fds, and sends the client to TCP) needs the client
 # itself, to send its bytes by TCP: so a client that closes with bytes
 # written while its hello may still be unread (messages of ours queued on
@@ -323,9 +323,14 @@ _linger_lock = threading.Lock()
 _linger_thread: "threading.Thread | None" = None
 
 
-class _BellAsSpace:
-    """A lingering connection's space "socket": its doorbell's own fd
-    (the connection owns and closes that)."""
+class BorrowedBell:
+    """A connection's space "socket" that is an fd it does not own through
+    it: a lingering client's doorbell (its control socket, moved onto the
+    space doorbell's fd number, see above), or the control socket of a
+    client that had closed when its hello was taken (_accept.accept_hello,
+    which then has no space doorbell: its peer is gone, so a wait on it
+    ends at once, as the wait for room in a closed peer's ring must).  The
+    fd is closed by whoever owns it, never here."""
 
     __slots__ = ("fd",)
 
@@ -387,7 +392,7 @@ def linger(sock: Any, conn: Connection, fd: int) -> bool:
             os.dup2(fd, space, inheritable=False)
         except (OSError, AttributeError):
             return False
-        conn.space = _BellAsSpace(space)
+        conn.space = BorrowedBell(space)
         reason = conn.refused()         # kept under the program's fd number, if a drain took it
         conn.set_bell(space, owned=True)
     else:
