@@ -42,6 +42,7 @@ from typing import Any, Optional
 
 from . import _connection, _control, _process, _stat
 from ._connection import Connection, ring_capacity
+from ._socklate import BorrowedBell
 from ._fastpath import (Segment, adapt_spin, get_busy_poll_us, spin_readable, stream_accept,
                         stream_hello)
 from ._handshake import (HELLO_KIND, HELLO_RE, PROTOCOL_VERSION, _AF_UNIX, _SOCK_SEQPACKET, _STREAM,
@@ -413,7 +414,7 @@ def next_client(lst: Listener, spin: float) -> "tuple[int, Connection, tuple, tu
 # refusal when it next finds its peer gone (shr_refusal_note keeps it from
 # the doorbell's drains), connects by kernel TCP from the same local
 # address, sends what it had written into its ring, and goes on there
-# (_handshake.late_fallback).  The listener accepts that TCP connection
+# (_socklate.late_fallback).  The listener accepts that TCP connection
 # with the one fd it has, and knows it by its address: both report the
 # refusal's reason.
 
@@ -526,7 +527,7 @@ def accept_shm(sock: Any, lst: Listener, bare: bool) -> "tuple[Any, Any] | None"
 
 
 def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
-                 space_ok: bool) -> tuple[Connection, tuple, tuple]:
+                 space_ok: "bool | None") -> tuple[Connection, tuple, tuple]:
     """Check a client's hello (as :func:`~shrimpio._fastpath.stream_accept`
     received it) and map its segment: (connection, client address, server
     address); ``ctl``, the client's control socket, is its data doorbell
@@ -536,7 +537,8 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
 
     Every fd is checked before use: the segment must be a sealed memfd
     (one that may be truncated under us would kill us with SIGBUS), the
-    space doorbell a connected Unix seqpacket socket (``space_ok``)."""
+    space doorbell a connected Unix seqpacket socket (``space_ok``; None:
+    a client that has closed, taken with its segment alone)."""
     seg = space = None
     try:
         payload = _control.datagram_payload(data, msg_flags, fds)
@@ -546,7 +548,7 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
             client = (client_host, int(m[5]))
         else:
             c2s, s2c, size, client, server = _generic_hello(payload, fds)
-        if len(fds) != 2:
+        if len(fds) != (1 if space_ok is None else 2):
             raise _control.ProtocolError("stream hello must carry two fds")
         if not (type(c2s) is int and type(s2c) is int and type(size) is int
                 and _layout_ok(c2s, s2c, size)):
@@ -557,7 +559,7 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
                 or type(server[1]) is not int or not 0 <= client[1] <= 65535
                 or not 0 <= server[1] <= 65535):
             raise _control.ProtocolError("bad addresses in stream hello")
-        if not space_ok:
+        if space_ok is False:
             raise _control.ProtocolError("space doorbell is not a Unix seqpacket socket")
         fd0, fds[0] = fds[0], -1
         try:
@@ -567,8 +569,11 @@ def accept_hello(ctl: int, data: bytes, msg_flags: int, fds: list[int],
                                   hot=_connection.HOT)
         except (ValueError, PermissionError) as exc:  # not a sealed memfd, or too small
             raise _control.ProtocolError(f"bad segment in stream hello: {exc}") from None
-        fd1, fds[1] = fds[1], -1
-        space = _connection.SpaceFd(fd1)
+        if space_ok is None:
+            space = BorrowedBell(ctl)     # (a closed client: see _socklate.BorrowedBell)
+        else:
+            fd1, fds[1] = fds[1], -1
+            space = _connection.SpaceFd(fd1)
         return (Connection(seg, ctl, space, client=False, caps=(c2s, s2c), bell_owned=False),
                 client, server)
     except BaseException:

@@ -24,9 +24,13 @@ cdef extern from "<sys/socket.h>" nogil:
     int SOCK_CLOEXEC
     int MSG_DONTWAIT
     int MSG_CMSG_CLOEXEC
+    int MSG_CTRUNC
 
 cdef extern from "<unistd.h>" nogil:
     unsigned int geteuid()
+
+cdef extern from "<poll.h>" nogil:
+    short POLLHUP
 
 cdef extern from "<errno.h>" nogil:
     int EAGAIN, EWOULDBLOCK, ECONNABORTED, EMFILE
@@ -181,17 +185,30 @@ cdef object _take_hello(int fd, Py_ssize_t bufsize, int maxfds):
     cdef ssize_t got
     cdef int nfds = 0, mflags = 0, space_ok = 0, i
     cdef int fdv[16]
+    cdef bint alone = False
+    cdef pollfd p
     if bufsize < 0 or maxfds < 0 or maxfds > SHR_CTL_MAX_FDS:
         raise ValueError("bad buffer size or fd count")
     out = PyBytes_FromStringAndSize(NULL, bufsize)
     cdef char *buf = PyBytes_AS_STRING(out)
     # (None of these calls can wait: the GIL stays with us, see stream_accept.)
     if not _room_for_fds(fd, _HELLO_FDS):
-        # Out of fds, as a kernel listener's accept() would be: the hello
-        # stays queued on the client's socket for when there is room.
-        raise OSError(EMFILE, "Too many open files")
+        # A client that has closed already needs no space doorbell: with
+        # room for its segment alone, it is taken alone (the kernel drops
+        # the fds past the room we give it) and the listener reads what it
+        # wrote, then end of file, as TCP's would (see _accept.accept_hello).
+        p.fd = fd
+        p.events = POLLIN
+        p.revents = 0
+        alone = (poll(&p, 1, 0) == 1 and (p.revents & POLLHUP) != 0
+                 and maxfds >= 1 and _room_for_fds(fd, 1))
+        if not alone:
+            # Out of fds, as a kernel listener's accept() would be: the
+            # hello stays queued on the client's socket for when there is
+            # room (or a refusal: see _accept.refuse).
+            raise OSError(EMFILE, "Too many open files")
     while True:
-        got = shr_recvmsg_fds(fd, buf, bufsize, fdv, maxfds, &nfds, &mflags,
+        got = shr_recvmsg_fds(fd, buf, bufsize, fdv, 1 if alone else maxfds, &nfds, &mflags,
                               MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
         if got >= 0 or errno != EINTR:
             break
@@ -202,6 +219,9 @@ cdef object _take_hello(int fd, Py_ssize_t bufsize, int maxfds):
     fds = [fdv[i] for i in range(nfds)]
     if got <= 0:
         return b"", fds, mflags, False
+    if alone:
+        # (The truncation was ours; space_ok None says: segment alone.)
+        return (out if got == bufsize else out[:got]), fds, mflags & ~MSG_CTRUNC, None
     return (out if got == bufsize else out[:got]), fds, mflags, bool(space_ok)
 
 
@@ -220,7 +240,8 @@ def stream_accept(int listener, double spin, Py_ssize_t bufsize, int maxfds):
 
     Returns ``(ctl, data, fds, msg_flags, space_ok)``, everything the
     caller's to check and close (``space_ok``: ``fds[1]`` is a Unix
-    seqpacket socket), or None when no client is waiting.  ``data`` is
+    seqpacket socket; None: the client has closed, and there was room
+    for its segment alone, ``fds[0]``), or None when no client is waiting.  ``data`` is
     False when this process has no room for the fds a hello brings (its
     message is left unread); None
     when the client has not sent its message within the spin: the caller
@@ -293,10 +314,6 @@ cdef extern from "_fastpath_core.h" nogil:
     int shr_refusal_take(int fd, char *out)
     int SHR_REFUSAL_MAX
 
-cdef extern from "<poll.h>" nogil:
-    short POLLHUP
-
-
 def take_refusal(int fd):
     """The refusal a listener sent on the data doorbell ``fd`` before it
     closed it (the whole control message, as sent), or None.  If the peer
@@ -315,7 +332,11 @@ def take_refusal(int fd):
             p.events = POLLIN
             p.revents = 0
             if poll(&p, 1, 0) == 1 and (p.revents & POLLHUP):
-                shr_bell_drain(fd, SHR_BELL_SOCKET)
+                # A peer that closed with our messages unread (the hello,
+                # a doorbell byte) leaves ECONNRESET, which the first
+                # receive returns before what is queued: drain twice.
+                if shr_bell_drain(fd, SHR_BELL_SOCKET) == -2:
+                    shr_bell_drain(fd, SHR_BELL_SOCKET)
                 n = shr_refusal_take(fd, out)
     if n <= 0:
         return None

@@ -34,6 +34,7 @@ import socket as _std
 import _socket as _csocket
 import threading
 import time
+import weakref
 from typing import Any, Optional, Sequence
 
 from . import _connection, _control, _route
@@ -319,6 +320,10 @@ def destination(family: int, host: str, port: int) -> "_route.Route | _Destinati
 
 # -- connect ---------------------------------------------------------------------
 
+#: Connections whose hello said "late" (see _socklate.settled).
+late_hellos: "weakref.WeakSet[Connection]" = weakref.WeakSet()
+
+
 def connect_shm(sock: Any, address: Any, kit_later: bool = False, late: bool = False) -> bool:
     """Connect ``sock`` (a shrimpio socket, TCP, not connected) over shared
     memory if the route allows and a shrimpio listener answers; False (with
@@ -404,6 +409,8 @@ def connect_shm(sock: Any, address: Any, kit_later: bool = False, late: bool = F
         # in blocking mode.
         sock.settimeout(timeout)
     sock._install(conn)
+    if late:
+        late_hellos.add(conn)
     if c2s != DEFAULT_RING or s2c != DEFAULT_RING:
         pass                        # spare kits have the default sizes only
     elif kit_later:

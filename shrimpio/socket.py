@@ -595,6 +595,8 @@ class socket(StdSocket):
         if conn is not None:
             if conn.refs > 1:
                 conn.keep_bell(fd)      # others still use it: not our fd as doorbell
+            elif conn.client and _socklate.linger(self, conn, fd):
+                return                  # its hello is unread: see _socklate
             conn.release()
         if lst is not None:
             lst.close()

@@ -316,13 +316,14 @@ c.close()
 """
 
 
-def _serve_late(lst, headroom, size, shut, blocking="1"):
-    """Start a client that connects and writes ``size`` bytes (and shuts its
-    writing side if ``shut``) before the listener, left ``headroom`` fds,
-    looks; accept it, echo what came reversed, close.  The client's two
-    report lines and the accepted socket's info."""
+def _serve_late(lst, headroom, size, shut, blocking="1", script=LATE_CLIENT):
+    """Start a client (``script``) that connects and writes ``size`` bytes
+    (and shuts its writing side if ``shut``), some or all before the
+    listener, left ``headroom`` fds, looks; accept it, echo what came
+    reversed, close.  The client's two report lines and the accepted
+    socket's info."""
     import json
-    child = subprocess.Popen([sys.executable, "-c", LATE_CLIENT, str(lst.getsockname()[1]), str(size),
+    child = subprocess.Popen([sys.executable, "-c", script, str(lst.getsockname()[1]), str(size),
                               blocking, "1" if shut else "0"],
                              stdout=subprocess.PIPE, text=True, env=child_env())
     saved = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -418,6 +419,313 @@ def test_a_non_blocking_selectors_client_goes_on_by_tcp():
     assert last["ok"] and last["after"]["path"] == "tcp" and last["after"]["reason"] == "fd limit", last
 
 
+BIG_RING_CLIENT = r"""
+import json, os, selectors, socket, sys, time
+import shrimpio.patch
+from shrimpio import info
+port, size = int(sys.argv[1]), int(sys.argv[2])
+data = os.urandom(size)
+c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * size)     # a ring that holds it all
+c.settimeout(20)
+c.connect(("127.0.0.1", port))
+before = info(c)
+c.setblocking(False)
+sel = selectors.DefaultSelector()
+sel.register(c, selectors.EVENT_WRITE)
+view = memoryview(data)
+while view:
+    sel.select(20)
+    view = view[c.send(view):]
+print(json.dumps({"written": size, "before": before}), flush=True)
+sel.modify(c, selectors.EVENT_READ)
+while True:                            # the refusal makes it readable
+    if not sel.select(20):
+        sys.exit("no refusal in 20 s")
+    t0 = time.monotonic()
+    try:
+        got = c.recv(65536)
+    except BlockingIOError:
+        got = None
+    took = time.monotonic() - t0
+    if info(c)["path"] == "tcp":
+        break
+print(json.dumps({"moved_in": took, "got": got is not None}), flush=True)
+got = bytearray()
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    sel.select(0.5)                    # (the fd's file changes under the selector)
+    try:
+        d = c.recv(1 << 20)
+    except BlockingIOError:
+        continue
+    if not d:
+        break
+    got += d
+print(json.dumps({"ok": bytes(got) == data[::-1], "got": len(got), "after": info(c)}), flush=True)
+c.close()
+"""
+
+
+def test_a_non_blocking_replay_larger_than_the_kernel_buffers_does_not_block():
+    """A non-blocking client whose ring (sized by SO_SNDBUF) holds more
+    than the kernel's buffers take before the server reads (~4 MB on
+    loopback): the call that finds the refusal returns at once (EAGAIN),
+    the rest goes from a thread while its fd says EAGAIN (a kernel socket
+    with full buffers), and the server, which reads only once the client
+    has gone on, gets every byte.  Before, the call blocked until the
+    server read (up to 10 s, then the bytes were lost)."""
+    import json
+    import select as _sel
+    size = 12 << 20
+    lst = _listener()
+    child = subprocess.Popen([sys.executable, "-c", BIG_RING_CLIENT, str(lst.getsockname()[1]), str(size)],
+                             stdout=subprocess.PIPE, env=child_env())
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+    srv = None
+    try:
+        first = json.loads(child.stdout.readline())
+        assert first["before"]["path"] == "shm", first
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(1), saved[1]))
+        try:
+            lst.settimeout(10)
+            srv, _ = lst.accept()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+        assert shrimpio.info(srv)["reason"] == "fd limit"
+        # The client goes on before the server reads a byte.
+        ready, _, _ = _sel.select([child.stdout], [], [], 5)
+        assert ready, "the client's call blocked until the server reads"
+        moved = json.loads(child.stdout.readline())
+        assert moved["moved_in"] < 1.0, moved
+        srv.settimeout(20)
+        got = bytearray()
+        while len(got) < size:
+            d = srv.recv(1 << 20)
+            if not d:
+                break
+            got += d
+        assert len(got) == size
+        srv.sendall(bytes(got[::-1]))
+        srv.close()
+        srv = None
+        last = json.loads(child.stdout.readline())
+        assert last["ok"] and last["after"]["reason"] == "fd limit", last
+        assert child.wait(timeout=30) == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+        if srv is not None:
+            srv.close()
+        lst.close()
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        child.stdout.close()
+
+
+GONE_LISTENER_CLIENT = r"""
+import json, socket, sys
+import shrimpio.patch
+from shrimpio import info
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+c.sendall(b"ping")
+print(json.dumps({"before": info(c)}), flush=True)
+sys.stdin.readline()                   # refused meanwhile, and the listener closed
+try:
+    got = c.recv(10)
+except OSError as exc:
+    print(json.dumps({"error": type(exc).__name__, "errno": exc.errno, "text": str(exc)}), flush=True)
+else:
+    print(json.dumps({"got": got.decode()}), flush=True)
+c.close()
+"""
+
+
+def test_a_refused_client_whose_listener_is_gone_gets_an_error_not_eof():
+    """Refused, then the listener closes before the client's replay: its
+    bytes cannot be delivered.  The call says so (ECONNRESET, with why),
+    never a clean end of file, which would look like a delivered stream."""
+    import json
+    lst = _listener()
+    child = subprocess.Popen([sys.executable, "-c", GONE_LISTENER_CLIENT, str(lst.getsockname()[1])],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env())
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        assert json.loads(child.stdout.readline())["before"]["path"] == "shm"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(1), saved[1]))
+        try:
+            lst.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                lst.accept()           # refuses it (and waits for its TCP connect, in vain)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+        lst.close()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out = json.loads(child.stdout.readline())
+        assert out.get("error") == "ConnectionResetError" and out["errno"] == errno.ECONNRESET, out
+        assert "fd limit" in out["text"] and "4 bytes" in out["text"], out
+        assert child.wait(timeout=30) == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+        lst.close()
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        child.stdout.close()
+        child.stdin.close()
+
+
+DUP_CLIENT = r"""
+import json, os, selectors, socket, sys
+import shrimpio.patch
+from shrimpio import info
+port, size = int(sys.argv[1]), int(sys.argv[2])
+data = os.urandom(size)
+c = socket.create_connection(("127.0.0.1", port), timeout=20)
+d = c.dup()
+before = info(c)
+third = size // 3
+c.sendall(data[:third])
+d.sendall(data[third:2 * third])
+print(json.dumps({"written": size, "before": before}), flush=True)
+sel = selectors.DefaultSelector()
+sel.register(c, selectors.EVENT_READ)
+if not sel.select(20):                 # the refusal: c's peer looks gone
+    sys.exit("no refusal in 20 s")
+sel.close()
+c.setblocking(False)
+try:
+    c.recv(1)                          # c (and its dup) move to TCP
+except BlockingIOError:
+    pass
+c.settimeout(20)
+d.sendall(data[2 * third:])            # by the dup, after the move
+got = bytearray()
+while True:
+    x = d.recv(65536)
+    if not x:
+        break
+    got += x
+print(json.dumps({"ok": bytes(got) == data[::-1], "got": len(got), "after": info(d),
+                  "c": info(c)}), flush=True)
+c.close()
+d.close()
+"""
+
+
+def test_the_dup_of_a_refused_socket_moves_to_tcp_with_it():
+    """A connection shared by two socket objects (``dup()``): the one that
+    finds the refusal moves to TCP, and so does the other (its fd is put
+    on the same kernel connection), as dup()s of a kernel socket share one
+    connection.  Before, the dup kept the abandoned ring: what it wrote
+    after the move vanished."""
+    lst = _listener()
+    try:
+        last, srv_info, n = _serve_late(lst, 1, 60_000, shut=False, script=DUP_CLIENT)
+    finally:
+        lst.close()
+    assert n == 60_000
+    assert srv_info["path"] == "tcp" and srv_info["reason"] == "fd limit", srv_info
+    assert last["ok"], last
+    for side in ("after", "c"):
+        assert last[side]["path"] == "tcp" and last[side]["reason"] == "fd limit", last
+
+
+HANDOFF_CLIENT = r"""
+import asyncio, json, os, socket, sys
+import shrimpio.patch
+from shrimpio import info
+port, size = int(sys.argv[1]), int(sys.argv[2])
+data = os.urandom(size)
+c = socket.create_connection(("127.0.0.1", port), timeout=20)
+before = info(c)
+half = size // 2
+c.sendall(data[:half])                 # before the hand-over: in the ring
+print(json.dumps({"written": size, "before": before}), flush=True)
+
+
+async def main():
+    r, w = await asyncio.open_connection(sock=c)
+    w.write(data[half:])
+    await w.drain()
+    got = await asyncio.wait_for(r.read(), 20)
+    after = w.get_extra_info("shrimpio") or info(w.get_extra_info("socket"))
+    print(json.dumps({"ok": got == data[::-1], "got": len(got), "after": after}), flush=True)
+    w.close()
+    await w.wait_closed()
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_socket_connected_then_given_to_asyncio_follows_a_refusal():
+    """A socket connected by its own connect() (its hello says it can
+    follow a refusal) and then given to asyncio (``sock=``): the loop's
+    transport, which reads the rings itself, is made only once the
+    listener has taken the hello or refused it; refused, the socket moves
+    to TCP first (what it wrote before goes first) and gets the kernel
+    transport.  Before, the transport found its peer gone: the bytes and
+    the connection were lost."""
+    lst = _listener()
+    try:
+        last, srv_info, n = _serve_late(lst, 1, 60_000, shut=False, script=HANDOFF_CLIENT)
+    finally:
+        lst.close()
+    assert n == 60_000
+    assert srv_info["path"] == "tcp" and srv_info["reason"] == "fd limit", srv_info
+    assert last["ok"], last
+    assert last["after"]["path"] == "tcp" and last["after"]["reason"] == "fd limit", last
+
+
+SOCK_CALLS_CLIENT = r"""
+import asyncio, json, os, socket, sys
+import shrimpio.patch
+from shrimpio import info
+port, size = int(sys.argv[1]), int(sys.argv[2])
+data = os.urandom(size)
+c = socket.create_connection(("127.0.0.1", port), timeout=20)
+before = info(c)
+half = size // 2
+c.sendall(data[:half])                 # before the loop's calls: in the ring
+print(json.dumps({"written": size, "before": before}), flush=True)
+c.setblocking(False)
+
+
+async def main():
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(c, data[half:])
+    got = bytearray()
+    while True:
+        d = await asyncio.wait_for(loop.sock_recv(c, 65536), 20)
+        if not d:
+            break
+        got += d
+    print(json.dumps({"ok": bytes(got) == data[::-1], "got": len(got), "after": info(c)}), flush=True)
+    c.close()
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_socket_connected_then_used_by_the_loops_sock_calls_follows_a_refusal():
+    """The same socket used by ``loop.sock_sendall``/``sock_recv``, which
+    read and write the rings themselves: they first wait (the loop free)
+    until the listener has taken the hello or refused it; refused, the
+    socket moves to TCP and the calls are the kernel's."""
+    lst = _listener()
+    try:
+        last, srv_info, n = _serve_late(lst, 1, 60_000, shut=False, script=SOCK_CALLS_CLIENT)
+    finally:
+        lst.close()
+    assert n == 60_000
+    assert srv_info["path"] == "tcp" and srv_info["reason"] == "fd limit", srv_info
+    assert last["ok"], last
+    assert last["after"]["path"] == "tcp" and last["after"]["reason"] == "fd limit", last
+
+
 @pytest.mark.parametrize("headroom", [1, 2])
 def test_an_asyncio_server_one_fd_short_serves_a_shm_client_by_tcp(headroom, tmp_path):
     """The shrimpio loop's server, one or two fds short: a shared-memory
@@ -450,3 +758,116 @@ def test_an_asyncio_server_one_fd_short_serves_a_shm_client_by_tcp(headroom, tmp
                     p.kill()
                 p.wait()
                 p.stdout.close()
+
+
+# -- a client that writes and closes before a listener short of fds looks ----------
+#
+# Over TCP its bytes are in the server's kernel by then: the server accepts
+# and reads them, then end of file.  The shared-memory client's bytes are in
+# its ring, which the listener maps only with the hello's fds.
+
+GONE_SERVER = r"""
+import hashlib, json, os, resource, socket, sys
+import shrimpio, shrimpio.patch
+exec(sys.argv[2])                     # limit_leaving, as in the test module
+headroom = int(sys.argv[1])
+lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+lst.bind(("127.0.0.1", 0))
+lst.listen(4)
+print(lst.getsockname()[1], flush=True)
+sys.stdin.readline()                  # the client has written and closed
+saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(headroom), saved[1]))
+lst.settimeout(15)
+try:
+    srv, _ = lst.accept()             # as TCP's: one fd is enough
+    srv.settimeout(15)
+    got = bytearray()
+    while True:
+        d = srv.recv(65536)
+        if not d:
+            break
+        got += d
+finally:
+    resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+print(json.dumps({"n": len(got), "sha": hashlib.sha256(got).hexdigest(),
+                  "info": shrimpio.info(srv)}), flush=True)
+srv.close()
+lst.close()
+"""
+
+GONE_CLIENT = r"""
+import hashlib, json, os, signal, socket, sys
+import shrimpio, shrimpio.patch
+port, size, kill = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+data = os.urandom(size)
+c = socket.create_connection(("127.0.0.1", port), timeout=20)
+path = shrimpio.info(c)["path"]
+c.sendall(data)
+c.close()                             # before the listener took the connection
+print(json.dumps({"path": path, "sha": hashlib.sha256(data).hexdigest()}), flush=True)
+if kill:
+    os.kill(os.getpid(), signal.SIGKILL)   # gone for good: only the listener can read them
+"""
+
+
+def _gone_client(headroom: int, size: int, kill: bool) -> tuple[dict, dict, int]:
+    """A client that connects, writes ``size`` bytes and closes (then dies
+    by SIGKILL if ``kill``), then a server left ``headroom`` fds accepts:
+    (client's line, server's line, client's exit status)."""
+    import json
+    import inspect
+    env = child_env()
+    srv = subprocess.Popen([sys.executable, "-c", GONE_SERVER, str(headroom), inspect.getsource(limit_leaving)],
+                           stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True, env=env)
+    cli = None
+    try:
+        port = srv.stdout.readline().strip()
+        assert port.isdigit(), port
+        cli = subprocess.Popen([sys.executable, "-c", GONE_CLIENT, port, str(size), "1" if kill else "0"],
+                               stdout=subprocess.PIPE, text=True, env=env)
+        first = json.loads(cli.stdout.readline())
+        assert first["path"] == "shm", first
+        if kill:
+            assert cli.wait(timeout=30) == -9     # gone before the listener looks
+        srv.stdin.write("go\n")
+        srv.stdin.flush()
+        line = srv.stdout.readline()
+        assert line, "the server found no client"
+        last = json.loads(line)
+        assert srv.wait(timeout=30) == 0
+        return first, last, cli.wait(timeout=30)
+    finally:
+        for p in (srv, cli):
+            if p is not None:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+                p.stdout.close()
+        srv.stdin.close()
+
+
+@pytest.mark.parametrize("headroom", [1, 2])
+@pytest.mark.parametrize("size", [5, 100_000])
+def test_a_client_that_writes_and_closes_before_a_listener_short_of_fds_loses_nothing(headroom, size):
+    """The client's close() finds its hello still unread and lingers (as a
+    TCP close still delivers): the listener's refusal comes, and the
+    lingering client replays its bytes and end of file by TCP."""
+    first, last, status = _gone_client(headroom, size, kill=False)
+    assert last["n"] == size and last["sha"] == first["sha"], (first, last)
+    assert last["info"]["path"] == "tcp" and last["info"]["reason"] == "fd limit", last
+    assert status == 0
+
+
+@pytest.mark.parametrize("size", [5, 100_000])
+def test_a_client_killed_after_close_loses_nothing_to_a_listener_two_fds_short(size):
+    """The client is gone for good (SIGKILL after its close): nobody can
+    follow a refusal.  With two fds free the listener takes the client's
+    segment alone (its space doorbell, useless to a closed peer, left to
+    the kernel) and accepts a connection whose peer has closed: the bytes,
+    then end of file, as TCP."""
+    first, last, status = _gone_client(2, size, kill=True)
+    assert last["n"] == size and last["sha"] == first["sha"], (first, last)
+    assert last["info"]["path"] == "shm", last
+    assert status == -9

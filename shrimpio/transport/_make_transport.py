@@ -27,7 +27,7 @@ import socket as _std
 from asyncio import sslproto
 from typing import Any, Awaitable, Callable, Optional
 
-from .. import _route
+from .. import _route, _socklate
 from .. import socket as _ss
 from ..socket import StdSocket, socket as ShmSocket
 from . import _fallback
@@ -123,10 +123,12 @@ class MakeTransportMixin:
         uvloop's (on a socket the shrimpio layer owns, for the report)."""
         shm = _shm_of(sock)
         if shm is not None:
-            if shm.gettimeout() != 0.0:
-                shm.setblocking(False)
-            return await self._make_shm_transport(shm, factory, ssl, server_side=server_side,
-                                                  server_hostname=server_hostname, **tls)
+            if server_side or await _socklate.settled(shm):
+                if shm.gettimeout() != 0.0:
+                    shm.setblocking(False)
+                return await self._make_shm_transport(shm, factory, ssl, server_side=server_side,
+                                                      server_hostname=server_hostname, **tls)
+            sock = shm          # the listener sent it to TCP meanwhile (see _socklate)
         owner = _kernel_owner(sock)
         if owner is None:               # not TCP (a Unix socket...): uvloop's alone
             handed = sock

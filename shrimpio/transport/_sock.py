@@ -34,7 +34,9 @@ import stat
 import weakref
 from typing import Any, Optional
 
+from .. import _socklate
 from .. import socket as _ss
+from .._handshake import late_hellos
 from ..socket import StdSocket, socket as ShmSocket
 from . import _watch
 from ._transport import ShmTransport
@@ -188,8 +190,18 @@ class SockMixin:
             raise ValueError("the socket must be non-blocking")
         return target
 
-    async def sock_recv(self, sock: Any, n: int) -> bytes:
+    async def _settled_shm(self, sock: Any) -> Optional[ShmSocket]:
+        """``_shm_sock``, for a socket connected by its own ``connect()``
+        once the listener has taken its hello (None if the listener sent
+        it to TCP meanwhile: it is a kernel socket now; see
+        ``_socklate.settled``)."""
         shm = self._shm_sock(sock)
+        if shm is not None and shm._shm in late_hellos and not await _socklate.settled(shm):
+            return None
+        return shm
+
+    async def sock_recv(self, sock: Any, n: int) -> bytes:
+        shm = await self._settled_shm(sock)
         if shm is None:
             return await super().sock_recv(sock, n)          # type: ignore[misc]
         while True:
@@ -202,7 +214,7 @@ class SockMixin:
             await _watch.wait(self, shm, False)
 
     async def sock_recv_into(self, sock: Any, buf: Any) -> int:
-        shm = self._shm_sock(sock)
+        shm = await self._settled_shm(sock)
         if shm is None:
             return await super().sock_recv_into(sock, buf)   # type: ignore[misc]
         while True:
@@ -215,7 +227,7 @@ class SockMixin:
             await _watch.wait(self, shm, False)
 
     async def sock_sendall(self, sock: Any, data: Any) -> None:
-        shm = self._shm_sock(sock)
+        shm = await self._settled_shm(sock)
         if shm is None:
             return await super().sock_sendall(sock, data)    # type: ignore[misc]
         await self._sendall_shm(shm, memoryview(data).cast("B"))
