@@ -43,6 +43,7 @@ import os
 import socket as _std
 import _socket as _csocket
 import threading
+import weakref
 
 from . import _control, _process, _stat
 from ._fastpath import (Ring, RingCorruptedError, Segment, Stream, close_fd, forget_refusal,
@@ -292,6 +293,36 @@ def reap() -> None:
             pass            # a view still uses it: unmapped when the last one goes
 
 
+#: Seconds between the pollers' offers of a trim to this process's send rings.
+TRIM_EVERY = 1.0
+_trim_due = 0.0
+#: This process's connections (see trim_idle).
+_live: "weakref.WeakSet[Connection]" = weakref.WeakSet()
+
+
+def trim_idle(now: float) -> None:
+    """Offer each send ring of this process's connections a trim
+    (``Ring.trim``: the pages of a drained large area go back), at most
+    once every TRIM_EVERY seconds.  A blocking reader does this for its own
+    connection when it sleeps, the shrimpio loop for its transports; the
+    patched pollers call this before they sleep in the kernel, so that a
+    program that waits in select, poll or epoll after a burst does not
+    keep its pages.  Connections shared with another process by a fork are
+    left alone: the writer there may be writing."""
+    global _trim_due
+    if now < _trim_due:
+        return
+    _trim_due = now + TRIM_EVERY
+    shared_below = Connection._shared_below
+    for conn in list(_live):
+        if conn.closed or conn.id < shared_below:
+            continue
+        try:
+            conn.tx.trim()
+        except (OSError, ValueError):
+            pass                    # broken or closing: its own calls say so
+
+
 class Connection:
     """The shared-memory half of a connected shrimpio socket.
 
@@ -341,6 +372,7 @@ class Connection:
         # A read that sleeps idle gives back the pages of what we sent
         # (docs/data-plane.md, "Two areas").
         self.rx.trim_with(self.tx)
+        _live.add(self)
         self.refs = 1                 # socket objects of this process using it
         self.stream = Stream(self.tx, self.rx)
         self.closed = False

@@ -63,6 +63,7 @@ from typing import Any, Optional
 
 from . import _poll
 from . import socket as _ss
+from ._connection import trim_idle
 from ._fastpath import ring_progress, unarmed_count
 from ._poll import POLLHUP, POLLIN, POLLOUT, _deadline, _fd_of, _hup, _left, _shrimp
 
@@ -509,6 +510,8 @@ class epoll:
                 wait = _SLICE
             if self._listeners:
                 wait = self._wait_listeners(wait, out)
+            if wait != 0.0:
+                trim_idle(time.monotonic())     # (a drained burst's pages go back)
             events = self._ep.poll(-1 if wait is None else wait)
             if spun is not None:
                 spun.slept()

@@ -47,6 +47,7 @@ import time
 from typing import Any, Iterable, Optional
 
 from . import socket as _ss
+from ._connection import trim_idle
 from ._fastpath import drain_bell, ring_arm, rings_slept, spin_rings
 
 __all__ = ["select", "poll", "drain"]  # (and epoll, fd_changing: see __getattr__)
@@ -310,6 +311,8 @@ def select(rlist: Iterable[Any], wlist: Iterable[Any], xlist: Iterable[Any],
                 now_w.add(fd)
             kr.update(k for k, _ in watch)
         wait = 0.0 if (now_r or now_w) else _left(deadline)
+        if wait != 0.0:
+            trim_idle(time.monotonic())
         try:
             kr_ready, kw_ready, kx_ready = _real_select(plain_r + sorted(kr), plain_w, xfds, wait)
         except BaseException:
@@ -400,6 +403,8 @@ def _poll_many(interest: dict[int, int], timeout: Optional[float],
                 kernel.register(kfd, POLLIN)
         left = _left(deadline)
         wait_ms = 0 if now else (-1 if left is None else math.ceil(left * 1000))
+        if wait_ms:
+            trim_idle(time.monotonic())
         try:
             events = kernel.poll(wait_ms)
         except BaseException:

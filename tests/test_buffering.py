@@ -22,6 +22,7 @@ import time
 import pytest
 
 import shrimpio.socket as ss
+from shrimpio import _epoll, _poll
 from children import child_env
 from conftest import wait_for
 
@@ -289,4 +290,44 @@ def test_memory_is_given_back_after_a_burst(server):
             srv.tell("reply")
             waiter.join(DEADLINE)
         assert got == [b"done"]
+    srv.proc.wait(DEADLINE)
+
+
+@pytest.mark.parametrize("waiter", ["select", "poll", "epoll"])
+def test_memory_is_given_back_to_a_program_that_waits_in_a_poller(server, waiter):
+    """As above, for a program that waits in select, poll or epoll (a
+    selectors loop, tornado's) rather than in a receive: its wait gives
+    the drained burst's pages back too (shrimpio._connection.trim_idle)."""
+    srv = server("shm", "hold")
+    with connect("shm", srv.port) as sock:
+        assert srv.line() == "accepted"
+        sock.setblocking(False)
+        data = payload(UPLOAD)
+        sent = 0
+        while sent < len(data):
+            sent += sock.send(data[sent:])
+        assert _segment_bytes(sock) >= UPLOAD
+        srv.tell("drain %d" % UPLOAD)
+        assert srv.line() == "drained %d" % UPLOAD
+        if waiter == "select":
+            wait = lambda: any(_poll.select([sock], [], [], 0.05))         # noqa: E731
+        elif waiter == "poll":
+            p = _poll.poll()
+            p.register(sock, select.POLLIN)
+            wait = lambda: bool(p.poll(50))                               # noqa: E731
+        else:
+            ep = _epoll.epoll()
+            ep.register(sock.fileno(), select.EPOLLIN)
+            wait = lambda: bool(ep.poll(0.05))                            # noqa: E731
+
+        def waited_and_given_back() -> bool:
+            assert not wait()           # nothing to read: the wait slept in the kernel
+            return _segment_bytes(sock) <= AT_REST
+        try:
+            wait_for(waited_and_given_back, timeout=DEADLINE,
+                     what="the drained burst's pages to go back")
+        finally:
+            if waiter == "epoll":
+                ep.close()
+            srv.tell("reply")
     srv.proc.wait(DEADLINE)
