@@ -78,6 +78,8 @@ cdef class Ring:
     cdef uint32_t stat_blocked_none
     cdef object stat_owner
     cdef int _wait_spun
+    cdef long _nivcsw           # the waiting thread's involuntary switches after its last long wait
+    cdef bint _nivcsw_known
 
     cdef int _check_open(self) except -1
     cdef int _corrupt(self, str what) except -1

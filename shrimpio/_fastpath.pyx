@@ -59,6 +59,11 @@ cdef extern from "_fastpath_core.h" nogil:
     void shr_set_rshut(shr_ring_hdr *h)
     void shr_release_fence()
     int64_t shr_now_ns()
+    void shr_note_preempted(int64_t now)
+    void shr_forget_preempted()
+    uint64_t shr_preempt_count()
+    int64_t shr_preempted_at()
+    long shr_thread_nivcsw()
     void shr_cpu_relax()
     int64_t shr_coarse_ns()
     int shr_bell_ring(int fd, int kind)
@@ -176,6 +181,10 @@ cdef Py_ssize_t NOGIL_COPY = PIPE_CHUNK
 #: Longest uninterrupted sleep, so that signals get a look-in (seconds).
 cdef double SLEEP_SLICE = 1.0
 cdef int64_t ADAPT_CEILING = 8    # most an adapted spin grows to, in budgets
+#: For this long after a waiter of this process saw itself preempted (its
+#: CPU is shared with busy tasks), the rings' blocking waits do not grow
+#: their spin past the budget (see _adapt_wait_spin).
+cdef int64_t CONTENDED_NS = 200000000
 cdef uint64_t MIN_CAPACITY = 64
 #: Two-area rings: bytes that would go past this many of the large area
 #: make the producer look whether the ring is empty, to start again from

@@ -38,6 +38,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -338,6 +339,34 @@ static inline void shr_cond_arm(const shr_cond *c, uint32_t v) {
      * of another location may be reordered (e.g. STLR then LDAPR on arm64).
      * The full fence orders store(flag) -> load(index). */
     if (v) atomic_thread_fence(memory_order_seq_cst);
+}
+
+/* Preemptions seen by this process's waiters: a thread whose wait on a ring
+ * took longer than its spin budget looks (one getrusage) whether the
+ * scheduler gave its CPU to another task since its last such wait.  If so,
+ * its CPU is shared with busy tasks, and the waits' spins are bounded for a
+ * while after (CONTENDED_NS, see _adapt_wait_spin). */
+static _Atomic uint64_t shr_preempts;
+static _Atomic int64_t shr_preempted_ns = INT64_MIN / 2;
+
+static inline void shr_note_preempted(int64_t now) {
+    atomic_fetch_add_explicit(&shr_preempts, 1, memory_order_relaxed);
+    atomic_store_explicit(&shr_preempted_ns, now, memory_order_relaxed);
+}
+static inline void shr_forget_preempted(void) {
+    atomic_store_explicit(&shr_preempted_ns, INT64_MIN / 2, memory_order_relaxed);
+}
+static inline uint64_t shr_preempt_count(void) {
+    return atomic_load_explicit(&shr_preempts, memory_order_relaxed);
+}
+static inline int64_t shr_preempted_at(void) {
+    return atomic_load_explicit(&shr_preempted_ns, memory_order_relaxed);
+}
+/* Involuntary context switches of the calling thread so far. */
+static inline long shr_thread_nivcsw(void) {
+    struct rusage ru;
+    if (getrusage(RUSAGE_THREAD, &ru) != 0) return 0;
+    return ru.ru_nivcsw;
 }
 
 /* How many times a waiter of this process stopped sleeping on a ring (and

@@ -162,3 +162,115 @@ def test_work_between_turns_does_not_spend_the_hot_period():
         while w.poller.hot_count() and time.monotonic() < deadline:
             w.turns(100)
         assert w.poller.hot_count() == 0 and w.rx.hdr.get("reader_sleeping") == 1
+
+
+# -- a CPU shared with busy tasks --------------------------------------------
+#
+# There a spin is paid from our share of the CPU, and the scheduler makes us
+# wait for it again after; a task that sleeps is woken ahead of the busy
+# ones.  A thread that was preempted (an involuntary context switch seen
+# after a wait longer than its budget) marks the process's CPU contended for
+# a while: blocking waits then do not grow their spin past the budget to
+# cover a slow peer.
+
+HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nprint(flush=True)\nwhile True: pass\n"
+
+
+def _involuntary_switches() -> int:
+    with open("/proc/thread-self/status") as f:
+        for line in f:
+            if line.startswith("nonvoluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no nonvoluntary_ctxt_switches in /proc/thread-self/status")
+
+
+def _preempted_once() -> None:
+    """Compute until the scheduler gives our CPU to another task once."""
+    n0 = _involuntary_switches()
+    deadline = time.monotonic() + 30
+    while _involuntary_switches() == n0:
+        assert time.monotonic() < deadline, "never preempted"
+        sum(range(1000))
+
+
+@pytest.fixture
+def busy_task_on_our_cpu():
+    """A process that only computes, pinned to the CPU the test runs on."""
+    import subprocess
+    import sys
+    cpu = _cpu()
+    hog = subprocess.Popen([sys.executable, "-c", HOG, str(cpu)], stdout=subprocess.PIPE)
+    try:
+        assert hog.stdout.readline() == b"\n"         # pinned, running
+        yield cpu
+    finally:
+        hog.kill()
+        hog.wait()
+        hog.stdout.close()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_preempted_waiter_does_not_grow_its_spin_to_cover_a_slow_peer(busy_task_on_our_cpu):
+    """Budget 50 us; the peer (a thread on another CPU) answers 4 budgets
+    after the reader went to sleep, as a web server computing its answer.
+    The reader shares its CPU with a busy task and is preempted between its
+    waits: its second long wait marks the CPU contended, and its spin stays
+    within the budget (without the rule it grows to cover the wait: 5
+    budgets, spun on the busy CPU at every request)."""
+    import threading
+    from shrimpio._fastpath import _set_contended, preempts
+    cpu = busy_task_on_our_cpu
+    other = next(c for c in sorted(os.sched_getaffinity(0)) if c != cpu)
+    top = 50.0
+
+    def answer(p: RingPair, n: int) -> None:
+        os.sched_setaffinity(0, {other})
+        for _ in range(n):
+            deadline = time.monotonic() + 30
+            while p.hdr.get("reader_sleeping") != 1:          # the reader sleeps: it asked
+                assert time.monotonic() < deadline
+            t = time.perf_counter_ns() + int(4 * top * 1000)
+            while time.perf_counter_ns() < t:                  # the peer's work
+                pass
+            p.w.write(b"x")
+
+    with RingPair(256, busy_poll_us=top) as p, pinned(cpu):
+        _set_contended(False)
+        peer = threading.Thread(target=answer, args=(p, 2))
+        peer.start()
+        try:
+            n0 = preempts()[0]
+            assert p.r.read_into(bytearray(1), 1, 30) == 1     # the first long wait: its thread's count
+            _preempted_once()
+            assert p.r.read_into(bytearray(1), 1, 30) == 1
+            n1, contended = preempts()
+            assert n1 > n0 and contended
+            assert p.r.spin_us <= top
+        finally:
+            peer.join()
+            _set_contended(False)
+
+
+def test_spin_does_not_grow_past_its_budget_on_a_contended_cpu():
+    """The rule of the blocking waits, without the scheduler: a peer that
+    answers after 4 budgets.  Uncontended the spin grows to cover the wait;
+    contended it halves (down to 1/16), a wait within the budget still
+    grows it to cover that wait, and a catch brings it back to the budget."""
+    from shrimpio._fastpath import _set_contended, adapt_wait_spin
+    top = 50e-6
+    try:
+        _set_contended(False)
+        assert adapt_wait_spin(top, top, False, 4 * top) == pytest.approx(5 * top)
+        _set_contended(True)
+        cur = top
+        for _ in range(8):
+            cur = adapt_wait_spin(cur, top, False, 4 * top)
+            assert cur <= top
+        assert cur == pytest.approx(top / 16)
+        assert adapt_wait_spin(cur, top, False, top / 2) == pytest.approx(top * 5 / 8)
+        for _ in range(10):
+            cur = adapt_wait_spin(cur, top, True, 0)
+        assert cur == pytest.approx(top)
+    finally:
+        _set_contended(False)
+
