@@ -399,6 +399,14 @@ def connect_shm(sock: Any, address: Any, kit_later: bool = False, late: bool = F
         raise
     kit.theirs.close()
     kit.segment.close_fd()          # the listener has it; our mapping stays
+    if late:
+        late_hellos.add(conn)
+    # The socket object is a shared-memory one before its fd becomes the
+    # control socket: the listener's accept() may return before this
+    # connect does, and a thread that uses this object then (CPython's
+    # TCPCloserTest reads it from the accepting thread) must find the
+    # rings, never a kernel socket whose fd reads doorbell bytes as data.
+    sock._install(conn)
     os.dup2(ctl, user_fd, inheritable=False)
     # The user's fd is the doorbell from now on: the registry socket's own
     # fd goes (one fd per connection, the space socket, beyond TCP's).
@@ -408,9 +416,6 @@ def connect_shm(sock: Any, address: Any, kit_later: bool = False, late: bool = F
         # O_NONBLOCK went with the old file; the registry socket's file is
         # in blocking mode.
         sock.settimeout(timeout)
-    sock._install(conn)
-    if late:
-        late_hellos.add(conn)
     if c2s != DEFAULT_RING or s2c != DEFAULT_RING:
         pass                        # spare kits have the default sizes only
     elif kit_later:

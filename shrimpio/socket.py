@@ -72,6 +72,8 @@ _registry = _handshake.registry
 # which costs a microsecond a time on the connect and accept paths.
 #: Sockets being closed (by id): a lock their closer holds, and its thread.
 _closing: dict[int, Any] = {}
+#: Sockets whose connect() sets up shared memory now: id -> a lock it holds.
+_connecting: dict[int, Any] = {}
 _allocate_lock = _thread.allocate_lock
 _get_ident = _thread.get_ident
 _family = _csocket.socket.family.__get__
@@ -209,12 +211,35 @@ class socket(StdSocket):
         if self._is_tcp() and self.fileno() >= 0:
             if fd_change_hooks:
                 _fd_changing(self.fileno())      # (registered in an epoll before connect)
-            if self._try_shm(address, kit_later=True, late=True):
-                return
+            # (Another thread's recv or send meanwhile waits for this: see
+            # _await_connect.)
+            lock = _allocate_lock()
+            lock.acquire()
+            _connecting[id(self)] = lock
+            try:
+                if self._try_shm(address, kit_later=True, late=True):
+                    return
+            finally:
+                del _connecting[id(self)]
+                lock.release()
         super().connect(address)
         self._remember_peer()
         if self._route is not None and self._route.path == _route.TCP:
             _stat.track_tcp(self, self._route.reason)
+
+    def _await_connect(self) -> bool:
+        """A call found the fd not connected (ENOTCONN): if this socket's
+        connect() is setting up shared memory in another thread, wait for
+        it; True if the socket is on shared memory now (try again: the
+        connect may also have ended while the failed call was in the
+        kernel).  The listener's accept() may return before that connect
+        does, and the kernel's recv on a socket whose connect is under way
+        waits for it."""
+        lock = _connecting.get(id(self))
+        if lock is not None:
+            with lock:
+                pass
+        return self._shm is not None
 
     def _remember_peer(self) -> None:
         """Keep a kernel connection's peer address for the report: by the
@@ -410,7 +435,12 @@ class socket(StdSocket):
         """As ``socket.recv``."""
         conn = self._shm
         if conn is None:
-            data = super().recv(bufsize, flags)
+            try:
+                data = super().recv(bufsize, flags)
+            except OSError as exc:
+                if exc.errno == errno.ENOTCONN and self._await_connect():
+                    return self.recv(bufsize, flags)
+                raise
             self._received += len(data)
             return data
         if conn.kit_due:
@@ -429,7 +459,12 @@ class socket(StdSocket):
         """As ``socket.recv_into``."""
         conn = self._shm
         if conn is None:
-            n = super().recv_into(buffer, nbytes, flags)
+            try:
+                n = super().recv_into(buffer, nbytes, flags)
+            except OSError as exc:
+                if exc.errno == errno.ENOTCONN and self._await_connect():
+                    return self.recv_into(buffer, nbytes, flags)
+                raise
             self._received += n
             return n
         if conn.kit_due:

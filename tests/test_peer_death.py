@@ -361,10 +361,11 @@ def test_asyncio_writer_to_a_dead_reader_fails_and_the_loop_sleeps(listener):
     import shrimpio.transport as tr
     with Peer(listener.getsockname(), read=False) as peer:
         srv = _accept(listener)
+        ring = srv._shm.tx.capacity
 
         async def main():
             reader, writer = await asyncio.open_connection(sock=srv)
-            writer.write(b"z" * (4 << 20))              # more than the ring: buffered
+            writer.write(b"z" * (2 * ring))             # more than the ring holds: buffered
             await asyncio.sleep(0)
             peer.kill()
             with pytest.raises((BrokenPipeError, ConnectionResetError)):
