@@ -47,7 +47,7 @@ import warnings
 from typing import Any
 
 from . import _route, _stat
-from ._connection import HOT, SMALL_RING, Connection
+from ._connection import HOT, SMALL_RING, Connection, SpaceFd
 from ._fastpath import Ring
 from ._handshake import late_hellos
 from ._sockindex import by_fd, fd_change_hooks, fd_changing
@@ -323,22 +323,16 @@ _linger_lock = threading.Lock()
 _linger_thread: "threading.Thread | None" = None
 
 
-class BorrowedBell:
+class BorrowedBell(SpaceFd):
     """A connection's space "socket" that is an fd it does not own through
     it: a lingering client's doorbell (its control socket, moved onto the
     space doorbell's fd number, see above), or the control socket of a
     client that had closed when its hello was taken (_accept.accept_hello,
     which then has no space doorbell: its peer is gone, so a wait on it
     ends at once, as the wait for room in a closed peer's ring must).  The
-    fd is closed by whoever owns it, never here."""
+    fd is closed by whoever owns it, never here (nor when collected)."""
 
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def fileno(self) -> int:
-        return self.fd
+    __slots__ = ()
 
     def close(self) -> None:
         pass
