@@ -77,6 +77,8 @@ cdef class Ring:
     cdef uint64_t stat_idx_none
     cdef uint32_t stat_blocked_none
     cdef object stat_owner
+    cdef uint64_t probe_head    # producer: head, and the consumer's index, at the last look
+    cdef uint64_t probe_tail    #   for a reader that died (_ring_probe_reader)
     cdef int _wait_spun
     cdef long _nivcsw           # the waiting thread's involuntary switches after its last long wait
     cdef bint _nivcsw_known

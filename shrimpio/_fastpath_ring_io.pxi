@@ -85,6 +85,22 @@ cdef int _ring_writable_check(Ring r) except -1:
     return 0
 
 
+cdef int _ring_probe_reader(Ring r) except -1:
+    """A reader that was killed leaves its ring mapped here and says
+    nothing: its bytes would go on into the ring until it is full (4 MiB)
+    before a write heard of it.  TCP hears at once (the dead peer's kernel
+    answers the first segment with a reset).  So every PROBE_BYTES written,
+    if the reader took nothing since the last look and bytes wait, one
+    poll(0) asks the doorbell; a live reader that keeps up costs nothing
+    (its index moved), a slow one a poll per PROBE_BYTES."""
+    cdef uint64_t t = shr_load_tail(r.h)      # compared only: not trusted
+    r.probe_head = r.head
+    if t == r.probe_tail and t != r.head and _ring_peer_gone(r, r.space_bell):
+        raise BrokenPipeError(_errno.EPIPE, "the reading side is gone")
+    r.probe_tail = t
+    return 0
+
+
 cdef Py_ssize_t _ring_write_bufs(Ring r, Py_buffer *bufs, Py_ssize_t nbufs, Py_ssize_t total,
                             double timeout, bint all_) except -1:
     """Gather-write; returns bytes written (all of them if all_)."""
@@ -96,6 +112,8 @@ cdef Py_ssize_t _ring_write_bufs(Ring r, Py_buffer *bufs, Py_ssize_t nbufs, Py_s
     _gate_enter(&r.wgate, timeout)
     try:
         _ring_writable_check(r)
+        if r.head - r.probe_head >= PROBE_BYTES:
+            _ring_probe_reader(r)
         while True:
             # Re-read the consumer's index only when the room we already
             # know of is not enough: saves a cache-line transfer per write.

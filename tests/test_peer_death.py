@@ -54,16 +54,18 @@ class Peer:
     ``data`` and, if ``read`` is False, never reads; then waits to be
     killed."""
 
-    def __init__(self, addr: tuple, data: bytes = b"", read: bool = True) -> None:
+    def __init__(self, addr: tuple, data: bytes = b"", read: bool = True,
+                 kernel: bool = False) -> None:
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:                                   # pragma: no cover - child
             code = 1
             try:
                 os.close(r)
-                sock = ss.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock = (socket.socket if kernel else ss.socket)(socket.AF_INET,
+                                                                socket.SOCK_STREAM)
                 sock.connect(addr)
-                assert ss.info(sock)["path"] == "shm"
+                assert kernel or ss.info(sock)["path"] == "shm"
                 sock.sendall(data)
                 os.write(w, b"k")
                 if read:
@@ -212,6 +214,37 @@ def test_nonblocking_send_to_a_dead_reader_is_epipe(listener, call):
                         _poll.select([], [srv], [], 1.0)
             assert e.value.errno == errno.EPIPE
             assert cpu() - t0 < 2.0
+
+
+@pytest.mark.parametrize("kind", ["shm", "tcp"])
+@pytest.mark.parametrize("blocking", [False, True], ids=["nonblocking", "blocking"])
+def test_writes_to_a_dead_reader_fail_soon(kind, blocking):
+    """A reader killed before it read a byte: the writer hears of it within
+    a few sends, as over TCP (the dead peer's kernel answers the first
+    segment with a reset), not after a ring's worth (4 MiB) of bytes sent
+    into nothing.  Small sends, blocking or not, counted until the error."""
+    lst = (ss.socket if kind == "shm" else socket.socket)(socket.AF_INET, socket.SOCK_STREAM)
+    with lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        lst.settimeout(DEADLINE)
+        with Peer(lst.getsockname(), read=False, kernel=kind == "tcp") as peer:
+            srv, _ = lst.accept()
+            with srv:
+                assert kind == "tcp" or ss.info(srv)["path"] == "shm"
+                peer.kill()
+                srv.settimeout(DEADLINE if blocking else 0.0)
+                chunk = b"w" * 4096
+                sent = 0
+                with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                    while sent < 16 << 20:
+                        try:
+                            sent += srv.send(chunk)
+                        except BlockingIOError:
+                            _poll.select([], [srv], [], 1.0)
+    if kind == "shm":
+        # One look per 64 KiB written while the reader takes nothing.
+        assert sent <= 128 * 1024, sent
 
 
 def test_blocked_sendall_fails_when_the_reader_dies(listener):
