@@ -129,11 +129,24 @@ def info(sock: Any) -> dict:
     elif sock._esc is not None:
         relayed = sock._esc.relay.conn          # the relay counts what crossed
         out.update(bytes_sent=relayed.bytes_sent, bytes_received=relayed.bytes_received)
+    elif (counts := tls_kernel_counts(sock)) is not None:
+        out.update(bytes_sent=counts[0], bytes_received=counts[1])
     else:
         out.update(bytes_sent=sock._sent, bytes_received=sock._received)
     if sock._lst is not None:
         out["listener"] = sock._lst.name
     return out
+
+
+def tls_kernel_counts(sock: Any) -> Optional[tuple[int, int]]:
+    """(sent, received) of a TLS socket whose engine is the stdlib's C one on
+    the kernel fd: OpenSSL moves the bytes itself, past our counters, so
+    they are the kernel's (ciphertext, as on the wire).  None for others."""
+    engine = getattr(sock, "_sslobj", None)
+    if engine is None or type(engine).__module__ != "_ssl":
+        return None
+    from ._tcpinfo import tcp_counts
+    return tcp_counts(sock, active=not sock.server_side) or (0, 0)
 
 
 def _info_of_other(obj: Any, depth: int) -> dict:

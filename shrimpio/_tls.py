@@ -44,8 +44,10 @@ here with the same results:
 * if the connection's fd escapes to a kernel stream (:mod:`shrimpio._escape`)
   the engine moves its ciphertext through the socket's fd from then on.
 
-A kernel TCP connection keeps the stdlib's ``ssl.SSLSocket`` and its C
-engine unchanged.  A socket wrapped before ``connect()`` does not yet know
+A kernel TCP connection keeps the stdlib's C engine: with the stdlib's
+``ssl.SSLSocket``, or with :class:`SSLSocket` when it holds a ``shrimpio
+stat`` slot (a connection of a patched program that went by TCP), so that
+the TLS socket is listed while it is open.  A socket wrapped before ``connect()`` does not yet know
 its path: it is made here, and ``connect()`` gives it the C engine if the
 connection went to TCP.
 """
@@ -60,7 +62,7 @@ import time
 import weakref
 from typing import Any, Optional
 
-from . import socket as _ss
+from . import _sockinfo, socket as _ss
 
 __all__ = ["SSLSocket", "StdSSLSocket"]
 
@@ -497,11 +499,14 @@ def _nonempty(buffer: Any) -> bool:
 
 def _takes(sock: Any) -> bool:
     """Is ``sock`` one for :class:`SSLSocket` (shrimpio, TCP, and on shared
-    memory, listening, or not connected yet)?  A connected kernel socket
-    keeps the stdlib's class."""
+    memory, listening, not connected yet, or connected by kernel TCP with a
+    ``shrimpio stat`` slot, which the TLS socket then holds: with the
+    stdlib's class the slot would stay with the detached socket, listed
+    after the TLS socket's close or dropped with the detached object)?
+    Other connected kernel sockets keep the stdlib's class."""
     if not isinstance(sock, _ss.socket) or sock.fileno() < 0:
         return False
-    if sock._shm is not None or sock._lst is not None:
+    if sock._shm is not None or sock._lst is not None or sock._tcp is not None:
         return True
     if not sock._is_tcp():
         return False
@@ -584,7 +589,7 @@ class SSLSocket(StdSSLSocket, _ss.socket):
         self.suppress_ragged_eofs = suppress_ragged_eofs
         self.settimeout(timeout)
         # Listening or not yet connected: no engine until connect().
-        self._connected = connected = self._shm is not None
+        self._connected = connected = self._shm is not None or self._tcp is not None
         if connected:
             try:
                 self._sslobj = self._engine(server_side)
@@ -597,6 +602,14 @@ class SSLSocket(StdSSLSocket, _ss.socket):
                 self.close()
                 raise
         return self
+
+    def _real_close(self) -> None:
+        # The stdlib's drops the engine before the socket closes, and the
+        # report is written after: keep the kernel's counts of a C engine.
+        counts = _sockinfo.tls_kernel_counts(self)
+        if counts is not None:
+            self._sent, self._received = counts
+        super()._real_close()
 
     def _engine(self, server_side: bool) -> Any:
         """The TLS engine for the connection this socket now has: ours over

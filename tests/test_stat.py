@@ -167,6 +167,59 @@ def test_stat_shows_tcp_fallbacks_with_their_reason():
         _finish(p)
 
 
+TLS_PAIR = """
+import shrimpio.patch, socket, ssl, sys, threading, trustme
+ca = trustme.CA()
+server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+client_ctx = ssl.create_default_context()
+ca.configure_trust(client_ctx)
+lst = socket.socket()
+lst.bind(("127.0.0.1", 0))
+lst.listen()
+c = socket.create_connection(lst.getsockname())
+s, _ = lst.accept()
+held = {}
+t = threading.Thread(target=lambda: held.update(tls=server_ctx.wrap_socket(s, server_side=True)))
+t.start()
+tc = client_ctx.wrap_socket(c, server_hostname="127.0.0.1")
+t.join()
+tc.sendall(b"x" * 100)
+assert held["tls"].recv(100)
+ci, si = shrimpio.info(tc), shrimpio.info(held["tls"])
+print(ci["bytes_sent"], ci["bytes_received"], si["bytes_sent"], si["bytes_received"], flush=True)
+print(tc.getsockname()[1], lst.getsockname()[1], flush=True)
+sys.stdin.readline()
+tc.close()
+held["tls"].close()
+print("closed", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_stat_lists_tls_connections_over_tcp():
+    """A connection on kernel TCP wrapped in TLS is still listed (the TLS
+    socket takes over the slot of the socket it wraps), with the kernel's
+    byte counts in shrimpio.info, and leaves the listing when the TLS
+    socket closes."""
+    p = _start(TLS_PAIR, env={"SHRIMPIO_DISABLE": "1"})
+    try:
+        # shrimpio.info counts what crossed the kernel (OpenSSL moved it,
+        # ciphertext): the two ends agree, and it is more than the payload.
+        c_sent, c_received, s_sent, s_received = map(int, p.stdout.readline().split())
+        assert (c_sent, c_received) == (s_received, s_sent)
+        assert c_sent > 100 and s_sent > 0
+        cport, port = p.stdout.readline().split()
+        entries = _entries(_stat(), p.pid)
+        assert sorted((e["kind"], e["local"], e["peer"], e["reason"]) for e in entries) == sorted([
+            ("tcp", f"127.0.0.1:{cport}", f"127.0.0.1:{port}", "disabled"),
+            ("tcp", f"127.0.0.1:{port}", f"127.0.0.1:{cport}", "disabled")])
+        _tell(p, "closed")
+        assert _entries(_stat(), p.pid) == []
+    finally:
+        _finish(p)
+
+
 def test_a_killed_listener_leaves_a_stale_entry_that_stat_sweeps(registry):
     server = _start(SERVER)
     try:

@@ -688,16 +688,21 @@ def test_patched_server_plain_client(certs):
 
 def test_kernel_connections_keep_the_stdlib_class(certs):
     """Under the patch, a connection that went to kernel TCP (a plain
-    server) and a non-shrimpio socket keep ssl.SSLSocket and its C engine;
+    server) keeps the stdlib's C engine: in shrimpio's class, which holds
+    its ``shrimpio stat`` slot (a non-shrimpio socket keeps ssl.SSLSocket);
     disable() puts the stdlib's class back."""
     with tls_server("stdlib", certs) as srv:
         patch.enable()
         try:
             assert ssl.SSLContext.sslsocket_class is _tls.SSLSocket
             with connect(srv.port, certs) as s:
-                assert type(s) is ssl.SSLSocket
+                assert isinstance(s, ssl.SSLSocket)
+                assert type(s._sslobj) is not _tls._Engine
+                assert s._tcp is not None                  # listed while open
+                assert shrimpio.info(s)["path"] == "tcp"
                 s.sendall(b"echo\nping")
                 assert recv_exact(s, 4) == b"ping"
+            assert s._tcp is None
             # Wrapped before connect(): shrimpio's class (the path was not
             # known yet), with the stdlib's C engine on the kernel socket.
             with certs.client().wrap_socket(socket.socket(), server_hostname=HOST) as s:
