@@ -441,9 +441,11 @@ def refuse(ctl: int, reason: str) -> "bool | None":
     (the caller keeps it waiting for it: then the client is known by its
     address when it comes by TCP); None (nothing done) if its hello does
     not say it can follow a refusal (an asyncio client, whose transport
-    reads the rings itself): it waits for fds, as a TCP client in the
-    backlog would.  The hello is only peeked at: no fd of it is taken
-    (there is no room for them)."""
+    reads the rings itself), or the client is gone (closed for good: it
+    cannot follow one, and only its hello, still queued, holds its
+    bytes): it waits for fds, as a TCP client in the backlog would.  The
+    hello is only peeked at: no fd of it is taken (there is no room for
+    them)."""
     s = _csocket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, ctl)
     try:
         data = s.recv(_control.MAX_MESSAGE + 1, _MSG_PEEK_NOW)
@@ -456,14 +458,16 @@ def refuse(ctl: int, reason: str) -> "bool | None":
     if data and (m is None or not m[8]):
         s.detach()
         return None
-    try:
-        if m is not None:
-            _note_late(int(m[5]), m[4].decode(), reason)
+    if m is not None:
+        port = int(m[5])
+        _note_late(port, m[4].decode(), reason)     # (before it can come by TCP)
+        try:
             s.send(refusal(reason), _MSG_SEND_NOW)
-    except OSError:
-        pass                        # gone already: nothing to tell
-    finally:
-        s.close()                   # ctl: the hello goes unread, its fds released
+        except OSError:
+            late_clients.pop(port, None)
+            s.detach()              # gone: its hello stays for when there is room
+            return None
+    s.close()                       # ctl: the hello goes unread, its fds released
     return True
 
 

@@ -44,6 +44,7 @@ cdef extern from "<sys/resource.h>" nogil:
         rlim_t rlim_cur
         rlim_t rlim_max
     int getrlimit(int resource, rlimit *rlim)
+    int setrlimit(int resource, const rlimit *rlim)
     int RLIMIT_NOFILE
 
 #: fds a hello brings (the segment, the space doorbell).
@@ -183,10 +184,11 @@ cdef object _take_hello(int fd, Py_ssize_t bufsize, int maxfds):
     ``(data, fds, msg_flags, space_ok)``, ``None`` if it has not come yet,
     ``b""`` for data when the client is gone (end of file or an error)."""
     cdef ssize_t got
-    cdef int nfds = 0, mflags = 0, space_ok = 0, i
+    cdef int nfds = 0, mflags = 0, space_ok = 0, i, err
     cdef int fdv[16]
-    cdef bint alone = False
+    cdef bint alone = False, borrowed = False
     cdef pollfd p
+    cdef rlimit saved, lim
     if bufsize < 0 or maxfds < 0 or maxfds > SHR_CTL_MAX_FDS:
         raise ValueError("bad buffer size or fd count")
     out = PyBytes_FromStringAndSize(NULL, bufsize)
@@ -200,8 +202,19 @@ cdef object _take_hello(int fd, Py_ssize_t bufsize, int maxfds):
         p.fd = fd
         p.events = POLLIN
         p.revents = 0
-        alone = (poll(&p, 1, 0) == 1 and (p.revents & POLLHUP) != 0
-                 and maxfds >= 1 and _room_for_fds(fd, 1))
+        alone = poll(&p, 1, 0) == 1 and (p.revents & POLLHUP) != 0 and maxfds >= 1
+        if alone and not _room_for_fds(fd, 1):
+            # Not even that (the control socket took the last fd, where
+            # TCP's accept needs no more).  The segment's fd lives only
+            # until it is mapped (accept_hello closes it): borrow one fd
+            # above the soft limit for that moment, if the hard limit lets
+            # us, as the client cannot follow a refusal; else EMFILE.
+            borrowed = (getrlimit(RLIMIT_NOFILE, &saved) == 0 and saved.rlim_cur < saved.rlim_max)
+            if borrowed:
+                lim = saved
+                lim.rlim_cur += 1
+                borrowed = setrlimit(RLIMIT_NOFILE, &lim) == 0
+            alone = borrowed
         if not alone:
             # Out of fds, as a kernel listener's accept() would be: the
             # hello stays queued on the client's socket for when there is
@@ -212,9 +225,12 @@ cdef object _take_hello(int fd, Py_ssize_t bufsize, int maxfds):
                               MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
         if got >= 0 or errno != EINTR:
             break
+    err = errno
+    if borrowed:
+        setrlimit(RLIMIT_NOFILE, &saved)    # (an fd above a soft limit stays valid)
     if got > 0 and nfds >= 2:
         space_ok = shr_is_unix_seqpacket(fdv[1])
-    if got < 0 and (errno == EAGAIN or errno == EWOULDBLOCK):
+    if got < 0 and (err == EAGAIN or err == EWOULDBLOCK):
         return None
     fds = [fdv[i] for i in range(nfds)]
     if got <= 0:

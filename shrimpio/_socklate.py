@@ -306,9 +306,12 @@ async def settled(sock: Any) -> bool:
 # address; without: it dropped the client) or LINGER seconds pass (the
 # hello stays queued, with the segment's fd: a listener that takes it
 # later still reads it).  One thread serves every lingering connection of
-# the process; it is not a daemon, so a program that exits right after
-# its close waits for it (at most LINGER seconds), as the bytes of a
-# program that exits right after a TCP close still go.  The lingering
+# the process.  A program that exits does not wait for the listener (it
+# would not over TCP): once the main thread has ended, the thread hangs
+# up each lingering connection not refused yet (the listener then cannot
+# refuse it, and takes its segment alone, borrowing an fd above its soft
+# limit if it must: _fastpath.stream_accept) and follows a refusal that
+# came before; it is not a daemon, so that such a replay finishes.  The lingering
 # connection costs no fd more than it had: its control socket moves onto
 # its space doorbell's fd number (a closed client needs no space doorbell)
 # and the program's fd is closed as usual.
@@ -443,6 +446,14 @@ def _linger_done(item: list, now: float) -> bool:
             p = _select.poll()
             p.register(conn.bell_fd, _POLL_IN)
             gone = any(ev & _POLL_HUP for _, ev in p.poll(0))
+            if not gone and not threading.main_thread().is_alive():
+                # The program is exiting, and does not wait for the
+                # listener (a TCP close does not): we hang up, so that
+                # it no longer refuses us, and takes our segment alone
+                # (see _accept.refuse); a refusal sent before is read
+                # below and followed.
+                _hang_up(conn.bell_fd)
+                gone = True
             if not gone and now < deadline and _may_be_refused(conn):
                 return False            # not taken yet
             # (A refusal comes before the hang-up, and before the queue
@@ -465,6 +476,18 @@ def _linger_done(item: list, now: float) -> bool:
         if not conn.closed:
             conn.close()
         raise
+
+
+def _hang_up(fd: int) -> None:
+    """Shut both directions of the control socket ``fd`` (its queued
+    messages stay readable)."""
+    s = _csocket.socket(_std.AF_UNIX, _std.SOCK_SEQPACKET, 0, fd)
+    try:
+        s.shutdown(_std.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        s.detach()
 
 
 def _forget_lingering() -> None:

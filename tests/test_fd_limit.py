@@ -799,22 +799,28 @@ lst.close()
 GONE_CLIENT = r"""
 import hashlib, json, os, signal, socket, sys
 import shrimpio, shrimpio.patch
-port, size, kill = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+port, size, then = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 data = os.urandom(size)
 c = socket.create_connection(("127.0.0.1", port), timeout=20)
 path = shrimpio.info(c)["path"]
 c.sendall(data)
 c.close()                             # before the listener took the connection
 print(json.dumps({"path": path, "sha": hashlib.sha256(data).hexdigest()}), flush=True)
-if kill:
+if then == "kill":
     os.kill(os.getpid(), signal.SIGKILL)   # gone for good: only the listener can read them
+elif then == "stay":
+    sys.stdin.readline()              # alive (its close lingering) until the test is done
+# (then == "exit": the program ends at once)
 """
 
 
-def _gone_client(headroom: int, size: int, kill: bool) -> tuple[dict, dict, int]:
-    """A client that connects, writes ``size`` bytes and closes (then dies
-    by SIGKILL if ``kill``), then a server left ``headroom`` fds accepts:
-    (client's line, server's line, client's exit status)."""
+def _gone_client(headroom: int, size: int, then: str) -> tuple[dict, dict, int]:
+    """A client that connects, writes ``size`` bytes and closes, then
+    (``then``) stays alive, exits at once, or dies by SIGKILL; then a
+    server left ``headroom`` fds accepts: (client's line, server's line,
+    client's exit status).  A client that exits must be gone before the
+    server looks: its exit does not wait for the listener (the server
+    waits for nothing before it is told)."""
     import json
     import inspect
     env = child_env()
@@ -825,19 +831,23 @@ def _gone_client(headroom: int, size: int, kill: bool) -> tuple[dict, dict, int]
     try:
         port = srv.stdout.readline().strip()
         assert port.isdigit(), port
-        cli = subprocess.Popen([sys.executable, "-c", GONE_CLIENT, port, str(size), "1" if kill else "0"],
-                               stdout=subprocess.PIPE, text=True, env=env)
+        cli = subprocess.Popen([sys.executable, "-c", GONE_CLIENT, port, str(size), then],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         first = json.loads(cli.stdout.readline())
         assert first["path"] == "shm", first
-        if kill:
-            assert cli.wait(timeout=30) == -9     # gone before the listener looks
+        if then != "stay":
+            # (shrimpio's linger gives up at most 10 s after the close)
+            status = cli.wait(timeout=5)
         srv.stdin.write("go\n")
         srv.stdin.flush()
         line = srv.stdout.readline()
         assert line, "the server found no client"
         last = json.loads(line)
         assert srv.wait(timeout=30) == 0
-        return first, last, cli.wait(timeout=30)
+        if then == "stay":
+            cli.stdin.close()
+            status = cli.wait(timeout=30)
+        return first, last, status
     finally:
         for p in (srv, cli):
             if p is not None:
@@ -845,7 +855,7 @@ def _gone_client(headroom: int, size: int, kill: bool) -> tuple[dict, dict, int]
                     p.kill()
                 p.wait()
                 p.stdout.close()
-        srv.stdin.close()
+                p.stdin.close()
 
 
 @pytest.mark.parametrize("headroom", [1, 2])
@@ -854,20 +864,25 @@ def test_a_client_that_writes_and_closes_before_a_listener_short_of_fds_loses_no
     """The client's close() finds its hello still unread and lingers (as a
     TCP close still delivers): the listener's refusal comes, and the
     lingering client replays its bytes and end of file by TCP."""
-    first, last, status = _gone_client(headroom, size, kill=False)
+    first, last, status = _gone_client(headroom, size, "stay")
     assert last["n"] == size and last["sha"] == first["sha"], (first, last)
     assert last["info"]["path"] == "tcp" and last["info"]["reason"] == "fd limit", last
     assert status == 0
 
 
+@pytest.mark.parametrize("then", ["exit", "kill"])
+@pytest.mark.parametrize("headroom", [1, 2])
 @pytest.mark.parametrize("size", [5, 100_000])
-def test_a_client_killed_after_close_loses_nothing_to_a_listener_two_fds_short(size):
-    """The client is gone for good (SIGKILL after its close): nobody can
-    follow a refusal.  With two fds free the listener takes the client's
-    segment alone (its space doorbell, useless to a closed peer, left to
-    the kernel) and accepts a connection whose peer has closed: the bytes,
-    then end of file, as TCP."""
-    first, last, status = _gone_client(2, size, kill=True)
+def test_a_client_gone_after_its_close_loses_nothing_to_a_listener_short_of_fds(then, headroom, size):
+    """The client is gone for good (it exited, which does not wait for the
+    listener, or was SIGKILLed) before the listener looks: nobody can
+    follow a refusal.  The listener takes the client's segment alone (its
+    space doorbell, useless to a closed peer, left to the kernel); one fd
+    short (the client's control socket took the last one, where TCP's
+    accept needs no more) it borrows one above its soft limit for the
+    moment it maps the segment.  It accepts a connection whose peer has
+    closed: the bytes, then end of file, as TCP."""
+    first, last, status = _gone_client(headroom, size, then)
     assert last["n"] == size and last["sha"] == first["sha"], (first, last)
     assert last["info"]["path"] == "shm", last
-    assert status == -9
+    assert status == (0 if then == "exit" else -9)
