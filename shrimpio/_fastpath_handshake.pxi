@@ -214,6 +214,11 @@ cdef object _take_hello(int fd, Py_ssize_t bufsize, int maxfds):
                 lim = saved
                 lim.rlim_cur += 1
                 borrowed = setrlimit(RLIMIT_NOFILE, &lim) == 0
+            if borrowed and not _room_for_fds(fd, 1):
+                # (fds numbered above the soft limit, opened before it was
+                # lowered: the lowest free number is past the one lent)
+                setrlimit(RLIMIT_NOFILE, &saved)
+                borrowed = False
             alone = borrowed
         if not alone:
             # Out of fds, as a kernel listener's accept() would be: the
