@@ -114,9 +114,9 @@ cdef class Ring:
         for the reader) and whether a thread is blocked in its wait into a
         ``shrimpio stat`` table slot: a u64 at ``idx_at`` and a u32 at
         ``blocked_at`` of the writable buffer ``table`` (shrimpio/_stat.py),
-        which is kept alive.  ``table=None`` goes back to mirroring nowhere.
-        One plain store per publish: the stat reader tolerates torn or
-        stale values."""
+        which is kept alive (a memoryview must not be released meanwhile).
+        ``table=None`` goes back to mirroring nowhere.  One plain store per
+        publish: the stat reader tolerates torn or stale values."""
         cdef Py_buffer buf
         cdef char *p
         if table is None:
@@ -124,7 +124,9 @@ cdef class Ring:
             self.stat_blocked = &self.stat_blocked_none
             self.stat_owner = None
             return
-        view = memoryview(table)
+        # (A memoryview is kept as it is: the stat table's own, shared by
+        # every slot, costs a connection no object of its own.)
+        view = table if type(table) is memoryview else memoryview(table)
         PyObject_GetBuffer(view, &buf, PyBUF_WRITABLE)
         try:
             if (idx_at < 0 or blocked_at < 0 or idx_at % 8 or blocked_at % 4
