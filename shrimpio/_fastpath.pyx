@@ -193,7 +193,7 @@ cdef uint64_t MIN_CAPACITY = 64
 cdef uint64_t HOT_WINDOW = 64 * 1024
 #: A writer asks whether a reader that took nothing is still alive every this
 #: many bytes (_ring_probe_reader).
-cdef uint64_t PROBE_BYTES = 64 * 1024
+cdef uint64_t PROBE_BYTES = 256 * 1024
 #: Two-area rings: the large area's pages go back to the system when the
 #: producer returns to the small area, at most this often (nanoseconds):
 #: a connection alternating large and small messages pays a system call
