@@ -55,3 +55,23 @@ def test_source_tree_without_build_says_what_to_do(tmp_path):
     err = res.stderr.decode()
     assert res.returncode != 0, err
     assert "source tree" in err and "pip install -e ." in err and "another directory" in err, err
+
+
+def test_bench_children_import_the_installed_package_from_a_source_tree(tmp_path):
+    """The bench starts children with ``-m``/``-c`` (mpiexec's, the TLS
+    row's), and the README runs it from the clone: their interpreter
+    (``child_python``) must not put the current directory, a source tree
+    that shadows the installed package, first on sys.path."""
+    from shrimpio.bench.common import child_python
+    tree = tmp_path / "clone"
+    (tree / "shrimpio").mkdir(parents=True)
+    (tree / "shrimpio" / "__init__.py").write_text("raise ImportError('the source tree was imported')\n")
+    code = "import shrimpio; print(shrimpio.__file__)"
+    res = subprocess.run([*child_python(), "-c", code], cwd=tree, capture_output=True, text=True,
+                         env=child_env(), timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert not res.stdout.strip().startswith(str(tree)), res.stdout
+    # (without -P the tree is what a child gets)
+    res = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True,
+                         env=child_env(), timeout=60)
+    assert "the source tree was imported" in res.stderr

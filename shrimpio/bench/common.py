@@ -8,12 +8,21 @@ import contextlib
 import os
 import platform
 import statistics
+import sys
 import tempfile
 from typing import Iterator
 
-__all__ = ["MIB", "machine", "pin", "private_registry", "stats"]
+__all__ = ["MIB", "child_python", "machine", "pin", "private_registry", "stats"]
 
 MIB = 1 << 20
+
+
+def child_python() -> list[str]:
+    """The command that starts a benchmark's child interpreter: this one,
+    with ``-P``, so that a child run as ``-m`` or ``-c`` from a source
+    tree of shrimpio (the README's commands run from the clone) imports the
+    installed package, not that tree (whose extension is not built)."""
+    return [sys.executable, "-P"]
 
 
 def pin(cpu: int) -> None:

@@ -37,6 +37,7 @@ import tempfile
 import time
 from typing import Any, Callable, Optional
 
+from ..common import child_python
 from ..common import pin as _pin
 
 __all__ = ["specs", "GOALS", "NotInstalled", "versions"]
@@ -334,7 +335,7 @@ def rtt_zmq(n: int) -> list[int]:
 def _run_mpi(test: str, n: int, size: int) -> list[int]:
     exe = _mpiexec()
     env = dict(os.environ)
-    proc = subprocess.run([exe, "-n", "2", sys.executable, "-m", "shrimpio.bench.rows.msg", "mpi", test,
+    proc = subprocess.run([exe, "-n", "2", *child_python(), "-m", "shrimpio.bench.rows.msg", "mpi", test,
                            str(n), str(size)], capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"mpiexec failed: {proc.stderr.strip()[-300:]}")

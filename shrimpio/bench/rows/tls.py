@@ -22,11 +22,10 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
-from ..common import MIB
+from ..common import MIB, child_python
 from ..common import pin as _pin
 
 
@@ -129,7 +128,7 @@ def main() -> None:
         env["SHRIMPIO_REGISTRY"] = reg
         for _ in range(args.rounds):
             for kind in ("shm", "tcp"):
-                out = subprocess.run([sys.executable, "-m", "shrimpio.bench.rows.tls", "--child", kind, "-n", str(args.n),
+                out = subprocess.run([*child_python(), "-m", "shrimpio.bench.rows.tls", "--child", kind, "-n", str(args.n),
                                       "--mib", str(args.mib)], capture_output=True, env=env,
                                      check=True).stdout
                 results[kind].append(json.loads(out))
