@@ -35,6 +35,11 @@ cdef class Segment:
     cdef int _map_full(self) except -1
 
 
+# Rings and streams hold no reference that can lead back to them (a ring:
+# its segment, its sibling ring, the stat table's memoryview; a stream: its
+# two rings), so they cannot be in a reference cycle: the garbage collector
+# need not walk them (a connection pair holds four rings and two streams),
+# hence @cython.no_gc on their definitions.
 cdef class Ring:
     cdef Segment seg            # pinned (its exports count) while attached
     cdef bint attached

@@ -9,6 +9,7 @@
 # Ring
 
 
+@cython.no_gc               # (nothing it holds leads back to it: see _fastpath.pxd)
 cdef class Ring:
     """One end of a single-producer/single-consumer byte ring in a Segment.
 

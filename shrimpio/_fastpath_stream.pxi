@@ -64,6 +64,7 @@ def check_recvmsg_flags(flags):
     return f
 
 
+@cython.no_gc               # (its two rings lead nowhere back: see _fastpath.pxd)
 cdef class Stream:
     """The data path of one shared-memory stream connection: ``tx`` carries
     our bytes to the peer, ``rx`` the peer's to us.  Methods take the
