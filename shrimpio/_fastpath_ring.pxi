@@ -107,7 +107,11 @@ cdef class Ring:
     def trim_with(self, Ring ring):
         """Consumer: while a read waits here and sleeps a whole slice (idle),
         call ``ring.trim()`` (the connection's other ring, of which this
-        process is the producer).  ``None`` stops it."""
+        process is the producer).  ``None`` stops it.  ``ring`` may not
+        be this ring nor have a sibling of its own: rings are not tracked
+        by the garbage collector, so they must never form a cycle."""
+        if ring is not None and (ring is self or ring.tx_sibling is not None):
+            raise ValueError("a ring's sibling must be another ring without one")
         self.tx_sibling = ring
 
     def set_stat(self, table, Py_ssize_t idx_at, Py_ssize_t blocked_at, bint writer):

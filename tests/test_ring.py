@@ -391,3 +391,25 @@ def test_eventfd_doorbell():
     finally:
         seg.close()
         os.close(efd)
+
+
+def test_ring_siblings_never_form_a_cycle():
+    """Rings are not tracked by the garbage collector, so trim_with refuses
+    what would make a cycle of siblings (a ring itself, or one that has a
+    sibling of its own); a connection's pair (reader -> writer) is fine."""
+    import gc
+    seg = Segment(1 << 16)
+    a = Ring(seg, 0, 4096, create=True)
+    b = Ring(seg, 8192, 4096, create=True)
+    try:
+        assert not gc.is_tracked(a)
+        a.trim_with(b)
+        for x, y in ((b, a), (a, a), (b, b)):
+            with pytest.raises(ValueError):
+                x.trim_with(y)
+        a.trim_with(None)
+        b.trim_with(a)
+    finally:
+        a.close()
+        b.close()
+        seg.close()
