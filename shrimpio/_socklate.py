@@ -134,7 +134,8 @@ def late_fallback(sock: Any, conn: Connection, reason: "str | None" = None) -> b
 def replay(family: int, proto: int, local: Any, peer: Any, pending: bytes, shut: bool,
            timeout: float, at_once: bool = False) -> "tuple[_csocket.socket, memoryview]":
     """A kernel TCP socket bound to ``local`` (the address the program and
-    the listener know; any, if it is taken meanwhile), connected to
+    the listener know; any, if it is taken meanwhile or already in a
+    connection to ``peer``), connected to
     ``peer``, with ``pending`` sent first (and its writing side shut if
     ``shut``), each step within ``timeout`` seconds; and what is left of
     ``pending`` (empty unless ``at_once``: then what did not fit the
@@ -149,7 +150,20 @@ def replay(family: int, proto: int, local: Any, peer: Any, pending: bytes, shut:
         except OSError:
             pass
         tcp.settimeout(timeout)
-        tcp.connect(peer)
+        try:
+            tcp.connect(peer)
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
+                raise
+            # That port is in a connection to this peer already: the port
+            # of a shared-memory connection is not held while it lasts, so
+            # another one, of this process or another, may have been given
+            # it too and gone to TCP first.  From a port of the kernel's
+            # choice (the listener then reports no reason for it).
+            tcp.close()
+            tcp = _csocket.socket(family, _SOCK_STREAM, proto)
+            tcp.settimeout(timeout)
+            tcp.connect(peer)
         if at_once:
             tcp.setblocking(False)
             try:

@@ -886,3 +886,42 @@ def test_a_client_gone_after_its_close_loses_nothing_to_a_listener_short_of_fds(
     assert last["n"] == size and last["sha"] == first["sha"], (first, last)
     assert last["info"]["path"] == "shm", last
     assert status == (0 if then == "exit" else -9)
+
+
+@pytest.mark.parametrize("at_once", [False, True])
+def test_a_replay_whose_port_is_in_a_connection_to_the_listener_goes_from_another(at_once):
+    """A refused client replays by TCP from the local address its program
+    was told.  That port is not held while the shared-memory connection
+    lasts, so another connection (of this process or another) may have
+    been given it too and be on TCP to the same listener already: the
+    connect then fails (EADDRNOTAVAIL), and the replay goes from a port of
+    the kernel's choice, delivering everything (it raised, and the bytes
+    were lost: seen in the chaos round exhaust/server/selectors/tight)."""
+    from shrimpio import _socklate
+    with socket.socket() as lst, socket.socket() as first:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen()
+        lst.settimeout(10)
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        first.bind(("127.0.0.1", 0))
+        first.connect(lst.getsockname())
+        port = first.getsockname()[1]
+        a, _ = lst.accept()
+        tcp, rest = _socklate.replay(socket.AF_INET, 0, ("127.0.0.1", port), lst.getsockname(),
+                                     b"written before the refusal", True, 10.0, at_once=at_once)
+        try:
+            assert len(rest) == 0
+            assert tcp.getsockname()[1] != port
+            b, addr = lst.accept()
+            with a, b:
+                assert addr == tcp.getsockname()
+                b.settimeout(10)
+                got = b""
+                while True:
+                    d = b.recv(100)
+                    if not d:
+                        break
+                    got += d
+                assert got == b"written before the refusal"
+        finally:
+            tcp.close()
