@@ -33,10 +33,11 @@ from .common import (CHUNK, EXIT_DATA, Channel, DataError, Echo, HangError, Patt
 #: poller are made).  Taking a shared-memory client needs three at once
 #: (the client's control socket, then the hello's segment and space
 #: doorbell; two stay), a TCP client one: a server with one or two free fds
-#: and no connection to close serves TCP clients but can never take a
-#: shared-memory one, which then waits for ever (its connect() returned
-#: once its hello was sent).  A limit of the design (one extra fd per
-#: connection and side, one-way hello), in docs/chaos.md.
+#: and no connection to close sends the clients that can follow a refusal
+#: to TCP, but can never take an asyncio client's own connect, which then
+#: waits for ever (its connect() returned once its hello was sent).  A
+#: limit of the design (one extra fd per connection and side, one-way
+#: hello), in docs/chaos.md.
 MIN_SERVER_HEADROOM = 3
 #: A client needs one (its socket(); a connect without room for shared
 #: memory's fds goes by TCP, "fd limit").
