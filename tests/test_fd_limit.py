@@ -913,15 +913,9 @@ def test_a_replay_whose_port_is_in_a_connection_to_the_listener_goes_from_anothe
             assert len(rest) == 0
             assert tcp.getsockname()[1] != port
             b, addr = lst.accept()
-            with a, b:
+            b.settimeout(10)
+            with a, b, b.makefile("rb") as f:
                 assert addr == tcp.getsockname()
-                b.settimeout(10)
-                got = b""
-                while True:
-                    d = b.recv(100)
-                    if not d:
-                        break
-                    got += d
-                assert got == b"written before the refusal"
+                assert f.read() == b"written before the refusal"     # (then end of file)
         finally:
             tcp.close()
