@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import _control, _process
 from ._sockindex import by_fd
+from ._tcpinfo import tcp_counts
 
 if TYPE_CHECKING:
     from .socket import socket
@@ -145,7 +146,6 @@ def tls_kernel_counts(sock: Any) -> Optional[tuple[int, int]]:
     engine = getattr(sock, "_sslobj", None)
     if engine is None or type(engine).__module__ != "_ssl":
         return None
-    from ._tcpinfo import tcp_counts
     return tcp_counts(sock, active=not sock.server_side) or (0, 0)
 
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 from .. import socket as _ss
 from .._tcpinfo import tcp_counts
 
-__all__ = ["Handoff", "handoff", "tcp_counts"]
+__all__ = ["Handoff", "handoff"]
 
 #: The stdlib's class (``detach`` of the owner without shrimpio's own, which
 #: is for fds that leave shrimpio's hands: this one stays in them).
