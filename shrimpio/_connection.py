@@ -45,7 +45,7 @@ import _socket as _csocket
 import threading
 import weakref
 
-from . import _control, _process, _stat
+from . import _control, _ports, _process, _stat
 from ._fastpath import (Ring, RingCorruptedError, Segment, Stream, close_fd, forget_refusal,
                         prepare_rings, take_refusal)
 
@@ -259,6 +259,7 @@ def drop_spares() -> None:
             break
         kit.close()
     reap()
+    _ports.drop()
 
 
 # -- unmapping later --------------------------------------------------------------
@@ -338,7 +339,7 @@ class Connection:
 
     __slots__ = ("id", "segment", "bell_fd", "bell_owned", "space", "local", "peer", "client",
                  "tx", "rx", "refs", "stream", "closed", "gone", "lock", "kit_due",
-                 "stat", "__weakref__")
+                 "stat", "claim", "__weakref__")
 
     _next_id = 0
     _shared_below = 0            # ids below this existed at a fork
@@ -380,6 +381,7 @@ class Connection:
         self.lock = threading.Lock()
         self.kit_due = False          # build a spare kit when we first wait for the peer
         self.stat = None              # its slot in `shrimpio stat`'s table (socket._install)
+        self.claim = None             # a client's claim on its local port (see _ports)
 
     # The per-call state lives in the Stream (C), where send/recv update it.
     bytes_sent = property(lambda self: self.stream.bytes_sent, doc="bytes written to the peer")
@@ -493,6 +495,8 @@ class Connection:
         # next connection.)
         _stat.release(self.stat)
         self.stat = None
+        _ports.give(self.claim)
+        self.claim = None
         bury(self.segment)
         self.space.close()
         if self.bell_owned:

@@ -22,7 +22,7 @@ from ._messages import (  # noqa: F401  (re-exported: the control plane's API)
 )
 from ._process import environ_data, getenv, on_exit  # noqa: F401
 from ._registry import (  # noqa: F401
-    MEMBER_SEP, Registry, _SUFFIX, _bound_unix_paths, check_name, peer_credentials,
+    MEMBER_SEP, PORTS_FILE, Registry, _SUFFIX, _bound_unix_paths, check_name, peer_credentials,
     registry_root,
 )
 

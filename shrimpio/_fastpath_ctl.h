@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -205,7 +206,157 @@ static inline int shr_is_unix_seqpacket(int fd) {
  * for AF_INET, 16 for AF_INET6) and read back its port.  Returns 1 (bound,
  * *port set), 0 (the socket was bound already, or elsewhere: the caller
  * takes the general way), -1 errno. */
-static inline int shr_bind_local(int user, int family, const char *ip, size_t iplen, int *port) {
+/* Local ports of this user's shared-memory connections (docs/control-plane.md,
+ * "Local ports").  A connection's port is reserved by binding the user's
+ * socket, but the kernel forgets it once that fd becomes the control socket:
+ * the next bind may be given it again, and two live connections would show
+ * the same address.  So each port a connection uses is also *claimed*: a bit
+ * in this process's map (for our own connections) and an open-file-
+ * description lock on byte `port` of the ports file of the registry (for
+ * other processes' ones; the kernel drops a dead process's locks, so nothing
+ * goes stale).  `lockfd < 0`: no ports file, this process's map only. */
+#ifndef F_OFD_SETLK
+#define F_OFD_SETLK 37
+#endif
+
+static uint64_t shr_ports_mine[65536 / 64];
+static int shr_ports_fd = -1;
+
+static int shr_port_lock(int lockfd, int port, short type) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = port;
+    fl.l_len = 1;
+    return fcntl(lockfd, F_OFD_SETLK, &fl);
+}
+
+/* Claim `port`: 1 ours now, 0 another connection has it, -1 (errno) the
+ * ports file failed (the port is not claimed).  `locked`: in the ports file
+ * too, else in this process's map only. */
+static inline int shr_port_take(int port, int locked) {
+    uint64_t bit = 1ULL << (port & 63);
+    int lockfd = locked ? __atomic_load_n(&shr_ports_fd, __ATOMIC_ACQUIRE) : -1;
+    if (port <= 0 || port > 65535)
+        return 0;
+    if (__atomic_fetch_or(&shr_ports_mine[port >> 6], bit, __ATOMIC_ACQ_REL) & bit)
+        return 0;
+    if (lockfd >= 0 && shr_port_lock(lockfd, port, F_WRLCK) != 0) {
+        int err = errno;
+        __atomic_fetch_and(&shr_ports_mine[port >> 6], ~bit, __ATOMIC_ACQ_REL);
+        if (err == EAGAIN || err == EACCES)
+            return 0;
+        errno = err;
+        return -1;
+    }
+    return 1;
+}
+
+/* Give back a port shr_port_take gave us (unlocking a byte this process
+ * does not hold, after a claim in its map only, does nothing). */
+static inline void shr_port_give(int port) {
+    int lockfd = __atomic_load_n(&shr_ports_fd, __ATOMIC_ACQUIRE);
+    if (port <= 0 || port > 65535)
+        return;
+    if (lockfd >= 0)
+        shr_port_lock(lockfd, port, F_UNLCK);
+    __atomic_fetch_and(&shr_ports_mine[port >> 6], ~(1ULL << (port & 63)), __ATOMIC_ACQ_REL);
+}
+
+/* How many ports the kernel may offer before we give up looking (only a
+ * peer that holds every port's lock, or a range nearly all in use, gets
+ * there). */
+#define SHR_PORT_TRIES 16
+
+/* `want`'s port is claimed by another connection: bind spare sockets to
+ * `want` (port 0) until the kernel offers one nobody claimed; each stays
+ * bound until then, so that it is not offered twice.  Returns the port
+ * claimed, or 0. */
+static int shr_port_other(const struct sockaddr *want, socklen_t len, int locked) {
+    int spare[SHR_PORT_TRIES];
+    int n = 0, found = 0;
+    union {
+        struct sockaddr sa;
+        struct sockaddr_in v4;
+        struct sockaddr_in6 v6;
+    } got;
+    while (n < SHR_PORT_TRIES && !found) {
+        socklen_t glen = sizeof got;
+        int s = socket(want->sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (s < 0)
+            break;
+        spare[n++] = s;
+        if (bind(s, want, len) != 0 || getsockname(s, &got.sa, &glen) != 0)
+            break;
+        int p = ntohs(want->sa_family == AF_INET ? got.v4.sin_port : got.v6.sin6_port);
+        if (shr_port_take(p, locked) == 1)
+            found = p;
+    }
+    while (n > 0)
+        close(spare[--n]);
+    return found;
+}
+
+/* Claim `port`, which a socket of ours has bound at `want`'s address; if
+ * another connection has it and `other`, claim one the kernel offers
+ * instead.  Where the ports file refuses them all (a peer holds every lock,
+ * or the file fails), the claim is made in this process's map alone: our
+ * own connections at least never share a port.  1: *out is the port
+ * claimed; 0: none claimed (*out = port). */
+static inline int shr_claim_bound(int port, const struct sockaddr *want, socklen_t len, int *out,
+                                  int other) {
+    int locked, got;
+    *out = port;
+    for (locked = 1; locked >= 0; locked--) {
+        got = shr_port_take(port, locked);
+        if (got == 1)
+            return 1;
+        if (got == 0 && other) {
+            got = shr_port_other(want, len, locked);
+            if (got > 0) {
+                *out = got;
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* shr_claim_bound for a packed address `ip` of `family`; -2: not one. */
+static inline int shr_claim_ip(int family, const char *ip, size_t iplen, int port, int *out,
+                               int other) {
+    union {
+        struct sockaddr sa;
+        struct sockaddr_in v4;
+        struct sockaddr_in6 v6;
+    } want;
+    memset(&want, 0, sizeof want);
+    *out = port;
+    if (family == AF_INET && iplen == 4) {
+        want.v4.sin_family = AF_INET;
+        memcpy(&want.v4.sin_addr, ip, 4);
+        return shr_claim_bound(port, &want.sa, sizeof want.v4, out, other);
+    }
+    if (family == AF_INET6 && iplen == 16) {
+        want.v6.sin6_family = AF_INET6;
+        memcpy(&want.v6.sin6_addr, ip, 16);
+        return shr_claim_bound(port, &want.sa, sizeof want.v6, out, other);
+    }
+    return -2;
+}
+
+/* Claim ports by locks on `fd` from now on; returns the fd used before. */
+static inline int shr_ports_use(int fd) {
+    return __atomic_exchange_n(&shr_ports_fd, fd, __ATOMIC_ACQ_REL);
+}
+
+/* Bind `user` (a TCP socket of `family`) to (ip, 0) and claim the port:
+ * 1 bound (*port is the port the peer is told, *claimed whether it is
+ * ours: see above), 0 not bound here (bound already, or `ip` is not of
+ * `family`), -1 errno. */
+static inline int shr_bind_local(int user, int family, const char *ip, size_t iplen, int *port,
+                                 int *claimed) {
     union {
         struct sockaddr sa;
         struct sockaddr_in v4;
@@ -214,6 +365,7 @@ static inline int shr_bind_local(int user, int family, const char *ip, size_t ip
     socklen_t len, glen = sizeof got;
     memset(&want, 0, sizeof want);
     *port = 0;
+    *claimed = 0;
     if (family == AF_INET && iplen == 4) {
         want.v4.sin_family = AF_INET;
         memcpy(&want.v4.sin_addr, ip, 4);
@@ -239,6 +391,7 @@ static inline int shr_bind_local(int user, int family, const char *ip, size_t ip
             return 0;
         *port = ntohs(got.v6.sin6_port);
     }
+    *claimed = shr_claim_bound(*port, &want.sa, len, port, 1);
     return 1;
 }
 

@@ -11,7 +11,11 @@ cdef extern from "_fastpath_ctl.h" nogil:
     int shr_dial_unix(const char *path, size_t len, long long timeout_us, int *nonblock)
     long long shr_peer_uid(int sock)
     int shr_is_unix_seqpacket(int fd)
-    int shr_bind_local(int user, int family, const char *ip, size_t iplen, int *port)
+    int shr_bind_local(int user, int family, const char *ip, size_t iplen, int *port,
+                       int *claimed)
+    int shr_claim_ip(int family, const char *ip, size_t iplen, int port, int *out, int other)
+    void shr_port_give(int port)
+    int shr_ports_use(int fd)
     int shr_send_hello(int ctl, const char *pre, const char *head, size_t headlen,
                        const char *tail, size_t taillen, int port, const int *fds)
 
@@ -115,14 +119,17 @@ def stream_connect(bytes path not None, timeout, int user_fd, int family, bytes 
     for destinations known to be served, as the socket stays bound if the
     dial fails.
 
-    Returns ``(ctl, port, bound)``: ``ctl < 0`` is ``-errno`` of the dial
-    (nothing else done but the bind, if ``bound``); ``port == 0`` means no
-    hello went (no kit, or the socket was bound already): the caller sends
-    it its own way over ``ctl``, now its fd.  ``bound``: ``user_fd`` was
-    bound here.  A listener of another user raises ``PermissionError``;
+    Returns ``(ctl, port, bound, claimed)``: ``ctl < 0`` is ``-errno`` of
+    the dial (nothing else done but the bind, if ``bound``); ``port == 0``
+    means no hello went (no kit, or the socket was bound already): the
+    caller sends it its own way over ``ctl``, now its fd.  ``bound``:
+    ``user_fd`` was bound here.  ``claimed``: the hello's ``port`` is
+    claimed for the connection (see :func:`claim_port`; the caller gives it
+    back with :func:`give_port`); a port claimed for a hello that did not go
+    is given back here.  A listener of another user raises ``PermissionError``;
     other failures ``OSError``; either way ``ctl`` is closed."""
     cdef int ctl, rc = 0, port = 0, err
-    cdef int bound = 0
+    cdef int bound = 0, claimed = 0
     cdef long long uid, me
     cdef int fds[2]
     if len(pre) != 8:
@@ -139,7 +146,7 @@ def stream_connect(bytes path not None, timeout, int user_fd, int family, bytes 
     me = geteuid()                  # (asked once per call: a process may change it)
     if seg_fd >= 0 and bind_first:
         with nogil:
-            bound = shr_bind_local(user_fd, family, ipp, ipn, &port)
+            bound = shr_bind_local(user_fd, family, ipp, ipn, &port, &claimed)
             err = errno
         if bound < 0:
             raise OSError(err, _os.strerror(err))
@@ -150,7 +157,9 @@ def stream_connect(bytes path not None, timeout, int user_fd, int family, bytes 
             break
         PyErr_CheckSignals()
     if ctl < 0:
-        return ctl, 0, bound == 1
+        if claimed:
+            shr_port_give(port)
+        return ctl, 0, bound == 1, False
     fds[0] = seg_fd
     fds[1] = space_fd
     with nogil:
@@ -160,7 +169,7 @@ def stream_connect(bytes path not None, timeout, int user_fd, int family, bytes 
         err = errno
         if uid == me and seg_fd >= 0:
             if not bind_first:
-                bound = shr_bind_local(user_fd, family, ipp, ipn, &port)
+                bound = shr_bind_local(user_fd, family, ipp, ipn, &port, &claimed)
                 err = errno
             rc = bound
             if bound == 1:
@@ -169,6 +178,9 @@ def stream_connect(bytes path not None, timeout, int user_fd, int family, bytes 
         if nonblock and rc >= 0 and uid >= 0 and ioctl(ctl, FIONBIO, &off) != 0:
             rc = -1                 # (blocking from here on, as dial_unix leaves it)
             err = errno
+    if claimed and rc != 1:
+        shr_port_give(port)
+        claimed = 0
     if uid < 0 or rc < 0:
         close(ctl)
         raise OSError(err, _os.strerror(err))
@@ -176,7 +188,35 @@ def stream_connect(bytes path not None, timeout, int user_fd, int family, bytes 
         close(ctl)
         raise PermissionError(_errno.EACCES, "shrimpio endpoint is served by uid %d, not by "
                               "this user (uid %d)" % (uid, me))
-    return ctl, (port if rc == 1 else 0), bound == 1
+    return ctl, (port if rc == 1 else 0), bound == 1, claimed == 1
+
+
+def claim_port(int family, bytes ip not None, int port, bint other=True):
+    """Claim ``port``, which a socket of ours has bound at ``ip`` (packed,
+    of ``family``), for a shared-memory connection; if another live
+    connection of this user has it and ``other``, bind spare sockets until
+    the kernel offers one that nobody claimed.  Returns ``(port, claimed)``: the port
+    to use, and whether it is ours (then give it back with
+    :func:`give_port` when the connection closes).  See
+    ``_fastpath_ctl.h``, "Local ports"."""
+    cdef int out = port
+    cdef int got = shr_claim_ip(family, ip, len(ip), port, &out, other)
+    if got == -2:
+        raise ValueError("ip must be a packed address of family")
+    return out, got == 1
+
+
+def give_port(int port):
+    """Give back a port :func:`claim_port` or :func:`stream_connect` claimed."""
+    shr_port_give(port)
+
+
+def use_ports_file(int fd):
+    """Claim ports by locks on ``fd`` (the registry's ports file, opened
+    for writing; -1: this process's own connections only).  Returns the fd
+    used before, which the caller closes once no claim made on it is
+    live (its locks go with it)."""
+    return shr_ports_use(fd)
 
 
 cdef object _take_hello(int fd, Py_ssize_t bufsize, int maxfds):

@@ -37,7 +37,7 @@ import time
 import weakref
 from typing import Any, Optional, Sequence
 
-from . import _connection, _control, _route
+from . import _connection, _control, _ports, _route
 from ._connection import DEFAULT_RING, Connection, Kit, describe_error, ring_capacity
 from ._fastpath import stream_connect
 
@@ -362,8 +362,9 @@ def connect_shm(sock: Any, address: Any, kit_later: bool = False, late: bool = F
     # the registry connect, so the listener finds it when it looks.
     kit = _connection.take_kit(c2s, s2c)
     timeout = sock.gettimeout()
+    _ports.ready(dest.reg.path)
     try:
-        ctl, lport, reason = _dial(sock, dest, family, timeout, user_fd, kit, c2s, s2c, late)
+        ctl, lport, reason, claim = _dial(sock, dest, family, timeout, user_fd, kit, c2s, s2c, late)
     except BaseException:
         _connection.give_back(kit)
         raise
@@ -376,7 +377,8 @@ def connect_shm(sock: Any, address: Any, kit_later: bool = False, late: bool = F
             sock._unbound = False
             local = (dest.local_host, lport) if family != _AF_INET6 else (dest.local_host, lport, 0, 0)
         else:
-            local = sock._local_address(dest.numeric)
+            local, ours = local_address(sock, dest.numeric)
+            local, claim = _ports.claim(family, local, ours)
             if kit is None:
                 kit = Kit(c2s, s2c)
             seg = kit.segment
@@ -387,16 +389,19 @@ def connect_shm(sock: Any, address: Any, kit_later: bool = False, late: bool = F
         conn = Connection(kit.segment, ctl, kit.mine, client=True, caps=(c2s, s2c),
                           local=local, peer=dest.peer)
     except OSError as exc:
+        _ports.give(claim)
         if kit is not None:
             kit.close()
         os.close(ctl)
         sock._route = _route.Route(_route.TCP, describe_error(exc))
         return False
     except BaseException:
+        _ports.give(claim)
         if kit is not None:
             kit.close()
         os.close(ctl)
         raise
+    conn.claim = claim
     kit.theirs.close()
     kit.segment.close_fd()          # the listener has it; our mapping stays
     if late:
@@ -446,9 +451,10 @@ def _fd_headroom_mark() -> int:
 
 
 def _dial(sock: Any, dest: _Destination, family: int, timeout: Optional[float], user_fd: int,
-          kit: "Kit | None", c2s: int, s2c: int, late: bool) -> tuple[int, int, str]:
+          kit: "Kit | None", c2s: int, s2c: int, late: bool) -> tuple[int, int, str, Optional[tuple]]:
     """Connect to the first live candidate entry: (control fd, our port if
-    the hello went too else 0, "") or (-1, 0, why not)."""
+    the hello went too else 0, "", its claim (see _ports) or None) or (-1,
+    0, why not, None)."""
     fast = kit is not None and sock._unbound and dest.ip
     if fast:
         seg = kit.segment
@@ -461,8 +467,9 @@ def _dial(sock: Any, dest: _Destination, family: int, timeout: Optional[float], 
     before = None if dest.served else dest.quiet_signature()
     for name, path in dest.in_turn():
         try:
-            ctl, lport, bound = stream_connect(path, timeout, user_fd, family, dest.ip, _PRE, head,
-                                               tail, seg_fd, space_fd, fast and dest.served)
+            ctl, lport, bound, claimed = stream_connect(path, timeout, user_fd, family, dest.ip, _PRE,
+                                                        head, tail, seg_fd, space_fd,
+                                                        fast and dest.served)
             if bound:
                 sock._unbound = False
                 if lport == 0:
@@ -475,27 +482,28 @@ def _dial(sock: Any, dest: _Destination, family: int, timeout: Optional[float], 
                 # general way sorts them out (and says why).
                 ctl, lport = dest.reg.connect(name, timeout=timeout, raw=True).detach(), 0
             dest.served = True
-            return ctl, lport, ""
+            return ctl, lport, "", (_ports.claimed(lport) if claimed else None)
         except FileNotFoundError:
             continue
         except PermissionError:
-            return -1, 0, "other user"
+            return -1, 0, "other user", None
         except OSError as exc:
-            return -1, 0, describe_error(exc)
+            return -1, 0, describe_error(exc), None
         except ValueError as exc:   # e.g. entry path too long for a Unix socket
-            return -1, 0, f"registry unusable: {exc}"
+            return -1, 0, f"registry unusable: {exc}", None
     dest.served = False
     dest.absent = before
-    return -1, 0, reason
+    return -1, 0, reason, None
 
 
-def local_address(sock: Any, dest: str) -> tuple:
-    """Our address as the peer sees it: bound if the user bound us, else a
-    real ephemeral port reserved by binding (released when the fd is
-    replaced, as a closed TCP port would be)."""
+def local_address(sock: Any, dest: str) -> tuple[tuple, bool]:
+    """Our address as the peer sees it, and whether we bound it here: bound
+    if the user bound us, else a real ephemeral port reserved by binding
+    (the connection claims it while it lives: see _ports)."""
     family = _family(sock)
     src = dest if not unspecified(dest) else _loopback(family)
     host, port = "", 0
+    ours = False
     if sock._unbound:
         # Nobody bound it (through this object): no need to ask.  If
         # someone did behind our back, bind() says so (EINVAL).
@@ -506,6 +514,7 @@ def local_address(sock: Any, dest: str) -> tuple:
                 raise
         else:
             sock._unbound = False
+            ours = True
             host, port = _csocket.socket.getsockname(sock)[:2]
     if port == 0:
         try:
@@ -514,7 +523,8 @@ def local_address(sock: Any, dest: str) -> tuple:
             host, port = "", 0
     if port == 0:
         _csocket.socket.bind(sock, (src, 0))
+        ours = True
         host, port = _csocket.socket.getsockname(sock)[:2]
     if unspecified(host):
         host = dest
-    return addr_tuple(family, (host, port))
+    return addr_tuple(family, (host, port)), ours

@@ -51,13 +51,18 @@ from typing import Iterable, Iterator
 from ._fastpath import dial_unix, exit_unlink_add, exit_unlink_remove
 from ._process import getenv
 
-__all__ = ["registry_root", "check_name", "peer_credentials", "Registry", "MEMBER_SEP"]
+__all__ = ["registry_root", "check_name", "peer_credentials", "Registry", "MEMBER_SEP", "PORTS_FILE"]
 
 _UCRED = struct.Struct("iII")          # struct ucred: pid_t, uid_t, gid_t
 _SUN_PATH_MAX = 107                    # sizeof(sun_path) minus the NUL
 _SUFFIX = ".sock"
 #: Between an entry's name and the number of a further member of its group.
 MEMBER_SEP = "+"
+#: An empty file in each namespace's directory on whose bytes shared-memory
+#: connections lock their local ports (shrimpio/_ports.py).  Made with the
+#: directory (a file made later would change the directory, which a client
+#: reads as "a listener may have come": see _handshake.known_absent).
+PORTS_FILE = ".ports"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,96}")
 _SOCK_CLOEXEC = getattr(socket, "SOCK_CLOEXEC", 0)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
@@ -187,6 +192,11 @@ class Registry:
         _ensure_private_dir(root)
         path = os.path.join(root, f"net-{_netns_id()}")
         _ensure_private_dir(path)
+        try:
+            os.close(os.open(os.path.join(path, PORTS_FILE), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC
+                             | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600))
+        except OSError:
+            pass            # (then claims are each process's own: see _ports)
         return cls(root, path)
 
     # -- helpers

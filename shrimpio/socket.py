@@ -268,9 +268,6 @@ class socket(StdSocket):
         (see _handshake.connect_shm)."""
         return _handshake.connect_shm(self, address, kit_later, late)
 
-    def _local_address(self, dest: str) -> tuple:
-        return _handshake.local_address(self, dest)
-
     def _install(self, conn: Connection) -> None:
         self._shm = conn
         self._local, self._peer = conn.local, conn.peer
