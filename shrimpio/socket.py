@@ -241,6 +241,16 @@ class socket(StdSocket):
                 pass
         return self._shm is not None
 
+    def _settled(self) -> "Connection | None":
+        """The connection a read found missing, once any connect() of this
+        socket under way in another thread has ended (None: the kernel's
+        socket).  A read must not reach the kernel during that connect: it
+        swaps the fd for the control socket (dup2), and a read that got there
+        after the swap would take a doorbell byte as data."""
+        if _connecting:
+            self._await_connect()
+        return self._shm
+
     def _remember_peer(self) -> None:
         """Keep a kernel connection's peer address for the report: by the
         time the socket closes, the kernel may no longer say (ENOTCONN)."""
@@ -430,7 +440,7 @@ class socket(StdSocket):
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         """As ``socket.recv``."""
-        conn = self._shm
+        conn = self._shm or self._settled()
         if conn is None:
             try:
                 data = super().recv(bufsize, flags)
@@ -454,7 +464,7 @@ class socket(StdSocket):
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """As ``socket.recv_into``."""
-        conn = self._shm
+        conn = self._shm or self._settled()
         if conn is None:
             try:
                 n = super().recv_into(buffer, nbytes, flags)
@@ -497,7 +507,7 @@ class socket(StdSocket):
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
         """As ``socket.recvfrom``; a connected stream has no source address."""
-        if self._shm is None:
+        if (self._shm or self._settled()) is None:
             data, addr = super().recvfrom(bufsize, flags)
             self._received += len(data)
             return data, addr
@@ -505,7 +515,7 @@ class socket(StdSocket):
 
     def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
         """As ``socket.recvfrom_into``."""
-        if self._shm is None:
+        if (self._shm or self._settled()) is None:
             n, addr = super().recvfrom_into(buffer, nbytes, flags)
             self._received += n
             return n, addr
@@ -513,7 +523,7 @@ class socket(StdSocket):
 
     def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> tuple:
         """As ``socket.recvmsg``; no ancillary data over shared memory."""
-        if self._shm is None:
+        if (self._shm or self._settled()) is None:
             res = super().recvmsg(bufsize, ancbufsize, flags)
             self._received += len(res[0])
             return res
@@ -521,7 +531,7 @@ class socket(StdSocket):
 
     def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> tuple:
         """As ``socket.recvmsg_into`` (scatter); no ancillary data over shared memory."""
-        if self._shm is None:
+        if (self._shm or self._settled()) is None:
             res = super().recvmsg_into(buffers, ancbufsize, flags)
             self._received += res[0]
             return res

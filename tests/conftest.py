@@ -99,11 +99,19 @@ def registry(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def no_leaks(request):
-    """No fds, /dev/shm files or child processes may outlive a test."""
+    """No fds, /dev/shm files, child processes or pinned cores may outlive a test."""
     gc.collect()
     me = os.getpid()
     fds, shm, kids = _fds(), _shm(), children_of(me)
+    cpus = os.sched_getaffinity(0)
     yield
+    # A test that pins the process (benchmarks do, to measure) must give the
+    # cores back: the tests after it would run on one core (and skip what
+    # needs two).
+    left = os.sched_getaffinity(0)
+    if left != cpus:
+        os.sched_setaffinity(0, cpus)
+        pytest.fail(f"the test left this process pinned to cores {sorted(left)} (was {sorted(cpus)})")
     if request.node.get_closest_marker("allow_leaks"):
         return
     gc.collect()

@@ -67,6 +67,7 @@ def bench_zmq(rounds: int, size: int, reply: int) -> list[int]:
         p.start()
         there.close()
         ctx = sock = None
+        affinity = os.sched_getaffinity(0)
         try:
             if not here.poll(30):
                 raise RuntimeError("pyzmq REP server did not start")
@@ -86,6 +87,7 @@ def bench_zmq(rounds: int, size: int, reply: int) -> list[int]:
                 out.append(clock() - t0)
             return out
         finally:
+            os.sched_setaffinity(0, affinity)   # (pinned to measure: the caller's again)
             if sock is not None:
                 sock.close()
             if ctx is not None:
