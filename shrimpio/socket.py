@@ -242,11 +242,12 @@ class socket(StdSocket):
         return self._shm is not None
 
     def _settled(self) -> "Connection | None":
-        """The connection a read found missing, once any connect() of this
-        socket under way in another thread has ended (None: the kernel's
-        socket).  A read must not reach the kernel during that connect: it
-        swaps the fd for the control socket (dup2), and a read that got there
-        after the swap would take a doorbell byte as data."""
+        """The connection a read or write found missing, once any connect()
+        of this socket under way in another thread has ended (None: the
+        kernel's socket).  Neither may reach the kernel during that connect:
+        it swaps the fd for the control socket (dup2), and a read that got
+        there after the swap would take a doorbell byte as data, a write
+        would send the listener a datagram instead of the stream's bytes."""
         if _connecting:
             self._await_connect()
         return self._shm
@@ -340,7 +341,7 @@ class socket(StdSocket):
 
     def send(self, data: Any, flags: int = 0) -> int:
         """As ``socket.send``."""
-        conn = self._shm
+        conn = self._shm or self._settled()
         if conn is None:
             n = super().send(data, flags)
             self._sent += n
@@ -354,7 +355,7 @@ class socket(StdSocket):
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         """As ``socket.sendall``."""
-        conn = self._shm
+        conn = self._shm or self._settled()
         if conn is None:
             super().sendall(data, flags)
             self._sent += memoryview(data).nbytes
@@ -374,7 +375,7 @@ class socket(StdSocket):
         """As ``socket.sendmsg`` (gather).  Over shared memory, ancillary data
         and the address are checked, then ignored, as by Linux TCP
         (``_sockargs.sendmsg``)."""
-        conn = self._shm
+        conn = self._shm or self._settled()
         if conn is None:
             if ancdata:
                 ancdata = list(ancdata)
@@ -394,7 +395,7 @@ class socket(StdSocket):
 
     def sendto(self, data: Any, *args: Any) -> int:
         """As ``socket.sendto``; a connected stream ignores the address."""
-        if self._shm is None:
+        if (self._shm or self._settled()) is None:
             n = super().sendto(data, *args)
             self._sent += n
             return n
@@ -407,7 +408,7 @@ class socket(StdSocket):
     def sendfile(self, file: Any, offset: int = 0, count: Optional[int] = None) -> int:
         """As ``socket.sendfile``; over shared memory the file's bytes are
         read in large blocks and copied into the ring."""
-        if self._shm is None:
+        if (self._shm or self._settled()) is None:
             n = super().sendfile(file, offset, count)
             return n
         return self._sendfile_ring(file, offset, count)
