@@ -201,11 +201,6 @@ static inline int shr_is_unix_seqpacket(int fd) {
     return len >= sizeof peer.sun_family && peer.sun_family == AF_UNIX;
 }
 
-/* The client's local address for a stream hello: bind the user's TCP
- * socket `user` to (ip, 0) (`ip` is `iplen` packed bytes of `family`: 4
- * for AF_INET, 16 for AF_INET6) and read back its port.  Returns 1 (bound,
- * *port set), 0 (the socket was bound already, or elsewhere: the caller
- * takes the general way), -1 errno. */
 /* Local ports of this user's shared-memory connections (docs/control-plane.md,
  * "Local ports").  A connection's port is reserved by binding the user's
  * socket, but the kernel forgets it once that fd becomes the control socket:
@@ -218,6 +213,12 @@ static inline int shr_is_unix_seqpacket(int fd) {
 #ifndef F_OFD_SETLK
 #define F_OFD_SETLK 37
 #endif
+
+typedef union {
+    struct sockaddr sa;
+    struct sockaddr_in v4;
+    struct sockaddr_in6 v6;
+} shr_inet_addr;
 
 static uint64_t shr_ports_mine[65536 / 64];
 static int shr_ports_fd = -1;
@@ -237,9 +238,10 @@ static int shr_port_lock(int lockfd, int port, short type) {
  * too, else in this process's map only. */
 static inline int shr_port_take(int port, int locked) {
     uint64_t bit = 1ULL << (port & 63);
-    int lockfd = locked ? __atomic_load_n(&shr_ports_fd, __ATOMIC_ACQUIRE) : -1;
+    int lockfd;
     if (port <= 0 || port > 65535)
         return 0;
+    lockfd = locked ? __atomic_load_n(&shr_ports_fd, __ATOMIC_ACQUIRE) : -1;
     if (__atomic_fetch_or(&shr_ports_mine[port >> 6], bit, __ATOMIC_ACQ_REL) & bit)
         return 0;
     if (lockfd >= 0 && shr_port_lock(lockfd, port, F_WRLCK) != 0) {
@@ -276,11 +278,7 @@ static inline void shr_port_give(int port) {
 static int shr_port_other(const struct sockaddr *want, socklen_t len, int locked) {
     int spare[SHR_PORT_TRIES];
     int n = 0, found = 0;
-    union {
-        struct sockaddr sa;
-        struct sockaddr_in v4;
-        struct sockaddr_in6 v6;
-    } got;
+    shr_inet_addr got;
     while (n < SHR_PORT_TRIES && !found) {
         socklen_t glen = sizeof got;
         int s = socket(want->sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -323,27 +321,33 @@ static inline int shr_claim_bound(int port, const struct sockaddr *want, socklen
     return 0;
 }
 
+/* `*want` = (ip, 0), `ip` being `iplen` packed bytes of `family` (4 for
+ * AF_INET, 16 for AF_INET6): its length, or 0 if `ip` is not of `family`. */
+static inline socklen_t shr_inet_any_port(shr_inet_addr *want, int family, const char *ip,
+                                          size_t iplen) {
+    memset(want, 0, sizeof *want);
+    if (family == AF_INET && iplen == 4) {
+        want->v4.sin_family = AF_INET;
+        memcpy(&want->v4.sin_addr, ip, 4);
+        return sizeof want->v4;
+    }
+    if (family == AF_INET6 && iplen == 16) {
+        want->v6.sin6_family = AF_INET6;
+        memcpy(&want->v6.sin6_addr, ip, 16);
+        return sizeof want->v6;
+    }
+    return 0;
+}
+
 /* shr_claim_bound for a packed address `ip` of `family`; -2: not one. */
 static inline int shr_claim_ip(int family, const char *ip, size_t iplen, int port, int *out,
                                int other) {
-    union {
-        struct sockaddr sa;
-        struct sockaddr_in v4;
-        struct sockaddr_in6 v6;
-    } want;
-    memset(&want, 0, sizeof want);
+    shr_inet_addr want;
+    socklen_t len = shr_inet_any_port(&want, family, ip, iplen);
     *out = port;
-    if (family == AF_INET && iplen == 4) {
-        want.v4.sin_family = AF_INET;
-        memcpy(&want.v4.sin_addr, ip, 4);
-        return shr_claim_bound(port, &want.sa, sizeof want.v4, out, other);
-    }
-    if (family == AF_INET6 && iplen == 16) {
-        want.v6.sin6_family = AF_INET6;
-        memcpy(&want.v6.sin6_addr, ip, 16);
-        return shr_claim_bound(port, &want.sa, sizeof want.v6, out, other);
-    }
-    return -2;
+    if (len == 0)
+        return -2;
+    return shr_claim_bound(port, &want.sa, len, out, other);
 }
 
 /* Claim ports by locks on `fd` from now on; returns the fd used before. */
@@ -351,32 +355,20 @@ static inline int shr_ports_use(int fd) {
     return __atomic_exchange_n(&shr_ports_fd, fd, __ATOMIC_ACQ_REL);
 }
 
-/* Bind `user` (a TCP socket of `family`) to (ip, 0) and claim the port:
- * 1 bound (*port is the port the peer is told, *claimed whether it is
- * ours: see above), 0 not bound here (bound already, or `ip` is not of
- * `family`), -1 errno. */
+/* The client's local address for a stream hello: bind the user's TCP
+ * socket `user` to (ip, 0) (see shr_inet_any_port), read back its port
+ * and claim it (see above).  Returns 1 (bound: *port is the port the peer
+ * is told, *claimed whether it is ours), 0 (the socket was bound already,
+ * or elsewhere, or `ip` is not of `family`: the caller takes the general
+ * way), -1 errno. */
 static inline int shr_bind_local(int user, int family, const char *ip, size_t iplen, int *port,
                                  int *claimed) {
-    union {
-        struct sockaddr sa;
-        struct sockaddr_in v4;
-        struct sockaddr_in6 v6;
-    } want, got;
-    socklen_t len, glen = sizeof got;
-    memset(&want, 0, sizeof want);
+    shr_inet_addr want, got;
+    socklen_t len = shr_inet_any_port(&want, family, ip, iplen), glen = sizeof got;
     *port = 0;
     *claimed = 0;
-    if (family == AF_INET && iplen == 4) {
-        want.v4.sin_family = AF_INET;
-        memcpy(&want.v4.sin_addr, ip, 4);
-        len = sizeof want.v4;
-    } else if (family == AF_INET6 && iplen == 16) {
-        want.v6.sin6_family = AF_INET6;
-        memcpy(&want.v6.sin6_addr, ip, 16);
-        len = sizeof want.v6;
-    } else {
+    if (len == 0)
         return 0;
-    }
     if (bind(user, &want.sa, len) != 0)
         return errno == EINVAL ? 0 : -1;      /* EINVAL: bound behind our back */
     if (getsockname(user, &got.sa, &glen) != 0)

@@ -48,16 +48,15 @@ from ._control import PORTS_FILE
 __all__ = ["ready", "claim", "give", "drop"]
 
 _lock = threading.Lock()
-_path: Optional[str] = None      # the registry directory whose file is in use
-_fd = -1
-_live = 0                        # claims made on _fd and not given back
+_path: Optional[str] = None      # the registry directory whose file is in use (C holds its fd)
+_live = 0                        # claims made on that file and not given back
 _gen = 0                         # forks into this process (claims of an older one are not ours)
 
 
 def ready(registry_dir: str) -> None:
     """Use ``registry_dir``'s ports file for the claims of the next connects
     (a string compare when it is in use already)."""
-    global _path, _fd
+    global _path
     if registry_dir == _path:
         return
     with _lock:
@@ -65,7 +64,7 @@ def ready(registry_dir: str) -> None:
             return                  # (claims live on the file in use: it stays)
         fd = _open(os.path.join(registry_dir, PORTS_FILE))
         old = use_ports_file(fd)
-        _fd, _path = fd, registry_dir
+        _path = registry_dir
         if old >= 0:
             os.close(old)
 
@@ -127,12 +126,12 @@ def give(token: Optional[tuple]) -> None:
 def drop() -> None:
     """Close the ports file if no claim on it is live (it opens again at the
     next connect)."""
-    global _path, _fd
+    global _path
     with _lock:
         if _live > 0 or _path is None:
             return
         old = use_ports_file(-1)
-        _fd, _path = -1, None
+        _path = None
         if old >= 0:
             os.close(old)
 
@@ -142,7 +141,7 @@ def _forked() -> None:
     # are the parent's, and a claim made through it would not stop the
     # parent from claiming the same port.  Our copy goes; the parent's
     # claims stay its own (this process's map still marks them).
-    global _path, _fd, _live, _gen, _lock
+    global _path, _live, _gen, _lock
     _lock = threading.Lock()
     old = use_ports_file(-1)
     if old >= 0:
@@ -150,7 +149,7 @@ def _forked() -> None:
             os.close(old)
         except OSError:
             pass
-    _fd, _path, _live = -1, None, 0
+    _path, _live = None, 0
     _gen += 1
 
 
