@@ -21,39 +21,62 @@ from time import perf_counter
 import pytest
 
 from conftest import wait_for
-from fastpath_helpers import DEADLINE, Child, RingPair, cpu_pair, nvcsw, pattern, pinned
+from fastpath_helpers import DEADLINE, Child, RingPair, cpu_pair, pattern, pinned
 from result_thread import ResultThread
+from shrimpio._fastpath import unarmed_count
 
 #: A lost wake-up stalls a waiter until the end of its 1 s sleep slice.
 MAX_GAP = 0.8
 
 
-def consume_stream(ring, n, cpu=None):
+#: Every FORCE messages each side of a stream stops until the other side has
+#: gone to sleep: the consumer until the producer sleeps on the full ring, the
+#: producer (half a period later) until the consumer sleeps on the empty one.
+#: So each run takes the sleeping path at least 2 * n // FORCE times however
+#: the machine schedules the two; between those points they race freely.  The
+#: two stops never overlap: the producer is at most 64 bytes ahead.
+FORCE = 4096
+
+
+def wait_flag(hdr, flag):
+    """Wait (deadline DEADLINE) until the peer has armed its sleeping flag."""
+    end = time.monotonic() + DEADLINE
+    while not hdr.get(flag):
+        if time.monotonic() > end:
+            raise AssertionError(f"{flag} never set: the peer did not go to sleep")
+
+
+def consume_stream(ring, n, cpu=None, hdr=None):
     """Read ``n`` one-byte messages, one per call; check each; time the gaps."""
     with pinned(cpu):
         buf = bytearray(1)
-        c0 = nvcsw()
+        a0 = unarmed_count()
         if ring.read_into(buf, 1, timeout=DEADLINE) != 1 or buf[0] != 0:
             return {"bad": 0, "got": bytes(buf)}
         worst, last = 0.0, perf_counter()
         for i in range(1, n):
+            if hdr is not None and i % FORCE == 0:
+                wait_flag(hdr, "writer_sleeping")
+                last = perf_counter()
             if ring.read_into(buf, 1, timeout=DEADLINE) != 1 or buf[0] != i % 251:
                 return {"bad": i, "got": bytes(buf)}
             now = perf_counter()
             if now - last > worst:
                 worst = now - last
             last = now
-        return {"count": n, "worst": worst, "sleeps": nvcsw() - c0}
+        return {"count": n, "worst": worst, "armed": unarmed_count() - a0}
 
 
-def produce_stream(ring, n, cpu=None):
+def produce_stream(ring, n, cpu=None, hdr=None):
     with pinned(cpu):
         msgs = [bytes([i]) for i in range(251)]
-        c0 = nvcsw()
+        a0 = unarmed_count()
         for i in range(n):
+            if hdr is not None and i % FORCE == FORCE // 2:
+                wait_flag(hdr, "reader_sleeping")
             if ring.write(msgs[i % 251], timeout=DEADLINE) != 1:
                 raise AssertionError(f"short write at message {i}")
-        return nvcsw() - c0
+        return unarmed_count() - a0
 
 
 def echo(rin, rout, n, cpu=None):
@@ -97,21 +120,22 @@ def test_stream_no_lost_wakeup(where, spin):
     mine, theirs = cpu_pair()
     with RingPair(64, busy_poll_us=spin) as p:
         if where == "process":
-            with Child(consume_stream, p.r, n, theirs) as child:
-                producer_sleeps = produce_stream(p.w, n, mine)
+            with Child(consume_stream, p.r, n, theirs, p.hdr) as child:
+                producer_armed = produce_stream(p.w, n, mine, p.hdr)
                 res = child.result(timeout=50)
         else:
-            t = ResultThread(consume_stream, p.r, n, theirs)
+            t = ResultThread(consume_stream, p.r, n, theirs, p.hdr)
             t.start()
-            produce_stream(p.w, n, mine)
+            produce_stream(p.w, n, mine, p.hdr)
             res = t.result(timeout=50)
-            producer_sleeps = 0     # the consumer's count is per process: it has both
+            producer_armed = 0      # the consumer's count is per process: it has both
         assert res.get("count") == n, f"message {res.get('bad')} arrived as {res.get('got')!r}"
         assert res["worst"] < MAX_GAP, f"a wait stalled for {res['worst']:.3f}s (lost wake-up?)"
         assert p.hdr.get("head") == p.hdr.get("tail") == n   # all published, all consumed
-        if spin == 0:
-            # The sleeping path really ran (a pure spin makes no context switch).
-            assert res["sleeps"] + producer_sleeps > 100
+        # The sleeping path really ran, at least at every forced stop: the
+        # waits armed their flag, fenced, re-checked and slept (counted by the
+        # data plane; a pure spin never arms).
+        assert res["armed"] + producer_armed >= 2 * (n // FORCE)
 
 
 # spin: the busy-poll budget of both sides, or "asym": the pinging side sleeps
@@ -136,7 +160,7 @@ def test_ping_pong_no_lost_wakeup(where, spin):
             there.r.busy_poll_us = back.w.busy_poll_us = 50         # the echoing side
             if spin != "asym":
                 there.w.busy_poll_us = back.r.busy_poll_us = spin   # the pinging side
-        c0 = nvcsw()
+        a0 = unarmed_count()
         if where == "process":
             with Child(echo, there.r, back.w, n, theirs) as child, pinned(mine):
                 worst = ping(there.w, back.r, n)
@@ -151,7 +175,8 @@ def test_ping_pong_no_lost_wakeup(where, spin):
         assert worst < MAX_GAP, f"a round trip took {worst:.3f}s (lost wake-up?)"
         assert there.hdr.get("tail") == back.hdr.get("head") == 4 * n
         if spin == 0:
-            assert nvcsw() - c0 > n // 2   # we slept on nearly every round trip
+            # The pinger armed its flag and slept on nearly every round trip.
+            assert unarmed_count() - a0 > n // 2
 
 
 # --------------------------------------------------------------------------- wake-ups
