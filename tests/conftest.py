@@ -10,6 +10,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -99,10 +100,12 @@ def registry(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def no_leaks(request):
-    """No fds, /dev/shm files, child processes or pinned cores may outlive a test."""
+    """No fds, /dev/shm files, child processes, threads or pinned cores may
+    outlive a test."""
     gc.collect()
     me = os.getpid()
     fds, shm, kids = _fds(), _shm(), children_of(me)
+    threads = set(threading.enumerate())
     cpus = os.sched_getaffinity(0)
     yield
     # A test that pins the process (benchmarks do, to measure) must give the
@@ -117,9 +120,17 @@ def no_leaks(request):
     gc.collect()
     # Children we started must be gone (reaped) by the end of the test.
     wait_for(lambda: not (children_of(me) - kids), timeout=10, what="child processes to exit")
+    # A thread left running holds what it uses, and makes every later
+    # fork() of the suite a fork of a multi-threaded process.
+    wait_for(lambda: not _new_threads(threads), timeout=10,
+             what=f"threads to finish: {_new_threads(threads)}")
     # Threads that close fds (endpoint servers) finish promptly: allow a moment.
     wait_for(lambda: not (_fds() - fds), timeout=5, what=f"fds to close: {sorted(_fds() - fds)}")
     assert not (_shm() - shm), f"/dev/shm files left behind: {sorted(_shm() - shm)}"
+
+
+def _new_threads(before: set) -> list[str]:
+    return [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
 
 
 def pytest_configure(config):
